@@ -1,0 +1,165 @@
+"""`EngineConfig`: every flag and size of the engine in one frozen, validated dataclass.
+
+Each optimisation stage of folovllm is one flag here. `EngineConfig.for_stage(n)` turns the
+stages on cumulatively (stage 2 = stage 1 + continuous batching, ...), and each flag can still be
+set on its own for ablations. A stage that is off is never an `if flag:` spread through the code:
+the engine picks a do-nothing or simpler object with the same interface once, at start-up
+(see `LLMEngine.__init__`).
+
+Stages and their flags::
+
+    01 naive generation      (always on: the baseline)
+    02 continuous batching   enable_continuous_batching
+    03 paged KV cache        enable_paged_kv          (not built yet)
+    04 FlashAttention        attention_backend != "naive" (not built yet)
+    05 chunked prefill       enable_chunked_prefill   (not built yet)
+    06 prefix caching        enable_prefix_caching    (not built yet)
+    07 GPTQ                  quantization="gptq"      (not built yet)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+# The highest stage that is implemented. `for_stage` refuses anything above it with a clear
+# message instead of silently running an older engine.
+LATEST_STAGE = 2
+STAGE_NAMES = {
+    1: "naive generation",
+    2: "continuous batching",
+    3: "paged KV cache",
+    4: "FlashAttention",
+    5: "chunked prefill",
+    6: "prefix caching",
+    7: "GPTQ",
+}
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+ATTENTION_BACKENDS = ("naive",)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """All engine settings. Build it with `EngineConfig.for_stage(n, **overrides)`.
+
+    Sizes:
+        max_num_seqs: most requests in one batch (stage 01) or running at once (stage 02+).
+        max_model_len: most tokens (prompt + output) in one sequence; None = the model's
+            `max_position_embeddings`, filled in when the model is loaded.
+        max_num_batched_tokens: most tokens computed in one engine step (stage 02+); None =
+            `max(max_model_len, 2048)`, filled in when the model is loaded.
+    """
+
+    # model
+    dtype: str = "auto"  # "auto" = the checkpoint's dtype; or float32 / float16 / bfloat16
+    device: str = "cpu"
+    seed: int = 0
+    # sizes
+    max_num_seqs: int = 16
+    max_model_len: Optional[int] = None
+    max_num_batched_tokens: Optional[int] = None
+    # stage flags
+    enable_continuous_batching: bool = False  # stage 02
+    enable_paged_kv: bool = False  # stage 03
+    attention_backend: str = "naive"  # stage 04
+    enable_chunked_prefill: bool = False  # stage 05
+    enable_prefix_caching: bool = False  # stage 06
+    quantization: Optional[str] = None  # stage 07
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def for_stage(cls, stage: int, **overrides: Any) -> "EngineConfig":
+        """The config of stage `stage` with every earlier stage on; `overrides` win."""
+        if not isinstance(stage, int) or isinstance(stage, bool) or not 1 <= stage <= 7:
+            raise ValueError(f"stage must be an integer in 1..7, got {stage!r}")
+        if stage > LATEST_STAGE:
+            raise ValueError(
+                f"stage {stage} ({STAGE_NAMES[stage]}) is not built yet; "
+                f"stages 1..{LATEST_STAGE} are available"
+            )
+        flags: dict[str, Any] = {"enable_continuous_batching": stage >= 2}
+        flags.update(overrides)
+        return cls(**flags)
+
+    def replace(self, **changes: Any) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def stage(self) -> int:
+        """The highest stage whose flag is on (flags can be mixed for ablations)."""
+        return 2 if self.enable_continuous_batching else 1
+
+    @property
+    def torch_dtype(self) -> Optional[torch.dtype]:
+        """None for "auto" (resolved from the checkpoint by the loader)."""
+        return None if self.dtype == "auto" else _DTYPES[self.dtype]
+
+    # -- validation ---------------------------------------------------------------------------
+
+    def _validate(self) -> None:
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(
+                f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}"
+            )
+        if not isinstance(self.device, str) or torch.device(self.device).type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        _positive_int("max_num_seqs", self.max_num_seqs)
+        if self.max_model_len is not None:
+            _positive_int("max_model_len", self.max_model_len)
+        if self.max_num_batched_tokens is not None:
+            _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
+            if self.max_num_batched_tokens < self.max_num_seqs:
+                raise ValueError(
+                    f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                    f"max_num_seqs ({self.max_num_seqs}): every running request decodes one "
+                    "token per step"
+                )
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, got "
+                f"{self.attention_backend!r} (stage 04 adds the others)"
+            )
+        not_built = {
+            "enable_paged_kv": 3,
+            "enable_chunked_prefill": 5,
+            "enable_prefix_caching": 6,
+        }
+        for flag, stage in not_built.items():
+            if getattr(self, flag):
+                raise ValueError(
+                    f"{flag}=True needs stage {stage} ({STAGE_NAMES[stage]}), which is not "
+                    f"built yet; stages 1..{LATEST_STAGE} are available"
+                )
+        if self.quantization is not None:
+            raise ValueError(
+                f"quantization={self.quantization!r} needs stage 7 (GPTQ), which is not built "
+                "yet; use quantization=None"
+            )
+
+    def resolve(self, max_position_embeddings: int) -> "EngineConfig":
+        """Fill the sizes left as None from the model, and check them against it."""
+        max_model_len = self.max_model_len or max_position_embeddings
+        if max_model_len > max_position_embeddings:
+            raise ValueError(
+                f"max_model_len ({max_model_len}) is larger than the model's "
+                f"max_position_embeddings ({max_position_embeddings})"
+            )
+        budget = self.max_num_batched_tokens or max(max_model_len, 2048)
+        return self.replace(max_model_len=max_model_len, max_num_batched_tokens=budget)
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

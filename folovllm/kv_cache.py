@@ -1,0 +1,92 @@
+"""KV cache storage and the managers that decide which request's tokens live where.
+
+Storage is always `[num_blocks, block_size, num_kv_heads, head_dim]` per layer for keys and for
+values (see `layers/attention.py`). What changes from stage to stage is how blocks are handed out:
+
+    stage 01  StaticKVCacheManager  one tensor per static batch, one row ("block") per request,
+                                    sized for the longest request of that batch
+    stage 02  SlotKVCacheManager    `max_num_seqs` rows of `max_model_len` tokens allocated once;
+                                    a finished request's row is reused at once
+
+Both reserve room for a request's *longest possible* length when it starts, whatever it ends up
+using. Stage 03 (paged) replaces them with small blocks allocated as tokens arrive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from folovllm.request import Request
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """The shape of one token's K/V across the model."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: str
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V, every layer: 2 * layers * kv_heads * head_dim * bytes per element."""
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
+
+
+class KVCache:
+    """Per-layer key and value tensors of shape [num_blocks, block_size, Hkv, D]."""
+
+    def __init__(self, spec: KVCacheSpec, num_blocks: int, block_size: int) -> None:
+        self.spec = spec
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        self.key_caches = [
+            torch.zeros(shape, dtype=spec.dtype, device=spec.device) for _ in range(spec.num_layers)
+        ]
+        self.value_caches = [
+            torch.zeros(shape, dtype=spec.dtype, device=spec.device) for _ in range(spec.num_layers)
+        ]
+
+    @property
+    def num_reserved_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+
+class StaticKVCacheManager:
+    """Stage 01: a fresh contiguous cache for every static batch.
+
+    ::
+
+        batch of 3 requests, capacity = longest prompt + longest max_tokens in the batch
+
+        row 0  [p p p p o o o . . . . . . .]   short request: most of its row never used
+        row 1  [p p p p p p p p o o o o o o]   longest request decides the capacity
+        row 2  [p p o . . . . . . . . . . .]
+    """
+
+    def __init__(self, spec: KVCacheSpec) -> None:
+        self.spec = spec
+        self.kv_cache: KVCache | None = None
+        self._rows: dict[str, int] = {}
+
+    def allocate_batch(self, requests: list[Request], capacity: int) -> None:
+        assert self.kv_cache is None, "free the previous batch first"
+        self.kv_cache = KVCache(self.spec, num_blocks=len(requests), block_size=capacity)
+        self._rows = {r.request_id: i for i, r in enumerate(requests)}
+
+    def free_batch(self) -> None:
+        self.kv_cache = None
+        self._rows = {}
+
+    def get_block_table(self, request: Request) -> list[int]:
+        return [self._rows[request.request_id]]
+
+    @property
+    def num_reserved_tokens(self) -> int:
+        return 0 if self.kv_cache is None else self.kv_cache.num_reserved_tokens

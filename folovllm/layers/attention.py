@@ -1,0 +1,157 @@
+"""The attention layer: the one place where the engine's KV cache meets the model.
+
+The model files compute q, k, v and call `Attention.forward(q, k, v, attn_metadata)`. This layer
+writes the new k, v into the KV cache, then lets each query attend to its sequence's cached keys.
+Everything the engine decides about a step (which sequences, how many new tokens each, where their
+K/V lives) arrives in one `AttentionMetadata`.
+
+KV cache layout, one pair of tensors per layer::
+
+    key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+
+A sequence owns a list of blocks, its *block table*; token `i` of a sequence lives in block
+`block_table[i // block_size]` at offset `i % block_size`. Stage 01 and 02 use one block per
+sequence whose `block_size` is the whole sequence capacity (a contiguous cache); stage 03 makes
+blocks small and hands them out on demand (paged). The attention code is the same for both.
+
+    flat slot = block_id * block_size + offset       (`slot_mapping` holds it for new tokens)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step description of the batch, built by the model runner.
+
+    The new tokens of all sequences are packed back to back (T tokens in all)::
+
+        tokens:          [a0 a1 a2 | b0 | c0 c1]        T = 6, B = 3
+        query_start_loc: [0,        3,   4,     6]      seq b's queries: [qsl[b], qsl[b+1])
+        seq_lens:        [3,        9,   2]             context length after this step
+        (b0 is a decode: 8 cached tokens + 1 new; a and c are prefills)
+
+    Attributes:
+        slot_mapping: [T] flat cache slot where each new token's K/V is written.
+        query_start_loc: [B+1] cumulative number of new tokens per sequence.
+        seq_lens: [B] tokens in each sequence's context after this step (cached + new).
+        block_tables: [B, max_blocks_per_seq] block ids of each sequence (padded with 0).
+        max_query_len: longest run of new tokens in the batch (python int).
+        max_seq_len: longest context in the batch (python int).
+    """
+
+    slot_mapping: torch.Tensor
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_tables: torch.Tensor
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+
+class Attention(nn.Module):
+    """Scaled dot-product attention over the KV cache with grouped-query heads."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        assert num_heads % num_kv_heads == 0, "query heads must be a multiple of KV heads"
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        # Bound by the model runner once the cache exists: (key_cache, value_cache).
+        self.kv_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        """q [T, Hq, D]; k, v [T, Hkv, D] -> out [T, Hq, D]."""
+        assert self.kv_cache is not None, "the model runner must bind a KV cache first"
+        key_cache, value_cache = self.kv_cache
+        store_kv_cache(k, v, key_cache, value_cache, attn_metadata.slot_mapping)
+        return naive_attention(q, key_cache, value_cache, attn_metadata, self.scale)
+
+
+def store_kv_cache(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write the new tokens' K/V [T, Hkv, D] into their slots of the cache."""
+    num_kv_heads, head_dim = key_cache.shape[-2:]
+    key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def gather_kv(
+    cache: torch.Tensor, block_tables: torch.Tensor, max_seq_len: int
+) -> torch.Tensor:
+    """Copy each sequence's first `max_seq_len` cached tokens into a dense [B, L, Hkv, D] tensor.
+
+    Token i of sequence b sits at `block_tables[b, i // block_size] * block_size + i % block_size`.
+    """
+    num_blocks, block_size, num_kv_heads, head_dim = cache.shape
+    if block_tables.shape[1] == 1:  # one block per sequence (contiguous cache): a row gather
+        return cache[block_tables[:, 0], :max_seq_len]
+    pos = torch.arange(max_seq_len, device=cache.device)  # [L]
+    slots = block_tables[:, pos // block_size] * block_size + pos % block_size  # [B, L]
+    return cache.view(-1, num_kv_heads, head_dim)[slots]
+
+
+def naive_attention(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    md: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """The reference: gather K/V, materialise the full score matrix, mask, softmax, weight V.
+
+    Queries are padded to [B, max_query_len] so every sequence is one row of a batched matmul.
+    Query i of sequence b sits at position `seq_lens[b] - query_len[b] + i`; it may see key j
+    when `j <= its position` (causal). Keys past a sequence's length are only ever visible to
+    padding queries, whose outputs are thrown away.
+
+    Peak memory: the scores are [B, Hq, max_query_len, max_seq_len] float32, which is what
+    stage 04 (FlashAttention) removes.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    B, Lq, Lk = md.num_seqs, md.max_query_len, md.max_seq_len
+    device = q.device
+
+    query_lens = md.query_start_loc[1:] - md.query_start_loc[:-1]  # [B]
+    # Position of each new token inside its sequence, and its row in the padded [B*Lq] layout.
+    seq_idx = torch.repeat_interleave(torch.arange(B, device=device), query_lens)  # [T]
+    idx_in_seq = torch.arange(num_tokens, device=device) - md.query_start_loc[seq_idx]  # [T]
+    padded_row = seq_idx * Lq + idx_in_seq  # [T]
+
+    q_pad = q.new_zeros(B * Lq, num_heads, head_dim)
+    q_pad[padded_row] = q
+    # [B, Lq, Hkv, group, D] -> [B, Hkv, group, Lq, D]: the `group` query heads that share one
+    # KV head attend with it, without copying K/V `group` times.
+    q_pad = q_pad.view(B, Lq, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    k = gather_kv(key_cache, md.block_tables, Lk).permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hkv, 1, Lk, D]
+    v = gather_kv(value_cache, md.block_tables, Lk).permute(0, 2, 1, 3).unsqueeze(2)
+
+    scores = (q_pad.float() @ k.float().transpose(-1, -2)) * scale  # [B, Hkv, group, Lq, Lk]
+    q_pos = (md.seq_lens - query_lens)[:, None] + torch.arange(Lq, device=device)  # [B, Lq]
+    k_pos = torch.arange(Lk, device=device)  # [Lk]
+    visible = k_pos[None, None, :] <= q_pos[:, :, None]  # [B, Lq, Lk]
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = probs @ v.float()  # [B, Hkv, group, Lq, D]
+    out = out.permute(0, 3, 1, 2, 4).reshape(B * Lq, num_heads, head_dim)
+    return out[padded_row].to(q.dtype)

@@ -1,0 +1,129 @@
+"""`LLM`: the offline API, as in vLLM: `LLM(model).generate(prompts, sampling_params)`."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+from folovllm.config import EngineConfig
+from folovllm.llm_engine import LLMEngine, PromptType
+from folovllm.outputs import RequestOutput
+from folovllm.sampling_params import SamplingParams
+from folovllm.stats import EngineStats
+
+
+class LLM:
+    """Load a model once and generate for batches of prompts.
+
+    Args:
+        model: a local Hugging Face checkpoint folder or a hub id such as "Qwen/Qwen3-0.6B".
+        stage: which optimisation stages are on (1..latest, cumulative); see `EngineConfig`.
+        dtype, device, max_num_seqs, max_model_len, seed, **engine_args: `EngineConfig` fields.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        stage: int = 1,
+        dtype: str = "auto",
+        device: str = "cpu",
+        max_num_seqs: int = 16,
+        max_model_len: Optional[int] = None,
+        seed: int = 0,
+        **engine_args: Any,
+    ) -> None:
+        config = EngineConfig.for_stage(
+            stage, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len, seed=seed, **engine_args,
+        )
+        self.llm_engine = LLMEngine(model, config)
+        self._counter = 0
+
+    def get_tokenizer(self) -> Any:
+        return self.llm_engine.tokenizer
+
+    @property
+    def stats(self) -> EngineStats:
+        return self.llm_engine.stats
+
+    def generate(
+        self,
+        prompts: Union[PromptType, Sequence[PromptType]],
+        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in the order of the prompts.
+
+        `prompts`: one string, a list of strings, one list of token ids, or a list of those.
+        `sampling_params`: one for all prompts, or a list with one per prompt.
+        """
+        prompts = _as_prompt_list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(
+                    f"got {len(params_list)} sampling_params for {len(prompts)} prompts; "
+                    "pass one SamplingParams or exactly one per prompt"
+                )
+        engine = self.llm_engine
+        for prompt in prompts:  # validate everything before queuing anything
+            engine.process_prompt(prompt)
+        ids = []
+        for prompt, params in zip(prompts, params_list):
+            request_id = str(self._counter)
+            self._counter += 1
+            engine.add_request(request_id, prompt, params)
+            ids.append(request_id)
+        return self._run_engine(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: Union[list[dict[str, str]], list[list[dict[str, str]]]],
+        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template to one conversation (or a list of them), then
+        generate. Each message is {"role": ..., "content": ...}."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        tokenizer = self.get_tokenizer()
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("this model's tokenizer has no chat template; use generate() instead")
+        prompts = [
+            tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt)
+            for conv in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        finished: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm and len(request_ids) > 1:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True)
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.finished:
+                    finished[output.request_id] = output
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [finished[i] for i in request_ids]
+
+
+def _as_prompt_list(prompts: Any) -> list[PromptType]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        if not prompts:
+            raise ValueError("prompts must not be an empty list")
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+            return [list(prompts)]  # one prompt given as token ids
+        return list(prompts)
+    raise ValueError(f"prompts must be a string, a list of token ids, or a list of those; got {type(prompts).__name__}")

@@ -1,0 +1,198 @@
+"""`LLMEngine`: requests in, outputs out, one step at a time.
+
+    add_request() -> waiting queue
+    step():  schedule() -> execute_model() -> update()       (read it below, top to bottom)
+    abort_request(), has_unfinished_requests()
+
+`LLM.generate` is a loop over `step()`; a streaming server can drive the same engine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Optional, Union
+
+import torch
+
+from folovllm.config import EngineConfig
+from folovllm.kv_cache import KVCacheSpec, StaticKVCacheManager
+from folovllm.model_loader import load_model
+from folovllm.model_runner import ModelRunner
+from folovllm.output_processor import OutputProcessor
+from folovllm.outputs import RequestOutput
+from folovllm.request import Request, RequestStatus
+from folovllm.sampler import Sampler
+from folovllm.sampling_params import SamplingParams
+from folovllm.scheduler import SchedulerOutput, StaticBatchScheduler
+from folovllm.stats import EngineStats
+
+PromptType = Union[str, list[int]]
+
+
+class LLMEngine:
+    def __init__(self, model: str, config: Optional[EngineConfig] = None) -> None:
+        config = config or EngineConfig.for_stage(1)
+        self.model, self.hf_config, path = load_model(model, config.torch_dtype, config.device)
+        self.config = config.resolve(self.hf_config.max_position_embeddings)
+        self.tokenizer = _load_tokenizer(path)
+        self.eos_token_ids = _eos_token_ids(self.hf_config, self.tokenizer)
+        self.vocab_size = self.hf_config.vocab_size
+
+        dtype = next(self.model.parameters()).dtype
+        attn = self.model.model.layers[0].self_attn
+        spec = KVCacheSpec(
+            num_layers=self.hf_config.num_hidden_layers,
+            num_kv_heads=attn.num_kv_heads,
+            head_dim=attn.head_dim,
+            dtype=dtype,
+            device=self.config.device,
+        )
+        self.kv_cache_manager = StaticKVCacheManager(spec)
+        self.scheduler = StaticBatchScheduler(self.config, self.kv_cache_manager, self.eos_token_ids)
+        generator = torch.Generator(self.config.device).manual_seed(self.config.seed)
+        self.model_runner = ModelRunner(self.model, Sampler(self.eos_token_ids, generator), self.config.device)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.stats = EngineStats(bytes_per_token=spec.bytes_per_token)
+        self._request_ids: set[str] = set()  # parents not finished yet
+        self._counter = itertools.count()
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        sampling_params: Optional[SamplingParams] = None,
+        arrival_time: Optional[float] = None,
+    ) -> None:
+        """Queue a prompt (text or token ids). Raises ValueError, queuing nothing, on bad input."""
+        params = sampling_params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        if request_id in self._request_ids:
+            raise ValueError(f"request id {request_id!r} is already in use by an unfinished request")
+        prompt_text, prompt_token_ids = self.process_prompt(prompt)
+        arrival_time = time.perf_counter() if arrival_time is None else arrival_time
+        children = []
+        for i in range(params.n):
+            child_params = params
+            if params.n > 1:  # each sample is its own request; seeded ones get seed + i
+                seed = None if params.seed is None else params.seed + i
+                child_params = _replace(params, n=1, seed=seed)
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            children.append(
+                Request(child_id, prompt_token_ids, child_params, arrival_time,
+                        prompt=prompt_text, device=self.config.device)
+            )
+        self._request_ids.add(request_id)
+        self.output_processor.add_request(request_id, prompt_text, prompt_token_ids, children)
+        for child in children:
+            self.scheduler.add_request(child)
+        self.stats.num_prompt_tokens += len(prompt_token_ids) * len(children)
+
+    def process_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
+        """Validate a prompt and return (text or None, token ids)."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must be a non-empty string or a non-empty list of token ids")
+            text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=False)
+        elif isinstance(prompt, (list, tuple)):
+            text, ids = None, list(prompt)
+            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad[:5]}"
+                )
+        else:
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt must not be empty (it has 0 tokens)")
+        if len(ids) > self.config.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens, more than max_model_len={self.config.max_model_len}"
+            )
+        return text, ids
+
+    def abort_request(self, request_id: str) -> RequestOutput:
+        """Stop a request now; returns its output so far with finish_reason "abort"."""
+        if request_id not in self._request_ids:
+            raise ValueError(f"cannot abort {request_id!r}: no unfinished request has this id")
+        children = self.output_processor.parents[request_id].children
+        self.scheduler.finish_requests(
+            [c.request_id for c in children if not c.is_finished], RequestStatus.FINISHED_ABORTED
+        )
+        self._request_ids.discard(request_id)
+        return self.output_processor.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._request_ids)
+
+    # -- the step -----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One iteration: schedule, run the model once, turn the new tokens into outputs."""
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.num_rows == 0:
+            return []
+        self._mark_scheduled(scheduler_output)
+        sampled = self.model_runner.execute_model(scheduler_output, self.kv_cache_manager)
+        advanced = self.scheduler.update_from_output(scheduler_output, sampled)
+        outputs = self.output_processor.process(advanced)
+        self._record_stats(scheduler_output, advanced)
+        for out in outputs:
+            if out.finished:
+                self._request_ids.discard(out.request_id)
+        return outputs
+
+    def _mark_scheduled(self, output: SchedulerOutput) -> None:
+        now = time.perf_counter()
+        for request in output.requests:
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = now
+
+    def _record_stats(self, output: SchedulerOutput, advanced: list[Request]) -> None:
+        s = self.stats
+        s.num_forward_passes += 1
+        s.num_generated_tokens += len(advanced)
+        if output.is_prefill:
+            s.num_prompt_tokens_computed += output.total_num_tokens
+        else:
+            s.num_decode_row_steps += output.num_rows
+            s.num_wasted_row_steps += sum(1 for r in output.requests if r.is_finished and r not in advanced)
+        running = self.scheduler.running
+        s.max_num_running = max(s.max_num_running, len(running))
+        reserved = self.kv_cache_manager.num_reserved_tokens
+        s.kv_tokens_reserved += reserved
+        s.kv_tokens_used += sum(r.num_computed_tokens for r in running)
+        s.peak_kv_tokens_reserved = max(s.peak_kv_tokens_reserved, reserved)
+
+
+def _replace(params: SamplingParams, **changes: object) -> SamplingParams:
+    import dataclasses
+
+    fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.init}
+    fields.update(changes)
+    return SamplingParams(**fields)
+
+
+def _load_tokenizer(path: object) -> object:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise ValueError(f"could not load a tokenizer from {path} ({type(e).__name__}: {e})") from e
+
+
+def _eos_token_ids(hf_config: object, tokenizer: object) -> list[int]:
+    """EOS ids from the tokenizer and config.json (a list in Qwen3's generation config)."""
+    ids: list[int] = []
+    for value in (getattr(tokenizer, "eos_token_id", None), getattr(hf_config, "eos_token_id", None)):
+        for token in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(token, int) and token not in ids:
+                ids.append(token)
+    return ids

@@ -1,0 +1,13 @@
+"""Model registry: the `architectures` name in config.json -> our model class."""
+
+from folovllm.models.llama import LlamaForCausalLM
+from folovllm.models.qwen2 import Qwen2ForCausalLM
+from folovllm.models.qwen3 import Qwen3ForCausalLM
+
+MODEL_REGISTRY = {
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "LlamaForCausalLM": LlamaForCausalLM,
+}
+
+__all__ = ["MODEL_REGISTRY", "Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM"]

@@ -1,0 +1,227 @@
+"""Qwen3 decoder-only transformer (the architecture of Qwen/Qwen3-0.6B), written like the paper.
+
+    input_ids -> embed_tokens -> N x DecoderLayer -> norm -> lm_head -> logits
+
+    DecoderLayer:  h = h + SelfAttention(RMSNorm(h))
+                   h = h + MLP(RMSNorm(h))           MLP = down(silu(gate(h)) * up(h))
+
+    SelfAttention: q, k, v = split(qkv_proj(h))       grouped-query: Hq query heads share
+                   q, k   = RMSNorm per head (Qwen3)   Hkv key/value heads (Hq % Hkv == 0)
+                   q, k   = RoPE(q, k, positions)
+                   o      = Attention(q, k, v)  <- the only place the KV cache is touched
+                   out    = o_proj(o)
+
+Tokens arrive flattened, [T] ids with their [T] positions, whatever sequence they belong to; the
+`AttentionMetadata` tells the attention layer which tokens form which sequence. So the same
+forward serves a padded static batch, a packed prefill and a batch of decodes.
+
+q_proj/k_proj/v_proj are fused into one `qkv_proj` matmul and gate_proj/up_proj into
+`gate_up_proj` (one larger matmul is faster than three small ones); `load_weights` slices the
+checkpoint's separate tensors into them. Qwen2 (`qwen2.py`) and Llama (`llama.py`) are the same
+network with q/k/v biases instead of the per-head q/k norm.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from folovllm.layers.activation import SiluAndMul
+from folovllm.layers.attention import Attention, AttentionMetadata
+from folovllm.layers.layernorm import RMSNorm
+from folovllm.layers.rotary_embedding import RotaryEmbedding
+
+
+def get_rope_config(config: Any) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from an HF config, old style (`rope_theta`) or new
+    (`rope_parameters`, transformers >= 5)."""
+    params = getattr(config, "rope_parameters", None)
+    if params:
+        rope_type = params.get("rope_type", "default")
+        return float(params["rope_theta"]), (None if rope_type == "default" else params)
+    return float(getattr(config, "rope_theta", 10000.0)), getattr(config, "rope_scaling", None)
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(
+        self,
+        config: Any,
+        rotary_emb: RotaryEmbedding,
+        qkv_bias: bool,
+        o_bias: bool,
+        qk_norm: bool,
+    ) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
+        self.qk_norm = qk_norm
+        if qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
+            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.rotary_emb = rotary_emb
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+
+    def forward(
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, attn_metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        T = hidden_states.shape[0]
+        q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], -1)
+        q = q.view(T, self.num_heads, self.head_dim)  # [T, Hq, D]
+        k = k.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        o = self.attn(q, k, v, attn_metadata)  # [T, Hq, D]
+        return self.o_proj(o.reshape(T, self.q_size))
+
+
+class Qwen3MLP(nn.Module):
+    def __init__(self, config: Any, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))  # [T, H] -> [T, 2I] -> [T, H]
+
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(self, config: Any, rotary_emb: RotaryEmbedding, variant: dict[str, bool]) -> None:
+        super().__init__()
+        self.self_attn = Qwen3Attention(
+            config,
+            rotary_emb,
+            qkv_bias=variant["qkv_bias"],
+            o_bias=variant["o_bias"],
+            qk_norm=variant["qk_norm"],
+        )
+        self.mlp = Qwen3MLP(config, bias=variant["mlp_bias"])
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self, positions: torch.Tensor, h: torch.Tensor, attn_metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        h = h + self.self_attn(positions, self.input_layernorm(h), attn_metadata)
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, config: Any, variant: dict[str, bool]) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        rope_theta, rope_scaling = get_rope_config(config)
+        # One rotary table shared by every layer: it only depends on positions.
+        rotary_emb = RotaryEmbedding(head_dim, config.max_position_embeddings, rope_theta, rope_scaling)
+        self.layers = nn.ModuleList(
+            Qwen3DecoderLayer(config, rotary_emb, variant) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)  # [T, hidden]
+        for layer in self.layers:
+            h = layer(positions, h, attn_metadata)
+        return self.norm(h)
+
+
+class Qwen3ForCausalLM(nn.Module):
+    # Which checkpoint tensors are slices of which fused parameter: name -> (fused name, shard).
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    @classmethod
+    def variant(cls, config: Any) -> dict[str, bool]:
+        """What distinguishes this architecture inside the Qwen3/Qwen2/Llama family."""
+        return {"qkv_bias": False, "o_bias": False, "qk_norm": True, "mlp_bias": False}
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Qwen3Model(config, self.variant(config))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if getattr(config, "tie_word_embeddings", False):
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        """input_ids, positions [T] -> hidden states [T, hidden]."""
+        return self.model(input_ids, positions, attn_metadata)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> float32 logits [N, vocab]; called only on the rows that sample."""
+        return self.lm_head(hidden_states).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy checkpoint tensors (HF names) into our parameters; returns the names filled.
+
+        `model.layers.0.self_attn.k_proj.weight` goes into rows [q_size, q_size + kv_size) of
+        `model.layers.0.self_attn.qkv_proj.weight`; `up_proj` into the second half of
+        `gate_up_proj`.
+        """
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and getattr(self.config, "tie_word_embeddings", False):
+                continue  # the embedding is the head
+            target, shard = name, None
+            for ckpt_name, (fused_name, shard_id) in self.packed_modules_mapping.items():
+                if f".{ckpt_name}." in name:
+                    target, shard = name.replace(ckpt_name, fused_name), shard_id
+                    break
+            if target not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no matching parameter in {type(self).__name__}")
+            param = params[target]
+            rows = self._shard_rows(target, shard, param)
+            dest = param.data if rows is None else param.data[rows[0] : rows[1]]
+            if dest.shape != tensor.shape:
+                raise ValueError(
+                    f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected "
+                    f"{tuple(dest.shape)} from config.json"
+                )
+            dest.copy_(tensor)
+            loaded.add(target if shard is None else f"{target}:{shard}")
+        return loaded
+
+    def expected_weights(self) -> set[str]:
+        """Every name `load_weights` must fill for the model to be complete."""
+        names = set()
+        for name, _ in self.named_parameters():  # tied parameters appear once
+            if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):
+                names |= {f"{name}:q", f"{name}:k", f"{name}:v"}
+            elif name.endswith("gate_up_proj.weight") or name.endswith("gate_up_proj.bias"):
+                names |= {f"{name}:0", f"{name}:1"}
+            else:
+                names.add(name)
+        return names
+
+    def _shard_rows(self, target: str, shard: Any, param: torch.Tensor) -> tuple[int, int] | None:
+        if shard is None:
+            return None
+        if "qkv_proj" in target:
+            attn = self.model.layers[0].self_attn
+            q, kv = attn.q_size, attn.kv_size
+            return {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}[shard]
+        half = param.shape[0] // 2
+        return (shard * half, (shard + 1) * half)

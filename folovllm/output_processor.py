@@ -1,0 +1,103 @@
+"""`OutputProcessor`: tokens -> text, stop strings, and the `RequestOutput`s users see.
+
+A prompt with `n` samples is run as `n` child requests (`"<id>"` for n = 1, `"<id>#<i>"`
+otherwise); this is where their completions are gathered back into one `RequestOutput`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from folovllm.outputs import CompletionOutput, RequestOutput
+from folovllm.request import Request, RequestStatus
+
+
+@dataclass
+class _Parent:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    children: list[Request]
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.parents: dict[str, _Parent] = {}
+        self.parent_of: dict[str, str] = {}  # child request id -> parent request id
+
+    def add_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
+                    children: list[Request]) -> None:
+        self.parents[request_id] = _Parent(request_id, prompt, prompt_token_ids, children)
+        for child in children:
+            self.parent_of[child.request_id] = request_id
+
+    def process(self, advanced: list[Request]) -> list[RequestOutput]:
+        """Detokenize the requests that got a token, apply stop strings, build the outputs of
+        their parents. Finished parents are forgotten after their last output."""
+        now = time.perf_counter()
+        touched: dict[str, _Parent] = {}
+        for request in advanced:
+            metrics = request.metrics
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+            metrics.token_times.append(now)
+            self.update_text(request)
+            if request.is_finished and metrics.finished_time is None:
+                metrics.finished_time = now
+            touched[self.parent_of[request.request_id]] = self.parents[self.parent_of[request.request_id]]
+        return [self.make_output(p) for p in touched.values()]
+
+    def abort(self, parent_id: str) -> RequestOutput:
+        parent = self.parents[parent_id]
+        now = time.perf_counter()
+        for child in parent.children:
+            if child.metrics.finished_time is None:
+                child.metrics.finished_time = now
+        return self.make_output(parent)
+
+    def update_text(self, request: Request) -> None:
+        """Decode the output; a stop string finishes the request and cuts the text before it."""
+        params = request.sampling_params
+        ids = request.output_token_ids
+        if request.status == RequestStatus.FINISHED_STOPPED and request.stop_reason is not None:
+            ids = ids[:-1]  # a stop token id is in token_ids but not in the text
+        text = self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
+        stopped_by_token = request.status == RequestStatus.FINISHED_STOPPED
+        if params.stop_strings and not stopped_by_token and request.num_output_tokens >= params.min_tokens:
+            # Only the new tail can hold a new match (plus an overlap of a stop's length).
+            start = max(0, len(request.output_text) - max(map(len, params.stop_strings)) + 1)
+            hits = [(i, s) for s in params.stop_strings if (i := text.find(s, start)) != -1]
+            if hits:
+                index, stop = min(hits)
+                text = text[:index]
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = stop
+        request.output_text = text
+
+    def make_output(self, parent: _Parent) -> RequestOutput:
+        completions = [
+            CompletionOutput(
+                index=i,
+                text=child.output_text,
+                token_ids=list(child.output_token_ids),
+                finish_reason=child.status.finish_reason,
+                stop_reason=child.stop_reason,
+            )
+            for i, child in enumerate(parent.children)
+        ]
+        finished = all(child.is_finished for child in parent.children)
+        if finished:
+            del self.parents[parent.request_id]
+            for child in parent.children:
+                self.parent_of.pop(child.request_id, None)
+        return RequestOutput(
+            request_id=parent.request_id,
+            prompt=parent.prompt,
+            prompt_token_ids=parent.prompt_token_ids,
+            outputs=completions,
+            finished=finished,
+            metrics=parent.children[0].metrics,
+        )

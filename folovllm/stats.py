@@ -1,0 +1,54 @@
+"""`EngineStats`: the counters each stage improves, kept as deterministic numbers.
+
+Timing varies from run to run; these counts do not, so tests assert on them and the benchmarks
+report them next to the times:
+
+    num_forward_passes          model calls (engine steps that ran the model)
+    num_prompt_tokens           real prompt tokens of the requests
+    num_prompt_tokens_computed  prompt positions the model computed (padding included)
+    num_generated_tokens        output tokens kept
+    num_decode_row_steps        rows computed in decode steps
+    num_wasted_row_steps        of those, rows of finished requests (stage 01's idle rows)
+    kv_tokens_reserved/used     summed over steps: cache slots reserved vs holding live tokens
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class EngineStats:
+    bytes_per_token: int = 0
+    num_forward_passes: int = 0
+    num_prompt_tokens: int = 0
+    num_prompt_tokens_computed: int = 0
+    num_generated_tokens: int = 0
+    num_decode_row_steps: int = 0
+    num_wasted_row_steps: int = 0
+    max_num_running: int = 0
+    kv_tokens_reserved: int = 0  # sum over steps
+    kv_tokens_used: int = 0  # sum over steps
+    peak_kv_tokens_reserved: int = 0
+
+    @property
+    def kv_utilization(self) -> float:
+        """Fraction of reserved KV memory that held a live token, averaged over steps."""
+        return self.kv_tokens_used / self.kv_tokens_reserved if self.kv_tokens_reserved else 0.0
+
+    @property
+    def peak_kv_bytes_reserved(self) -> int:
+        return self.peak_kv_tokens_reserved * self.bytes_per_token
+
+    @property
+    def wasted_row_fraction(self) -> float:
+        return self.num_wasted_row_steps / self.num_decode_row_steps if self.num_decode_row_steps else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        d = asdict(self)
+        d.update(
+            kv_utilization=round(self.kv_utilization, 4),
+            peak_kv_bytes_reserved=self.peak_kv_bytes_reserved,
+            wasted_row_fraction=round(self.wasted_row_fraction, 4),
+        )
+        return d
