@@ -133,6 +133,7 @@ class LLMEngine:
 
     # -- the step -----------------------------------------------------------------------------
 
+    # --8<-- [start:step]
     def step(self) -> list[RequestOutput]:
         """One iteration: schedule, run the model once, turn the new tokens into outputs."""
         scheduler_output = self.scheduler.schedule()
@@ -147,6 +148,7 @@ class LLMEngine:
             if out.finished:
                 self._request_ids.discard(out.request_id)
         return outputs
+    # --8<-- [end:step]
 
     def _mark_scheduled(self, output: SchedulerOutput) -> None:
         now = time.perf_counter()

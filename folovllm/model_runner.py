@@ -68,6 +68,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[logits_indices])  # [B, vocab]
         return self.sampler(logits, output.requests)
 
+    # --8<-- [start:prepare_inputs]
     def prepare_inputs(self, output: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         input_ids: list[int] = []
         positions: list[int] = []
@@ -81,6 +82,7 @@ class ModelRunner:
             positions += range(start, start + length)
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
         return as_tensor(input_ids), as_tensor(positions), as_tensor(logits_indices)
+    # --8<-- [end:prepare_inputs]
 
     def build_metadata(
         self,

@@ -51,6 +51,7 @@ class SchedulerOutput:
         return sum(self.num_new_tokens)
 
 
+# --8<-- [start:check_stop]
 def check_stop(request: Request, max_model_len: int, eos_token_ids: Sequence[int]) -> bool:
     """Finish `request` if its last token ends it: EOS, a stop token id or a length limit.
     (Stop *strings* need the text; the output processor checks those.)"""
@@ -70,6 +71,7 @@ def check_stop(request: Request, max_model_len: int, eos_token_ids: Sequence[int
         request.status = RequestStatus.FINISHED_LENGTH
         return True
     return False
+# --8<-- [end:check_stop]
 
 
 class StaticBatchScheduler:
@@ -122,6 +124,7 @@ class StaticBatchScheduler:
 
     # -- step ---------------------------------------------------------------------------------
 
+    # --8<-- [start:static_schedule]
     def schedule(self) -> SchedulerOutput:
         if self.batch and all(r.is_finished for r in self.batch):
             self.batch = []
@@ -139,6 +142,7 @@ class StaticBatchScheduler:
         self.kv_cache_manager.allocate_batch(self.batch, capacity)
         return SchedulerOutput(
             list(self.batch), [r.num_tokens for r in self.batch], pad_to=pad_to, is_prefill=True
+    # --8<-- [end:static_schedule]
         )
 
     def _max_len(self, request: Request) -> int:
