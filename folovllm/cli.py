@@ -1,0 +1,197 @@
+"""The `folovllm` command: `generate` text, or run the `demo` that compares the stages.
+
+    folovllm demo                              # small random Qwen3 built once, every stage
+    folovllm demo --model Qwen/Qwen3-0.6B      # the same on the real model
+    folovllm generate --model Qwen/Qwen3-0.6B --prompt "Hello" --max-tokens 32 --temperature 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from folovllm.config import LATEST_STAGE, STAGE_NAMES
+
+DEMO_NUM_REQUESTS = 32
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="HF checkpoint folder or hub id (default: the demo's small random Qwen3)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="folovllm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text for prompts")
+    _add_engine_args(gen)
+    gen.add_argument("--stage", type=int, default=LATEST_STAGE, help=f"1..{LATEST_STAGE}")
+    gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    gen.add_argument("--prompts-file", type=Path, help="a file with one prompt per line")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    gen.add_argument("--n", type=int, default=1)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--sampling-seed", type=int, default=None, help="per-request seed")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--min-tokens", type=int, default=0)
+    gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    gen.add_argument("--stop-token-ids", type=int, nargs="*", default=None)
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--presence-penalty", type=float, default=0.0)
+    gen.add_argument("--frequency-penalty", type=float, default=0.0)
+
+    demo = sub.add_parser("demo", help="run one workload through every stage and compare")
+    _add_engine_args(demo)
+    demo.add_argument("--stages", type=int, nargs="*", default=None,
+                      help=f"stages to run (default: all built, 1..{LATEST_STAGE})")
+    demo.add_argument("--num-requests", type=int, default=DEMO_NUM_REQUESTS)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        if args.command == "generate":
+            return run_generate(args)
+        return run_demo(args)
+    except ValueError as e:
+        print(f"folovllm: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _model_or_demo(args: argparse.Namespace) -> str:
+    if args.model:
+        return args.model
+    from folovllm.tiny_model import build_tiny_checkpoint, default_cache_dir
+
+    print("No --model given: using the demo's small random-weight Qwen3 (built once, cached).")
+    return str(build_tiny_checkpoint(default_cache_dir() / "demo-qwen3", arch="qwen3", size="tiny"))
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
+                max_model_len=args.max_model_len, seed=args.seed)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from folovllm import LLM, SamplingParams
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        if not args.prompts_file.is_file():
+            raise ValueError(f"--prompts-file {args.prompts_file} does not exist")
+        prompts += [line for line in args.prompts_file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("give at least one --prompt or a --prompts-file")
+    params = SamplingParams(
+        n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, seed=args.sampling_seed, max_tokens=args.max_tokens,
+        min_tokens=args.min_tokens, stop=args.stop, stop_token_ids=args.stop_token_ids,
+        ignore_eos=args.ignore_eos, repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+    )
+    llm = LLM(_model_or_demo(args), stage=args.stage, **_engine_kwargs(args))
+    start = time.perf_counter()
+    if args.chat:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
+    else:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    for prompt, out in zip(prompts, outputs):
+        print(f"=== prompt: {prompt!r}")
+        for c in out.outputs:
+            print(f"--- sample {c.index} ({len(c.token_ids)} tokens, finish_reason={c.finish_reason}, "
+                  f"stop_reason={c.stop_reason!r})")
+            print(c.text)
+        m = out.metrics
+        if m is not None and m.time_to_first_token is not None:
+            tpot = m.time_per_output_token
+            print(f"--- TTFT {m.time_to_first_token * 1e3:.1f} ms, "
+                  f"TPOT {'-' if tpot is None else f'{tpot * 1e3:.1f} ms'}, "
+                  f"e2e {m.e2e_latency * 1e3:.1f} ms")
+    total = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    print(f"\n{total} tokens in {elapsed:.2f} s ({total / elapsed:.1f} tok/s)")
+    print(_format_stats(llm.stats.as_dict()))
+    return 0
+
+
+def _format_stats(stats: dict) -> str:
+    keys = ["num_forward_passes", "num_prompt_tokens", "num_prompt_tokens_computed",
+            "num_generated_tokens", "num_decode_row_steps", "num_wasted_row_steps",
+            "kv_utilization", "peak_kv_bytes_reserved"]
+    return "engine stats: " + ", ".join(f"{k}={stats[k]}" for k in keys)
+
+
+def demo_workload(vocab_size: int, num_requests: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    """A fixed mixed workload: prompts of 8..128 tokens, outputs of 4..96 (a few long ones)."""
+    rng = random.Random(seed)
+    work = []
+    for _ in range(num_requests):
+        prompt = [rng.randrange(3, vocab_size) for _ in range(rng.randint(8, 128))]
+        max_tokens = rng.randint(64, 96) if rng.random() < 0.2 else rng.randint(4, 24)
+        work.append((prompt, max_tokens))
+    return work
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from folovllm import LLM, SamplingParams
+
+    stages = args.stages or list(range(1, LATEST_STAGE + 1))
+    model = _model_or_demo(args)
+    rows = []
+    for stage in stages:
+        llm = LLM(model, stage=stage, **_engine_kwargs(args))
+        vocab = llm.llm_engine.vocab_size
+        work = demo_workload(vocab, args.num_requests, seed=args.seed)
+        prompts = [p for p, _ in work]
+        params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for _, m in work]
+        llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
+        llm.llm_engine.stats.__init__(bytes_per_token=llm.stats.bytes_per_token)
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        s = llm.stats
+        rows.append([
+            f"{stage:02d} {STAGE_NAMES[stage]}", f"{out_tokens / elapsed:.1f}",
+            str(s.num_forward_passes), f"{s.num_wasted_row_steps}/{s.num_decode_row_steps}",
+            f"{s.num_prompt_tokens_computed}/{s.num_prompt_tokens}",
+            f"{100 * s.kv_utilization:.1f}%",
+        ])
+        print(f"stage {stage} done in {elapsed:.2f} s", file=sys.stderr)
+    headers = ["stage", "output tok/s", "forward passes", "wasted/decode rows",
+               "prompt tokens computed/real", "KV utilization"]
+    print(f"\n{len(work)} requests, greedy, ignore_eos; model: {model}\n")
+    print(_markdown_table(headers, rows))
+    return 0
+
+
+def _markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+                     + [line(r) for r in rows])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
