@@ -90,3 +90,43 @@ class StaticKVCacheManager:
     @property
     def num_reserved_tokens(self) -> int:
         return 0 if self.kv_cache is None else self.kv_cache.num_reserved_tokens
+
+
+class SlotKVCacheManager:
+    """Stage 02: `max_num_seqs` fixed slots, each a contiguous row of `max_model_len` tokens.
+
+    The cache is allocated once; a request takes a free slot when it is admitted and gives it
+    back when it finishes or is aborted, and the next request reuses it at once::
+
+        slot 0  [A A A A A A . . . . . . . . . .]   every slot reserves max_model_len tokens,
+        slot 1  [B B B B B B B B B B B . . . . .]   however short its request turns out to be:
+        slot 2  [C C . . . . . . . . . . . . . .]   the waste stage 03 (paged KV) removes
+        slot 3  [free                           ]
+    """
+
+    def __init__(self, spec: KVCacheSpec, num_slots: int, slot_size: int) -> None:
+        self.spec = spec
+        self.kv_cache = KVCache(spec, num_blocks=num_slots, block_size=slot_size)
+        # A stack: the most recently freed slot is reused first (its memory is warm).
+        self.free_slots: list[int] = list(range(num_slots - 1, -1, -1))
+        self.slot_of: dict[str, int] = {}
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self.free_slots)
+
+    def allocate(self, request: Request) -> None:
+        assert request.request_id not in self.slot_of, f"{request.request_id} already has a slot"
+        assert self.free_slots, "no free slot: the scheduler admits at most max_num_seqs"
+        self.slot_of[request.request_id] = self.free_slots.pop()
+
+    def free(self, request: Request) -> None:
+        self.free_slots.append(self.slot_of.pop(request.request_id))
+
+    def get_block_table(self, request: Request) -> list[int]:
+        return [self.slot_of[request.request_id]]
+
+    @property
+    def num_reserved_tokens(self) -> int:
+        """Slots in use times their size (a free slot is allocated but reserved for no one)."""
+        return len(self.slot_of) * self.kv_cache.block_size

@@ -16,15 +16,15 @@ from typing import Optional, Union
 import torch
 
 from folovllm.config import EngineConfig
-from folovllm.kv_cache import KVCacheSpec, StaticKVCacheManager
+from folovllm.kv_cache import KVCacheSpec, SlotKVCacheManager, StaticKVCacheManager
 from folovllm.model_loader import load_model
-from folovllm.model_runner import ModelRunner
+from folovllm.model_runner import KVCacheManager, ModelRunner
 from folovllm.output_processor import OutputProcessor
 from folovllm.outputs import RequestOutput
 from folovllm.request import Request, RequestStatus
 from folovllm.sampler import Sampler
 from folovllm.sampling_params import SamplingParams
-from folovllm.scheduler import SchedulerOutput, StaticBatchScheduler
+from folovllm.scheduler import Scheduler, SchedulerOutput, StaticBatchScheduler
 from folovllm.stats import EngineStats
 
 PromptType = Union[str, list[int]]
@@ -48,8 +48,17 @@ class LLMEngine:
             dtype=dtype,
             device=self.config.device,
         )
-        self.kv_cache_manager = StaticKVCacheManager(spec)
-        self.scheduler = StaticBatchScheduler(self.config, self.kv_cache_manager, self.eos_token_ids)
+        # The one place where the stage flags pick the engine's parts.
+        self.kv_cache_manager: KVCacheManager
+        self.scheduler: Scheduler
+        if self.config.enable_continuous_batching:  # stage 02
+            self.kv_cache_manager = SlotKVCacheManager(
+                spec, num_slots=self.config.max_num_seqs, slot_size=self.config.max_model_len
+            )
+            self.scheduler = Scheduler(self.config, self.kv_cache_manager, self.eos_token_ids)
+        else:  # stage 01
+            self.kv_cache_manager = StaticKVCacheManager(spec)
+            self.scheduler = StaticBatchScheduler(self.config, self.kv_cache_manager, self.eos_token_ids)
         generator = torch.Generator(self.config.device).manual_seed(self.config.seed)
         self.model_runner = ModelRunner(self.model, Sampler(self.eos_token_ids, generator), self.config.device)
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -112,6 +121,12 @@ class LLMEngine:
             raise ValueError(
                 f"prompt has {len(ids)} tokens, more than max_model_len={self.config.max_model_len}"
             )
+        if len(ids) > self.scheduler.max_prompt_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens, more than max_num_batched_tokens="
+                f"{self.config.max_num_batched_tokens}, the most one step computes; raise "
+                "max_num_batched_tokens (a prompt is computed in one step without chunked prefill)"
+            )
         return text, ids
 
     def abort_request(self, request_id: str) -> RequestOutput:
@@ -165,11 +180,10 @@ class LLMEngine:
         else:
             s.num_decode_row_steps += output.num_rows
             s.num_wasted_row_steps += sum(1 for r in output.requests if r.is_finished and r not in advanced)
-        running = self.scheduler.running
-        s.max_num_running = max(s.max_num_running, len(running))
+        s.max_num_running = max(s.max_num_running, self.scheduler.num_live_requests())
         reserved = self.kv_cache_manager.num_reserved_tokens
         s.kv_tokens_reserved += reserved
-        s.kv_tokens_used += sum(r.num_computed_tokens for r in running)
+        s.kv_tokens_used += self.scheduler.live_kv_tokens()
         s.peak_kv_tokens_reserved = max(s.peak_kv_tokens_reserved, reserved)
 
 

@@ -35,6 +35,9 @@ class KVCacheManager(Protocol):
 
     kv_cache: KVCache | None
 
+    @property
+    def num_reserved_tokens(self) -> int: ...
+
     def get_block_table(self, request: Request) -> list[int]: ...
 
 

@@ -3,11 +3,12 @@
 A scheduler owns the queues and the KV cache manager. Its two calls frame every engine step::
 
     output = scheduler.schedule()                       # which rows, how many new tokens each
-    ...model runs, samples one token per finished-catching-up row...
+    ...model runs, samples one token per row that caught up...
     scheduler.update_from_output(output, sampled)       # advance num_computed_tokens, append
                                                         # tokens, apply token-based stops
 
-Stage 01 is `StaticBatchScheduler`. Stage 02 adds the continuous `Scheduler`.
+    stage 01  StaticBatchScheduler   a batch is formed, then runs until its last member ends
+    stage 02  Scheduler              iteration-level: members leave and join every step
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 from folovllm.config import EngineConfig
-from folovllm.kv_cache import StaticKVCacheManager
+from folovllm.kv_cache import SlotKVCacheManager, StaticKVCacheManager
 from folovllm.request import Request, RequestStatus
 
 
@@ -74,13 +75,116 @@ def check_stop(request: Request, max_model_len: int, eos_token_ids: Sequence[int
 # --8<-- [end:check_stop]
 
 
-class StaticBatchScheduler:
+class Scheduler:
+    """Stage 02: continuous (iteration-level) batching, FCFS, as in Orca and vLLM's first version.
+
+    Every step: finished and aborted requests leave `running` (their slot is free at once), then
+    waiting requests are admitted in arrival order while a slot is free and the step's token
+    budget (`max_num_batched_tokens`) holds their prompts. A step either prefills the newly
+    admitted requests or, if none was admitted, decodes every running request: prefill first,
+    never both in one step (mixing them is stage 05's chunked prefill).
+    ::
+
+        step:      1(prefill A,B)  2   3   4(prefill C)  5   6   7
+        request A  [prompt A    ]  o   o                          A finished after 2 tokens
+        request B  [prompt B    ]  o   o                 o   o   o
+        request C                              [prompt C] o   o   C took A's slot at once
+    """
+
+    def __init__(self, config: EngineConfig, kv_cache_manager: SlotKVCacheManager,
+                 eos_token_ids: Sequence[int]) -> None:
+        self.config = config
+        self.kv_cache_manager = kv_cache_manager
+        self.eos_token_ids = list(eos_token_ids)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    # -- queue --------------------------------------------------------------------------------
+
+    @property
+    def max_prompt_len(self) -> int:
+        """Longest prompt this scheduler can ever run: without chunked prefill a prompt is
+        computed in one step, so it must fit in the token budget."""
+        return min(self.config.max_model_len, self.config.max_num_batched_tokens)
+
+    def add_request(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
+        """Finish requests wherever they are (abort); their resources are freed now."""
+        ids = set(request_ids)
+        for request in [r for r in self.waiting if r.request_id in ids]:
+            self.waiting.remove(request)
+            request.status = status
+        for request in [r for r in self.running if r.request_id in ids]:
+            self.running.remove(request)
+            self.kv_cache_manager.free(request)
+            if not request.is_finished:
+                request.status = status
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting) or any(not r.is_finished for r in self.running)
+
+    # -- step ---------------------------------------------------------------------------------
+
+    # --8<-- [start:schedule]
+    def schedule(self) -> SchedulerOutput:
+        # Requests that finished in the last step (stop string, EOS, length) leave now.
+        for request in [r for r in self.running if r.is_finished]:
+            self.running.remove(request)
+            self.kv_cache_manager.free(request)
+
+        # Admit waiting requests, oldest first, while a slot and the token budget allow.
+        admitted, num_new_tokens = [], []
+        budget = self.config.max_num_batched_tokens
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            num_new = request.num_tokens - request.num_computed_tokens
+            if num_new > budget:
+                break  # FCFS: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            self.kv_cache_manager.allocate(request)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            admitted.append(request)
+            num_new_tokens.append(num_new)
+            budget -= num_new
+        if admitted:
+            return SchedulerOutput(admitted, num_new_tokens, is_prefill=True)
+
+        # Otherwise every running request decodes one token.
+        return SchedulerOutput(list(self.running), [1] * len(self.running))
+    # --8<-- [end:schedule]
+
+    def update_from_output(self, output: SchedulerOutput, sampled: list[int]) -> list[Request]:
+        """Advance the rows that computed real tokens; returns the requests that got a token."""
+        advanced = []
+        for request, num_new, token in zip(output.requests, output.num_new_tokens, sampled):
+            if request.is_finished:  # an idle row of a static batch: result discarded
+                continue
+            request.num_computed_tokens += num_new
+            if request.num_computed_tokens == request.num_tokens:
+                request.append_output_token(token)
+                check_stop(request, self.config.max_model_len, self.eos_token_ids)
+                advanced.append(request)
+        return advanced
+
+    def num_live_requests(self) -> int:
+        """Requests holding KV for tokens that still matter (for stats)."""
+        return sum(1 for r in self.running if not r.is_finished)
+
+    def live_kv_tokens(self) -> int:
+        return sum(r.num_computed_tokens for r in self.running if not r.is_finished)
+
+
+class StaticBatchScheduler(Scheduler):
     """Stage 01: static batching.
 
     Up to `max_num_seqs` waiting requests form a batch; the batch is prefilled together (prompts
     padded to the longest), then decodes one token per row per step until its *last* member
     finishes. A member that finishes early keeps its row and keeps being computed (its output is
     thrown away): those are the wasted row-steps that continuous batching (stage 02) removes.
+    `running` is the batch, finished members included.
     ::
 
         step:      1(prefill) 2   3   4   5   6
@@ -90,75 +194,45 @@ class StaticBatchScheduler:
         waiting D  ......................................... starts only after step 6
     """
 
-    def __init__(self, config: EngineConfig, kv_cache_manager: StaticKVCacheManager,
-                 eos_token_ids: Sequence[int]) -> None:
-        self.config = config
-        self.kv_cache_manager = kv_cache_manager
-        self.eos_token_ids = list(eos_token_ids)
-        self.waiting: deque[Request] = deque()
-        self.batch: list[Request] = []
+    kv_cache_manager: StaticKVCacheManager
 
-    # -- queue --------------------------------------------------------------------------------
-
-    def add_request(self, request: Request) -> None:
-        self.waiting.append(request)
+    @property
+    def max_prompt_len(self) -> int:
+        return self.config.max_model_len  # the padded batch ignores the token budget
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
-        """Finish (e.g. abort, or a stop string) requests wherever they are. A member of the
-        running batch keeps its row until the batch ends: that is how static batching works."""
+        """A waiting request leaves the queue; a batch member keeps its row until the batch
+        ends: that is how static batching works."""
         ids = set(request_ids)
-        for request in list(self.waiting):
-            if request.request_id in ids:
-                self.waiting.remove(request)
-                request.status = status
-        for request in self.batch:
+        for request in [r for r in self.waiting if r.request_id in ids]:
+            self.waiting.remove(request)
+            request.status = status
+        for request in self.running:
             if request.request_id in ids and not request.is_finished:
                 request.status = status
 
-    def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting) or any(not r.is_finished for r in self.batch)
-
-    @property
-    def running(self) -> list[Request]:
-        return [r for r in self.batch if not r.is_finished]
-
-    # -- step ---------------------------------------------------------------------------------
-
     # --8<-- [start:static_schedule]
     def schedule(self) -> SchedulerOutput:
-        if self.batch and all(r.is_finished for r in self.batch):
-            self.batch = []
+        if self.running and all(r.is_finished for r in self.running):
+            self.running = []  # the whole batch is done: free it
             self.kv_cache_manager.free_batch()
-        if self.batch:  # decode every row, finished or not
-            return SchedulerOutput(list(self.batch), [1] * len(self.batch))
+        if self.running:  # decode every row, finished or not
+            return SchedulerOutput(list(self.running), [1] * len(self.running))
         if not self.waiting:
             return SchedulerOutput([], [])
-        while self.waiting and len(self.batch) < self.config.max_num_seqs:
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
             request = self.waiting.popleft()
             request.status = RequestStatus.RUNNING
-            self.batch.append(request)
-        pad_to = max(r.num_tokens for r in self.batch)
-        capacity = max(pad_to, max(self._max_len(r) for r in self.batch))
-        self.kv_cache_manager.allocate_batch(self.batch, capacity)
+            self.running.append(request)
+        pad_to = max(r.num_tokens for r in self.running)
+        capacity = max(pad_to, max(self._max_len(r) for r in self.running))
+        self.kv_cache_manager.allocate_batch(self.running, capacity)
         return SchedulerOutput(
-            list(self.batch), [r.num_tokens for r in self.batch], pad_to=pad_to, is_prefill=True
-    # --8<-- [end:static_schedule]
+            list(self.running), [r.num_tokens for r in self.running], pad_to=pad_to, is_prefill=True
         )
+    # --8<-- [end:static_schedule]
 
     def _max_len(self, request: Request) -> int:
         """The most tokens this request can hold in the cache."""
         max_tokens = request.sampling_params.max_tokens or self.config.max_model_len
         return min(request.num_prompt_tokens + max_tokens, self.config.max_model_len)
-
-    def update_from_output(self, output: SchedulerOutput, sampled: list[int]) -> list[Request]:
-        """Advance the rows that computed real tokens; returns the requests that got a token."""
-        advanced = []
-        for request, num_new, token in zip(output.requests, output.num_new_tokens, sampled):
-            if request.is_finished:  # an idle row of the static batch: result discarded
-                continue
-            request.num_computed_tokens += num_new
-            if request.num_computed_tokens == request.num_tokens:
-                request.append_output_token(token)
-                check_stop(request, self.config.max_model_len, self.eos_token_ids)
-                advanced.append(request)
-        return advanced
