@@ -84,6 +84,7 @@ class Request:
         if sampling_params.seed is not None:
             self.generator = torch.Generator(device).manual_seed(sampling_params.seed)
 
+    # --8<-- [start:request_lengths]
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
@@ -95,6 +96,7 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+    # --8<-- [end:request_lengths]
 
     @property
     def is_finished(self) -> bool:

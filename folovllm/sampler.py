@@ -28,6 +28,7 @@ class Sampler:
         self.eos_token_ids = list(eos_token_ids)
         self.generator = generator  # noise for requests without a seed
 
+    # --8<-- [start:sampler_call]
     def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> list[int]:
         """logits [N, V] float32 (row i belongs to requests[i]) -> N token ids."""
         logits = logits.clone()
@@ -41,6 +42,7 @@ class Sampler:
             sampled = self.sample(logits[rows], [requests[i] for i in rows.tolist()])
             next_tokens[rows] = sampled
         return next_tokens.tolist()
+    # --8<-- [end:sampler_call]
 
     # -- logit processors ---------------------------------------------------------------------
 
@@ -77,6 +79,7 @@ class Sampler:
 
     # -- sampling -----------------------------------------------------------------------------
 
+    # --8<-- [start:sample]
     def sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
         """logits [M, V] of non-greedy rows -> [M] sampled token ids."""
         params = [r.sampling_params for r in requests]
@@ -96,8 +99,10 @@ class Sampler:
             generator: Optional[torch.Generator] = request.generator or self.generator
             noise[row].exponential_(generator=generator)
         return (probs / noise).argmax(dim=-1)
+    # --8<-- [end:sample]
 
 
+# --8<-- [start:top_k_top_p]
 def apply_top_k_top_p(
     logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 ) -> torch.Tensor:
@@ -116,3 +121,4 @@ def apply_top_k_top_p(
     drop = mass_before >= top_p[:, None]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)
+# --8<-- [end:top_k_top_p]

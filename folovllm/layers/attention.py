@@ -81,6 +81,7 @@ class Attention(nn.Module):
         return naive_attention(q, key_cache, value_cache, attn_metadata, self.scale)
 
 
+# --8<-- [start:store_kv_cache]
 def store_kv_cache(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -92,6 +93,7 @@ def store_kv_cache(
     num_kv_heads, head_dim = key_cache.shape[-2:]
     key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
     value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+# --8<-- [end:store_kv_cache]
 
 
 def gather_kv(
@@ -109,6 +111,7 @@ def gather_kv(
     return cache.view(-1, num_kv_heads, head_dim)[slots]
 
 
+# --8<-- [start:naive_attention]
 def naive_attention(
     q: torch.Tensor,
     key_cache: torch.Tensor,
@@ -155,3 +158,4 @@ def naive_attention(
     out = probs @ v.float()  # [B, Hkv, group, Lq, D]
     out = out.permute(0, 3, 1, 2, 4).reshape(B * Lq, num_heads, head_dim)
     return out[padded_row].to(q.dtype)
+# --8<-- [end:naive_attention]

@@ -68,6 +68,7 @@ class Qwen3Attention(nn.Module):
         self.rotary_emb = rotary_emb
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
 
+    # --8<-- [start:qwen3_attention_forward]
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, attn_metadata: AttentionMetadata
     ) -> torch.Tensor:
@@ -81,6 +82,7 @@ class Qwen3Attention(nn.Module):
         q, k = self.rotary_emb(positions, q, k)
         o = self.attn(q, k, v, attn_metadata)  # [T, Hq, D]
         return self.o_proj(o.reshape(T, self.q_size))
+    # --8<-- [end:qwen3_attention_forward]
 
 
 class Qwen3MLP(nn.Module):
@@ -108,12 +110,14 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
+    # --8<-- [start:decoder_layer_forward]
     def forward(
         self, positions: torch.Tensor, h: torch.Tensor, attn_metadata: AttentionMetadata
     ) -> torch.Tensor:
         h = h + self.self_attn(positions, self.input_layernorm(h), attn_metadata)
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h
+    # --8<-- [end:decoder_layer_forward]
 
 
 class Qwen3Model(nn.Module):
