@@ -4,7 +4,7 @@ from folovllm.config import EngineConfig
 from folovllm.llm import LLM
 from folovllm.llm_engine import LLMEngine
 from folovllm.outputs import CompletionOutput, RequestOutput
-from folovllm.sampling_params import SamplingParams
+from folovllm.sampling_params import RequestOutputKind, SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineConfig"]
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineConfig", "RequestOutputKind"]

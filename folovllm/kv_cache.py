@@ -14,6 +14,7 @@ using. Stage 03 (paged) replaces them with small blocks allocated as tokens arri
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,22 @@ class KVCacheSpec:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
 
 
+def check_fits_in_memory(num_bytes: int, device: str) -> None:
+    """Refuse, with the numbers, a cache larger than the device's memory (instead of an OOM
+    kill half-way through allocating it)."""
+    if torch.device(device).type == "cuda":
+        available = torch.cuda.mem_get_info(torch.device(device))[0]
+        where = "free GPU memory"
+    else:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        where = "physical RAM"
+    if num_bytes > available:
+        raise ValueError(
+            f"the KV cache needs {num_bytes / 2**30:.2f} GiB but the {where} is "
+            f"{available / 2**30:.2f} GiB; lower max_model_len or max_num_seqs"
+        )
+
+
 class KVCache:
     """Per-layer key and value tensors of shape [num_blocks, block_size, Hkv, D]."""
 
@@ -45,6 +62,7 @@ class KVCache:
         self.spec = spec
         self.num_blocks = num_blocks
         self.block_size = block_size
+        check_fits_in_memory(num_blocks * block_size * spec.bytes_per_token, spec.device)
         shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
         self.key_caches = [
             torch.zeros(shape, dtype=spec.dtype, device=spec.device) for _ in range(spec.num_layers)

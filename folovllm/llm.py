@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence, Union
 
 from folovllm.config import EngineConfig
-from folovllm.llm_engine import LLMEngine, PromptType
+from folovllm.llm_engine import LLMEngine, PromptType, replace_params
 from folovllm.outputs import RequestOutput
-from folovllm.sampling_params import SamplingParams
+from folovllm.sampling_params import RequestOutputKind, SamplingParams
 from folovllm.stats import EngineStats
 
 
@@ -75,6 +75,8 @@ class LLM:
         for prompt, params in zip(prompts, params_list):
             request_id = str(self._counter)
             self._counter += 1
+            # generate() returns finished outputs only: skip building the ones in between.
+            params = replace_params(params, output_kind=RequestOutputKind.FINAL_ONLY)
             engine.add_request(request_id, prompt, params)
             ids.append(request_id)
         return self._run_engine(ids, use_tqdm)

@@ -9,8 +9,9 @@
 
 from __future__ import annotations
 
-import itertools
+import json
 import time
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -36,7 +37,7 @@ class LLMEngine:
         self.model, self.hf_config, path = load_model(model, config.torch_dtype, config.device)
         self.config = config.resolve(self.hf_config.max_position_embeddings)
         self.tokenizer = _load_tokenizer(path)
-        self.eos_token_ids = _eos_token_ids(self.hf_config, self.tokenizer)
+        self.eos_token_ids = _eos_token_ids(self.hf_config, self.tokenizer, path)
         self.vocab_size = self.hf_config.vocab_size
 
         dtype = next(self.model.parameters()).dtype
@@ -64,7 +65,6 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats = EngineStats(bytes_per_token=spec.bytes_per_token)
         self._request_ids: set[str] = set()  # parents not finished yet
-        self._counter = itertools.count()
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -88,7 +88,7 @@ class LLMEngine:
             child_params = params
             if params.n > 1:  # each sample is its own request; seeded ones get seed + i
                 seed = None if params.seed is None else params.seed + i
-                child_params = _replace(params, n=1, seed=seed)
+                child_params = replace_params(params, n=1, seed=seed)
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             children.append(
                 Request(child_id, prompt_token_ids, child_params, arrival_time,
@@ -129,8 +129,9 @@ class LLMEngine:
             )
         return text, ids
 
-    def abort_request(self, request_id: str) -> RequestOutput:
-        """Stop a request now; returns its output so far with finish_reason "abort"."""
+    def abort_request(self, request_id: str) -> Optional[RequestOutput]:
+        """Stop a request now and free what it holds; returns its final output
+        (finish_reason "abort")."""
         if request_id not in self._request_ids:
             raise ValueError(f"cannot abort {request_id!r}: no unfinished request has this id")
         children = self.output_processor.parents[request_id].children
@@ -158,6 +159,7 @@ class LLMEngine:
         sampled = self.model_runner.execute_model(scheduler_output, self.kv_cache_manager)
         advanced = self.scheduler.update_from_output(scheduler_output, sampled)
         outputs = self.output_processor.process(advanced)
+        self.scheduler.free_finished_requests()
         self._record_stats(scheduler_output, advanced)
         for out in outputs:
             if out.finished:
@@ -187,7 +189,8 @@ class LLMEngine:
         s.peak_kv_tokens_reserved = max(s.peak_kv_tokens_reserved, reserved)
 
 
-def _replace(params: SamplingParams, **changes: object) -> SamplingParams:
+def replace_params(params: SamplingParams, **changes: object) -> SamplingParams:
+    """A copy of `params` with some fields changed (validated again)."""
     import dataclasses
 
     fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.init}
@@ -204,10 +207,22 @@ def _load_tokenizer(path: object) -> object:
         raise ValueError(f"could not load a tokenizer from {path} ({type(e).__name__}: {e})") from e
 
 
-def _eos_token_ids(hf_config: object, tokenizer: object) -> list[int]:
-    """EOS ids from the tokenizer and config.json (a list in Qwen3's generation config)."""
+def _eos_token_ids(hf_config: object, tokenizer: object, path: Path) -> list[int]:
+    """EOS ids from the tokenizer, config.json and generation_config.json (Qwen3 lists both
+    <|im_end|> and <|endoftext|> there)."""
+    generation_eos = None
+    generation_config = path / "generation_config.json"
+    if generation_config.is_file():
+        try:
+            generation_eos = json.loads(generation_config.read_text()).get("eos_token_id")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{generation_config} is not valid JSON: {e}") from e
     ids: list[int] = []
-    for value in (getattr(tokenizer, "eos_token_id", None), getattr(hf_config, "eos_token_id", None)):
+    for value in (
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(hf_config, "eos_token_id", None),
+        generation_eos,
+    ):
         for token in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(token, int) and token not in ids:
                 ids.append(token)

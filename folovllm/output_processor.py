@@ -2,6 +2,12 @@
 
 A prompt with `n` samples is run as `n` child requests (`"<id>"` for n = 1, `"<id>#<i>"`
 otherwise); this is where their completions are gathered back into one `RequestOutput`.
+
+Streaming (`RequestOutputKind.DELTA`) sends only the text and tokens that are new since the last
+output. Text that could be the start of a stop string is held back until it is certain not to be
+one, so a client never receives characters that a later stop string would take back::
+
+    stop="END", text so far "...the E"   -> sent "...the ", "E" held back (could be "END")
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from typing import Any, Optional
 
 from folovllm.outputs import CompletionOutput, RequestOutput
 from folovllm.request import Request, RequestStatus
+from folovllm.sampling_params import RequestOutputKind
 
 
 @dataclass
@@ -27,6 +34,8 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.parents: dict[str, _Parent] = {}
         self.parent_of: dict[str, str] = {}  # child request id -> parent request id
+        # child request id -> (characters, tokens) already sent, for DELTA outputs
+        self.sent: dict[str, tuple[int, int]] = {}
 
     def add_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
                     children: list[Request]) -> None:
@@ -44,13 +53,16 @@ class OutputProcessor:
             if metrics.first_token_time is None:
                 metrics.first_token_time = now
             metrics.token_times.append(now)
-            self.update_text(request)
+            params = request.sampling_params
+            if params.stop_strings or params.output_kind != RequestOutputKind.FINAL_ONLY or request.is_finished:
+                self.update_text(request)  # FINAL_ONLY without stop strings decodes once, at the end
             if request.is_finished and metrics.finished_time is None:
                 metrics.finished_time = now
             touched[self.parent_of[request.request_id]] = self.parents[self.parent_of[request.request_id]]
-        return [self.make_output(p) for p in touched.values()]
+        outputs = [self.make_output(p) for p in touched.values()]
+        return [o for o in outputs if o is not None]
 
-    def abort(self, parent_id: str) -> RequestOutput:
+    def abort(self, parent_id: str) -> Optional[RequestOutput]:
         parent = self.parents[parent_id]
         now = time.perf_counter()
         for child in parent.children:
@@ -77,22 +89,39 @@ class OutputProcessor:
                 request.stop_reason = stop
         request.output_text = text
 
-    def make_output(self, parent: _Parent) -> RequestOutput:
-        completions = [
-            CompletionOutput(
-                index=i,
-                text=child.output_text,
-                token_ids=list(child.output_token_ids),
-                finish_reason=child.status.finish_reason,
-                stop_reason=child.stop_reason,
-            )
-            for i, child in enumerate(parent.children)
-        ]
+    def make_output(self, parent: _Parent) -> Optional[RequestOutput]:
+        """The parent's output in its `output_kind`; None when there is nothing to send."""
+        kind = parent.children[0].sampling_params.output_kind
         finished = all(child.is_finished for child in parent.children)
+        if kind == RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        completions = []
+        for i, child in enumerate(parent.children):
+            text, token_ids = child.output_text, child.output_token_ids
+            if not child.is_finished:
+                # An incomplete UTF-8 character decodes as U+FFFD until its last byte arrives.
+                text = text.rstrip("\ufffd")
+                if child.sampling_params.stop_strings:
+                    hold_back = max(map(len, child.sampling_params.stop_strings)) - 1
+                    text = text[: max(0, len(text) - hold_back)]
+            if kind == RequestOutputKind.DELTA:
+                sent_chars, sent_tokens = self.sent.get(child.request_id, (0, 0))
+                self.sent[child.request_id] = (len(text), len(token_ids))
+                text, token_ids = text[sent_chars:], token_ids[sent_tokens:]
+            completions.append(
+                CompletionOutput(
+                    index=i,
+                    text=text,
+                    token_ids=list(token_ids),
+                    finish_reason=child.status.finish_reason,
+                    stop_reason=child.stop_reason,
+                )
+            )
         if finished:
             del self.parents[parent.request_id]
             for child in parent.children:
                 self.parent_of.pop(child.request_id, None)
+                self.sent.pop(child.request_id, None)
         return RequestOutput(
             request_id=parent.request_id,
             prompt=parent.prompt,

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 _GREEDY_EPS = 1e-5  # temperatures below this are treated as greedy, as in vLLM
+
+
+class RequestOutputKind(enum.Enum):
+    """What each `RequestOutput` of a running request carries (vLLM's names)."""
+
+    CUMULATIVE = 0  # all text and tokens so far, every step
+    DELTA = 1  # only what is new since the previous output: for streaming
+    FINAL_ONLY = 2  # nothing until the request finishes, then everything
 
 
 @dataclass
@@ -38,6 +47,7 @@ class SamplingParams:
         stop_token_ids: token ids that end generation (kept in `token_ids`, not in the text).
         ignore_eos: keep generating after EOS (benchmarks use it for fixed output lengths).
         skip_special_tokens: drop special tokens from the output text.
+        output_kind: CUMULATIVE, DELTA (streaming) or FINAL_ONLY outputs from `LLMEngine.step`.
     """
 
     n: int = 1
@@ -55,6 +65,7 @@ class SamplingParams:
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled by __post_init__: `stop` always as a list.
     stop_strings: list[str] = field(init=False, repr=False)
 
@@ -106,6 +117,8 @@ class SamplingParams:
             raise bad("stop", "a non-empty string or a list of non-empty strings")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "a list of non-negative integers")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise bad("output_kind", f"one of {[k.name for k in RequestOutputKind]}")
 
 
 def _is_int(value: object) -> bool:

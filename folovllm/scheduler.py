@@ -129,11 +129,6 @@ class Scheduler:
 
     # --8<-- [start:schedule]
     def schedule(self) -> SchedulerOutput:
-        # Requests that finished in the last step (stop string, EOS, length) leave now.
-        for request in [r for r in self.running if r.is_finished]:
-            self.running.remove(request)
-            self.kv_cache_manager.free(request)
-
         # Admit waiting requests, oldest first, while a slot and the token budget allow.
         admitted, num_new_tokens = [], []
         budget = self.config.max_num_batched_tokens
@@ -168,6 +163,13 @@ class Scheduler:
                 check_stop(request, self.config.max_model_len, self.eos_token_ids)
                 advanced.append(request)
         return advanced
+
+    def free_finished_requests(self) -> None:
+        """Called at the end of every step: requests that finished in it (EOS, stop token,
+        stop string, length) leave `running` and their KV slot is free for the next step."""
+        for request in [r for r in self.running if r.is_finished]:
+            self.running.remove(request)
+            self.kv_cache_manager.free(request)
 
     def num_live_requests(self) -> int:
         """Requests holding KV for tokens that still matter (for stats)."""
@@ -211,11 +213,14 @@ class StaticBatchScheduler(Scheduler):
             if request.request_id in ids and not request.is_finished:
                 request.status = status
 
+    def free_finished_requests(self) -> None:
+        """Nothing leaves a static batch early; the batch is freed when its last member ends."""
+        if self.running and all(r.is_finished for r in self.running):
+            self.running = []
+            self.kv_cache_manager.free_batch()
+
     # --8<-- [start:static_schedule]
     def schedule(self) -> SchedulerOutput:
-        if self.running and all(r.is_finished for r in self.running):
-            self.running = []  # the whole batch is done: free it
-            self.kv_cache_manager.free_batch()
         if self.running:  # decode every row, finished or not
             return SchedulerOutput(list(self.running), [1] * len(self.running))
         if not self.waiting:
