@@ -10,7 +10,7 @@ Stages and their flags::
 
     01 naive generation      (always on: the baseline)
     02 continuous batching   enable_continuous_batching
-    03 paged KV cache        enable_paged_kv          (not built yet)
+    03 paged KV cache        enable_paged_kv
     04 FlashAttention        attention_backend != "naive" (not built yet)
     05 chunked prefill       enable_chunked_prefill   (not built yet)
     06 prefix caching        enable_prefix_caching    (not built yet)
@@ -27,7 +27,7 @@ import torch
 
 # The highest stage that is implemented. `for_stage` refuses anything above it with a clear
 # message instead of silently running an older engine.
-LATEST_STAGE = 2
+LATEST_STAGE = 3
 STAGE_NAMES = {
     1: "naive generation",
     2: "continuous batching",
@@ -56,6 +56,10 @@ class EngineConfig:
             `max_position_embeddings`, filled in when the model is loaded.
         max_num_batched_tokens: most tokens computed in one engine step (stage 02+); None =
             `max(max_model_len, 2048)`, filled in when the model is loaded.
+        kv_cache_memory: bytes of KV cache (stage 02 slots and stage 03 blocks are cut from it).
+            None = on CUDA `gpu_memory_utilization` of the GPU minus the model's measured peak;
+            on CPU enough for `max_num_seqs` full-length sequences, at most 4 GiB.
+        block_size: tokens per KV block (stage 03).
     """
 
     # model
@@ -66,6 +70,9 @@ class EngineConfig:
     max_num_seqs: int = 16
     max_model_len: Optional[int] = None
     max_num_batched_tokens: Optional[int] = None
+    kv_cache_memory: Optional[int] = None
+    gpu_memory_utilization: float = 0.9
+    block_size: int = 16
     # stage flags
     enable_continuous_batching: bool = False  # stage 02
     enable_paged_kv: bool = False  # stage 03
@@ -89,7 +96,10 @@ class EngineConfig:
                 f"stage {stage} ({STAGE_NAMES[stage]}) is not built yet; "
                 f"stages 1..{LATEST_STAGE} are available"
             )
-        flags: dict[str, Any] = {"enable_continuous_batching": stage >= 2}
+        flags: dict[str, Any] = {
+            "enable_continuous_batching": stage >= 2,
+            "enable_paged_kv": stage >= 3,
+        }
         flags.update(overrides)
         return cls(**flags)
 
@@ -99,6 +109,8 @@ class EngineConfig:
     @property
     def stage(self) -> int:
         """The highest stage whose flag is on (flags can be mixed for ablations)."""
+        if self.enable_paged_kv:
+            return 3
         return 2 if self.enable_continuous_batching else 1
 
     @property
@@ -131,8 +143,19 @@ class EngineConfig:
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, got "
                 f"{self.attention_backend!r} (stage 04 adds the others)"
             )
+        if self.kv_cache_memory is not None:
+            _positive_int("kv_cache_memory", self.kv_cache_memory)
+        _positive_int("block_size", self.block_size)
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
+            )
+        if self.enable_paged_kv and not self.enable_continuous_batching:
+            raise ValueError(
+                "enable_paged_kv=True needs enable_continuous_batching=True: the paged cache "
+                "hands out blocks per step, which only the continuous scheduler does"
+            )
         not_built = {
-            "enable_paged_kv": 3,
             "enable_chunked_prefill": 5,
             "enable_prefix_caching": 6,
         }
@@ -157,6 +180,12 @@ class EngineConfig:
                 f"max_position_embeddings ({max_position_embeddings})"
             )
         budget = self.max_num_batched_tokens or max(max_model_len, 2048)
+        if self.enable_paged_kv and budget < max_model_len:
+            # A preempted request is recomputed in one step: prompt and output together.
+            raise ValueError(
+                f"with paged KV (preemption by recompute), max_num_batched_tokens ({budget}) "
+                f"must be >= max_model_len ({max_model_len})"
+            )
         return self.replace(max_model_len=max_model_len, max_num_batched_tokens=budget)
 
 

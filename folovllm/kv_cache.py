@@ -7,19 +7,24 @@ values (see `layers/attention.py`). What changes from stage to stage is how bloc
                                     sized for the longest request of that batch
     stage 02  SlotKVCacheManager    `max_num_seqs` rows of `max_model_len` tokens allocated once;
                                     a finished request's row is reused at once
+    stage 03  KVCacheManager        small blocks handed out as tokens arrive (kv_cache_manager.py)
 
-Both reserve room for a request's *longest possible* length when it starts, whatever it ends up
-using. Stage 03 (paged) replaces them with small blocks allocated as tokens arrive.
+Stages 01 and 02 reserve room for a request's *longest possible* length when it starts, whatever
+it ends up using; stage 03 reserves at most one partly filled block per request.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from folovllm.config import EngineConfig
 from folovllm.request import Request
+
+CPU_DEFAULT_KV_CACHE_MEMORY = 4 * 2**30  # like vLLM's CPU default KV space
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,30 @@ def check_fits_in_memory(num_bytes: int, device: str) -> None:
             f"the KV cache needs {num_bytes / 2**30:.2f} GiB but the {where} is "
             f"{available / 2**30:.2f} GiB; lower max_model_len or max_num_seqs"
         )
+
+
+def kv_cache_budget(config: EngineConfig, spec: KVCacheSpec, model_runner: "Any") -> int:
+    """Bytes of KV cache for stages 02 and 03 (both cut their slots or blocks from it).
+
+    `kv_cache_memory` if given. On CUDA: `gpu_memory_utilization` of the GPU minus the peak
+    memory of one full-size forward pass (weights + activations), measured. On CPU: room for
+    `max_num_seqs` sequences of `max_model_len` tokens, at most 4 GiB.
+    """
+    if config.kv_cache_memory is not None:
+        return config.kv_cache_memory
+    if torch.device(config.device).type == "cuda":
+        peak = model_runner.profile_peak_memory(config.max_num_batched_tokens, spec)
+        total = torch.cuda.get_device_properties(torch.device(config.device)).total_memory
+        budget = int(total * config.gpu_memory_utilization) - peak
+        if budget <= 0:
+            raise ValueError(
+                f"no GPU memory left for the KV cache: the model's peak is {peak / 2**30:.2f} GiB "
+                f"of {total * config.gpu_memory_utilization / 2**30:.2f} GiB allowed by "
+                f"gpu_memory_utilization={config.gpu_memory_utilization}"
+            )
+        return budget
+    full = config.max_num_seqs * config.max_model_len * spec.bytes_per_token
+    return min(full, CPU_DEFAULT_KV_CACHE_MEMORY)
 
 
 class KVCache:
@@ -133,10 +162,14 @@ class SlotKVCacheManager:
     def num_free_slots(self) -> int:
         return len(self.free_slots)
 
-    def allocate(self, request: Request) -> None:
-        assert request.request_id not in self.slot_of, f"{request.request_id} already has a slot"
-        assert self.free_slots, "no free slot: the scheduler admits at most max_num_seqs"
+    def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
+        """A request holds a whole slot from admission on, so only admission can fail."""
+        if request.request_id in self.slot_of:
+            return True
+        if not self.free_slots:
+            return False
         self.slot_of[request.request_id] = self.free_slots.pop()
+        return True
 
     def free(self, request: Request) -> None:
         self.free_slots.append(self.slot_of.pop(request.request_id))

@@ -17,9 +17,10 @@ from typing import Optional, Union
 import torch
 
 from folovllm.config import EngineConfig
-from folovllm.kv_cache import KVCacheSpec, SlotKVCacheManager, StaticKVCacheManager
+from folovllm.kv_cache import KVCacheSpec, SlotKVCacheManager, StaticKVCacheManager, kv_cache_budget
+from folovllm.kv_cache_manager import KVCacheManager
 from folovllm.model_loader import load_model
-from folovllm.model_runner import KVCacheManager, ModelRunner
+from folovllm.model_runner import KVCacheLookup, ModelRunner
 from folovllm.output_processor import OutputProcessor
 from folovllm.outputs import RequestOutput
 from folovllm.request import Request, RequestStatus
@@ -49,19 +50,39 @@ class LLMEngine:
             dtype=dtype,
             device=self.config.device,
         )
-        # The one place where the stage flags pick the engine's parts.
-        self.kv_cache_manager: KVCacheManager
-        self.scheduler: Scheduler
-        if self.config.enable_continuous_batching:  # stage 02
-            self.kv_cache_manager = SlotKVCacheManager(
-                spec, num_slots=self.config.max_num_seqs, slot_size=self.config.max_model_len
-            )
-            self.scheduler = Scheduler(self.config, self.kv_cache_manager, self.eos_token_ids)
-        else:  # stage 01
-            self.kv_cache_manager = StaticKVCacheManager(spec)
-            self.scheduler = StaticBatchScheduler(self.config, self.kv_cache_manager, self.eos_token_ids)
         generator = torch.Generator(self.config.device).manual_seed(self.config.seed)
         self.model_runner = ModelRunner(self.model, Sampler(self.eos_token_ids, generator), self.config.device)
+
+        # The one place where the stage flags pick the engine's parts.
+        c = self.config
+        self.kv_cache_manager: KVCacheLookup
+        self.scheduler: Scheduler
+        if c.enable_paged_kv:  # stage 03
+            budget = kv_cache_budget(c, spec, self.model_runner)
+            num_blocks = budget // (c.block_size * spec.bytes_per_token)
+            if num_blocks * c.block_size < c.max_model_len:
+                raise ValueError(
+                    f"kv_cache_memory={budget} bytes holds {num_blocks} blocks of {c.block_size} "
+                    f"tokens ({num_blocks * c.block_size} tokens at {spec.bytes_per_token} bytes "
+                    f"each), fewer than one max_model_len={c.max_model_len} sequence; need at "
+                    f"least {-(-c.max_model_len // c.block_size) * c.block_size * spec.bytes_per_token} bytes"
+                )
+            self.kv_cache_manager = KVCacheManager(spec, num_blocks, c.block_size)
+            self.scheduler = Scheduler(c, self.kv_cache_manager, self.eos_token_ids)
+        elif c.enable_continuous_batching:  # stage 02
+            budget = kv_cache_budget(c, spec, self.model_runner)
+            slot_bytes = c.max_model_len * spec.bytes_per_token
+            num_slots = min(c.max_num_seqs, budget // slot_bytes)
+            if num_slots == 0:
+                raise ValueError(
+                    f"kv_cache_memory={budget} bytes is smaller than one max_model_len="
+                    f"{c.max_model_len} slot ({slot_bytes} bytes); raise it or lower max_model_len"
+                )
+            self.kv_cache_manager = SlotKVCacheManager(spec, num_slots, slot_size=c.max_model_len)
+            self.scheduler = Scheduler(c, self.kv_cache_manager, self.eos_token_ids)
+        else:  # stage 01
+            self.kv_cache_manager = StaticKVCacheManager(spec)
+            self.scheduler = StaticBatchScheduler(c, self.kv_cache_manager, self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats = EngineStats(bytes_per_token=spec.bytes_per_token)
         self._request_ids: set[str] = set()  # parents not finished yet
@@ -182,6 +203,7 @@ class LLMEngine:
         else:
             s.num_decode_row_steps += output.num_rows
             s.num_wasted_row_steps += sum(1 for r in output.requests if r.is_finished and r not in advanced)
+        s.num_preemptions = self.scheduler.num_preemptions
         s.max_num_running = max(s.max_num_running, self.scheduler.num_live_requests())
         reserved = self.kv_cache_manager.num_reserved_tokens
         s.kv_tokens_reserved += reserved

@@ -21,7 +21,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from folovllm.kv_cache import KVCache
+from folovllm.kv_cache import KVCache, KVCacheSpec
 from folovllm.layers.attention import Attention, AttentionMetadata
 from folovllm.request import Request
 from folovllm.sampler import Sampler
@@ -30,7 +30,7 @@ from folovllm.scheduler import SchedulerOutput
 PAD_TOKEN_ID = 0  # any valid id: padded tokens are computed and thrown away
 
 
-class KVCacheManager(Protocol):
+class KVCacheLookup(Protocol):
     """What the runner needs from any stage's KV cache manager."""
 
     kv_cache: KVCache | None
@@ -59,7 +59,7 @@ class ModelRunner:
         self._bound_cache = kv_cache
 
     @torch.inference_mode()
-    def execute_model(self, output: SchedulerOutput, kv_cache_manager: KVCacheManager) -> list[int]:
+    def execute_model(self, output: SchedulerOutput, kv_cache_manager: KVCacheLookup) -> list[int]:
         """Run one step; returns one sampled token per row (meaningful only for rows that
         caught up with their `num_tokens` this step)."""
         kv_cache = kv_cache_manager.kv_cache
@@ -72,6 +72,38 @@ class ModelRunner:
         return self.sampler(logits, output.requests)
 
     # --8<-- [start:prepare_inputs]
+    @torch.inference_mode()
+    def profile_peak_memory(self, num_tokens: int, spec: KVCacheSpec) -> int:
+        """CUDA: peak bytes allocated by a forward pass over `num_tokens` tokens (one sequence,
+        with a throw-away cache of that length), the weights included. What the GPU has left
+        is for the KV cache."""
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            scratch = KVCache(spec, num_blocks=1, block_size=num_tokens)
+            self.bind_kv_cache(scratch)
+            positions = torch.arange(num_tokens, device=self.device)
+            md = AttentionMetadata(
+                slot_mapping=positions,
+                query_start_loc=torch.tensor([0, num_tokens], device=self.device),
+                seq_lens=torch.tensor([num_tokens], device=self.device),
+                block_tables=torch.zeros(1, 1, dtype=torch.long, device=self.device),
+                max_query_len=num_tokens,
+                max_seq_len=num_tokens,
+            )
+            hidden = self.model(torch.zeros_like(positions), positions, md)
+            self.model.compute_logits(hidden[-1:])
+            torch.cuda.synchronize()
+        except torch.cuda.OutOfMemoryError as e:
+            raise ValueError(
+                f"a forward pass over max_num_batched_tokens={num_tokens} tokens does not fit on "
+                "the GPU; lower max_num_batched_tokens / max_model_len"
+            ) from e
+        finally:
+            self._bound_cache = None
+            scratch = hidden = None  # noqa: F841
+            torch.cuda.empty_cache()
+        return torch.cuda.max_memory_allocated()
+
     def prepare_inputs(self, output: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         input_ids: list[int] = []
         positions: list[int] = []

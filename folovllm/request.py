@@ -29,6 +29,7 @@ from folovllm.sampling_params import SamplingParams
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    PREEMPTED = "preempted"  # back in the waiting queue, its KV dropped (stage 03)
     FINISHED_STOPPED = "finished_stopped"  # EOS, stop token id or stop string
     FINISHED_LENGTH = "finished_length"  # max_tokens or max_model_len
     FINISHED_ABORTED = "finished_aborted"
@@ -76,6 +77,7 @@ class Request:
         self.eos_token_id = eos_token_id
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
+        self.num_preemptions = 0
         self.stop_reason: int | str | None = None
         self.output_text = ""  # detokenized output, cut at a stop string
         self.metrics = RequestMetrics(arrival_time=arrival_time)

@@ -19,6 +19,7 @@ from typing import Iterable, Optional, Sequence
 
 from folovllm.config import EngineConfig
 from folovllm.kv_cache import SlotKVCacheManager, StaticKVCacheManager
+from folovllm.kv_cache_manager import KVCacheManager
 from folovllm.request import Request, RequestStatus
 
 
@@ -91,13 +92,14 @@ class Scheduler:
         request C                              [prompt C] o   o   C took A's slot at once
     """
 
-    def __init__(self, config: EngineConfig, kv_cache_manager: SlotKVCacheManager,
+    def __init__(self, config: EngineConfig, kv_cache_manager: SlotKVCacheManager | KVCacheManager,
                  eos_token_ids: Sequence[int]) -> None:
         self.config = config
         self.kv_cache_manager = kv_cache_manager
         self.eos_token_ids = list(eos_token_ids)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.num_preemptions = 0
 
     # -- queue --------------------------------------------------------------------------------
 
@@ -137,8 +139,9 @@ class Scheduler:
             num_new = request.num_tokens - request.num_computed_tokens
             if num_new > budget:
                 break  # FCFS: nobody overtakes the head of the queue
+            if not self.kv_cache_manager.allocate_slots(request, num_new):
+                break  # no KV memory for its prompt (a slot in stage 02, blocks in stage 03)
             self.waiting.popleft()
-            self.kv_cache_manager.allocate(request)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             admitted.append(request)
@@ -147,9 +150,38 @@ class Scheduler:
         if admitted:
             return SchedulerOutput(admitted, num_new_tokens, is_prefill=True)
 
-        # Otherwise every running request decodes one token.
-        return SchedulerOutput(list(self.running), [1] * len(self.running))
+        # Otherwise every running request decodes one token, if it has room for it.
+        return SchedulerOutput(self.make_room_to_decode(), [1] * len(self.running))
     # --8<-- [end:schedule]
+
+    # --8<-- [start:preempt]
+    def make_room_to_decode(self) -> list[Request]:
+        """Give every running request room for one more token, oldest first. When the cache is
+        full, the most recently admitted request is preempted: its KV is dropped and it goes
+        back to the front of the queue, to be recomputed later (never crash, never drop)."""
+        queue = deque(self.running)
+        scheduled: list[Request] = []
+        while queue:
+            request = queue.popleft()
+            while not self.kv_cache_manager.allocate_slots(request, 1):
+                victim = queue.pop() if queue else request
+                self.preempt(victim)
+                if victim is request:
+                    break
+            else:
+                scheduled.append(request)
+        self.running = scheduled
+        return list(scheduled)
+
+    def preempt(self, request: Request) -> None:
+        """Recompute-style preemption: free the blocks, forget what was computed."""
+        self.kv_cache_manager.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+    # --8<-- [end:preempt]
 
     def update_from_output(self, output: SchedulerOutput, sampled: list[int]) -> list[Request]:
         """Advance the rows that computed real tokens; returns the requests that got a token."""

@@ -9,6 +9,8 @@ report them next to the times:
     num_generated_tokens        output tokens kept
     num_decode_row_steps        rows computed in decode steps
     num_wasted_row_steps        of those, rows of finished requests (stage 01's idle rows)
+    max_num_running             most requests running at once (peak concurrency)
+    num_preemptions             requests whose KV was dropped to make room (stage 03)
     kv_tokens_reserved/used     summed over steps: cache slots reserved vs holding live tokens
 """
 
@@ -27,6 +29,7 @@ class EngineStats:
     num_decode_row_steps: int = 0
     num_wasted_row_steps: int = 0
     max_num_running: int = 0
+    num_preemptions: int = 0
     kv_tokens_reserved: int = 0  # sum over steps
     kv_tokens_used: int = 0  # sum over steps
     peak_kv_tokens_reserved: int = 0

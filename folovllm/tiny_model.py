@@ -38,7 +38,7 @@ SIZES: dict[str, dict[str, Any]] = {
     ),
 }
 ARCHITECTURES = ("qwen3", "qwen2", "llama")
-_BUILD_VERSION = 1  # bump when the recipe changes so cached builds are redone
+_BUILD_VERSION = 2  # bump when the recipe changes so cached builds are redone
 
 _WORDS = (
     "the engine schedules requests every step and each request owns its tokens while the cache "
@@ -138,6 +138,15 @@ def build_tiny_checkpoint(
     )
     torch.manual_seed(seed)
     model = model_cls(config).float().eval()
+    # HF initialises every bias to 0 and every RMSNorm weight to 1: with those values a bias or
+    # a norm weight that is never loaded (or loaded into the wrong place) changes nothing, and
+    # no test could see it. Give them random values too.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, initializer_range)
+            elif "norm" in name:
+                param.normal_(1.0, 0.2)
     model.save_pretrained(path)
     stamp.write_text(json.dumps(recipe))
     return path

@@ -1,0 +1,74 @@
+"""`KVCacheManager` (stage 03): paged KV cache, a block table per request.
+
+Instead of reserving `max_model_len` tokens per request up front (stage 02), a request gets
+blocks of `block_size` tokens as its tokens arrive: a new block only when the last one is full.
+The blocks of one request need not be adjacent; its *block table* lists them in order::
+
+    block_size = 4, request with 10 tokens          physical KV cache (num_blocks = 8)
+    logical block 0: tokens 0-3   -> block 5         0 [. . . .]   4 [. . . .]
+    logical block 1: tokens 4-7   -> block 1         1 [t4 t5 t6 t7] 5 [t0 t1 t2 t3]
+    logical block 2: tokens 8-9   -> block 6         2 [. . . .]   6 [t8 t9 . .] <- 2 slots free
+                                                     3 [. . . .]   7 [. . . .]
+    block_table = [5, 1, 6]
+
+    slot of token i = block_table[i // block_size] * block_size + i % block_size
+    token 9 -> block_table[2] * 4 + 1 = 25
+
+Only the last block of a request can be partly empty, so at most `block_size - 1` slots per
+request are wasted (internal fragmentation), instead of `max_model_len - len` in stage 02.
+"""
+
+from __future__ import annotations
+
+from folovllm.block_pool import BlockPool, KVCacheBlock
+from folovllm.kv_cache import KVCache, KVCacheSpec
+from folovllm.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    def __init__(self, spec: KVCacheSpec, num_blocks: int, block_size: int,
+                 watermark: float = 0.01) -> None:
+        self.block_size = block_size
+        self.block_pool = BlockPool(num_blocks)
+        self.kv_cache = KVCache(spec, num_blocks=num_blocks, block_size=block_size)
+        self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+        # Admission keeps a few blocks free so the running requests can still grow a step or
+        # two before anyone is preempted (admitting into a full cache preempts at once).
+        self.watermark_blocks = int(watermark * num_blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_pool.num_free_blocks
+
+    # --8<-- [start:allocate_slots]
+    def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
+        """Make room for `num_new_tokens` more tokens of `request`; False (and nothing
+        allocated) if there are not enough free blocks."""
+        blocks = self.req_to_blocks.get(request.request_id, [])
+        num_needed = cdiv(request.num_computed_tokens + num_new_tokens, self.block_size) - len(blocks)
+        reserve = 0 if blocks else self.watermark_blocks  # a new request leaves the watermark
+        if num_needed > self.num_free_blocks - reserve:
+            return False
+        if num_needed > 0:
+            blocks = blocks + self.block_pool.get_new_blocks(num_needed)
+        self.req_to_blocks[request.request_id] = blocks
+        return True
+    # --8<-- [end:allocate_slots]
+
+    def free(self, request: Request) -> None:
+        """Give back every block of the request (last block first: stage 06's LRU evicts the
+        tail of a sequence before its shared head)."""
+        blocks = self.req_to_blocks.pop(request.request_id, [])
+        self.block_pool.free_blocks(reversed(blocks))
+
+    def get_block_table(self, request: Request) -> list[int]:
+        return [block.block_id for block in self.req_to_blocks[request.request_id]]
+
+    @property
+    def num_reserved_tokens(self) -> int:
+        """Slots in blocks that are in use (the last block of each request is partly empty)."""
+        return (self.block_pool.num_blocks - self.num_free_blocks) * self.block_size
