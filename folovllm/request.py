@@ -64,7 +64,6 @@ class Request:
         prompt_token_ids: list[int],
         sampling_params: SamplingParams,
         arrival_time: float,
-        eos_token_id: Optional[int] = None,
         prompt: Optional[str] = None,
         device: str = "cpu",
     ) -> None:
@@ -74,7 +73,6 @@ class Request:
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.sampling_params = sampling_params
-        self.eos_token_id = eos_token_id
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.num_preemptions = 0
