@@ -176,7 +176,8 @@ class Qwen3ForCausalLM(nn.Module):
         return self.lm_head(hidden_states).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy checkpoint tensors (HF names) into our parameters; returns the names filled.
+        """Copy checkpoint tensors (HF names) into our parameters; returns the checkpoint names
+        used (so a missing tensor is reported under the name the user's checkpoint would have).
 
         `model.layers.0.self_attn.k_proj.weight` goes into rows [q_size, q_size + kv_size) of
         `model.layers.0.self_attn.qkv_proj.weight`; `up_proj` into the second half of
@@ -205,19 +206,20 @@ class Qwen3ForCausalLM(nn.Module):
                     f"{tuple(dest.shape)} from config.json"
                 )
             dest.copy_(tensor)
-            loaded.add(target if shard is None else f"{target}:{shard}")
+            loaded.add(name)
         return loaded
 
     def expected_weights(self) -> set[str]:
-        """Every name `load_weights` must fill for the model to be complete."""
+        """Every checkpoint tensor (HF name) `load_weights` needs for the model to be complete:
+        our fused `qkv_proj` needs `q_proj`, `k_proj` and `v_proj`, and so on."""
         names = set()
         for name, _ in self.named_parameters():  # tied parameters appear once
-            if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):
-                names |= {f"{name}:q", f"{name}:k", f"{name}:v"}
-            elif name.endswith("gate_up_proj.weight") or name.endswith("gate_up_proj.bias"):
-                names |= {f"{name}:0", f"{name}:1"}
-            else:
-                names.add(name)
+            parts = [
+                name.replace(f".{fused}.", f".{ckpt}.")
+                for ckpt, (fused, _) in self.packed_modules_mapping.items()
+                if f".{fused}." in name
+            ]
+            names |= set(parts) if parts else {name}
         return names
 
     def _shard_rows(self, target: str, shard: Any, param: torch.Tensor) -> tuple[int, int] | None:
