@@ -28,6 +28,13 @@ from tests.helpers import ARCHS, hf_greedy, mixed_prompts, num_distinct
 GREEDY_MIN_DISTINCT = 40  # distinct tokens the HF greedy reference must contain
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # The test models are tiny, so one thread is as fast as several; and on a 2-core machine
+    # shared with other processes, OpenMP threads that spin-wait for each other make everything
+    # crawl (measured: `pytest stages/01` 9 s with one thread, 2 min with two, under load).
+    torch.set_num_threads(1)
+
+
 @dataclass(frozen=True)
 class GreedyReference:
     arch: str
