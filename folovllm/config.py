@@ -11,7 +11,7 @@ Stages and their flags::
     01 naive generation      (always on: the baseline)
     02 continuous batching   enable_continuous_batching
     03 paged KV cache        enable_paged_kv
-    04 FlashAttention        attention_backend != "naive" (not built yet)
+    04 FlashAttention        attention_backend != "naive" ("auto" = triton on CUDA, sdpa on CPU)
     05 chunked prefill       enable_chunked_prefill   (not built yet)
     06 prefix caching        enable_prefix_caching    (not built yet)
     07 GPTQ                  quantization="gptq"      (not built yet)
@@ -20,6 +20,7 @@ Stages and their flags::
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -27,7 +28,7 @@ import torch
 
 # The highest stage that is implemented. `for_stage` refuses anything above it with a clear
 # message instead of silently running an older engine.
-LATEST_STAGE = 3
+LATEST_STAGE = 4
 STAGE_NAMES = {
     1: "naive generation",
     2: "continuous batching",
@@ -43,7 +44,8 @@ _DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
-ATTENTION_BACKENDS = ("naive",)
+# "auto" is stage 04's default, resolved per device by `attention_backends.default_backend`.
+ATTENTION_BACKENDS = ("auto", "naive", "torch_flash", "sdpa", "triton", "flash_attn")
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ class EngineConfig:
         flags: dict[str, Any] = {
             "enable_continuous_batching": stage >= 2,
             "enable_paged_kv": stage >= 3,
+            "attention_backend": "auto" if stage >= 4 else "naive",
         }
         flags.update(overrides)
         return cls(**flags)
@@ -109,6 +112,8 @@ class EngineConfig:
     @property
     def stage(self) -> int:
         """The highest stage whose flag is on (flags can be mixed for ablations)."""
+        if self.attention_backend != "naive":
+            return 4
         if self.enable_paged_kv:
             return 3
         return 2 if self.enable_continuous_batching else 1
@@ -140,8 +145,15 @@ class EngineConfig:
                 )
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
-                f"attention_backend must be one of {ATTENTION_BACKENDS}, got "
-                f"{self.attention_backend!r} (stage 04 adds the others)"
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
+            )
+        on_cuda = torch.device(self.device).type == "cuda"
+        if self.attention_backend == "flash_attn" and not on_cuda:
+            raise ValueError("attention_backend='flash_attn' needs device='cuda'")
+        if self.attention_backend == "triton" and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "attention_backend='triton' needs device='cuda' (or TRITON_INTERPRET=1 to run the "
+                "kernels in Triton's CPU interpreter, slowly, as the tests do)"
             )
         if self.kv_cache_memory is not None:
             _positive_int("kv_cache_memory", self.kv_cache_memory)
@@ -186,7 +198,14 @@ class EngineConfig:
                 f"with paged KV (preemption by recompute), max_num_batched_tokens ({budget}) "
                 f"must be >= max_model_len ({max_model_len})"
             )
-        return self.replace(max_model_len=max_model_len, max_num_batched_tokens=budget)
+        backend = self.attention_backend
+        if backend == "auto":
+            from folovllm.attention_backends import default_backend
+
+            backend = default_backend(self.device)
+        return self.replace(
+            max_model_len=max_model_len, max_num_batched_tokens=budget, attention_backend=backend
+        )
 
 
 def _positive_int(name: str, value: Any) -> None:

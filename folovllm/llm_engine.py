@@ -16,6 +16,7 @@ from typing import Optional, Union
 
 import torch
 
+from folovllm.attention_backends import get_attn_backend
 from folovllm.config import EngineConfig
 from folovllm.kv_cache import KVCacheSpec, SlotKVCacheManager, StaticKVCacheManager, kv_cache_budget
 from folovllm.kv_cache_manager import KVCacheManager
@@ -51,7 +52,10 @@ class LLMEngine:
             device=self.config.device,
         )
         generator = torch.Generator(self.config.device).manual_seed(self.config.seed)
-        self.model_runner = ModelRunner(self.model, Sampler(self.eos_token_ids, generator), self.config.device)
+        self.model_runner = ModelRunner(
+            self.model, Sampler(self.eos_token_ids, generator), self.config.device,
+            get_attn_backend(self.config.attention_backend),
+        )
 
         # The one place where the stage flags pick the engine's parts.
         c = self.config

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from folovllm.kv_cache import KVCache, KVCacheSpec
-from folovllm.layers.attention import Attention, AttentionMetadata
+from folovllm.layers.attention import Attention, AttentionBackend, AttentionMetadata
 from folovllm.request import Request
 from folovllm.sampler import Sampler
 from folovllm.scheduler import SchedulerOutput
@@ -42,11 +42,15 @@ class KVCacheLookup(Protocol):
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, sampler: Sampler, device: str) -> None:
+    def __init__(self, model: nn.Module, sampler: Sampler, device: str,
+                 attn_backend: AttentionBackend | None = None) -> None:
         self.model = model
         self.sampler = sampler
         self.device = device
         self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
+        if attn_backend is not None:
+            for layer in self.attn_layers:
+                layer.backend = attn_backend
 
         self._bound_cache: KVCache | None = None
 

@@ -70,6 +70,8 @@ class Attention(nn.Module):
         self.scale = scale
         # Bound by the model runner once the cache exists: (key_cache, value_cache).
         self.kv_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        # How attention is computed (stage 04 swaps it); set by the model runner.
+        self.backend: AttentionBackend = NaiveAttentionBackend()
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_metadata: AttentionMetadata
@@ -77,8 +79,47 @@ class Attention(nn.Module):
         """q [T, Hq, D]; k, v [T, Hkv, D] -> out [T, Hq, D]."""
         assert self.kv_cache is not None, "the model runner must bind a KV cache first"
         key_cache, value_cache = self.kv_cache
-        store_kv_cache(k, v, key_cache, value_cache, attn_metadata.slot_mapping)
-        return naive_attention(q, key_cache, value_cache, attn_metadata, self.scale)
+        self.backend.store_kv_cache(k, v, key_cache, value_cache, attn_metadata.slot_mapping)
+        return self.backend.forward(q, key_cache, value_cache, attn_metadata, self.scale)
+
+
+class AttentionBackend:
+    """One way of computing attention over the paged KV cache (stage 04 adds several).
+
+    Every backend gets the same inputs and must give the same output as `naive_attention`:
+
+        store_kv_cache(k, v, key_cache, value_cache, slot_mapping)   new K/V into their slots
+        forward(q [T, Hq, D], key_cache, value_cache, md, scale) -> [T, Hq, D]
+
+    where query i of sequence b sits at position `seq_lens[b] - query_len[b] + i` and attends
+    causally to that sequence's cached tokens (read through `md.block_tables`).
+    """
+
+    name = "base"
+
+    def store_kv_cache(
+        self, k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
+        value_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    ) -> None:
+        store_kv_cache(k, v, key_cache, value_cache, slot_mapping)
+
+    def forward(
+        self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+        md: AttentionMetadata, scale: float,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class NaiveAttentionBackend(AttentionBackend):
+    """Stages 01-03: gather K/V, materialise every score (see `naive_attention`)."""
+
+    name = "naive"
+
+    def forward(
+        self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+        md: AttentionMetadata, scale: float,
+    ) -> torch.Tensor:
+        return naive_attention(q, key_cache, value_cache, md, scale)
 
 
 # --8<-- [start:store_kv_cache]

@@ -1,0 +1,45 @@
+"""Attention backends (stage 04), chosen by `EngineConfig.attention_backend`.
+
+    naive        gather K/V, materialise the scores (the reference; stages 01-03)
+    torch_flash  FlashAttention's tiled online softmax in plain torch (the readable version)
+    sdpa         torch.nn.functional.scaled_dot_product_attention (fused kernels on CPU and CUDA)
+    triton       our Triton kernels: varlen prefill over paged context, paged decode (CUDA)
+    flash_attn   the flash-attn package, when installed (CUDA)
+
+Every backend is tested against `naive` on random inputs (stages/04).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from folovllm.layers.attention import AttentionBackend, NaiveAttentionBackend
+
+# name -> "module:class", imported only when asked for (triton and flash_attn are optional)
+_BACKENDS = {
+    "torch_flash": "folovllm.attention_backends.torch_flash:TorchFlashAttentionBackend",
+    "sdpa": "folovllm.attention_backends.sdpa:SDPAAttentionBackend",
+    "triton": "folovllm.attention_backends.triton_attn:TritonAttentionBackend",
+    "flash_attn": "folovllm.attention_backends.flash_attn:FlashAttnBackend",
+}
+ATTENTION_BACKENDS = ("naive", *_BACKENDS)
+
+
+def default_backend(device: str) -> str:
+    """Stage 04's default: our Triton kernels on CUDA; on CPU the fastest one we measured."""
+    return "triton" if device.startswith("cuda") else "sdpa"
+
+
+def get_attn_backend(name: str) -> AttentionBackend:
+    if name == "naive":
+        return NaiveAttentionBackend()
+    if name not in _BACKENDS:
+        raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
+    module_name, class_name = _BACKENDS[name].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(
+            f"attention_backend={name!r} needs a package that is not installed ({e})"
+        ) from e
+    return getattr(module, class_name)()
