@@ -214,16 +214,24 @@ def test_stop_string(llm, plain_case):
     prompt, ref = plain_case
     tokenizer = llm.get_tokenizer()
     full = tokenizer.decode(ref)
-    # A 3-character stop string from the second half of the text, ASCII, whose first
-    # occurrence is not at the very start.
+
+    def first_prefix_containing(s: str) -> int:
+        return next(n for n in range(1, len(ref) + 1) if s in tokenizer.decode(ref[:n]))
+
+    def spans_tokens(s: str) -> bool:
+        """The stop string starts in an earlier token than the one that completes it, so only
+        a search that looks back over the previous text can find it."""
+        return full.find(s) < len(tokenizer.decode(ref[: first_prefix_containing(s) - 1]))
+
+    # A 3-character ASCII stop string from the second half of the text, across a token boundary.
     stop = next(
         full[i : i + 3]
         for i in range(len(full) // 2, len(full) - 3)
-        if full[i : i + 3].isascii() and full[i : i + 3].strip() and full.find(full[i : i + 3]) > 0
+        if full[i : i + 3].isascii() and full[i : i + 3].strip() and spans_tokens(full[i : i + 3])
     )
     cut = full.find(stop)
-    # The first prefix of the greedy tokens whose text contains the stop string.
-    k = next(n for n in range(1, len(ref) + 1) if stop in tokenizer.decode(ref[:n]))
+    assert cut > 0
+    k = first_prefix_containing(stop)
     out = _one(llm, prompt, temperature=0.0, max_tokens=30, stop=[stop, "@@never@@"])
     assert out.text == full[:cut]
     assert out.token_ids == ref[:k]
@@ -300,6 +308,16 @@ def _reference_top_k_top_p(row: torch.Tensor, k: int, p: float) -> torch.Tensor:
     out = torch.full_like(row, float("-inf"))
     out[kept] = row[kept]
     return out
+
+
+def test_top_p_boundary_is_inclusive():
+    """top_p keeps the smallest set whose mass reaches p: with four equal tokens (exactly 0.25
+    each in float32) top_p=0.5 keeps two, not three."""
+    logits = torch.zeros(1, 4)
+    got = apply_top_k_top_p(logits, torch.tensor([0]), torch.tensor([0.5]))
+    assert torch.isfinite(got).sum().item() == 2
+    got = apply_top_k_top_p(logits, torch.tensor([0]), torch.tensor([0.51]))
+    assert torch.isfinite(got).sum().item() == 3
 
 
 def test_top_k_top_p_against_reference():
