@@ -126,8 +126,8 @@ def test_oracle_catches_a_stale_kv_cache(monkeypatch, greedy_reference):
     def forward_without_decode_writes(self, q, k, v, md):
         if md.max_query_len > 1:
             return real_forward(self, q, k, v, md)
-        key_cache, value_cache = self.kv_cache
-        return attention.naive_attention(q, key_cache, value_cache, md, self.scale)
+        key_cache, value_cache = self.kv_cache  # the new token's K/V is never stored
+        return self.backend.forward(q, key_cache, value_cache, md, self.scale)
 
     ref = greedy_reference("qwen3")
     monkeypatch.setattr(attention.Attention, "forward", forward_without_decode_writes)
