@@ -1,0 +1,549 @@
+"""One benchmark runner for every stage: folovllm stages and their peers, side by side, in ONE
+process, on one seeded workload, several repeats, medians and ratios.
+
+    python -m benchmarks.run --stages 1 --workload mixed            # stage 01 vs HF generate
+    python -m benchmarks.run --stages 1 2 --workload long_tail      # later: 02 vs 01 vs peers
+    python -m benchmarks.run --stages 1 --quick                     # ~1 minute smoke run
+
+Writes `<out>/<name>.json` (machine, config, every repeat's time, medians, engine stats) and
+`<out>/<name>.md` (a one-line caption and a markdown table; the docs include it by snippet).
+
+Systems are looked up by name in `SYSTEMS`; `--stages N` runs `folovllm-stageN` (registered, or
+built generically as `LLM(model, stage=N)`) plus the peers listed in `STAGE_PEERS[N]`. Adding a
+stage's peer is one entry in each dict. Timing rules: `torch.set_num_threads(--threads)` (1 by
+default on CPU), an untimed warm-up per system, then the repeats interleaved (system A, B, A, B,
+...) so that a slow patch of the machine hits every system alike. Only the generation itself is
+timed; building a fresh engine for each repeat (so no state, e.g. a prefix cache, survives from
+one repeat to the next) and loading weights are not.
+
+Tokens counted: every request produces exactly its own `max_tokens` (greedy, ignore_eos), on every
+system, so output tok/s = sum(max_tokens) / seconds. A static batch that computes more rows (HF
+generate runs every row of a batch to the batch's longest max_tokens) does not get credit for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from benchmarks.bench_model import bench_model_info, bench_model_path, machine_description, machine_short
+from benchmarks.workloads import WORKLOADS, Workload, get_workload
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+# -- systems ------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchConfig:
+    """What every system is built with."""
+
+    model: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_num_seqs: int = 16
+    seed: int = 0
+
+
+class System:
+    """One thing to time. The runner calls `load()` once, then per repeat `prepare(workload)`
+    (untimed) and `execute(prepared)` (timed), then `stats(prepared)` (untimed).
+
+    `execute` returns each request's output token ids, in workload order.
+    """
+
+    name: str = "?"
+    description: str = ""
+
+    def __init__(self, cfg: BenchConfig) -> None:
+        self.cfg = cfg
+
+    def load(self) -> None:
+        pass
+
+    def prepare(self, workload: Workload) -> Any:
+        raise NotImplementedError
+
+    def execute(self, prepared: Any) -> list[list[int]]:
+        raise NotImplementedError
+
+    def stats(self, prepared: Any) -> dict[str, Any]:
+        """Deterministic counters of the run that just finished (same on every repeat)."""
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class FolovllmSystem(System):
+    """`folovllm.LLM(model, stage=N)`; a fresh engine per repeat, `LLM.generate` timed."""
+
+    def __init__(self, cfg: BenchConfig, stage: int) -> None:
+        super().__init__(cfg)
+        self.stage = stage
+        self.name = f"folovllm-stage{stage}"
+        from folovllm.config import STAGE_NAMES
+
+        self.description = f"folovllm LLM.generate, stage {stage:02d} ({STAGE_NAMES.get(stage, '?')})"
+
+    def check(self) -> None:
+        """Raise ValueError now if this stage is not built, before anything is timed."""
+        from folovllm.config import EngineConfig
+
+        EngineConfig.for_stage(self.stage, dtype=self.cfg.dtype, device=self.cfg.device,
+                               max_num_seqs=self.cfg.max_num_seqs)
+
+    def prepare(self, workload: Workload) -> Any:
+        from folovllm import LLM, SamplingParams
+
+        llm = LLM(self.cfg.model, stage=self.stage, dtype=self.cfg.dtype, device=self.cfg.device,
+                  max_num_seqs=self.cfg.max_num_seqs, seed=self.cfg.seed)
+        prompts = [list(r.prompt_token_ids) for r in workload.requests]
+        params = [
+            SamplingParams(temperature=workload.temperature, top_p=1.0, top_k=0,
+                           max_tokens=r.max_tokens, ignore_eos=workload.ignore_eos)
+            for r in workload.requests
+        ]
+        return llm, prompts, params
+
+    def execute(self, prepared: Any) -> list[list[int]]:
+        llm, prompts, params = prepared
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outputs]
+
+    def stats(self, prepared: Any) -> dict[str, Any]:
+        return dict(prepared[0].stats.as_dict())
+
+
+class HFGenerateSystem(System):
+    """HF transformers `model.generate` on the same checkpoint, in static batches.
+
+    The requests are cut, in workload order, into batches of `max_num_seqs` (what folovllm stage
+    01 does); each batch is left-padded, with an attention mask, and generates
+    `max_new_tokens = the batch's largest max_tokens` for every row. Greedy (or the workload's
+    temperature with top_k/top_p off, as in vLLM). HF's own defaults otherwise: DynamicCache,
+    the "sdpa" attention.
+    """
+
+    name = "hf-generate"
+    description = "HF transformers model.generate, static batches, left-padded"
+
+    def load(self) -> None:
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        dtype = getattr(torch, self.cfg.dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(self.cfg.model, dtype=dtype)
+        self.model.to(self.cfg.device).eval()
+        self.description += f" (transformers {transformers.__version__}, attn " \
+                            f"{self.model.config._attn_implementation})"
+        cfg = self.model.config
+        self.pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+        # Never stop on EOS (ignore_eos). HF fills an `eos_token_id=None` back in from the model's
+        # generation_config, and `min_new_tokens` would change the logits (it masks EOS to -inf),
+        # so give generate() an EOS id the model cannot emit: its logits have `vocab_size`
+        # columns, ids 0..vocab_size-1, so `vocab_size` itself never occurs. Every row then runs
+        # exactly max_new_tokens steps on the same logits as folovllm's ignore_eos.
+        self.never_eos = cfg.vocab_size
+        # Count the model calls and the rows/tokens each computes (a forward pre-hook: ~1 us).
+        self._calls: list[tuple[int, int]] = []
+        self.model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module: Any, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None:
+            self._calls.append(tuple(ids.shape))
+
+    def prepare(self, workload: Workload) -> Any:
+        from transformers import GenerationConfig
+
+        self._calls = []
+        n = self.cfg.max_num_seqs
+        batches = [workload.requests[i : i + n] for i in range(0, len(workload), n)]
+        sampling = dict(do_sample=False)
+        if workload.temperature > 0:
+            sampling = dict(do_sample=True, temperature=workload.temperature, top_k=0, top_p=1.0)
+        configs = [
+            GenerationConfig(max_new_tokens=max(r.max_tokens for r in b), eos_token_id=self.never_eos,
+                             pad_token_id=self.pad_token_id, **sampling)
+            for b in batches
+        ]
+        return workload, batches, configs
+
+    @torch.inference_mode()
+    def execute(self, prepared: Any) -> list[list[int]]:
+        _, batches, configs = prepared
+        device, results = self.cfg.device, []
+        for batch, gen_config in zip(batches, configs):
+            width = max(len(r.prompt_token_ids) for r in batch)
+            ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, r in enumerate(batch):  # left padding
+                ids[row, width - len(r.prompt_token_ids):] = torch.tensor(r.prompt_token_ids)
+                mask[row, width - len(r.prompt_token_ids):] = 1
+            out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                      generation_config=gen_config)
+            new = out[:, width:].tolist()
+            results += [row[: r.max_tokens] for row, r in zip(new, batch)]
+        return results
+
+    def stats(self, prepared: Any) -> dict[str, Any]:
+        """The same counters as folovllm's EngineStats where they make sense, from the hook."""
+        workload, batches, _ = prepared
+        s = dict(num_forward_passes=len(self._calls), num_prompt_tokens=workload.num_prompt_tokens,
+                 num_prompt_tokens_computed=0, num_generated_tokens=workload.num_output_tokens,
+                 num_decode_row_steps=0, num_wasted_row_steps=0, kv_utilization=None)
+        calls = iter(self._calls)
+        for batch in batches:
+            rows, width = next(calls)  # the prefill: [B, padded prompt length]
+            s["num_prompt_tokens_computed"] += rows * width
+            decodes = max(r.max_tokens for r in batch) - 1
+            for _ in range(decodes):
+                next(calls)
+            s["num_decode_row_steps"] += rows * decodes
+            # decode j (1-based) computes output token j+1; row i is idle once j >= max_tokens_i
+            s["num_wasted_row_steps"] += sum(max(0, decodes - (r.max_tokens - 1)) for r in batch)
+        return s
+
+
+# Every system, by name. A stage's engineer adds `folovllm-stageN` here only if it needs more
+# than `FolovllmSystem(cfg, N)`, and its peers (e.g. HF's continuous batching `generate_batch`).
+SYSTEMS: dict[str, Callable[[BenchConfig], System]] = {
+    "folovllm-stage1": lambda cfg: FolovllmSystem(cfg, 1),
+    "hf-generate": HFGenerateSystem,
+}
+# The peers each stage is compared with.
+STAGE_PEERS: dict[int, list[str]] = {
+    1: ["hf-generate"],
+}
+
+
+def make_system(name: str, cfg: BenchConfig) -> System:
+    if name in SYSTEMS:
+        return SYSTEMS[name](cfg)
+    m = re.fullmatch(r"folovllm-stage(\d+)", name)
+    if m:
+        return FolovllmSystem(cfg, int(m.group(1)))
+    raise ValueError(f"unknown system {name!r}; known: {sorted(SYSTEMS)} or folovllm-stageN")
+
+
+def systems_for_stages(stages: list[int], with_peers: bool = True) -> list[str]:
+    names = [f"folovllm-stage{s}" for s in sorted(set(stages))]
+    if with_peers:
+        for s in sorted(set(stages)):
+            names += [p for p in STAGE_PEERS.get(s, []) if p not in names]
+    return names
+
+
+# -- timing -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Measurement:
+    seconds: float  # wall time of the generation
+    outputs: list[list[int]]
+    stats: dict[str, Any]
+    cpu_seconds: float = 0.0  # this process's CPU time over the same span
+    loadavg: Optional[float] = None  # 1-minute load average when it ended
+
+
+def _loadavg() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def time_once(system: System, workload: Workload) -> Measurement:
+    """One timed run of the whole workload on a freshly prepared system."""
+    prepared = system.prepare(workload)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    cpu_start, start = time.process_time(), time.perf_counter()
+    outputs = system.execute(prepared)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start
+    lengths = [len(o) for o in outputs]
+    expected = [r.max_tokens for r in workload.requests]
+    if lengths != expected:
+        bad = [(i, got, want) for i, (got, want) in enumerate(zip(lengths, expected)) if got != want]
+        raise RuntimeError(f"{system.name}: output lengths differ from max_tokens "
+                           f"(request, got, want): {bad[:5]}; the work would not be comparable")
+    stats = system.stats(prepared)
+    del prepared
+    return Measurement(seconds, outputs, stats, cpu_seconds, _loadavg())
+
+
+def warmup_workload(workload: Workload, n: int) -> Workload:
+    """The first `n` requests with at most 4 output tokens: real shapes, a few decode steps."""
+    from benchmarks.workloads import Request
+
+    w = workload.head(n)
+    reqs = [Request(r.prompt_token_ids, min(r.max_tokens, 4)) for r in w.requests]
+    return Workload(w.name + "-warmup", w.description, reqs, w.seed, w.temperature, w.ignore_eos)
+
+
+def agreement(outputs: list[list[int]], reference: list[list[int]]) -> dict[str, float]:
+    """How many requests produced exactly the reference's tokens, and the mean fraction of each
+    output that matches before the first difference (greedy, same weights: ~1.0 expected;
+    float rounding in a different kernel or padding can flip a near-tie and diverge after)."""
+    exact, prefix = 0, 0.0
+    for a, b in zip(outputs, reference):
+        exact += a == b
+        k = 0
+        while k < min(len(a), len(b)) and a[k] == b[k]:
+            k += 1
+        prefix += k / max(len(b), 1)
+    n = max(len(reference), 1)
+    return dict(exact_fraction=round(exact / n, 4), mean_prefix_fraction=round(prefix / n, 4))
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def _fmt_int(x: Any) -> str:
+    return "—" if x is None else f"{int(x):,}"
+
+
+def render_table(result: dict[str, Any]) -> str:
+    baseline = result["baseline"]
+    rows = result["systems"]
+    stage_names = [n for n in rows if n.startswith("folovllm-stage")]
+    show_prev = len(stage_names) > 1
+    repeats = result["config"]["repeats"]
+    head = ["system", f"output tok/s (median of {repeats})", "total tok/s", f"× {baseline}"]
+    if show_prev:
+        head.append("× previous stage")
+    head += ["time s (min–max)", "forward passes", "prompt tokens computed",
+             "wasted row steps", "KV util"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(
+        [":--"] + ["--:"] * (len(head) - 1)) + "|"]
+    for name, r in rows.items():
+        st = r["stats"]
+        kv = st.get("kv_utilization")
+        cells = [f"`{name}`", f"{r['output_tok_s']:,.1f}", f"{r['total_tok_s']:,.1f}",
+                 f"{r['ratio_vs_baseline']:.2f}"]
+        if show_prev:
+            prev = r.get("ratio_vs_previous_stage")
+            cells.append("—" if prev is None else f"{prev:.2f}")
+        cells += [f"{r['median_seconds']:.2f} ({min(r['seconds']):.2f}–{max(r['seconds']):.2f})",
+                  _fmt_int(st.get("num_forward_passes")),
+                  _fmt_int(st.get("num_prompt_tokens_computed")),
+                  _fmt_int(st.get("num_wasted_row_steps")),
+                  "—" if kv is None else f"{kv:.1%}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    w = result["workload"]
+    stages = ", ".join(f"{s:02d}" for s in result["config"]["stages"]) or "-"
+    caption = (
+        f"Stage {stages} vs peers, workload `{w['name']}` ({w['num_requests']} requests, prompt "
+        f"{w['prompt_len_min']}..{w['prompt_len_max']}, output {w['output_len_min']}.."
+        f"{w['output_len_max']} tokens, "
+        f"{'greedy' if not w['temperature'] else 'temperature ' + str(w['temperature'])}, "
+        f"ignore_eos), model {result['model']['name']}, {result['config']['dtype']}, "
+        f"batch {result['config']['max_num_seqs']}: `{result['command']}` on "
+        f"{machine_short(result['machine'])}, {result['date'][:10]}."
+    )
+    load, cores = result.get("peak_loadavg_1m"), result["machine"].get("cpu_cores") or 1
+    if load is not None and result["machine"].get("gpu") is None and load > cores:
+        caption += (f" The machine was shared (1-minute load average up to {load:.1f} on {cores} "
+                    "cores): read the ratio, not the absolute numbers.")
+    return caption + "\n\n" + render_table(result) + "\n"
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "folovllm"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def run_benchmark(
+    system_names: list[str], workload: Workload, cfg: BenchConfig, repeats: int,
+    baseline: Optional[str], warmup: bool = True, log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Time every system on `workload`, interleaved, and return the results dict."""
+    systems = [make_system(n, cfg) for n in system_names]
+    for s in systems:
+        if isinstance(s, FolovllmSystem):
+            s.check()
+    for s in systems:
+        log(f"loading {s.name} ...")
+        s.load()
+    if warmup:
+        w = warmup_workload(workload, cfg.max_num_seqs)
+        for s in systems:
+            t = time_once(s, w).seconds
+            log(f"warm-up {s.name}: {t:.2f}s")
+    runs: dict[str, list[Measurement]] = {s.name: [] for s in systems}
+    for i in range(repeats):
+        for s in systems:
+            m = time_once(s, workload)
+            runs[s.name].append(m)
+            tok_s = workload.num_output_tokens / m.seconds
+            log(f"repeat {i + 1}/{repeats} {s.name}: {m.seconds:.2f}s, {tok_s:,.1f} output tok/s "
+                f"(cpu {m.cpu_seconds:.2f}s, load {m.loadavg})")
+    for s in systems:
+        s.close()
+
+    baseline = baseline or ("hf-generate" if "hf-generate" in runs else system_names[0])
+    if baseline not in runs:
+        raise ValueError(f"baseline {baseline!r} is not among the systems run: {system_names}")
+    out_tokens, all_tokens = workload.num_output_tokens, workload.num_output_tokens + workload.num_prompt_tokens
+    reference = system_names[0]
+    results: dict[str, Any] = {}
+    for s in systems:
+        ms = runs[s.name]
+        secs = [m.seconds for m in ms]
+        med = statistics.median(secs)
+        stats = ms[0].stats
+        results[s.name] = dict(
+            description=s.description,
+            seconds=[round(x, 4) for x in secs],
+            median_seconds=round(med, 4),
+            # CPU time of this process: on a CPU machine shared with other work, wall time
+            # grows while we wait for a core and CPU time does not (with 1 thread, cpu ~= wall
+            # on a quiet machine). loadavg: the 1-minute load average after each repeat.
+            cpu_seconds=[round(m.cpu_seconds, 4) for m in ms],
+            median_cpu_seconds=round(statistics.median(m.cpu_seconds for m in ms), 4),
+            loadavg_1m=[m.loadavg for m in ms],
+            output_tok_s=round(out_tokens / med, 2),
+            total_tok_s=round(all_tokens / med, 2),
+            output_tok_s_per_repeat=[round(out_tokens / x, 2) for x in secs],
+            stats=stats,
+            stats_identical_across_repeats=all(m.stats == stats for m in ms),
+            outputs_identical_across_repeats=(
+                all(m.outputs == ms[0].outputs for m in ms) if workload.temperature == 0 else None),
+            agreement_with=reference,
+            agreement=(agreement(ms[0].outputs, runs[reference][0].outputs)
+                       if workload.temperature == 0 else None),
+        )
+    base = results[baseline]["median_seconds"]
+    prev = None
+    for name, r in results.items():
+        r["ratio_vs_baseline"] = round(base / r["median_seconds"], 4)
+        if name.startswith("folovllm-stage"):
+            r["ratio_vs_previous_stage"] = (
+                None if prev is None else round(results[prev]["median_seconds"] / r["median_seconds"], 4))
+            prev = name
+    loads = [m.loadavg for ms in runs.values() for m in ms if m.loadavg is not None]
+    return dict(baseline=baseline, systems=results, peak_loadavg_1m=max(loads) if loads else None)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stages", type=int, nargs="+", default=[1],
+                   help="folovllm stages to run, each with its peers (STAGE_PEERS)")
+    p.add_argument("--systems", nargs="+", default=None,
+                   help=f"run exactly these systems instead (known: {', '.join(SYSTEMS)}, "
+                        "folovllm-stageN)")
+    p.add_argument("--no-peers", action="store_true", help="only the folovllm stages")
+    p.add_argument("--workload", default="mixed", choices=sorted(WORKLOADS))
+    p.add_argument("--num-requests", type=int, default=None, help="override the workload's size")
+    p.add_argument("--quick", action="store_true", help="small workload, for a ~1 minute smoke run")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per system (default 3)")
+    p.add_argument("--baseline", default=None, help="ratios are vs this system (default hf-generate)")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, help="workload seed")
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the bench model)")
+    p.add_argument("--out", default=str(RESULTS_DIR), help="folder for <name>.json and <name>.md")
+    p.add_argument("--name", default=None, help="results file name (default stageNN_<workload>_<cpu|gpu>)")
+    p.add_argument("--no-write", action="store_true", help="print the table, write nothing")
+    p.add_argument("--render", metavar="JSON", default=None,
+                   help="only rewrite <JSON minus .json>.md from an existing results file")
+    args = p.parse_args(argv)
+    if args.render:
+        src = Path(args.render)
+        md = render_markdown(json.loads(src.read_text()))
+        src.with_suffix(".md").write_text(md)
+        print(md + f"\nwrote {src.with_suffix('.md')}")
+        return 0
+
+    repeats = args.repeats if args.repeats is not None else 3
+    if repeats < 1:
+        p.error("--repeats must be >= 1")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = args.model or str(bench_model_path())
+    model_info = bench_model_info(Path(model))
+    names = args.systems or systems_for_stages(args.stages, with_peers=not args.no_peers)
+    stages = sorted({int(m.group(1)) for n in names if (m := re.fullmatch(r"folovllm-stage(\d+)", n))})
+    workload = get_workload(args.workload, vocab_size=model_info["vocab_size"], seed=args.seed,
+                            quick=args.quick, num_requests=args.num_requests)
+    if workload.max_seq_len > model_info["max_position_embeddings"]:
+        p.error(f"workload needs {workload.max_seq_len} positions; the model has "
+                f"{model_info['max_position_embeddings']}")
+    cfg = BenchConfig(model=model, device=args.device, dtype=args.dtype,
+                      max_num_seqs=args.max_num_seqs, seed=args.seed)
+    command = "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else argv)
+    machine = machine_description()
+    print(f"{command}\nmachine: {machine_short(machine)}\nworkload: {workload.summary()}")
+    print(f"systems: {names}")
+
+    try:
+        bench = run_benchmark(names, workload, cfg, repeats, args.baseline)
+    except ValueError as e:  # e.g. a stage that is not built yet
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = dict(
+        command=command,
+        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        git_commit=_git_commit(),
+        machine=machine,
+        model=model_info,
+        config=dict(stages=stages, systems=names, workload=args.workload, quick=args.quick,
+                    repeats=repeats, threads=args.threads, device=args.device, dtype=args.dtype,
+                    max_num_seqs=args.max_num_seqs, seed=args.seed),
+        workload=workload.summary(),
+        **bench,
+    )
+    md = render_markdown(result)
+    print()
+    print(md)
+    if not args.no_write:
+        default = "stage" + "-".join(f"{s:02d}" for s in stages) if stages else "peers"
+        name = args.name or f"{default}_{args.workload}_{'gpu' if args.device.startswith('cuda') else 'cpu'}" \
+                            + ("_quick" if args.quick else "")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / f"{name}.md").write_text(md)
+        print(f"wrote {out / name}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
