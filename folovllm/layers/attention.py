@@ -184,19 +184,22 @@ def naive_attention(
 
     q_pad = q.new_zeros(B * Lq, num_heads, head_dim)
     q_pad[padded_row] = q
-    # [B, Lq, Hkv, group, D] -> [B, Hkv, group, Lq, D]: the `group` query heads that share one
-    # KV head attend with it, without copying K/V `group` times.
+    # [B, Lq, Hkv, group, D] -> [B, Hkv, group*Lq, D]: the `group` query heads that share one KV
+    # head become extra rows of one matmul with it, so K/V are neither repeated nor broadcast
+    # (a broadcast batch dim would make matmul copy K and V once more).
     q_pad = q_pad.view(B, Lq, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
-    k = gather_kv(key_cache, md.block_tables, Lk).permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hkv, 1, Lk, D]
-    v = gather_kv(value_cache, md.block_tables, Lk).permute(0, 2, 1, 3).unsqueeze(2)
+    q_pad = q_pad.reshape(B, num_kv_heads, group * Lq, head_dim)
+    k = gather_kv(key_cache, md.block_tables, Lk).transpose(1, 2)  # [B, Hkv, Lk, D]
+    v = gather_kv(value_cache, md.block_tables, Lk).transpose(1, 2)  # [B, Hkv, Lk, D]
 
-    scores = (q_pad.float() @ k.float().transpose(-1, -2)) * scale  # [B, Hkv, group, Lq, Lk]
+    scores = (q_pad.float() @ k.float().transpose(-1, -2)) * scale  # [B, Hkv, group*Lq, Lk]
+    scores = scores.view(B, num_kv_heads, group, Lq, Lk)
     q_pos = (md.seq_lens - query_lens)[:, None] + torch.arange(Lq, device=device)  # [B, Lq]
     k_pos = torch.arange(Lk, device=device)  # [Lk]
     visible = k_pos[None, None, :] <= q_pos[:, :, None]  # [B, Lq, Lk]
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = probs @ v.float()  # [B, Hkv, group, Lq, D]
-    out = out.permute(0, 3, 1, 2, 4).reshape(B * Lq, num_heads, head_dim)
-    return out[padded_row].to(q.dtype)
+    probs = torch.softmax(scores, dim=-1).view(B, num_kv_heads, group * Lq, Lk)
+    out = probs @ v.float()  # [B, Hkv, group*Lq, D]
+    out = out.view(B, num_kv_heads, group, Lq, head_dim).permute(0, 3, 1, 2, 4)
+    return out.reshape(B * Lq, num_heads, head_dim)[padded_row].to(q.dtype)
 # --8<-- [end:naive_attention]
