@@ -130,8 +130,14 @@ class EngineConfig:
             raise ValueError(
                 f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}"
             )
-        if not isinstance(self.device, str) or torch.device(self.device).type not in ("cpu", "cuda"):
+        try:
+            device = torch.device(self.device) if isinstance(self.device, str) else None
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but CUDA is not available here; use device='cpu'")
         _positive_int("max_num_seqs", self.max_num_seqs)
         if self.max_model_len is not None:
             _positive_int("max_model_len", self.max_model_len)

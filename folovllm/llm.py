@@ -69,8 +69,10 @@ class LLM:
                     "pass one SamplingParams or exactly one per prompt"
                 )
         engine = self.llm_engine
-        for prompt in prompts:  # validate everything before queuing anything
+        for prompt, params in zip(prompts, params_list):  # validate all before queuing any
             engine.process_prompt(prompt)
+            if not isinstance(params, SamplingParams):
+                raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         ids = []
         for prompt, params in zip(prompts, params_list):
             request_id = str(self._counter)

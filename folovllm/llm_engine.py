@@ -104,8 +104,11 @@ class LLMEngine:
         params = sampling_params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
-        if request_id in self._request_ids:
-            raise ValueError(f"request id {request_id!r} is already in use by an unfinished request")
+        child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        in_use = self._request_ids | self.output_processor.parent_of.keys()
+        for rid in dict.fromkeys([request_id, *child_ids]):
+            if rid in in_use:
+                raise ValueError(f"request id {rid!r} is already in use by an unfinished request")
         prompt_text, prompt_token_ids = self.process_prompt(prompt)
         arrival_time = time.perf_counter() if arrival_time is None else arrival_time
         children = []
@@ -114,9 +117,8 @@ class LLMEngine:
             if params.n > 1:  # each sample is its own request; seeded ones get seed + i
                 seed = None if params.seed is None else params.seed + i
                 child_params = replace_params(params, n=1, seed=seed)
-            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             children.append(
-                Request(child_id, prompt_token_ids, child_params, arrival_time,
+                Request(child_ids[i], prompt_token_ids, child_params, arrival_time,
                         prompt=prompt_text, device=self.config.device)
             )
         self._request_ids.add(request_id)

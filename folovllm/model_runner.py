@@ -75,7 +75,6 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[logits_indices])  # [B, vocab]
         return self.sampler(logits, output.requests)
 
-    # --8<-- [start:prepare_inputs]
     @torch.inference_mode()
     def profile_peak_memory(self, num_tokens: int, spec: KVCacheSpec) -> int:
         """CUDA: peak bytes allocated by a forward pass over `num_tokens` tokens (one sequence,
@@ -108,6 +107,7 @@ class ModelRunner:
             torch.cuda.empty_cache()
         return torch.cuda.max_memory_allocated()
 
+    # --8<-- [start:prepare_inputs]
     def prepare_inputs(self, output: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         input_ids: list[int] = []
         positions: list[int] = []

@@ -75,8 +75,6 @@ def test_wrong_number_of_sampling_params(llm):
     assert not llm.llm_engine.has_unfinished_requests()
 
 
-@pytest.mark.xfail(strict=True, reason="bug in llm.py: a bad SamplingParams after a good one "
-                   "is found only after the good ones were queued (see the test suite report)")
 def test_bad_sampling_params_object_queues_nothing(tiny_qwen3):
     llm = LLM(str(tiny_qwen3), stage=1, dtype="float32")  # its own: this may leave a request queued
     with pytest.raises(ValueError, match="sampling_params must be a SamplingParams"):
@@ -260,16 +258,12 @@ def test_bad_device_type():
         EngineConfig(device="meta")
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="bug in config.py: torch.device('tpu') raises RuntimeError before the check")
 def test_unknown_device_name():
     with pytest.raises(ValueError, match=r"device must be 'cpu' or 'cuda\[:N\]'"):
         EngineConfig(device="tpu")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
-@pytest.mark.xfail(strict=True, reason="bug in config.py: device='cuda' without CUDA is accepted "
-                   "and fails later with torch's AssertionError")
 def test_cuda_device_without_cuda(tiny_qwen3):
     with pytest.raises(ValueError, match=r"device"):
         LLM(str(tiny_qwen3), device="cuda")
@@ -304,8 +298,6 @@ def test_duplicate_request_id(llm):
         engine.step()
 
 
-@pytest.mark.xfail(strict=True, reason="bug in llm_engine.py: a request id equal to a live n>1 "
-                   "child id ('x#0') is accepted; the two then share one KV row")
 def test_request_id_colliding_with_a_child_id(tiny_qwen3):
     engine = LLM(str(tiny_qwen3), stage=1, dtype="float32").llm_engine
     engine.add_request("x", [10, 11, 12], SamplingParams(n=2, temperature=0.0, max_tokens=3))

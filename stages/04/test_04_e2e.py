@@ -1,0 +1,85 @@
+"""Stage 04 end to end: every attention backend gives the same greedy tokens as HF and stage 03."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from folovllm import LLM, EngineConfig, SamplingParams
+from tests.helpers import hf_greedy, mixed_prompts
+
+CPU_BACKENDS = ["torch_flash", "sdpa"]
+
+
+def run(path, stage: int, prompts, max_tokens, **kw) -> tuple[list[list[int]], LLM]:
+    llm = LLM(str(path), stage=stage, dtype="float32", max_num_seqs=4, max_model_len=256, **kw)
+    params = [SamplingParams(temperature=0, max_tokens=m) for m in max_tokens]
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)], llm
+
+
+@pytest.fixture(scope="module")
+def workload(hf_qwen3):
+    prompts, max_tokens = mixed_prompts(hf_qwen3.config.vocab_size, seed=5)
+    reference = [hf_greedy(hf_qwen3, p, m) for p, m in zip(prompts, max_tokens)]
+    return prompts, max_tokens, reference
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backend_greedy_matches_hf_and_stage_03(tiny_qwen3, workload, backend):
+    prompts, max_tokens, reference = workload
+    out4, llm = run(tiny_qwen3, 4, prompts, max_tokens, attention_backend=backend)
+    assert llm.llm_engine.config.attention_backend == backend
+    out3, _ = run(tiny_qwen3, 3, prompts, max_tokens)
+    assert out4 == reference
+    assert out4 == out3
+
+
+def test_stage_04_default_backend_on_cpu():
+    config = EngineConfig.for_stage(4).resolve(max_position_embeddings=1024)
+    assert config.attention_backend == "sdpa"
+    assert EngineConfig.for_stage(3).resolve(1024).attention_backend == "naive"
+
+
+def test_unavailable_backends_are_refused_clearly():
+    with pytest.raises(ValueError, match="flash_attn' needs device='cuda'"):
+        EngineConfig.for_stage(4, attention_backend="flash_attn")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(ValueError, match="triton' needs device='cuda'"):
+            EngineConfig.for_stage(4, attention_backend="triton")
+    with pytest.raises(ValueError, match="attention_backend must be one of"):
+        EngineConfig.for_stage(4, attention_backend="xformers")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+@pytest.mark.skipif(
+    not Path(__file__).parent.joinpath("..", "..", "folovllm", "attention_backends", "triton_attn.py").exists(),
+    reason="triton backend not built",
+)
+def test_triton_backend_end_to_end_interpreted(tiny_qwen3, workload):
+    """The whole engine on our Triton kernels, run by Triton's CPU interpreter in a subprocess
+    (an out-of-bounds read then fails this test instead of killing pytest)."""
+    # The interpreter runs every kernel program in Python: keep it to two short prompts.
+    prompts, max_tokens, reference = workload
+    picked = [i for i, p in enumerate(prompts) if 1 < len(p) <= 40][:2]
+    prompts = [prompts[i] for i in picked]
+    max_tokens = [min(max_tokens[i], 4) for i in picked]
+    reference = [reference[i][: max_tokens[j]] for j, i in enumerate(picked)]
+    script = (
+        "import json, sys; from folovllm import LLM, SamplingParams\n"
+        f"llm = LLM({str(tiny_qwen3)!r}, stage=4, dtype='float32', max_num_seqs=4, max_model_len=256, "
+        "attention_backend='triton')\n"
+        f"outs = llm.generate({prompts!r}, [SamplingParams(temperature=0, max_tokens=m) for m in {max_tokens!r}], use_tqdm=False)\n"
+        "print(json.dumps([o.outputs[0].token_ids for o in outs]))\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                            timeout=600, cwd=Path(__file__).parents[2])
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == reference
