@@ -28,6 +28,38 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    # Per-flag options: on top of --stage, for ablations (None = what the stage says).
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--kv-cache-memory", type=_parse_bytes, default=None,
+                   help="KV cache size, e.g. 2GiB or 512MiB (stages 02-03)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument("--block-size", type=int, default=None, help="tokens per KV block (stage 03)")
+    p.add_argument("--continuous-batching", dest="enable_continuous_batching",
+                   action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--paged-kv", dest="enable_paged_kv",
+                   action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--attention-backend", default=None,
+                   help="auto | naive | torch_flash | sdpa | triton | flash_attn (stage 04)")
+
+
+_ENGINE_FLAGS = ("max_num_batched_tokens", "kv_cache_memory", "gpu_memory_utilization",
+                 "block_size", "enable_continuous_batching", "enable_paged_kv", "attention_backend")
+
+
+def _parse_bytes(text: str) -> int:
+    """'4GiB' / '512MiB' / '1048576' -> bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    lowered = text.strip().lower()
+    for unit, factor in units.items():
+        if lowered.endswith(unit):
+            number = lowered[: -len(unit)]
+            break
+    else:
+        number, factor = lowered, 1
+    try:
+        return int(float(number) * factor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 2GiB or 512MiB, got {text!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,8 +121,10 @@ def _model_or_demo(args: argparse.Namespace) -> str:
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
-                max_model_len=args.max_model_len, seed=args.seed)
+    kwargs = dict(dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
+                  max_model_len=args.max_model_len, seed=args.seed)
+    kwargs.update({f: getattr(args, f) for f in _ENGINE_FLAGS if getattr(args, f) is not None})
+    return kwargs
 
 
 def run_generate(args: argparse.Namespace) -> int:

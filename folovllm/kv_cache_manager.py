@@ -20,9 +20,14 @@ request are wasted (internal fragmentation), instead of `max_model_len - len` in
 
 from __future__ import annotations
 
+import logging
+
 from folovllm.block_pool import BlockPool, KVCacheBlock
-from folovllm.kv_cache import KVCache, KVCacheSpec
+from folovllm.config import EngineConfig
+from folovllm.kv_cache import KVCache, KVCacheSpec, SlotKVCacheManager
 from folovllm.request import Request
+
+logger = logging.getLogger("folovllm")
 
 
 def cdiv(a: int, b: int) -> int:
@@ -72,3 +77,44 @@ class KVCacheManager:
     def num_reserved_tokens(self) -> int:
         """Slots in blocks that are in use (the last block of each request is partly empty)."""
         return (self.block_pool.num_blocks - self.num_free_blocks) * self.block_size
+
+
+def fit_max_model_len(config: EngineConfig, spec: KVCacheSpec, budget: int) -> EngineConfig:
+    """When the user left `max_model_len` unset, shrink the model's (Qwen3-0.6B: 40,960 tokens)
+    to what the KV budget holds: one sequence with paged KV, `max_num_seqs` slots without."""
+    sequences = 1 if config.enable_paged_kv else config.max_num_seqs
+    fits = budget // (sequences * spec.bytes_per_token) // config.block_size * config.block_size
+    if 0 < fits < config.max_model_len:
+        logger.warning(
+            "max_model_len lowered from %d to %d tokens: that is what %d sequence(s) get from a "
+            "KV cache of %.1f MiB (set max_model_len or kv_cache_memory to choose)",
+            config.max_model_len, fits, sequences, budget / 2**20,
+        )
+        return config.replace(max_model_len=fits)
+    return config
+
+
+def build_kv_cache_manager(
+    config: EngineConfig, spec: KVCacheSpec, budget: int
+) -> "KVCacheManager | SlotKVCacheManager":
+    """Stage 03: blocks cut from the budget; stage 02: `max_model_len` slots cut from it.
+    A budget that cannot hold one full-length sequence is refused with the numbers."""
+    if config.enable_paged_kv:
+        num_blocks = budget // (config.block_size * spec.bytes_per_token)
+        if num_blocks * config.block_size < config.max_model_len:
+            needed = cdiv(config.max_model_len, config.block_size) * config.block_size * spec.bytes_per_token
+            raise ValueError(
+                f"kv_cache_memory={budget} bytes holds {num_blocks} blocks of {config.block_size} "
+                f"tokens ({num_blocks * config.block_size} tokens at {spec.bytes_per_token} bytes "
+                f"each), fewer than one max_model_len={config.max_model_len} sequence; need at "
+                f"least {needed} bytes"
+            )
+        return KVCacheManager(spec, num_blocks, config.block_size)
+    slot_bytes = config.max_model_len * spec.bytes_per_token
+    num_slots = min(config.max_num_seqs, budget // slot_bytes)
+    if num_slots == 0:
+        raise ValueError(
+            f"kv_cache_memory={budget} bytes is smaller than one max_model_len="
+            f"{config.max_model_len} slot ({slot_bytes} bytes); raise it or lower max_model_len"
+        )
+    return SlotKVCacheManager(spec, num_slots, slot_size=config.max_model_len)

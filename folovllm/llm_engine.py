@@ -18,8 +18,8 @@ import torch
 
 from folovllm.attention_backends import get_attn_backend
 from folovllm.config import EngineConfig
-from folovllm.kv_cache import KVCacheSpec, SlotKVCacheManager, StaticKVCacheManager, kv_cache_budget
-from folovllm.kv_cache_manager import KVCacheManager
+from folovllm.kv_cache import KVCacheSpec, StaticKVCacheManager, kv_cache_budget
+from folovllm.kv_cache_manager import build_kv_cache_manager, fit_max_model_len
 from folovllm.model_loader import load_model
 from folovllm.model_runner import KVCacheLookup, ModelRunner
 from folovllm.output_processor import OutputProcessor
@@ -58,35 +58,17 @@ class LLMEngine:
         )
 
         # The one place where the stage flags pick the engine's parts.
-        c = self.config
         self.kv_cache_manager: KVCacheLookup
         self.scheduler: Scheduler
-        if c.enable_paged_kv:  # stage 03
-            budget = kv_cache_budget(c, spec, self.model_runner)
-            num_blocks = budget // (c.block_size * spec.bytes_per_token)
-            if num_blocks * c.block_size < c.max_model_len:
-                raise ValueError(
-                    f"kv_cache_memory={budget} bytes holds {num_blocks} blocks of {c.block_size} "
-                    f"tokens ({num_blocks * c.block_size} tokens at {spec.bytes_per_token} bytes "
-                    f"each), fewer than one max_model_len={c.max_model_len} sequence; need at "
-                    f"least {-(-c.max_model_len // c.block_size) * c.block_size * spec.bytes_per_token} bytes"
-                )
-            self.kv_cache_manager = KVCacheManager(spec, num_blocks, c.block_size)
-            self.scheduler = Scheduler(c, self.kv_cache_manager, self.eos_token_ids)
-        elif c.enable_continuous_batching:  # stage 02
-            budget = kv_cache_budget(c, spec, self.model_runner)
-            slot_bytes = c.max_model_len * spec.bytes_per_token
-            num_slots = min(c.max_num_seqs, budget // slot_bytes)
-            if num_slots == 0:
-                raise ValueError(
-                    f"kv_cache_memory={budget} bytes is smaller than one max_model_len="
-                    f"{c.max_model_len} slot ({slot_bytes} bytes); raise it or lower max_model_len"
-                )
-            self.kv_cache_manager = SlotKVCacheManager(spec, num_slots, slot_size=c.max_model_len)
-            self.scheduler = Scheduler(c, self.kv_cache_manager, self.eos_token_ids)
+        if self.config.enable_continuous_batching:  # stages 02 and 03
+            budget = kv_cache_budget(self.config, spec, self.model_runner)
+            if config.max_model_len is None:
+                self.config = fit_max_model_len(self.config, spec, budget)
+            self.kv_cache_manager = build_kv_cache_manager(self.config, spec, budget)
+            self.scheduler = Scheduler(self.config, self.kv_cache_manager, self.eos_token_ids)
         else:  # stage 01
             self.kv_cache_manager = StaticKVCacheManager(spec)
-            self.scheduler = StaticBatchScheduler(c, self.kv_cache_manager, self.eos_token_ids)
+            self.scheduler = StaticBatchScheduler(self.config, self.kv_cache_manager, self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats = EngineStats(bytes_per_token=spec.bytes_per_token)
         self._request_ids: set[str] = set()  # parents not finished yet
