@@ -1,0 +1,251 @@
+"""Stage 04 on CPU: the attention backends alone, side by side, on one thread.
+
+    python -m benchmarks.attention_cpu                 # full run, a few minutes
+    python -m benchmarks.attention_cpu --quick         # smoke run (small shapes, not written)
+
+Workloads (Qwen3-8B-like heads: Hq = 16, Hkv = 8, head_dim 128; float32; block_size 16, each
+sequence's blocks scattered over the pool in random order, as after some churn):
+
+    prefill N      one sequence, N new tokens, no cached context (N = 512, 1024, 2048)
+    decode         16 sequences x 1024 tokens of context, one new token each
+
+For each backend (`naive`, `torch_flash`, `sdpa`): one untimed warm-up, then `--repeats` runs
+interleaved across backends; the median wall time (and process CPU time, steadier on a shared
+machine), the speed-up over `naive`, the largest tensor the backend's forward allocates (recorded
+by `largest_allocation` of `stages/04/test_04_backends.py`, the same proxy the tests assert) and
+the largest difference from `naive`'s output.
+
+A second table times the choices made inside `sdpa` (GQA through `enable_gqa` or by repeating
+K/V; decodes one SDPA call per sequence, 1 MiB or 8 MiB of gathered K per call, or all in one call).
+
+Writes `benchmarks/results/stage04_attention_cpu.json` (machine, every repeat) and `.md` (a
+one-line caption and the tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import importlib.util
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.bench_model import machine_description, machine_short
+from folovllm.attention_backends import get_attn_backend
+from folovllm.attention_backends.sdpa import SDPAAttentionBackend
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+BACKENDS = ("naive", "torch_flash", "sdpa")
+
+
+def _load_test_helpers() -> Any:
+    """`random_paged_batch` and `largest_allocation` live beside the tests that assert on them."""
+    path = ROOT / "stages" / "04" / "test_04_backends.py"
+    spec = importlib.util.spec_from_file_location("stage04_test_backends", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+helpers = _load_test_helpers()
+
+
+def workloads(quick: bool) -> dict[str, Any]:
+    """name -> Batch. Quick: the same kinds, small enough for a smoke run."""
+    heads, kv_heads, head_dim, block_size = 16, 8, 128, 16
+    Batch = helpers.Batch
+    prefills = (128, 256) if quick else (512, 1024, 2048)
+    out = {f"prefill {n}": Batch((n,), (n,), heads, kv_heads, head_dim, block_size)
+           for n in prefills}
+    num_seqs, context = (4, 256) if quick else (16, 1024)
+    out[f"decode {num_seqs}x{context}"] = Batch(
+        (1,) * num_seqs, (context,) * num_seqs, heads, kv_heads, head_dim, block_size)
+    return out
+
+
+@contextlib.contextmanager
+def gqa_by_repeat() -> Iterator[None]:
+    """Make SDPA see as many KV heads as query heads (repeat_interleave) instead of enable_gqa."""
+    original = F.scaled_dot_product_attention
+
+    def repeat_kv(q, k, v, *args, enable_gqa: bool = False, **kwargs):
+        group = q.shape[-3] // k.shape[-3]
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+        return original(q, k, v, *args, **kwargs)
+
+    F.scaled_dot_product_attention = repeat_kv
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def time_once(fn: Callable[[], Any]) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def bench(
+    systems: dict[str, Callable[[], torch.Tensor]], repeats: int
+) -> dict[str, dict[str, Any]]:
+    """Warm each system up once, then `repeats` rounds, the systems interleaved in each."""
+    for fn in systems.values():
+        fn()
+    walls: dict[str, list[float]] = {name: [] for name in systems}
+    cpus: dict[str, list[float]] = {name: [] for name in systems}
+    for _ in range(repeats):
+        for name, fn in systems.items():
+            wall, cpu = time_once(fn)
+            walls[name].append(wall)
+            cpus[name].append(cpu)
+    return {
+        name: dict(wall_s=walls[name], cpu_s=cpus[name],
+                   median_wall_s=statistics.median(walls[name]),
+                   median_cpu_s=statistics.median(cpus[name]))
+        for name in systems
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    results: dict[str, Any] = {}
+    design: dict[str, Any] = {}
+    loads = []
+    for name, batch in workloads(args.quick).items():
+        q, key_cache, value_cache, md = helpers.random_paged_batch(batch, torch.float32, seed=0)
+        scale = batch.head_dim**-0.5
+        backends = {b: get_attn_backend(b) for b in BACKENDS}
+        call = {b: (lambda be=be: be.forward(q, key_cache, value_cache, md, scale))
+                for b, be in backends.items()}
+        ref = call["naive"]()
+        rows: dict[str, Any] = {}
+        for b in BACKENDS:
+            largest = helpers.largest_allocation(call[b])
+            rows[b] = dict(
+                largest_allocation=dict(op=largest.op, shape=list(largest.shape),
+                                        dtype=str(largest.dtype), mib=largest.nbytes / 2**20),
+                max_abs_err_vs_naive=(call[b]() - ref).abs().max().item(),
+            )
+        timings = bench(call, args.repeats)
+        for b in BACKENDS:
+            rows[b].update(timings[b])
+            rows[b]["speedup_vs_naive"] = (
+                timings["naive"]["median_wall_s"] / timings[b]["median_wall_s"])
+        results[name] = rows
+        loads.append(os.getloadavg()[0])
+        print(name, {b: f"{rows[b]['median_wall_s'] * 1e3:.1f} ms" for b in BACKENDS}, flush=True)
+
+        # Choices inside sdpa, on the workloads they matter for.
+        variants: dict[str, Callable[[], torch.Tensor]] = {"sdpa (as shipped)": call["sdpa"]}
+
+        def with_repeat(be=backends["sdpa"]) -> torch.Tensor:
+            with gqa_by_repeat():
+                return be.forward(q, key_cache, value_cache, md, scale)
+
+        variants["GQA by repeat_interleave"] = with_repeat
+        if name.startswith("decode"):
+            for label, chunk in (("decodes: one call per sequence", 1),
+                                 ("decodes: 8 MiB of K per call", 8 << 20),
+                                 ("decodes: all in one call", 1 << 40)):
+                be = SDPAAttentionBackend(decode_chunk_bytes=chunk)
+                variants[label] = lambda be=be: be.forward(q, key_cache, value_cache, md, scale)
+        for label, fn in variants.items():
+            assert torch.allclose(fn(), ref, atol=1e-4), label
+        design[name] = bench(variants, args.repeats)
+        loads.append(os.getloadavg()[0])
+        print("  sdpa variants", {k: f"{v['median_wall_s'] * 1e3:.1f} ms"
+                                  for k, v in design[name].items()}, flush=True)
+    return dict(workloads=results, sdpa_design=design, peak_loadavg_1m=round(max(loads), 2))
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _shape(alloc: dict[str, Any]) -> str:
+    return f"{alloc['mib']:.1f} MiB `[{', '.join(map(str, alloc['shape']))}]`"
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    machine = result["machine"]
+    caption = (
+        f"Stage 04 attention backends alone on CPU (Hq 16, Hkv 8, head_dim 128, float32, "
+        f"block_size 16, blocks in random order; median of {result['repeats']} interleaved runs): "
+        f"`{result['command']}` on {machine_short(machine)}, {result['date'][:10]}."
+    )
+    load = result.get("peak_loadavg_1m")
+    if load is not None and load > 0.5 * machine["cpu_cores"]:
+        caption += (f" The machine was shared (1-minute load average up to {load} on "
+                    f"{machine['cpu_cores']} cores): read the ratios, not the absolute numbers.")
+    lines = [caption, "",
+             "| workload | backend | median ms (min–max) | CPU ms | × naive "
+             "| largest tensor allocated | max abs err vs naive |",
+             "|:--|:--|--:|--:|--:|:--|--:|"]
+    for name, rows in result["workloads"].items():
+        for b, r in rows.items():
+            lines.append(
+                f"| {name} | `{b}` | {r['median_wall_s'] * 1e3:.1f} "
+                f"({min(r['wall_s']) * 1e3:.1f}–{max(r['wall_s']) * 1e3:.1f}) "
+                f"| {r['median_cpu_s'] * 1e3:.1f} | {r['speedup_vs_naive']:.2f} "
+                f"| {_shape(r['largest_allocation'])} | {r['max_abs_err_vs_naive']:.1e} |")
+    lines += ["", "Choices inside `sdpa` (same runs, same inputs):", "",
+              "| workload | variant | median ms (min–max) | CPU ms | × as shipped |",
+              "|:--|:--|--:|--:|--:|"]
+    for name, variants in result["sdpa_design"].items():
+        shipped = variants["sdpa (as shipped)"]["median_wall_s"]
+        for label, r in variants.items():
+            lines.append(
+                f"| {name} | {label} | {r['median_wall_s'] * 1e3:.1f} "
+                f"({min(r['wall_s']) * 1e3:.1f}–{max(r['wall_s']) * 1e3:.1f}) "
+                f"| {r['median_cpu_s'] * 1e3:.1f} | {shipped / r['median_wall_s']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="small shapes; print, do not write")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+
+    measured = run(args)
+    result = dict(
+        command=("python -m benchmarks.attention_cpu "
+                 + shlex.join(sys.argv[1:] if argv is None else argv)).strip(),
+        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        git_commit=_git_commit(),
+        machine=machine_description(),
+        repeats=args.repeats,
+        **measured,
+    )
+    markdown = render_markdown(result)
+    print(markdown)
+    if not args.quick:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "stage04_attention_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / "stage04_attention_cpu.md").write_text(markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""Stage 04: every attention backend equals `naive_attention`, and the fast ones never allocate
+the [N x N] score matrix.
+
+Inputs are built the way the engine builds them: each sequence's blocks scattered over the pool
+in random order, the slots nobody owns filled with 100.0 (a backend that reads a key it must not
+see gets a visibly wrong answer), and a packed varlen batch that mixes prefills, prefills over
+cached context (stages 05/06) and decodes.
+
+`record_allocations` / `largest_allocation` are the deterministic memory proxy: a
+`TorchDispatchMode` that sees every aten op a backend runs and notes each tensor it creates
+(views of existing storage do not count). `benchmarks/attention_cpu.py` reuses them to report
+the largest attention intermediate next to its timings.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from folovllm.attention_backends import ATTENTION_BACKENDS, get_attn_backend
+from folovllm.layers.attention import AttentionMetadata, naive_attention, store_kv_cache
+
+UNOWNED = 100.0  # what the cache holds in slots that no sequence owns
+TOLERANCES = {  # atol, rtol against naive in float32 on the same (rounded) inputs
+    torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2),
+}
+
+
+def _triton_skip_reason() -> str | None:
+    """`triton` joins these tests once its backend exists and can run here."""
+    path = Path(__file__).resolve().parents[2] / "folovllm/attention_backends/triton_attn.py"
+    if not path.exists():
+        return "folovllm/attention_backends/triton_attn.py does not exist yet"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return ("triton on CPU needs TRITON_INTERPRET=1 set before triton is imported "
+                "(test_04_triton.py runs it in a subprocess)")
+    return None
+
+
+CPU_BACKENDS = [
+    b for b in ATTENTION_BACKENDS if b in ("naive", "torch_flash", "sdpa", "triton")
+]
+BACKEND_PARAMS = [
+    pytest.param(b, marks=pytest.mark.skip(reason=_triton_skip_reason()))
+    if b == "triton" and _triton_skip_reason() else b
+    for b in CPU_BACKENDS
+]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# Random paged inputs
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Batch:
+    """Sequence b has seq_lens[b] tokens in its context, the last query_lens[b] of them new."""
+
+    query_lens: tuple[int, ...]
+    seq_lens: tuple[int, ...]
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 64
+    block_size: int = 16
+
+
+def random_paged_batch(
+    batch: Batch, dtype: torch.dtype = torch.float32, seed: int = 0, device: str = "cpu",
+    contiguous: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """q [T, Hq, D], key/value caches holding every sequence's K/V, and the step's metadata.
+
+    Paged: blocks of `block_size` handed out in random order. `contiguous=True`: the cache of
+    stages 01-02, one block per sequence that is as long as the longest sequence.
+    """
+    g = torch.Generator().manual_seed(seed)
+    bs = max(batch.seq_lens) if contiguous else batch.block_size
+    hkv, d = batch.kv_heads, batch.head_dim
+    blocks_per_seq = [math.ceil(n / bs) for n in batch.seq_lens]
+    num_blocks = sum(blocks_per_seq) + 2  # two blocks nobody owns
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    tables = [[perm.pop() for _ in range(n)] for n in blocks_per_seq]
+    key_cache = torch.full((num_blocks, bs, hkv, d), UNOWNED, dtype=dtype)
+    value_cache = torch.full_like(key_cache, UNOWNED)
+    for n, table in zip(batch.seq_lens, tables):
+        slots = torch.tensor([table[j // bs] * bs + j % bs for j in range(n)])
+        k = torch.randn(n, hkv, d, generator=g).to(dtype)
+        v = torch.randn(n, hkv, d, generator=g).to(dtype)
+        store_kv_cache(k, v, key_cache, value_cache, slots)
+    q = torch.randn(sum(batch.query_lens), batch.heads, d, generator=g).to(dtype)
+    width = max(blocks_per_seq)
+    qsl = [0]
+    for n in batch.query_lens:
+        qsl.append(qsl[-1] + n)
+    md = AttentionMetadata(
+        slot_mapping=torch.zeros(len(q), dtype=torch.long, device=device),  # unused by forward
+        query_start_loc=torch.tensor(qsl, device=device),
+        seq_lens=torch.tensor(batch.seq_lens, device=device),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device),
+        max_query_len=max(batch.query_lens),
+        max_seq_len=max(batch.seq_lens),
+    )
+    return q.to(device), key_cache.to(device), value_cache.to(device), md
+
+
+# ---------------------------------------------------------------------------------------------
+# The memory proxy: every tensor a function allocates
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Allocation:
+    op: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+class _AllocationRecorder(TorchDispatchMode):
+    """Notes the outputs of every aten op that do not share storage with one of its inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.allocations: list[Allocation] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+        }
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.allocations.append(Allocation(str(func), tuple(t.shape), t.dtype))
+        return out
+
+
+def record_allocations(fn: Callable[[], Any]) -> tuple[Any, list[Allocation]]:
+    """Run fn(); return its result and every tensor its aten ops created, in order.
+
+    Tensors created inside one fused kernel (its own tiles) are not visible: only what the
+    kernel returns is.
+    """
+    recorder = _AllocationRecorder()
+    with recorder:
+        result = fn()
+    return result, recorder.allocations
+
+
+def largest_allocation(fn: Callable[[], Any]) -> Allocation:
+    """The largest tensor (in elements) that fn() creates."""
+    _, allocations = record_allocations(fn)
+    return max(allocations, key=lambda a: a.numel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Correctness against naive_attention
+# ---------------------------------------------------------------------------------------------
+
+# Lengths 1, a block +- 1 (16, 32), a 64-token tile +- 1; decodes over contexts of every kind.
+BATCHES = {
+    "prefill": ((1, 5, 16, 17, 33, 65), (1, 5, 16, 17, 33, 65)),
+    "decode": ((1, 1, 1, 1, 1, 1), (1, 15, 16, 17, 33, 70)),
+    "context": ((17, 2, 40, 1, 31), (50, 100, 41, 37, 64)),  # prefill over cached tokens
+    "mixed": ((1, 20, 1, 35, 3, 1), (17, 20, 1, 80, 48, 129)),
+}
+# (heads, kv_heads, head_dim, block_size): GQA ratios 1, 2, 4; head_dim 64, 128; blocks 16, 32
+SHAPES = [(4, 4, 64, 16), (4, 2, 128, 32), (8, 2, 64, 32), (4, 1, 128, 16)]
+
+
+def assert_matches_naive(out: torch.Tensor, q, key_cache, value_cache, md, scale) -> None:
+    ref = naive_attention(q.float(), key_cache.float(), value_cache.float(), md, scale)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    atol, rtol = TOLERANCES[q.dtype]
+    torch.testing.assert_close(out.float().cpu(), ref.cpu(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "H{}-{}_D{}_bs{}".format(*s))
+@pytest.mark.parametrize("kind", list(BATCHES))
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_backend_equals_naive(backend, kind, shape, dtype):
+    heads, kv_heads, head_dim, block_size = shape
+    batch = Batch(*BATCHES[kind], heads, kv_heads, head_dim, block_size)
+    seed = 10 * list(BATCHES).index(kind) + SHAPES.index(shape)
+    q, key_cache, value_cache, md = random_paged_batch(batch, dtype, seed, DEVICE)
+    scale = head_dim**-0.5
+    out = get_attn_backend(backend).forward(q, key_cache, value_cache, md, scale)
+    assert_matches_naive(out, q, key_cache, value_cache, md, scale)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_backend_on_contiguous_cache(backend):
+    """Stages 01-02 keep one block per sequence, as long as the sequence's capacity."""
+    batch = Batch((1, 20, 1, 35, 3), (17, 20, 1, 80, 48), heads=4, kv_heads=2)
+    q, key_cache, value_cache, md = random_paged_batch(batch, seed=3, contiguous=True)
+    assert md.block_tables.shape[1] == 1 and key_cache.shape[1] == 80
+    out = get_attn_backend(backend).forward(q, key_cache, value_cache, md, 0.125)
+    assert_matches_naive(out, q, key_cache, value_cache, md, 0.125)
+
+
+@pytest.mark.parametrize("block_m,block_n", [(1, 1), (8, 16), (16, 48), (128, 128)])
+def test_torch_flash_any_tile_size(block_m, block_n):
+    """Tiles smaller than, equal to and spanning several cache blocks give the same answer."""
+    from folovllm.attention_backends.torch_flash import TorchFlashAttentionBackend
+
+    q, key_cache, value_cache, md = random_paged_batch(Batch(*BATCHES["mixed"]), seed=block_n)
+    out = TorchFlashAttentionBackend(block_m, block_n).forward(q, key_cache, value_cache, md, 0.125)
+    assert_matches_naive(out, q, key_cache, value_cache, md, 0.125)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 40_000, 1 << 30])
+def test_sdpa_decode_chunking(chunk_bytes):
+    """Decodes batched one per SDPA call, a few per call, or all in one give the same answer."""
+    from folovllm.attention_backends.sdpa import SDPAAttentionBackend
+
+    q, key_cache, value_cache, md = random_paged_batch(Batch(*BATCHES["mixed"]), seed=7)
+    out = SDPAAttentionBackend(chunk_bytes).forward(q, key_cache, value_cache, md, 0.125)
+    assert_matches_naive(out, q, key_cache, value_cache, md, 0.125)
+
+
+@st.composite
+def batches(draw) -> tuple[Batch, int]:
+    num_seqs = draw(st.integers(1, 4))
+    seq_lens = tuple(draw(st.integers(1, 90)) for _ in range(num_seqs))
+    query_lens = tuple(draw(st.sampled_from([1, n, draw(st.integers(1, n))])) for n in seq_lens)
+    heads, kv_heads, head_dim, block_size = draw(st.sampled_from(SHAPES))
+    batch = Batch(query_lens, seq_lens, heads, kv_heads, head_dim // 4, block_size)
+    return batch, draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=30, deadline=None)
+@given(case=batches())
+def test_fast_backends_equal_naive_on_random_batches(case):
+    batch, seed = case
+    q, key_cache, value_cache, md = random_paged_batch(batch, seed=seed)
+    scale = batch.head_dim**-0.5
+    for backend in ("torch_flash", "sdpa"):
+        out = get_attn_backend(backend).forward(q, key_cache, value_cache, md, scale)
+        assert_matches_naive(out, q, key_cache, value_cache, md, scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# The deterministic gain: no [N x N] scores
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,allocates_scores", [
+    ("naive", True), ("torch_flash", False), ("sdpa", False),
+])
+def test_prefill_never_allocates_the_score_matrix(backend, allocates_scores):
+    """A prefill of N tokens: naive materialises [.., N, N] scores; FlashAttention never does.
+
+    Heads x head_dim < N, so that q, K/V and the output ([N, H, D]) stay below N * N elements and
+    only a score-sized tensor can cross the line.
+    """
+    n = 512
+    batch = Batch((n,), (n,), heads=4, kv_heads=2, head_dim=64, block_size=16)
+    q, key_cache, value_cache, md = random_paged_batch(batch)
+    be = get_attn_backend(backend)
+    out, allocations = record_allocations(lambda: be.forward(q, key_cache, value_cache, md, 0.125))
+    assert_matches_naive(out, q, key_cache, value_cache, md, 0.125)
+    largest = max(allocations, key=lambda a: a.numel)
+    assert (largest.numel >= n * n) == allocates_scores, largest
+    if backend == "sdpa":  # the fused flash kernel ran, with no mask (is_causal)
+        ops = [a.op for a in allocations]
+        assert "aten._scaled_dot_product_flash_attention_for_cpu.default" in ops, ops
+        assert largest.numel <= n * batch.heads * batch.head_dim, largest
+    if backend == "torch_flash":  # apart from the output, nothing beyond one tile per head
+        tile = batch.heads * 64 * max(64, batch.head_dim)  # [Hkv, group * BLOCK_M, BLOCK_N or D]
+        inner = [a for a in allocations if a.shape != tuple(q.shape)]
+        assert max(a.numel for a in inner) == tile, max(inner, key=lambda a: a.numel)
