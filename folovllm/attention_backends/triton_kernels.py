@@ -67,3 +67,178 @@ def store_kvcache_kernel(
     tl.store(key_cache_ptr + cache_offs, k, mask=mask)
     tl.store(value_cache_ptr + cache_offs, v, mask=mask)
 # --8<-- [end:store_kvcache_kernel]
+
+
+# --8<-- [start:attend_kv_tile]
+@triton.jit
+def _attend_kv_tile(
+    acc, m_i, l_i,                      # running state: [M, DIM_PAD], [M], [M] float32
+    q,                                  # [M, DIM_PAD] the tile's queries (M rows, any meaning)
+    q_pos,                              # [M] each row's position in its sequence (CAUSAL only)
+    start_n, kv_end,                    # this tile's first key; keys >= kv_end are invisible
+    k_cache_ptr, v_cache_ptr, block_table_ptr,   # block_table_ptr: this sequence's row
+    kv_head, scale_log2e,
+    stride_cb, stride_cs, stride_ch,    # cache strides: block, slot in block, head
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+    BOUNDED: tl.constexpr,              # mask keys >= kv_end (a tile that runs past the end)
+    CAUSAL: tl.constexpr,               # mask key j for a row at position p when j > p
+    DOT_PRECISION: tl.constexpr,
+):
+    """One step of the online softmax: fold keys [start_n, start_n + BLOCK_N) into (acc, m, l).
+
+        keys:  start_n ... start_n+BLOCK_N-1         token j of the sequence lives at
+                 │                                    block_table[j // BLOCK_SIZE] * stride_cb
+                 ▼                                  + (j % BLOCK_SIZE) * stride_cs
+        K^T [DIM_PAD, BLOCK_N]   V [BLOCK_N, DIM_PAD]   (gathered through the block table)
+
+        s     = q @ K^T * scale * log2(e)            [M, BLOCK_N]
+        m_new = max(m, rowmax(s));  alpha = 2^(m - m_new);  p = 2^(s - m_new)
+        l     = l * alpha + rowsum(p);  acc = acc * alpha + p @ V
+    """
+    offs_n = start_n + tl.arange(0, BLOCK_N)                        # [BLOCK_N] key positions
+    offs_d = tl.arange(0, DIM_PAD)                                  # [DIM_PAD]
+    d_mask = offs_d < HEAD_DIM
+    if BOUNDED:
+        n_mask = offs_n < kv_end
+        block_ids = tl.load(block_table_ptr + offs_n // BLOCK_SIZE, mask=n_mask, other=0)
+    else:
+        n_mask = offs_n >= 0                                        # all true
+        block_ids = tl.load(block_table_ptr + offs_n // BLOCK_SIZE)
+    # [BLOCK_N] element offset of each key's row (int64: caches can exceed 2^31 elements)
+    kv_offs = block_ids.to(tl.int64) * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+    k = tl.load(k_cache_ptr + kv_offs[None, :] + offs_d[:, None],
+                mask=n_mask[None, :] & d_mask[:, None], other=0.0)  # [DIM_PAD, BLOCK_N]
+    s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2e  # [M, BLOCK_N] float32
+    if CAUSAL:
+        s = tl.where((offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :], s, float("-inf"))
+    elif BOUNDED:
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+    # Every caller's first tile has a visible key for every row (key 0, or a split's first
+    # key), so m_new is finite from then on and 2^(-inf - m_new) = 0 handles masked keys.
+    m_new = tl.maximum(m_i, tl.max(s, 1))                           # [M]
+    alpha = tl.exp2(m_i - m_new)                                    # [M] rescales the old state
+    p = tl.exp2(s - m_new[:, None])                                 # [M, BLOCK_N]
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_cache_ptr + kv_offs[:, None] + offs_d[None, :],
+                mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, DIM_PAD]
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)  # [M, DIM_PAD]
+    return acc, m_new, l_i
+# --8<-- [end:attend_kv_tile]
+
+
+# --8<-- [start:paged_decode_kernel]
+@triton.jit
+def paged_decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
+    part_acc_ptr, part_max_ptr, part_sum_ptr,    # [B, Hq, NUM_SPLITS, (DIM_PAD)] float32
+    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+    scale_log2e,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_cb, stride_cs, stride_ch, stride_bt,
+    NUM_HEADS: tl.constexpr,            # Hq
+    BLOCK_SIZE: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,    # query heads per KV head; padded to >= 16
+    HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,           # programs per (sequence, KV head) along the context
+    DOT_PRECISION: tl.constexpr,
+):
+    """PagedAttention for one-query rows; with NUM_SPLITS > 1, flash-decoding.
+
+    Grid: (B, Hkv, NUM_SPLITS). Rows whose query_len is not 1 exit at once (the prefill kernel
+    has them), so the host never reads the query lengths back. One program takes the GROUP
+    query heads that share a KV head together, so each K/V tile is read once for all of them::
+
+        q rows   [GROUP_PAD, D]  heads kv_head*GROUP ... kv_head*GROUP + GROUP-1 (rest masked)
+        context  0 ──────────────────────────────────────────── seq_len
+                 | split 0      | split 1      | split 2      |     whole BLOCK_N tiles each
+                 each split: online softmax over its keys -> (acc, max, sum) partials,
+                 `decode_reduce_kernel` merges them; with one split, the output directly.
+
+    A decode is memory-bound (it reads the whole context for one query), so what matters is
+    keeping every SM streaming K/V: a small batch of long sequences has few (seq, KV head)
+    pairs, and splitting the context gives each SM its share of the bytes.
+    """
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    q_begin = tl.load(query_start_loc_ptr + seq)
+    query_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
+    if query_len != 1:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS)
+    kv_start = split * tiles_per_split * BLOCK_N
+    kv_end = tl.minimum(kv_start + tiles_per_split * BLOCK_N, seq_len)   # may be <= kv_start
+
+    g = tl.arange(0, GROUP_PAD)                                     # [GROUP_PAD]
+    heads = kv_head * GROUP + g                                     # [GROUP_PAD] query heads
+    g_mask = g < GROUP
+    offs_d = tl.arange(0, DIM_PAD)
+    d_mask = offs_d < HEAD_DIM
+    io_mask = g_mask[:, None] & d_mask[None, :]
+    q = tl.load(q_ptr + q_begin.to(tl.int64) * stride_qt + heads[:, None] * stride_qh
+                + offs_d[None, :], mask=io_mask, other=0.0)        # [GROUP_PAD, DIM_PAD]
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
+    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for start_n in range(kv_start, kv_end, BLOCK_N):                # the query sees every key
+        acc, m_i, l_i = _attend_kv_tile(
+            acc, m_i, l_i, q, g, start_n, kv_end, k_cache_ptr, v_cache_ptr, block_table_ptr,
+            kv_head, scale_log2e, stride_cb, stride_cs, stride_ch,
+            BLOCK_SIZE, BLOCK_N, HEAD_DIM, DIM_PAD, True, False, DOT_PRECISION)
+
+    if NUM_SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + q_begin.to(tl.int64) * stride_ot + heads[:, None] * stride_oh
+                 + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)
+    else:
+        # Partials of an empty split (kv_end <= kv_start) stay (acc 0, max -inf, sum 0): weight 0.
+        part = (seq.to(tl.int64) * NUM_HEADS + heads) * NUM_SPLITS + split   # [GROUP_PAD]
+        tl.store(part_max_ptr + part, m_i, mask=g_mask)
+        tl.store(part_sum_ptr + part, l_i, mask=g_mask)
+        tl.store(part_acc_ptr + part[:, None] * DIM_PAD + offs_d[None, :], acc,
+                 mask=g_mask[:, None])
+# --8<-- [end:paged_decode_kernel]
+
+
+# --8<-- [start:decode_reduce_kernel]
+@triton.jit
+def decode_reduce_kernel(
+    part_acc_ptr, part_max_ptr, part_sum_ptr,    # [B, Hq, NUM_SPLITS, (DIM_PAD)] float32
+    out_ptr, query_start_loc_ptr,
+    stride_ot, stride_oh,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    """Merge the NUM_SPLITS partial softmaxes of one (decode sequence, query head).
+
+    Grid: (B, Hq). Split s holds acc_s = sum_j 2^(s_j - m_s) v_j and l_s = sum_j 2^(s_j - m_s)
+    over its keys; rescaling every split to the global max m = max_s m_s gives the answer::
+
+        out = sum_s 2^(m_s - m) acc_s  /  sum_s 2^(m_s - m) l_s
+    """
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_begin = tl.load(query_start_loc_ptr + seq)
+    if tl.load(query_start_loc_ptr + seq + 1) - q_begin != 1:
+        return
+    s = tl.arange(0, SPLITS_PAD)                                    # [SPLITS_PAD]
+    s_mask = s < NUM_SPLITS
+    part = (seq.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + s   # [SPLITS_PAD]
+    m_s = tl.load(part_max_ptr + part, mask=s_mask, other=float("-inf"))
+    l_s = tl.load(part_sum_ptr + part, mask=s_mask, other=0.0)
+    offs_d = tl.arange(0, DIM_PAD)
+    acc_s = tl.load(part_acc_ptr + part[:, None] * DIM_PAD + offs_d[None, :],
+                    mask=s_mask[:, None], other=0.0)               # [SPLITS_PAD, DIM_PAD]
+    m = tl.max(m_s, 0)                                              # finite: split 0 has keys
+    w = tl.exp2(m_s - m)                                            # [SPLITS_PAD]; empty -> 0
+    out = tl.sum(acc_s * w[:, None], 0) / tl.sum(l_s * w, 0)        # [DIM_PAD]
+    tl.store(out_ptr + q_begin.to(tl.int64) * stride_ot + head * stride_oh + offs_d,
+             out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+# --8<-- [end:decode_reduce_kernel]
