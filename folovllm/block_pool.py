@@ -1,3 +1,4 @@
+# --8<-- [start:block_pool_doc]
 """`BlockPool`: the fixed set of KV cache blocks, handed out and taken back in O(1).
 
 The KV cache memory is cut into `num_blocks` blocks of `block_size` tokens each. A block is
@@ -12,6 +13,7 @@ when a new request hits it. A linked list removes from the middle in O(1)::
     head <-> [7] <-> [2] <-> [9] <-> [4] <-> tail       allocate: pop from the head (oldest)
                              ^ remove(9) in O(1)        free: append at the tail
 """
+# --8<-- [end:block_pool_doc]
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ class KVCacheBlock:
     next_free: Optional["KVCacheBlock"] = field(default=None, repr=False)
 
 
+# --8<-- [start:free_block_queue]
 class FreeBlockQueue:
     """Doubly linked list of free blocks with sentinel head and tail."""
 
@@ -58,6 +61,7 @@ class FreeBlockQueue:
         assert block is not None and block is not self.tail, "no free block"
         self.remove(block)
         return block
+    # --8<-- [end:free_block_queue]
 
     def block_ids(self) -> list[int]:
         ids, node = [], self.head.next_free
@@ -67,6 +71,7 @@ class FreeBlockQueue:
         return ids
 
 
+# --8<-- [start:block_pool]
 class BlockPool:
     def __init__(self, num_blocks: int) -> None:
         if num_blocks < 1:
@@ -98,3 +103,4 @@ class BlockPool:
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
                 self.free_block_queue.append(block)
+# --8<-- [end:block_pool]

@@ -60,6 +60,7 @@ def check_fits_in_memory(num_bytes: int, device: str) -> None:
         )
 
 
+# --8<-- [start:kv_cache_budget]
 def kv_cache_budget(config: EngineConfig, spec: KVCacheSpec, model_runner: "Any") -> int:
     """Bytes of KV cache for stages 02 and 03 (both cut their slots or blocks from it).
 
@@ -82,6 +83,7 @@ def kv_cache_budget(config: EngineConfig, spec: KVCacheSpec, model_runner: "Any"
         return budget
     full = config.max_num_seqs * config.max_model_len * spec.bytes_per_token
     return min(full, CPU_DEFAULT_KV_CACHE_MEMORY)
+# --8<-- [end:kv_cache_budget]
 
 
 class KVCache:
@@ -139,6 +141,7 @@ class StaticKVCacheManager:
         return 0 if self.kv_cache is None else self.kv_cache.num_reserved_tokens
 
 
+# --8<-- [start:slot_kv_cache_manager]
 class SlotKVCacheManager:
     """Stage 02: `max_num_seqs` fixed slots, each a contiguous row of `max_model_len` tokens.
 
@@ -181,3 +184,4 @@ class SlotKVCacheManager:
     def num_reserved_tokens(self) -> int:
         """Slots in use times their size (a free slot is allocated but reserved for no one)."""
         return len(self.slot_of) * self.kv_cache.block_size
+# --8<-- [end:slot_kv_cache_manager]

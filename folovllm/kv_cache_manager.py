@@ -1,3 +1,4 @@
+# --8<-- [start:block_table]
 """`KVCacheManager` (stage 03): paged KV cache, a block table per request.
 
 Instead of reserving `max_model_len` tokens per request up front (stage 02), a request gets
@@ -17,6 +18,7 @@ The blocks of one request need not be adjacent; its *block table* lists them in 
 Only the last block of a request can be partly empty, so at most `block_size - 1` slots per
 request are wasted (internal fragmentation), instead of `max_model_len - len` in stage 02.
 """
+# --8<-- [end:block_table]
 
 from __future__ import annotations
 
@@ -41,9 +43,11 @@ class KVCacheManager:
         self.block_pool = BlockPool(num_blocks)
         self.kv_cache = KVCache(spec, num_blocks=num_blocks, block_size=block_size)
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+        # --8<-- [start:watermark]
         # Admission keeps a few blocks free so the running requests can still grow a step or
         # two before anyone is preempted (admitting into a full cache preempts at once).
         self.watermark_blocks = int(watermark * num_blocks)
+        # --8<-- [end:watermark]
 
     @property
     def num_free_blocks(self) -> int:
@@ -64,11 +68,13 @@ class KVCacheManager:
         return True
     # --8<-- [end:allocate_slots]
 
+    # --8<-- [start:free]
     def free(self, request: Request) -> None:
         """Give back every block of the request (last block first: stage 06's LRU evicts the
         tail of a sequence before its shared head)."""
         blocks = self.req_to_blocks.pop(request.request_id, [])
         self.block_pool.free_blocks(reversed(blocks))
+    # --8<-- [end:free]
 
     def get_block_table(self, request: Request) -> list[int]:
         return [block.block_id for block in self.req_to_blocks[request.request_id]]
@@ -79,6 +85,7 @@ class KVCacheManager:
         return (self.block_pool.num_blocks - self.num_free_blocks) * self.block_size
 
 
+# --8<-- [start:fit_max_model_len]
 def fit_max_model_len(config: EngineConfig, spec: KVCacheSpec, budget: int) -> EngineConfig:
     """When the user left `max_model_len` unset, shrink the model's (Qwen3-0.6B: 40,960 tokens)
     to what the KV budget holds: one sequence with paged KV, `max_num_seqs` slots without."""
@@ -92,8 +99,10 @@ def fit_max_model_len(config: EngineConfig, spec: KVCacheSpec, budget: int) -> E
         )
         return config.replace(max_model_len=fits)
     return config
+# --8<-- [end:fit_max_model_len]
 
 
+# --8<-- [start:build_kv_cache_manager]
 def build_kv_cache_manager(
     config: EngineConfig, spec: KVCacheSpec, budget: int
 ) -> "KVCacheManager | SlotKVCacheManager":
@@ -118,3 +127,4 @@ def build_kv_cache_manager(
             f"{config.max_model_len} slot ({slot_bytes} bytes); raise it or lower max_model_len"
         )
     return SlotKVCacheManager(spec, num_slots, slot_size=config.max_model_len)
+# --8<-- [end:build_kv_cache_manager]

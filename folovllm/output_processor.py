@@ -97,6 +97,7 @@ class OutputProcessor:
             return None
         completions = []
         for i, child in enumerate(parent.children):
+            # --8<-- [start:stream_hold_back]
             text, token_ids = child.output_text, child.output_token_ids
             if not child.is_finished:
                 # An incomplete UTF-8 character decodes as U+FFFD until its last byte arrives.
@@ -108,6 +109,7 @@ class OutputProcessor:
                 sent_chars, sent_tokens = self.sent.get(child.request_id, (0, 0))
                 self.sent[child.request_id] = (len(text), len(token_ids))
                 text, token_ids = text[sent_chars:], token_ids[sent_tokens:]
+            # --8<-- [end:stream_hold_back]
             completions.append(
                 CompletionOutput(
                     index=i,

@@ -183,6 +183,7 @@ class Scheduler:
         self.num_preemptions += 1
     # --8<-- [end:preempt]
 
+    # --8<-- [start:update]
     def update_from_output(self, output: SchedulerOutput, sampled: list[int]) -> list[Request]:
         """Advance the rows that computed real tokens; returns the requests that got a token."""
         advanced = []
@@ -202,6 +203,7 @@ class Scheduler:
         for request in [r for r in self.running if r.is_finished]:
             self.running.remove(request)
             self.kv_cache_manager.free(request)
+    # --8<-- [end:update]
 
     def num_live_requests(self) -> int:
         """Requests holding KV for tokens that still matter (for stats)."""
