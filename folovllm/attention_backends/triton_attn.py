@@ -33,9 +33,10 @@ import triton
 from folovllm.attention_backends.triton_kernels import (
     decode_reduce_kernel,
     paged_decode_kernel,
+    prefill_attention_kernel,
     store_kvcache_kernel,
 )
-from folovllm.layers.attention import AttentionBackend, AttentionMetadata, naive_attention
+from folovllm.layers.attention import AttentionBackend, AttentionMetadata
 
 # Read once, as triton.jit does when it wraps the kernels: under the interpreter the kernels run
 # on CPU tensors, and small tiles keep them fast.
@@ -55,6 +56,16 @@ class TileConfig:
     block_n: int        # keys per inner step
     num_warps: int
     num_stages: int
+
+
+def prefill_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
+    """Fixed prefill tiles. The KV tile is a multiple of the usual block sizes (16, 32), so one
+    step reads whole blocks; with a bigger block (a contiguous cache) it reads part of one."""
+    if INTERPRET:
+        return TileConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32 or head_dim > 128:  # 4-byte tiles: half the shared memory per tile
+        return TileConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    return TileConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
 
 
 def decode_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
@@ -130,6 +141,35 @@ def store_kv_cache_triton(
 # --8<-- [end:store_kv_cache_triton]
 
 
+# --8<-- [start:prefill_attention]
+def prefill_attention(
+    q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, md: AttentionMetadata,
+    scale: float, out: torch.Tensor, skip_decodes: bool = False,
+    config: Optional[TileConfig] = None,
+) -> torch.Tensor:
+    """Causal attention of every row of the batch (or only rows with query_len > 1 when
+    `skip_decodes`) into `out` [T, Hq, D]; K/V, new tokens included, are read from the cache."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, _ = key_cache.shape
+    cfg = config or prefill_config(head_dim, q.dtype)
+    # Enough query tiles for any split of T tokens into B sequences (see `_find_seq`).
+    grid = (num_tokens // cfg.block_m + md.num_seqs, num_heads)
+    prefill_attention_kernel[grid](
+        q, key_cache, value_cache, out,
+        md.query_start_loc, md.seq_lens, md.block_tables,
+        scale * math.log2(math.e), md.num_seqs,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        *_cache_strides(key_cache, value_cache), md.block_tables.stride(0),
+        BLOCK_SIZE=block_size, GROUP=num_heads // num_kv_heads,
+        HEAD_DIM=head_dim, DIM_PAD=triton.next_power_of_2(head_dim),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        SKIP_DECODES=skip_decodes, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+# --8<-- [end:prefill_attention]
+
+
 # --8<-- [start:paged_decode_attention]
 def paged_decode_attention(
     q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, md: AttentionMetadata,
@@ -201,9 +241,11 @@ class TritonAttentionBackend(AttentionBackend):
         md: AttentionMetadata, scale: float,
     ) -> torch.Tensor:
         _check_device(q)
-        if md.max_query_len > 1:  # some prefill rows: the reference, until the prefill kernel
-            return naive_attention(q, key_cache, value_cache, md, scale)
-        out = torch.empty_like(q)  # [T, Hq, D]
-        return paged_decode_attention(q, key_cache, value_cache, md, scale, out,
-                                      num_splits=self.decode_num_splits)
+        out = torch.empty_like(q)  # [T, Hq, D]; every row is written by exactly one kernel
+        if md.max_query_len > 1:  # some prefill rows; decode rows are skipped there
+            prefill_attention(q, key_cache, value_cache, md, scale, out, skip_decodes=True)
+        # Decode rows, if any: a batch without any costs one launch of programs that exit.
+        paged_decode_attention(q, key_cache, value_cache, md, scale, out,
+                               num_splits=self.decode_num_splits)
+        return out
 # --8<-- [end:triton_backend]

@@ -128,6 +128,118 @@ def _attend_kv_tile(
 # --8<-- [end:attend_kv_tile]
 
 
+@triton.jit
+def _find_seq(query_start_loc_ptr, num_seqs, tile, BLOCK_M: tl.constexpr):
+    """Which sequence owns query tile `tile` of the flat prefill grid (binary search).
+
+    Sequence b owns the tiles [qsl[b] // BLOCK_M + b, qsl[b+1] // BLOCK_M + b + 1): at least
+    cdiv(query_len, BLOCK_M) of them, computed from query_start_loc alone, so the host can size
+    the grid as T // BLOCK_M + B without reading the query lengths back from the GPU::
+
+        BLOCK_M = 4, query lens [6, 1, 9]   qsl = [0, 6, 7, 16]
+        first tile of b = qsl[b] // 4 + b:  [0, 2, 4]        grid = 16 // 4 + 3 = 7 tiles
+        tile:    0    1  | 2    3   | 4    5    6
+        seq:     0    0  | 1    1   | 2    2    2
+        rows:   0-3  4-5 |  0   --  | 0-3  4-7  8   (-- : spare tile, exits at once)
+
+    Returns the largest b with first_tile(b) <= tile.
+    """
+    lo = 0
+    hi = num_seqs                       # invariant: first_tile(lo) <= tile < first_tile(hi)
+    while lo + 1 < hi:
+        mid = (lo + hi) // 2
+        if tl.load(query_start_loc_ptr + mid) // BLOCK_M + mid <= tile:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+# --8<-- [start:prefill_attention_kernel]
+@triton.jit
+def prefill_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
+    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+    scale_log2e, num_seqs,
+    stride_qt, stride_qh,               # q [T, Hq, D]
+    stride_ot, stride_oh,               # out [T, Hq, D]
+    stride_cb, stride_cs, stride_ch,    # caches [num_blocks, BLOCK_SIZE, Hkv, D]
+    stride_bt,                          # block_tables row stride
+    BLOCK_SIZE: tl.constexpr,           # tokens per KV cache block
+    GROUP: tl.constexpr,                # query heads per KV head
+    HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,              # queries per program
+    BLOCK_N: tl.constexpr,              # keys per inner step
+    SKIP_DECODES: tl.constexpr,         # query_len == 1 rows are left to the decode kernel
+    DOT_PRECISION: tl.constexpr,
+):
+    """Varlen causal attention of BLOCK_M new queries of one sequence and one query head.
+
+    Grid: (T // BLOCK_M + B, Hq); `_find_seq` maps axis 0 to (sequence b, tile of its queries).
+    The keys come from the paged cache, so queries can attend to context computed in earlier
+    steps (chunked prefill, prefix caching) as well as to this step's tokens::
+
+        sequence b:  | cached context (C keys)   | this step's queries (query_len) |
+        positions:    0 ........................ C-1  C ...................... seq_len-1
+        query row r of the tile: i = m_start + r, position C + i, sees keys 0 .. C + i
+
+        keys:  0 ............ full_end ............ kv_end
+               [ every row sees them ][ causal mask ]     (kv_end = last row's position + 1)
+
+    Keys below `full_end` (a multiple of BLOCK_N) are visible to every row of the tile, so that
+    loop runs without any masking; only the last few tiles near the diagonal pay for the mask.
+    """
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = _find_seq(query_start_loc_ptr, num_seqs, tile, BLOCK_M)
+    q_begin = tl.load(query_start_loc_ptr + seq)                    # first token of seq in q
+    query_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
+    m_start = (tile - (q_begin // BLOCK_M + seq)) * BLOCK_M          # first query index of tile
+    done = m_start >= query_len                                     # a spare tile
+    if SKIP_DECODES:
+        done = done | (query_len == 1)                              # the decode kernel's row
+    if done:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - query_len                               # keys cached before this step
+    kv_head = head // GROUP
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)                        # [BLOCK_M] query index in seq
+    offs_d = tl.arange(0, DIM_PAD)
+    row_mask = offs_m < query_len
+    d_mask = offs_d < HEAD_DIM
+    tok = (q_begin + offs_m).to(tl.int64)                           # [BLOCK_M] row in q / out
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=row_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_M, DIM_PAD]
+    q_pos = context_len + offs_m                                    # [BLOCK_M] positions
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DIM_PAD], tl.float32)
+    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    full_end = (context_len + m_start + 1) // BLOCK_N * BLOCK_N      # first row sees keys < C+m_start+1
+    kv_end = tl.minimum(seq_len, context_len + m_start + BLOCK_M)   # last row sees keys < this
+
+    for start_n in range(0, full_end, BLOCK_N):                     # below the diagonal: no mask
+        acc, m_i, l_i = _attend_kv_tile(
+            acc, m_i, l_i, q, q_pos, start_n, kv_end, k_cache_ptr, v_cache_ptr, block_table_ptr,
+            kv_head, scale_log2e, stride_cb, stride_cs, stride_ch,
+            BLOCK_SIZE, BLOCK_N, HEAD_DIM, DIM_PAD, False, False, DOT_PRECISION)
+    for start_n in range(full_end, kv_end, BLOCK_N):                # the diagonal: causal mask
+        acc, m_i, l_i = _attend_kv_tile(
+            acc, m_i, l_i, q, q_pos, start_n, kv_end, k_cache_ptr, v_cache_ptr, block_table_ptr,
+            kv_head, scale_log2e, stride_cb, stride_cs, stride_ch,
+            BLOCK_SIZE, BLOCK_N, HEAD_DIM, DIM_PAD, True, True, DOT_PRECISION)
+
+    # Padding rows (offs_m >= query_len) computed garbage that is never stored; every real row
+    # saw key 0, so l_i > 0.
+    l_safe = tl.where(row_mask, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(out_ptr + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+# --8<-- [end:prefill_attention_kernel]
+
+
 # --8<-- [start:paged_decode_kernel]
 @triton.jit
 def paged_decode_kernel(
