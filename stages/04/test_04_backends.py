@@ -196,6 +196,8 @@ def assert_matches_naive(out: torch.Tensor, q, key_cache, value_cache, md, scale
 @pytest.mark.parametrize("kind", list(BATCHES))
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_backend_equals_naive(backend, kind, shape, dtype):
+    if backend == "triton" and dtype == torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("bf16 tl.dot is wrong in Triton's CPU interpreter; bf16 triton is GPU-only")
     heads, kv_heads, head_dim, block_size = shape
     batch = Batch(*BATCHES[kind], heads, kv_heads, head_dim, block_size)
     seed = 10 * list(BATCHES).index(kind) + SHAPES.index(shape)
