@@ -12,7 +12,7 @@ sequence's blocks scattered over the pool in random order, as after some churn):
 For each backend (`naive`, `torch_flash`, `sdpa`): one untimed warm-up, then `--repeats` runs
 interleaved across backends; the median wall time (and process CPU time, steadier on a shared
 machine), the speed-up over `naive`, the largest tensor the backend's forward allocates (recorded
-by `largest_allocation` of `stages/04/test_04_backends.py`, the same proxy the tests assert) and
+by `largest_allocation` of `tests/attention_utils.py`, the same proxy the tests assert) and
 the largest difference from `naive`'s output.
 
 A second table times the choices made inside `sdpa` (GQA through `enable_gqa` or by repeating
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import importlib.util
 import json
 import os
 import shlex
@@ -50,17 +49,7 @@ RESULTS_DIR = ROOT / "benchmarks" / "results"
 BACKENDS = ("naive", "torch_flash", "sdpa")
 
 
-def _load_test_helpers() -> Any:
-    """`random_paged_batch` and `largest_allocation` live beside the tests that assert on them."""
-    path = ROOT / "stages" / "04" / "test_04_backends.py"
-    spec = importlib.util.spec_from_file_location("stage04_test_backends", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-helpers = _load_test_helpers()
+import tests.attention_utils as helpers  # noqa: E402  (the same proxy the tests assert)
 
 
 def workloads(quick: bool) -> dict[str, Any]:

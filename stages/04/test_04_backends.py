@@ -6,31 +6,24 @@ in random order, the slots nobody owns filled with 100.0 (a backend that reads a
 see gets a visibly wrong answer), and a packed varlen batch that mixes prefills, prefills over
 cached context (stages 05/06) and decodes.
 
-`record_allocations` / `largest_allocation` are the deterministic memory proxy: a
-`TorchDispatchMode` that sees every aten op a backend runs and notes each tensor it creates
-(views of existing storage do not count). `benchmarks/attention_cpu.py` reuses them to report
-the largest attention intermediate next to its timings.
+`record_allocations` / `largest_allocation` (tests/attention_utils.py) are the deterministic
+memory proxy; `benchmarks/attention_cpu.py` reuses them to report the largest attention
+intermediate next to its timings.
 """
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from folovllm.attention_backends import ATTENTION_BACKENDS, get_attn_backend
-from folovllm.layers.attention import AttentionMetadata, naive_attention, store_kv_cache
-
-UNOWNED = 100.0  # what the cache holds in slots that no sequence owns
+from folovllm.layers.attention import naive_attention
+from tests.attention_utils import Batch, random_paged_batch, record_allocations
 TOLERANCES = {  # atol, rtol against naive in float32 on the same (rounded) inputs
     torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2),
 }
@@ -56,117 +49,6 @@ BACKEND_PARAMS = [
     for b in CPU_BACKENDS
 ]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-# ---------------------------------------------------------------------------------------------
-# Random paged inputs
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Batch:
-    """Sequence b has seq_lens[b] tokens in its context, the last query_lens[b] of them new."""
-
-    query_lens: tuple[int, ...]
-    seq_lens: tuple[int, ...]
-    heads: int = 4
-    kv_heads: int = 2
-    head_dim: int = 64
-    block_size: int = 16
-
-
-def random_paged_batch(
-    batch: Batch, dtype: torch.dtype = torch.float32, seed: int = 0, device: str = "cpu",
-    contiguous: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
-    """q [T, Hq, D], key/value caches holding every sequence's K/V, and the step's metadata.
-
-    Paged: blocks of `block_size` handed out in random order. `contiguous=True`: the cache of
-    stages 01-02, one block per sequence that is as long as the longest sequence.
-    """
-    g = torch.Generator().manual_seed(seed)
-    bs = max(batch.seq_lens) if contiguous else batch.block_size
-    hkv, d = batch.kv_heads, batch.head_dim
-    blocks_per_seq = [math.ceil(n / bs) for n in batch.seq_lens]
-    num_blocks = sum(blocks_per_seq) + 2  # two blocks nobody owns
-    perm = torch.randperm(num_blocks, generator=g).tolist()
-    tables = [[perm.pop() for _ in range(n)] for n in blocks_per_seq]
-    key_cache = torch.full((num_blocks, bs, hkv, d), UNOWNED, dtype=dtype)
-    value_cache = torch.full_like(key_cache, UNOWNED)
-    for n, table in zip(batch.seq_lens, tables):
-        slots = torch.tensor([table[j // bs] * bs + j % bs for j in range(n)])
-        k = torch.randn(n, hkv, d, generator=g).to(dtype)
-        v = torch.randn(n, hkv, d, generator=g).to(dtype)
-        store_kv_cache(k, v, key_cache, value_cache, slots)
-    q = torch.randn(sum(batch.query_lens), batch.heads, d, generator=g).to(dtype)
-    width = max(blocks_per_seq)
-    qsl = [0]
-    for n in batch.query_lens:
-        qsl.append(qsl[-1] + n)
-    md = AttentionMetadata(
-        slot_mapping=torch.zeros(len(q), dtype=torch.long, device=device),  # unused by forward
-        query_start_loc=torch.tensor(qsl, device=device),
-        seq_lens=torch.tensor(batch.seq_lens, device=device),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device),
-        max_query_len=max(batch.query_lens),
-        max_seq_len=max(batch.seq_lens),
-    )
-    return q.to(device), key_cache.to(device), value_cache.to(device), md
-
-
-# ---------------------------------------------------------------------------------------------
-# The memory proxy: every tensor a function allocates
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Allocation:
-    op: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
-
-
-class _AllocationRecorder(TorchDispatchMode):
-    """Notes the outputs of every aten op that do not share storage with one of its inputs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.allocations: list[Allocation] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {
-            t.untyped_storage().data_ptr()
-            for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
-        }
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
-                self.allocations.append(Allocation(str(func), tuple(t.shape), t.dtype))
-        return out
-
-
-def record_allocations(fn: Callable[[], Any]) -> tuple[Any, list[Allocation]]:
-    """Run fn(); return its result and every tensor its aten ops created, in order.
-
-    Tensors created inside one fused kernel (its own tiles) are not visible: only what the
-    kernel returns is.
-    """
-    recorder = _AllocationRecorder()
-    with recorder:
-        result = fn()
-    return result, recorder.allocations
-
-
-def largest_allocation(fn: Callable[[], Any]) -> Allocation:
-    """The largest tensor (in elements) that fn() creates."""
-    _, allocations = record_allocations(fn)
-    return max(allocations, key=lambda a: a.numel)
 
 
 # ---------------------------------------------------------------------------------------------

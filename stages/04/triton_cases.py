@@ -22,14 +22,13 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 GROUPS = ("store", "decode", "prefill", "mixed")
 # |triton - naive| <= atol + rtol * |naive|, per dtype
 TOLERANCES = {"float32": (2e-5, 2e-5), "float16": (3e-3, 3e-3), "bfloat16": (2e-2, 2e-2)}
-UNOWNED = 100.0  # what the cache holds in slots that no sequence owns
 
 
 @dataclass(frozen=True)
@@ -97,37 +96,10 @@ def cases(group: str) -> list[Case]:
 
 def build(case: Case, dtype, device, seed: int):
     """Random q [T, Hq, D], a paged cache holding every sequence's K/V, and the metadata."""
-    import torch
+    from tests.attention_utils import Batch, random_paged_batch
 
-    from folovllm.layers.attention import AttentionMetadata, store_kv_cache
-
-    g = torch.Generator().manual_seed(seed)
-    bs, hkv, d = case.block_size, case.kv_heads, case.head_dim
-    blocks_per_seq = [math.ceil(n / bs) for n in case.seq_lens]
-    num_blocks = sum(blocks_per_seq) + 2  # two blocks nobody owns
-    perm = torch.randperm(num_blocks, generator=g).tolist()
-    tables = [[perm.pop() for _ in range(n)] for n in blocks_per_seq]
-    key_cache = torch.full((num_blocks, bs, hkv, d), UNOWNED, dtype=dtype)
-    value_cache = torch.full_like(key_cache, UNOWNED)
-    for n, table in zip(case.seq_lens, tables):
-        slots = torch.tensor([table[j // bs] * bs + j % bs for j in range(n)])
-        k = torch.randn(n, hkv, d, generator=g).to(dtype)
-        v = torch.randn(n, hkv, d, generator=g).to(dtype)
-        store_kv_cache(k, v, key_cache, value_cache, slots)
-    q = torch.randn(sum(case.query_lens), case.heads, d, generator=g).to(dtype)
-    width = max(blocks_per_seq)
-    qsl = [0]
-    for n in case.query_lens:
-        qsl.append(qsl[-1] + n)
-    md = AttentionMetadata(
-        slot_mapping=torch.zeros(len(q), dtype=torch.long, device=device),  # unused here
-        query_start_loc=torch.tensor(qsl, device=device),
-        seq_lens=torch.tensor(case.seq_lens, device=device),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device),
-        max_query_len=max(case.query_lens),
-        max_seq_len=max(case.seq_lens),
-    )
-    return q.to(device), key_cache.to(device), value_cache.to(device), md
+    batch = Batch(case.query_lens, case.seq_lens, case.heads, case.kv_heads, case.head_dim, case.block_size)
+    return random_paged_batch(batch, dtype, seed, device)
 
 
 def run_attention_case(case: Case, dtype_name: str, device: str, seed: int) -> tuple[bool, str]:
