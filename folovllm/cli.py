@@ -27,7 +27,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (demo default: 1, for stable figures)")
     # Per-flag options: on top of --stage, for ablations (None = what the stage says).
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--kv-cache-memory", type=_parse_bytes, default=None,
@@ -99,10 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.threads:
+        threads = args.threads
+        if threads is None and args.command == "demo" and args.device == "cpu":
+            threads = 1  # comparable figures: one thread, no OpenMP spin-waits on a busy machine
+        if threads:
             import torch
 
-            torch.set_num_threads(args.threads)
+            torch.set_num_threads(threads)
         if args.command == "generate":
             return run_generate(args)
         return run_demo(args)
