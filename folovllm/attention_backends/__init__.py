@@ -15,6 +15,7 @@ import importlib
 
 from folovllm.layers.attention import AttentionBackend, NaiveAttentionBackend
 
+# --8<-- [start:backend_registry]
 # name -> "module:class", imported only when asked for (triton and flash_attn are optional)
 _BACKENDS = {
     "torch_flash": "folovllm.attention_backends.torch_flash:TorchFlashAttentionBackend",
@@ -43,3 +44,4 @@ def get_attn_backend(name: str) -> AttentionBackend:
             f"attention_backend={name!r} needs a package that is not installed ({e})"
         ) from e
     return getattr(module, class_name)()
+# --8<-- [end:backend_registry]

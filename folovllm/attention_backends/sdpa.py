@@ -52,6 +52,7 @@ class SDPAAttentionBackend(AttentionBackend):
     def __init__(self, decode_chunk_bytes: int = 1 << 20) -> None:
         self.decode_chunk_bytes = decode_chunk_bytes
 
+    # --8<-- [start:sdpa_forward]
     def forward(
         self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
         md: AttentionMetadata, scale: float,
@@ -75,7 +76,9 @@ class SDPAAttentionBackend(AttentionBackend):
             self._decode(q, out, key_cache, value_cache, md, decodes, query_start_loc, seq_lens,
                          scale)
         return out
+    # --8<-- [end:sdpa_forward]
 
+    # --8<-- [start:sdpa_decode]
     def _decode(
         self, q: torch.Tensor, out: torch.Tensor, key_cache: torch.Tensor,
         value_cache: torch.Tensor, md: AttentionMetadata, decodes: list[int],
@@ -111,8 +114,10 @@ class SDPAAttentionBackend(AttentionBackend):
                 attn_mask=mask, scale=scale, enable_gqa=True,
             )  # [c, Hq, 1, D]
             out[rows] = o.squeeze(2)
+    # --8<-- [end:sdpa_decode]
 
 
+# --8<-- [start:sdpa_prefill]
 def prefill_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> torch.Tensor:
@@ -132,8 +137,10 @@ def prefill_attention(
         attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True,
     )  # [1, Hq, Lq, D]
     return out.squeeze(0).transpose(0, 1)  # [Lq, Hq, D]
+# --8<-- [end:sdpa_prefill]
 
 
+# --8<-- [start:sdpa_context_kv]
 def context_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
     """The first `seq_len` cached tokens of one sequence: [seq_len, Hkv, D].
 
@@ -145,6 +152,7 @@ def context_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> 
     if blocks.shape[0] == 1 or bool((blocks[1:] - blocks[:-1] == 1).all()):
         return cache[first:first + blocks.shape[0]].flatten(0, 1)[:seq_len]  # a view
     return cache[blocks].flatten(0, 1)[:seq_len]  # [nb * block_size, Hkv, D] -> [seq_len, Hkv, D]
+# --8<-- [end:sdpa_context_kv]
 
 
 def batched_context_kv(

@@ -50,6 +50,7 @@ MAX_DECODE_SPLITS = 16
 INTERPRETER_NUM_SMS = 132      # the heuristic's answer under the interpreter: an H100's
 
 
+# --8<-- [start:tile_configs]
 @dataclass(frozen=True)
 class TileConfig:
     block_m: int        # queries per program (prefill only)
@@ -72,6 +73,7 @@ def decode_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
     if INTERPRET:
         return TileConfig(block_m=16, block_n=32, num_warps=4, num_stages=1)
     return TileConfig(block_m=16, block_n=64, num_warps=4, num_stages=2)
+# --8<-- [end:tile_configs]
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,6 +83,7 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# --8<-- [start:decode_num_splits]
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
     """How many programs share one (sequence, KV head)'s context (flash-decoding).
 
@@ -98,6 +101,7 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     useful = max_seq_len // MIN_KEYS_PER_SPLIT
     n = max(1, min(wanted, useful, MAX_DECODE_SPLITS))
     return 1 << (n.bit_length() - 1)
+# --8<-- [end:decode_num_splits]
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

@@ -128,6 +128,7 @@ def _attend_kv_tile(
 # --8<-- [end:attend_kv_tile]
 
 
+# --8<-- [start:find_seq]
 @triton.jit
 def _find_seq(query_start_loc_ptr, num_seqs, tile, BLOCK_M: tl.constexpr):
     """Which sequence owns query tile `tile` of the flat prefill grid (binary search).
@@ -153,6 +154,7 @@ def _find_seq(query_start_loc_ptr, num_seqs, tile, BLOCK_M: tl.constexpr):
         else:
             hi = mid
     return lo
+# --8<-- [end:find_seq]
 
 
 # --8<-- [start:prefill_attention_kernel]
@@ -189,6 +191,7 @@ def prefill_attention_kernel(
     Keys below `full_end` (a multiple of BLOCK_N) are visible to every row of the tile, so that
     loop runs without any masking; only the last few tiles near the diagonal pay for the mask.
     """
+    # --8<-- [start:prefill_which_tile]
     tile = tl.program_id(0)
     head = tl.program_id(1)
     seq = _find_seq(query_start_loc_ptr, num_seqs, tile, BLOCK_M)
@@ -200,6 +203,7 @@ def prefill_attention_kernel(
         done = done | (query_len == 1)                              # the decode kernel's row
     if done:
         return
+    # --8<-- [end:prefill_which_tile]
     seq_len = tl.load(seq_lens_ptr + seq)
     context_len = seq_len - query_len                               # keys cached before this step
     kv_head = head // GROUP
@@ -217,6 +221,7 @@ def prefill_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DIM_PAD], tl.float32)
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    # --8<-- [start:prefill_loops]
     full_end = (context_len + m_start + 1) // BLOCK_N * BLOCK_N      # first row sees keys < C+m_start+1
     kv_end = tl.minimum(seq_len, context_len + m_start + BLOCK_M)   # last row sees keys < this
 
@@ -230,6 +235,7 @@ def prefill_attention_kernel(
             acc, m_i, l_i, q, q_pos, start_n, kv_end, k_cache_ptr, v_cache_ptr, block_table_ptr,
             kv_head, scale_log2e, stride_cb, stride_cs, stride_ch,
             BLOCK_SIZE, BLOCK_N, HEAD_DIM, DIM_PAD, True, True, DOT_PRECISION)
+    # --8<-- [end:prefill_loops]
 
     # Padding rows (offs_m >= query_len) computed garbage that is never stored; every real row
     # saw key 0, so l_i > 0.
@@ -273,6 +279,7 @@ def paged_decode_kernel(
     keeping every SM streaming K/V: a small batch of long sequences has few (seq, KV head)
     pairs, and splitting the context gives each SM its share of the bytes.
     """
+    # --8<-- [start:decode_which_keys]
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -284,7 +291,9 @@ def paged_decode_kernel(
     tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS)
     kv_start = split * tiles_per_split * BLOCK_N
     kv_end = tl.minimum(kv_start + tiles_per_split * BLOCK_N, seq_len)   # may be <= kv_start
+    # --8<-- [end:decode_which_keys]
 
+    # --8<-- [start:decode_load_q]
     g = tl.arange(0, GROUP_PAD)                                     # [GROUP_PAD]
     heads = kv_head * GROUP + g                                     # [GROUP_PAD] query heads
     g_mask = g < GROUP
@@ -293,7 +302,9 @@ def paged_decode_kernel(
     io_mask = g_mask[:, None] & d_mask[None, :]
     q = tl.load(q_ptr + q_begin.to(tl.int64) * stride_qt + heads[:, None] * stride_qh
                 + offs_d[None, :], mask=io_mask, other=0.0)        # [GROUP_PAD, DIM_PAD]
+    # --8<-- [end:decode_load_q]
 
+    # --8<-- [start:decode_loop]
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
@@ -303,7 +314,9 @@ def paged_decode_kernel(
             acc, m_i, l_i, q, g, start_n, kv_end, k_cache_ptr, v_cache_ptr, block_table_ptr,
             kv_head, scale_log2e, stride_cb, stride_cs, stride_ch,
             BLOCK_SIZE, BLOCK_N, HEAD_DIM, DIM_PAD, True, False, DOT_PRECISION)
+    # --8<-- [end:decode_loop]
 
+    # --8<-- [start:decode_write]
     if NUM_SPLITS == 1:
         out = acc / l_i[:, None]
         tl.store(out_ptr + q_begin.to(tl.int64) * stride_ot + heads[:, None] * stride_oh
@@ -315,6 +328,7 @@ def paged_decode_kernel(
         tl.store(part_sum_ptr + part, l_i, mask=g_mask)
         tl.store(part_acc_ptr + part[:, None] * DIM_PAD + offs_d[None, :], acc,
                  mask=g_mask[:, None])
+    # --8<-- [end:decode_write]
 # --8<-- [end:paged_decode_kernel]
 
 

@@ -73,6 +73,7 @@ class Attention(nn.Module):
         # How attention is computed (stage 04 swaps it); set by the model runner.
         self.backend: AttentionBackend = NaiveAttentionBackend()
 
+    # --8<-- [start:attention_forward]
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_metadata: AttentionMetadata
     ) -> torch.Tensor:
@@ -81,8 +82,10 @@ class Attention(nn.Module):
         key_cache, value_cache = self.kv_cache
         self.backend.store_kv_cache(k, v, key_cache, value_cache, attn_metadata.slot_mapping)
         return self.backend.forward(q, key_cache, value_cache, attn_metadata, self.scale)
+    # --8<-- [end:attention_forward]
 
 
+# --8<-- [start:attention_backend]
 class AttentionBackend:
     """One way of computing attention over the paged KV cache (stage 04 adds several).
 
@@ -108,6 +111,7 @@ class AttentionBackend:
         md: AttentionMetadata, scale: float,
     ) -> torch.Tensor:
         raise NotImplementedError
+# --8<-- [end:attention_backend]
 
 
 class NaiveAttentionBackend(AttentionBackend):

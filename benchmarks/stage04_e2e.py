@@ -1,0 +1,230 @@
+"""Stage 04 end to end on CPU: the whole engine with `sdpa` attention (stage 04's CPU default)
+against stage 03 (`naive` attention), side by side in one process, on one thread.
+
+    python -m benchmarks.stage04_e2e                   # full run, ~10 minutes on a busy 2-core box
+    python -m benchmarks.stage04_e2e --quick           # smoke run (short prompts, not written)
+
+Two measurements, on the bench model (`benchmarks.bench_model`: Qwen3 architecture, 8 layers,
+8 query / 4 KV heads of 64, random weights), float32:
+
+    prefill N     one request of N random prompt tokens, `max_tokens=1` (so the time is one
+                  prefill step plus sampling one token), N = 512, 1024, 2048
+    mixed         `benchmarks.workloads.get_workload("mixed", ...)`, greedy, ignore_eos,
+                  max_num_seqs 16, output tok/s: `quick=True` (16 requests, prompt 16..128,
+                  output 8..32) and the full-size lengths cut to 16 requests (prompt 16..512,
+                  output 8..256), where decodes attend over longer contexts
+
+Each system is one `LLM(model, stage=3 or 4, dtype="float32", max_model_len=2048)`, built once
+and reused: neither stage keeps state between requests (no prefix cache before stage 06), and
+every KV block is back in the pool after each `generate`. One untimed warm-up per system and
+measurement, then `--repeats` runs with the systems interleaved (3, 4, 3, 4, ...); medians of the
+wall time and of the process CPU time (steadier when the machine is shared). The two systems must
+produce the same tokens (greedy), which the script checks and records.
+
+Writes `benchmarks/results/stage04_e2e_cpu.json` (machine, every repeat) and `.md` (a one-line
+caption and the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import random
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from benchmarks.bench_model import (
+    bench_model_info,
+    bench_model_path,
+    machine_description,
+    machine_short,
+)
+from benchmarks.workloads import FIRST_ORDINARY_TOKEN_ID, get_workload
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+SYSTEMS = {"stage 03 (naive)": 3, "stage 04 (sdpa)": 4}
+BASELINE = "stage 03 (naive)"
+
+
+def build(model: str, stage: int, max_num_seqs: int) -> Any:
+    from folovllm import LLM
+
+    llm = LLM(model, stage=stage, dtype="float32", max_num_seqs=max_num_seqs,
+              max_model_len=2048, seed=0)
+    return llm
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return time.perf_counter() - wall, time.process_time() - cpu, out
+
+
+def bench(calls: dict[str, Callable[[], list[list[int]]]], repeats: int) -> dict[str, Any]:
+    """Warm each system up once, then `repeats` rounds with the systems interleaved."""
+    tokens = {name: fn() for name, fn in calls.items()}
+    walls: dict[str, list[float]] = {name: [] for name in calls}
+    cpus: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            wall, cpu, out = timed(fn)
+            assert out == tokens[name], f"{name}: greedy tokens changed between repeats"
+            walls[name].append(wall)
+            cpus[name].append(cpu)
+    rows = {name: dict(wall_s=walls[name], cpu_s=cpus[name],
+                       median_wall_s=statistics.median(walls[name]),
+                       median_cpu_s=statistics.median(cpus[name])) for name in calls}
+    first = next(iter(tokens.values()))
+    return dict(systems=rows, same_tokens=all(t == first for t in tokens.values()))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from folovllm import SamplingParams
+
+    torch.set_num_threads(args.threads)
+    model = str(bench_model_path())
+    info = bench_model_info(Path(model))
+    llms = {name: build(model, stage, max_num_seqs=16) for name, stage in SYSTEMS.items()}
+    backends = {name: llm.llm_engine.config.attention_backend for name, llm in llms.items()}
+    loads = []
+
+    def generate(llm: Any, prompts: list[list[int]], params: list[Any]) -> list[list[int]]:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    prefill: dict[str, Any] = {}
+    rng = random.Random(0)
+    for n in ((128, 256) if args.quick else (512, 1024, 2048)):
+        prompt = [rng.randrange(FIRST_ORDINARY_TOKEN_ID, info["vocab_size"]) for _ in range(n)]
+        params = [SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)]
+        calls = {name: (lambda llm=llm, prompt=prompt, params=params:
+                        generate(llm, [prompt], params))
+                 for name, llm in llms.items()}
+        prefill[f"prefill {n}"] = bench(calls, args.repeats)
+        loads.append(os.getloadavg()[0])
+        print(f"prefill {n}", {k: f"{v['median_wall_s'] * 1e3:.0f} ms"
+                               for k, v in prefill[f"prefill {n}"]["systems"].items()}, flush=True)
+
+    mixed: dict[str, Any] = {}
+    sizes = [("mixed (quick)", True, None)] if args.quick else [
+        ("mixed (quick)", True, None), ("mixed (16 requests)", False, 16)]
+    for label, quick, num_requests in sizes:
+        workload = get_workload("mixed", vocab_size=info["vocab_size"], seed=0, quick=quick,
+                                num_requests=num_requests)
+        if args.quick:
+            workload = workload.head(4)
+        prompts = [list(r.prompt_token_ids) for r in workload.requests]
+        params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True)
+                  for r in workload.requests]
+        calls = {name: (lambda llm=llm, prompts=prompts, params=params:
+                        generate(llm, prompts, params))
+                 for name, llm in llms.items()}
+        m = bench(calls, args.repeats)
+        for row in m["systems"].values():
+            row["output_tok_s"] = workload.num_output_tokens / row["median_wall_s"]
+            row["output_tok_s_cpu"] = workload.num_output_tokens / row["median_cpu_s"]
+        mixed[label] = dict(workload=workload.summary(), **m)
+        loads.append(os.getloadavg()[0])
+        print(label, {k: f"{v['output_tok_s']:.1f} tok/s" for k, v in m["systems"].items()},
+              flush=True)
+
+    return dict(model=info, attention_backends=backends, prefill=prefill, mixed=mixed,
+                peak_loadavg_1m=round(max(loads), 2))
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _ms(r: dict[str, Any]) -> str:
+    return (f"{r['median_wall_s'] * 1e3:.0f} ({min(r['wall_s']) * 1e3:.0f}–"
+            f"{max(r['wall_s']) * 1e3:.0f})")
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    machine = result["machine"]
+    caption = (
+        f"Stage 04 (`sdpa` attention) against stage 03 (`naive` attention), whole engine, bench "
+        f"model (Qwen3, 8 layers, 8/4 heads of 64, random weights), float32; median of "
+        f"{result['repeats']} interleaved runs after a warm-up: `{result['command']}` on "
+        f"{machine_short(machine)}, {result['date'][:10]}."
+    )
+    load = result.get("peak_loadavg_1m")
+    if load is not None and load > 0.5 * machine["cpu_cores"]:
+        caption += (f" The machine was shared (1-minute load average up to {load} on "
+                    f"{machine['cpu_cores']} cores): read the ratios, not the absolute numbers; "
+                    f"the ratios of CPU time in brackets are not stretched by waiting for a core.")
+    lines = [caption, "",
+             "| measurement | system | median (min–max) | CPU | × stage 03 | same tokens |",
+             "|:--|:--|--:|--:|--:|:-:|"]
+
+    def ratio(rows: dict[str, Any], name: str, key: str, inverse: bool) -> float:
+        a, b = rows[BASELINE][key], rows[name][key]
+        return b / a if inverse else a / b
+
+    for label, m in result["prefill"].items():
+        rows = m["systems"]
+        for name, r in rows.items():
+            lines.append(
+                f"| {label} (one request, `max_tokens=1`) | {name} | {_ms(r)} ms "
+                f"| {r['median_cpu_s'] * 1e3:.0f} ms "
+                f"| {ratio(rows, name, 'median_wall_s', False):.2f} "
+                f"(CPU {ratio(rows, name, 'median_cpu_s', False):.2f}) "
+                f"| {'yes' if m['same_tokens'] else 'NO'} |")
+    for key, m in result["mixed"].items():
+        w, rows = m["workload"], m["systems"]
+        label = (f"{key}: {w['num_requests']} requests, prompt {w['prompt_len_min']}.."
+                 f"{w['prompt_len_max']}, output {w['output_len_min']}..{w['output_len_max']} "
+                 f"({w['num_output_tokens']} tokens), batch 16")
+        for name, r in rows.items():
+            lines.append(
+                f"| {label} | {name} | {r['output_tok_s']:.1f} output tok/s "
+                f"({r['median_wall_s']:.2f} s) | {r['output_tok_s_cpu']:.1f} tok/s "
+                f"| {ratio(rows, name, 'median_wall_s', False):.2f} "
+                f"(CPU {ratio(rows, name, 'median_cpu_s', False):.2f}) "
+                f"| {'yes' if m['same_tokens'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="small shapes; print, do not write")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+
+    measured = run(args)
+    result = dict(
+        command=("python -m benchmarks.stage04_e2e "
+                 + shlex.join(sys.argv[1:] if argv is None else argv)).strip(),
+        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        git_commit=_git_commit(),
+        machine=machine_description(),
+        repeats=args.repeats,
+        **measured,
+    )
+    markdown = render_markdown(result)
+    print(markdown)
+    if not args.quick:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "stage04_e2e_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / "stage04_e2e_cpu.md").write_text(markdown)
+
+
+if __name__ == "__main__":
+    main()
