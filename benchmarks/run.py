@@ -58,6 +58,9 @@ class BenchConfig:
     dtype: str = "float32"
     max_num_seqs: int = 16
     seed: int = 0
+    # Extra `EngineConfig` fields for every folovllm system (e.g. kv_cache_memory, block_size,
+    # max_model_len); a system named `folovllm-stageN[key=value,...]` adds its own on top.
+    engine_args: dict[str, Any] = field(default_factory=dict)
 
 
 class System:
@@ -86,33 +89,52 @@ class System:
         """Deterministic counters of the run that just finished (same on every repeat)."""
         return {}
 
+    def release(self, prepared: Any) -> None:
+        """Untimed clean-up after a run (e.g. stop a background thread)."""
+
     def close(self) -> None:
         pass
 
 
 class FolovllmSystem(System):
-    """`folovllm.LLM(model, stage=N)`; a fresh engine per repeat, `LLM.generate` timed."""
+    """`folovllm.LLM(model, stage=N, **engine_args)`; a fresh engine per repeat, `LLM.generate`
+    timed.
 
-    def __init__(self, cfg: BenchConfig, stage: int) -> None:
+    Every `step()` of the engine is followed by a look at the engine's state (requests running
+    and waiting, KV tokens reserved and holding live tokens), kept as `trace` for plots: a few
+    attribute reads per step (microseconds, against steps of tens of milliseconds).
+    """
+
+    def __init__(self, cfg: BenchConfig, stage: int, overrides: Optional[dict[str, Any]] = None) -> None:
         super().__init__(cfg)
         self.stage = stage
-        self.name = f"folovllm-stage{stage}"
+        self.overrides = dict(overrides or {})
+        self.name = f"folovllm-stage{stage}" + (
+            "[" + ",".join(f"{k}={v}" for k, v in self.overrides.items()) + "]" if self.overrides else "")
         from folovllm.config import STAGE_NAMES
 
         self.description = f"folovllm LLM.generate, stage {stage:02d} ({STAGE_NAMES.get(stage, '?')})"
+        if self.engine_args:
+            self.description += ", " + ", ".join(f"{k}={v}" for k, v in self.engine_args.items())
+        self.trace: dict[str, list] = {}
+
+    @property
+    def engine_args(self) -> dict[str, Any]:
+        return {**self.cfg.engine_args, **self.overrides}
 
     def check(self) -> None:
         """Raise ValueError now if this stage is not built, before anything is timed."""
         from folovllm.config import EngineConfig
 
         EngineConfig.for_stage(self.stage, dtype=self.cfg.dtype, device=self.cfg.device,
-                               max_num_seqs=self.cfg.max_num_seqs)
+                               max_num_seqs=self.cfg.max_num_seqs, **self.engine_args)
 
     def prepare(self, workload: Workload) -> Any:
         from folovllm import LLM, SamplingParams
 
         llm = LLM(self.cfg.model, stage=self.stage, dtype=self.cfg.dtype, device=self.cfg.device,
-                  max_num_seqs=self.cfg.max_num_seqs, seed=self.cfg.seed)
+                  max_num_seqs=self.cfg.max_num_seqs, seed=self.cfg.seed, **self.engine_args)
+        self._trace_steps(llm.llm_engine)
         prompts = [list(r.prompt_token_ids) for r in workload.requests]
         params = [
             SamplingParams(temperature=workload.temperature, top_p=1.0, top_k=0,
@@ -123,11 +145,41 @@ class FolovllmSystem(System):
 
     def execute(self, prepared: Any) -> list[list[int]]:
         llm, prompts, params = prepared
+        self.trace = trace = dict(t=[], running=[], waiting=[], kv_reserved=[], kv_used=[],
+                                  prompt_tokens=[], decode_rows=[])
+        trace["t0"] = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outputs]
 
+    def _trace_steps(self, engine: Any) -> None:
+        """Wrap `engine.step` (an instance attribute shadows the method `LLM.generate` calls)."""
+        step = engine.step
+        scheduler, kv, stats = engine.scheduler, engine.kv_cache_manager, engine.stats
+
+        def traced_step() -> Any:
+            prompt, rows = stats.num_prompt_tokens_computed, stats.num_decode_row_steps
+            out = step()
+            tr = self.trace
+            tr["prompt_tokens"].append(stats.num_prompt_tokens_computed - prompt)  # prefill step
+            tr["decode_rows"].append(stats.num_decode_row_steps - rows)  # decode step
+            tr["t"].append(round(time.perf_counter() - tr["t0"], 4))
+            tr["running"].append(scheduler.num_live_requests())
+            tr["waiting"].append(len(scheduler.waiting))
+            tr["kv_reserved"].append(kv.num_reserved_tokens)
+            tr["kv_used"].append(scheduler.live_kv_tokens())
+            return out
+
+        engine.step = traced_step
+
     def stats(self, prepared: Any) -> dict[str, Any]:
         return dict(prepared[0].stats.as_dict())
+
+    def kv_capacity_tokens(self, prepared: Any) -> Optional[int]:
+        """Tokens the KV cache can hold (stage 02 slots, stage 03 blocks); None for stage 01."""
+        cache = getattr(prepared[0].llm_engine.kv_cache_manager, "kv_cache", None)
+        if self.stage < 2 or cache is None:
+            return None
+        return cache.num_blocks * cache.block_size
 
 
 class HFGenerateSystem(System):
@@ -221,33 +273,180 @@ class HFGenerateSystem(System):
         return s
 
 
+class HFGenerateBatchSystem(System):
+    """HF transformers' own continuous batching (`transformers.generation.continuous_batching`,
+    the engine behind `model.generate_batch`), on the same checkpoint.
+
+    `generate_batch(inputs, generation_config)` takes ONE `max_new_tokens` for every request, so
+    it would compute up to the longest request's length for every request: more work than the
+    workload asks for. The manager it wraps takes a `max_new_tokens` per request
+    (`ContinuousBatchingManager.add_request(input_ids, max_new_tokens=...)`), so this system does
+    what `generate_batch` does, request by request: `model.init_continuous_batching(...)`, add
+    every request with its own `max_tokens` and the never-emitted EOS id, start the generation
+    thread, wait for every result. Same work as folovllm: exactly `max_tokens` per request.
+
+    Sized like folovllm stage 02 (not HF's CPU defaults, which size the cache from the machine's
+    RAM and spend ~30 s zeroing it): at most `max_num_seqs` requests per batch, 2048 tokens per
+    batch, a paged cache of `max_num_seqs * 2048` tokens in pages of 256 (HF's default page
+    size), no prefix sharing (the prompts share nothing; folovllm stage 02 has no prefix cache),
+    no CUDA graphs, no torch.compile. Its scheduler mixes prefill and decode (and may split a
+    prompt) in one batch, which folovllm's stage 02 does not (that is stage 05).
+
+    Untimed: creating the manager and its cache (`manager.warmup()` builds the batch processor;
+    there are no CUDA graphs to capture on CPU), and stopping the thread afterwards. Timed: adding
+    the requests, starting the thread, receiving every finished result. The generation thread is
+    pinned to the runner's torch thread count (torch.set_num_threads is per-thread for OpenMP).
+    """
+
+    name = "hf-generate-batch"
+    description = "HF transformers continuous batching (generate_batch's manager), paged cache"
+    page_size = 256
+    max_batch_tokens = 2048
+    max_len = 2048
+
+    def load(self) -> None:
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        dtype = getattr(torch, self.cfg.dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(self.cfg.model, dtype=dtype)
+        self.model.to(self.cfg.device).eval()
+        self.description += f" (transformers {transformers.__version__}, attn " \
+                            f"{self.model.config._attn_implementation})"
+        cfg = self.model.config
+        self.never_eos = cfg.vocab_size  # as in HFGenerateSystem: an id the model cannot emit
+        self.pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+        self._calls: list[tuple[int, ...]] = []
+        self.model.register_forward_pre_hook(self._count, with_kwargs=True)
+        self.threads = torch.get_num_threads()
+
+    def _count(self, module: Any, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None:
+            self._calls.append(tuple(ids.shape))
+
+    def prepare(self, workload: Workload) -> Any:
+        from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        if workload.temperature > 0:
+            raise ValueError("hf-generate-batch is set up for greedy workloads only")
+        n = self.cfg.max_num_seqs
+        cb_config = ContinuousBatchingConfig(
+            page_size=self.page_size, num_blocks=n * self.max_len // self.page_size,
+            max_batch_tokens=self.max_batch_tokens, max_requests_per_batch=n,
+            allow_block_sharing=False, use_cuda_graph=False, use_async_batching=False,
+        )
+        gen_config = GenerationConfig(
+            max_new_tokens=max(r.max_tokens for r in workload.requests), do_sample=False,
+            eos_token_id=self.never_eos, pad_token_id=self.pad_token_id,
+        )
+        manager = self.model.init_continuous_batching(gen_config, cb_config)
+        manager.warmup()  # builds the batch processor and its paged cache now, untimed
+        threads, loop = self.threads, manager._run_generation_loop
+
+        def pinned_loop() -> None:  # the generation thread: same torch thread count as ours
+            torch.set_num_threads(threads)
+            loop()
+
+        manager._run_generation_loop = pinned_loop
+        self._calls = []
+        return workload, manager
+
+    @torch.inference_mode()
+    def execute(self, prepared: Any) -> list[list[int]]:
+        workload, manager = prepared
+        ids = [f"r{i}" for i in range(len(workload))]
+        for rid, r in zip(ids, workload.requests):
+            manager.add_request(list(r.prompt_token_ids), request_id=rid,
+                                max_new_tokens=r.max_tokens, eos_token_id=self.never_eos)
+        manager.start()
+        results: dict[str, Any] = {}
+        try:
+            while len(results) < len(ids):
+                out = manager.get_result(timeout=1)
+                if out is not None:
+                    if out.is_finished():
+                        if out.error is not None:
+                            raise RuntimeError(f"hf-generate-batch: request {out.request_id} failed: {out.error}")
+                        results[out.request_id] = out
+                elif not manager.is_running():
+                    raise RuntimeError("hf-generate-batch: the generation thread stopped early "
+                                       f"({len(results)}/{len(ids)} requests done)")
+        except BaseException:
+            self.release(prepared)
+            raise
+        return [list(results[rid].generated_tokens) for rid in ids]
+
+    def release(self, prepared: Any) -> None:
+        """Untimed: stop the generation thread (it idles once the last result is out)."""
+        manager = prepared[1]
+        if manager.is_running():
+            manager.stop(block=True)
+            manager.destroy()
+
+    def stats(self, prepared: Any) -> dict[str, Any]:
+        workload, manager = prepared
+        return dict(num_forward_passes=len(self._calls), num_prompt_tokens=workload.num_prompt_tokens,
+                    num_tokens_computed=sum(int(torch.tensor(c).prod()) for c in self._calls),
+                    num_generated_tokens=workload.num_output_tokens, kv_utilization=None)
+
+
 # Every system, by name. A stage's engineer adds `folovllm-stageN` here only if it needs more
 # than `FolovllmSystem(cfg, N)`, and its peers (e.g. HF's continuous batching `generate_batch`).
 SYSTEMS: dict[str, Callable[[BenchConfig], System]] = {
     "folovllm-stage1": lambda cfg: FolovllmSystem(cfg, 1),
     "hf-generate": HFGenerateSystem,
+    "hf-generate-batch": HFGenerateBatchSystem,
 }
-# The peers each stage is compared with.
+# The peers each stage is compared with (the previous folovllm stage counts as a peer: it is
+# what the stage improves on).
 STAGE_PEERS: dict[int, list[str]] = {
     1: ["hf-generate"],
+    2: ["folovllm-stage1", "hf-generate", "hf-generate-batch"],
+    3: ["folovllm-stage2"],
 }
+
+_FOLOVLLM_NAME = re.compile(r"folovllm-stage(\d+)(?:\[(.*)\])?")
+
+
+def parse_folovllm_name(name: str) -> Optional[tuple[int, dict[str, Any]]]:
+    """`folovllm-stage3[block_size=8,kv_cache_memory=67108864]` -> (3, {"block_size": 8, ...});
+    None if `name` is not a folovllm system. Values are ints where they parse as ints."""
+    m = _FOLOVLLM_NAME.fullmatch(name)
+    if not m:
+        return None
+    overrides: dict[str, Any] = {}
+    for item in filter(None, (m.group(2) or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"bad system {name!r}: expected key=value inside [...], got {item!r}")
+        try:
+            overrides[key.strip()] = int(value)
+        except ValueError:
+            overrides[key.strip()] = value.strip()
+    return int(m.group(1)), overrides
 
 
 def make_system(name: str, cfg: BenchConfig) -> System:
     if name in SYSTEMS:
         return SYSTEMS[name](cfg)
-    m = re.fullmatch(r"folovllm-stage(\d+)", name)
-    if m:
-        return FolovllmSystem(cfg, int(m.group(1)))
-    raise ValueError(f"unknown system {name!r}; known: {sorted(SYSTEMS)} or folovllm-stageN")
+    parsed = parse_folovllm_name(name)
+    if parsed:
+        return FolovllmSystem(cfg, *parsed)
+    raise ValueError(f"unknown system {name!r}; known: {sorted(SYSTEMS)} or "
+                     "folovllm-stageN[key=value,...]")
 
 
 def systems_for_stages(stages: list[int], with_peers: bool = True) -> list[str]:
+    """The stages' folovllm systems and peers: folovllm stages first, lowest stage first (the
+    agreement reference and the "× previous stage" order), then the other peers."""
     names = [f"folovllm-stage{s}" for s in sorted(set(stages))]
     if with_peers:
         for s in sorted(set(stages)):
             names += [p for p in STAGE_PEERS.get(s, []) if p not in names]
-    return names
+    folovllm = sorted((n for n in names if parse_folovllm_name(n)), key=lambda n: parse_folovllm_name(n)[0])
+    return folovllm + [n for n in names if not parse_folovllm_name(n)]
 
 
 # -- timing -------------------------------------------------------------------------------------
@@ -260,6 +459,7 @@ class Measurement:
     stats: dict[str, Any]
     cpu_seconds: float = 0.0  # this process's CPU time over the same span
     loadavg: Optional[float] = None  # 1-minute load average when it ended
+    trace: Optional[dict[str, Any]] = None  # per engine step (folovllm systems), for plots
 
 
 def _loadavg() -> Optional[float]:
@@ -288,8 +488,13 @@ def time_once(system: System, workload: Workload) -> Measurement:
         raise RuntimeError(f"{system.name}: output lengths differ from max_tokens "
                            f"(request, got, want): {bad[:5]}; the work would not be comparable")
     stats = system.stats(prepared)
+    system.release(prepared)
+    trace = dict(system.trace) if isinstance(system, FolovllmSystem) else None
+    if trace is not None:
+        trace.pop("t0", None)
+        trace["kv_capacity_tokens"] = system.kv_capacity_tokens(prepared)
     del prepared
-    return Measurement(seconds, outputs, stats, cpu_seconds, _loadavg())
+    return Measurement(seconds, outputs, stats, cpu_seconds, _loadavg(), trace)
 
 
 def warmup_workload(workload: Workload, n: int) -> Workload:
@@ -326,14 +531,18 @@ def _fmt_int(x: Any) -> str:
 def render_table(result: dict[str, Any]) -> str:
     baseline = result["baseline"]
     rows = result["systems"]
-    stage_names = [n for n in rows if n.startswith("folovllm-stage")]
-    show_prev = len(stage_names) > 1
+    show_prev = any(r.get("ratio_vs_previous_stage") is not None for r in rows.values())
+    # Stage 02+ (continuous batching, paged KV): how many run at once, preemptions, KV waste.
+    show_kv = any((parse_folovllm_name(n) or (0,))[0] >= 2 for n in rows)
     repeats = result["config"]["repeats"]
+    show_cpu = all("median_cpu_seconds" in r for r in rows.values())
     head = ["system", f"output tok/s (median of {repeats})", "total tok/s", f"× {baseline}"]
     if show_prev:
         head.append("× previous stage")
-    head += ["time s (min–max)", "forward passes", "prompt tokens computed",
+    head += ["time s (min–max)"] + (["CPU s"] if show_cpu else []) + ["forward passes", "prompt tokens computed",
              "wasted row steps", "KV util"]
+    if show_kv:
+        head += ["KV waste", "peak running", "preemptions"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(
         [":--"] + ["--:"] * (len(head) - 1)) + "|"]
     for name, r in rows.items():
@@ -341,14 +550,21 @@ def render_table(result: dict[str, Any]) -> str:
         kv = st.get("kv_utilization")
         cells = [f"`{name}`", f"{r['output_tok_s']:,.1f}", f"{r['total_tok_s']:,.1f}",
                  f"{r['ratio_vs_baseline']:.2f}"]
+        if show_cpu:  # the same ratio in CPU time (not stretched by waiting for a core)
+            base_cpu = rows[baseline]["median_cpu_seconds"]
+            cells[-1] += f" (CPU {base_cpu / r['median_cpu_seconds']:.2f})"
         if show_prev:
-            prev = r.get("ratio_vs_previous_stage")
-            cells.append("—" if prev is None else f"{prev:.2f}")
-        cells += [f"{r['median_seconds']:.2f} ({min(r['seconds']):.2f}–{max(r['seconds']):.2f})",
-                  _fmt_int(st.get("num_forward_passes")),
-                  _fmt_int(st.get("num_prompt_tokens_computed")),
-                  _fmt_int(st.get("num_wasted_row_steps")),
-                  "—" if kv is None else f"{kv:.1%}"]
+            prev, prev_cpu = r.get("ratio_vs_previous_stage"), r.get("ratio_vs_previous_stage_cpu")
+            cells.append("—" if prev is None else f"{prev:.2f}" + (
+                "" if prev_cpu is None else f" (CPU {prev_cpu:.2f})"))
+        cells.append(f"{r['median_seconds']:.2f} ({min(r['seconds']):.2f}–{max(r['seconds']):.2f})")
+        if show_cpu:
+            cells.append(f"{r['median_cpu_seconds']:.2f}")
+        cells += [_fmt_int(st.get("num_forward_passes")), _fmt_int(st.get("num_prompt_tokens_computed")),
+                  _fmt_int(st.get("num_wasted_row_steps")), "—" if kv is None else f"{kv:.1%}"]
+        if show_kv:
+            cells += ["—" if kv is None else f"{1 - kv:.1%}", _fmt_int(st.get("max_num_running")),
+                      _fmt_int(st.get("num_preemptions"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -362,14 +578,29 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{w['output_len_max']} tokens, "
         f"{'greedy' if not w['temperature'] else 'temperature ' + str(w['temperature'])}, "
         f"ignore_eos), model {result['model']['name']}, {result['config']['dtype']}, "
-        f"batch {result['config']['max_num_seqs']}: `{result['command']}` on "
+        f"batch {result['config']['max_num_seqs']}{_engine_args_text(result['config'])}: "
+        f"`{result['command']}` on "
         f"{machine_short(result['machine'])}, {result['date'][:10]}."
     )
     load, cores = result.get("peak_loadavg_1m"), result["machine"].get("cpu_cores") or 1
     if load is not None and result["machine"].get("gpu") is None and load > cores:
         caption += (f" The machine was shared (1-minute load average up to {load:.1f} on {cores} "
-                    "cores): read the ratio, not the absolute numbers.")
+                    "cores): read the ratios, not the absolute numbers; the ratios of CPU time in "
+                    "brackets are not stretched by waiting for a core.")
     return caption + "\n\n" + render_table(result) + "\n"
+
+
+def _engine_args_text(config: dict[str, Any]) -> str:
+    args = config.get("engine_args") or {}
+    parts = []
+    if "max_model_len" in args:
+        parts.append(f"max_model_len {args['max_model_len']}")
+    if "kv_cache_memory" in args:
+        b = args["kv_cache_memory"]
+        parts.append(f"KV cache {b:,} bytes ({b / 2**20:g} MiB)")
+    if "block_size" in args:
+        parts.append(f"block size {args['block_size']}")
+    return "".join(", " + p for p in parts)
 
 
 def _git_commit() -> Optional[str]:
@@ -447,14 +678,26 @@ def run_benchmark(
             agreement=(agreement(ms[0].outputs, runs[reference][0].outputs)
                        if workload.temperature == 0 else None),
         )
+        if ms[0].trace is not None:
+            # per engine step of the first repeat: seconds since the start, requests running and
+            # waiting after the step, KV tokens reserved and holding live tokens
+            results[s.name]["trace"] = ms[0].trace
     base = results[baseline]["median_seconds"]
-    prev = None
+    # "× previous stage": plain `folovllm-stageN` systems only, each against the next lower stage
+    plain = {parse_folovllm_name(n)[0]: n for n in results
+             if parse_folovllm_name(n) and not parse_folovllm_name(n)[1]}
     for name, r in results.items():
         r["ratio_vs_baseline"] = round(base / r["median_seconds"], 4)
-        if name.startswith("folovllm-stage"):
+        r["ratio_vs_baseline_cpu"] = round(results[baseline]["median_cpu_seconds"] / r["median_cpu_seconds"], 4)
+        parsed = parse_folovllm_name(name)
+        if parsed:
+            lower = [st for st in plain if st < parsed[0]]
+            prev = plain[max(lower)] if lower and not parsed[1] else None
             r["ratio_vs_previous_stage"] = (
                 None if prev is None else round(results[prev]["median_seconds"] / r["median_seconds"], 4))
-            prev = name
+            # the same ratio in CPU time of the process, which waiting for a core does not inflate
+            r["ratio_vs_previous_stage_cpu"] = (
+                None if prev is None else round(results[prev]["median_cpu_seconds"] / r["median_cpu_seconds"], 4))
     loads = [m.loadavg for ms in runs.values() for m in ms if m.loadavg is not None]
     return dict(baseline=baseline, systems=results, peak_loadavg_1m=max(loads) if loads else None)
 
@@ -477,6 +720,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="folovllm max_model_len (default: the model's 2048 positions)")
+    p.add_argument("--kv-cache-memory", type=int, default=None,
+                   help="folovllm KV cache bytes, stage 02 slots and stage 03 blocks alike "
+                        "(default: max_num_seqs full-length sequences)")
+    p.add_argument("--block-size", type=int, default=None, help="folovllm stage 03 block size (default 16)")
     p.add_argument("--seed", type=int, default=0, help="workload seed")
     p.add_argument("--model", default=None, help="checkpoint folder (default: the bench model)")
     p.add_argument("--out", default=str(RESULTS_DIR), help="folder for <name>.json and <name>.md")
@@ -506,8 +755,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if workload.max_seq_len > model_info["max_position_embeddings"]:
         p.error(f"workload needs {workload.max_seq_len} positions; the model has "
                 f"{model_info['max_position_embeddings']}")
+    engine_args = {k: v for k, v in dict(max_model_len=args.max_model_len,
+                                          kv_cache_memory=args.kv_cache_memory,
+                                          block_size=args.block_size).items() if v is not None}
     cfg = BenchConfig(model=model, device=args.device, dtype=args.dtype,
-                      max_num_seqs=args.max_num_seqs, seed=args.seed)
+                      max_num_seqs=args.max_num_seqs, seed=args.seed, engine_args=engine_args)
     command = "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else argv)
     machine = machine_description()
     print(f"{command}\nmachine: {machine_short(machine)}\nworkload: {workload.summary()}")
@@ -526,7 +778,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         model=model_info,
         config=dict(stages=stages, systems=names, workload=args.workload, quick=args.quick,
                     repeats=repeats, threads=args.threads, device=args.device, dtype=args.dtype,
-                    max_num_seqs=args.max_num_seqs, seed=args.seed),
+                    max_num_seqs=args.max_num_seqs, seed=args.seed, engine_args=engine_args),
         workload=workload.summary(),
         **bench,
     )
@@ -534,7 +786,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     print()
     print(md)
     if not args.no_write:
-        default = "stage" + "-".join(f"{s:02d}" for s in stages) if stages else "peers"
+        # named after the stages asked for (`--stages 2` runs stage 01 too, as a peer)
+        named = stages if args.systems else sorted(set(args.stages))
+        default = "stage" + "-".join(f"{s:02d}" for s in named) if named else "peers"
         name = args.name or f"{default}_{args.workload}_{'gpu' if args.device.startswith('cuda') else 'cpu'}" \
                             + ("_quick" if args.quick else "")
         out = Path(args.out)

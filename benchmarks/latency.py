@@ -1,0 +1,300 @@
+"""Online-serving latency: replay a seeded Poisson arrival trace against folovllm engines.
+
+    python -m benchmarks.latency --stages 1 2 --workload mixed --num-requests 48   # stage 02's
+    python -m benchmarks.latency --stages 1 2 --rate 0.5 --no-write                # fixed rate
+
+Each stage gets a fresh `LLMEngine` (through `folovllm.LLM`) per repeat and the same trace:
+request i arrives `arrivals[i]` seconds after the start (`workloads.poisson_arrivals`). The loop
+adds every request whose arrival time has passed (with that arrival time, so the time it waited
+while a step was running counts as queueing), then runs one `step()`; when nothing is left to
+run it sleeps until the next arrival. Requests are greedy with ignore_eos, so every one produces
+exactly its `max_tokens`, on every stage.
+
+Rate: `--rate` requests/s, or (default) `--load` x the capacity of the highest stage, measured
+first on the same workload with every request arriving at 0 (its offline throughput in requests
+per second on this machine now). At 0.8 the newest stage is busy but keeps up; an older, slower
+stage may not, and its queue (and TTFT) then grows over the trace: that is the point.
+
+Per request, from `RequestOutput.metrics` (`folovllm.outputs.RequestMetrics`): queue time, time
+to first token (TTFT), inter-token latencies (ITL, pooled over all requests), time per output
+token (TPOT, each request's mean decode gap), end-to-end latency. Throughput: output tokens /
+(last finish - first arrival). Repeats are interleaved (stage 1, stage 2, stage 1, ...) and the
+report quotes the median over repeats of each statistic.
+
+Writes `<out>/<name>.json` (every request's metrics, per-step traces of requests running and
+waiting) and `<out>/<name>.md`, and the plot `docs/assets/stage02_latency.png`
+(`benchmarks.plots.plot_latency`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from benchmarks.bench_model import bench_model_info, bench_model_path, machine_description, machine_short
+from benchmarks.run import RESULTS_DIR, _git_commit, _loadavg
+from benchmarks.workloads import WORKLOADS, Workload, get_workload, poisson_arrivals
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "docs" / "assets"
+
+
+def percentile(xs: list[float], q: float) -> Optional[float]:
+    """Linear-interpolated percentile (numpy's default), q in [0, 100]; None for no data."""
+    if not xs:
+        return None
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def make_llm(model: str, stage: int, max_num_seqs: int, seed: int, engine_args: dict[str, Any]) -> Any:
+    from folovllm import LLM
+
+    return LLM(model, stage=stage, dtype="float32", device="cpu", max_num_seqs=max_num_seqs,
+               seed=seed, **engine_args)
+
+
+def replay(llm: Any, workload: Workload, arrivals: list[float]) -> dict[str, Any]:
+    """Run `workload` on `llm`'s engine, request i arriving at `arrivals[i]` s after the start."""
+    from folovllm import SamplingParams
+    from folovllm.sampling_params import RequestOutputKind
+
+    engine = llm.llm_engine
+    scheduler, kv = engine.scheduler, engine.kv_cache_manager
+    params = [SamplingParams(temperature=0.0, top_p=1.0, top_k=0, max_tokens=r.max_tokens,
+                             ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
+              for r in workload.requests]
+    prompts = [list(r.prompt_token_ids) for r in workload.requests]
+    n = len(workload)
+    finished: dict[str, Any] = {}
+    trace: dict[str, list] = dict(t=[], running=[], waiting=[], kv_reserved=[])
+    nxt = 0
+    gc.collect()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    while nxt < n or engine.has_unfinished_requests():
+        now = time.perf_counter()
+        while nxt < n and start + arrivals[nxt] <= now:
+            engine.add_request(str(nxt), prompts[nxt], params[nxt], arrival_time=start + arrivals[nxt])
+            nxt += 1
+        if engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+            trace["t"].append(round(time.perf_counter() - start, 4))
+            trace["running"].append(scheduler.num_live_requests())
+            trace["waiting"].append(len(scheduler.waiting))
+            trace["kv_reserved"].append(kv.num_reserved_tokens)
+        elif nxt < n:
+            time.sleep(max(0.0, start + arrivals[nxt] - time.perf_counter()))
+    end, cpu_end = time.perf_counter(), time.process_time()
+
+    requests = []
+    for i, r in enumerate(workload.requests):
+        out = finished[str(i)]
+        got = len(out.outputs[0].token_ids)
+        if got != r.max_tokens:
+            raise RuntimeError(f"request {i}: {got} tokens, expected {r.max_tokens}")
+        m = out.metrics
+        requests.append(dict(
+            arrival=round(m.arrival_time - start, 5),
+            queue=round(m.queue_time, 5),
+            ttft=round(m.time_to_first_token, 5),
+            tpot=None if m.time_per_output_token is None else round(m.time_per_output_token, 5),
+            e2e=round(m.e2e_latency, 5),
+            itl=[round(x, 5) for x in m.inter_token_latencies],
+            prompt_tokens=len(r.prompt_token_ids), output_tokens=got,
+        ))
+    last_finish = max(q["arrival"] + q["e2e"] for q in requests)
+    return dict(seconds=round(end - start, 4), cpu_seconds=round(cpu_end - cpu_start, 4),
+                makespan=round(last_finish, 4), loadavg=_loadavg(), requests=requests,
+                trace=trace, stats=dict(engine.stats.as_dict()))
+
+
+def summarize(run: dict[str, Any], workload: Workload) -> dict[str, Any]:
+    reqs = run["requests"]
+    ttft = [q["ttft"] for q in reqs]
+    itl = [x for q in reqs for x in q["itl"]]
+    tpot = [q["tpot"] for q in reqs if q["tpot"] is not None]
+    e2e = [q["e2e"] for q in reqs]
+    queue = [q["queue"] for q in reqs]
+    span = run["makespan"]
+    return dict(
+        ttft_p50=percentile(ttft, 50), ttft_p90=percentile(ttft, 90), ttft_p99=percentile(ttft, 99),
+        itl_p50=percentile(itl, 50), itl_p99=percentile(itl, 99),
+        tpot_mean=statistics.fmean(tpot) if tpot else None, tpot_p50=percentile(tpot, 50),
+        e2e_p50=percentile(e2e, 50), e2e_p99=percentile(e2e, 99), queue_p50=percentile(queue, 50),
+        output_tok_s=workload.num_output_tokens / span, requests_per_s=len(reqs) / span,
+        makespan=span, max_num_running=run["stats"]["max_num_running"],
+    )
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    w, c = result["workload"], result["config"]
+    cap = result.get("capacity")
+    how = (f"{c['load']:.0%} of stage {cap['stage']:02d}'s capacity of {cap['requests_per_s']:.3f} "
+           f"requests/s (measured first: all {w['num_requests']} requests at once, "
+           f"{cap['seconds']:.1f} s)" if cap else "set by --rate")
+    caption = (
+        f"Online latency, Poisson arrivals at {c['rate']:.3f} requests/s ({how}), seed "
+        f"{c['arrival_seed']}; workload `{w['name']}` ({w['num_requests']} requests, prompt "
+        f"{w['prompt_len_min']}..{w['prompt_len_max']}, output {w['output_len_min']}.."
+        f"{w['output_len_max']} tokens, greedy, ignore_eos), model {result['model']['name']}, "
+        f"float32, max_num_seqs {c['max_num_seqs']}, median of {c['repeats']} interleaved "
+        f"repeat{'s' if c['repeats'] != 1 else ''}: `{result['command']}` on "
+        f"{machine_short(result['machine'])}, {result['date'][:10]}. Latencies in seconds; p99 of "
+        f"{w['num_requests']} requests is close to the maximum."
+    )
+    load, cores = result.get("peak_loadavg_1m"), result["machine"].get("cpu_cores") or 1
+    if load is not None and load > cores:
+        caption += (f" The machine was shared (1-minute load average up to {load:.1f} on {cores} "
+                    "cores): read the ratios, not the absolute numbers.")
+    cols = [("TTFT p50", "ttft_p50", 2), ("TTFT p90", "ttft_p90", 2), ("TTFT p99", "ttft_p99", 2),
+            ("ITL p50", "itl_p50", 3), ("ITL p99", "itl_p99", 3), ("TPOT mean", "tpot_mean", 3),
+            ("e2e p50", "e2e_p50", 2), ("queue p50", "queue_p50", 2),
+            ("output tok/s", "output_tok_s", 1), ("requests/s", "requests_per_s", 3),
+            ("peak running", "max_num_running", 0)]
+    head = ["system"] + [c[0] for c in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":--"] + ["--:"] * len(cols)) + "|"]
+    for name, r in result["systems"].items():
+        cells = [f"`{name}`"]
+        for _, key, digits in cols:
+            v = r["median"][key]
+            cells.append("—" if v is None else f"{v:,.{digits}f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    ratios = result.get("ratios")
+    tail = ""
+    if ratios:
+        tail = "\n" + (f"{ratios['older']} / {ratios['newer']}: TTFT p50 {ratios['ttft_p50']:.1f}×, "
+                       f"TTFT p99 {ratios['ttft_p99']:.1f}×, e2e p50 {ratios['e2e_p50']:.1f}×, "
+                       f"throughput {ratios['throughput']:.2f}× (newer / older).") + "\n"
+    return caption + "\n\n" + "\n".join(lines) + "\n" + tail
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stages", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--workload", default="mixed", choices=sorted(WORKLOADS))
+    p.add_argument("--num-requests", type=int, default=None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--rate", type=float, default=None, help="arrivals per second (default: --load x capacity)")
+    p.add_argument("--load", type=float, default=0.8,
+                   help="rate as a fraction of the highest stage's measured capacity (default 0.8)")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="workload seed")
+    p.add_argument("--arrival-seed", type=int, default=0)
+    p.add_argument("--out", default=str(RESULTS_DIR))
+    p.add_argument("--name", default=None, help="default stage<NN>_latency_cpu (NN: highest stage)")
+    p.add_argument("--plot", default=None, help="PNG path (default docs/assets/<name minus _cpu>.png)")
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    model = str(bench_model_path())
+    info = bench_model_info(Path(model))
+    workload = get_workload(args.workload, vocab_size=info["vocab_size"], seed=args.seed,
+                            quick=args.quick, num_requests=args.num_requests)
+    stages = sorted(set(args.stages))
+    command = "python -m benchmarks.latency " + shlex.join(sys.argv[1:] if argv is None else argv)
+    machine = machine_description()
+    print(f"{command}\nmachine: {machine_short(machine)}\nworkload: {workload.summary()}")
+
+    def fresh(stage: int) -> Any:
+        return make_llm(model, stage, args.max_num_seqs, 0, {})
+
+    # Warm-up (untimed): each stage once, the first max_num_seqs prompts, 4 tokens each.
+    from benchmarks.run import warmup_workload
+
+    warm = warmup_workload(workload, args.max_num_seqs)
+    for st in stages:
+        t = replay(fresh(st), warm, [0.0] * len(warm))["seconds"]
+        print(f"warm-up stage {st}: {t:.2f}s")
+
+    capacity = None
+    rate = args.rate
+    if rate is None:
+        top = stages[-1]
+        run = replay(fresh(top), workload, [0.0] * len(workload))
+        capacity = dict(stage=top, seconds=run["seconds"], cpu_seconds=run["cpu_seconds"],
+                        loadavg=run["loadavg"], requests_per_s=round(len(workload) / run["seconds"], 5),
+                        output_tok_s=round(workload.num_output_tokens / run["seconds"], 3))
+        rate = args.load * capacity["requests_per_s"]
+        print(f"capacity of stage {top}: {capacity['requests_per_s']:.3f} requests/s "
+              f"({run['seconds']:.1f}s for {len(workload)} requests, load {run['loadavg']}); "
+              f"rate = {args.load} x that = {rate:.3f} requests/s")
+    arrivals = poisson_arrivals(len(workload), rate, seed=args.arrival_seed)
+    print(f"trace: {len(arrivals)} arrivals over {arrivals[-1]:.1f}s")
+
+    runs: dict[int, list[dict[str, Any]]] = {st: [] for st in stages}
+    for i in range(args.repeats):
+        for st in stages:
+            run = replay(fresh(st), workload, arrivals)
+            runs[st].append(run)
+            s = summarize(run, workload)
+            print(f"repeat {i + 1}/{args.repeats} stage {st}: {run['seconds']:.1f}s (cpu "
+                  f"{run['cpu_seconds']:.1f}s, load {run['loadavg']}), TTFT p50 {s['ttft_p50']:.2f}s "
+                  f"p99 {s['ttft_p99']:.2f}s, ITL p50 {s['itl_p50'] * 1e3:.0f}ms, "
+                  f"{s['output_tok_s']:.1f} output tok/s, peak running {s['max_num_running']}")
+
+    systems: dict[str, Any] = {}
+    for st in stages:
+        sums = [summarize(r, workload) for r in runs[st]]
+        median = {k: (None if any(s[k] is None for s in sums) else
+                      round(statistics.median(s[k] for s in sums), 5)) for k in sums[0]}
+        systems[f"folovllm-stage{st}"] = dict(median=median, per_repeat=sums, runs=runs[st])
+    ratios = None
+    if len(stages) >= 2:
+        old, new = systems[f"folovllm-stage{stages[-2]}"]["median"], systems[f"folovllm-stage{stages[-1]}"]["median"]
+        ratios = dict(older=f"stage {stages[-2]:02d}", newer=f"stage {stages[-1]:02d}",
+                      ttft_p50=old["ttft_p50"] / new["ttft_p50"], ttft_p99=old["ttft_p99"] / new["ttft_p99"],
+                      e2e_p50=old["e2e_p50"] / new["e2e_p50"],
+                      throughput=new["output_tok_s"] / old["output_tok_s"])
+    loads = [r["loadavg"] for rs in runs.values() for r in rs if r["loadavg"] is not None]
+    if capacity and capacity["loadavg"] is not None:
+        loads.append(capacity["loadavg"])
+    result = dict(
+        command=command, date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        git_commit=_git_commit(), machine=machine, model=info,
+        config=dict(stages=stages, workload=args.workload, quick=args.quick, repeats=args.repeats,
+                    threads=args.threads, max_num_seqs=args.max_num_seqs, seed=args.seed,
+                    arrival_seed=args.arrival_seed, rate=rate, load=args.load if args.rate is None else None),
+        workload=workload.summary(), capacity=capacity, arrivals=[round(a, 5) for a in arrivals],
+        systems=systems, ratios=ratios, peak_loadavg_1m=max(loads) if loads else None,
+    )
+    md = render_markdown(result)
+    print()
+    print(md)
+    if not args.no_write:
+        name = args.name or f"stage{stages[-1]:02d}_latency_cpu" + ("_quick" if args.quick else "")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out / f"{name}.md").write_text(md)
+        print(f"wrote {out / name}.json and .md")
+        try:
+            from benchmarks.plots import plot_latency
+        except ImportError as e:  # matplotlib missing: results are written anyway
+            print(f"no plot ({e}); pip install matplotlib, then python -m benchmarks.plots")
+        else:
+            png = Path(args.plot) if args.plot else ASSETS_DIR / f"{name.removesuffix('_cpu')}.png"
+            plot_latency(result, png)
+            print(f"wrote {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

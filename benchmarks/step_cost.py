@@ -1,0 +1,110 @@
+"""CPU cost of one decode step against the number of rows it decodes (stage 02 and stage 03).
+
+    python -m benchmarks.step_cost                       # rows 1 2 4 8 16, context 256
+    python -m benchmarks.step_cost --rows 4 12 --context 384 --no-write
+
+Why: running more requests at once (continuous batching, paged KV) pays off when one step's cost
+barely grows with its rows, i.e. when a step is bound by reading the weights (a GPU, or a CPU
+with many threads). On one CPU thread the matmuls are compute-bound already at a few rows, so a
+step of 12 rows costs about 3x a step of 4 rows and admitting more requests buys little
+throughput. This measures it: for each row count B, a fresh engine prefills B prompts of
+`--context` tokens (untimed), then runs `--steps` decode steps, each timed in CPU time of the
+process (`time.process_time`, not stretched by waiting for a core on a shared machine) and in
+wall time. Reported: median CPU ms per step and per row (= per generated token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import random
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from benchmarks.bench_model import bench_model_path, machine_description, machine_short
+from benchmarks.run import RESULTS_DIR, _git_commit, _loadavg
+
+
+def measure(model: str, stage: int, rows: int, context: int, steps: int, engine_args: dict[str, Any]) -> dict[str, Any]:
+    from folovllm import LLM, SamplingParams
+
+    llm = LLM(model, stage=stage, dtype="float32", max_num_seqs=max(rows, 1), **engine_args)
+    engine = llm.llm_engine
+    rng = random.Random(rows)
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True)
+    for i in range(rows):
+        engine.add_request(str(i), [rng.randrange(3, 512) for _ in range(context)], params)
+    while engine.stats.num_decode_row_steps == 0:  # prefill(s), then one decode step untimed
+        engine.step()
+    cpu, wall = [], []
+    for _ in range(steps):
+        c0, w0 = time.process_time(), time.perf_counter()
+        engine.step()
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    assert engine.stats.max_num_running == rows
+    med = statistics.median(cpu)
+    return dict(stage=stage, rows=rows, context=context, steps=steps,
+                cpu_ms_per_step=round(med * 1e3, 3), cpu_ms_per_row=round(med * 1e3 / rows, 3),
+                wall_ms_per_step=round(statistics.median(wall) * 1e3, 3),
+                cpu_ms=[round(x * 1e3, 3) for x in cpu], loadavg=_loadavg())
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.step_cost", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    p.add_argument("--context", type=int, default=256, help="prompt tokens of every row")
+    p.add_argument("--steps", type=int, default=12, help="timed decode steps per row count")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(RESULTS_DIR))
+    p.add_argument("--name", default="stage03_step_cost_cpu")
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = str(bench_model_path())
+    command = "python -m benchmarks.step_cost " + shlex.join(sys.argv[1:] if argv is None else argv)
+    machine = machine_description()
+    print(f"{command}\nmachine: {machine_short(machine)}")
+    measure(model, args.stages[0], 2, 32, 2, {})  # warm-up
+    results = []
+    for rows in args.rows:  # stages interleaved per row count
+        for stage in args.stages:
+            r = measure(model, stage, rows, args.context, args.steps, {"max_model_len": 1024})
+            results.append(r)
+            print(f"stage {stage} rows {rows:2d}: {r['cpu_ms_per_step']:.1f} CPU ms/step, "
+                  f"{r['cpu_ms_per_row']:.1f} CPU ms/row (wall {r['wall_ms_per_step']:.1f} ms, load {r['loadavg']})")
+    base = {r["stage"]: r for r in results if r["rows"] == min(args.rows)}
+    lines = ["| stage | rows | CPU ms / step (median) | CPU ms / row | step cost × " + f"{min(args.rows)} row"
+             + ("s" if min(args.rows) != 1 else "") + " | wall ms / step |", "|--:|--:|--:|--:|--:|--:|"]
+    for r in results:
+        lines.append(f"| {r['stage']:02d} | {r['rows']} | {r['cpu_ms_per_step']:.1f} | {r['cpu_ms_per_row']:.1f} | "
+                     f"{r['cpu_ms_per_step'] / base[r['stage']]['cpu_ms_per_step']:.2f} | {r['wall_ms_per_step']:.1f} |")
+    loads = [r["loadavg"] for r in results if r["loadavg"] is not None]
+    caption = (f"CPU time of one decode step against the rows it decodes, every row with a context of "
+               f"{args.context} tokens, median of {args.steps} steps, bench model, float32, max_model_len 1024 "
+               f"(stage 02: contiguous slots, stage 03: paged, block size 16): `{command}` on "
+               f"{machine_short(machine)}, {_dt.date.today()}; 1-minute load average up to "
+               f"{max(loads) if loads else '?'} on {machine['cpu_cores']} cores (CPU time is not "
+               "stretched by waiting for a core).")
+    md = caption + "\n\n" + "\n".join(lines) + "\n"
+    print("\n" + md)
+    if not args.no_write:
+        out = Path(args.out)
+        result = dict(command=command, date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                      git_commit=_git_commit(), machine=machine, config=vars(args), results=results)
+        (out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out / f"{args.name}.md").write_text(md)
+        print(f"wrote {out / args.name}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
