@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
-import json
 import shlex
 import statistics
 import sys
@@ -42,7 +41,7 @@ from typing import Any, Optional
 import torch
 
 from benchmarks.bench_model import bench_model_info, bench_model_path, machine_description, machine_short
-from benchmarks.run import RESULTS_DIR, _git_commit, _loadavg
+from benchmarks.run import RESULTS_DIR, _git_commit, _loadavg, dump_json
 from benchmarks.workloads import WORKLOADS, Workload, get_workload, poisson_arrivals
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "docs" / "assets"
@@ -282,7 +281,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         name = args.name or f"stage{stages[-1]:02d}_latency_cpu" + ("_quick" if args.quick else "")
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out / f"{name}.json").write_text(dump_json(result))
         (out / f"{name}.md").write_text(md)
         print(f"wrote {out / name}.json and .md")
         try:

@@ -603,6 +603,13 @@ def _engine_args_text(config: dict[str, Any]) -> str:
     return "".join(", " + p for p in parts)
 
 
+def dump_json(obj: Any) -> str:
+    """Indented JSON, but a list of plain numbers (timings, per-step traces) on one line."""
+    text = json.dumps(obj, indent=1)
+    return re.sub(r"\[\s*([-0-9.eE,\s]*?|(?:null|true|false|[-0-9.eE]+)(?:,\s*(?:null|[-0-9.eE]+))*)\s*\]",
+                  lambda m: "[" + re.sub(r",\s+", ", ", m.group(1).strip()) + "]", text) + "\n"
+
+
 def _git_commit() -> Optional[str]:
     try:
         root = Path(__file__).resolve().parent.parent
@@ -793,7 +800,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                             + ("_quick" if args.quick else "")
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / f"{name}.json").write_text(dump_json(result))
         (out / f"{name}.md").write_text(md)
         print(f"wrote {out / name}.json and .md")
     return 0

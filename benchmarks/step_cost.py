@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import random
 import shlex
 import statistics
@@ -29,7 +28,7 @@ from typing import Any, Optional
 import torch
 
 from benchmarks.bench_model import bench_model_path, machine_description, machine_short
-from benchmarks.run import RESULTS_DIR, _git_commit, _loadavg
+from benchmarks.run import RESULTS_DIR, _git_commit, _loadavg, dump_json
 
 
 def measure(model: str, stage: int, rows: int, context: int, steps: int, engine_args: dict[str, Any]) -> dict[str, Any]:
@@ -100,7 +99,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         out = Path(args.out)
         result = dict(command=command, date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                       git_commit=_git_commit(), machine=machine, config=vars(args), results=results)
-        (out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out / f"{args.name}.json").write_text(dump_json(result))
         (out / f"{args.name}.md").write_text(md)
         print(f"wrote {out / args.name}.json and .md")
     return 0
