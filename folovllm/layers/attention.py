@@ -196,12 +196,13 @@ def naive_attention(
     k = gather_kv(key_cache, md.block_tables, Lk).transpose(1, 2)  # [B, Hkv, Lk, D]
     v = gather_kv(value_cache, md.block_tables, Lk).transpose(1, 2)  # [B, Hkv, Lk, D]
 
-    scores = (q_pad.float() @ k.float().transpose(-1, -2)) * scale  # [B, Hkv, group*Lq, Lk]
+    # Scale q rather than the scores: [.., group*Lq, D] is smaller than [.., group*Lq, Lk].
+    scores = (q_pad.float() * scale) @ k.float().transpose(-1, -2)  # [B, Hkv, group*Lq, Lk]
     scores = scores.view(B, num_kv_heads, group, Lq, Lk)
     q_pos = (md.seq_lens - query_lens)[:, None] + torch.arange(Lq, device=device)  # [B, Lq]
     k_pos = torch.arange(Lk, device=device)  # [Lk]
     visible = k_pos[None, None, :] <= q_pos[:, :, None]  # [B, Lq, Lk]
-    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    scores.masked_fill_(~visible[:, None, None], float("-inf"))  # in place: no second copy
     probs = torch.softmax(scores, dim=-1).view(B, num_kv_heads, group * Lq, Lk)
     out = probs @ v.float()  # [B, Hkv, group*Lq, D]
     out = out.view(B, num_kv_heads, group, Lq, head_dim).permute(0, 3, 1, 2, 4)
