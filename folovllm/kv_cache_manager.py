@@ -59,7 +59,10 @@ class KVCacheManager:
         allocated) if there are not enough free blocks."""
         blocks = self.req_to_blocks.get(request.request_id, [])
         num_needed = cdiv(request.num_computed_tokens + num_new_tokens, self.block_size) - len(blocks)
-        reserve = 0 if blocks else self.watermark_blocks  # a new request leaves the watermark
+        # A new request must leave the watermark free, unless the cache is empty: then nobody
+        # runs who could need those blocks, and a prompt as long as the whole cache must fit.
+        cache_empty = self.num_free_blocks == self.block_pool.num_blocks
+        reserve = 0 if blocks or cache_empty else self.watermark_blocks
         if num_needed > self.num_free_blocks - reserve:
             return False
         if num_needed > 0:

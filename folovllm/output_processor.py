@@ -4,10 +4,11 @@ A prompt with `n` samples is run as `n` child requests (`"<id>"` for n = 1, `"<i
 otherwise); this is where their completions are gathered back into one `RequestOutput`.
 
 Streaming (`RequestOutputKind.DELTA`) sends only the text and tokens that are new since the last
-output. Text that could be the start of a stop string is held back until it is certain not to be
-one, so a client never receives characters that a later stop string would take back::
+output. While a request runs, the last `len(longest stop string) - 1` characters are always held
+back (they could be the start of a stop string), and so is a trailing partial UTF-8 character, so
+a client never receives characters that a later stop string would take back::
 
-    stop="END", text so far "...the E"   -> sent "...the ", "E" held back (could be "END")
+    stop="END", text so far "...the Ex"  -> sent "...the ", "Ex" held back (2 = len("END") - 1)
 """
 
 from __future__ import annotations

@@ -76,6 +76,24 @@ def test_twice_the_concurrency_of_stage_02_at_the_same_budget(tiny_qwen3):
     assert llm3.stats.kv_utilization > llm2.stats.kv_utilization
 
 
+def test_a_prompt_as_long_as_the_whole_cache_is_admitted(tiny_qwen3):
+    """The admission watermark must not keep out a prompt that only an empty cache can hold."""
+    llm = paged_llm(tiny_qwen3, max_model_len=1024, block_size=8, kv_cache_memory=128 * 8 * BYTES_PER_TOKEN)
+    manager = llm.llm_engine.kv_cache_manager
+    assert manager.watermark_blocks > 0
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    engine.add_request("long", [3 + i % 500 for i in range(1020)], params)
+    engine.add_request("short", [5, 6, 7], params)
+    finished = {}
+    for _ in range(50):  # a bounded loop: a request that is never admitted fails, not hangs
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+        if not engine.has_unfinished_requests():
+            break
+    assert {rid: len(o.outputs[0].token_ids) for rid, o in finished.items()} == {"long": 4, "short": 4}
+    assert manager.num_free_blocks == 128
+
+
 def test_budget_too_small_for_one_sequence_is_refused(tiny_qwen3):
     with pytest.raises(ValueError, match=r"fewer than one max_model_len=256 sequence; need at least 131072 bytes"):
         paged_llm(tiny_qwen3, kv_cache_memory=10 * 16 * BYTES_PER_TOKEN)
