@@ -32,7 +32,6 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from benchmarks.bench_model import machine_description, machine_short
+from benchmarks.bench_model import machine_description, machine_short, git_commit
 from folovllm.attention_backends import get_attn_backend
 from folovllm.attention_backends.sdpa import SDPAAttentionBackend
 
@@ -166,14 +165,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return dict(workloads=results, sdpa_design=design, peak_loadavg_1m=round(max(loads), 2))
 
 
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def _shape(alloc: dict[str, Any]) -> str:
     return f"{alloc['mib']:.1f} MiB `[{', '.join(map(str, alloc['shape']))}]`"
 
@@ -228,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         command=("python -m benchmarks.attention_cpu "
                  + shlex.join(sys.argv[1:] if argv is None else argv)).strip(),
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        git_commit=_git_commit(),
+        git_commit=git_commit(),
         machine=machine_description(),
         repeats=args.repeats,
         **measured,

@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -124,3 +125,16 @@ def machine_short(desc: dict[str, Any]) -> str:
         where = (f"{cpu}, {desc['cpu_cores']} cores, {threads} thread"
                  f"{'s' if threads != 1 else ''}")
     return f"{where}, torch {desc['torch']}"
+
+
+def git_commit() -> str | None:
+    """The commit the numbers were measured at, "+dirty" if folovllm/ had uncommitted edits."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "folovllm"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None

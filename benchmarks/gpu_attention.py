@@ -33,7 +33,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -41,6 +40,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from benchmarks.bench_model import git_commit
 from folovllm.layers.attention import AttentionMetadata, naive_attention
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 16, 8, 128, 16  # Qwen3-0.6B attention
@@ -270,14 +270,6 @@ def bench_decode(backend_cls: Any, split_heuristic: Callable, dtype: torch.dtype
 
 # -- output ------------------------------------------------------------------------------------
 
-def _git_commit() -> Optional[str]:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def output_path(gpu: str) -> Path:
     if os.environ.get("OUT"):
         return Path(os.environ["OUT"]) / "gpu_attention.json"
@@ -347,7 +339,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     result = dict(
         benchmark="gpu_attention", date=datetime.datetime.now().isoformat(timespec="seconds"),
         command="python -m benchmarks.gpu_attention " + " ".join(argv or sys.argv[1:]),
-        git_commit=_git_commit(), machine=machine,
+        git_commit=git_commit(), machine=machine,
         shapes=dict(heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, block_size=BLOCK_SIZE,
                     dtype=args.dtype),
         correctness=correctness, copy_bandwidth_gb_s=copy_gb_s, prefill=prefill, decode=decode,

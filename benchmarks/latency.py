@@ -40,8 +40,8 @@ from typing import Any, Optional
 
 import torch
 
-from benchmarks.bench_model import bench_model_info, bench_model_path, machine_description, machine_short
-from benchmarks.run import RESULTS_DIR, _git_commit, _loadavg, dump_json
+from benchmarks.bench_model import bench_model_info, bench_model_path, machine_description, machine_short, git_commit
+from benchmarks.run import RESULTS_DIR, _loadavg, dump_json
 from benchmarks.workloads import WORKLOADS, Workload, get_workload, poisson_arrivals
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "docs" / "assets"
@@ -267,7 +267,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         loads.append(capacity["loadavg"])
     result = dict(
         command=command, date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        git_commit=_git_commit(), machine=machine, model=info,
+        git_commit=git_commit(), machine=machine, model=info,
         config=dict(stages=stages, workload=args.workload, quick=args.quick, repeats=args.repeats,
                     threads=args.threads, max_num_seqs=args.max_num_seqs, seed=args.seed,
                     arrival_seed=args.arrival_seed, rate=rate, load=args.load if args.rate is None else None),

@@ -31,7 +31,6 @@ import os
 import re
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from benchmarks.bench_model import bench_model_info, bench_model_path, machine_description, machine_short
+from benchmarks.bench_model import bench_model_info, bench_model_path, machine_description, machine_short, git_commit
 from benchmarks.workloads import WORKLOADS, Workload, get_workload
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -610,18 +609,6 @@ def dump_json(obj: Any) -> str:
                   lambda m: "[" + re.sub(r",\s+", ", ", m.group(1).strip()) + "]", text) + "\n"
 
 
-def _git_commit() -> Optional[str]:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "folovllm"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 # -- main ---------------------------------------------------------------------------------------
 
 
@@ -780,7 +767,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     result = dict(
         command=command,
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        git_commit=_git_commit(),
+        git_commit=git_commit(),
         machine=machine,
         model=model_info,
         config=dict(stages=stages, systems=names, workload=args.workload, quick=args.quick,

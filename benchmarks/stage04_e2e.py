@@ -34,7 +34,6 @@ import os
 import random
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,6 +46,7 @@ from benchmarks.bench_model import (
     bench_model_path,
     machine_description,
     machine_short,
+    git_commit,
 )
 from benchmarks.workloads import FIRST_ORDINARY_TOKEN_ID, get_workload
 
@@ -142,14 +142,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 peak_loadavg_1m=round(max(loads), 2))
 
 
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def _ms(r: dict[str, Any]) -> str:
     return (f"{r['median_wall_s'] * 1e3:.0f} ({min(r['wall_s']) * 1e3:.0f}–"
             f"{max(r['wall_s']) * 1e3:.0f})")
@@ -213,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         command=("python -m benchmarks.stage04_e2e "
                  + shlex.join(sys.argv[1:] if argv is None else argv)).strip(),
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        git_commit=_git_commit(),
+        git_commit=git_commit(),
         machine=machine_description(),
         repeats=args.repeats,
         **measured,

@@ -27,8 +27,8 @@ from typing import Any, Optional
 
 import torch
 
-from benchmarks.bench_model import bench_model_path, machine_description, machine_short
-from benchmarks.run import RESULTS_DIR, _git_commit, _loadavg, dump_json
+from benchmarks.bench_model import bench_model_path, machine_description, machine_short, git_commit
+from benchmarks.run import RESULTS_DIR, _loadavg, dump_json
 
 
 def measure(model: str, stage: int, rows: int, context: int, steps: int, engine_args: dict[str, Any]) -> dict[str, Any]:
@@ -98,7 +98,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.no_write:
         out = Path(args.out)
         result = dict(command=command, date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                      git_commit=_git_commit(), machine=machine, config=vars(args), results=results)
+                      git_commit=git_commit(), machine=machine, config=vars(args), results=results)
         (out / f"{args.name}.json").write_text(dump_json(result))
         (out / f"{args.name}.md").write_text(md)
         print(f"wrote {out / args.name}.json and .md")
