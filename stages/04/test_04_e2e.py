@@ -49,3 +49,21 @@ def test_unavailable_backends_are_refused_clearly():
             EngineConfig.for_stage(4, attention_backend="triton")
     with pytest.raises(ValueError, match="attention_backend must be one of"):
         EngineConfig.for_stage(4, attention_backend="xformers")
+
+
+def test_flash_attn_backend_equals_naive_where_installed():
+    """flash-attn is optional (CUDA, block_size a multiple of 256): tested wherever it exists."""
+    pytest.importorskip("flash_attn")
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("flash_attn needs CUDA")
+    from folovllm.attention_backends import get_attn_backend
+    from folovllm.layers.attention import naive_attention
+    from tests.attention_utils import Batch, random_paged_batch
+
+    batch = Batch((5, 1, 40), (300, 257, 40), heads=8, kv_heads=2, head_dim=128, block_size=256)
+    q, key_cache, value_cache, md = random_paged_batch(batch, torch.float16, seed=0, device="cuda")
+    out = get_attn_backend("flash_attn").forward(q, key_cache, value_cache, md, 128**-0.5)
+    ref = naive_attention(q.float(), key_cache.float(), value_cache.float(), md, 128**-0.5)
+    torch.testing.assert_close(out.float(), ref, atol=3e-3, rtol=3e-3)
