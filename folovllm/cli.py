@@ -32,7 +32,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     # Per-flag options: on top of --stage, for ablations (None = what the stage says).
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--kv-cache-memory", type=_parse_bytes, default=None,
-                   help="KV cache size, e.g. 2GiB or 512MiB (stages 02-03)")
+                   help="KV cache size, e.g. 2GiB or 512MiB (stages 02+)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
     p.add_argument("--block-size", type=int, default=None, help="tokens per KV block (stage 03)")
     p.add_argument("--continuous-batching", dest="enable_continuous_batching",

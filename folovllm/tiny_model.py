@@ -25,7 +25,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# Model sizes. "tiny" keeps tests fast; "bench" is big enough (about 30M parameters) that
+# Model sizes. "tiny" keeps tests fast; "bench" is big enough (25.4M parameters) that
 # matmuls, not Python, dominate a step on one CPU thread.
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(

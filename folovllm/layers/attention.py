@@ -171,8 +171,8 @@ def naive_attention(
     when `j <= its position` (causal). Keys past a sequence's length are only ever visible to
     padding queries, whose outputs are thrown away.
 
-    Peak memory: the scores are [B, Hq, max_query_len, max_seq_len] float32, which is what
-    stage 04 (FlashAttention) removes.
+    Peak memory: the scores are [B, Hkv, group * max_query_len, max_seq_len] float32 (one row
+    per query head and query), which is what stage 04 (FlashAttention) removes.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = key_cache.shape[2]
