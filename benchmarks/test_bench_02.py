@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from benchmarks.bench_model import bench_model_path
-from benchmarks.run import BenchConfig, FolovllmSystem, make_system, systems_for_stages, time_once, warmup_workload
+from benchmarks.pytest_support import time_system
+from benchmarks.run import BenchConfig, systems_for_stages
 from benchmarks.workloads import get_workload
 
 STAGE = 2
@@ -41,29 +42,5 @@ def cfg():
 @pytest.mark.parametrize("system_name", systems_for_stages([STAGE]))
 def test_stage02_vs_peers(benchmark, cfg, workload_name, system_name):
     workload = get_workload(workload_name, vocab_size=512, quick=True)
-    system = make_system(system_name, cfg)
-    if isinstance(system, FolovllmSystem):
-        system.check()
-    system.load()
-    time_once(system, warmup_workload(workload, MAX_NUM_SEQS))  # untimed warm-up
-
-    benchmark.group = f"stage{STAGE:02d} vs peers: {workload_name} (quick, {len(workload)} requests)"
-    benchmark.name = system_name
-    prepared = []
-
-    def setup():
-        prepared.append(system.prepare(workload))
-        return (prepared[-1],), {}
-
-    try:
-        outputs = benchmark.pedantic(system.execute, setup=setup, rounds=ROUNDS, iterations=1)
-        assert [len(o) for o in outputs] == [r.max_tokens for r in workload.requests]
-        benchmark.extra_info.update(
-            output_tokens=workload.num_output_tokens,
-            prompt_tokens=workload.num_prompt_tokens,
-            stats=system.stats(prepared[-1]),
-        )
-    finally:
-        for p in prepared:
-            system.release(p)
-        system.close()
+    time_system(benchmark, cfg, workload, system_name, rounds=ROUNDS,
+                group=f"stage{STAGE:02d} vs peers: {workload_name} (quick, {len(workload)} requests)")

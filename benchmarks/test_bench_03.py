@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from benchmarks.bench_model import bench_model_path
-from benchmarks.run import BenchConfig, FolovllmSystem, make_system, systems_for_stages, time_once, warmup_workload
+from benchmarks.pytest_support import time_system
+from benchmarks.run import BenchConfig, systems_for_stages
 from benchmarks.workloads import get_workload
 
 STAGE = 3
@@ -42,28 +43,13 @@ def setting():
 
 
 def run_benchmark(benchmark, cfg, workload, system_name, group):
-    system = make_system(system_name, cfg)
-    assert isinstance(system, FolovllmSystem)
-    system.check()
-    time_once(system, warmup_workload(workload, MAX_NUM_SEQS))  # untimed warm-up
-    benchmark.group = group
-    benchmark.name = system_name
-    prepared = []
-
-    def setup():
-        prepared.append(system.prepare(workload))
-        return (prepared[-1],), {}
-
-    outputs = benchmark.pedantic(system.execute, setup=setup, rounds=ROUNDS, iterations=1)
-    assert [len(o) for o in outputs] == [r.max_tokens for r in workload.requests]
-    stats = system.stats(prepared[-1])
+    """`time_system` plus the paged-KV figures of this stage in the benchmark's extra info."""
+    stats = time_system(benchmark, cfg, workload, system_name, group=group, rounds=ROUNDS)
     benchmark.extra_info.update(
-        output_tokens=workload.num_output_tokens,
         kv_cache_memory=KV_CACHE_MEMORY,
         max_num_running=stats["max_num_running"],
         num_preemptions=stats["num_preemptions"],
         kv_waste=round(1 - stats["kv_utilization"], 4),
-        stats=stats,
     )
     return stats
 
