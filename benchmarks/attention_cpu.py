@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import json
 import os
 import shlex
 import statistics
@@ -40,7 +39,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from benchmarks.bench_model import machine_description, machine_short, git_commit
+from benchmarks.bench_model import git_commit, machine_description, machine_short, write_results
 from folovllm.attention_backends import get_attn_backend
 from folovllm.attention_backends.sdpa import SDPAAttentionBackend
 
@@ -227,9 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     markdown = render_markdown(result)
     print(markdown)
     if not args.quick:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "stage04_attention_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out / "stage04_attention_cpu.md").write_text(markdown)
+        write_results(args.out, "stage04_attention_cpu", result, markdown)
 
 
 if __name__ == "__main__":

@@ -138,3 +138,12 @@ def git_commit() -> str | None:
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def write_results(out_dir: Path, name: str, result: dict[str, Any], markdown: str) -> None:
+    """`<out_dir>/<name>.json` (everything measured) and `<name>.md` (the table the docs include)."""
+    import json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / f"{name}.md").write_text(markdown)

@@ -181,6 +181,19 @@ class FolovllmSystem(System):
         return cache.num_blocks * cache.block_size
 
 
+def _load_hf_model_into(system: "System") -> Any:
+    """Load the bench model with HF transformers on the system's device; returns its config."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, system.cfg.dtype)
+    system.model = AutoModelForCausalLM.from_pretrained(system.cfg.model, dtype=dtype)
+    system.model.to(system.cfg.device).eval()
+    system.description += (f" (transformers {transformers.__version__}, attn "
+                           f"{system.model.config._attn_implementation})")
+    return system.model.config
+
+
 class HFGenerateSystem(System):
     """HF transformers `model.generate` on the same checkpoint, in static batches.
 
@@ -195,15 +208,7 @@ class HFGenerateSystem(System):
     description = "HF transformers model.generate, static batches, left-padded"
 
     def load(self) -> None:
-        import transformers
-        from transformers import AutoModelForCausalLM
-
-        dtype = getattr(torch, self.cfg.dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(self.cfg.model, dtype=dtype)
-        self.model.to(self.cfg.device).eval()
-        self.description += f" (transformers {transformers.__version__}, attn " \
-                            f"{self.model.config._attn_implementation})"
-        cfg = self.model.config
+        cfg = _load_hf_model_into(self)
         self.pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
         # Never stop on EOS (ignore_eos). HF fills an `eos_token_id=None` back in from the model's
         # generation_config, and `min_new_tokens` would change the logits (it masks EOS to -inf),
@@ -304,15 +309,7 @@ class HFGenerateBatchSystem(System):
     max_len = 2048
 
     def load(self) -> None:
-        import transformers
-        from transformers import AutoModelForCausalLM
-
-        dtype = getattr(torch, self.cfg.dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(self.cfg.model, dtype=dtype)
-        self.model.to(self.cfg.device).eval()
-        self.description += f" (transformers {transformers.__version__}, attn " \
-                            f"{self.model.config._attn_implementation})"
-        cfg = self.model.config
+        cfg = _load_hf_model_into(self)
         self.never_eos = cfg.vocab_size  # as in HFGenerateSystem: an id the model cannot emit
         self.pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
         self._calls: list[tuple[int, ...]] = []

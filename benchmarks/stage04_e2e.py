@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import random
 import shlex
@@ -47,6 +46,7 @@ from benchmarks.bench_model import (
     machine_description,
     machine_short,
     git_commit,
+    write_results,
 )
 from benchmarks.workloads import FIRST_ORDINARY_TOKEN_ID, get_workload
 
@@ -213,9 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     markdown = render_markdown(result)
     print(markdown)
     if not args.quick:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "stage04_e2e_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out / "stage04_e2e_cpu.md").write_text(markdown)
+        write_results(args.out, "stage04_e2e_cpu", result, markdown)
 
 
 if __name__ == "__main__":
