@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.bench_model import git_commit, machine_description, machine_short, write_results
-from folovllm.attention_backends import get_attn_backend
-from folovllm.attention_backends.sdpa import SDPAAttentionBackend
+from folovllm.model_executor.attention_backends import get_attn_backend
+from folovllm.model_executor.attention_backends.sdpa import SDPAAttentionBackend
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"

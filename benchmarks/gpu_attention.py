@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.bench_model import git_commit
-from folovllm.layers.attention import AttentionMetadata, naive_attention
+from folovllm.model_executor.layers.attention import AttentionMetadata, naive_attention
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 16, 8, 128, 16  # Qwen3-0.6B attention
 DEVICE = "cuda"
@@ -304,7 +304,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import triton
 
     from benchmarks.bench_model import machine_description
-    from folovllm.attention_backends.triton_attn import (
+    from folovllm.model_executor.attention_backends.triton_attn import (
         TileConfig,
         TritonAttentionBackend,
         decode_num_splits,

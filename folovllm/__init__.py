@@ -1,8 +1,8 @@
 """folovllm: a small LLM inference engine in the vLLM family, built one optimisation at a time."""
 
 from folovllm.config import EngineConfig
-from folovllm.llm import LLM
-from folovllm.llm_engine import LLMEngine
+from folovllm.entrypoints.llm import LLM
+from folovllm.engine.llm_engine import LLMEngine
 from folovllm.outputs import CompletionOutput, RequestOutput
 from folovllm.sampling_params import RequestOutputKind, SamplingParams
 

@@ -206,7 +206,7 @@ class EngineConfig:
             )
         backend = self.attention_backend
         if backend == "auto":
-            from folovllm.attention_backends import default_backend
+            from folovllm.model_executor.attention_backends import default_backend
 
             backend = default_backend(self.device)
         return self.replace(

@@ -21,7 +21,7 @@ class RequestOutputKind(enum.Enum):
 class SamplingParams:
     """Per-request sampling settings (same fields and defaults as `vllm.SamplingParams`).
 
-    Order in which the sampler applies them (see `folovllm/sampler.py`)::
+    Order in which the sampler applies them (see `folovllm/worker/sampler.py`)::
 
         logits -> repetition / frequency / presence penalties -> min_tokens (mask EOS and stops)
                -> temperature (0 = greedy: argmax, the rest is skipped)

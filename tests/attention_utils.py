@@ -20,7 +20,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from folovllm.layers.attention import AttentionMetadata, store_kv_cache
+from folovllm.model_executor.layers.attention import AttentionMetadata, store_kv_cache
 
 UNOWNED = 100.0  # what the cache holds in slots that no sequence owns
 

@@ -92,7 +92,7 @@ def our_prefill_logits(model: torch.nn.Module, prompts: Sequence[Sequence[int]])
         slot_mapping    [ 0  1  2 |  W W+1]        W = row width (longest prompt)
         query_start_loc [0, 3, 5]    seq_lens [3, 2]    block_tables [[0], [1]]
     """
-    from folovllm.layers.attention import Attention, AttentionMetadata
+    from folovllm.model_executor.layers.attention import Attention, AttentionMetadata
 
     lens = [len(p) for p in prompts]
     width = max(lens)
@@ -125,7 +125,7 @@ def our_decode_logits(
     step through the KV cache, all prompts decoding together (a row that has no token left
     recomputes its last one, as a stage-01 idle row does). Returns, per prompt, the logits of
     every position: [L_i, vocab], the decoded positions read K/V from the cache."""
-    from folovllm.layers.attention import Attention, AttentionMetadata
+    from folovllm.model_executor.layers.attention import Attention, AttentionMetadata
 
     lens = [len(p) for p in prompts]
     width = max(lens)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from folovllm.cli import _parse_bytes, main
+from folovllm.entrypoints.cli import _parse_bytes, main
 from folovllm.config import LATEST_STAGE, STAGE_NAMES
 
 

@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-from folovllm.model_loader import load_model
+from folovllm.model_executor.model_loader import load_model
 from tests.helpers import ARCHS, hf_logits, our_decode_logits, our_prefill_logits
 
 ATOL = 1e-4
@@ -120,7 +120,7 @@ def test_llama3_rope_scaling(tmp_path):
     ours, hf_config, _ = load_model(str(tmp_path / "llama3"), torch.float32)
     assert hf_config.rope_parameters["rope_type"] == "llama3"
     # The scaled table really differs from the unscaled one (else the test proves nothing).
-    from folovllm.layers.rotary_embedding import RotaryEmbedding
+    from folovllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 
     plain = RotaryEmbedding(16, 1024, 10000.0).cos_sin_cache
     assert not torch.allclose(ours.model.layers[0].self_attn.rotary_emb.cos_sin_cache, plain)

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from folovllm import LLM, SamplingParams
-from folovllm.request import Request
-from folovllm.sampler import Sampler, apply_top_k_top_p
+from folovllm.core.request import Request
+from folovllm.worker.sampler import Sampler, apply_top_k_top_p
 from tests.helpers import hf_greedy, hf_greedy_ignore_eos
 
 SEARCH_STEPS = 12

@@ -119,7 +119,7 @@ def test_kv_reservation_follows_max_tokens_not_output(tiny_qwen3):
 def test_oracle_catches_a_stale_kv_cache(monkeypatch, greedy_reference):
     """The reference is strong enough to catch a subtle engine bug: decode steps that forget
     to write the new token's K/V into the cache (prefill is untouched, so first tokens agree)."""
-    import folovllm.layers.attention as attention
+    import folovllm.model_executor.layers.attention as attention
 
     real_forward = attention.Attention.forward
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from folovllm import EngineConfig, LLM, LLMEngine, RequestOutputKind, SamplingParams
-from folovllm.scheduler import SchedulerOutput
+from folovllm.core.scheduler import SchedulerOutput
 from tests.helpers import hf_greedy, mixed_prompts
 
 

@@ -15,11 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from folovllm import LLM, SamplingParams
-from folovllm.block_pool import BlockPool
-from folovllm.kv_cache import KVCacheSpec
-from folovllm.kv_cache_manager import KVCacheManager
-from folovllm.layers.attention import AttentionMetadata, naive_attention
-from folovllm.request import Request
+from folovllm.core.block_pool import BlockPool
+from folovllm.worker.kv_cache import KVCacheSpec
+from folovllm.core.kv_cache_manager import KVCacheManager
+from folovllm.model_executor.layers.attention import AttentionMetadata, naive_attention
+from folovllm.core.request import Request
 from tests.helpers import hf_greedy, mixed_prompts
 
 BYTES_PER_TOKEN = 512  # the tiny Qwen3: 2 (K,V) * 2 layers * 2 KV heads * 16 dims * 4 bytes

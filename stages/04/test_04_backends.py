@@ -21,8 +21,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from folovllm.attention_backends import ATTENTION_BACKENDS, get_attn_backend
-from folovllm.layers.attention import naive_attention
+from folovllm.model_executor.attention_backends import ATTENTION_BACKENDS, get_attn_backend
+from folovllm.model_executor.layers.attention import naive_attention
 from tests.attention_utils import Batch, random_paged_batch, record_allocations
 TOLERANCES = {  # atol, rtol against naive in float32 on the same (rounded) inputs
     torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2),
@@ -31,9 +31,9 @@ TOLERANCES = {  # atol, rtol against naive in float32 on the same (rounded) inpu
 
 def _triton_skip_reason() -> str | None:
     """`triton` joins these tests once its backend exists and can run here."""
-    path = Path(__file__).resolve().parents[2] / "folovllm/attention_backends/triton_attn.py"
+    path = Path(__file__).resolve().parents[2] / "folovllm/model_executor/attention_backends/triton_attn.py"
     if not path.exists():
-        return "folovllm/attention_backends/triton_attn.py does not exist yet"
+        return "folovllm/model_executor/attention_backends/triton_attn.py does not exist yet"
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         return ("triton on CPU needs TRITON_INTERPRET=1 set before triton is imported "
                 "(test_04_triton.py runs it in a subprocess)")
@@ -102,7 +102,7 @@ def test_backend_on_contiguous_cache(backend):
 @pytest.mark.parametrize("block_m,block_n", [(1, 1), (8, 16), (16, 48), (128, 128)])
 def test_torch_flash_any_tile_size(block_m, block_n):
     """Tiles smaller than, equal to and spanning several cache blocks give the same answer."""
-    from folovllm.attention_backends.torch_flash import TorchFlashAttentionBackend
+    from folovllm.model_executor.attention_backends.torch_flash import TorchFlashAttentionBackend
 
     q, key_cache, value_cache, md = random_paged_batch(Batch(*BATCHES["mixed"]), seed=block_n)
     out = TorchFlashAttentionBackend(block_m, block_n).forward(q, key_cache, value_cache, md, 0.125)
@@ -112,7 +112,7 @@ def test_torch_flash_any_tile_size(block_m, block_n):
 @pytest.mark.parametrize("chunk_bytes", [1, 40_000, 1 << 30])
 def test_sdpa_decode_chunking(chunk_bytes):
     """Decodes batched one per SDPA call, a few per call, or all in one give the same answer."""
-    from folovllm.attention_backends.sdpa import SDPAAttentionBackend
+    from folovllm.model_executor.attention_backends.sdpa import SDPAAttentionBackend
 
     q, key_cache, value_cache, md = random_paged_batch(Batch(*BATCHES["mixed"]), seed=7)
     out = SDPAAttentionBackend(chunk_bytes).forward(q, key_cache, value_cache, md, 0.125)

@@ -58,8 +58,8 @@ def test_flash_attn_backend_equals_naive_where_installed():
 
     if not torch.cuda.is_available():
         pytest.skip("flash_attn needs CUDA")
-    from folovllm.attention_backends import get_attn_backend
-    from folovllm.layers.attention import naive_attention
+    from folovllm.model_executor.attention_backends import get_attn_backend
+    from folovllm.model_executor.layers.attention import naive_attention
     from tests.attention_utils import Batch, random_paged_batch
 
     batch = Batch((5, 1, 40), (300, 257, 40), heads=8, kv_heads=2, head_dim=128, block_size=256)

@@ -1,4 +1,4 @@
-"""Stage 04: our Triton kernels (`folovllm/attention_backends/triton_kernels.py`) against the
+"""Stage 04: our Triton kernels (`folovllm/model_executor/attention_backends/triton_kernels.py`) against the
 plain-torch reference `naive_attention`, and the engine with the triton backend against HF.
 
 On a CPU the kernels run in Triton's interpreter (`TRITON_INTERPRET=1`), each group of cases in
@@ -93,7 +93,7 @@ def test_engine_greedy_matches_hf_with_triton_backend(greedy_reference):
 def test_decode_split_heuristic():
     """Split a few long contexts; never split a batch that already fills the GPU, nor below
     MIN_KEYS_PER_SPLIT keys per split; always a power of two."""
-    from folovllm.attention_backends.triton_attn import MAX_DECODE_SPLITS, decode_num_splits
+    from folovllm.model_executor.attention_backends.triton_attn import MAX_DECODE_SPLITS, decode_num_splits
 
     assert decode_num_splits(1, 8, 4096, num_sms=132) == MAX_DECODE_SPLITS
     assert decode_num_splits(1, 1, 600, num_sms=132) == 2  # the `decode_auto` case
@@ -106,7 +106,7 @@ def test_decode_split_heuristic():
 
 
 def test_registry_returns_the_triton_backend():
-    from folovllm.attention_backends import get_attn_backend
-    from folovllm.attention_backends.triton_attn import TritonAttentionBackend
+    from folovllm.model_executor.attention_backends import get_attn_backend
+    from folovllm.model_executor.attention_backends.triton_attn import TritonAttentionBackend
 
     assert isinstance(get_attn_backend("triton"), TritonAttentionBackend)

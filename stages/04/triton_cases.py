@@ -105,12 +105,12 @@ def build(case: Case, dtype, device, seed: int):
 def run_attention_case(case: Case, dtype_name: str, device: str, seed: int) -> tuple[bool, str]:
     import torch
 
-    from folovllm.attention_backends.triton_attn import (
+    from folovllm.model_executor.attention_backends.triton_attn import (
         TritonAttentionBackend,
         paged_decode_attention,
         prefill_attention,
     )
-    from folovllm.layers.attention import naive_attention
+    from folovllm.model_executor.layers.attention import naive_attention
 
     dtype = getattr(torch, dtype_name)
     q, key_cache, value_cache, md = build(case, dtype, device, seed)
@@ -151,8 +151,8 @@ def run_store_cases(dtype_name: str, device: str, seed: int) -> list[tuple[str, 
     """The store kernel must write exactly what `store_kv_cache` writes, and nothing else."""
     import torch
 
-    from folovllm.attention_backends.triton_attn import store_kv_cache_triton
-    from folovllm.layers.attention import store_kv_cache
+    from folovllm.model_executor.attention_backends.triton_attn import store_kv_cache_triton
+    from folovllm.model_executor.layers.attention import store_kv_cache
 
     dtype = getattr(torch, dtype_name)
     g = torch.Generator().manual_seed(seed)
@@ -187,8 +187,8 @@ def run_compile_cases(dtype_name: str) -> list[tuple[str, bool, str]]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from folovllm.attention_backends import triton_kernels as K
-    from folovllm.attention_backends.triton_attn import decode_config, prefill_config
+    from folovllm.model_executor.attention_backends import triton_kernels as K
+    from folovllm.model_executor.attention_backends.triton_attn import decode_config, prefill_config
 
     import torch
 

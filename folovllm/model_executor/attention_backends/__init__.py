@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import importlib
 
-from folovllm.layers.attention import AttentionBackend, NaiveAttentionBackend
+from folovllm.model_executor.layers.attention import AttentionBackend, NaiveAttentionBackend
 
 # --8<-- [start:backend_registry]
 # name -> "module:class", imported only when asked for (triton and flash_attn are optional)
 _BACKENDS = {
-    "torch_flash": "folovllm.attention_backends.torch_flash:TorchFlashAttentionBackend",
-    "sdpa": "folovllm.attention_backends.sdpa:SDPAAttentionBackend",
-    "triton": "folovllm.attention_backends.triton_attn:TritonAttentionBackend",
-    "flash_attn": "folovllm.attention_backends.flash_attn:FlashAttnBackend",
+    "torch_flash": "folovllm.model_executor.attention_backends.torch_flash:TorchFlashAttentionBackend",
+    "sdpa": "folovllm.model_executor.attention_backends.sdpa:SDPAAttentionBackend",
+    "triton": "folovllm.model_executor.attention_backends.triton_attn:TritonAttentionBackend",
+    "flash_attn": "folovllm.model_executor.attention_backends.flash_attn:FlashAttnBackend",
 }
 ATTENTION_BACKENDS = ("naive", *_BACKENDS)
 

@@ -21,11 +21,11 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from folovllm.kv_cache import KVCache, KVCacheSpec
-from folovllm.layers.attention import Attention, AttentionBackend, AttentionMetadata
-from folovllm.request import Request
-from folovllm.sampler import Sampler
-from folovllm.scheduler import SchedulerOutput
+from folovllm.worker.kv_cache import KVCache, KVCacheSpec
+from folovllm.model_executor.layers.attention import Attention, AttentionBackend, AttentionMetadata
+from folovllm.core.request import Request
+from folovllm.worker.sampler import Sampler
+from folovllm.core.scheduler import SchedulerOutput
 
 PAD_TOKEN_ID = 0  # any valid id: padded tokens are computed and thrown away
 

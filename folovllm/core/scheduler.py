@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 from folovllm.config import EngineConfig
-from folovllm.kv_cache import SlotKVCacheManager, StaticKVCacheManager
-from folovllm.kv_cache_manager import KVCacheManager
-from folovllm.request import Request, RequestStatus
+from folovllm.worker.kv_cache import SlotKVCacheManager, StaticKVCacheManager
+from folovllm.core.kv_cache_manager import KVCacheManager
+from folovllm.core.request import Request, RequestStatus
 
 
 @dataclass

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import torch
 
-from folovllm.layers.attention import AttentionBackend, AttentionMetadata
+from folovllm.model_executor.layers.attention import AttentionBackend, AttentionMetadata
 
 
 class TorchFlashAttentionBackend(AttentionBackend):

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import logging
 
-from folovllm.block_pool import BlockPool, KVCacheBlock
+from folovllm.core.block_pool import BlockPool, KVCacheBlock
 from folovllm.config import EngineConfig
-from folovllm.kv_cache import KVCache, KVCacheSpec, SlotKVCacheManager
-from folovllm.request import Request
+from folovllm.worker.kv_cache import KVCache, KVCacheSpec, SlotKVCacheManager
+from folovllm.core.request import Request
 
 logger = logging.getLogger("folovllm")
 

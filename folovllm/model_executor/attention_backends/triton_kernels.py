@@ -2,7 +2,7 @@
 
 The launch code (grids, tile sizes, the split heuristic) is in `triton_attn.py`; this file holds
 only `@triton.jit` functions. Their plain-torch reference is `naive_attention` in
-`folovllm/layers/attention.py`, and `stages/04/test_04_triton.py` compares the two (on CPU, under
+`folovllm/model_executor/layers/attention.py`, and `stages/04/test_04_triton.py` compares the two (on CPU, under
 `TRITON_INTERPRET=1`).
 
 Shared vocabulary (the same as `AttentionMetadata`)::

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from folovllm.models import MODEL_REGISTRY
+from folovllm.model_executor.models import MODEL_REGISTRY
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from folovllm.outputs import CompletionOutput, RequestOutput
-from folovllm.request import Request, RequestStatus
+from folovllm.core.request import Request, RequestStatus
 from folovllm.sampling_params import RequestOutputKind
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence, Union
 
 from folovllm.config import EngineConfig
-from folovllm.llm_engine import LLMEngine, PromptType, replace_params
+from folovllm.engine.llm_engine import LLMEngine, PromptType, replace_params
 from folovllm.outputs import RequestOutput
 from folovllm.sampling_params import RequestOutputKind, SamplingParams
-from folovllm.stats import EngineStats
+from folovllm.engine.stats import EngineStats
 
 
 class LLM:

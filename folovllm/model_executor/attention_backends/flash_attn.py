@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from folovllm.layers.attention import AttentionBackend, AttentionMetadata
+from folovllm.model_executor.layers.attention import AttentionBackend, AttentionMetadata
 
 from flash_attn import flash_attn_varlen_func  # noqa: E402  (ImportError -> clear ValueError upstream)
 

@@ -6,7 +6,7 @@ Llama 3.x checkpoints scale RoPE frequencies ("llama3" rope scaling), handled in
 
 from typing import Any
 
-from folovllm.models.qwen3 import Qwen3ForCausalLM
+from folovllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 
 class LlamaForCausalLM(Qwen3ForCausalLM):

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from folovllm.request import Request
+from folovllm.core.request import Request
 
 
 class Sampler:

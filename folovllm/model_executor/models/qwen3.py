@@ -28,10 +28,10 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from folovllm.layers.activation import SiluAndMul
-from folovllm.layers.attention import Attention, AttentionMetadata
-from folovllm.layers.layernorm import RMSNorm
-from folovllm.layers.rotary_embedding import RotaryEmbedding
+from folovllm.model_executor.layers.activation import SiluAndMul
+from folovllm.model_executor.layers.attention import Attention, AttentionMetadata
+from folovllm.model_executor.layers.layernorm import RMSNorm
+from folovllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 
 
 def get_rope_config(config: Any) -> tuple[float, dict | None]:

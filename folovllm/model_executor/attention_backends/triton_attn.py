@@ -30,13 +30,13 @@ from typing import Optional
 import torch
 import triton
 
-from folovllm.attention_backends.triton_kernels import (
+from folovllm.model_executor.attention_backends.triton_kernels import (
     decode_reduce_kernel,
     paged_decode_kernel,
     prefill_attention_kernel,
     store_kvcache_kernel,
 )
-from folovllm.layers.attention import AttentionBackend, AttentionMetadata
+from folovllm.model_executor.layers.attention import AttentionBackend, AttentionMetadata
 
 # Read once, as triton.jit does when it wraps the kernels: under the interpreter the kernels run
 # on CPU tensors, and small tiles keep them fast.

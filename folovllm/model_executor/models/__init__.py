@@ -1,8 +1,8 @@
 """Model registry: the `architectures` name in config.json -> our model class."""
 
-from folovllm.models.llama import LlamaForCausalLM
-from folovllm.models.qwen2 import Qwen2ForCausalLM
-from folovllm.models.qwen3 import Qwen3ForCausalLM
+from folovllm.model_executor.models.llama import LlamaForCausalLM
+from folovllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from folovllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 MODEL_REGISTRY = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from folovllm.config import EngineConfig
-from folovllm.request import Request
+from folovllm.core.request import Request
 
 CPU_DEFAULT_KV_CACHE_MEMORY = 4 * 2**30  # like vLLM's CPU default KV space
 

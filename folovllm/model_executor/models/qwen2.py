@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from folovllm.models.qwen3 import Qwen3ForCausalLM
+from folovllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 
 class Qwen2ForCausalLM(Qwen3ForCausalLM):

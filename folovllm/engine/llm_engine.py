@@ -16,19 +16,19 @@ from typing import Optional, Union
 
 import torch
 
-from folovllm.attention_backends import get_attn_backend
+from folovllm.model_executor.attention_backends import get_attn_backend
 from folovllm.config import EngineConfig
-from folovllm.kv_cache import KVCacheSpec, StaticKVCacheManager, kv_cache_budget
-from folovllm.kv_cache_manager import build_kv_cache_manager, fit_max_model_len
-from folovllm.model_loader import load_model
-from folovllm.model_runner import KVCacheLookup, ModelRunner
-from folovllm.output_processor import OutputProcessor
+from folovllm.worker.kv_cache import KVCacheSpec, StaticKVCacheManager, kv_cache_budget
+from folovllm.core.kv_cache_manager import build_kv_cache_manager, fit_max_model_len
+from folovllm.model_executor.model_loader import load_model
+from folovllm.worker.model_runner import KVCacheLookup, ModelRunner
+from folovllm.engine.output_processor import OutputProcessor
 from folovllm.outputs import RequestOutput
-from folovllm.request import Request, RequestStatus
-from folovllm.sampler import Sampler
+from folovllm.core.request import Request, RequestStatus
+from folovllm.worker.sampler import Sampler
 from folovllm.sampling_params import SamplingParams
-from folovllm.scheduler import Scheduler, SchedulerOutput, StaticBatchScheduler
-from folovllm.stats import EngineStats
+from folovllm.core.scheduler import Scheduler, SchedulerOutput, StaticBatchScheduler
+from folovllm.engine.stats import EngineStats
 
 PromptType = Union[str, list[int]]
 

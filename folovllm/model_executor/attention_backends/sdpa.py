@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from folovllm.layers.attention import AttentionBackend, AttentionMetadata
+from folovllm.model_executor.layers.attention import AttentionBackend, AttentionMetadata
 
 
 class SDPAAttentionBackend(AttentionBackend):
