@@ -146,7 +146,8 @@ class LLMEngine:
             raise ValueError(
                 f"prompt has {len(ids)} tokens, more than max_num_batched_tokens="
                 f"{self.config.max_num_batched_tokens}, the most one step computes; raise "
-                "max_num_batched_tokens (a prompt is computed in one step without chunked prefill)"
+                "max_num_batched_tokens, or turn on enable_chunked_prefill (stage 5), which "
+                "computes a prompt over several steps"
             )
         return text, ids
 
