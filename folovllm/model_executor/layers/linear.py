@@ -158,15 +158,20 @@ class LinearBase(nn.Module):
     def __init__(
         self,
         input_size: int,
-        output_sizes: Sequence[int],
+        output_size: int,
         bias: bool = False,
         quant_config: Optional[QuantizationConfig] = None,
         params_dtype: Optional[torch.dtype] = None,
+        *,
+        output_sizes: Optional[Sequence[int]] = None,
     ) -> None:
+        """`output_sizes`: the sizes of the fused parts, in order (they add up to
+        `output_size`); a layer that is not fused is one part."""
         super().__init__()
         self.input_size = input_size
-        self.output_sizes = list(output_sizes)  # one entry per fused part
-        self.output_size = sum(self.output_sizes)
+        self.output_size = output_size
+        self.output_sizes = list(output_sizes) if output_sizes is not None else [output_size]
+        assert sum(self.output_sizes) == output_size, (self.output_sizes, output_size)
         params_dtype = params_dtype or torch.get_default_dtype()
         method = quant_config.get_quant_method(self) if quant_config is not None else None
         self.quant_method = method or UnquantizedLinearMethod()
@@ -201,19 +206,9 @@ class ReplicatedLinear(LinearBase):
     """Every rank holds the whole weight and computes the whole output (stage 08 leaves it as it
     is: for layers too small to be worth splitting, e.g. a MoE router)."""
 
-    def __init__(
-        self,
-        input_size: int,
-        output_size: int,
-        bias: bool = False,
-        quant_config: Optional[QuantizationConfig] = None,
-        params_dtype: Optional[torch.dtype] = None,
-    ) -> None:
-        super().__init__(input_size, [output_size], bias, quant_config, params_dtype)
-
 
 class ColumnParallelLinear(LinearBase):
-    """Split along the output features ("columns" of `Y = X A`, as in Megatron-LM).
+    """Split along the output features: the columns of A in Megatron-LM's `Y = X A` (A = W^T).
 
         x [T, in] --(all ranks)--> rank r: y_r = x W_r^T   [T, out / tp]
 
@@ -228,20 +223,6 @@ class ColumnParallelLinear(LinearBase):
     """
 
     shard_ids: tuple[ShardId, ...] = ()
-
-    def __init__(
-        self,
-        input_size: int,
-        output_size: int,
-        bias: bool = False,
-        quant_config: Optional[QuantizationConfig] = None,
-        params_dtype: Optional[torch.dtype] = None,
-        *,
-        output_sizes: Optional[Sequence[int]] = None,
-    ) -> None:
-        output_sizes = list(output_sizes) if output_sizes is not None else [output_size]
-        assert sum(output_sizes) == output_size, (output_sizes, output_size)
-        super().__init__(input_size, output_sizes, bias, quant_config, params_dtype)
 
     def weight_loader(
         self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Optional[ShardId] = None
@@ -332,8 +313,8 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(LinearBase):
-    """Split along the input features ("rows" of `Y = X A`): the layer after a column-parallel
-    one (o_proj after qkv_proj, down_proj after gate_up_proj).
+    """Split along the input features, the rows of A in `Y = X A` (A = W^T): the layer after a
+    column-parallel one (o_proj after qkv_proj, down_proj after gate_up_proj).
 
         rank r: x_r [T, in / tp] -> y_r = x_r W_r^T [T, out]   (a partial sum)
         y = all_reduce(sum over r of y_r) + b
@@ -344,13 +325,3 @@ class RowParallelLinear(LinearBase):
     rank before the reduce, or after it) so it is not summed tp times. Today (one rank) the
     loader copies the whole tensor and `forward` is `LinearBase.forward`.
     """
-
-    def __init__(
-        self,
-        input_size: int,
-        output_size: int,
-        bias: bool = False,
-        quant_config: Optional[QuantizationConfig] = None,
-        params_dtype: Optional[torch.dtype] = None,
-    ) -> None:
-        super().__init__(input_size, [output_size], bias, quant_config, params_dtype)
