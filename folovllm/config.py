@@ -14,7 +14,8 @@ Stages and their flags::
     04 FlashAttention        attention_backend != "naive" ("auto" = triton on CUDA, sdpa on CPU)
     05 chunked prefill       enable_chunked_prefill (+ long_prefill_token_threshold)
     06 prefix caching        enable_prefix_caching    (not built yet)
-    07 GPTQ                  quantization="gptq"      (not built yet)
+    07 GPTQ                  a GPTQ checkpoint's 4-bit weights (quantization: None = the
+                             checkpoint's quantization_config, as vLLM; "gptq" insists on it)
 """
 
 from __future__ import annotations
@@ -85,7 +86,11 @@ class EngineConfig:
     enable_chunked_prefill: bool = False  # stage 05
     long_prefill_token_threshold: int = 0  # stage 05: 0 = a chunk is capped by the budget only
     enable_prefix_caching: bool = False  # stage 06
-    quantization: Optional[str] = None  # stage 07
+    # stage 07. Quantization is a property of the checkpoint, as in vLLM: None loads whatever
+    # its config.json says (4-bit GPTQ layers for a GPTQ checkpoint, at any stage); "gptq"
+    # refuses a checkpoint that is not GPTQ. So stage 7 has no flag of its own for `for_stage`
+    # to set: once stage 06 is built, LATEST_STAGE becomes 7 and for_stage(7) = for_stage(6).
+    quantization: Optional[str] = None
 
     def __post_init__(self) -> None:
         self._validate()
@@ -201,10 +206,9 @@ class EngineConfig:
                     f"{flag}=True needs stage {stage} ({STAGE_NAMES[stage]}), which is not "
                     f"built yet; stages 1..{LATEST_STAGE} are available"
                 )
-        if self.quantization is not None:
+        if self.quantization not in (None, "gptq"):
             raise ValueError(
-                f"quantization={self.quantization!r} needs stage 7 (GPTQ), which is not built "
-                "yet; use quantization=None"
+                f"quantization must be None (the checkpoint's own) or 'gptq', got {self.quantization!r}"
             )
 
     def resolve(self, max_position_embeddings: int) -> "EngineConfig":

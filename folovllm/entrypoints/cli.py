@@ -1,8 +1,10 @@
-"""The `folovllm` command: `generate` text, or run the `demo` that compares the stages.
+"""The `folovllm` command: `generate` text, run the `demo` that compares the stages, or
+`quantize` a float checkpoint with GPTQ (stage 07).
 
     folovllm demo                              # small random Qwen3 built once, every stage
     folovllm demo --model Qwen/Qwen3-0.6B      # the same on the real model
     folovllm generate --model Qwen/Qwen3-0.6B --prompt "Hello" --max-tokens 32 --temperature 0
+    folovllm quantize Qwen/Qwen3-0.6B qwen3-gptq --bits 4 --group-size 128 --desc-act
 """
 
 from __future__ import annotations
@@ -99,7 +101,44 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--stages", type=int, nargs="*", default=None,
                       help=f"stages to run (default: all built, 1..{LATEST_STAGE})")
     demo.add_argument("--num-requests", type=int, default=DEMO_NUM_REQUESTS)
+
+    quant = sub.add_parser("quantize", help="GPTQ-quantize a float checkpoint (stage 07)")
+    quant.add_argument("model", help="float checkpoint folder or hub id")
+    quant.add_argument("out", help="folder for the GPTQ checkpoint (GPTQModel format)")
+    quant.add_argument("--bits", type=int, default=4, choices=(4, 8))
+    quant.add_argument("--group-size", type=int, default=128, help="inputs per scale/zero; -1 = one group")
+    quant.add_argument("--desc-act", action="store_true", help="act-order: columns by decreasing Hessian diagonal")
+    quant.add_argument("--asym", action="store_true", help="asymmetric grids (a zero per group)")
+    quant.add_argument("--format", choices=("gptq", "gptq_v2"), default=None,
+                       help="zero convention (default: gptq for sym, gptq_v2 for asym)")
+    quant.add_argument("--calibration", type=Path, help="a text file (default: random tokens)")
+    quant.add_argument("--num-samples", type=int, default=32)
+    quant.add_argument("--seq-len", type=int, default=128)
+    quant.add_argument("--damp", type=float, default=0.01, help="fraction of mean(diag H) added to H")
+    quant.add_argument("--threads", type=int, default=None)
     return parser
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from folovllm.model_executor.layers.quantization.gptq_quantizer import (
+        calibration_from_text,
+        quantize_checkpoint,
+    )
+    from folovllm.model_executor.model_loader import resolve_model_path
+
+    calibration = None
+    if args.calibration is not None:
+        if not args.calibration.is_file():
+            raise ValueError(f"calibration file {args.calibration} does not exist")
+        calibration = calibration_from_text(resolve_model_path(args.model), args.calibration.read_text(),
+                                            args.num_samples, args.seq_len)
+    out = quantize_checkpoint(
+        args.model, args.out, bits=args.bits, group_size=args.group_size, desc_act=args.desc_act,
+        sym=not args.asym, checkpoint_format=args.format, calibration=calibration,
+        num_samples=args.num_samples, seq_len=args.seq_len, damp=args.damp,
+    )
+    print(f"wrote {out}")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -114,6 +153,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             torch.set_num_threads(threads)
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "quantize":
+            return run_quantize(args)
         return run_demo(args)
     except ValueError as e:
         print(f"folovllm: error: {e}", file=sys.stderr)

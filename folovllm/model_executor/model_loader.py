@@ -21,7 +21,8 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from folovllm.model_executor.layers.linear import QuantizationConfig
+from folovllm.model_executor.layers.linear import LinearBase, QuantizationConfig
+from folovllm.model_executor.layers.quantization import get_quant_config
 from folovllm.model_executor.models import MODEL_REGISTRY
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
@@ -126,13 +127,18 @@ def load_model(
     dtype: Optional[torch.dtype] = None,
     device: str = "cpu",
     quant_config: Optional[QuantizationConfig] = None,
+    quantization: Optional[str] = None,
 ) -> tuple[nn.Module, Any, Path]:
     """-> (our model in eval mode with the checkpoint's weights, HF config, local folder).
 
     `quant_config` picks how the linear layers store their weights (`layers/linear.py`); None
-    is the checkpoint's plain float weights."""
+    reads it from the checkpoint, as vLLM does (stage 07: a GPTQ checkpoint's
+    `quantization_config` gives 4-bit layers; a float checkpoint gives plain ones).
+    `quantization` ("gptq") insists that the checkpoint is quantized that way."""
     path = resolve_model_path(model)
     config = load_hf_config(path)
+    if quant_config is None:
+        quant_config = get_quant_config(path, quantization)
     dtype = dtype or checkpoint_dtype(config)
     model_cls = MODEL_REGISTRY[config.architectures[0]]
     with _default_dtype(dtype), torch.device(device):
@@ -144,4 +150,7 @@ def load_model(
             f"weights missing from the checkpoint in {path}: {sorted(missing)[:8]}"
             f"{' ...' if len(missing) > 8 else ''}"
         )
+    for module in net.modules():  # stage 07: re-lay quantized weights out for their kernel
+        if isinstance(module, LinearBase):
+            module.quant_method.process_weights_after_loading(module)
     return net.eval(), config, path

@@ -112,6 +112,11 @@ class LinearMethodBase(ABC):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """[..., input_size] -> [..., output_size]."""
 
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Called once by the loader after every checkpoint tensor is in place (vLLM's hook): a
+        quant method checks what was loaded and re-lays it out for its kernel (stage 07's GPTQ
+        repacks for torch's int4 CPU matmul). Nothing to do for plain weights."""
+
 
 class UnquantizedLinearMethod(LinearMethodBase):
     """A plain `weight` [out, in] in the model's dtype and one `F.linear`: what `nn.Linear` does."""

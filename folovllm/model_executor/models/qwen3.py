@@ -192,6 +192,7 @@ class Qwen3ForCausalLM(nn.Module):
     def __init__(self, config: Any, quant_config: Optional[QuantizationConfig] = None) -> None:
         super().__init__()
         self.config = config
+        self.quant_config = quant_config
         self.model = Qwen3Model(config, self.variant(config), quant_config)
         # Never quantized (as in GPTQ checkpoints); stage 08 makes it a vocab-parallel head.
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -229,6 +230,8 @@ class Qwen3ForCausalLM(nn.Module):
                 if f".{ckpt_name}." in name:
                     target, shard_id = name.replace(f".{ckpt_name}.", f".{fused_name}."), fused_shard
                     break
+            if target not in params and name.endswith(".bias") and self.quant_config is not None:
+                continue  # AutoGPTQ writes an all-zero bias for layers that have none (as vLLM skips it)
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no matching parameter in {type(self).__name__}")
             param = params[target]

@@ -1,0 +1,416 @@
+"""GPTQ: linear layers whose weights are 4-bit integers with a scale and a zero per group.
+
+The on-disk format is the one GPTQModel writes (and AutoGPTQ wrote before it): per linear layer
+`qweight`, `qzeros`, `scales`, `g_idx` (and `bias` in the model's dtype). For a layer with K
+inputs, N outputs, `bits` = 4 (pack factor P = 32 / bits = 8) and groups of G inputs::
+
+    qweight  int32 [K / P, N]   eight 4-bit codes per int32, packed along the INPUT dim:
+                                 qweight[r, n] bits 4j..4j+3 = code of input k = r*P + j, output n
+
+        int32 qweight[r, n]:  | k=8r+7 | k=8r+6 | ... | k=8r+1 | k=8r+0 |
+                              bit 31                               bit 0
+
+    qzeros   int32 [K / G, N / P]  the groups' zero points, packed along the OUTPUT dim:
+                                 qzeros[g, c] bits 4j..4j+3 = zero of group g, output n = c*P + j
+    scales   float [K / G, N]    one scale per group and output
+    g_idx    int32 [K]           group of each input: k // G, or any order with act-order
+
+    W[n, k] = (code[k, n] - zero[g_idx[k], n]) * scales[g_idx[k], n]
+
+`group_size = -1` is one group over all K inputs. With act-order (`desc_act`) the quantizer
+visited the inputs by decreasing Hessian diagonal, so groups are formed in that order and
+`g_idx` is not sorted; the formula above (gather by `g_idx`) is unchanged.
+
+Two zero conventions ("checkpoint_format"):
+
+    "gptq"     (v1, AutoGPTQ)   stored zero = real zero - 1; the kernels add the 1 back
+    "gptq_v2"  (GPTQModel)      stored zero = real zero
+
+v1 exists because AutoGPTQ subtracted 1 before packing (an old off-by-one kept for compatibility);
+it cannot store a real zero of 0 (it would be -1, which spills into the next nibble), which is why
+GPTQModel moved to v2. We keep the stored zeros as they are and pass the offset to every kernel.
+
+Kernels (`GPTQLinearMethod.apply`, picked once after loading, see `select_kernel`):
+
+    reference    unpack + dequantize the whole matrix, then one matmul: readable, any dtype,
+                 but it reads and writes a full float matrix every call (not a fast path)
+    cpu_int4     torch's int4 weight-only CPU matmul (`_weight_int4pack_mm_for_cpu`): reads the
+                 4-bit codes and dequantizes in registers; bfloat16 activations, 4 bits
+    triton       our fused dequant-matmul kernel (`gptq_triton.py`) on CUDA
+
+Left out: 2/3-bit weights, `dynamic` per-module overrides, quantized `lm_head`, AWQ and Marlin
+(a repacked layout for fast GPU kernels), activation quantization.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from folovllm.model_executor.layers.linear import (
+    LinearBase,
+    LinearMethodBase,
+    QuantizationConfig,
+    WeightLoader,
+    WeightShapeError,
+    set_weight_attrs,
+)
+
+SUPPORTED_BITS = (4, 8)
+# checkpoint_format -> what the kernels add to a stored zero
+ZERO_OFFSETS = {"gptq": 1, "gptq_v2": 0}
+KERNELS = ("reference", "cpu_int4", "triton")
+KERNEL_ENV = "FOLOVLLM_GPTQ_KERNEL"  # force one kernel (tests, ablations); unset = select_kernel
+
+
+@dataclass(frozen=True)
+class GPTQConfig(QuantizationConfig):
+    """A GPTQ checkpoint's settings (`quantization_config` in config.json)."""
+
+    bits: int = 4
+    group_size: int = 128  # -1: one group over all inputs
+    desc_act: bool = False  # act-order: groups follow the quantizer's column order (g_idx)
+    sym: bool = True
+    checkpoint_format: str = "gptq"  # "gptq" (v1: stored zero = zero - 1) or "gptq_v2"
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"GPTQ bits={self.bits!r} is not supported; supported: {SUPPORTED_BITS}")
+        if not isinstance(self.group_size, int) or not (self.group_size == -1 or self.group_size > 0):
+            raise ValueError(f"GPTQ group_size must be -1 or a positive integer, got {self.group_size!r}")
+        if self.group_size != -1 and self.group_size % self.pack_factor:
+            raise ValueError(
+                f"GPTQ group_size={self.group_size} must be a multiple of {self.pack_factor} "
+                f"(the codes packed in one int32 at bits={self.bits})"
+            )
+        if self.checkpoint_format not in ZERO_OFFSETS:
+            raise ValueError(
+                f"GPTQ checkpoint_format={self.checkpoint_format!r} is not supported; "
+                f"supported: {sorted(ZERO_OFFSETS)}"
+            )
+
+    @property
+    def pack_factor(self) -> int:
+        return 32 // self.bits
+
+    @property
+    def zero_offset(self) -> int:
+        return ZERO_OFFSETS[self.checkpoint_format]
+
+    @classmethod
+    def from_config(cls, raw: dict[str, Any], source: str = "quantization_config") -> "GPTQConfig":
+        """Read GPTQModel's / AutoGPTQ's fields; refuse, naming the field, what we cannot run."""
+        # GPTQModel writes the zero convention as `checkpoint_format` (older) or `format`.
+        fmt = raw.get("checkpoint_format", raw.get("format", "gptq"))
+        refusals = {
+            "lm_head": (raw.get("lm_head", False), "a quantized lm_head is not supported"),
+            "dynamic": (raw.get("dynamic"), "per-module overrides are not supported"),
+            "pack_dtype": (
+                raw.get("pack_dtype", "int32") not in ("int32", "torch.int32"),
+                "only int32 packing is supported",
+            ),
+        }
+        for field, (bad, why) in refusals.items():
+            if bad:
+                raise ValueError(f"GPTQ {field}={raw.get(field)!r} in {source}: {why}")
+        try:
+            return cls(
+                bits=int(raw.get("bits", 4)),
+                group_size=int(raw.get("group_size", 128)),
+                desc_act=bool(raw.get("desc_act", False)),
+                sym=bool(raw.get("sym", True)),
+                checkpoint_format=fmt,
+            )
+        except ValueError as e:
+            raise ValueError(f"{e} (in {source})") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `quantization_config` our quantizer writes (GPTQModel's field names)."""
+        return {
+            "quant_method": "gptq",
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "desc_act": self.desc_act,
+            "sym": self.sym,
+            "lm_head": False,
+            "checkpoint_format": self.checkpoint_format,
+            "pack_dtype": "int32",
+        }
+
+    def get_quant_method(self, layer: LinearBase) -> Optional[LinearMethodBase]:
+        return GPTQLinearMethod(self)
+
+
+# -- packing ------------------------------------------------------------------------------------
+
+# --8<-- [start:packing]
+def pack_int32(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Pack unsigned `bits`-bit codes into int32, 32 / bits of them per word along `dim`
+    (0 for qweight: along the inputs; 1 for qzeros: along the outputs). Code j of a word goes to
+    bits [j*bits, (j+1)*bits)."""
+    pf = 32 // bits
+    codes = codes.to(torch.int64).movedim(dim, -1)  # [..., L]
+    codes = codes.reshape(*codes.shape[:-1], -1, pf)  # [..., L / pf, pf]
+    shifts = torch.arange(pf, dtype=torch.int64) * bits
+    words = (codes << shifts).sum(-1)  # [..., L / pf], in [0, 2^32)
+    words = torch.where(words >= 2**31, words - 2**32, words)  # the same 32 bits as int32
+    return words.to(torch.int32).movedim(-1, dim).contiguous()
+
+
+def unpack_int32(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """The inverse of `pack_int32`: int32 words -> int32 codes in [0, 2^bits), `dim` grows by
+    32 / bits."""
+    pf = 32 // bits
+    shifts = torch.arange(pf, dtype=torch.int32, device=words.device) * bits
+    words = words.movedim(dim, -1).unsqueeze(-1)  # [..., W, 1]
+    # `>>` on int32 copies the sign bit in from the left; the mask drops it.
+    codes = (words >> shifts) & (2**bits - 1)  # [..., W, pf]
+    return codes.reshape(*codes.shape[:-2], -1).movedim(-1, dim)
+# --8<-- [end:packing]
+
+
+# --8<-- [start:dequantize]
+def dequantize_gptq(
+    qweight: torch.Tensor,  # int32 [K / P, N]
+    qzeros: torch.Tensor,  # int32 [groups, N / P]
+    scales: torch.Tensor,  # [groups, N]
+    g_idx: torch.Tensor,  # int [K]
+    bits: int,
+    zero_offset: int,
+) -> torch.Tensor:
+    """-> W^T [K, N] in `scales`' dtype: (code - zero) * scale, each input row using its group."""
+    codes = unpack_int32(qweight, bits, dim=0)  # [K, N]
+    zeros = unpack_int32(qzeros, bits, dim=1) + zero_offset  # [groups, N]
+    g = g_idx.long()
+    # (code - zero) is a small exact integer, so the one product is the only rounding.
+    return (codes - zeros[g]).to(scales.dtype) * scales[g]  # [K, N]
+
+
+def gptq_matmul_reference(
+    x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+    g_idx: torch.Tensor, bits: int, zero_offset: int, bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """[..., K] -> [..., N]: the readable path every fast kernel is tested against."""
+    w = dequantize_gptq(qweight, qzeros, scales, g_idx, bits, zero_offset)  # [K, N]
+    y = x.to(w.dtype) @ w
+    return y + bias if bias is not None else y
+# --8<-- [end:dequantize]
+
+
+# -- the CPU int4 path --------------------------------------------------------------------------
+
+INT4_CPU_GROUPS = (256, 128, 64, 32)  # group sizes torch's int4 CPU kernel takes
+
+
+def cpu_int4_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
+    )
+
+
+# --8<-- [start:cpu_int4]
+@dataclass
+class CpuInt4Weight:
+    """A GPTQ matrix in the layout of torch's int4 weight-only CPU matmul.
+
+    That kernel computes `x @ W^T` with W [N, K] stored as two codes per byte (its own tiled
+    order) and, per group of `group_size` inputs and per output, a (scale, zero) pair with
+
+        W[n, k] = (code - 8) * scale + zero
+
+    GPTQ's `(code - z) * s` is the same line: zero = (8 - z) * s. Act-order is undone once here:
+    sorting the inputs by `g_idx` (`perm`) makes every group contiguous, and the activations are
+    permuted the same way at each call (x[:, perm] @ W^T[perm] = x @ W^T).
+    """
+
+    packed: torch.Tensor  # uint8, torch's int4 layout of W[:, perm]
+    scales_and_zeros: torch.Tensor  # bfloat16 [K / group, N, 2]
+    group_size: int
+    perm: Optional[torch.Tensor]  # [K] long, None when g_idx is already in order
+
+    @classmethod
+    def from_gptq(
+        cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+        zero_offset: int,
+    ) -> "CpuInt4Weight":
+        codes = unpack_int32(qweight, 4, dim=0)  # [K, N]
+        K = codes.shape[0]
+        g = g_idx.long()
+        perm = torch.argsort(g, stable=True)
+        in_order = bool(torch.equal(perm, torch.arange(K)))
+        codes, g = codes[perm], g[perm]
+        sizes = torch.bincount(g)
+        group = int(sizes[0])
+        if not torch.all(sizes == group):
+            raise ValueError(f"cpu_int4 needs groups of equal size, got sizes {sizes.tolist()}")
+        # The kernel takes groups of 32..256; a larger group (-1 = all of K) is cut into equal
+        # pieces that repeat its scale and zero.
+        kernel_group = next((s for s in INT4_CPU_GROUPS if group % s == 0), None)
+        if kernel_group is None:
+            raise ValueError(f"cpu_int4 needs a group size that is a multiple of 32, got {group}")
+        zeros = (unpack_int32(qzeros, 4, dim=1) + zero_offset).float()  # [groups, N]
+        s = scales.float()
+        zero_term = (8 - zeros) * s  # [groups, N]
+        repeat = group // kernel_group
+        scales_and_zeros = torch.stack([s, zero_term], -1).repeat_interleave(repeat, 0)
+        return cls(
+            packed=torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous(), 1),
+            scales_and_zeros=scales_and_zeros.to(torch.bfloat16).contiguous(),  # [K / kg, N, 2]
+            group_size=kernel_group,
+            perm=None if in_order else perm,
+        )
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """[M, K] -> [M, N] in x's dtype (computed in bfloat16)."""
+        if self.perm is not None:
+            x = x[:, self.perm]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.to(torch.bfloat16).contiguous(), self.packed, self.group_size, self.scales_and_zeros
+        )
+        return y.to(x.dtype)
+# --8<-- [end:cpu_int4]
+
+
+def cpu_int4_supported(config: GPTQConfig, input_size: int, output_size: int) -> Optional[str]:
+    """None if the cpu_int4 kernel can run this layer, else why not."""
+    if not cpu_int4_available():
+        return "this torch has no _weight_int4pack_mm_for_cpu"
+    if config.bits != 4:
+        return f"bits={config.bits} (it takes 4)"
+    group = input_size if config.group_size == -1 else config.group_size
+    if group % 32:
+        return f"group size {group} (it takes multiples of 32)"
+    if output_size % 16:
+        return f"{output_size} outputs (it takes multiples of 16)"
+    return None
+
+
+def select_kernel(config: GPTQConfig, device: torch.device, dtype: torch.dtype, input_size: int,
+                  output_size: int) -> str:
+    """The kernel a layer uses: `FOLOVLLM_GPTQ_KERNEL` if set, else the fastest that applies.
+
+    On CPU, cpu_int4 only for bfloat16 models: torch's kernel is fast in bfloat16 (5x a float32
+    matmul at Qwen3-0.6B shapes, `benchmarks/stage07_gptq.py`) but 10x slower than float32 in
+    float32, so a float32 model keeps the exact reference (float32 is the accuracy setting).
+    """
+    forced = os.environ.get(KERNEL_ENV)
+    if forced:
+        if forced not in KERNELS:
+            raise ValueError(f"{KERNEL_ENV}={forced!r}; allowed: {KERNELS}")
+        if forced == "cpu_int4" and (why := cpu_int4_supported(config, input_size, output_size)):
+            raise ValueError(f"{KERNEL_ENV}=cpu_int4 cannot run this layer: {why}")
+        return forced
+    if device.type == "cuda":
+        return "triton"
+    if dtype == torch.bfloat16 and cpu_int4_supported(config, input_size, output_size) is None:
+        return "cpu_int4"
+    return "reference"
+
+
+# -- the linear method --------------------------------------------------------------------------
+
+
+class GPTQLinearMethod(LinearMethodBase):
+    """Registers a GPTQ layer's four checkpoint tensors and multiplies with them."""
+
+    def __init__(self, quant_config: GPTQConfig) -> None:
+        self.quant_config = quant_config
+        self.kernel = "reference"  # chosen in process_weights_after_loading
+        self.cpu_weight: Optional[CpuInt4Weight] = None
+
+    def create_weights(
+        self,
+        layer: nn.Module,
+        input_size: int,
+        output_partition_sizes: list[int],
+        params_dtype: torch.dtype,
+        weight_loader: WeightLoader,
+    ) -> None:
+        cfg = self.quant_config
+        pf, output_size = cfg.pack_factor, sum(output_partition_sizes)
+        group = input_size if cfg.group_size == -1 else cfg.group_size
+        if input_size % group:
+            raise ValueError(f"GPTQ group_size={cfg.group_size} does not divide the layer's {input_size} inputs")
+        if input_size % pf or any(size % pf for size in output_partition_sizes):
+            raise ValueError(
+                f"GPTQ at bits={cfg.bits} packs {pf} values per int32: a layer with {input_size} "
+                f"inputs and outputs {output_partition_sizes} does not divide"
+            )
+        groups = input_size // group
+
+        def param(shape: tuple[int, ...], dtype: torch.dtype, **attrs: Any) -> nn.Parameter:
+            p = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+            set_weight_attrs(p, **{"weight_loader": weight_loader, **attrs})
+            return p
+
+        layer.register_parameter(  # [K / P, N]: packed along the inputs, split along the outputs
+            "qweight", param((input_size // pf, output_size), torch.int32,
+                             input_dim=0, output_dim=1, packed_dim=0, pack_factor=pf))
+        layer.register_parameter(  # [groups, N / P]: packed along the outputs
+            "qzeros", param((groups, output_size // pf), torch.int32,
+                            input_dim=0, output_dim=1, packed_dim=1, pack_factor=pf))
+        layer.register_parameter(  # [groups, N]
+            "scales", param((groups, output_size), params_dtype, input_dim=0, output_dim=1))
+        # [K], no output dim: every part of a fused layer (q, k, v) carries the whole g_idx, and
+        # they must agree, since one matmul serves them all.
+        g_idx = param((input_size,), torch.int32, input_dim=0, weight_loader=_load_g_idx)
+        g_idx.loaded = False
+        layer.register_parameter("g_idx", g_idx)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Check g_idx, then pick the kernel and lay the weights out for it."""
+        cfg = self.quant_config
+        groups = layer.scales.shape[0]
+        g = layer.g_idx
+        if g.numel() and (int(g.min()) < 0 or int(g.max()) >= groups):
+            raise ValueError(f"GPTQ g_idx holds groups outside [0, {groups}) in {layer.extra_repr()}")
+        self.kernel = select_kernel(cfg, layer.qweight.device, layer.scales.dtype,
+                                    layer.input_size, layer.output_size)
+        if self.kernel == "cpu_int4":
+            self.cpu_weight = CpuInt4Weight.from_gptq(
+                layer.qweight, layer.qzeros, layer.scales, layer.g_idx, cfg.zero_offset)
+            # The int4 layout replaces the checkpoint tensors: keeping both would double memory.
+            for name in ("qweight", "qzeros", "scales", "g_idx"):
+                delattr(layer, name)
+            w = self.cpu_weight
+            layer.register_buffer("int4_packed", w.packed, persistent=False)
+            layer.register_buffer("int4_scales_and_zeros", w.scales_and_zeros, persistent=False)
+            if w.perm is not None:
+                layer.register_buffer("int4_perm", w.perm, persistent=False)
+
+    # --8<-- [start:apply]
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        cfg = self.quant_config
+        x2 = x.reshape(-1, x.shape[-1])  # [T, K]
+        if self.kernel == "cpu_int4":
+            y = self.cpu_weight.matmul(x2)
+            y = y + bias if bias is not None else y
+        elif self.kernel == "triton":
+            from folovllm.model_executor.layers.quantization.gptq_triton import gptq_matmul_triton
+
+            y = gptq_matmul_triton(x2, layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
+                                   cfg.bits, cfg.zero_offset, bias)
+        else:
+            y = gptq_matmul_reference(x2, layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
+                                      cfg.bits, cfg.zero_offset, bias)
+        return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)  # [..., N]
+    # --8<-- [end:apply]
+
+
+def _load_g_idx(param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+    """The first shard sets g_idx; every later one must carry the same (q, k and v were quantized
+    on the same inputs, so act-order gives them the same permutation)."""
+    if param.shape != loaded_weight.shape:
+        raise WeightShapeError(tuple(loaded_weight.shape), tuple(param.shape))
+    if not param.loaded:
+        param.data.copy_(loaded_weight)
+        param.loaded = True
+    elif not torch.equal(param.data, loaded_weight.to(param.dtype)):
+        raise ValueError(
+            f"g_idx of shard {shard_id!r} differs from its fused neighbours': parts of one fused "
+            "layer (q/k/v, gate/up) must share one act-order permutation"
+        )
