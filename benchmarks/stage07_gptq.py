@@ -1,0 +1,311 @@
+"""Stage 07 on CPU: GPTQ 4-bit weights against float32 and bfloat16, on one thread.
+
+    python -m benchmarks.stage07_gptq            # ~10 minutes on a busy 2-core box
+    python -m benchmarks.stage07_gptq --quick    # smoke run (small, not written)
+
+Three measurements (each quoted with its setup in the .md):
+
+    weight bytes   the linear layers' parameters and buffers, counted (deterministic), for the
+                   Qwen3-0.6B shape and the 25M bench model: float32, bfloat16, GPTQ 4-bit with
+                   groups of 128 (scales, zeros and g_idx included)
+    decode tok/s   batch 1: prefill 32 tokens, then time `--steps` decode steps of our model
+                   (no engine around it: stage 07 changes the matmuls, nothing else), for the
+                   bench model and a Qwen3-0.6B-shaped model, random weights (speed does not
+                   depend on the values); GPTQ runs in bfloat16 with the cpu_int4 kernel
+    perplexity     a small Qwen3 (4 layers, hidden 256) trained here for `--train-seconds` (on all
+                   cores: training is not what is measured) on the Python standard library's
+                   sources, then float32 vs round-to-nearest 4-bit vs our GPTQ 4-bit (groups of
+                   128, with and without act-order, 32 calibration sequences of 256 training
+                   tokens), all in float32 with the reference kernel, on 20 held-out files
+
+Writes `benchmarks/results/stage07_gptq_cpu.json` and `.md` with the machine and git commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+QWEN3_06B = dict(
+    hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+    num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=4096,
+    tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+)
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "folovllm", "benchmarks/stage07_gptq.py"],
+                               cwd=ROOT).returncode != 0
+        return sha + ("+dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+# -- models in memory ------------------------------------------------------------------------
+
+
+def build_model(hf_config: Any, dtype: torch.dtype, gptq: bool, group: int = 128, seed: int = 0) -> torch.nn.Module:
+    """Our Qwen3 with random weights (float), or random 4-bit codes with plausible scales
+    (GPTQ, symmetric v1), laid out for its kernel as the loader would."""
+    from folovllm.model_executor.layers.linear import LinearBase
+    from folovllm.model_executor.layers.quantization.gptq import GPTQConfig
+    from folovllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = Qwen3ForCausalLM(hf_config, GPTQConfig(group_size=group) if gptq else None)
+    finally:
+        torch.set_default_dtype(old)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("qweight"):
+                p.copy_(torch.randint(-2**31, 2**31 - 1, p.shape, dtype=torch.int64).to(torch.int32))
+            elif name.endswith("qzeros"):
+                p.fill_(0x77777777)
+            elif name.endswith("g_idx"):
+                p.copy_(torch.arange(p.numel()) // group)
+            elif name.endswith("scales"):
+                p.uniform_(0.002, 0.004)
+            elif "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 0.02)
+    for m in model.modules():
+        if isinstance(m, LinearBase):
+            m.quant_method.process_weights_after_loading(m)
+    return model.eval()
+
+
+def linear_bytes(model: torch.nn.Module) -> int:
+    from folovllm.model_executor.layers.linear import LinearBase
+
+    return sum(t.numel() * t.element_size() for m in model.modules() if isinstance(m, LinearBase)
+               for t in list(m.parameters()) + list(m.buffers()))
+
+
+def all_bytes(model: torch.nn.Module) -> int:
+    seen = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+@torch.no_grad()
+def decode_tok_per_s(model: torch.nn.Module, prompt_len: int, steps: int, repeats: int) -> dict[str, Any]:
+    """Batch 1: prefill `prompt_len` tokens, then `steps` single-token steps through the KV cache;
+    median over `repeats` of the decode steps' wall time."""
+    from folovllm.model_executor.layers.attention import Attention, AttentionMetadata
+
+    width = prompt_len + steps
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    for layer in (m for m in model.modules() if isinstance(m, Attention)):
+        shape = (1, width, layer.num_kv_heads, layer.head_dim)
+        layer.kv_cache = (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+
+    def step(start: int, n: int) -> None:
+        md = AttentionMetadata(
+            slot_mapping=torch.arange(start, start + n), query_start_loc=torch.tensor([0, n]),
+            seq_lens=torch.tensor([start + n]), block_tables=torch.zeros(1, 1, dtype=torch.long),
+            max_query_len=n, max_seq_len=start + n,
+        )
+        h = model(torch.randint(0, 100, (n,)), torch.arange(start, start + n), md)
+        model.compute_logits(h[-1:])
+
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        step(0, prompt_len)
+        t0 = time.perf_counter()
+        for i in range(steps):
+            step(prompt_len + i, 1)
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times[1:])
+    return {"tok_per_s": steps / med, "ms_per_token": 1000 * med / steps, "runs_s": times[1:]}
+
+
+def speed_section(name: str, hf_config: Any, steps: int, repeats: int) -> dict[str, Any]:
+    out = {}
+    for label, dtype, gptq in (("float32", torch.float32, False), ("bfloat16", torch.bfloat16, False),
+                               ("GPTQ 4-bit (bf16, cpu_int4)", torch.bfloat16, True)):
+        model = build_model(hf_config, dtype, gptq)
+        if gptq:
+            kernel = model.model.layers[0].mlp.down_proj.quant_method.kernel
+            assert kernel == "cpu_int4", kernel
+        res = decode_tok_per_s(model, 32, steps, repeats)
+        res.update(linear_bytes=linear_bytes(model), all_bytes=all_bytes(model))
+        out[label] = res
+        print(f"  {name} {label}: {res['tok_per_s']:.2f} tok/s, linear layers {res['linear_bytes'] / 2**20:.1f} MiB", flush=True)
+        del model
+    return out
+
+
+# -- perplexity on a trained model ------------------------------------------------------------
+
+
+def stdlib_files(seed: int = 0) -> tuple[list[str], list[str]]:
+    """The standard library's .py files, shuffled: (train, held-out)."""
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in lib.glob("*.py") if p.stat().st_size < 200_000)
+    random.Random(seed).shuffle(files)
+    texts = [p.read_text(errors="replace") for p in files]
+    return texts[20:], texts[:20]
+
+
+def train_model(path: Path, seconds: float, seed: int = 0) -> tuple[Path, list[list[int]], int, list[list[int]]]:
+    """Train a BPE tokenizer and a small Qwen3 on stdlib sources for `seconds` (batches of
+    8 x 128 tokens, AdamW); save as an HF checkpoint. Returns (path, held-out sequences of 256
+    tokens, training steps, calibration sequences of 256 training tokens)."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    train, held = stdlib_files(seed)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(train, trainers.BpeTrainer(vocab_size=2048, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    hf_tok.save_pretrained(path)
+    ids = [t for text in train for t in tok.encode(text).ids]
+    held_ids = [t for text in held for t in tok.encode(text).ids]
+    L = 256
+    config = transformers.Qwen3Config(
+        vocab_size=tok.get_vocab_size(), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024,
+        tie_word_embeddings=True, rope_theta=10000.0, eos_token_id=0, bos_token_id=None, pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # training is not what is measured: all cores
+    model = transformers.Qwen3ForCausalLM(config).float().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    data = torch.tensor(ids)
+    g = torch.Generator().manual_seed(seed)
+    t0, step = time.time(), 0
+    while time.time() - t0 < seconds:
+        starts = torch.randint(0, len(data) - 129, (8,), generator=g)
+        batch = torch.stack([data[s : s + 128] for s in starts])  # [8, 128]
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            print(f"  train step {step}: loss {loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True)
+    torch.set_num_threads(threads)
+    model.eval().save_pretrained(path)
+    held_seqs = [held_ids[i : i + L] for i in range(0, len(held_ids) - L, L)][:32]
+    return path, held_seqs, step, [data[i : i + L].tolist() for i in range(0, 32 * L, L)]
+
+
+def quality_section(seconds: float) -> dict[str, Any]:
+    from folovllm.model_executor.layers.linear import LinearBase
+    from folovllm.model_executor.layers.quantization.gptq_quantizer import perplexity, quantize_checkpoint, rtn_quantize
+    from folovllm.model_executor.model_loader import load_model
+
+    os.environ["FOLOVLLM_GPTQ_KERNEL"] = "reference"  # float32 everywhere: only the weights differ
+    tmp = Path(tempfile.mkdtemp(prefix="stage07_"))
+    path, held, steps, calib = train_model(tmp / "float", seconds)
+    out: dict[str, Any] = {"train_seconds": seconds, "train_steps": steps, "held_out_tokens": 256 * len(held)}
+    plain = load_model(str(path), torch.float32)[0]
+    out["float32"] = perplexity(plain, held)
+    with torch.no_grad():
+        for m in plain.modules():
+            if isinstance(m, LinearBase):
+                m.weight.copy_(rtn_quantize(m.weight, 4, 128, sym=True))
+    out["RTN 4-bit g128"] = perplexity(plain, held)
+    for label, kw in (("GPTQ 4-bit g128", {}), ("GPTQ 4-bit g128 act-order", {"desc_act": True})):
+        q = quantize_checkpoint(str(path), str(tmp / label.replace(" ", "_")), group_size=128,
+                                calibration=calib, progress=False, **kw)
+        out[label] = perplexity(load_model(str(q), torch.float32)[0], held)
+    for k in ("float32", "RTN 4-bit g128", "GPTQ 4-bit g128", "GPTQ 4-bit g128 act-order"):
+        print(f"  perplexity {k}: {out[k]:.3f}", flush=True)
+    return out
+
+
+def render(res: dict[str, Any]) -> str:
+    lines = [f"Stage 07 GPTQ on {res['machine']['cpu']}, {res['machine']['threads']} thread, torch "
+             f"{res['machine']['torch']}, commit {res['git_commit']}, {res['date']}.", ""]
+    for name, sec in res["speed"].items():
+        base = sec["float32"]
+        lines += [f"**Decode, batch 1, {name}** (prefill 32, {res['steps']} decode steps, median of "
+                  f"{res['repeats']}):", "",
+                  "| weights | linear-layer bytes | all bytes | decode tok/s | vs float32 |", "|---|---|---|---|---|"]
+        for label, r in sec.items():
+            lines.append(f"| {label} | {r['linear_bytes'] / 2**20:.1f} MiB | {r['all_bytes'] / 2**20:.1f} MiB | "
+                         f"{r['tok_per_s']:.2f} | {r['tok_per_s'] / base['tok_per_s']:.2f}x |")
+        lines.append("")
+    if "quality" in res:
+        q = res["quality"]
+        lines += [f"**Perplexity** of a small Qwen3 (4 layers, hidden 256, vocab 2048) trained {q['train_seconds']:.0f} s "
+                  f"({q['train_steps']} steps) on stdlib sources, on {q['held_out_tokens']} held-out tokens:", "",
+                  "| weights | perplexity | change vs float32 |", "|---|---|---|"]
+        for k in ("float32", "RTN 4-bit g128", "GPTQ 4-bit g128", "GPTQ 4-bit g128 act-order"):
+            lines.append(f"| {k} | {q[k]:.3f} | {q[k] - q['float32']:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--train-seconds", type=float, default=300)
+    parser.add_argument("--no-06b", action="store_true", help="skip the Qwen3-0.6B shape")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    import transformers
+
+    from folovllm.tiny_model import SIZES
+
+    steps, repeats = (4, 1) if args.quick else (args.steps, args.repeats)
+    res: dict[str, Any] = {"machine": machine(), "git_commit": git_commit(),
+                           "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                           "steps": steps, "repeats": repeats, "speed": {}}
+    shapes = {"bench model (25M, hidden 512)": dict(SIZES["bench"], vocab_size=512, tie_word_embeddings=True)}
+    if not (args.quick or args.no_06b):
+        shapes["Qwen3-0.6B shape"] = QWEN3_06B
+    for name, kw in shapes.items():
+        print(f"decode: {name}", flush=True)
+        res["speed"][name] = speed_section(name, transformers.Qwen3Config(**kw), steps, repeats)
+    print("quality", flush=True)
+    res["quality"] = quality_section(10 if args.quick else args.train_seconds)
+    md = render(res)
+    print(md)
+    if not args.quick:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "stage07_gptq_cpu.json").write_text(json.dumps(res, indent=2))
+        (RESULTS / "stage07_gptq_cpu.md").write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
