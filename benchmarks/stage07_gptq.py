@@ -11,7 +11,9 @@ Three measurements (each quoted with its setup in the .md):
     decode tok/s   batch 1: prefill 32 tokens, then time `--steps` decode steps of our model
                    (no engine around it: stage 07 changes the matmuls, nothing else), for the
                    bench model and a Qwen3-0.6B-shaped model, random weights (speed does not
-                   depend on the values); GPTQ runs in bfloat16 with the cpu_int4 kernel
+                   depend on the values); GPTQ runs in bfloat16 with the cpu_int4 kernel. The
+                   three are timed interleaved; wall time and process CPU time (steadier on a
+                   shared machine) are both reported
     perplexity     a small Qwen3 (4 layers, hidden 256) trained here for `--train-seconds` (on all
                    cores: training is not what is measured) on the Python standard library's
                    sources, then float32 vs round-to-nearest 4-bit vs our GPTQ 4-bit (groups of
@@ -119,51 +121,69 @@ def all_bytes(model: torch.nn.Module) -> int:
     return sum(seen.values())
 
 
-@torch.no_grad()
-def decode_tok_per_s(model: torch.nn.Module, prompt_len: int, steps: int, repeats: int) -> dict[str, Any]:
-    """Batch 1: prefill `prompt_len` tokens, then `steps` single-token steps through the KV cache;
-    median over `repeats` of the decode steps' wall time."""
-    from folovllm.model_executor.layers.attention import Attention, AttentionMetadata
+class DecodeRunner:
+    """Batch 1 on one model: prefill `prompt_len` tokens, then `steps` single-token steps through
+    a contiguous KV cache (no engine: stage 07 changes the matmuls, nothing else)."""
 
-    width = prompt_len + steps
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    for layer in (m for m in model.modules() if isinstance(m, Attention)):
-        shape = (1, width, layer.num_kv_heads, layer.head_dim)
-        layer.kv_cache = (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+    def __init__(self, model: torch.nn.Module, prompt_len: int, steps: int) -> None:
+        from folovllm.model_executor.layers.attention import Attention
 
-    def step(start: int, n: int) -> None:
+        self.model, self.prompt_len, self.steps = model, prompt_len, steps
+        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        self.kv = {}
+        for layer in (m for m in model.modules() if isinstance(m, Attention)):
+            shape = (1, prompt_len + steps, layer.num_kv_heads, layer.head_dim)
+            self.kv[layer] = (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+
+    def _step(self, start: int, n: int) -> None:
+        from folovllm.model_executor.layers.attention import AttentionMetadata
+
         md = AttentionMetadata(
             slot_mapping=torch.arange(start, start + n), query_start_loc=torch.tensor([0, n]),
             seq_lens=torch.tensor([start + n]), block_tables=torch.zeros(1, 1, dtype=torch.long),
             max_query_len=n, max_seq_len=start + n,
         )
-        h = model(torch.randint(0, 100, (n,)), torch.arange(start, start + n), md)
-        model.compute_logits(h[-1:])
+        h = self.model(torch.randint(0, 100, (n,)), torch.arange(start, start + n), md)
+        self.model.compute_logits(h[-1:])
 
-    times = []
-    for _ in range(repeats + 1):  # the first is a warm-up
-        step(0, prompt_len)
-        t0 = time.perf_counter()
-        for i in range(steps):
-            step(prompt_len + i, 1)
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times[1:])
-    return {"tok_per_s": steps / med, "ms_per_token": 1000 * med / steps, "runs_s": times[1:]}
+    @torch.no_grad()
+    def run(self) -> tuple[float, float]:
+        """-> (wall seconds, process CPU seconds) of the decode steps."""
+        for layer, cache in self.kv.items():
+            layer.kv_cache = cache
+        self._step(0, self.prompt_len)
+        wall, cpu = time.perf_counter(), time.process_time()
+        for i in range(self.steps):
+            self._step(self.prompt_len + i, 1)
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+
+SYSTEMS = (("float32", torch.float32, False), ("bfloat16", torch.bfloat16, False),
+           ("GPTQ 4-bit (bf16, cpu_int4)", torch.bfloat16, True))
 
 
 def speed_section(name: str, hf_config: Any, steps: int, repeats: int) -> dict[str, Any]:
-    out = {}
-    for label, dtype, gptq in (("float32", torch.float32, False), ("bfloat16", torch.bfloat16, False),
-                               ("GPTQ 4-bit (bf16, cpu_int4)", torch.bfloat16, True)):
+    """The three systems built side by side and timed interleaved (float32, bf16, GPTQ, float32,
+    ...), one untimed warm-up each, so a change in the machine's load hits all of them."""
+    runners, out = {}, {}
+    for label, dtype, gptq in SYSTEMS:
         model = build_model(hf_config, dtype, gptq)
         if gptq:
             kernel = model.model.layers[0].mlp.down_proj.quant_method.kernel
             assert kernel == "cpu_int4", kernel
-        res = decode_tok_per_s(model, 32, steps, repeats)
-        res.update(linear_bytes=linear_bytes(model), all_bytes=all_bytes(model))
-        out[label] = res
-        print(f"  {name} {label}: {res['tok_per_s']:.2f} tok/s, linear layers {res['linear_bytes'] / 2**20:.1f} MiB", flush=True)
-        del model
+        out[label] = {"linear_bytes": linear_bytes(model), "all_bytes": all_bytes(model), "wall_s": [], "cpu_s": []}
+        runners[label] = DecodeRunner(model, 32, steps)
+        runners[label].run()  # warm-up
+    for _ in range(repeats):
+        for label, runner in runners.items():
+            wall, cpu = runner.run()
+            out[label]["wall_s"].append(wall)
+            out[label]["cpu_s"].append(cpu)
+    for label, r in out.items():
+        r["tok_per_s"] = steps / statistics.median(r["wall_s"])
+        r["tok_per_cpu_s"] = steps / statistics.median(r["cpu_s"])
+        print(f"  {name} {label}: {r['tok_per_s']:.2f} tok/s ({r['tok_per_cpu_s']:.2f} per CPU s), "
+              f"linear layers {r['linear_bytes'] / 2**20:.1f} MiB", flush=True)
     return out
 
 
@@ -257,11 +277,13 @@ def render(res: dict[str, Any]) -> str:
     for name, sec in res["speed"].items():
         base = sec["float32"]
         lines += [f"**Decode, batch 1, {name}** (prefill 32, {res['steps']} decode steps, median of "
-                  f"{res['repeats']}):", "",
-                  "| weights | linear-layer bytes | all bytes | decode tok/s | vs float32 |", "|---|---|---|---|---|"]
+                  f"{res['repeats']} interleaved runs; wall time and process CPU time):", "",
+                  "| weights | linear-layer bytes | all bytes | decode tok/s | vs float32 | tok per CPU s | vs float32 |",
+                  "|---|--:|--:|--:|--:|--:|--:|"]
         for label, r in sec.items():
             lines.append(f"| {label} | {r['linear_bytes'] / 2**20:.1f} MiB | {r['all_bytes'] / 2**20:.1f} MiB | "
-                         f"{r['tok_per_s']:.2f} | {r['tok_per_s'] / base['tok_per_s']:.2f}x |")
+                         f"{r['tok_per_s']:.2f} | {r['tok_per_s'] / base['tok_per_s']:.2f}x | "
+                         f"{r['tok_per_cpu_s']:.2f} | {r['tok_per_cpu_s'] / base['tok_per_cpu_s']:.2f}x |")
         lines.append("")
     if "quality" in res:
         q = res["quality"]
