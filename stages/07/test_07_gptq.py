@@ -364,3 +364,23 @@ def test_linear_layers_all_quantized(gptq_checkpoints, monkeypatch):
     assert torch.equal(torch.bincount(g), torch.full((64 // GROUP,), GROUP))
     cfg = json.loads((gptq_checkpoints["qwen3", "act"][0] / "config.json").read_text())["quantization_config"]
     assert (cfg["desc_act"], cfg["sym"], cfg["checkpoint_format"]) == (True, False, "gptq_v2")
+
+
+def test_cli_quantize_writes_a_checkpoint_the_engine_runs(tiny_qwen3, tmp_path, capsys):
+    """`folovllm quantize` with a calibration text file, then generation from the result in
+    bfloat16 (the cpu_int4 kernel) through the whole engine."""
+    from folovllm.entrypoints.cli import main
+
+    text = tmp_path / "calib.txt"
+    text.write_text("the engine schedules requests every step and the cache keeps keys and values " * 40)
+    out = tmp_path / "q"
+    rc = main(["quantize", str(tiny_qwen3), str(out), "--group-size", "32", "--desc-act",
+               "--calibration", str(text), "--num-samples", "4", "--seq-len", "32"])
+    assert rc == 0 and f"wrote {out}" in capsys.readouterr().out
+    cfg = json.loads((out / "quantize_config.json").read_text())
+    assert (cfg["group_size"], cfg["desc_act"]) == (32, True)
+    llm = LLM(str(out), dtype="bfloat16", max_num_seqs=2, max_model_len=128)
+    [res] = llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    assert len(res.outputs[0].token_ids) == 8
+    assert main(["quantize", str(tiny_qwen3), str(tmp_path / "x"), "--calibration", str(tmp_path / "none.txt")]) == 2
+

@@ -44,6 +44,7 @@ Left out: 2/3-bit weights, `dynamic` per-module overrides, quantized `lm_head`, 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -304,7 +305,7 @@ def select_kernel(config: GPTQConfig, device: torch.device, dtype: torch.dtype, 
         if forced == "cpu_int4" and (why := cpu_int4_supported(config, input_size, output_size)):
             raise ValueError(f"{KERNEL_ENV}=cpu_int4 cannot run this layer: {why}")
         return forced
-    if device.type == "cuda":
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
         return "triton"
     if dtype == torch.bfloat16 and cpu_int4_supported(config, input_size, output_size) is None:
         return "cpu_int4"
