@@ -14,8 +14,9 @@ Three measurements (each quoted with its setup in the .md):
                    depend on the values); GPTQ runs in bfloat16 with the cpu_int4 kernel. The
                    three are timed interleaved; wall time and process CPU time (steadier on a
                    shared machine) are both reported
-    perplexity     a small Qwen3 (4 layers, hidden 256) trained here for `--train-seconds` (on all
-                   cores: training is not what is measured) on the Python standard library's
+    perplexity     a small Qwen3 (4 layers, hidden 256) trained here for `--train-seconds` (one
+                   thread too: on a loaded 2-core machine two threads were 10x slower per step) on
+                   the Python standard library's
                    sources, then float32 vs round-to-nearest 4-bit vs our GPTQ 4-bit (groups of
                    128, with and without act-order, 32 calibration sequences of 256 training
                    tokens), all in float32 with the reference kernel, on 20 held-out files
@@ -223,8 +224,6 @@ def train_model(path: Path, seconds: float, seed: int = 0) -> tuple[Path, list[l
         tie_word_embeddings=True, rope_theta=10000.0, eos_token_id=0, bos_token_id=None, pad_token_id=0,
     )
     torch.manual_seed(seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)  # training is not what is measured: all cores
     model = transformers.Qwen3ForCausalLM(config).float().train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     data = torch.tensor(ids)
@@ -240,7 +239,6 @@ def train_model(path: Path, seconds: float, seed: int = 0) -> tuple[Path, list[l
         step += 1
         if step % 50 == 0:
             print(f"  train step {step}: loss {loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True)
-    torch.set_num_threads(threads)
     model.eval().save_pretrained(path)
     held_seqs = [held_ids[i : i + L] for i in range(0, len(held_ids) - L, L)][:32]
     return path, held_seqs, step, [data[i : i + L].tolist() for i in range(0, 32 * L, L)]
