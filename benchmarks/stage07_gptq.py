@@ -3,7 +3,7 @@
     python -m benchmarks.stage07_gptq            # ~10 minutes on a busy 2-core box
     python -m benchmarks.stage07_gptq --quick    # smoke run (small, not written)
 
-Three measurements (each quoted with its setup in the .md):
+Four measurements (each quoted with its setup in the .md):
 
     weight bytes   the linear layers' parameters and buffers, counted (deterministic), for the
                    Qwen3-0.6B shape and the 25M bench model: float32, bfloat16, GPTQ 4-bit with
@@ -14,6 +14,8 @@ Three measurements (each quoted with its setup in the .md):
                    depend on the values); GPTQ runs in bfloat16 with the cpu_int4 kernel. The
                    three are timed interleaved; wall time and process CPU time (steadier on a
                    shared machine) are both reported
+    one matmul     torch's int4 CPU kernel against dense matmuls in float32/bfloat16/float16, for
+                   1 and 128 tokens: why the cpu_int4 path is used for bfloat16 models only
     perplexity     a small Qwen3 (4 layers, hidden 256) trained here for `--train-seconds` (one
                    thread too: on a loaded 2-core machine two threads were 10x slower per step) on
                    the Python standard library's
@@ -188,6 +190,47 @@ def speed_section(name: str, hf_config: Any, steps: int, repeats: int) -> dict[s
     return out
 
 
+# -- one matmul: why cpu_int4 only in bfloat16 ----------------------------------------------------
+
+
+def kernels_section(repeats: int) -> dict[str, Any]:
+    """One Qwen3-0.6B gate_up-sized matmul (1024 -> 3072, groups of 128) for 1 and 128 tokens:
+    dense float32 / bfloat16 / float16 against torch's int4 kernel in each dtype. Median of
+    `repeats` process-CPU times of 10 calls each (2 for 128 tokens)."""
+    from folovllm.model_executor.layers.quantization.gptq import CpuInt4Weight, pack_int32
+
+    K, N, G = 1024, 3072, 128
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (K, N), generator=g)
+    w = CpuInt4Weight.from_gptq(pack_int32(codes, 4, 0), pack_int32(torch.full((K // G, N), 8), 4, 1),
+                                torch.rand(K // G, N, generator=g) * 0.01, torch.arange(K) // G, 0)
+    dense = torch.randn(N, K, generator=g)
+    out: dict[str, Any] = {"shape": f"{K} -> {N}, groups of {G}"}
+
+    def cpu_ms(fn: Any, calls: int) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.process_time()
+            for _ in range(calls):
+                fn()
+            times.append((time.process_time() - t) / calls * 1000)
+        return statistics.median(times)
+
+    for M in (1, 128):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x, wd = torch.randn(M, K, generator=g).to(dtype), dense.to(dtype)
+            sz = w.scales_and_zeros.to(dtype)
+            calls = 10 if M == 1 else 2
+            out[f"M={M} dense {str(dtype)[6:]}"] = cpu_ms(lambda: x @ wd.t(), calls)
+            out[f"M={M} int4 {str(dtype)[6:]}"] = cpu_ms(
+                lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.packed, w.group_size, sz), calls)
+    for k, v in out.items():
+        if k != "shape":
+            print(f"  {k}: {v:.3f} ms", flush=True)
+    return out
+
+
 # -- perplexity on a trained model ------------------------------------------------------------
 
 
@@ -283,6 +326,16 @@ def render(res: dict[str, Any]) -> str:
                          f"{r['tok_per_s']:.2f} | {r['tok_per_s'] / base['tok_per_s']:.2f}x | "
                          f"{r['tok_per_cpu_s']:.2f} | {r['tok_per_cpu_s'] / base['tok_per_cpu_s']:.2f}x |")
         lines.append("")
+    if "kernels" in res:
+        k = res["kernels"]
+        lines += [f"**One matmul** ({k['shape']}), ms of process CPU time per call, median:", "",
+                  "| tokens | dense float32 | dense bfloat16 | dense float16 | int4 float32 | int4 bfloat16 | int4 float16 |",
+                  "|---|--:|--:|--:|--:|--:|--:|"]
+        for M in (1, 128):
+            cells = [f"{k[f'M={M} {kind} {dt}']:.2f}" for kind in ("dense", "int4")
+                     for dt in ("float32", "bfloat16", "float16")]
+            lines.append(f"| {M} | " + " | ".join(cells) + " |")
+        lines.append("")
     if "quality" in res:
         q = res["quality"]
         lines += [f"**Perplexity** of a small Qwen3 (4 layers, hidden 256, vocab 2048) trained {q['train_seconds']:.0f} s "
@@ -316,6 +369,8 @@ def main() -> int:
     for name, kw in shapes.items():
         print(f"decode: {name}", flush=True)
         res["speed"][name] = speed_section(name, transformers.Qwen3Config(**kw), steps, repeats)
+    print("kernels", flush=True)
+    res["kernels"] = kernels_section(1 if args.quick else 3)
     print("quality", flush=True)
     res["quality"] = quality_section(10 if args.quick else args.train_seconds)
     md = render(res)
