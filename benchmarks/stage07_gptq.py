@@ -1,6 +1,6 @@
 """Stage 07 on CPU: GPTQ 4-bit weights against float32 and bfloat16, on one thread.
 
-    python -m benchmarks.stage07_gptq            # ~10 minutes on a busy 2-core box
+    python -m benchmarks.stage07_gptq            # ~30 minutes on a busy 2-core box
     python -m benchmarks.stage07_gptq --quick    # smoke run (small, not written)
 
 Four measurements (each quoted with its setup in the .md):
@@ -20,8 +20,9 @@ Four measurements (each quoted with its setup in the .md):
                    thread too: on a loaded 2-core machine two threads were 10x slower per step) on
                    the Python standard library's
                    sources, then float32 vs round-to-nearest 4-bit vs our GPTQ 4-bit (groups of
-                   128, with and without act-order, 32 calibration sequences of 256 training
-                   tokens), all in float32 with the reference kernel, on 20 held-out files
+                   128, and per-channel = group_size -1; with and without act-order; 32
+                   calibration sequences of 256 training tokens), all in float32 with the
+                   reference kernel, on 20 held-out files
 
 Writes `benchmarks/results/stage07_gptq_cpu.json` and `.md` with the machine and git commit.
 """
@@ -298,18 +299,29 @@ def quality_section(seconds: float) -> dict[str, Any]:
     out: dict[str, Any] = {"train_seconds": seconds, "train_steps": steps, "held_out_tokens": 256 * len(held)}
     plain = load_model(str(path), torch.float32)[0]
     out["float32"] = perplexity(plain, held)
-    with torch.no_grad():
-        for m in plain.modules():
-            if isinstance(m, LinearBase):
-                m.weight.copy_(rtn_quantize(m.weight, 4, 128, sym=True))
-    out["RTN 4-bit g128"] = perplexity(plain, held)
-    for label, kw in (("GPTQ 4-bit g128", {}), ("GPTQ 4-bit g128 act-order", {"desc_act": True})):
-        q = quantize_checkpoint(str(path), str(tmp / label.replace(" ", "_")), group_size=128,
-                                calibration=calib, progress=False, **kw)
-        out[label] = perplexity(load_model(str(q), torch.float32)[0], held)
-    for k in ("float32", "RTN 4-bit g128", "GPTQ 4-bit g128", "GPTQ 4-bit g128 act-order"):
+    floats = {n: m.weight.clone() for n, m in plain.named_modules() if isinstance(m, LinearBase)}
+    for group in (128, -1):
+        with torch.no_grad():
+            for n, m in plain.named_modules():
+                if isinstance(m, LinearBase):
+                    m.weight.copy_(rtn_quantize(floats[n], 4, group, sym=True))
+        out[f"RTN 4-bit {_g(group)}"] = perplexity(plain, held)
+        for act in (False, True):
+            label = f"GPTQ 4-bit {_g(group)}" + (" act-order" if act else "")
+            q = quantize_checkpoint(str(path), str(tmp / label.replace(" ", "_")), group_size=group,
+                                    desc_act=act, calibration=calib, progress=False)
+            out[label] = perplexity(load_model(str(q), torch.float32)[0], held)
+    for k in QUALITY_ROWS:
         print(f"  perplexity {k}: {out[k]:.3f}", flush=True)
     return out
+
+
+def _g(group: int) -> str:
+    return f"g{group}" if group > 0 else "per-channel"
+
+
+QUALITY_ROWS = ("float32", "RTN 4-bit g128", "GPTQ 4-bit g128", "GPTQ 4-bit g128 act-order",
+                "RTN 4-bit per-channel", "GPTQ 4-bit per-channel", "GPTQ 4-bit per-channel act-order")
 
 
 def render(res: dict[str, Any]) -> str:
@@ -341,7 +353,7 @@ def render(res: dict[str, Any]) -> str:
         lines += [f"**Perplexity** of a small Qwen3 (4 layers, hidden 256, vocab 2048) trained {q['train_seconds']:.0f} s "
                   f"({q['train_steps']} steps) on stdlib sources, on {q['held_out_tokens']} held-out tokens:", "",
                   "| weights | perplexity | change vs float32 |", "|---|---|---|"]
-        for k in ("float32", "RTN 4-bit g128", "GPTQ 4-bit g128", "GPTQ 4-bit g128 act-order"):
+        for k in QUALITY_ROWS:
             lines.append(f"| {k} | {q[k]:.3f} | {q[k] - q['float32']:+.3f} |")
     return "\n".join(lines) + "\n"
 
@@ -351,7 +363,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--train-seconds", type=float, default=300)
+    parser.add_argument("--train-seconds", type=float, default=780)
     parser.add_argument("--no-06b", action="store_true", help="skip the Qwen3-0.6B shape")
     args = parser.parse_args()
     torch.set_num_threads(1)
