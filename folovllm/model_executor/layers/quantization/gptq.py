@@ -294,9 +294,10 @@ def select_kernel(config: GPTQConfig, device: torch.device, dtype: torch.dtype, 
                   output_size: int) -> str:
     """The kernel a layer uses: `FOLOVLLM_GPTQ_KERNEL` if set, else the fastest that applies.
 
-    On CPU, cpu_int4 only for bfloat16 models: torch's kernel is fast in bfloat16 (5x a float32
-    matmul at Qwen3-0.6B shapes, `benchmarks/stage07_gptq.py`) but 10x slower than float32 in
-    float32, so a float32 model keeps the exact reference (float32 is the accuracy setting).
+    On CPU, cpu_int4 only for bfloat16 models: for one token torch's kernel beats a dense matmul
+    in bfloat16, but run in float32 or float16 it is some 20x slower than a dense float32 matmul
+    (the one-matmul table of `benchmarks/stage07_gptq.py`), so a float32 model keeps the exact
+    reference (float32 is the accuracy setting).
     """
     forced = os.environ.get(KERNEL_ENV)
     if forced:
