@@ -88,8 +88,9 @@ class EngineConfig:
     enable_prefix_caching: bool = False  # stage 06
     # stage 07. Quantization is a property of the checkpoint, as in vLLM: None loads whatever
     # its config.json says (4-bit GPTQ layers for a GPTQ checkpoint, at any stage); "gptq"
-    # refuses a checkpoint that is not GPTQ. So stage 7 has no flag of its own for `for_stage`
-    # to set: once stage 06 is built, LATEST_STAGE becomes 7 and for_stage(7) = for_stage(6).
+    # refuses a checkpoint that is not GPTQ (`load_model(..., quantization=)`; LLMEngine does not
+    # pass it on yet). So stage 7 has no flag of its own for `for_stage` to set: once stage 06
+    # is built, LATEST_STAGE becomes 7 and for_stage(7) = for_stage(6).
     quantization: Optional[str] = None
 
     def __post_init__(self) -> None:

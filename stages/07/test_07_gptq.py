@@ -384,3 +384,26 @@ def test_cli_quantize_writes_a_checkpoint_the_engine_runs(tiny_qwen3, tmp_path, 
     assert len(res.outputs[0].token_ids) == 8
     assert main(["quantize", str(tiny_qwen3), str(tmp_path / "x"), "--calibration", str(tmp_path / "none.txt")]) == 2
 
+
+
+def test_all_zero_bias_of_autogptq_exports_is_skipped(gptq_checkpoints, tmp_path, monkeypatch):
+    """AutoGPTQ writes a `bias` for every quantized layer, all zeros where the model has none
+    (Qwen3 has none): the loader skips it, as vLLM does; a float checkpoint still refuses it."""
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv(KERNEL_ENV, "reference")
+    path, deq = gptq_checkpoints["qwen3", "sym"]
+    for src, quantized in ((path, True), (deq, False)):
+        dst = tmp_path / src.name
+        shutil.copytree(src, dst)
+        tensors = load_file(str(dst / "model.safetensors"))
+        tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+        save_file(tensors, str(dst / "model.safetensors"))
+        if quantized:
+            a = load_model(str(dst), torch.float32)[0]
+            b = load_model(str(path), torch.float32)[0]
+            seqs = [list(range(3, 20))]
+            assert torch.equal(a.compute_logits(forward_sequences(a, seqs)), b.compute_logits(forward_sequences(b, seqs)))
+        else:
+            with pytest.raises(ValueError, match="has no matching parameter"):
+                load_model(str(dst), torch.float32)
