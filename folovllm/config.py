@@ -86,6 +86,8 @@ class EngineConfig:
     long_prefill_token_threshold: int = 0  # stage 05: 0 = a chunk is capped by the budget only
     enable_prefix_caching: bool = False  # stage 06
     quantization: Optional[str] = None  # stage 07
+    # observability, not a stage: record every step for `folovllm trace` (engine/trace.py)
+    trace: bool = False
 
     def __post_init__(self) -> None:
         self._validate()

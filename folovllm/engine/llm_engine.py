@@ -25,6 +25,7 @@ from folovllm.core.scheduler_output import SchedulerOutput
 from folovllm.core.static_batch_scheduler import StaticBatchScheduler
 from folovllm.engine.output_processor import OutputProcessor
 from folovllm.engine.stats import EngineStats, SchedulerStats
+from folovllm.engine.trace import NullTracer, StepTracer
 from folovllm.model_executor.attention_backends import get_attn_backend
 from folovllm.model_executor.model_loader import load_model
 from folovllm.outputs import RequestOutput
@@ -68,6 +69,8 @@ class LLMEngine:
         # Called with a `SchedulerStats` after every step (benchmark traces, server metrics).
         self.stat_loggers: list[Callable[[SchedulerStats], None]] = []
         self.last_scheduler_stats: Optional[SchedulerStats] = None
+        # What the scheduler did, step by step (`folovllm trace`); off = a do-nothing tracer.
+        self.tracer: StepTracer | NullTracer = StepTracer() if self.config.trace else NullTracer()
         self._request_ids: set[str] = set()  # parents not finished yet
 
     # --8<-- [start:initialize_kv_cache]
@@ -174,6 +177,7 @@ class LLMEngine:
     # --8<-- [start:step]
     def step(self) -> list[RequestOutput]:
         """One iteration: schedule, run the model once, turn the new tokens into outputs."""
+        self.tracer.begin_step(self.scheduler)
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.num_rows == 0:
             return []
@@ -183,6 +187,7 @@ class LLMEngine:
         outputs = self.output_processor.process(advanced)
         self.scheduler.free_finished_requests()
         self._record_stats(scheduler_output, advanced)
+        self.tracer.end_step(self, scheduler_output)
         for out in outputs:
             if out.finished:
                 self._request_ids.discard(out.request_id)
