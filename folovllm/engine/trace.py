@@ -97,11 +97,11 @@ class StepRecord:
         return sum(r.num_new_tokens for r in self.rows if r.kind == "decode")
 
 
+# --8<-- [start:null_tracer]
 class NullTracer:
     """Tracing off: the same interface, nothing done, nothing kept."""
 
     __slots__ = ()
-    enabled = False
     steps: tuple[StepRecord, ...] = ()
 
     def begin_step(self, scheduler: "SchedulerBase") -> None:
@@ -114,6 +114,7 @@ class NullTracer:
         raise ValueError("tracing is off: build the engine with trace=True (LLM(..., trace=True))")
 
     save_json = save_perfetto = perfetto_events = as_dict
+# --8<-- [end:null_tracer]
 
 
 class StepTracer:
@@ -122,8 +123,6 @@ class StepTracer:
     Args:
         max_steps: keep only the last `max_steps` records (a long-running server); None = all.
     """
-
-    enabled = True
 
     def __init__(self, max_steps: Optional[int] = None) -> None:
         self.steps: deque[StepRecord] = deque(maxlen=max_steps)
