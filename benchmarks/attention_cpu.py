@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from benchmarks.bench_model import git_commit, machine_description, machine_short, write_results
+from benchmarks.results import git_commit, machine_description, machine_short, write_results
 from folovllm.model_executor.attention_backends import get_attn_backend
 from folovllm.model_executor.attention_backends.sdpa import SDPAAttentionBackend
 

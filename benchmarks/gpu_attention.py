@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from benchmarks.bench_model import git_commit
+from benchmarks.results import git_commit
 from folovllm.model_executor.layers.attention import AttentionMetadata, naive_attention
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 16, 8, 128, 16  # Qwen3-0.6B attention
@@ -303,7 +303,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     import triton
 
-    from benchmarks.bench_model import machine_description
+    from benchmarks.results import machine_description
     from folovllm.model_executor.attention_backends.triton_attn import (
         TileConfig,
         TritonAttentionBackend,

@@ -40,8 +40,9 @@ from typing import Any, Optional
 
 import torch
 
-from benchmarks.bench_model import bench_model_info, bench_model_path, machine_description, machine_short, git_commit
-from benchmarks.run import RESULTS_DIR, _loadavg, dump_json
+from benchmarks.bench_model import bench_model_info, bench_model_path
+from benchmarks.harness import loadavg as _loadavg
+from benchmarks.results import RESULTS_DIR, dump_json, git_commit, machine_description, machine_short
 from benchmarks.workloads import WORKLOADS, Workload, get_workload, poisson_arrivals
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "docs" / "assets"
@@ -216,7 +217,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return make_llm(model, stage, args.max_num_seqs, 0, {})
 
     # Warm-up (untimed): each stage once, the first max_num_seqs prompts, 4 tokens each.
-    from benchmarks.run import warmup_workload
+    from benchmarks.harness import warmup_workload
 
     warm = warmup_workload(workload, args.max_num_seqs)
     for st in stages:

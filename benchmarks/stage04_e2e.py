@@ -40,14 +40,8 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.bench_model import (
-    bench_model_info,
-    bench_model_path,
-    machine_description,
-    machine_short,
-    git_commit,
-    write_results,
-)
+from benchmarks.bench_model import bench_model_info, bench_model_path
+from benchmarks.results import git_commit, machine_description, machine_short, write_results
 from benchmarks.workloads import FIRST_ORDINARY_TOKEN_ID, get_workload
 
 ROOT = Path(__file__).resolve().parents[1]

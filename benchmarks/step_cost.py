@@ -27,8 +27,9 @@ from typing import Any, Optional
 
 import torch
 
-from benchmarks.bench_model import bench_model_path, machine_description, machine_short, git_commit
-from benchmarks.run import RESULTS_DIR, _loadavg, dump_json
+from benchmarks.bench_model import bench_model_path
+from benchmarks.harness import loadavg as _loadavg
+from benchmarks.results import RESULTS_DIR, dump_json, git_commit, machine_description, machine_short
 
 
 def measure(model: str, stage: int, rows: int, context: int, steps: int, engine_args: dict[str, Any]) -> dict[str, Any]:
