@@ -2,6 +2,8 @@
 
     timed(fn)                         one call: wall time, CPU time of this process, load average
     interleave(trials, repeats, ...)  an untimed warm-up of each trial, then rounds A, B, A, B, ...
+    time_calls(calls, repeats)        the two together, for plain calls (kernels, a generate)
+    summarize(timings)                every repeat's times, and the medians
     run_system(system, workload)      one repeat of a `System`: prepare (untimed), execute
                                       (timed), check every request got its max_tokens, stats,
                                       trace, clean-up (untimed)
@@ -27,7 +29,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, TypeVar
+from typing import Any, Callable, Iterable, Mapping, Optional, TypeVar
 
 import torch
 
@@ -81,6 +83,11 @@ def interleave(trials: Mapping[str, Callable[[], T]], repeats: int,
     return results
 
 
+def time_calls(calls: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str, list[Timing]]:
+    """Each call once untimed (warm-up), then `repeats` interleaved rounds of `timed` calls."""
+    return interleave({name: (lambda fn=fn: timed(fn)) for name, fn in calls.items()}, repeats, calls)
+
+
 def summarize(timings: list[Timing]) -> dict[str, Any]:
     """Every repeat's wall and CPU time and load average, and the medians."""
     return dict(seconds=[round(t.seconds, 6) for t in timings],
@@ -90,9 +97,9 @@ def summarize(timings: list[Timing]) -> dict[str, Any]:
                 loadavg_1m=[t.loadavg for t in timings])
 
 
-def peak_loadavg(timings: list[Timing]) -> Optional[float]:
-    loads = [t.loadavg for t in timings if t.loadavg is not None]
-    return max(loads) if loads else None
+def peak_loadavg(loads: Iterable[Optional[float]]) -> Optional[float]:
+    """The highest load average seen (the caption's shared-machine note); None if none was."""
+    return max((x for x in loads if x is not None), default=None)
 
 
 # -- systems on a workload -----------------------------------------------------------------------
@@ -192,7 +199,7 @@ def compare_systems(
             r["trace"] = ms[0].trace
     add_ratios(results, baseline)
     return dict(baseline=baseline, systems=results,
-                peak_loadavg_1m=peak_loadavg([m for ms in runs.values() for m in ms]))
+                peak_loadavg_1m=peak_loadavg(m.loadavg for ms in runs.values() for m in ms))
 
 
 def add_ratios(results: dict[str, Any], baseline: str) -> None:
