@@ -153,10 +153,13 @@ def agreement(outputs: list[list[int]], reference: list[list[int]]) -> dict[str,
 
 def compare_systems(
     system_names: list[str], workload: Workload, cfg: BenchConfig, repeats: int,
-    baseline: Optional[str], warmup: bool = True, log: Callable[[str], None] = print,
+    baseline: Optional[str], log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Time every system on `workload`, interleaved; per system the timings, tok/s, stats, trace
     of the first repeat, agreement with the first system, and the ratios."""
+    baseline = baseline or ("hf-generate" if "hf-generate" in system_names else system_names[0])
+    if baseline not in system_names:
+        raise ValueError(f"baseline {baseline!r} is not among the systems to run: {system_names}")
     systems = {n: make_system(n, cfg) for n in system_names}
     for s in systems.values():
         s.check()  # a stage that is not built fails here, before anything is timed
@@ -173,15 +176,11 @@ def compare_systems(
     warm = warmup_workload(workload, cfg.max_num_seqs)
     try:
         runs = interleave({n: (lambda s=s: run_system(s, workload)) for n, s in systems.items()}, repeats,
-                          {n: (lambda s=s: run_system(s, warm)) for n, s in systems.items()} if warmup else None,
-                          report)
+                          {n: (lambda s=s: run_system(s, warm)) for n, s in systems.items()}, report)
     finally:
         for s in systems.values():
             s.close()
 
-    baseline = baseline or ("hf-generate" if "hf-generate" in runs else system_names[0])
-    if baseline not in runs:
-        raise ValueError(f"baseline {baseline!r} is not among the systems run: {system_names}")
     greedy = workload.temperature == 0
     reference = runs[system_names[0]][0].value
     results: dict[str, Any] = {}

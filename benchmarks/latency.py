@@ -109,7 +109,7 @@ def replay(llm: Any, workload: Workload, arrivals: list[float]) -> dict[str, Any
                 trace=trace.as_dict(), stats=dict(engine.stats.as_dict()))
 
 
-def summarize(run: dict[str, Any], workload: Workload) -> dict[str, Any]:
+def latency_stats(run: dict[str, Any], workload: Workload) -> dict[str, Any]:
     reqs = run["requests"]
     ttft = [q["ttft"] for q in reqs]
     itl = [x for q in reqs for x in q["itl"]]
@@ -223,7 +223,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"trace: {len(arrivals)} arrivals over {arrivals[-1]:.1f}s")
 
     def log(stage: int, i: int, run: dict[str, Any]) -> None:
-        s = summarize(run, workload)
+        s = latency_stats(run, workload)
         print(f"repeat {i + 1}/{args.repeats} stage {stage}: {run['seconds']:.1f}s (cpu "
               f"{run['cpu_seconds']:.1f}s, load {run['loadavg']}), TTFT p50 {s['ttft_p50']:.2f}s "
               f"p99 {s['ttft_p99']:.2f}s, ITL p50 {s['itl_p50'] * 1e3:.0f}ms, "
@@ -233,7 +233,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     systems: dict[str, Any] = {}
     for st in stages:
-        sums = [summarize(r, workload) for r in runs[st]]
+        sums = [latency_stats(r, workload) for r in runs[st]]
         median = {k: (None if any(s[k] is None for s in sums) else
                       round(statistics.median(s[k] for s in sums), 5)) for k in sums[0]}
         systems[f"folovllm-stage{st}"] = dict(median=median, per_repeat=sums, runs=runs[st])
