@@ -112,6 +112,10 @@ class Measurement(Timing):
     stats: Optional[dict[str, Any]] = None  # deterministic counters (System.stats)
     trace: Optional[dict[str, Any]] = None  # per engine step, for plots (System.trace)
 
+    @property
+    def outputs(self) -> list[list[int]]:
+        return self.value
+
 
 def run_system(system: System, workload: Workload) -> Measurement:
     """One timed run of the whole workload on a freshly prepared system."""
@@ -182,7 +186,7 @@ def compare_systems(
             s.close()
 
     greedy = workload.temperature == 0
-    reference = runs[system_names[0]][0].value
+    reference = runs[system_names[0]][0].outputs
     results: dict[str, Any] = {}
     for name, ms in runs.items():
         r = results[name] = dict(description=systems[name].description, **summarize(ms))
@@ -191,9 +195,9 @@ def compare_systems(
                  output_tok_s_per_repeat=[round(out_tokens / x, 2) for x in r["seconds"]],
                  stats=ms[0].stats,
                  stats_identical_across_repeats=all(m.stats == ms[0].stats for m in ms),
-                 outputs_identical_across_repeats=all(m.value == ms[0].value for m in ms) if greedy else None,
+                 outputs_identical_across_repeats=all(m.outputs == ms[0].outputs for m in ms) if greedy else None,
                  agreement_with=system_names[0],
-                 agreement=agreement(ms[0].value, reference) if greedy else None)
+                 agreement=agreement(ms[0].outputs, reference) if greedy else None)
         if ms[0].trace is not None:
             r["trace"] = ms[0].trace
     add_ratios(results, baseline)
