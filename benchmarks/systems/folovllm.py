@@ -19,7 +19,7 @@ class StepTrace:
     """A stat logger (`engine.stat_loggers`): after every engine step, the seconds since `start()`
     and what the step left behind (requests running and waiting, KV tokens reserved and holding
     live tokens, prompt and decode tokens computed), one list per column; plus the cache's
-    capacity (`engine.kv_cache_capacity_tokens`, None at stage 01). A few appends per step
+    capacity (`engine.kv_cache_capacity_tokens`). A few appends per step
     (microseconds, against steps of tens of milliseconds)."""
 
     def __init__(self, engine: Any) -> None:
