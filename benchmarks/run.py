@@ -169,9 +169,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     stages = sorted({int(m.group(1)) for n in names if (m := re.fullmatch(r"folovllm-stage(\d+)", n))})
     workload = get_workload(args.workload, vocab_size=model_info["vocab_size"], seed=args.seed,
                             quick=args.quick, num_requests=args.num_requests)
-    if workload.max_seq_len > model_info["max_position_embeddings"]:
-        p.error(f"workload needs {workload.max_seq_len} positions; the model has "
-                f"{model_info['max_position_embeddings']}")
+    max_len = args.max_model_len or model_info["max_position_embeddings"]
+    if workload.max_seq_len > max_len:  # a request cut short would make the work unequal
+        p.error(f"workload needs {workload.max_seq_len} positions; the model (or --max-model-len) "
+                f"allows {max_len}")
     engine_args = {k: v for k, v in dict(max_model_len=args.max_model_len,
                                           kv_cache_memory=args.kv_cache_memory,
                                           block_size=args.block_size).items() if v is not None}
