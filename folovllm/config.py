@@ -37,6 +37,7 @@ STAGE_NAMES = {
     5: "chunked prefill",
     6: "prefix caching",
     7: "GPTQ",
+    8: "tensor parallel",
 }
 
 _DTYPES = {
@@ -97,8 +98,8 @@ class EngineConfig:
     @classmethod
     def for_stage(cls, stage: int, **overrides: Any) -> "EngineConfig":
         """The config of stage `stage` with every earlier stage on; `overrides` win."""
-        if not isinstance(stage, int) or isinstance(stage, bool) or not 1 <= stage <= 7:
-            raise ValueError(f"stage must be an integer in 1..7, got {stage!r}")
+        if not isinstance(stage, int) or isinstance(stage, bool) or stage not in STAGE_NAMES:
+            raise ValueError(f"stage must be an integer in 1..{max(STAGE_NAMES)}, got {stage!r}")
         if stage > LATEST_STAGE:
             raise ValueError(
                 f"stage {stage} ({STAGE_NAMES[stage]}) is not built yet; "

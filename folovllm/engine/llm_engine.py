@@ -60,7 +60,8 @@ class LLMEngine:
             get_attn_backend(self.config.attention_backend),
         )
 
-        # The one place where the stage flags pick the engine's parts.
+        # The stage flags pick the engine's parts here, once (the attention backend above, the
+        # KV cache manager in `_initialize_kv_cache`, the scheduler below).
         self.kv_cache_manager = self._initialize_kv_cache(spec, fit_len=config.max_model_len is None)
         scheduler_cls = Scheduler if self.config.enable_continuous_batching else StaticBatchScheduler
         self.scheduler: SchedulerBase = scheduler_cls(self.config, self.kv_cache_manager, self.eos_token_ids)
