@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -76,3 +79,28 @@ def test_page_in_a_headless_browser_follows_the_engine(live_page, tmp_path):
     assert set(running) <= set(lanes)
     states = set(re.findall(r'data-state="([a-z]*)"', dom)) - {""}
     assert "decode" in states and states <= set(LANE_STATES)
+
+
+def test_cli_serve_runs_until_interrupted(tiny_qwen3):
+    """`folovllm trace --serve` as a user runs it: it prints its address, serves the engine's
+    state while it steps, and stops cleanly on Ctrl-C."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "folovllm.entrypoints.cli", "trace", "--serve", "--model", str(tiny_qwen3),
+         "--port", "0", "--step-delay", "0.01", "--workload", "docs"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        line = ""
+        while "http://" not in line:
+            line = proc.stdout.readline()
+            assert line, "the server exited before printing its address"
+        url = re.search(r"http://\S+/", line).group(0)
+        for _ in range(600):  # until the engine has taken its first step (30 s at most)
+            state = json.loads(urllib.request.urlopen(f"{url}state", timeout=10).read())
+            if state["step"] > 0:
+                break
+            time.sleep(0.05)
+        assert state["step"] > 0 and state["stage"] == 5 and state["kv"]["total"] > 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
