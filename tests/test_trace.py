@@ -13,10 +13,12 @@ from folovllm.engine.trace import NullTracer, StepTracer, request_lanes
 from folovllm.entrypoints.trace_workloads import WORKLOADS, engine_config, replay
 
 
-def traced(path, stage: int, workload: str, **overrides) -> tuple[LLMEngine, dict[str, list[int]], list[SchedulerOutput]]:
-    """Replay a named workload on a traced engine, spying on the scheduler's outputs too."""
+def traced(path, stage: int, workload: str, **overrides) -> tuple[LLMEngine, dict, list[SchedulerOutput], list]:
+    """Replay a named workload on a traced engine, spying on the scheduler's decisions too:
+    returns the engine, the output tokens, every SchedulerOutput and every preemption."""
     engine = LLMEngine(str(path), engine_config(str(path), stage, WORKLOADS[workload], dtype="float32", **overrides))
     decisions: list[SchedulerOutput] = []
+    preemptions: list[tuple[int, str]] = []  # (step, request id), as the scheduler preempts
     schedule = engine.scheduler.schedule
 
     def spy() -> SchedulerOutput:
@@ -26,7 +28,14 @@ def traced(path, stage: int, workload: str, **overrides) -> tuple[LLMEngine, dic
         return out
 
     engine.scheduler.schedule = spy  # type: ignore[method-assign]
-    return engine, replay(engine, WORKLOADS[workload]), decisions
+    preempt = engine.scheduler.preempt
+
+    def preempt_spy(request) -> None:
+        preemptions.append((len(decisions) + 1, request.request_id))  # during this step's schedule()
+        preempt(request)
+
+    engine.scheduler.preempt = preempt_spy  # type: ignore[method-assign]
+    return engine, replay(engine, WORKLOADS[workload]), decisions, preemptions
 
 
 def rows(step) -> list[tuple[str, str, int]]:
@@ -45,7 +54,7 @@ def assert_trace_is_the_schedule(steps, decisions: list[SchedulerOutput]) -> Non
 
 def test_stage02_docs_example_step_by_step(tiny_qwen3):
     """2/10/3 output tokens, two seats: C's prompt runs on step 3, right after A finishes."""
-    engine, _, decisions = traced(tiny_qwen3, 2, "docs")
+    engine, _, decisions, _ = traced(tiny_qwen3, 2, "docs")
     steps = list(engine.tracer.steps)
     assert_trace_is_the_schedule(steps, decisions)
     assert rows(steps[0]) == [("A", "prefill", 4), ("B", "prefill", 4)] and steps[0].waiting == ["C"]
@@ -61,7 +70,7 @@ def test_stage02_docs_example_step_by_step(tiny_qwen3):
 
 
 def test_stage05_prompt_in_chunks_while_others_decode(tiny_qwen3):
-    engine, _, decisions = traced(tiny_qwen3, 5, "long-prompt")
+    engine, _, decisions, _ = traced(tiny_qwen3, 5, "long-prompt")
     steps = list(engine.tracer.steps)
     assert_trace_is_the_schedule(steps, decisions)
     d_steps = [s for s in steps if any(r.request_id == "D" and r.kind in ("chunk", "prefill") for r in s.rows)]
@@ -74,11 +83,11 @@ def test_stage05_prompt_in_chunks_while_others_decode(tiny_qwen3):
 
 
 def test_stage03_preemption_and_resume(tiny_qwen3):
-    engine, tokens, decisions = traced(tiny_qwen3, 3, "tight-kv")
+    engine, tokens, decisions, preemptions = traced(tiny_qwen3, 3, "tight-kv")
     steps = list(engine.tracer.steps)
     assert_trace_is_the_schedule(steps, decisions)
     preempted = [(s.step, rid) for s in steps for rid in s.preempted]
-    assert preempted and len(preempted) == engine.stats.num_preemptions
+    assert preempted and preempted == preemptions
     lanes = request_lanes(steps)
     for step, rid in preempted:
         lane = lanes[rid]
@@ -111,7 +120,7 @@ def test_off_is_a_do_nothing_tracer(tiny_qwen3):
 
 
 def test_perfetto_file_follows_the_trace_event_format(tiny_qwen3, tmp_path):
-    engine, _, _ = traced(tiny_qwen3, 3, "tight-kv")
+    engine, _, _, _ = traced(tiny_qwen3, 3, "tight-kv")
     data = json.loads(engine.tracer.save_perfetto(tmp_path / "t.json").read_text())
     events = data["traceEvents"]
     for e in events:  # the format's required fields, and what each phase needs

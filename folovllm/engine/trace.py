@@ -169,7 +169,8 @@ class StepTracer:
             finished=finished,
             num_scheduled_tokens=output.total_num_scheduled_tokens,
             token_budget=engine.config.max_num_batched_tokens,
-            kv_blocks_used=stats.kv_tokens_reserved // kv.block_size,
+            kv_blocks_used=len({b for r in engine.scheduler.running  # a shared block once
+                                for b in engine.kv_cache_manager.get_block_table(r)}),
             kv_num_blocks=kv.num_blocks,
             kv_block_size=kv.block_size,
             kv_tokens_reserved=stats.kv_tokens_reserved,
