@@ -155,6 +155,7 @@ class StepTracer:
             rows.append(self._row(output, i, request))
             if output.num_new_tokens[i] > 0 and request.is_finished:
                 finished[request.request_id] = request.status.finish_reason or "finished"
+        self._ever_preempted -= finished.keys()  # a server's set stays small
         kv = engine.kv_cache_manager.kv_cache_config
         stats = engine.last_scheduler_stats
         self.steps.append(StepRecord(
