@@ -119,6 +119,14 @@ def test_off_is_a_do_nothing_tracer(tiny_qwen3):
         engine.tracer.save_perfetto("never.json")
 
 
+    class Untouchable:
+        def __getattr__(self, name: str):
+            raise AssertionError(f"the null tracer read .{name}")
+
+    engine.tracer.begin_step(Untouchable())  # it does not even look at the engine
+    engine.tracer.end_step(Untouchable(), Untouchable())
+
+
 def test_perfetto_file_follows_the_trace_event_format(tiny_qwen3, tmp_path):
     engine, _, _, _ = traced(tiny_qwen3, 3, "tight-kv")
     data = json.loads(engine.tracer.save_perfetto(tmp_path / "t.json").read_text())
