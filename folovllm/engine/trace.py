@@ -51,8 +51,18 @@ if TYPE_CHECKING:
     from folovllm.core.scheduler_output import SchedulerOutput
     from folovllm.engine.llm_engine import LLMEngine
 
-# The states of a request lane, in drawing order (legend, colours, the live page).
-LANE_STATES = ("waiting", "prefill", "chunk", "decode", "stalled", "idle", "preempted")
+# The states of a request lane, in drawing order, and their colours: the same in the pictures
+# (trace_plot.py) and on the live page (entrypoints/trace_page.py).
+LANE_COLORS = {
+    "waiting": "#d9d9d9",
+    "prefill": "#1f5fa8",
+    "chunk": "#8fb8e0",
+    "decode": "#3a9a3a",
+    "stalled": "#f5b041",
+    "idle": "#a0a0a0",
+    "preempted": "#d62728",
+}
+LANE_STATES = tuple(LANE_COLORS)
 
 
 @dataclass

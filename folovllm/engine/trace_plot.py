@@ -17,18 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from folovllm.engine.trace import LANE_STATES, StepRecord, request_lanes
-
-COLORS = {
-    "waiting": "#d9d9d9",
-    "prefill": "#1f5fa8",
-    "chunk": "#8fb8e0",
-    "decode": "#3a9a3a",
-    "stalled": "#f5b041",
-    "idle": "#a0a0a0",
-    "preempted": "#d62728",
-}
-assert set(COLORS) == set(LANE_STATES)
+from folovllm.engine.trace import LANE_COLORS, LANE_STATES, StepRecord, request_lanes
 
 
 def plot_traces(columns: Sequence[tuple[str, Sequence[StepRecord]]], out: Path, title: str = "") -> Path:
@@ -55,7 +44,7 @@ def plot_traces(columns: Sequence[tuple[str, Sequence[StepRecord]]], out: Path, 
         axes[3, col].set_xlabel("engine step")
     for row, name in enumerate(["request", "KV cache\n(tokens)", "tokens\nper step", "step\ntime (ms)"]):
         axes[row, 0].set_ylabel(name, fontsize=9)
-    handles = [Patch(color=COLORS[s], label=s) for s in LANE_STATES]
+    handles = [Patch(color=LANE_COLORS[s], label=s) for s in LANE_STATES]
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False,
                bbox_to_anchor=(0.5, 1.0))
     if title:
@@ -71,7 +60,7 @@ def _lanes(ax: Any, steps: list[StepRecord]) -> None:
     lanes = list(request_lanes(steps).values())
     for y, lane in enumerate(lanes):
         for step, state in lane.states.items():
-            ax.barh(y, 1.0, left=step - 0.5, height=0.8, color=COLORS[state], linewidth=0)
+            ax.barh(y, 1.0, left=step - 0.5, height=0.8, color=LANE_COLORS[state], linewidth=0)
         for step in lane.preempted_at:
             ax.plot(step + 0.5, y, marker="x", color="black", markersize=6)
         if lane.finished_at is not None:
@@ -102,10 +91,10 @@ def _tokens(ax: Any, steps: list[StepRecord]) -> None:
     prefill = [s.num_prefill_tokens for s in steps]
     decode = [s.num_decode_tokens for s in steps]
     padding = [s.num_scheduled_tokens - p - d for s, p, d in zip(steps, prefill, decode)]
-    ax.bar(x, prefill, width=0.9, color=COLORS["prefill"], label="prompt")
-    ax.bar(x, decode, width=0.9, bottom=prefill, color=COLORS["decode"], label="decode")
+    ax.bar(x, prefill, width=0.9, color=LANE_COLORS["prefill"], label="prompt")
+    ax.bar(x, decode, width=0.9, bottom=prefill, color=LANE_COLORS["decode"], label="decode")
     ax.bar(x, padding, width=0.9, bottom=[p + d for p, d in zip(prefill, decode)],
-           color=COLORS["idle"], label="padding / idle")
+           color=LANE_COLORS["idle"], label="padding / idle")
     budget = steps[0].token_budget if steps else 0
     highest = max((s.num_scheduled_tokens for s in steps), default=1)
     if budget <= 2 * highest:

@@ -25,7 +25,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
-from folovllm.engine.trace import LANE_STATES, StepTracer, request_lanes
+from folovllm.engine.trace import LANE_COLORS, LANE_STATES, StepTracer, request_lanes
 
 if TYPE_CHECKING:
     from folovllm.config import EngineConfig
@@ -142,9 +142,6 @@ def serve(model: str, config: "EngineConfig", workload: "TraceWorkload", host: s
     return 0
 
 
-_COLORS = {"waiting": "#d9d9d9", "prefill": "#1f5fa8", "chunk": "#8fb8e0", "decode": "#3a9a3a",
-           "stalled": "#f5b041", "idle": "#a0a0a0", "preempted": "#d62728"}
-assert set(_COLORS) == set(LANE_STATES)
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>folovllm live trace</title>
@@ -206,5 +203,5 @@ async function poll() {
 }
 poll();
 </script></body></html>
-""".replace("__STATE_CSS__", " ".join(f".cell.{k} {{ background: {v}; }}" for k, v in _COLORS.items())
+""".replace("__STATE_CSS__", " ".join(f".cell.{k} {{ background: {v}; }}" for k, v in LANE_COLORS.items())
             ).replace("__LEGEND__", "".join(f'<span><i class="cell {k}"></i>{k}</span>' for k in LANE_STATES))
