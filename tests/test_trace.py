@@ -159,3 +159,20 @@ def test_cli_draws_the_pictures_and_saves_the_traces(tiny_qwen3, tmp_path):
     stage2 = json.loads((tmp_path / "trace_docs_stage02.json").read_text())
     assert [r["request_id"] for r in stage2["steps"][2]["rows"]] == ["C"]
     assert (tmp_path / "trace_docs_stage01.perfetto.json").is_file()
+
+
+def test_replay_adds_each_request_at_its_step_with_the_shared_prefix(tiny_qwen3):
+    engine = LLMEngine(str(tiny_qwen3), engine_config(str(tiny_qwen3), 5, WORKLOADS["shared-prefix"], dtype="float32"))
+    added = []  # (steps taken before it was added, prompt)
+    add_request = engine.add_request
+
+    def spy(rid, prompt, params):
+        added.append((len(engine.tracer.steps), prompt))
+        add_request(rid, prompt, params)
+
+    engine.add_request = spy  # type: ignore[method-assign]
+    replay(engine, WORKLOADS["shared-prefix"])
+    workload = WORKLOADS["shared-prefix"].requests
+    assert [n for n, _ in added] == [r.arrival_step - 1 for r in workload]
+    assert [len(p) for _, p in added] == [r.prompt_len for r in workload]
+    assert len({tuple(p[:64]) for _, p in added}) == 1 and len({tuple(p[64:]) for _, p in added}) == 6

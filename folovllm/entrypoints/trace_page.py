@@ -110,7 +110,7 @@ def run_workload_forever(engine: "LLMEngine", workload: "TraceWorkload", view: L
 
     try:
         for round_ in itertools.count(1):
-            replay(engine, workload, seed=round_, prefix=f"{round_}.", on_step=on_step)
+            replay(engine, workload, seed=round_, id_prefix=f"{round_}.", on_step=on_step)
     except _Stopped:
         pass
 

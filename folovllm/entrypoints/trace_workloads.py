@@ -7,6 +7,8 @@ Each workload is chosen to show one stage's change in the pictures (docs/trace.m
     mixed        8 requests, mixed prompt and output lengths, 4 seats: static vs continuous
     tight-kv     6 long-running requests in a KV cache of 256 tokens: slots vs blocks, preemption
     long-prompt  3 requests decoding when a 112-token prompt arrives: stalls vs chunks
+    shared-prefix  6 requests that start with the same 64 tokens, arriving two steps apart:
+                 what stage 06's prefix cache will skip ("hit N" in the lanes)
 
 Every request is greedy with `ignore_eos`, so its length is its `max_tokens` and the picture is
 the same on every run (only step times vary).
@@ -48,6 +50,7 @@ class TraceWorkload:
     engine: dict[str, Any] = field(default_factory=dict)
     kv_cache_tokens: Optional[int] = None
     chunk_budget: Optional[int] = None
+    shared_prefix: int = 0  # every prompt starts with the same this-many tokens
 
 
 def _requests(prompt_lens: list[int], max_tokens: list[int], arrivals: Optional[list[int]] = None
@@ -72,6 +75,10 @@ WORKLOADS: dict[str, TraceWorkload] = {w.name: w for w in (
         "long-prompt", "3 requests decoding when a 112-token prompt arrives at step 4",
         _requests([8, 10, 12, 112], [24, 24, 24, 6], [1, 1, 1, 4]),
         engine=dict(max_num_seqs=4, max_model_len=128), chunk_budget=32),
+    TraceWorkload(
+        "shared-prefix", "6 requests sharing a 64-token prefix, arriving two steps apart",
+        _requests([72, 80, 76, 68, 84, 74], [8] * 6, [1, 3, 5, 7, 9, 11]),
+        engine=dict(max_num_seqs=6, max_model_len=128), shared_prefix=64),
 )}
 
 
@@ -106,15 +113,16 @@ def kv_bytes_per_token(model: str, dtype: Optional[str] = None) -> int:
     return 2 * cfg["num_hidden_layers"] * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * head_dim * element
 
 
-def replay(engine: LLMEngine, workload: TraceWorkload, seed: int = 0, prefix: str = "",
+def replay(engine: LLMEngine, workload: TraceWorkload, seed: int = 0, id_prefix: str = "",
            on_step: Optional[Callable[[list[RequestOutput]], None]] = None) -> dict[str, list[int]]:
     """Run `workload` to the end on `engine`, each request added before the engine step it
     arrives at; returns each request's output tokens. `on_step` sees every step's outputs
     (the live page paces itself there)."""
     rng = random.Random(seed)
     vocab = engine.vocab_size
+    prefix = [rng.randrange(3, vocab) for _ in range(workload.shared_prefix)]
     pending = sorted(
-        ((r.arrival_step, request_name(i, prefix), r) for i, r in enumerate(workload.requests)),
+        ((r.arrival_step, request_name(i, id_prefix), r) for i, r in enumerate(workload.requests)),
         key=lambda t: t[0],
     )
     tokens: dict[str, list[int]] = {}
@@ -124,7 +132,7 @@ def replay(engine: LLMEngine, workload: TraceWorkload, seed: int = 0, prefix: st
             step = max(step, pending[0][0])  # nothing runs until the next arrival
         while pending and pending[0][0] <= step:
             _, rid, r = pending.pop(0)
-            prompt = [rng.randrange(3, vocab) for _ in range(r.prompt_len)]
+            prompt = prefix + [rng.randrange(3, vocab) for _ in range(r.prompt_len - len(prefix))]
             engine.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=r.max_tokens,
                                                            ignore_eos=True))
         outputs = engine.step()
