@@ -20,12 +20,14 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from folovllm.config import EngineConfig
-from folovllm.engine.llm_engine import LLMEngine
-from folovllm.outputs import RequestOutput
 from folovllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # the CLI lists the workloads without loading the engine
+    from folovllm.engine.llm_engine import LLMEngine
+    from folovllm.outputs import RequestOutput
 
 
 @dataclass(frozen=True)
@@ -113,8 +115,8 @@ def kv_bytes_per_token(model: str, dtype: Optional[str] = None) -> int:
     return 2 * cfg["num_hidden_layers"] * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * head_dim * element
 
 
-def replay(engine: LLMEngine, workload: TraceWorkload, seed: int = 0, id_prefix: str = "",
-           on_step: Optional[Callable[[list[RequestOutput]], None]] = None) -> dict[str, list[int]]:
+def replay(engine: "LLMEngine", workload: TraceWorkload, seed: int = 0, id_prefix: str = "",
+           on_step: Optional[Callable[[list["RequestOutput"]], None]] = None) -> dict[str, list[int]]:
     """Run `workload` to the end on `engine`, each request added before the engine step it
     arrives at; returns each request's output tokens. `on_step` sees every step's outputs
     (the live page paces itself there)."""
