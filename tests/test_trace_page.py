@@ -30,10 +30,11 @@ def live_page(tiny_qwen3):
     workload = WORKLOADS["mixed"]
     engine = LLMEngine(str(tiny_qwen3), engine_config(str(tiny_qwen3), 5, workload, dtype="float32"))
     view = LiveView()
+    view.follow(engine)
     server = make_server(view)
     stop = threading.Event()
     threads = [threading.Thread(target=server.serve_forever, daemon=True),
-               threading.Thread(target=run_workload_forever, args=(engine, workload, view, 0.01, stop))]
+               threading.Thread(target=run_workload_forever, args=(engine, workload, 0.01, stop))]
     for t in threads:
         t.start()
     try:

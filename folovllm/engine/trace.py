@@ -43,7 +43,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 if TYPE_CHECKING:
     from folovllm.core.request import Request
@@ -136,6 +136,8 @@ class StepTracer:
 
     def __init__(self, max_steps: Optional[int] = None) -> None:
         self.steps: deque[StepRecord] = deque(maxlen=max_steps)
+        # Called with each new record, on the engine's thread (the live page's snapshot).
+        self.listeners: list[Callable[[StepRecord], None]] = []
         self.config: dict[str, Any] = {}
         self._t0 = time.perf_counter()
         self._num_steps = 0
@@ -187,6 +189,8 @@ class StepTracer:
             kv_tokens_reserved=stats.kv_tokens_reserved,
             kv_tokens_used=stats.kv_tokens_used,
         ))
+        for listener in self.listeners:
+            listener(self.steps[-1])
 
     def _row(self, output: "SchedulerOutput", i: int, request: "Request") -> TraceRow:
         new, computed = output.num_new_tokens[i], output.num_computed_tokens[i]

@@ -3,7 +3,8 @@
     engine thread                          server threads (http.server, standard library)
     -------------                          ----------------------------------------------
     engine.step()                          GET /        the page (HTML + a little JavaScript)
-    view.update(engine)  -- snapshot -->   GET /state   the latest snapshot, as JSON
+      tracer.end_step()
+        view.update(engine) -- snapshot -> GET /state   the latest snapshot, as JSON
                                            the page polls /state and redraws: requests running
                                            and waiting, KV blocks in use, the last steps'
                                            timeline (one lane per request, one cell per step)
@@ -42,6 +43,10 @@ class LiveView:
         self.window = window
         self.snapshot = json.dumps({"step": 0, "running": [], "waiting": [], "kv": None,
                                     "timeline": {"steps": [], "lanes": []}}).encode()
+
+    def follow(self, engine: "LLMEngine") -> None:
+        """Rebuild the snapshot after every step `engine` takes (it must be tracing)."""
+        engine.tracer.listeners.append(lambda _: self.update(engine))
 
     def update(self, engine: "LLMEngine") -> None:
         steps = list(engine.tracer.steps)[-self.window:]
@@ -98,13 +103,12 @@ def make_server(view: LiveView, host: str = "127.0.0.1", port: int = 0) -> Threa
     return server
 
 
-def run_workload_forever(engine: "LLMEngine", workload: "TraceWorkload", view: LiveView,
-                         step_delay: float, stop: threading.Event) -> None:
+def run_workload_forever(engine: "LLMEngine", workload: "TraceWorkload", step_delay: float,
+                         stop: threading.Event) -> None:
     """Replay `workload` round after round (new request ids each round) until `stop` is set."""
     from folovllm.entrypoints.trace_workloads import replay
 
     def on_step(_: Any) -> None:
-        view.update(engine)
         if stop.wait(step_delay):
             raise _Stopped
 
@@ -127,13 +131,14 @@ def serve(model: str, config: "EngineConfig", workload: "TraceWorkload", host: s
     engine = LLMEngine(model, config)
     engine.tracer = StepTracer(max_steps=WINDOW)  # a server runs for hours: keep the window only
     view = LiveView()
+    view.follow(engine)
     server = make_server(view, host, port)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     print(f"live trace of stage {config.stage}, workload '{workload.name}': "
-          f"http://{host}:{server.server_address[1]}/  (Ctrl-C to stop)")
+          f"http://{host}:{server.server_address[1]}/  (Ctrl-C to stop)", flush=True)
     try:
-        run_workload_forever(engine, workload, view, step_delay, threading.Event())
+        run_workload_forever(engine, workload, step_delay, threading.Event())
     except KeyboardInterrupt:
         pass
     finally:
@@ -197,7 +202,8 @@ function render(s) {
   document.body.dataset.updates = Number(document.body.dataset.updates) + 1;
 }
 async function poll() {
-  try { const r = await fetch("/state", {cache: "no-store"}); render(await r.json()); }
+  // relative: the page works wherever it is mounted (/ here, /trace/ in a bigger server)
+  try { const r = await fetch("state", {cache: "no-store"}); render(await r.json()); }
   catch (e) { /* the engine stopped: keep the last picture */ }
   setTimeout(poll, 250);
 }
