@@ -92,7 +92,7 @@ def request_name(i: int, prefix: str = "") -> str:
 def engine_config(model: str, stage: int, workload: TraceWorkload, **overrides: Any) -> EngineConfig:
     """The stage's config with the workload's sizes and tracing on; `overrides` (CLI flags) win."""
     kwargs: dict[str, Any] = dict(workload.engine)
-    if workload.kv_cache_tokens is not None and stage >= 2:
+    if workload.kv_cache_tokens is not None:
         kwargs["kv_cache_memory"] = workload.kv_cache_tokens * kv_bytes_per_token(model, overrides.get("dtype"))
     if workload.chunk_budget is not None and stage >= 5:
         kwargs["max_num_batched_tokens"] = workload.chunk_budget
