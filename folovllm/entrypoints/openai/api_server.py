@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import signal
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Optional
 
@@ -136,13 +137,22 @@ def run_server(engine: LLMEngine, model_name: str, host: str = "127.0.0.1", port
                api_key: Optional[str] = None) -> None:
     """Serve until SIGINT/SIGTERM. uvicorn then stops accepting connections, lets open requests
     finish (up to 10 s, then cancels them: their streams abort), and runs the app's lifespan
-    exit, which stops the engine loop."""
+    exit, which stops the engine loop. The process then exits with status 0."""
     import uvicorn
 
     app = build_app(AsyncLLM(engine, model_name), model_name, api_key)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
+    # uvicorn catches the signal, shuts down gracefully, then raises the signal again with the
+    # handler it found: make that an ordinary exit instead of death by SIGTERM.
+    previous = signal.signal(signal.SIGTERM, _exit_quietly)
     try:
         uvicorn.Server(config).run()
-    except KeyboardInterrupt:  # uvicorn re-raises SIGINT after its graceful shutdown
+    except KeyboardInterrupt:  # SIGINT, raised again the same way
         pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_quietly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 # --8<-- [end:run_server]
