@@ -1,3 +1,4 @@
+# --8<-- [start:async_llm_doc]
 """`AsyncLLM`: the engine behind an asyncio event loop, one async stream of outputs per request.
 
 `LLMEngine` is synchronous: `add_request()`, then `step()` until done. A server has many clients
@@ -6,18 +7,18 @@ compute that must never run on that loop (every client would freeze while it ran
 background task, the *engine loop*, drives the engine and runs each `step()` in a dedicated
 worker thread; requests join and leave between steps::
 
-    event loop thread                                              engine thread (1 worker)
-    ─────────────────────────────────────────────────              ────────────────────────
-    client A ─ add_request() ─┐  (holds the lock:                  
-    client B ─ add_request() ─┤   never during a step)
-                              ▼
-    engine loop: ┌ lock ─ apply aborts ─ step ─────────────────────►  LLMEngine.step()
-                 │                          ◄──── [RequestOutput] ──  schedule, run, update
-                 └ unlock ─ each output into its request's queue
-                              │
-    client A ◄── async for out in stream ── asyncio.Queue (one per request)
-    client B disconnects ─► stream.close() ─► abort queued ─► applied before the next step:
-                                              its KV blocks go back to the pool
+    event loop thread (asyncio)                                    engine thread (1 worker)
+    ─────────────────────────────────────────────────────────      ────────────────────────
+    client A ── add_request() ──┐ takes the lock, so never
+    client B ── add_request() ──┤ while a step runs
+                                ▼
+    engine loop:  lock ── apply aborts ── run step ───────────────►  LLMEngine.step():
+                                              ◄── [RequestOutput] ──  schedule, run, update
+                  unlock ── put each output in its request's queue
+                                │
+    client A ◄── async for output in stream ◄── asyncio.Queue (one per request)
+    client B disconnects ──► stream.close() ──► abort queued, applied before the next step:
+                                                its KV blocks go back to the pool
 
 Why this shape:
 
@@ -35,6 +36,7 @@ Why this shape:
   carries only the new text, and the engine's output processor already holds back text that a
   stop string could still take away.
 """
+# --8<-- [end:async_llm_doc]
 
 from __future__ import annotations
 

@@ -1,3 +1,4 @@
+# --8<-- [start:metrics_doc]
 """`PrometheusMetrics`: what `GET /metrics` shows, with vLLM's metric names (`vllm:` ->
 `folovllm:`), so a dashboard built for `vllm serve` reads this server too.
 
@@ -16,6 +17,7 @@ Latencies come from the engine's own `RequestMetrics` (times of the first sample
 so they measure the engine and its queue, not the HTTP layer. Each instance has its own
 registry: several servers in one process (the tests) do not share counters.
 """
+# --8<-- [end:metrics_doc]
 
 from __future__ import annotations
 

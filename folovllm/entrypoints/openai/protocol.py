@@ -124,12 +124,15 @@ class _Response(OpenAIBaseModel):
     model: str
 
 
-class CompletionChoice(OpenAIBaseModel):
+class _Choice(OpenAIBaseModel):
     index: int
-    text: str
     logprobs: None = None
-    finish_reason: Optional[str] = None
+    finish_reason: Optional[str] = None  # None while a streamed choice runs
     stop_reason: Union[int, str, None] = None  # vLLM's extra: the stop string or token id hit
+
+
+class CompletionChoice(_Choice):
+    text: str
 
 
 class CompletionResponse(_Response):
@@ -143,12 +146,8 @@ class ChatResponseMessage(OpenAIBaseModel):
     content: str
 
 
-class ChatChoice(OpenAIBaseModel):
-    index: int
+class ChatChoice(_Choice):
     message: ChatResponseMessage
-    logprobs: None = None
-    finish_reason: Optional[str] = None
-    stop_reason: Union[int, str, None] = None
 
 
 class ChatCompletionResponse(_Response):
@@ -162,12 +161,8 @@ class DeltaMessage(OpenAIBaseModel):
     content: Optional[str] = None
 
 
-class ChatStreamChoice(OpenAIBaseModel):
-    index: int
+class ChatStreamChoice(_Choice):
     delta: DeltaMessage
-    logprobs: None = None
-    finish_reason: Optional[str] = None
-    stop_reason: Union[int, str, None] = None
 
 
 class ChatCompletionChunk(_Response):
