@@ -22,26 +22,22 @@ request are wasted (internal fragmentation), instead of `max_model_len - len` in
 
 from __future__ import annotations
 
-import logging
+from typing import TYPE_CHECKING, Sequence
 
 from folovllm.core.block_pool import BlockPool, KVCacheBlock
-from folovllm.config import EngineConfig
-from folovllm.worker.kv_cache import KVCache, KVCacheSpec, SlotKVCacheManager
+from folovllm.core.kv_cache_interface import KVCacheConfig, KVCacheManagerBase, KVCacheSpec, cdiv
 from folovllm.core.request import Request
 
-logger = logging.getLogger("folovllm")
+if TYPE_CHECKING:
+    from folovllm.config import EngineConfig
 
 
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-class KVCacheManager:
-    def __init__(self, spec: KVCacheSpec, num_blocks: int, block_size: int,
-                 watermark: float = 0.01) -> None:
-        self.block_size = block_size
+class KVCacheManager(KVCacheManagerBase):
+    def __init__(self, kv_cache_config: KVCacheConfig, watermark: float = 0.01) -> None:
+        self.kv_cache_config = kv_cache_config
+        self.block_size = kv_cache_config.block_size
+        num_blocks = kv_cache_config.num_blocks
         self.block_pool = BlockPool(num_blocks)
-        self.kv_cache = KVCache(spec, num_blocks=num_blocks, block_size=block_size)
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         # --8<-- [start:watermark]
         # Admission keeps a few blocks free so the running requests can still grow a step or
@@ -49,12 +45,30 @@ class KVCacheManager:
         self.watermark_blocks = int(watermark * num_blocks)
         # --8<-- [end:watermark]
 
+    # --8<-- [start:get_kv_cache_config]
+    @classmethod
+    def get_kv_cache_config(cls, config: "EngineConfig", spec: KVCacheSpec, budget: int) -> KVCacheConfig:
+        """Blocks of `block_size` tokens cut from the budget; it must hold one full-length
+        sequence (a longer request could never run, even alone)."""
+        num_blocks = budget // (config.block_size * spec.bytes_per_token)
+        if num_blocks * config.block_size < config.max_model_len:
+            needed = cdiv(config.max_model_len, config.block_size) * config.block_size * spec.bytes_per_token
+            raise ValueError(
+                f"kv_cache_memory={budget} bytes holds {num_blocks} blocks of {config.block_size} "
+                f"tokens ({num_blocks * config.block_size} tokens at {spec.bytes_per_token} bytes "
+                f"each), fewer than one max_model_len={config.max_model_len} sequence; need at "
+                f"least {needed} bytes"
+            )
+        return KVCacheConfig(num_blocks=num_blocks, block_size=config.block_size)
+    # --8<-- [end:get_kv_cache_config]
+
     @property
     def num_free_blocks(self) -> int:
         return self.block_pool.num_free_blocks
 
     # --8<-- [start:allocate_slots]
-    def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
+    def allocate_slots(self, request: Request, num_new_tokens: int,
+                       new_computed_blocks: Sequence[KVCacheBlock] = ()) -> bool:
         """Make room for `num_new_tokens` more tokens of `request`; False (and nothing
         allocated) if there are not enough free blocks."""
         blocks = self.req_to_blocks.get(request.request_id, [])
@@ -86,48 +100,3 @@ class KVCacheManager:
     def num_reserved_tokens(self) -> int:
         """Slots in blocks that are in use (the last block of each request is partly empty)."""
         return (self.block_pool.num_blocks - self.num_free_blocks) * self.block_size
-
-
-# --8<-- [start:fit_max_model_len]
-def fit_max_model_len(config: EngineConfig, spec: KVCacheSpec, budget: int) -> EngineConfig:
-    """When the user left `max_model_len` unset, shrink the model's (Qwen3-0.6B: 40,960 tokens)
-    to what the KV budget holds: one sequence with paged KV, `max_num_seqs` slots without."""
-    sequences = 1 if config.enable_paged_kv else config.max_num_seqs
-    fits = budget // (sequences * spec.bytes_per_token) // config.block_size * config.block_size
-    if 0 < fits < config.max_model_len:
-        logger.warning(
-            "max_model_len lowered from %d to %d tokens: that is what %d sequence(s) get from a "
-            "KV cache of %.1f MiB (set max_model_len or kv_cache_memory to choose)",
-            config.max_model_len, fits, sequences, budget / 2**20,
-        )
-        return config.replace(max_model_len=fits)
-    return config
-# --8<-- [end:fit_max_model_len]
-
-
-# --8<-- [start:build_kv_cache_manager]
-def build_kv_cache_manager(
-    config: EngineConfig, spec: KVCacheSpec, budget: int
-) -> "KVCacheManager | SlotKVCacheManager":
-    """Stage 03: blocks cut from the budget; stage 02: `max_model_len` slots cut from it.
-    A budget that cannot hold one full-length sequence is refused with the numbers."""
-    if config.enable_paged_kv:
-        num_blocks = budget // (config.block_size * spec.bytes_per_token)
-        if num_blocks * config.block_size < config.max_model_len:
-            needed = cdiv(config.max_model_len, config.block_size) * config.block_size * spec.bytes_per_token
-            raise ValueError(
-                f"kv_cache_memory={budget} bytes holds {num_blocks} blocks of {config.block_size} "
-                f"tokens ({num_blocks * config.block_size} tokens at {spec.bytes_per_token} bytes "
-                f"each), fewer than one max_model_len={config.max_model_len} sequence; need at "
-                f"least {needed} bytes"
-            )
-        return KVCacheManager(spec, num_blocks, config.block_size)
-    slot_bytes = config.max_model_len * spec.bytes_per_token
-    num_slots = min(config.max_num_seqs, budget // slot_bytes)
-    if num_slots == 0:
-        raise ValueError(
-            f"kv_cache_memory={budget} bytes is smaller than one max_model_len="
-            f"{config.max_model_len} slot ({slot_bytes} bytes); raise it or lower max_model_len"
-        )
-    return SlotKVCacheManager(spec, num_slots, slot_size=config.max_model_len)
-# --8<-- [end:build_kv_cache_manager]

@@ -1,6 +1,9 @@
-"""Schedulers: each step, decide which requests compute which of their missing tokens.
+"""`Scheduler` (stage 02 on): each step, decide which requests compute which of their missing
+tokens, under a token budget and the KV cache's memory.
 
-A scheduler owns the queues and the KV cache manager. Its two calls frame every engine step::
+There is no prefill phase (vLLM v1's shape): every request asks for
+`num_tokens - num_computed_tokens` new tokens. A new prompt asks for all of it, a running request
+for its one new token, a preempted one for everything again. Its two calls frame every step::
 
     output = scheduler.schedule()                       # which rows, how many new tokens each
     ...model runs, samples one token per row that caught up...
@@ -8,49 +11,21 @@ A scheduler owns the queues and the KV cache manager. Its two calls frame every 
                                                         # tokens, apply token-based stops
 
     stage 01  StaticBatchScheduler   a batch is formed, then runs until its last member ends
+                                     (static_batch_scheduler.py)
     stage 02  Scheduler              iteration-level: members leave and join every step
+    stage 03  Scheduler              + the paged KV cache can run out: preemption
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import deque
-from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 from folovllm.config import EngineConfig
-from folovllm.worker.kv_cache import SlotKVCacheManager, StaticKVCacheManager
-from folovllm.core.kv_cache_manager import KVCacheManager
+from folovllm.core.kv_cache_interface import KVCacheManagerBase
 from folovllm.core.request import Request, RequestStatus
-
-
-@dataclass
-class SchedulerOutput:
-    """One step's work. Row i computes tokens
-    `[requests[i].num_computed_tokens, + num_new_tokens[i])` of its sequence.
-
-    Attributes:
-        requests: the rows of this step, in order.
-        num_new_tokens: tokens each row computes this step (a decode is 1).
-        pad_to: stage 01 only: every row is padded with dummy tokens to this many, so the batch
-            is a rectangle [B, pad_to]; None packs the rows back to back without padding.
-        is_prefill: True if the rows compute prompts (the policy never mixes the two).
-    """
-
-    requests: list[Request]
-    num_new_tokens: list[int]
-    pad_to: Optional[int] = None
-    is_prefill: bool = False
-
-    @property
-    def num_rows(self) -> int:
-        return len(self.requests)
-
-    @property
-    def total_num_tokens(self) -> int:
-        """Tokens the model computes this step, padding included."""
-        if self.pad_to is not None:
-            return self.pad_to * self.num_rows
-        return sum(self.num_new_tokens)
+from folovllm.core.scheduler_output import SchedulerOutput
 
 
 # --8<-- [start:check_stop]
@@ -76,23 +51,10 @@ def check_stop(request: Request, max_model_len: int, eos_token_ids: Sequence[int
 # --8<-- [end:check_stop]
 
 
-class Scheduler:
-    """Stage 02: continuous (iteration-level) batching, FCFS, as in Orca and vLLM's first version.
+class SchedulerBase(ABC):
+    """What every scheduler shares: the two queues and turning sampled tokens into progress."""
 
-    Every step: finished and aborted requests leave `running` (their slot is free at once), then
-    waiting requests are admitted in arrival order while a slot is free and the step's token
-    budget (`max_num_batched_tokens`) holds their prompts. A step either prefills the newly
-    admitted requests or, if none was admitted, decodes every running request: prefill first,
-    never both in one step (mixing them is stage 05's chunked prefill).
-    ::
-
-        step:      1(prefill A,B)  2   3   4(prefill C)  5   6   7
-        request A  [prompt A    ]  o   o                          A finished after 2 tokens
-        request B  [prompt B    ]  o   o                 o   o   o
-        request C                              [prompt C] o   o   C took A's slot at once
-    """
-
-    def __init__(self, config: EngineConfig, kv_cache_manager: SlotKVCacheManager | KVCacheManager,
+    def __init__(self, config: EngineConfig, kv_cache_manager: KVCacheManagerBase,
                  eos_token_ids: Sequence[int]) -> None:
         self.config = config
         self.kv_cache_manager = kv_cache_manager
@@ -100,8 +62,6 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
-
-    # -- queue --------------------------------------------------------------------------------
 
     @property
     def max_prompt_len(self) -> int:
@@ -112,8 +72,70 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         self.waiting.append(request)
 
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting) or bool(self.running)
+
+    @abstractmethod
+    def schedule(self) -> SchedulerOutput: ...
+
+    @abstractmethod
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
-        """Finish requests wherever they are (abort); their resources are freed now."""
+        """Finish requests wherever they are (abort)."""
+
+    @abstractmethod
+    def free_finished_requests(self) -> None:
+        """Called at the end of every step, after stop strings were applied."""
+
+    # --8<-- [start:update]
+    def update_from_output(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance every row by the tokens it computed; a row that caught up gets its sampled
+        token. Returns the requests that got a token."""
+        advanced = []
+        for row, request in enumerate(output.requests):
+            request.num_computed_tokens += output.num_new_tokens[row]
+            token = sampled.get(request.request_id)
+            if token is None:  # a prompt chunk (stage 05) or an idle stage-01 row
+                continue
+            request.append_output_token(token)
+            check_stop(request, self.config.max_model_len, self.eos_token_ids)
+            advanced.append(request)
+        return advanced
+    # --8<-- [end:update]
+
+    def num_live_requests(self) -> int:
+        """Requests holding KV for tokens that still matter (for stats)."""
+        return len(self.running)
+
+    def live_kv_tokens(self) -> int:
+        return sum(r.num_computed_tokens for r in self.running)
+
+
+class Scheduler(SchedulerBase):
+    """Stages 02-04: continuous (iteration-level) batching, FCFS, as in Orca and vLLM.
+
+    Every step, running requests ask for their missing tokens first (oldest first, preempting
+    the newest when the KV cache is full), then waiting requests are admitted in arrival order
+    while `max_num_seqs`, the step's token budget (`max_num_batched_tokens`) and the KV cache
+    allow. Finished and aborted requests leave at once, and their memory is free the next step.
+    ::
+
+        step:      1(prefill A,B)  2   3   4(prefill C)  5   6   7
+        request A  [prompt A    ]  o   o                          A finished after 2 tokens
+        request B  [prompt B    ]  o   o                 o   o   o
+        request C                              [prompt C] o   o   C took A's slot at once
+
+    Stages 02-04 add one rule, `prefill_first_never_mixed`: a step computes prompts *or* decodes,
+    never both, and new prompts go first (step 4 above: B waits while C's prompt runs). Stage 05
+    (chunked prefill) turns it off.
+    """
+
+    def __init__(self, config: EngineConfig, kv_cache_manager: KVCacheManagerBase,
+                 eos_token_ids: Sequence[int]) -> None:
+        super().__init__(config, kv_cache_manager, eos_token_ids)
+        self.prefill_first_never_mixed = not config.enable_chunked_prefill
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
+        """Finish requests wherever they are (abort); their KV is freed now."""
         ids = set(request_ids)
         for request in [r for r in self.waiting if r.request_id in ids]:
             self.waiting.remove(request)
@@ -124,154 +146,85 @@ class Scheduler:
             if not request.is_finished:
                 request.status = status
 
-    def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting) or any(not r.is_finished for r in self.running)
-
-    # -- step ---------------------------------------------------------------------------------
+    def free_finished_requests(self) -> None:
+        """Requests that finished in this step (EOS, stop token, stop string, length) leave
+        `running`, and their KV is free for the next step."""
+        for request in [r for r in self.running if r.is_finished]:
+            self.running.remove(request)
+            self.kv_cache_manager.free(request)
 
     # --8<-- [start:schedule]
     def schedule(self) -> SchedulerOutput:
-        # Admit waiting requests, oldest first, while a slot and the token budget allow.
-        admitted, num_new_tokens = [], []
+        output = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        while self.waiting and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
-            num_new = request.num_tokens - request.num_computed_tokens
-            if num_new > budget:
-                break  # FCFS: nobody overtakes the head of the queue
-            if not self.kv_cache_manager.allocate_slots(request, num_new):
-                break  # no KV memory for its prompt (a slot in stage 02, blocks in stage 03)
-            self.waiting.popleft()
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            admitted.append(request)
-            num_new_tokens.append(num_new)
-            budget -= num_new
-        if admitted:
-            return SchedulerOutput(admitted, num_new_tokens, is_prefill=True)
-
-        # Otherwise every running request decodes one token, if it has room for it.
-        return SchedulerOutput(self.make_room_to_decode(), [1] * len(self.running))
+        if self.prefill_first_never_mixed and self.schedule_waiting(output, budget):
+            return output  # a prompt step: the running requests wait for the next one
+        budget, preempted = self.schedule_running(output, budget)
+        if not self.prefill_first_never_mixed and not preempted:
+            self.schedule_waiting(output, budget)
+        return output
     # --8<-- [end:schedule]
 
+    # --8<-- [start:schedule_running]
+    def schedule_running(self, output: SchedulerOutput, budget: int) -> tuple[int, bool]:
+        """Each running request, oldest first, asks for its missing tokens (one, for a decode).
+        Returns the budget left and whether anyone was preempted."""
+        candidates = deque(self.running)  # not scheduled yet; the newest is preempted first
+        num_preemptions = self.num_preemptions
+        while candidates and budget > 0:
+            request = candidates.popleft()
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self.allocate_or_preempt(request, num_new, candidates):
+                break  # `request` itself had to go: everyone after it is preempted already
+            output.add_row(request, num_new, self.kv_cache_manager.get_block_table(request))
+            budget -= num_new
+        return budget, self.num_preemptions > num_preemptions
+    # --8<-- [end:schedule_running]
+
+    # --8<-- [start:schedule_waiting]
+    def schedule_waiting(self, output: SchedulerOutput, budget: int) -> int:
+        """Admit waiting requests, oldest first, while a seat, the budget and KV memory allow.
+        Returns how many were admitted."""
+        admitted = 0
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            computed_blocks, num_computed = self.kv_cache_manager.get_computed_blocks(request)
+            num_new = request.num_tokens - num_computed
+            if num_new > budget:
+                break  # FCFS: nobody overtakes the head of the queue
+            if not self.kv_cache_manager.allocate_slots(request, num_new, computed_blocks):
+                break  # no KV memory for it (a slot in stage 02, blocks in stage 03)
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_computed
+            self.running.append(request)
+            output.add_row(request, num_new, self.kv_cache_manager.get_block_table(request))
+            budget -= num_new
+            admitted += 1
+        return admitted
+    # --8<-- [end:schedule_waiting]
+
     # --8<-- [start:preempt]
-    def make_room_to_decode(self) -> list[Request]:
-        """Give every running request room for one more token, oldest first. When the cache is
-        full, the most recently admitted request is preempted: its KV is dropped and it goes
-        back to the front of the queue, to be recomputed later (never crash, never drop)."""
-        queue = deque(self.running)
-        scheduled: list[Request] = []
-        while queue:
-            request = queue.popleft()
-            while not self.kv_cache_manager.allocate_slots(request, 1):
-                victim = queue.pop() if queue else request
-                self.preempt(victim)
-                if victim is request:
-                    break
-            else:
-                scheduled.append(request)
-        self.running = scheduled
-        return list(scheduled)
+    def allocate_or_preempt(self, request: Request, num_new_tokens: int,
+                            candidates: deque[Request]) -> bool:
+        """Find KV room for `num_new_tokens` of `request`. While there is none, preempt the most
+        recently admitted request still in `candidates` (or `request` itself when none is
+        left): never crash, never drop. False if `request` was preempted."""
+        while not self.kv_cache_manager.allocate_slots(request, num_new_tokens):
+            victim = candidates.pop() if candidates else request
+            self.preempt(victim)
+            if victim is request:
+                return False
+        return True
 
     def preempt(self, request: Request) -> None:
-        """Recompute-style preemption: free the blocks, forget what was computed."""
+        """Recompute-style preemption: free its KV, forget what was computed, and put it at the
+        front of the queue; it is recomputed (prompt and output so far) when it is admitted."""
         self.kv_cache_manager.free(request)
+        self.running.remove(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.waiting.appendleft(request)
         self.num_preemptions += 1
     # --8<-- [end:preempt]
-
-    # --8<-- [start:update]
-    def update_from_output(self, output: SchedulerOutput, sampled: list[int]) -> list[Request]:
-        """Advance the rows that computed real tokens; returns the requests that got a token."""
-        advanced = []
-        for request, num_new, token in zip(output.requests, output.num_new_tokens, sampled):
-            if request.is_finished:  # an idle row of a static batch: result discarded
-                continue
-            request.num_computed_tokens += num_new
-            if request.num_computed_tokens == request.num_tokens:
-                request.append_output_token(token)
-                check_stop(request, self.config.max_model_len, self.eos_token_ids)
-                advanced.append(request)
-        return advanced
-
-    def free_finished_requests(self) -> None:
-        """Called at the end of every step: requests that finished in it (EOS, stop token,
-        stop string, length) leave `running` and their KV slot is free for the next step."""
-        for request in [r for r in self.running if r.is_finished]:
-            self.running.remove(request)
-            self.kv_cache_manager.free(request)
-    # --8<-- [end:update]
-
-    def num_live_requests(self) -> int:
-        """Requests holding KV for tokens that still matter (for stats)."""
-        return sum(1 for r in self.running if not r.is_finished)
-
-    def live_kv_tokens(self) -> int:
-        return sum(r.num_computed_tokens for r in self.running if not r.is_finished)
-
-
-class StaticBatchScheduler(Scheduler):
-    """Stage 01: static batching.
-
-    Up to `max_num_seqs` waiting requests form a batch; the batch is prefilled together (prompts
-    padded to the longest), then decodes one token per row per step until its *last* member
-    finishes. A member that finishes early keeps its row and keeps being computed (its output is
-    thrown away): those are the wasted row-steps that continuous batching (stage 02) removes.
-    `running` is the batch, finished members included.
-    ::
-
-        step:      1(prefill) 2   3   4   5   6
-        request A  [prompt+pad] o   o   .   .   .     . = row computed for nothing
-        request B  [prompt    ] o   o   o   o   o
-        request C  [prompt+pad] o   .   .   .   .
-        waiting D  ......................................... starts only after step 6
-    """
-
-    kv_cache_manager: StaticKVCacheManager
-
-    @property
-    def max_prompt_len(self) -> int:
-        return self.config.max_model_len  # the padded batch ignores the token budget
-
-    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
-        """A waiting request leaves the queue; a batch member keeps its row until the batch
-        ends: that is how static batching works."""
-        ids = set(request_ids)
-        for request in [r for r in self.waiting if r.request_id in ids]:
-            self.waiting.remove(request)
-            request.status = status
-        for request in self.running:
-            if request.request_id in ids and not request.is_finished:
-                request.status = status
-
-    def free_finished_requests(self) -> None:
-        """Nothing leaves a static batch early; the batch is freed when its last member ends."""
-        if self.running and all(r.is_finished for r in self.running):
-            self.running = []
-            self.kv_cache_manager.free_batch()
-
-    # --8<-- [start:static_schedule]
-    def schedule(self) -> SchedulerOutput:
-        if self.running:  # decode every row, finished or not
-            return SchedulerOutput(list(self.running), [1] * len(self.running))
-        if not self.waiting:
-            return SchedulerOutput([], [])
-        while self.waiting and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting.popleft()
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-        pad_to = max(r.num_tokens for r in self.running)
-        capacity = max(pad_to, max(self._max_len(r) for r in self.running))
-        self.kv_cache_manager.allocate_batch(self.running, capacity)
-        return SchedulerOutput(
-            list(self.running), [r.num_tokens for r in self.running], pad_to=pad_to, is_prefill=True
-        )
-    # --8<-- [end:static_schedule]
-
-    def _max_len(self, request: Request) -> int:
-        """The most tokens this request can hold in the cache."""
-        max_tokens = request.sampling_params.max_tokens or self.config.max_model_len
-        return min(request.num_prompt_tokens + max_tokens, self.config.max_model_len)

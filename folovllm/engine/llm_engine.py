@@ -12,23 +12,25 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
-from folovllm.model_executor.attention_backends import get_attn_backend
 from folovllm.config import EngineConfig
-from folovllm.worker.kv_cache import KVCacheSpec, StaticKVCacheManager, kv_cache_budget
-from folovllm.core.kv_cache_manager import build_kv_cache_manager, fit_max_model_len
-from folovllm.model_executor.model_loader import load_model
-from folovllm.worker.model_runner import KVCacheLookup, ModelRunner
-from folovllm.engine.output_processor import OutputProcessor
-from folovllm.outputs import RequestOutput
+from folovllm.core.kv_cache_interface import KVCacheManagerBase, KVCacheSpec
+from folovllm.core.kv_cache_utils import fit_max_model_len, get_kv_cache_manager_cls
 from folovllm.core.request import Request, RequestStatus
-from folovllm.worker.sampler import Sampler
+from folovllm.core.scheduler import Scheduler, SchedulerBase
+from folovllm.core.scheduler_output import SchedulerOutput
+from folovllm.core.static_batch_scheduler import StaticBatchScheduler
+from folovllm.engine.output_processor import OutputProcessor
+from folovllm.engine.stats import EngineStats, SchedulerStats
+from folovllm.model_executor.attention_backends import get_attn_backend
+from folovllm.model_executor.model_loader import load_model
+from folovllm.outputs import RequestOutput
 from folovllm.sampling_params import SamplingParams
-from folovllm.core.scheduler import Scheduler, SchedulerOutput, StaticBatchScheduler
-from folovllm.engine.stats import EngineStats
+from folovllm.worker.model_runner import ModelRunner
+from folovllm.worker.sampler import Sampler
 
 PromptType = Union[str, list[int]]
 
@@ -58,20 +60,30 @@ class LLMEngine:
         )
 
         # The one place where the stage flags pick the engine's parts.
-        self.kv_cache_manager: KVCacheLookup
-        self.scheduler: Scheduler
-        if self.config.enable_continuous_batching:  # stages 02 and 03
-            budget = kv_cache_budget(self.config, spec, self.model_runner)
-            if config.max_model_len is None:
-                self.config = fit_max_model_len(self.config, spec, budget)
-            self.kv_cache_manager = build_kv_cache_manager(self.config, spec, budget)
-            self.scheduler = Scheduler(self.config, self.kv_cache_manager, self.eos_token_ids)
-        else:  # stage 01
-            self.kv_cache_manager = StaticKVCacheManager(spec)
-            self.scheduler = StaticBatchScheduler(self.config, self.kv_cache_manager, self.eos_token_ids)
+        self.kv_cache_manager = self._initialize_kv_cache(spec, fit_len=config.max_model_len is None)
+        scheduler_cls = Scheduler if self.config.enable_continuous_batching else StaticBatchScheduler
+        self.scheduler: SchedulerBase = scheduler_cls(self.config, self.kv_cache_manager, self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats = EngineStats(bytes_per_token=spec.bytes_per_token)
+        # Called with a `SchedulerStats` after every step (benchmark traces, server metrics).
+        self.stat_loggers: list[Callable[[SchedulerStats], None]] = []
+        self.last_scheduler_stats: Optional[SchedulerStats] = None
         self._request_ids: set[str] = set()  # parents not finished yet
+
+    # --8<-- [start:initialize_kv_cache]
+    def _initialize_kv_cache(self, spec: KVCacheSpec, fit_len: bool) -> KVCacheManagerBase:
+        """Size the KV cache once, at start-up (vLLM's `_initialize_kv_caches`): the byte budget,
+        `max_model_len` fitted to it if the user left it unset, the stage's manager cutting it
+        into blocks (or slots), and the tensors allocated and bound to the attention layers."""
+        budget = self.config.kv_cache_memory or self.model_runner.determine_available_memory(self.config, spec)
+        if fit_len:
+            self.config = fit_max_model_len(self.config, spec, budget)
+        manager_cls = get_kv_cache_manager_cls(self.config)
+        kv_cache_config = manager_cls.get_kv_cache_config(self.config, spec, budget)
+        self.model_runner.initialize_kv_cache(spec, kv_cache_config)  # refuses more than RAM/VRAM
+        self.kv_cache_capacity_tokens = kv_cache_config.num_tokens
+        return manager_cls(kv_cache_config)
+    # --8<-- [end:initialize_kv_cache]
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -165,7 +177,7 @@ class LLMEngine:
         if scheduler_output.num_rows == 0:
             return []
         self._mark_scheduled(scheduler_output)
-        sampled = self.model_runner.execute_model(scheduler_output, self.kv_cache_manager)
+        sampled = self.model_runner.execute_model(scheduler_output)
         advanced = self.scheduler.update_from_output(scheduler_output, sampled)
         outputs = self.output_processor.process(advanced)
         self.scheduler.free_finished_requests()
@@ -183,20 +195,31 @@ class LLMEngine:
                 request.metrics.first_scheduled_time = now
 
     def _record_stats(self, output: SchedulerOutput, advanced: list[Request]) -> None:
+        step = SchedulerStats(
+            num_running_reqs=self.scheduler.num_live_requests(),
+            num_waiting_reqs=len(self.scheduler.waiting),
+            num_rows=output.num_rows,
+            num_scheduled_tokens=output.total_num_scheduled_tokens,
+            num_prefill_tokens=output.num_prefill_tokens,
+            num_decode_tokens=output.num_decode_tokens,
+            kv_tokens_reserved=self.kv_cache_manager.num_reserved_tokens,
+            kv_tokens_used=self.scheduler.live_kv_tokens(),
+            num_preemptions=self.scheduler.num_preemptions,
+        )
         s = self.stats
         s.num_forward_passes += 1
         s.num_generated_tokens += len(advanced)
-        if output.is_prefill:
-            s.num_prompt_tokens_computed += output.total_num_tokens
-        else:
-            s.num_decode_row_steps += output.num_rows
-            s.num_wasted_row_steps += sum(1 for r in output.requests if r.is_finished and r not in advanced)
-        s.num_preemptions = self.scheduler.num_preemptions
-        s.max_num_running = max(s.max_num_running, self.scheduler.num_live_requests())
-        reserved = self.kv_cache_manager.num_reserved_tokens
-        s.kv_tokens_reserved += reserved
-        s.kv_tokens_used += self.scheduler.live_kv_tokens()
-        s.peak_kv_tokens_reserved = max(s.peak_kv_tokens_reserved, reserved)
+        s.num_prompt_tokens_computed += step.num_prefill_tokens
+        s.num_decode_row_steps += step.num_decode_tokens
+        s.num_wasted_row_steps += output.num_idle_rows
+        s.num_preemptions = step.num_preemptions
+        s.max_num_running = max(s.max_num_running, step.num_running_reqs)
+        s.kv_tokens_reserved += step.kv_tokens_reserved
+        s.kv_tokens_used += step.kv_tokens_used
+        s.peak_kv_tokens_reserved = max(s.peak_kv_tokens_reserved, step.kv_tokens_reserved)
+        self.last_scheduler_stats = step
+        for logger in self.stat_loggers:
+            logger(step)
 
 
 def replace_params(params: SamplingParams, **changes: object) -> SamplingParams:

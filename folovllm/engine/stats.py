@@ -19,6 +19,35 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 
+@dataclass(frozen=True)
+class SchedulerStats:
+    """What one engine step did and left behind (vLLM's `SchedulerStats`). The engine hands one
+    to each of its `stat_loggers` after every step; traces and the server's metrics read it.
+
+    Attributes:
+        num_running_reqs: requests holding live KV after the step.
+        num_waiting_reqs: requests in the waiting queue after the step.
+        num_rows: rows computed in the step.
+        num_scheduled_tokens: tokens computed in the step, padding included.
+        num_prefill_tokens: of those, prompt work (whole prompts, chunks, recomputes; padding).
+        num_decode_tokens: rows that computed one token past their prompt (stage 01's idle rows
+            included).
+        kv_tokens_reserved: cache slots set aside for requests after the step.
+        kv_tokens_used: of those, slots holding a live token.
+        num_preemptions: requests preempted so far (cumulative).
+    """
+
+    num_running_reqs: int
+    num_waiting_reqs: int
+    num_rows: int
+    num_scheduled_tokens: int
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    kv_tokens_reserved: int
+    kv_tokens_used: int
+    num_preemptions: int
+
+
 @dataclass
 class EngineStats:
     bytes_per_token: int = 0

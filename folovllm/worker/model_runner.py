@@ -10,35 +10,28 @@ to, then packs all rows into one flat batch of T tokens::
     query_start_loc [0, 3, 4]   seq_lens [3, 9]
     logits rows   [2, 3]        (the last new token of each row that caught up)
 
-With `pad_to` (stage 01) each row is padded with dummy tokens at the following positions, so every
-row has the same length: the model computes them and nobody reads them.
+Only rows that catch up (`SchedulerOutput.catches_up`) go through the LM head and the sampler:
+a row that computes part of a prompt has no next token yet and draws no random numbers.
+
+A row with `query_lens` longer than its new tokens (stage 01 pads every prompt to the longest
+of its batch) is filled with dummy tokens at the following positions: the model computes them
+and nobody reads them.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
-
 import torch
 from torch import nn
 
-from folovllm.worker.kv_cache import KVCache, KVCacheSpec
+from folovllm.core.kv_cache_interface import KVCacheConfig, KVCacheSpec
+from folovllm.core.scheduler_output import SchedulerOutput
 from folovllm.model_executor.layers.attention import Attention, AttentionBackend, AttentionMetadata
+from folovllm.config import EngineConfig
 from folovllm.core.request import Request
+from folovllm.worker.kv_cache import KVCache, cpu_default_kv_cache_memory
 from folovllm.worker.sampler import Sampler
-from folovllm.core.scheduler import SchedulerOutput
 
 PAD_TOKEN_ID = 0  # any valid id: padded tokens are computed and thrown away
-
-
-class KVCacheLookup(Protocol):
-    """What the runner needs from any stage's KV cache manager."""
-
-    kv_cache: KVCache | None
-
-    @property
-    def num_reserved_tokens(self) -> int: ...
-
-    def get_block_table(self, request: Request) -> list[int]: ...
 
 
 class ModelRunner:
@@ -52,28 +45,51 @@ class ModelRunner:
             for layer in self.attn_layers:
                 layer.backend = attn_backend
 
-        self._bound_cache: KVCache | None = None
+        self.kv_cache: KVCache | None = None
 
-    def bind_kv_cache(self, kv_cache: KVCache) -> None:
-        """Give each attention layer its layer of the cache (stage 01 makes one per batch)."""
-        if kv_cache is self._bound_cache:
-            return
+    def initialize_kv_cache(self, spec: KVCacheSpec, kv_cache_config: KVCacheConfig) -> None:
+        """Allocate the KV tensors once and give each attention layer its layer of them."""
+        self.kv_cache = KVCache(spec, kv_cache_config)
+        self._bind(self.kv_cache)
+
+    def _bind(self, kv_cache: KVCache) -> None:
         for layer, k, v in zip(self.attn_layers, kv_cache.key_caches, kv_cache.value_caches):
             layer.kv_cache = (k, v)
-        self._bound_cache = kv_cache
 
+    # --8<-- [start:execute_model]
     @torch.inference_mode()
-    def execute_model(self, output: SchedulerOutput, kv_cache_manager: KVCacheLookup) -> list[int]:
-        """Run one step; returns one sampled token per row (meaningful only for rows that
-        caught up with their `num_tokens` this step)."""
-        kv_cache = kv_cache_manager.kv_cache
-        assert kv_cache is not None
-        self.bind_kv_cache(kv_cache)
-        input_ids, positions, logits_indices = self.prepare_inputs(output)
-        md = self.build_metadata(output, positions, kv_cache.block_size, kv_cache_manager.get_block_table)
+    def execute_model(self, output: SchedulerOutput) -> dict[str, int]:
+        """Run one step; returns the sampled token of every row that caught up, by request id."""
+        assert self.kv_cache is not None, "initialize_kv_cache() first"
+        input_ids, positions, logits_indices, sampling_requests = self.prepare_inputs(output)
+        md = self.build_metadata(output, positions, self.kv_cache.block_size)
         hidden = self.model(input_ids, positions, md)  # [T, hidden]
-        logits = self.model.compute_logits(hidden[logits_indices])  # [B, vocab]
-        return self.sampler(logits, output.requests)
+        if not sampling_requests:
+            return {}
+        logits = self.model.compute_logits(hidden[logits_indices])  # [rows that sample, vocab]
+        tokens = self.sampler(logits, sampling_requests)
+        return {r.request_id: t for r, t in zip(sampling_requests, tokens)}
+    # --8<-- [end:execute_model]
+
+    # --8<-- [start:determine_available_memory]
+    def determine_available_memory(self, config: EngineConfig, spec: KVCacheSpec) -> int:
+        """Bytes of KV cache when `kv_cache_memory` is not given. On CUDA:
+        `gpu_memory_utilization` of the GPU minus the peak memory of one full-size forward pass
+        (weights + activations), measured. On CPU: room for `max_num_seqs` sequences of
+        `max_model_len` tokens, at most 4 GiB."""
+        if torch.device(config.device).type != "cuda":
+            return cpu_default_kv_cache_memory(config, spec)
+        peak = self.profile_peak_memory(config.max_num_batched_tokens, spec)
+        total = torch.cuda.get_device_properties(torch.device(config.device)).total_memory
+        budget = int(total * config.gpu_memory_utilization) - peak
+        if budget <= 0:
+            raise ValueError(
+                f"no GPU memory left for the KV cache: the model's peak is {peak / 2**30:.2f} GiB "
+                f"of {total * config.gpu_memory_utilization / 2**30:.2f} GiB allowed by "
+                f"gpu_memory_utilization={config.gpu_memory_utilization}"
+            )
+        return budget
+    # --8<-- [end:determine_available_memory]
 
     @torch.inference_mode()
     def profile_peak_memory(self, num_tokens: int, spec: KVCacheSpec) -> int:
@@ -82,8 +98,8 @@ class ModelRunner:
         is for the KV cache."""
         torch.cuda.reset_peak_memory_stats()
         try:
-            scratch = KVCache(spec, num_blocks=1, block_size=num_tokens)
-            self.bind_kv_cache(scratch)
+            scratch = KVCache(spec, KVCacheConfig(num_blocks=1, block_size=num_tokens))
+            self._bind(scratch)
             positions = torch.arange(num_tokens, device=self.device)
             md = AttentionMetadata(
                 slot_mapping=positions,
@@ -102,37 +118,37 @@ class ModelRunner:
                 "the GPU; lower max_num_batched_tokens / max_model_len"
             ) from e
         finally:
-            self._bound_cache = None
             scratch = hidden = None  # noqa: F841
             torch.cuda.empty_cache()
         return torch.cuda.max_memory_allocated()
 
     # --8<-- [start:prepare_inputs]
-    def prepare_inputs(self, output: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def prepare_inputs(
+        self, output: SchedulerOutput
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Request]]:
+        """-> input_ids [T], positions [T], logits_indices [S], the S requests that sample."""
         input_ids: list[int] = []
         positions: list[int] = []
         logits_indices: list[int] = []
-        for request, num_new in zip(output.requests, output.num_new_tokens):
-            start = first_new_position(request)
-            length = output.pad_to or num_new
-            tokens = request.all_token_ids[start : start + num_new]
-            logits_indices.append(len(input_ids) + num_new - 1)
-            input_ids += tokens + [PAD_TOKEN_ID] * (length - num_new)
-            positions += range(start, start + length)
+        sampling_requests: list[Request] = []
+        for row, request in enumerate(output.requests):
+            start, query_len = output.num_computed_tokens[row], output.query_len(row)
+            tokens = request.all_token_ids[start : start + query_len]
+            if output.catches_up(row):
+                logits_indices.append(len(input_ids) + output.num_new_tokens[row] - 1)
+                sampling_requests.append(request)
+            input_ids += tokens + [PAD_TOKEN_ID] * (query_len - len(tokens))
+            positions += range(start, start + query_len)
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
-        return as_tensor(input_ids), as_tensor(positions), as_tensor(logits_indices)
+        return as_tensor(input_ids), as_tensor(positions), as_tensor(logits_indices), sampling_requests
     # --8<-- [end:prepare_inputs]
 
     def build_metadata(
-        self,
-        output: SchedulerOutput,
-        positions: torch.Tensor,
-        block_size: int,
-        get_block_table: Callable[[Request], list[int]],
+        self, output: SchedulerOutput, positions: torch.Tensor, block_size: int
     ) -> AttentionMetadata:
-        query_lens = [output.pad_to or n for n in output.num_new_tokens]
-        seq_lens = [first_new_position(r) + q for r, q in zip(output.requests, query_lens)]
-        tables = [get_block_table(r) for r in output.requests]
+        query_lens = [output.query_len(row) for row in range(output.num_rows)]
+        seq_lens = [start + q for start, q in zip(output.num_computed_tokens, query_lens)]
+        tables = output.block_tables
         width = max(len(t) for t in tables)
         block_tables = torch.tensor(
             [t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=self.device
@@ -151,11 +167,3 @@ class ModelRunner:
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
         )
-
-
-def first_new_position(request: Request) -> int:
-    """Where this step's tokens start. A finished request that still holds a row in a static
-    batch (stage 01) recomputes its last computed token: wasted work that changes nothing."""
-    if request.is_finished:
-        return request.num_computed_tokens - 1
-    return request.num_computed_tokens

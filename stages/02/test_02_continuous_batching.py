@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from folovllm import EngineConfig, LLM, LLMEngine, RequestOutputKind, SamplingParams
-from folovllm.core.scheduler import SchedulerOutput
+from folovllm.core.scheduler_output import SchedulerOutput
 from tests.helpers import hf_greedy, mixed_prompts
 
 
@@ -29,6 +29,11 @@ def record_schedule(engine: LLMEngine) -> list[SchedulerOutput]:
 
     engine.scheduler.schedule = spy  # type: ignore[method-assign]
     return trace
+
+
+def is_prompt_step(out: SchedulerOutput) -> bool:
+    """Stages 02-04 never mix: a step computes prompts only, or decodes only."""
+    return out.num_prefill_tokens > 0 and out.num_decode_tokens == 0
 
 
 def run_to_end(engine: LLMEngine) -> dict[str, list[int]]:
@@ -77,10 +82,10 @@ def test_third_request_starts_right_after_the_first_finishes(tiny_qwen3):
                 finished_at[out.request_id] = step
     rows = [[r.request_id for r in out.requests] for out in trace]
     # step 1 prefills A and B; step 2 decodes both and A finishes with its 2nd token
-    assert rows[0] == ["A", "B"] and trace[0].is_prefill
+    assert rows[0] == ["A", "B"] and is_prompt_step(trace[0])
     assert finished_at["A"] == 2
     # step 3 prefills C, in A's slot, while B (8 tokens to go) keeps running
-    assert rows[2] == ["C"] and trace[2].is_prefill
+    assert rows[2] == ["C"] and is_prompt_step(trace[2])
     assert finished_at["B"] > finished_at["A"] + 1
     assert all("A" not in r for r in rows[2:])
     assert engine.stats.num_wasted_row_steps == 0
@@ -96,7 +101,7 @@ def test_fcfs_order(tiny_qwen3):
     for rid in ids:
         engine.add_request(rid, [9, 10, 11], greedy(2, ignore_eos=True))
     run_to_end(engine)
-    admitted = [out.requests[0].request_id for out in trace if out.is_prefill]
+    admitted = [out.requests[0].request_id for out in trace if is_prompt_step(out)]
     assert admitted == ids
 
 
@@ -107,8 +112,8 @@ def test_token_budget_respected_every_step(tiny_qwen3):
     for i, n in enumerate((30, 30, 30, 5, 60, 2)):
         engine.add_request(str(i), list(range(3, 3 + n)), greedy(4, ignore_eos=True))
     run_to_end(engine)
-    assert all(out.total_num_tokens <= budget for out in trace)
-    prefills = [[r.request_id for r in out.requests] for out in trace if out.is_prefill]
+    assert all(out.total_num_scheduled_tokens <= budget for out in trace)
+    prefills = [[r.request_id for r in out.requests] for out in trace if is_prompt_step(out)]
     # 30+30 fit, the third 30 would not; FCFS: "3" (5 tokens) may not overtake "2"
     assert prefills[0] == ["0", "1"]
     assert prefills[1][0] == "2"

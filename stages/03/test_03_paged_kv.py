@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from folovllm import LLM, SamplingParams
 from folovllm.core.block_pool import BlockPool
-from folovllm.worker.kv_cache import KVCacheSpec
+from folovllm.core.kv_cache_interface import KVCacheConfig
 from folovllm.core.kv_cache_manager import KVCacheManager
 from folovllm.model_executor.layers.attention import AttentionMetadata, naive_attention
 from folovllm.core.request import Request
@@ -103,7 +103,6 @@ def test_budget_too_small_for_one_sequence_is_refused(tiny_qwen3):
 
 # -- the block pool and the manager under random operations ---------------------------------------
 
-SPEC = KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=2, dtype=torch.float32, device="cpu")
 operation = st.tuples(st.sampled_from(["add", "grow", "free"]), st.integers(0, 7), st.integers(1, 40))
 
 
@@ -111,7 +110,7 @@ operation = st.tuples(st.sampled_from(["add", "grow", "free"]), st.integers(0, 7
 @given(num_blocks=st.integers(1, 24), block_size=st.sampled_from([1, 2, 4, 16]),
        ops=st.lists(operation, max_size=60))
 def test_manager_invariants_under_random_operations(num_blocks, block_size, ops):
-    manager = KVCacheManager(SPEC, num_blocks=num_blocks, block_size=block_size, watermark=0.0)
+    manager = KVCacheManager(KVCacheConfig(num_blocks, block_size), watermark=0.0)
     live: dict[int, Request] = {}
     for kind, key, n in ops:
         if kind == "add" and key not in live:

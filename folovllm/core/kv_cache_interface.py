@@ -1,0 +1,99 @@
+"""The KV cache as the scheduler sees it: its shape (`KVCacheSpec`), its size (`KVCacheConfig`)
+and the one interface every stage's manager implements (`KVCacheManagerBase`).
+
+    stage 01  StaticKVCacheManager  slots of max_model_len; a static batch takes and frees its
+                                    slots together and reserves the longest member's length
+    stage 02  SlotKVCacheManager    the same slots, taken and given back request by request
+    stage 03  KVCacheManager        blocks of block_size tokens, handed out as tokens arrive
+    stage 06  (prefix caching)      fills in `get_computed_blocks`; today nothing is ever cached
+
+The scheduler and the engine only talk to `KVCacheManagerBase`; the tensors themselves live on
+the worker side (`worker/kv_cache.py`), allocated once from the `KVCacheConfig`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+if TYPE_CHECKING:
+    from folovllm.config import EngineConfig
+    from folovllm.core.block_pool import KVCacheBlock
+    from folovllm.core.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division: blocks needed for `a` tokens in blocks of `b`."""
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """The shape of one token's K/V across the model."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: str
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V, every layer: 2 * layers * kv_heads * head_dim * bytes per element."""
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    """How the KV memory is cut: `num_blocks` blocks of `block_size` tokens (a stage 01/02
+    "block" is a whole slot of `max_model_len` tokens)."""
+
+    num_blocks: int
+    block_size: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+
+class KVCacheManagerBase(ABC):
+    """What the scheduler asks of a KV cache manager, whatever the stage."""
+
+    kv_cache_config: KVCacheConfig
+
+    @classmethod
+    @abstractmethod
+    def get_kv_cache_config(cls, config: "EngineConfig", spec: KVCacheSpec, budget: int) -> KVCacheConfig:
+        """Cut `budget` bytes into blocks; refuse (ValueError, with the numbers) a budget that
+        cannot hold one `max_model_len` sequence."""
+
+    def get_computed_blocks(self, request: "Request") -> tuple[list["KVCacheBlock"], int]:
+        """Blocks already holding a prefix of `request` and how many tokens they cover
+        (stage 06 fills this in; without prefix caching nothing is ever cached)."""
+        return [], 0
+
+    @abstractmethod
+    def allocate_slots(
+        self, request: "Request", num_new_tokens: int,
+        new_computed_blocks: Sequence["KVCacheBlock"] = (),
+    ) -> bool:
+        """Make room for `num_new_tokens` more tokens of `request` (after the
+        `new_computed_blocks` a prefix hit found); False, and nothing allocated, if it does
+        not fit."""
+
+    @abstractmethod
+    def free(self, request: "Request") -> None:
+        """Give back everything `request` holds."""
+
+    @abstractmethod
+    def get_block_table(self, request: "Request") -> list[int]:
+        """The block ids of `request`, in token order."""
+
+    @property
+    @abstractmethod
+    def num_reserved_tokens(self) -> int:
+        """Cache slots set aside for requests now (whether or not they hold a token yet)."""

@@ -1,0 +1,37 @@
+"""Sizing the KV cache at start-up: which manager a config gets, and `max_model_len` fitted to
+the budget when the user left it unset."""
+
+from __future__ import annotations
+
+import logging
+
+from folovllm.config import EngineConfig
+from folovllm.core.kv_cache_interface import KVCacheManagerBase, KVCacheSpec
+from folovllm.core.kv_cache_manager import KVCacheManager
+from folovllm.core.slot_kv_cache_manager import SlotKVCacheManager, StaticKVCacheManager
+
+logger = logging.getLogger("folovllm")
+
+
+def get_kv_cache_manager_cls(config: EngineConfig) -> type[KVCacheManagerBase]:
+    """Stage 01: slots taken per static batch; 02: slots per request; 03 on: paged blocks."""
+    if config.enable_paged_kv:
+        return KVCacheManager
+    return SlotKVCacheManager if config.enable_continuous_batching else StaticKVCacheManager
+
+
+# --8<-- [start:fit_max_model_len]
+def fit_max_model_len(config: EngineConfig, spec: KVCacheSpec, budget: int) -> EngineConfig:
+    """When the user left `max_model_len` unset, shrink the model's (Qwen3-0.6B: 40,960 tokens)
+    to what the KV budget holds: one sequence with paged KV, `max_num_seqs` slots without."""
+    sequences = 1 if config.enable_paged_kv else config.max_num_seqs
+    fits = budget // (sequences * spec.bytes_per_token) // config.block_size * config.block_size
+    if 0 < fits < config.max_model_len:
+        logger.warning(
+            "max_model_len lowered from %d to %d tokens: that is what %d sequence(s) get from a "
+            "KV cache of %.1f MiB (set max_model_len or kv_cache_memory to choose)",
+            config.max_model_len, fits, sequences, budget / 2**20,
+        )
+        return config.replace(max_model_len=fits)
+    return config
+# --8<-- [end:fit_max_model_len]
