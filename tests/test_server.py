@@ -206,11 +206,23 @@ def test_concurrent_clients_each_get_their_own_greedy_text(server, offline):
 # -- disconnects ------------------------------------------------------------------------------
 
 
-def aborted_count(server: Server) -> float:
-    for line in server.metrics().splitlines():
-        if line.startswith("folovllm:request_success_total") and 'finished_reason="abort"' in line:
+def metric(text: str, name: str, label: str = "") -> float:
+    """The value of `folovllm:<name>{...}` in Prometheus text (0 if absent), its labels
+    containing `label`."""
+    for line in text.splitlines():
+        if line.startswith(f"folovllm:{name}{{") and label in line:
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def aborted_count(server: Server) -> float:
+    return metric(server.metrics(), "request_success_total", 'finished_reason="abort"')
+
+
+def metrics_show_an_empty_engine(server: Server) -> bool:
+    text = server.metrics()
+    return all(metric(text, name) == 0 for name in
+               ("kv_cache_usage_perc", "num_requests_running", "num_requests_waiting"))
 
 
 def test_disconnect_mid_stream_aborts_and_frees_kv(server):
@@ -221,9 +233,11 @@ def test_disconnect_mid_stream_aborts_and_frees_kv(server):
     assert all(c.choices[0].finish_reason is None for c in first)
     kv = server.engine.kv_cache_manager
     assert kv.num_free_blocks < kv.block_pool.num_blocks  # it holds KV now
+    wait_for(lambda: metric(server.metrics(), "kv_cache_usage_perc") > 0, "/metrics to show KV in use")
     stream.close()  # the client goes away, long before the end
     wait_for(lambda: aborted_count(server) == before + 1, "the request to be aborted")
     wait_for(lambda: all_blocks_free(server.engine), "every KV block back in the pool")
+    assert metrics_show_an_empty_engine(server)
 
 
 def test_disconnect_while_waiting_for_a_non_streamed_answer_aborts(server):
@@ -235,6 +249,7 @@ def test_disconnect_while_waiting_for_a_non_streamed_answer_aborts(server):
                          "temperature": 0, "ignore_eos": True})
     wait_for(lambda: aborted_count(server) == before + 1, "the request to be aborted")
     wait_for(lambda: all_blocks_free(server.engine), "every KV block back in the pool")
+    assert metrics_show_an_empty_engine(server)
 
 
 # -- errors -----------------------------------------------------------------------------------
@@ -303,16 +318,57 @@ def test_metrics_show_latency_histograms_gauges_and_counters(server):
                                        extra_body={"ignore_eos": True})
     text = server.metrics()
 
-    def value(name: str) -> float:
-        line = next(line for line in text.splitlines() if line.startswith(name + "{"))
-        return float(line.rsplit(" ", 1)[1])
-
     for histogram in ("time_to_first_token_seconds", "inter_token_latency_seconds",
                       "e2e_request_latency_seconds"):
         assert f'folovllm:{histogram}_bucket{{le="0.1",model_name="{MODEL}"}}' in text
-        assert value(f"folovllm:{histogram}_count") >= 1
-    assert value("folovllm:inter_token_latency_seconds_count") >= 5  # 6 tokens: 5 gaps at least
-    assert value("folovllm:generation_tokens_total") >= 6
+        assert metric(text, f"{histogram}_count") >= 1
+    assert metric(text, "inter_token_latency_seconds_count") >= 5  # 6 tokens: 5 gaps at least
+    assert metric(text, "generation_tokens_total") >= 6
+    assert metric(text, "request_success_total", 'finished_reason="length"') >= 1
     for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
                   "num_preemptions_total"):
         assert f"folovllm:{gauge}{{" in text
+
+
+# -- the async front alone --------------------------------------------------------------------
+
+
+def test_async_llm_generate_streams_deltas_and_closing_early_aborts(tiny_qwen3, offline):
+    """`AsyncLLM.generate` without HTTP: two requests at once, one read to the end (its deltas
+    add up to the offline greedy text), one closed after two outputs (aborted, its KV freed)."""
+    from contextlib import aclosing
+
+    from folovllm.sampling_params import RequestOutputKind
+
+    engine = LLMEngine(str(tiny_qwen3), EngineConfig.for_stage(STAGE, **ENGINE_ARGS))
+    ref = greedy(offline, PROMPTS[0], 20)
+    stream_params = SamplingParams(temperature=0, max_tokens=20, output_kind=RequestOutputKind.DELTA)
+    long_params = SamplingParams(temperature=0, max_tokens=LONG, ignore_eos=True,
+                                 output_kind=RequestOutputKind.DELTA)
+
+    async def main() -> tuple[str, int]:
+        async_llm = AsyncLLM(engine)
+
+        async def full() -> str:
+            return "".join([o.outputs[0].text async for o in async_llm.generate(PROMPTS[0], stream_params, "a")])
+
+        async def cut_short() -> int:
+            seen = 0
+            async with aclosing(async_llm.generate(PROMPTS[1], long_params, "b")) as outputs:
+                async for _ in outputs:
+                    seen += 1
+                    if seen == 2:
+                        break
+            return seen
+
+        text, seen = await asyncio.gather(full(), cut_short())
+        for _ in range(500):  # the abort is applied by the engine loop, before its next step
+            if not engine.has_unfinished_requests():
+                break
+            await asyncio.sleep(0.01)
+        await async_llm.shutdown()
+        return text, seen
+
+    text, seen = asyncio.run(main())
+    assert text == ref.text and seen == 2
+    assert all_blocks_free(engine)

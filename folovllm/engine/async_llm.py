@@ -45,7 +45,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncGenerator, Callable, Optional, Union
 
-from folovllm.core.kv_cache_manager import KVCacheManager
 from folovllm.engine.llm_engine import LLMEngine, PromptType
 from folovllm.engine.metrics import PrometheusMetrics
 from folovllm.outputs import RequestOutput
@@ -124,13 +123,13 @@ class AsyncLLM:
 
     def __init__(self, engine: LLMEngine, model_name: str = "folovllm") -> None:
         self.engine = engine
-        self.metrics = PrometheusMetrics(model_name)
+        self.metrics = PrometheusMetrics(model_name, engine.kv_cache_capacity_tokens)
+        engine.stat_loggers.append(self.metrics.record_scheduler_stats)
         self._streams: dict[str, RequestStream] = {}
         self._pending_aborts: set[str] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="folovllm-engine")
         self._lock: Optional[asyncio.Lock] = None
         self._wakeup: Optional[asyncio.Event] = None
-        self._num_preemptions = 0
         self._loop_task: Optional[asyncio.Task] = None
         self.dead_error: Optional[BaseException] = None
 
@@ -154,13 +153,14 @@ class AsyncLLM:
                 pass
             self._loop_task = None
         self._executor.shutdown(wait=True)
-        for request_id, stream in self._streams.items():  # nobody will feed these any more
+        for stream in self._streams.values():  # nobody will feed these any more
             stream.put(EngineDeadError("the server is shutting down"))
         self._streams.clear()
 
     @property
     def is_running(self) -> bool:
-        return self._loop_task is not None and self.dead_error is None
+        """The engine loop is alive (what `/health` reports)."""
+        return self._loop_task is not None and not self._loop_task.done()
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -185,7 +185,9 @@ class AsyncLLM:
     async def generate(
         self, prompt: PromptType, sampling_params: SamplingParams, request_id: str
     ) -> AsyncGenerator[RequestOutput, None]:
-        """vLLM's `AsyncLLM.generate`: the request's outputs as an async generator."""
+        """vLLM's `AsyncLLM.generate`: the request's outputs as an async generator. To stop
+        early, close it (`contextlib.aclosing`): that aborts the request at once, where a bare
+        `break` leaves the abort to the garbage collector."""
         stream = await self.add_request(request_id, prompt, sampling_params)
         async with stream:
             async for output in stream:
@@ -217,7 +219,6 @@ class AsyncLLM:
                 except Exception as e:  # a bug in the engine: fail every request, stop serving
                     self._fail_all(e)
                     return
-            self._record_scheduler()
             for output in outputs:
                 stream = self._streams.get(output.request_id)
                 if stream is None:
@@ -233,21 +234,11 @@ class AsyncLLM:
             if self._streams.pop(request_id, None) is not None:
                 self.engine.abort_request(request_id)
                 self.metrics.record_aborted()
-        if self._pending_aborts:
-            self._record_scheduler()  # the gauges show the freed KV at once
+        if self._pending_aborts:  # no step may follow soon: show the freed KV now
+            self.metrics.record_kv_cache(self.engine.kv_cache_manager.num_reserved_tokens)
+            if not self.engine.has_unfinished_requests():
+                self.metrics.record_idle()
         self._pending_aborts.clear()
-
-    def _record_scheduler(self) -> None:
-        """Running/waiting gauges and KV usage, read from the scheduler's queues and the block
-        pool between steps (paged KV only: stages 01-02 report 0)."""
-        scheduler, kv = self.engine.scheduler, self.engine.kv_cache_manager
-        usage = 0.0
-        if isinstance(kv, KVCacheManager):
-            usage = 1 - kv.num_free_blocks / kv.block_pool.num_blocks
-        new_preemptions = scheduler.num_preemptions - self._num_preemptions
-        self._num_preemptions = scheduler.num_preemptions
-        self.metrics.record_scheduler(len(scheduler.running), len(scheduler.waiting), usage,
-                                      new_preemptions)
 
     def _fail_all(self, error: Exception) -> None:
         self.dead_error = error

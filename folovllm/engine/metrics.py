@@ -13,9 +13,11 @@
                   folovllm:generation_tokens_total       counter
                   folovllm:request_success_total{finished_reason}  counter (stop, length, abort)
 
-Latencies come from the engine's own `RequestMetrics` (times of the first sample of a request),
-so they measure the engine and its queue, not the HTTP layer. Each instance has its own
-registry: several servers in one process (the tests) do not share counters.
+The per-step values come from the `SchedulerStats` the engine hands its `stat_loggers` after
+every step (in the engine thread; prometheus_client is thread-safe). Latencies come from the
+engine's own `RequestMetrics` (times of the first sample of a request), so they measure the
+engine and its queue, not the HTTP layer. Each instance has its own registry: several servers
+in one process (the tests) do not share counters.
 """
 # --8<-- [end:metrics_doc]
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from folovllm.engine.stats import SchedulerStats
 from folovllm.outputs import RequestOutput
 
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
@@ -36,7 +39,9 @@ _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 
 
 
 class PrometheusMetrics:
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, kv_cache_capacity_tokens: int) -> None:
+        self.kv_cache_capacity_tokens = kv_cache_capacity_tokens
+        self._num_preemptions = 0  # the engine's count is cumulative; the counter takes steps
         self.registry = CollectorRegistry()
         labels = {"labelnames": ["model_name"], "registry": self.registry}
 
@@ -62,13 +67,22 @@ class PrometheusMetrics:
                                 labelnames=["model_name", "finished_reason"], registry=self.registry)
         self._model_name = model_name
 
-    def record_scheduler(self, num_running: int, num_waiting: int, kv_cache_usage: float,
-                         num_new_preemptions: int) -> None:
-        self.num_running.set(num_running)
-        self.num_waiting.set(num_waiting)
-        self.kv_cache_usage.set(kv_cache_usage)
-        if num_new_preemptions:
-            self.num_preemptions.inc(num_new_preemptions)
+    def record_scheduler_stats(self, stats: SchedulerStats) -> None:
+        """An engine stat logger: called after every step."""
+        self.num_running.set(stats.num_running_reqs)
+        self.num_waiting.set(stats.num_waiting_reqs)
+        self.record_kv_cache(stats.kv_tokens_reserved)
+        if stats.num_preemptions > self._num_preemptions:
+            self.num_preemptions.inc(stats.num_preemptions - self._num_preemptions)
+            self._num_preemptions = stats.num_preemptions
+
+    def record_kv_cache(self, kv_tokens_reserved: int) -> None:
+        self.kv_cache_usage.set(kv_tokens_reserved / max(1, self.kv_cache_capacity_tokens))
+
+    def record_idle(self) -> None:
+        """No request left (the last ones were aborted between steps, so no step reported it)."""
+        self.num_running.set(0)
+        self.num_waiting.set(0)
 
     def record_finished(self, output: RequestOutput, num_generated_tokens: int) -> None:
         """A request finished normally (aborted ones are not counted)."""
