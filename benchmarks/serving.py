@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as _dt
 import math
-import shlex
 import signal
 import socket
 import subprocess
@@ -35,10 +33,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from benchmarks.bench_model import (bench_model_info, bench_model_path, git_commit,
-                                    machine_description, machine_short, write_results)
+from benchmarks.bench_model import bench_model_info, bench_model_path
+from benchmarks.harness import loadavg, peak_loadavg
 from benchmarks.latency import percentile
-from benchmarks.run import RESULTS_DIR, _loadavg
+from benchmarks.results import RESULTS_DIR, machine_short, result_record, shared_machine_note, write_results
 from benchmarks.workloads import Workload, get_workload, poisson_arrivals
 
 MODEL_NAME = "bench"
@@ -129,12 +127,13 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Optional[float]]:
 def render(result: dict[str, Any]) -> str:
     w = result["workload"]
     lines = [
-        f"Serving benchmark: `{result['command']}` on {result['machine_short']}, {result['date']}; "
+        f"Serving benchmark: `{result['command']}` on {machine_short(result['machine'])}, "
+        f"{result['date'][:10]}, commit {result['git_commit'] or '?'}; "
         f"workload `{w['name']}` ({w['num_requests']} requests, {w['description']}, greedy, "
         f"ignore_eos), Poisson arrivals (seed {result['seed']}), model {result['model']['name']}, "
         f"float32, one torch thread, max_num_seqs {result['max_num_seqs']}; the `openai` client streams every "
         f"request on the same machine. Latencies in seconds; load average before each run in "
-        f"the last column.",
+        f"the last column.{shared_machine_note(result, cpu_ratios=False)}",
         "",
         "| stage | rate (req/s) | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | e2e p50 | e2e p99 "
         "| output tok/s | requests/s | load |",
@@ -178,27 +177,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         try:
             asyncio.run(replay(base, Workload("warmup", "", warmup, args.seed), [0.0] * len(warmup)))
             for rate in args.rates:
-                loadavg = _loadavg()
+                load = loadavg()
                 arrivals = poisson_arrivals(len(workload), rate, seed=args.seed)
                 records = asyncio.run(replay(base, workload, arrivals))
                 summary = summarize(records)
                 print(f"stage {stage} rate {rate:g}: {summary}", file=sys.stderr)
-                runs.append({"stage": stage, "rate": rate, "loadavg": loadavg, "summary": summary,
+                runs.append({"stage": stage, "rate": rate, "loadavg": load, "summary": summary,
                              "requests": records})
         finally:
             rc = stop_server(proc)
         if rc != 0:
             raise RuntimeError(f"stage {stage}: the server exited with {rc} after SIGTERM")
 
-    desc = machine_description()
-    result = {
-        "command": "python -m benchmarks.serving " + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "date": _dt.date.today().isoformat(), "machine": desc, "machine_short": machine_short(desc),
-        "git_commit": git_commit(), "model": info, "seed": args.seed, "max_num_seqs": args.max_num_seqs,
-        "workload": {"name": workload.name, "description": workload.description,
-                     "num_requests": len(workload)},
-        "runs": runs,
-    }
+    result = result_record(
+        "benchmarks.serving", argv, model=info, seed=args.seed, max_num_seqs=args.max_num_seqs,
+        workload={"name": workload.name, "description": workload.description,
+                  "num_requests": len(workload)},
+        peak_loadavg_1m=peak_loadavg(run["loadavg"] for run in runs), runs=runs,
+    )
     markdown = render(result)
     print(markdown)
     if not args.no_write:
