@@ -97,8 +97,9 @@ class SamplingParams:
             raise bad("top_k", "an integer >= 1, or 0 / -1 to disable")
         if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
             raise bad("min_p", "in [0, 1]")
-        if self.seed is not None and not _is_int(self.seed):
-            raise bad("seed", "an integer or None")
+        # torch generators take 64-bit seeds; n > 1 samples use seed + i.
+        if self.seed is not None and not (_is_int(self.seed) and -2**63 <= self.seed < 2**63):
+            raise bad("seed", "an integer in [-2**63, 2**63) or None")
         if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise bad("repetition_penalty", "a number > 0 (1 = off)")
         for name in ("presence_penalty", "frequency_penalty"):

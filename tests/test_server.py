@@ -260,6 +260,7 @@ def test_disconnect_while_waiting_for_a_non_streamed_answer_aborts(server):
     ({"temperature": -1}, "temperature", "temperature must be a number >= 0"),
     ({"max_tokens": 0}, "max_tokens", "max_tokens must be an integer >= 1"),
     ({"n": 0}, "n", "n must be an integer >= 1"),
+    ({"seed": 2**64}, "seed", "seed must be an integer in [-2**63, 2**63)"),
     ({"temperature": "hot"}, "temperature", "temperature: Input should be a valid number"),
     ({"prompt": ""}, "prompt", "prompt must be a non-empty string"),
     ({"prompt": [5] * 1100}, "prompt", "prompt has 1100 tokens, more than max_model_len=1024"),
