@@ -87,6 +87,14 @@ class SamplingParams:
         def bad(name: str, allowed: str) -> ValueError:
             return ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
 
+        # The sampler and torch's generators hold these in int64: a larger value (a client can
+        # send any JSON number) would fail inside a step, not here.
+        for name in ("n", "top_k", "seed", "max_tokens", "min_tokens"):
+            value = getattr(self, name)
+            if _is_int(value) and not -2**63 <= value < 2**63:
+                raise bad(name, "a 64-bit integer")
+        if any(_is_int(t) and t >= 2**63 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "a list of 64-bit integers")
         if not _is_int(self.n) or self.n < 1:
             raise bad("n", "an integer >= 1")
         if not _is_number(self.temperature) or self.temperature < 0:
@@ -97,9 +105,8 @@ class SamplingParams:
             raise bad("top_k", "an integer >= 1, or 0 / -1 to disable")
         if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
             raise bad("min_p", "in [0, 1]")
-        # torch generators take 64-bit seeds; n > 1 samples use seed + i.
-        if self.seed is not None and not (_is_int(self.seed) and -2**63 <= self.seed < 2**63):
-            raise bad("seed", "an integer in [-2**63, 2**63) or None")
+        if self.seed is not None and not _is_int(self.seed):
+            raise bad("seed", "an integer or None")
         if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise bad("repetition_penalty", "a number > 0 (1 = off)")
         for name in ("presence_penalty", "frequency_penalty"):

@@ -40,7 +40,7 @@ class SamplingRequest(OpenAIBaseModel):
     """The fields both endpoints share. None means "not sent": SamplingParams' default applies."""
 
     model: str
-    n: Optional[int] = None
+    n: Optional[int] = Field(default=None, le=128)  # OpenAI's limit: one request, at most 128 samples
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     top_k: Optional[int] = None
