@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -25,14 +25,13 @@ from folovllm.core.scheduler_output import SchedulerOutput
 from folovllm.core.static_batch_scheduler import StaticBatchScheduler
 from folovllm.engine.output_processor import OutputProcessor
 from folovllm.engine.stats import EngineStats, SchedulerStats
+from folovllm.inputs import PromptType, is_token_id, parse_prompt
 from folovllm.model_executor.attention_backends import get_attn_backend
 from folovllm.model_executor.model_loader import load_model
 from folovllm.outputs import RequestOutput
-from folovllm.sampling_params import SamplingParams
+from folovllm.sampling_params import SEED_LIMIT, SamplingParams
 from folovllm.worker.model_runner import ModelRunner
 from folovllm.worker.sampler import Sampler
-
-PromptType = Union[str, list[int]]
 
 
 class LLMEngine:
@@ -68,7 +67,6 @@ class LLMEngine:
         # Called with a `SchedulerStats` after every step (benchmark traces, server metrics).
         self.stat_loggers: list[Callable[[SchedulerStats], None]] = []
         self.last_scheduler_stats: Optional[SchedulerStats] = None
-        self._request_ids: set[str] = set()  # parents not finished yet
 
     # --8<-- [start:initialize_kv_cache]
     def _initialize_kv_cache(self, spec: KVCacheSpec, fit_len: bool) -> KVCacheManagerBase:
@@ -94,48 +92,51 @@ class LLMEngine:
         sampling_params: Optional[SamplingParams] = None,
         arrival_time: Optional[float] = None,
     ) -> None:
-        """Queue a prompt (text or token ids). Raises ValueError, queuing nothing, on bad input."""
-        params = sampling_params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        """Queue a prompt (text, token ids, `TextPrompt` or `TokensPrompt`). Raises ValueError,
+        queuing nothing, on bad input (see `validate_request`)."""
+        if not isinstance(request_id, str):
+            raise ValueError(f"request_id must be a string, got {type(request_id).__name__}")
+        params = SamplingParams() if sampling_params is None else sampling_params
+        prompt_text, prompt_token_ids = self.validate_request(prompt, params)
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
-        in_use = self._request_ids | self.output_processor.parent_of.keys()
+        in_use = self.output_processor.parents.keys() | self.output_processor.parent_of.keys()
         for rid in dict.fromkeys([request_id, *child_ids]):
             if rid in in_use:
                 raise ValueError(f"request id {rid!r} is already in use by an unfinished request")
-        prompt_text, prompt_token_ids = self.process_prompt(prompt)
         arrival_time = time.perf_counter() if arrival_time is None else arrival_time
         children = []
         for i in range(params.n):
             child_params = params
             if params.n > 1:  # each sample is its own request; seeded ones get seed + i
-                seed = None if params.seed is None else params.seed + i
+                seed = None if params.seed is None else (params.seed + i) % SEED_LIMIT
                 child_params = replace_params(params, n=1, seed=seed)
             children.append(
                 Request(child_ids[i], prompt_token_ids, child_params, arrival_time,
                         prompt=prompt_text, device=self.config.device)
             )
-        self._request_ids.add(request_id)
         self.output_processor.add_request(request_id, prompt_text, prompt_token_ids, children)
         for child in children:
             self.scheduler.add_request(child)
         self.stats.num_prompt_tokens += len(prompt_token_ids) * len(children)
 
-    def process_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
-        """Validate a prompt and return (text or None, token ids)."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt must be a non-empty string or a non-empty list of token ids")
-            text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=False)
-        elif isinstance(prompt, (list, tuple)):
-            text, ids = None, list(prompt)
-            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
-            if bad:
-                raise ValueError(
-                    f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad[:5]}"
-                )
-        else:
-            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+    # --8<-- [start:validate_request]
+    def validate_request(self, prompt: PromptType, params: SamplingParams) -> tuple[Optional[str], list[int]]:
+        """The one check of a request against this engine, before anything is queued.
+        `SamplingParams` checked each field on its own; here is what depends on the model:
+        token ids within its vocabulary (the tokenizer's too), lengths within `max_model_len`.
+        A request that passes runs to a normal finish. Returns (prompt text or None, token ids)."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        text, ids = parse_prompt(prompt)
+        if text is not None:
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        bad = [t for t in ids if not is_token_id(t, self.vocab_size)]
+        if bad:
+            raise ValueError(
+                f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad[:5]}"
+                + ("" if text is None else " from the tokenizer, which does not match the model")
+            )
+        ids = [int(t) for t in ids]
         if not ids:
             raise ValueError("prompt must not be empty (it has 0 tokens)")
         if len(ids) > self.config.max_model_len:
@@ -148,25 +149,45 @@ class LLMEngine:
                 f"{self.config.max_num_batched_tokens}, the most one step computes; raise "
                 "max_num_batched_tokens (a prompt is computed in one step without chunked prefill)"
             )
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"stop_token_ids must be token ids of this model, in [0, {self.vocab_size}), got {bad[:5]}"
+            )
+        if params.top_k > self.vocab_size:
+            raise ValueError(
+                f"top_k must be at most the vocabulary size ({self.vocab_size}), or 0 / -1 to "
+                f"keep every token, got {params.top_k}"
+            )
         return text, ids
+    # --8<-- [end:validate_request]
 
     def abort_request(self, request_id: str) -> Optional[RequestOutput]:
         """Stop a request now and free what it holds; returns its final output
         (finish_reason "abort")."""
-        if request_id not in self._request_ids:
+        if request_id not in self.output_processor.parents:
             raise ValueError(f"cannot abort {request_id!r}: no unfinished request has this id")
         children = self.output_processor.parents[request_id].children
         self.scheduler.finish_requests(
             [c.request_id for c in children if not c.is_finished], RequestStatus.FINISHED_ABORTED
         )
-        self._request_ids.discard(request_id)
+        self.scheduler.free_finished_requests()  # a static batch whose last member this was
         return self.output_processor.abort(request_id)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> None:
+        """Abort those of `request_ids` that have not finished, when whoever queued them gives
+        up (`LLM.generate` on an exception or Ctrl-C). Afterwards none of them holds KV, even
+        if a step was interrupted before it freed the requests that finished in it."""
+        for request_id in request_ids:
+            if request_id in self.output_processor.parents:
+                self.abort_request(request_id)
+        self.scheduler.free_finished_requests()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self._request_ids)
+        return len(self.output_processor.parents)
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -182,9 +203,6 @@ class LLMEngine:
         outputs = self.output_processor.process(advanced)
         self.scheduler.free_finished_requests()
         self._record_stats(scheduler_output, advanced)
-        for out in outputs:
-            if out.finished:
-                self._request_ids.discard(out.request_id)
         return outputs
     # --8<-- [end:step]
 
