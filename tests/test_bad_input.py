@@ -486,6 +486,32 @@ def test_text_prompt_with_ids_past_the_vocabulary(tiny_qwen3):
     assert not llm.llm_engine.has_unfinished_requests()
 
 
+# 9.2
+@pytest.mark.parametrize("kind", ["FINAL_ONLY", "DELTA"])
+def test_stop_string_ending_in_a_multibyte_character_split_across_tokens(paged, script, kind):
+    from folovllm.sampling_params import RequestOutputKind
+
+    tokenizer = paged.get_tokenizer()
+    prefix = tokenizer.encode(" the cache", add_special_tokens=False)
+    char = tokenizer.encode("长", add_special_tokens=False)
+    assert len(char) == 3  # one byte a token: U+FFFD placeholders until the last one
+    tail = tokenizer.encode(" blocks", add_special_tokens=False)
+    prompt = [40, 41, 42]
+    script(paged, scripts={tuple(prompt): prefix + char + tail + [50] * 10})
+    engine = paged.llm_engine
+    engine.add_request("s", prompt, SamplingParams(stop="长", max_tokens=20,
+                                                   output_kind=RequestOutputKind[kind]))
+    text, tokens, final = "", [], None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            final = out.outputs[0]
+            text, tokens = text + final.text, tokens + final.token_ids  # DELTA: the pieces
+    if kind == "FINAL_ONLY":
+        text, tokens = final.text, final.token_ids
+    assert final.finish_reason == "stop" and final.stop_reason == "长"
+    assert tokens == prefix + char and text == " the cache"
+
+
 # 9.5
 def test_generate_aborts_what_it_queued_when_queuing_fails(paged, ref_greedy, monkeypatch):
     engine = paged.llm_engine

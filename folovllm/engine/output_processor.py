@@ -78,10 +78,16 @@ class OutputProcessor:
         if request.status == RequestStatus.FINISHED_STOPPED and request.stop_reason is not None:
             ids = ids[:-1]  # a stop token id is in token_ids but not in the text
         text = self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
-        stopped_by_token = request.status == RequestStatus.FINISHED_STOPPED
-        if params.stop_strings and not stopped_by_token and request.num_output_tokens >= params.min_tokens:
-            # Only the new tail can hold a new match (plus an overlap of a stop's length).
-            start = max(0, len(request.output_text) - max(map(len, params.stop_strings)) + 1)
+        # A stop string can still end a request its last token ended for length.
+        can_stop = not request.is_finished or request.status == RequestStatus.FINISHED_LENGTH
+        if params.stop_strings and can_stop and request.num_output_tokens >= params.min_tokens:
+            # Only the new tail can hold a new match (plus an overlap of a stop's length). The
+            # previous text may end in U+FFFD placeholders of a character whose bytes were still
+            # arriving; they collapse into that character now, so they do not count::
+            #
+            #   previous "ab\ufffd" (2 of the 3 bytes of 长)   now "ab长"   stop "长" -> start 2
+            stable = len(request.output_text.rstrip("\ufffd"))
+            start = max(0, stable - max(map(len, params.stop_strings)) + 1)
             hits = [(i, s) for s in params.stop_strings if (i := text.find(s, start)) != -1]
             if hits:
                 index, stop = min(hits)
