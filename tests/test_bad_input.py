@@ -486,6 +486,48 @@ def test_text_prompt_with_ids_past_the_vocabulary(tiny_qwen3):
     assert not llm.llm_engine.has_unfinished_requests()
 
 
+@pytest.mark.parametrize("stage", [1, 3])
+def test_request_failing_in_a_step_finishes_with_error_and_the_rest_run(
+    tiny_qwen3, hf_qwen3, script, stage
+):
+    """Defence in depth (9.1): a request that makes a step raise finishes with finish_reason
+    "error" and its KV freed; the requests batched with it get their normal tokens."""
+    from tests.helpers import hf_greedy
+
+    llm = LLM(str(tiny_qwen3), **{**TIGHT_KV, "stage": stage})
+    engine = llm.llm_engine
+    bad = [7, 7, 7]
+    script(llm, fail=[bad])
+    good = {"a": [20, 21, 22], "c": [30, 31, 32, 33]}
+    greedy = SamplingParams(temperature=0.0, max_tokens=6)
+    engine.add_request("a", good["a"], greedy)
+    engine.add_request("bad", bad, greedy)
+    engine.add_request("c", good["c"], greedy)
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+    failed = finished["bad"].outputs[0]
+    assert failed.finish_reason == "error" and failed.token_ids == []
+    assert failed.error == "RuntimeError: injected fault"
+    for rid, prompt in good.items():
+        assert finished[rid].outputs[0].finish_reason == "length"
+        assert finished[rid].outputs[0].token_ids == hf_greedy(hf_qwen3, prompt, 6), rid
+    assert engine.get_num_unfinished_requests() == 0
+    assert engine.kv_cache_manager.num_reserved_tokens == 0
+
+
+def test_generate_raises_when_a_request_fails_and_leaves_the_engine_empty(
+    tiny_qwen3, ref_greedy, script
+):
+    llm = LLM(str(tiny_qwen3), **TIGHT_KV)
+    script(llm, fail=[[7, 7, 7]])
+    prompts = [[20, 21, 22], [7, 7, 7], [30, 31, 32, 33]]
+    with pytest.raises(RuntimeError, match=r"request \d+ failed in the engine: RuntimeError: injected fault"):
+        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=30), use_tqdm=False)
+    script(llm)  # no more faults
+    assert_empty_and_serving(llm, ref_greedy)
+
+
 # 9.2
 @pytest.mark.parametrize("kind", ["FINAL_ONLY", "DELTA"])
 def test_stop_string_ending_in_a_multibyte_character_split_across_tokens(paged, script, kind):

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -32,6 +33,8 @@ from folovllm.outputs import RequestOutput
 from folovllm.sampling_params import SEED_LIMIT, SamplingParams
 from folovllm.worker.model_runner import ModelRunner
 from folovllm.worker.sampler import Sampler
+
+logger = logging.getLogger("folovllm")
 
 
 class LLMEngine:
@@ -198,13 +201,42 @@ class LLMEngine:
         if scheduler_output.num_rows == 0:
             return []
         self._mark_scheduled(scheduler_output)
-        sampled = self.model_runner.execute_model(scheduler_output)
+        sampled, failed = self._execute_model(scheduler_output)
         advanced = self.scheduler.update_from_output(scheduler_output, sampled)
-        outputs = self.output_processor.process(advanced)
+        outputs = self.output_processor.process(advanced, failed)
         self.scheduler.free_finished_requests()
         self._record_stats(scheduler_output, advanced)
         return outputs
     # --8<-- [end:step]
+
+    # --8<-- [start:execute_model_guard]
+    def _execute_model(self, output: SchedulerOutput) -> tuple[dict[str, int], list[Request]]:
+        """Run the model on one step -> (sampled token by request id, requests that failed).
+
+        Defence in depth: `validate_request` lets no request through that can make a step
+        raise. If one still does, the rows are run again one at a time; a row that raises on
+        its own finishes with finish_reason "error" (its KV is freed at the end of the step,
+        as for any finished request), the other rows keep the token they sampled, and the
+        engine goes on serving. (KeyboardInterrupt is not caught: nothing has advanced yet, so
+        the caller can abort cleanly.)"""
+        try:
+            return self.model_runner.execute_model(output), []
+        except Exception:
+            logger.warning("a step of %d rows failed; running them one at a time", output.num_rows,
+                           exc_info=True)
+        sampled: dict[str, int] = {}
+        failed: list[Request] = []
+        for row, request in enumerate(output.requests):
+            try:
+                sampled.update(self.model_runner.execute_model(output.row(row)))
+            except Exception as error:
+                logger.error("request %r failed; it finishes with finish_reason 'error'",
+                             request.request_id, exc_info=True)
+                request.status = RequestStatus.FINISHED_ERROR
+                request.error = f"{type(error).__name__}: {error}"
+                failed.append(request)
+        return sampled, failed
+    # --8<-- [end:execute_model_guard]
 
     def _mark_scheduled(self, output: SchedulerOutput) -> None:
         now = time.perf_counter()
@@ -236,8 +268,8 @@ class LLMEngine:
         s.kv_tokens_used += step.kv_tokens_used
         s.peak_kv_tokens_reserved = max(s.peak_kv_tokens_reserved, step.kv_tokens_reserved)
         self.last_scheduler_stats = step
-        for logger in self.stat_loggers:
-            logger(step)
+        for stat_logger in self.stat_loggers:
+            stat_logger(step)
 
 
 def replace_params(params: SamplingParams, **changes: object) -> SamplingParams:

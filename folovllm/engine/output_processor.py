@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from folovllm.outputs import CompletionOutput, RequestOutput
 from folovllm.core.request import Request, RequestStatus
@@ -44,21 +44,23 @@ class OutputProcessor:
         for child in children:
             self.parent_of[child.request_id] = request_id
 
-    def process(self, advanced: list[Request]) -> list[RequestOutput]:
+    def process(self, advanced: list[Request], failed: Sequence[Request] = ()) -> list[RequestOutput]:
         """Detokenize the requests that got a token, apply stop strings, build the outputs of
-        their parents. Finished parents are forgotten after their last output."""
+        their parents (and of the parents of requests that `failed` in this step). Finished
+        parents are forgotten after their last output."""
         now = time.perf_counter()
-        touched: dict[str, _Parent] = {}
         for request in advanced:
             metrics = request.metrics
             if metrics.first_token_time is None:
                 metrics.first_token_time = now
             metrics.token_times.append(now)
+        touched: dict[str, _Parent] = {}
+        for request in [*advanced, *failed]:
             params = request.sampling_params
             if params.stop_strings or params.output_kind != RequestOutputKind.FINAL_ONLY or request.is_finished:
                 self.update_text(request)  # FINAL_ONLY without stop strings decodes once, at the end
-            if request.is_finished and metrics.finished_time is None:
-                metrics.finished_time = now
+            if request.is_finished and request.metrics.finished_time is None:
+                request.metrics.finished_time = now
             touched[self.parent_of[request.request_id]] = self.parents[self.parent_of[request.request_id]]
         outputs = [self.make_output(p) for p in touched.values()]
         return [o for o in outputs if o is not None]
@@ -124,6 +126,7 @@ class OutputProcessor:
                     token_ids=list(token_ids),
                     finish_reason=child.status.finish_reason,
                     stop_reason=child.stop_reason,
+                    error=child.error,
                 )
             )
         if finished:

@@ -128,15 +128,26 @@ class LLM:
             from tqdm import tqdm
 
             bar = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True)
-        while engine.has_unfinished_requests():
-            for output in engine.step():
-                if output.finished:
-                    finished[output.request_id] = output
-                    if bar is not None:
-                        bar.update(1)
-        if bar is not None:
-            bar.close()
+        try:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        _raise_if_failed(output)
+                        finished[output.request_id] = output
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
         return [finished[i] for i in request_ids]
+
+
+def _raise_if_failed(output: RequestOutput) -> None:
+    """`generate` raises, as vLLM's does when its engine fails, rather than returning an output
+    whose finish_reason is "error" among the good ones."""
+    for completion in output.outputs:
+        if completion.finish_reason == "error":
+            raise RuntimeError(f"request {output.request_id} failed in the engine: {completion.error}")
 
 
 def _check_conversation(conversation: Any) -> None:
