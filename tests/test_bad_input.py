@@ -174,9 +174,19 @@ def test_unknown_architecture(ckpt_copy):
         _load(ckpt_copy)
 
 
-def test_config_json_not_json(ckpt_copy):
-    (ckpt_copy / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match=r"config.json is not valid JSON"):
+@pytest.mark.parametrize(
+    "name, text, match",
+    [
+        ("config.json", "{not json", r"config.json is not valid JSON"),
+        # a JSON list raised AttributeError (issue 9.7)
+        ("config.json", "[1, 2]", r"config.json must hold a JSON object, got a list"),
+        ("generation_config.json", "{not json", r"generation_config.json is not valid JSON"),
+        ("generation_config.json", '"eos"', r"generation_config.json must hold a JSON object, got a str"),
+    ],
+)
+def test_config_files_that_are_not_json_objects(ckpt_copy, name, text, match):
+    (ckpt_copy / name).write_text(text)
+    with pytest.raises(ValueError, match=match):
         _load(ckpt_copy)
 
 
@@ -552,6 +562,14 @@ def test_stop_string_ending_in_a_multibyte_character_split_across_tokens(paged, 
         text, tokens = final.text, final.token_ids
     assert final.finish_reason == "stop" and final.stop_reason == "长"
     assert tokens == prefix + char and text == " the cache"
+
+
+# 9.3
+def test_checkpoint_without_tokenizer_files(ckpt_copy):
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (ckpt_copy / name).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match=r"no tokenizer in .*ckpt: expected tokenizer.json"):
+        _load(ckpt_copy)
 
 
 # 9.5

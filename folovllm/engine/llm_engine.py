@@ -43,8 +43,8 @@ class LLMEngine:
         self.model, self.hf_config, path = load_model(model, config.torch_dtype, config.device)
         self.config = config.resolve(self.hf_config.max_position_embeddings)
         self.tokenizer = _load_tokenizer(path)
-        self.eos_token_ids = _eos_token_ids(self.hf_config, self.tokenizer, path)
         self.vocab_size = self.hf_config.vocab_size
+        self.eos_token_ids = _eos_token_ids(self.hf_config, self.tokenizer, path, self.vocab_size)
 
         dtype = next(self.model.parameters()).dtype
         attn = self.model.model.layers[0].self_attn
@@ -281,25 +281,37 @@ def replace_params(params: SamplingParams, **changes: object) -> SamplingParams:
     return SamplingParams(**fields)
 
 
-def _load_tokenizer(path: object) -> object:
+def _load_tokenizer(path: Path) -> object:
+    """The checkpoint's tokenizer. A folder without tokenizer files is refused: transformers
+    would give an empty tokenizer (no vocabulary, EOS id 0) on which every text prompt fails."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:
         raise ValueError(f"could not load a tokenizer from {path} ({type(e).__name__}: {e})") from e
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):
+        raise ValueError(
+            f"no tokenizer in {path}: expected tokenizer.json (or vocab.json + merges.txt, or "
+            "tokenizer.model) next to config.json; copy the tokenizer files of the model there"
+        )
+    return tokenizer
 
 
-def _eos_token_ids(hf_config: object, tokenizer: object, path: Path) -> list[int]:
+def _eos_token_ids(hf_config: object, tokenizer: object, path: Path, vocab_size: int) -> list[int]:
     """EOS ids from the tokenizer, config.json and generation_config.json (Qwen3 lists both
-    <|im_end|> and <|endoftext|> there)."""
+    <|im_end|> and <|endoftext|> there); an id outside the model's vocabulary can never be
+    sampled, and is left out."""
     generation_eos = None
     generation_config = path / "generation_config.json"
     if generation_config.is_file():
         try:
-            generation_eos = json.loads(generation_config.read_text()).get("eos_token_id")
+            raw = json.loads(generation_config.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{generation_config} is not valid JSON: {e}") from e
+        if not isinstance(raw, dict):
+            raise ValueError(f"{generation_config} must hold a JSON object, got a {type(raw).__name__}")
+        generation_eos = raw.get("eos_token_id")
     ids: list[int] = []
     for value in (
         getattr(tokenizer, "eos_token_id", None),
@@ -307,6 +319,6 @@ def _eos_token_ids(hf_config: object, tokenizer: object, path: Path) -> list[int
         generation_eos,
     ):
         for token in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(token, int) and token not in ids:
+            if isinstance(token, int) and 0 <= token < vocab_size and token not in ids:
                 ids.append(token)
     return ids
