@@ -572,6 +572,19 @@ def test_checkpoint_without_tokenizer_files(ckpt_copy):
         _load(ckpt_copy)
 
 
+# 9.4 (already refused by the engine core's sizing, before the block pool is built)
+def test_kv_cache_memory_larger_than_ram_is_refused_at_once(tiny_qwen3):
+    with pytest.raises(ValueError, match=r"the KV cache needs [\d.]+ GiB but the physical RAM is"):
+        LLM(str(tiny_qwen3), stage=3, max_model_len=64, kv_cache_memory=10**15)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_slot_stages_take_only_max_num_seqs_slots_of_a_huge_budget(tiny_qwen3, stage):
+    llm = LLM(str(tiny_qwen3), stage=stage, dtype="float32", max_num_seqs=3, max_model_len=64,
+              kv_cache_memory=10**15)
+    assert llm.llm_engine.kv_cache_manager.kv_cache_config.num_blocks == 3
+
+
 # 9.5
 def test_generate_aborts_what_it_queued_when_queuing_fails(paged, ref_greedy, monkeypatch):
     engine = paged.llm_engine
@@ -654,6 +667,32 @@ def test_numpy_token_ids(llm):
                        use_tqdm=False)[0]
     assert out.prompt_token_ids == [3, 4, 5] and all(type(t) is int for t in out.prompt_token_ids)
     assert out.outputs[0].token_ids == want[:2] and out.outputs[0].stop_reason == want[1]
+
+
+def test_stage_1_cuts_its_slots_from_kv_cache_memory(tiny_qwen3):
+    slot = 64 * 512  # max_model_len tokens of float32 KV
+    llm = LLM(str(tiny_qwen3), stage=1, dtype="float32", max_num_seqs=4, max_model_len=64,
+              kv_cache_memory=2 * slot)
+    llm.generate([[i, i + 1] for i in range(5)], SamplingParams(max_tokens=3), use_tqdm=False)
+    assert llm.stats.max_num_running == 2  # batches of 2, not max_num_seqs=4
+    with pytest.raises(ValueError, match=r"kv_cache_memory=100 bytes is smaller than one max_model_len=64 slot"):
+        LLM(str(tiny_qwen3), stage=1, dtype="float32", max_model_len=64, kv_cache_memory=100)
+
+
+@pytest.mark.parametrize("stage, fitted_len", [(2, 16), (3, 64)])
+def test_small_budget_without_max_model_len_lowers_it_at_every_stage(tiny_qwen3, caplog, stage, fitted_len):
+    """Stage 2 refused a budget that stage 3 ran with (9.7). Now, with max_model_len unset,
+    both lower it with a warning (stage 2 into one slot per block the budget holds)."""
+    budget = 4 * 16 * 512  # four blocks
+    with caplog.at_level("WARNING", logger="folovllm"):
+        llm = LLM(str(tiny_qwen3), stage=stage, dtype="float32", kv_cache_memory=budget)
+    assert llm.llm_engine.config.max_model_len == fitted_len
+    assert f"max_model_len lowered from 1024 to {fitted_len} tokens" in caplog.text
+    out = llm.generate([[5, 6]], SamplingParams(max_tokens=None, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == fitted_len - 2  # ran to max_model_len
+    for stage_ in (2, 3):  # smaller than one block: refused at every stage
+        with pytest.raises(ValueError, match=r"kv_cache_memory=100 bytes"):
+            LLM(str(tiny_qwen3), stage=stage_, dtype="float32", kv_cache_memory=100)
 
 
 def test_chat_message_without_content(llm):
