@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import strategies as st
 
 from folovllm import LLM, EngineConfig, SamplingParams
 from folovllm.config import LATEST_STAGE, STAGE_NAMES
@@ -734,3 +736,97 @@ def test_bad_prompt_dicts(llm, prompt, match):
     with pytest.raises(ValueError, match=match):
         llm.generate([prompt], use_tqdm=False)
     assert not llm.llm_engine.has_unfinished_requests()
+
+
+# -- property: every request is refused at add time, or runs to a normal finish ---------------
+
+_VALID = {
+    "n": st.integers(1, 3),
+    "temperature": st.floats(0, 2),
+    "top_p": st.floats(0.05, 1),
+    "top_k": st.integers(-1, 512),
+    "min_p": st.floats(0, 1),
+    "seed": st.one_of(st.none(), st.integers(0, 2**64 - 1)),
+    "repetition_penalty": st.floats(0.01, 100),
+    "presence_penalty": st.floats(-2, 2),
+    "frequency_penalty": st.floats(-2, 2),
+    "max_tokens": st.one_of(st.none(), st.integers(1, 12)),
+    "min_tokens": st.integers(0, 3),
+    "stop": st.one_of(st.none(), st.sampled_from(["e", " the", "长", ["s", "t"]])),
+    "stop_token_ids": st.one_of(st.none(), st.lists(st.integers(0, 511), max_size=3),
+                                st.just([np.int64(7)])),
+    "ignore_eos": st.booleans(),
+    "skip_special_tokens": st.booleans(),
+}
+_INVALID = {
+    "n": st.sampled_from([0, -1, 2.0, "2"]),
+    "temperature": st.sampled_from([-1.0, float("nan"), float("inf"), "1"]),
+    "top_p": st.sampled_from([0.0, 1.5, float("nan")]),
+    "top_k": st.sampled_from([-2, 513, 2**63, 1.5]),
+    "min_p": st.sampled_from([-0.1, 1.5]),
+    "seed": st.sampled_from([-1, 2**64, "7", 1.5]),
+    "repetition_penalty": st.sampled_from([0.0, 1e-300, 1e300, -1.0]),
+    "presence_penalty": st.sampled_from([-3.0, 2.5]),
+    "frequency_penalty": st.sampled_from([3.0, float("inf")]),
+    "max_tokens": st.sampled_from([0, -1, 2.5]),
+    "min_tokens": st.sampled_from([-1, 20]),
+    "stop": st.sampled_from(["", 5, ["a", ""], [None]]),
+    "stop_token_ids": st.sampled_from([5, [-1], [512], [10**9], ["1"]]),
+    "ignore_eos": st.sampled_from(["no", None]),
+    "skip_special_tokens": st.sampled_from([1, "yes"]),
+}
+# Half the requests have only valid fields (so many run); the others may have any value.
+_FIELDS = st.one_of(
+    st.fixed_dictionaries({}, optional=_VALID),
+    st.fixed_dictionaries({}, optional={k: st.one_of(v, _INVALID[k]) for k, v in _VALID.items()}),
+)
+_PROMPTS = st.one_of(
+    st.lists(st.integers(0, 511), min_size=1, max_size=64),
+    st.text(min_size=1, max_size=60),
+    st.builds(lambda t: {"prompt": t}, st.text(min_size=1, max_size=20)),
+    st.builds(lambda ids: {"prompt_token_ids": ids}, st.lists(st.integers(0, 511), min_size=1, max_size=20)),
+    st.lists(st.integers(-2, 520), max_size=70),  # ids out of range, or too many
+    st.text(max_size=300),  # empty, or more tokens than max_model_len
+    st.sampled_from([None, 3.5, {"text": "hi"}, {"prompt": 1}, [1.0, 2.0], [True]]),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# The repros of issue 9, always tried first:
+@example(prompts=["the engine"], kwargs=[dict(stop_token_ids=[10**9], min_tokens=1)])
+@example(prompts=["the engine", [1, 2]], kwargs=[dict(top_k=2**63), dict(seed=2**64)])
+@example(prompts=[[5, 6, 7]], kwargs=[dict(n=2, seed=2**64 - 1, max_tokens=3)])
+@example(prompts=[[5, 6], {"prompt": "x"}], kwargs=[dict(stop=5), dict(repetition_penalty=1e-300)])
+@given(prompts=st.lists(_PROMPTS, min_size=1, max_size=3),
+       kwargs=st.lists(_FIELDS, min_size=1, max_size=3))
+def test_every_request_is_refused_when_added_or_finishes_normally(paged, ref_greedy, prompts, kwargs):
+    """Requests with valid and invalid values, types and sizes, several at a time on a KV
+    cache of 16 blocks: each one either raises a ValueError when it is added, whose message
+    names the field and what is allowed, or runs to "stop" / "length"; afterwards every block
+    is back and the engine's next greedy request equals HF's."""
+    engine = paged.llm_engine
+    added = {}
+    for i, (prompt, fields) in enumerate(zip(prompts, kwargs)):
+        try:
+            params = SamplingParams(**fields)
+            engine.add_request(f"r{i}", prompt, params)
+        except ValueError as e:
+            message = str(e)
+            named = message.split()[0].split("[")[0].strip("(")
+            assert named in {*fields, "prompt"}, message
+            assert "must" in message, message
+            continue
+        added[f"r{i}"] = params
+        event("added")
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+    assert set(finished) == set(added)
+    for rid, params in added.items():
+        assert len(finished[rid].outputs) == params.n
+        for completion in finished[rid].outputs:
+            assert completion.finish_reason in ("stop", "length"), completion
+            assert all(0 <= t < engine.vocab_size for t in completion.token_ids)
+            if params.max_tokens is not None:
+                assert len(completion.token_ids) <= params.max_tokens
+    assert_empty_and_serving(paged, ref_greedy)
