@@ -814,7 +814,7 @@ def test_every_request_is_refused_when_added_or_finishes_normally(paged, ref_gre
             message = str(e)
             named = message.split()[0].split("[")[0].strip("(")
             assert named in {*fields, "prompt"}, message
-            assert "must" in message, message
+            assert "must" in message or "more than" in message, message  # what is allowed
             continue
         added[f"r{i}"] = params
         event("added")
