@@ -12,7 +12,7 @@ Stages and their flags::
     02 continuous batching   enable_continuous_batching
     03 paged KV cache        enable_paged_kv
     04 FlashAttention        attention_backend != "naive" ("auto" = triton on CUDA, sdpa on CPU)
-    05 chunked prefill       enable_chunked_prefill   (not built yet)
+    05 chunked prefill       enable_chunked_prefill (+ long_prefill_token_threshold)
     06 prefix caching        enable_prefix_caching    (not built yet)
     07 GPTQ                  quantization="gptq"      (not built yet)
 """
@@ -28,7 +28,7 @@ import torch
 
 # The highest stage that is implemented. `for_stage` refuses anything above it with a clear
 # message instead of silently running an older engine.
-LATEST_STAGE = 4
+LATEST_STAGE = 5
 STAGE_NAMES = {
     1: "naive generation",
     2: "continuous batching",
@@ -37,6 +37,7 @@ STAGE_NAMES = {
     5: "chunked prefill",
     6: "prefix caching",
     7: "GPTQ",
+    8: "tensor parallel",
 }
 
 _DTYPES = {
@@ -57,7 +58,10 @@ class EngineConfig:
         max_model_len: most tokens (prompt + output) in one sequence; None = the model's
             `max_position_embeddings`, filled in when the model is loaded.
         max_num_batched_tokens: most tokens computed in one engine step (stage 02+); None =
-            `max(max_model_len, 2048)`, filled in when the model is loaded.
+            `max(max_model_len, 2048)` (a prompt must fit in one step), or 2048 with chunked
+            prefill (stage 05), filled in when the model is loaded.
+        long_prefill_token_threshold: stage 05: most prompt tokens one request computes in a
+            step, so several prompts progress together; 0 = no cap but the budget.
         kv_cache_memory: bytes of KV cache (stage 02 slots and stage 03 blocks are cut from it).
             None = on CUDA `gpu_memory_utilization` of the GPU minus the model's measured peak;
             on CPU enough for `max_num_seqs` full-length sequences, at most 4 GiB.
@@ -80,6 +84,7 @@ class EngineConfig:
     enable_paged_kv: bool = False  # stage 03
     attention_backend: str = "naive"  # stage 04
     enable_chunked_prefill: bool = False  # stage 05
+    long_prefill_token_threshold: int = 0  # stage 05: 0 = a chunk is capped by the budget only
     enable_prefix_caching: bool = False  # stage 06
     quantization: Optional[str] = None  # stage 07
 
@@ -91,8 +96,8 @@ class EngineConfig:
     @classmethod
     def for_stage(cls, stage: int, **overrides: Any) -> "EngineConfig":
         """The config of stage `stage` with every earlier stage on; `overrides` win."""
-        if not isinstance(stage, int) or isinstance(stage, bool) or not 1 <= stage <= 7:
-            raise ValueError(f"stage must be an integer in 1..7, got {stage!r}")
+        if not isinstance(stage, int) or isinstance(stage, bool) or stage not in STAGE_NAMES:
+            raise ValueError(f"stage must be an integer in 1..{max(STAGE_NAMES)}, got {stage!r}")
         if stage > LATEST_STAGE:
             raise ValueError(
                 f"stage {stage} ({STAGE_NAMES[stage]}) is not built yet; "
@@ -102,6 +107,7 @@ class EngineConfig:
             "enable_continuous_batching": stage >= 2,
             "enable_paged_kv": stage >= 3,
             "attention_backend": "auto" if stage >= 4 else "naive",
+            "enable_chunked_prefill": stage >= 5,
         }
         flags.update(overrides)
         return cls(**flags)
@@ -112,6 +118,8 @@ class EngineConfig:
     @property
     def stage(self) -> int:
         """The highest stage whose flag is on (flags can be mixed for ablations)."""
+        if self.enable_chunked_prefill:
+            return 5
         if self.attention_backend != "naive":
             return 4
         if self.enable_paged_kv:
@@ -180,8 +188,19 @@ class EngineConfig:
                 "enable_paged_kv=True needs enable_continuous_batching=True: the paged cache "
                 "hands out blocks per step, which only the continuous scheduler does"
             )
+        if not isinstance(self.long_prefill_token_threshold, int) or isinstance(
+            self.long_prefill_token_threshold, bool
+        ) or self.long_prefill_token_threshold < 0:
+            raise ValueError(
+                "long_prefill_token_threshold must be an integer >= 0 (0 = no cap), got "
+                f"{self.long_prefill_token_threshold!r}"
+            )
+        if self.enable_chunked_prefill and not self.enable_continuous_batching:
+            raise ValueError(
+                "enable_chunked_prefill=True needs enable_continuous_batching=True: chunks of a "
+                "prompt join the running batch step by step, which a static batch cannot do"
+            )
         not_built = {
-            "enable_chunked_prefill": 5,
             "enable_prefix_caching": 6,
         }
         for flag, stage in not_built.items():
@@ -204,12 +223,14 @@ class EngineConfig:
                 f"max_model_len ({max_model_len}) is larger than the model's "
                 f"max_position_embeddings ({max_position_embeddings})"
             )
-        budget = self.max_num_batched_tokens or max(max_model_len, 2048)
-        if self.enable_paged_kv and budget < max_model_len:
+        default_budget = 2048 if self.enable_chunked_prefill else max(max_model_len, 2048)
+        budget = self.max_num_batched_tokens or default_budget
+        if self.enable_paged_kv and not self.enable_chunked_prefill and budget < max_model_len:
             # A preempted request is recomputed in one step: prompt and output together.
             raise ValueError(
                 f"with paged KV (preemption by recompute), max_num_batched_tokens ({budget}) "
-                f"must be >= max_model_len ({max_model_len})"
+                f"must be >= max_model_len ({max_model_len}), or turn on enable_chunked_prefill "
+                "(stage 5) to compute it over several steps"
             )
         backend = self.attention_backend
         if backend == "auto":

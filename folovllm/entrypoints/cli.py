@@ -39,12 +39,17 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--paged-kv", dest="enable_paged_kv",
                    action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--chunked-prefill", dest="enable_chunked_prefill",
+                   action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--long-prefill-token-threshold", type=int, default=None,
+                   help="stage 05: most prompt tokens one request computes per step (0 = no cap)")
     p.add_argument("--attention-backend", default=None,
                    help="auto | naive | torch_flash | sdpa | triton | flash_attn (stage 04)")
 
 
 _ENGINE_FLAGS = ("max_num_batched_tokens", "kv_cache_memory", "gpu_memory_utilization",
-                 "block_size", "enable_continuous_batching", "enable_paged_kv", "attention_backend")
+                 "block_size", "enable_continuous_batching", "enable_paged_kv", "attention_backend",
+                 "enable_chunked_prefill", "long_prefill_token_threshold")
 
 
 def _parse_bytes(text: str) -> int:
