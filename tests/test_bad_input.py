@@ -498,7 +498,7 @@ def test_text_prompt_with_ids_past_the_vocabulary(tiny_qwen3):
     assert not llm.llm_engine.has_unfinished_requests()
 
 
-@pytest.mark.parametrize("stage", [1, 3])
+@pytest.mark.parametrize("stage", [1, 3, 5])
 def test_request_failing_in_a_step_finishes_with_error_and_the_rest_run(
     tiny_qwen3, hf_qwen3, script, stage
 ):
@@ -605,7 +605,7 @@ def test_generate_aborts_what_it_queued_when_queuing_fails(paged, ref_greedy, mo
     assert_empty_and_serving(paged, ref_greedy)
 
 
-@pytest.mark.parametrize("stage", [1, 3])
+@pytest.mark.parametrize("stage", [1, 3, 5])
 @pytest.mark.parametrize("where", ["model", "after_step"])
 def test_generate_cleans_up_after_ctrl_c(tiny_qwen3, ref_greedy, script, stage, where):
     """Ctrl-C inside the model's forward pass, or after a step (in a stats logger): the
