@@ -105,3 +105,28 @@ def test_cli_serve_runs_until_interrupted(tiny_qwen3):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
+
+
+def test_openai_server_mounts_the_page_with_trace(tiny_qwen3):
+    """`folovllm serve --trace`: the same page at /trace/, following what clients ask for."""
+    from fastapi.testclient import TestClient
+
+    from folovllm.config import EngineConfig
+    from folovllm.engine.async_llm import AsyncLLM
+    from folovllm.entrypoints.openai.api_server import build_app
+
+    def app(trace: bool):
+        config = EngineConfig.for_stage(5, dtype="float32", max_model_len=256, trace=trace)
+        return build_app(AsyncLLM(LLMEngine(str(tiny_qwen3), config), "m"), "m")
+
+    with TestClient(app(trace=True)) as client:
+        page = client.get("/trace/")
+        assert page.status_code == 200 and 'fetch("state"' in page.text  # relative: /trace/state
+        body = {"model": "m", "prompt": "the engine", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+        assert client.post("/v1/completions", json=body).status_code == 200
+        state = client.get("/trace/state").json()
+        assert state["step"] == 5 and state["running"] == [] and state["kv"]["used"] == 0
+        (lane,) = state["timeline"]["lanes"]
+        assert lane["states"] == ["prefill"] + ["decode"] * 4
+    with TestClient(app(trace=False)) as client:
+        assert client.get("/trace/").status_code == 404

@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="require 'Authorization: Bearer KEY' on /v1/* (/health and /metrics stay open)")
     serve.add_argument("--served-model-name", default=None,
                        help="the name clients send as `model` (default: MODEL as given)")
+    serve.add_argument("--trace", action="store_true",
+                       help="also serve a live page of the engine's steps at /trace/ (docs/trace.md)")
 
     demo = sub.add_parser("demo", help="run one workload through every stage and compare")
     _add_engine_args(demo)
@@ -232,7 +234,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"two models given: {args.model_tag!r} and --model {args.model!r}")
     args.model = args.model_tag or args.model
     model = _model_or_demo(args)
-    engine = LLMEngine(model, EngineConfig.for_stage(args.stage, **_engine_kwargs(args)))
+    engine = LLMEngine(model, EngineConfig.for_stage(args.stage, trace=args.trace, **_engine_kwargs(args)))
     run_server(engine, args.served_model_name or model, args.host, args.port, args.api_key)
     return 0
 

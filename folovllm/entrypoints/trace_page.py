@@ -13,8 +13,9 @@ The engine's thread builds a new snapshot after every step and swaps one referen
 server never reads the engine while it steps (no lock, no torn reads). The standard library's
 server is enough for one page and a handful of viewers, and adds no dependency.
 
-Left out: driving it from the OpenAI server (a separate entry point); here the engine replays a
-named workload over and over (`--workload`), paced by `--step-delay` so a person can follow it.
+Here the engine replays a named workload over and over (`--workload`), paced by `--step-delay`
+so a person can follow it; `folovllm serve --trace` mounts the same page at /trace/ of the
+OpenAI server, following the requests its clients send (`mount_live_page`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 from folovllm.engine.trace import LANE_COLORS, LANE_STATES, StepTracer, request_lanes
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
     from folovllm.config import EngineConfig
     from folovllm.engine.llm_engine import LLMEngine
     from folovllm.entrypoints.trace_workloads import TraceWorkload
@@ -146,6 +149,26 @@ def serve(model: str, config: "EngineConfig", workload: "TraceWorkload", host: s
         server.server_close()
     return 0
 
+
+
+def mount_live_page(app: "FastAPI", engine: "LLMEngine") -> None:
+    """The same page inside the OpenAI server (`folovllm serve --trace`), at /trace/: the
+    engine keeps its last `WINDOW` steps, and the snapshot is rebuilt on the engine's thread
+    after each step, while the event loop serves the latest one. Open like /metrics: it shows
+    request ids and token counts, never text."""
+    from fastapi.responses import HTMLResponse, Response
+
+    engine.tracer = StepTracer(max_steps=WINDOW)
+    view = LiveView()
+    view.follow(engine)
+
+    @app.get("/trace/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE)
+
+    @app.get("/trace/state", include_in_schema=False)
+    async def state() -> Response:
+        return Response(view.snapshot, media_type="application/json", headers={"Cache-Control": "no-store"})
 
 
 PAGE = """<!doctype html>
