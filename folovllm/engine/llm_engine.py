@@ -25,8 +25,8 @@ from folovllm.core.scheduler_output import SchedulerOutput
 from folovllm.core.static_batch_scheduler import StaticBatchScheduler
 from folovllm.engine.output_processor import OutputProcessor
 from folovllm.engine.stats import EngineStats, SchedulerStats
-from folovllm.model_executor.attention_backends import get_attn_backend
-from folovllm.model_executor.model_loader import load_model
+from folovllm.executor import get_executor_cls
+from folovllm.model_executor.model_loader import load_hf_config, resolve_model_path
 from folovllm.outputs import RequestOutput
 from folovllm.sampling_params import SamplingParams
 from folovllm.worker.model_runner import ModelRunner
@@ -38,29 +38,24 @@ PromptType = Union[str, list[int]]
 class LLMEngine:
     def __init__(self, model: str, config: Optional[EngineConfig] = None) -> None:
         config = config or EngineConfig.for_stage(1)
-        self.model, self.hf_config, path = load_model(model, config.torch_dtype, config.device)
+        path = resolve_model_path(model)
+        self.hf_config = load_hf_config(path)
         self.config = config.resolve(self.hf_config.max_position_embeddings)
         self.tokenizer = _load_tokenizer(path)
         self.eos_token_ids = _eos_token_ids(self.hf_config, self.tokenizer, path)
         self.vocab_size = self.hf_config.vocab_size
 
-        dtype = next(self.model.parameters()).dtype
-        attn = self.model.model.layers[0].self_attn
-        spec = KVCacheSpec(
-            num_layers=self.hf_config.num_hidden_layers,
-            num_kv_heads=attn.num_kv_heads,
-            head_dim=attn.head_dim,
-            dtype=dtype,
-            device=self.config.device,
-        )
+        # The model lives behind the executor: in this process, or split over one worker
+        # process per tensor-parallel rank (stage 08). The sampler stays here either way.
         generator = torch.Generator(self.config.device).manual_seed(self.config.seed)
-        self.model_runner = ModelRunner(
-            self.model, Sampler(self.eos_token_ids, generator), self.config.device,
-            get_attn_backend(self.config.attention_backend),
+        executor_cls = get_executor_cls(self.config)
+        self.model_executor = executor_cls(
+            self.config, path, self.hf_config, Sampler(self.eos_token_ids, generator)
         )
+        spec = self.model_executor.kv_cache_spec()  # this rank's kv heads
 
-        # The stage flags pick the engine's parts here, once (the attention backend above, the
-        # KV cache manager in `_initialize_kv_cache`, the scheduler below).
+        # The stage flags pick the engine's parts here, once (the executor and the attention
+        # backend above, the KV cache manager in `_initialize_kv_cache`, the scheduler below).
         self.kv_cache_manager = self._initialize_kv_cache(spec, fit_len=config.max_model_len is None)
         scheduler_cls = Scheduler if self.config.enable_continuous_batching else StaticBatchScheduler
         self.scheduler: SchedulerBase = scheduler_cls(self.config, self.kv_cache_manager, self.eos_token_ids)
@@ -76,15 +71,24 @@ class LLMEngine:
         """Size the KV cache once, at start-up (vLLM's `_initialize_kv_caches`): the byte budget,
         `max_model_len` fitted to it if the user left it unset, the stage's manager cutting it
         into blocks (or slots), and the tensors allocated and bound to the attention layers."""
-        budget = self.config.kv_cache_memory or self.model_runner.determine_available_memory(self.config, spec)
+        budget = self.config.kv_cache_memory or self.model_executor.determine_available_memory(spec)
         if fit_len:
             self.config = fit_max_model_len(self.config, spec, budget)
         manager_cls = get_kv_cache_manager_cls(self.config)
         kv_cache_config = manager_cls.get_kv_cache_config(self.config, spec, budget)
-        self.model_runner.initialize_kv_cache(spec, kv_cache_config)  # refuses more than RAM/VRAM
+        self.model_executor.initialize_kv_cache(spec, kv_cache_config)  # refuses more than RAM/VRAM
         self.kv_cache_capacity_tokens = kv_cache_config.num_tokens
         return manager_cls(kv_cache_config)
     # --8<-- [end:initialize_kv_cache]
+
+    @property
+    def model_runner(self) -> ModelRunner:
+        """The in-process model runner (tensor_parallel_size = 1 only)."""
+        return self.model_executor.model_runner
+
+    def shutdown(self) -> None:
+        """Stop the worker processes, if any (also done when the engine is garbage collected)."""
+        self.model_executor.shutdown()
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -179,7 +183,7 @@ class LLMEngine:
         if scheduler_output.num_rows == 0:
             return []
         self._mark_scheduled(scheduler_output)
-        sampled = self.model_runner.execute_model(scheduler_output)
+        sampled = self.model_executor.execute_model(scheduler_output)
         advanced = self.scheduler.update_from_output(scheduler_output, sampled)
         outputs = self.output_processor.process(advanced)
         self.scheduler.free_finished_requests()
