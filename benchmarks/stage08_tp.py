@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from benchmarks.bench_model import bench_model_info, bench_model_path
-from benchmarks.harness import peak_loadavg, summarize, time_calls
+from benchmarks.harness import peak_loadavg, summarize, time_calls, timed
 from benchmarks.results import RESULTS_DIR, machine_short, result_record, shared_machine_note, write_results
 from benchmarks.workloads import get_workload
 
@@ -87,12 +87,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             throughput[tp] = s
             print(f"TP={tp}: {s['output_tok_s']:.1f} output tok/s", flush=True)
 
-        # One more (untimed) pass of the workload on TP=2 with the collectives counted.
+        # One more pass of the workload on TP=2 with the collectives counted (and timed: the
+        # wall time a rank spends inside them, waiting for its peer included).
         engine = llms[2].llm_engine
         step_tokens: list[int] = []
         engine.stat_loggers.append(lambda st: step_tokens.append(st.num_scheduled_tokens))
         engine.model_executor.collective_rpc("comm_stats", True)
-        generate(llms[2])
+        pass_timing = timed(lambda: generate(llms[2]))
         counted = engine.model_executor.collective_rpc("comm_stats", True)
         engine.stat_loggers.pop()
         computed = [(2 * L + 1) * t * H * 4 for t in step_tokens]
@@ -107,6 +108,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             all_reduce_bytes_decode_step_batch16=decode_16,
             gather_calls_counted=[c.gather_calls for c in counted],
             gather_bytes_counted=[c.gather_bytes for c in counted],
+            collective_seconds=[round(c.all_reduce_seconds + c.gather_seconds, 3) for c in counted],
+            pass_seconds=round(pass_timing.seconds, 3),
         )
         print(comm, flush=True)
         loads = [t.loadavg for ts in runs.values() for t in ts]
@@ -153,7 +156,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{c['all_reduce_bytes_decode_step_batch16']:,}), counted at the call sites "
         f"{', '.join(f'{b:,}' for b in c['all_reduce_bytes_counted'])} (rank 0, rank 1); LM head "
         f"gathers: {c['gather_calls_counted'][0]} calls, {c['gather_bytes_counted'][0]:,} bytes "
-        f"sent per rank.",
+        f"sent per rank. Time inside the collectives (waiting for the other rank included): "
+        f"{', '.join(f'{s:.2f} s' for s in c['collective_seconds'])} of a {c['pass_seconds']:.2f} s pass.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -36,8 +37,10 @@ class CommStats:
 
     all_reduce_calls: int = 0
     all_reduce_bytes: int = 0
+    all_reduce_seconds: float = 0.0  # wall time inside the collective, waiting for peers included
     gather_calls: int = 0
     gather_bytes: int = 0
+    gather_seconds: float = 0.0
 
 
 _WORLD_SIZE = 1
@@ -102,7 +105,9 @@ def tensor_model_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
         return x
     _STATS.all_reduce_calls += 1
     _STATS.all_reduce_bytes += x.numel() * x.element_size()
+    start = time.perf_counter()
     dist.all_reduce(x)
+    _STATS.all_reduce_seconds += time.perf_counter() - start
     return x
 
 
@@ -115,7 +120,9 @@ def tensor_model_parallel_gather(x: torch.Tensor, dim: int = -1) -> Optional[tor
     _STATS.gather_bytes += x.numel() * x.element_size()
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(_WORLD_SIZE)] if _RANK == 0 else None
+    start = time.perf_counter()
     dist.gather(x, parts, dst=0)
+    _STATS.gather_seconds += time.perf_counter() - start
     return torch.cat(parts, dim=dim) if parts is not None else None
 # --8<-- [end:collectives]
 
