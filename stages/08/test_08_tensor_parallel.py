@@ -28,9 +28,11 @@ from folovllm.distributed import parallel_state
 from folovllm.executor.multiproc_executor import MultiprocExecutor, WorkerDiedError
 from folovllm.model_executor.layers import linear, vocab_parallel_embedding
 from folovllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
+    WeightShapeError,
 )
 from folovllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from tests.helpers import ARCHS
@@ -293,3 +295,26 @@ def test_vocab_parallel_embedding_and_head_with_padding(monkeypatch):
     torch.testing.assert_close(embedded, F.embedding(ids, table))
     torch.testing.assert_close(torch.cat(logits, -1)[:, :V], h @ table.T)
     assert torch.equal(logits[1][:, -1], torch.zeros(2))  # the padding row
+
+
+def test_column_parallel_loads_whole_and_fused_tensors_and_checks_shapes(monkeypatch):
+    """A plain column layer and a fused tensor saved whole (no shard id) are cut per rank the
+    same way as shard-by-shard loading; a checkpoint tensor of the wrong size is refused with
+    the shapes, not narrowed into a wrong slice."""
+    tp, hidden, inter = 2, 4, 6
+    gate, up = _rand(inter, hidden, seed=1), _rand(inter, hidden, seed=2)
+    x = _rand(3, hidden, seed=3)
+    for rank in range(tp):
+        _on_rank(monkeypatch, rank, tp)
+        half = slice(rank * inter // tp, (rank + 1) * inter // tp)
+        plain = ColumnParallelLinear(hidden, inter)
+        plain.weight.weight_loader(plain.weight, gate)
+        torch.testing.assert_close(plain(x), (x @ gate.T)[:, half])
+        fused = MergedColumnParallelLinear(hidden, [inter, inter])
+        fused.weight.weight_loader(fused.weight, torch.cat([gate, up]))  # saved whole
+        torch.testing.assert_close(fused(x), torch.cat([(x @ gate.T)[:, half], (x @ up.T)[:, half]], -1))
+        with pytest.raises(WeightShapeError):
+            fused.weight.weight_loader(fused.weight, gate[:4], 0)
+        row = RowParallelLinear(inter, hidden)
+        with pytest.raises(WeightShapeError):
+            row.weight.weight_loader(row.weight, gate)  # [6, 4] where [4, 6] is expected

@@ -295,24 +295,29 @@ class ColumnParallelLinear(LinearBase):
             |  k heads of rank 0 |                 | q_1 | k_1 | v_1 |
             |  k heads of rank 1 | --narrow-->           ^ offset = q_size / tp
         """
+        if shard_id is None and len(self.output_sizes) > 1 and self.tp_size > 1:
+            # A fused tensor saved whole: each rank needs its slice of every part.
+            check_full_size(param, "output_dim", loaded_weight, self.output_size)
+            for i, part_id in enumerate(self.shard_ids):
+                offset = sum(self.output_sizes[:i])
+                part = narrow_along(loaded_weight, param, "output_dim", offset, self.output_sizes[i])
+                self.weight_loader(param, part, part_id)
+            return
         if shard_id is None:
-            if len(self.output_sizes) > 1:  # a fused tensor saved whole: load it part by part
-                for i, part_id in enumerate(self.shard_ids):
-                    part = narrow_along(
-                        loaded_weight, param, "output_dim", sum(self.output_sizes[:i]), self.output_sizes[i]
-                    )
-                    self.weight_loader(param, part, part_id)
+            if self.tp_size == 1:
+                default_weight_loader(param, loaded_weight)
                 return
-            shard_id_index, shard_index = 0, self.shard_rank(None)
+            part = 0
+        elif shard_id in self.shard_ids:
+            part = self.shard_ids.index(shard_id)
         else:
-            if shard_id not in self.shard_ids:
-                raise ValueError(f"{type(self).__name__} has shards {self.shard_ids}, not {shard_id!r}")
-            shard_id_index, shard_index = self.shard_ids.index(shard_id), self.shard_rank(shard_id)
-        size = self.output_partition_sizes[shard_id_index]
-        offset = sum(self.output_partition_sizes[:shard_id_index])
+            raise ValueError(f"{type(self).__name__} has shards {self.shard_ids}, not {shard_id!r}")
+        size = self.output_partition_sizes[part]  # the part's features on this rank
         if self.tp_size > 1:
-            check_full_size(param, "output_dim", loaded_weight, self.output_sizes[shard_id_index])
-            loaded_weight = narrow_along(loaded_weight, param, "output_dim", shard_index * size, size)
+            check_full_size(param, "output_dim", loaded_weight, self.output_sizes[part])
+            start = self.shard_rank(shard_id) * size
+            loaded_weight = narrow_along(loaded_weight, param, "output_dim", start, size)
+        offset = sum(self.output_partition_sizes[:part])
         default_weight_loader(output_slice(param, offset, size), loaded_weight)
     # --8<-- [end:column_weight_loader]
 
