@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import pytest
@@ -46,16 +47,31 @@ ENGINE_ARGS = dict(stage=5, dtype="float32", max_num_seqs=3, max_model_len=256, 
 
 @pytest.fixture(scope="module")
 def tp_llm(tiny_checkpoints) -> Iterator[Callable[[str], LLM]]:
-    """tp_llm(arch) -> an LLM with tensor_parallel_size=2, built once per module and arch."""
+    """tp_llm(arch) -> an LLM with tensor_parallel_size=2, one per architecture, shared by the
+    module and stopped at its end. The three are started together: start-up is mostly worker
+    processes importing torch, which on a loaded machine goes faster side by side."""
     cache: dict[str, LLM] = {}
+    with ThreadPoolExecutor(len(ARCHS)) as pool:
+        futures = {
+            arch: pool.submit(LLM, str(tiny_checkpoints[arch]), tensor_parallel_size=TP, **ENGINE_ARGS)
+            for arch in ARCHS
+        }
+        errors = []
+        for arch, future in futures.items():
+            try:
+                cache[arch] = future.result()
+            except Exception as e:  # stop the others before failing
+                errors.append(e)
 
     def get(arch: str) -> LLM:
-        if arch not in cache:
+        if arch not in cache:  # taken out by a test that stopped it
             cache[arch] = LLM(str(tiny_checkpoints[arch]), tensor_parallel_size=TP, **ENGINE_ARGS)
         return cache[arch]
 
     get.cache = cache  # the kill test takes its engine out of the cache
     try:
+        if errors:
+            raise errors[0]
         yield get
     finally:
         for llm in cache.values():
@@ -318,3 +334,12 @@ def test_column_parallel_loads_whole_and_fused_tensors_and_checks_shapes(monkeyp
         row = RowParallelLinear(inter, hidden)
         with pytest.raises(WeightShapeError):
             row.weight.weight_loader(row.weight, gate)  # [6, 4] where [4, 6] is expected
+
+
+def test_cli_tensor_parallel_size_reaches_the_engine_config():
+    from folovllm.entrypoints.cli import _engine_kwargs, build_parser
+
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--tensor-parallel-size", "2"])
+    assert _engine_kwargs(args)["tensor_parallel_size"] == 2
+    args = build_parser().parse_args(["generate", "--prompt", "x"])
+    assert "tensor_parallel_size" not in _engine_kwargs(args)  # the config's default, 1
