@@ -87,6 +87,14 @@ class SamplingParams:
         def bad(name: str, allowed: str) -> ValueError:
             return ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
 
+        # The sampler and torch's generators hold these in int64: a larger value (a client can
+        # send any JSON number) would fail inside a step, not here.
+        for name in ("n", "top_k", "seed", "max_tokens", "min_tokens"):
+            value = getattr(self, name)
+            if _is_int(value) and not -2**63 <= value < 2**63:
+                raise bad(name, "a 64-bit integer")
+        if any(_is_int(t) and t >= 2**63 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "a list of 64-bit integers")
         if not _is_int(self.n) or self.n < 1:
             raise bad("n", "an integer >= 1")
         if not _is_number(self.temperature) or self.temperature < 0:

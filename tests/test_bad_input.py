@@ -105,6 +105,9 @@ def test_bad_sampling_params_object_queues_nothing(tiny_qwen3):
         (dict(stop=[""]), r"stop must be a non-empty string"),
         (dict(stop_token_ids=[-1]), r"stop_token_ids must be a list of non-negative integers"),
         (dict(seed=1.5), r"seed must be an integer or None"),
+        # Beyond int64, torch would fail inside a step (top_k) or with an "Overflow" (seed).
+        (dict(seed=2**64), r"seed must be a 64-bit integer"),
+        (dict(top_k=10**30), r"top_k must be a 64-bit integer"),
         (dict(temperature=float("nan")), r"temperature must be a number"),
     ],
 )

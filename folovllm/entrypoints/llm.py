@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence, Union
 
 from folovllm.config import EngineConfig
+from folovllm.entrypoints.chat_utils import apply_chat_template
 from folovllm.engine.llm_engine import LLMEngine, PromptType, replace_params
 from folovllm.outputs import RequestOutput
 from folovllm.sampling_params import RequestOutputKind, SamplingParams
@@ -94,12 +95,7 @@ class LLM:
         generate. Each message is {"role": ..., "content": ...}."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         tokenizer = self.get_tokenizer()
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError("this model's tokenizer has no chat template; use generate() instead")
-        prompts = [
-            tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt)
-            for conv in conversations
-        ]
+        prompts = [apply_chat_template(tokenizer, conv, add_generation_prompt) for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
