@@ -341,5 +341,7 @@ def test_cli_tensor_parallel_size_reaches_the_engine_config():
 
     args = build_parser().parse_args(["generate", "--prompt", "x", "--tensor-parallel-size", "2"])
     assert _engine_kwargs(args)["tensor_parallel_size"] == 2
+    args = build_parser().parse_args(["serve", "--tensor-parallel-size", "2"])  # the server too
+    assert _engine_kwargs(args)["tensor_parallel_size"] == 2
     args = build_parser().parse_args(["generate", "--prompt", "x"])
     assert "tensor_parallel_size" not in _engine_kwargs(args)  # the config's default, 1
