@@ -96,6 +96,9 @@ def worker_main(
             world_size, rank, init_method, backend="nccl" if config.device.startswith("cuda") else "gloo"
         )
         worker = Worker(config, model_path)
+    except ValueError as e:  # the user's input (a missing or corrupt checkpoint): say it as is
+        conn.send_bytes(dumps(("invalid", str(e))))
+        return
     except BaseException:
         conn.send_bytes(dumps(("error", traceback.format_exc())))
         return
@@ -199,6 +202,10 @@ class MultiprocExecutor(Executor):
                 status, value = pickle.loads(conn.recv_bytes())
             except (EOFError, OSError):
                 self._fail(self._death_report(wait_s=2.0) or f"tensor-parallel worker rank {rank} closed its pipe")
+            if status == "invalid":  # bad input, found by a worker: a ValueError, as at TP=1
+                self._failure = f"tensor-parallel worker rank {rank} refused the model: {value}"
+                self.shutdown()
+                raise ValueError(value)
             if status == "error":
                 # A rank whose peer died fails in the collective: report the death, the cause.
                 self._fail(self._death_report(wait_s=1.0) or f"tensor-parallel worker rank {rank} failed in {what!r}:\n{value}")

@@ -14,7 +14,9 @@ one TP=2 engine per architecture is shared by the tests of this module, and stop
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import shutil
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
@@ -345,3 +347,17 @@ def test_cli_tensor_parallel_size_reaches_the_engine_config():
     assert _engine_kwargs(args)["tensor_parallel_size"] == 2
     args = build_parser().parse_args(["generate", "--prompt", "x"])
     assert "tensor_parallel_size" not in _engine_kwargs(args)  # the config's default, 1
+
+
+def test_a_checkpoint_error_in_the_workers_is_a_value_error(tiny_qwen3, tmp_path):
+    """A missing weight file is found by the workers (the driver loads no weights): it must
+    reach the user as the same ValueError as at TP=1, and stop the workers."""
+    for f in tiny_qwen3.iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, tmp_path / f.name)
+    with pytest.raises(ValueError, match="no weights in"):
+        LLM(str(tmp_path), **ENGINE_ARGS)
+    before = set(multiprocessing.active_children())  # the module's shared engines
+    with pytest.raises(ValueError, match="no weights in"):
+        LLM(str(tmp_path), tensor_parallel_size=TP, **ENGINE_ARGS)
+    assert not set(multiprocessing.active_children()) - before
