@@ -52,11 +52,15 @@ class LLMEngine:
         self.model_executor = executor_cls(
             self.config, path, self.hf_config, Sampler(self.eos_token_ids, generator)
         )
-        spec = self.model_executor.kv_cache_spec()  # this rank's kv heads
-
-        # The stage flags pick the engine's parts here, once (the executor and the attention
-        # backend above, the KV cache manager in `_initialize_kv_cache`, the scheduler below).
-        self.kv_cache_manager = self._initialize_kv_cache(spec, fit_len=config.max_model_len is None)
+        # The stage flags pick the engine's parts here, once (the executor above and, in its
+        # `Worker`, the attention backend; the KV cache manager in `_initialize_kv_cache`; the
+        # scheduler below).
+        try:
+            spec = self.model_executor.kv_cache_spec()  # this rank's kv heads
+            self.kv_cache_manager = self._initialize_kv_cache(spec, fit_len=config.max_model_len is None)
+        except BaseException:  # e.g. a KV budget too small: no worker process outlives the error
+            self.model_executor.shutdown()
+            raise
         scheduler_cls = Scheduler if self.config.enable_continuous_batching else StaticBatchScheduler
         self.scheduler: SchedulerBase = scheduler_cls(self.config, self.kv_cache_manager, self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
