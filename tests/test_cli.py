@@ -97,3 +97,18 @@ def test_serve_answers_then_sigterm_lets_the_open_stream_finish_and_exits_0(tiny
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("threads", ["0", "-1"])
+def test_threads_must_be_positive(tiny_qwen3, capsys, threads):
+    """`--threads -1` printed a traceback and `--threads 0` was ignored (issue 9.7)."""
+    rc = main(["generate", "--model", str(tiny_qwen3), "--prompt", "x", "--threads", threads])
+    assert rc == 2
+    assert f"folovllm: error: --threads must be a positive integer, got {threads}" in capsys.readouterr().err
+
+
+def test_config_json_that_is_a_list_is_an_error_not_a_traceback(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("[]")
+    rc = main(["generate", "--model", str(tmp_path), "--prompt", "x"])
+    assert rc == 2
+    assert "config.json must hold a JSON object, got a list" in capsys.readouterr().err

@@ -257,7 +257,7 @@ def test_disconnect_while_waiting_for_a_non_streamed_answer_aborts(server):
 
 @pytest.mark.parametrize("fields, param, message", [
     ({"top_p": 1.5}, "top_p", "top_p must be in (0, 1], got 1.5"),
-    ({"temperature": -1}, "temperature", "temperature must be a number >= 0"),
+    ({"temperature": -1}, "temperature", "temperature must be a finite number >= 0"),
     ({"max_tokens": 0}, "max_tokens", "max_tokens must be an integer >= 1"),
     ({"n": 0}, "n", "n must be an integer >= 1"),
     ({"top_k": 10**30}, "top_k", "top_k must be a 64-bit integer"),  # would kill the engine loop

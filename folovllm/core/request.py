@@ -33,6 +33,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "finished_stopped"  # EOS, stop token id or stop string
     FINISHED_LENGTH = "finished_length"  # max_tokens or max_model_len
     FINISHED_ABORTED = "finished_aborted"
+    FINISHED_ERROR = "finished_error"  # its step raised (see `LLMEngine._execute_model`)
 
     @property
     def finished(self) -> bool:
@@ -47,11 +48,13 @@ _FINISHED = {
     RequestStatus.FINISHED_STOPPED,
     RequestStatus.FINISHED_LENGTH,
     RequestStatus.FINISHED_ABORTED,
+    RequestStatus.FINISHED_ERROR,
 }
 _FINISH_REASON = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
 }
 
 
@@ -78,6 +81,7 @@ class Request:
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
         self.output_text = ""  # detokenized output, cut at a stop string
+        self.error: Optional[str] = None  # why it failed (status FINISHED_ERROR)
         self.metrics = RequestMetrics(arrival_time=arrival_time)
         # A per-request generator makes seeded sampling independent of the batch around it.
         self.generator: Optional[torch.Generator] = None

@@ -12,6 +12,7 @@ def apply_chat_template(tokenizer: Any, conversation: list[dict[str, str]],
 
     Raises ValueError when the tokenizer has no template or the template refuses the messages
     (e.g. a template that requires roles to alternate)."""
+    check_conversation(conversation)
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("this model's tokenizer has no chat template; send a plain prompt "
                          "(LLM.generate, /v1/completions) instead")
@@ -21,3 +22,15 @@ def apply_chat_template(tokenizer: Any, conversation: list[dict[str, str]],
                                              **template_kwargs)
     except Exception as e:  # jinja2 errors, raise_exception() inside templates, bad kwargs
         raise ValueError(f"the chat template could not render these messages: {e}") from e
+
+
+def check_conversation(conversation: Any) -> None:
+    if not isinstance(conversation, list) or not conversation:
+        raise ValueError(f"a conversation must be a non-empty list of messages, got {conversation!r}")
+    for i, message in enumerate(conversation):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise ValueError(
+                f"chat message {i} must be a dict with a string 'role' and a string 'content', "
+                f"got {message!r}"
+            )

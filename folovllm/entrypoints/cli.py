@@ -122,9 +122,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         threads = args.threads
+        if threads is not None and threads < 1:
+            raise ValueError(f"--threads must be a positive integer, got {threads}")
         if threads is None and args.command == "demo" and args.device == "cpu":
             threads = 1  # comparable figures: one thread, no OpenMP spin-waits on a busy machine
-        if threads:
+        if threads is not None:
             import torch
 
             torch.set_num_threads(threads)

@@ -6,6 +6,6 @@
 The engine only calls the `Executor` interface, so its step reads the same either way.
 """
 
-from folovllm.executor.abstract import Executor, get_executor_cls
+from folovllm.executor.abstract import Executor, WorkerDiedError, get_executor_cls
 
-__all__ = ["Executor", "get_executor_cls"]
+__all__ = ["Executor", "WorkerDiedError", "get_executor_cls"]

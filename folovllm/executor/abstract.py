@@ -24,6 +24,11 @@ from folovllm.core.scheduler_output import SchedulerOutput
 from folovllm.worker.sampler import Sampler
 
 
+class WorkerDiedError(RuntimeError):
+    """A tensor-parallel worker died, failed or hung: the engine cannot run another step (the
+    ranks' collectives are out of step), so this is never one request's fault."""
+
+
 class Executor(ABC):
     def __init__(self, config: EngineConfig, model_path: Path, hf_config: Any, sampler: Sampler) -> None:
         self.config = config

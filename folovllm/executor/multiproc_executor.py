@@ -44,12 +44,8 @@ import torch.multiprocessing as mp
 from folovllm.config import EngineConfig, verify_tensor_parallel
 from folovllm.core.scheduler_output import SchedulerOutput
 from folovllm.distributed import parallel_state
-from folovllm.executor.abstract import Executor, get_sampling_requests
+from folovllm.executor.abstract import Executor, WorkerDiedError, get_sampling_requests
 from folovllm.worker.sampler import Sampler
-
-
-class WorkerDiedError(RuntimeError):
-    """A tensor-parallel worker died, failed or hung; the engine cannot go on without it."""
 
 
 # -- messages ---------------------------------------------------------------------------------
