@@ -13,7 +13,7 @@ Stages and their flags::
     03 paged KV cache        enable_paged_kv
     04 FlashAttention        attention_backend != "naive" ("auto" = triton on CUDA, sdpa on CPU)
     05 chunked prefill       enable_chunked_prefill   (not built yet)
-    06 prefix caching        enable_prefix_caching    (not built yet)
+    06 prefix caching        enable_prefix_caching    (needs enable_paged_kv)
     07 GPTQ                  quantization="gptq"      (not built yet)
 """
 
@@ -28,7 +28,11 @@ import torch
 
 # The highest stage that is implemented. `for_stage` refuses anything above it with a clear
 # message instead of silently running an older engine.
-LATEST_STAGE = 4
+LATEST_STAGE = 6
+# Stages up to LATEST_STAGE still being built on their own branch: `for_stage` refuses them, and
+# later stages run with their flag off (stage 06 runs without chunked prefill until 05 lands).
+UNBUILT_STAGES = frozenset({5})
+BUILT_STAGES = tuple(s for s in range(1, LATEST_STAGE + 1) if s not in UNBUILT_STAGES)
 STAGE_NAMES = {
     1: "naive generation",
     2: "continuous batching",
@@ -98,10 +102,16 @@ class EngineConfig:
                 f"stage {stage} ({STAGE_NAMES[stage]}) is not built yet; "
                 f"stages 1..{LATEST_STAGE} are available"
             )
+        if stage in UNBUILT_STAGES:
+            raise ValueError(
+                f"stage {stage} ({STAGE_NAMES[stage]}) is not built on this branch yet; "
+                f"stages {', '.join(map(str, BUILT_STAGES))} are available"
+            )
         flags: dict[str, Any] = {
             "enable_continuous_batching": stage >= 2,
             "enable_paged_kv": stage >= 3,
             "attention_backend": "auto" if stage >= 4 else "naive",
+            "enable_prefix_caching": stage >= 6,
         }
         flags.update(overrides)
         return cls(**flags)
@@ -112,6 +122,8 @@ class EngineConfig:
     @property
     def stage(self) -> int:
         """The highest stage whose flag is on (flags can be mixed for ablations)."""
+        if self.enable_prefix_caching:
+            return 6
         if self.attention_backend != "naive":
             return 4
         if self.enable_paged_kv:
@@ -173,9 +185,13 @@ class EngineConfig:
                 "enable_paged_kv=True needs enable_continuous_batching=True: the paged cache "
                 "hands out blocks per step, which only the continuous scheduler does"
             )
+        if self.enable_prefix_caching and not self.enable_paged_kv:
+            raise ValueError(
+                "prefix caching needs enable_paged_kv=True: it shares and finds KV by block "
+                "(full blocks of block_size tokens), which only the paged cache has"
+            )
         not_built = {
             "enable_chunked_prefill": 5,
-            "enable_prefix_caching": 6,
         }
         for flag, stage in not_built.items():
             if getattr(self, flag):

@@ -82,7 +82,7 @@ class LLMEngine:
         kv_cache_config = manager_cls.get_kv_cache_config(self.config, spec, budget)
         self.model_runner.initialize_kv_cache(spec, kv_cache_config)  # refuses more than RAM/VRAM
         self.kv_cache_capacity_tokens = kv_cache_config.num_tokens
-        return manager_cls(kv_cache_config)
+        return manager_cls.from_config(self.config, kv_cache_config)
     # --8<-- [end:initialize_kv_cache]
 
     # -- requests -----------------------------------------------------------------------------
@@ -217,6 +217,7 @@ class LLMEngine:
         s.kv_tokens_reserved += step.kv_tokens_reserved
         s.kv_tokens_used += step.kv_tokens_used
         s.peak_kv_tokens_reserved = max(s.peak_kv_tokens_reserved, step.kv_tokens_reserved)
+        s.add_prefix_cache_stats(self.kv_cache_manager.make_prefix_cache_stats())
         self.last_scheduler_stats = step
         for logger in self.stat_loggers:
             logger(step)
