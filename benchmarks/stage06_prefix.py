@@ -1,0 +1,232 @@
+"""Stage 06 on CPU: the whole engine with prefix caching (stage 06) against stage 04, side by side
+in one process, on one thread.
+
+    python -m benchmarks.stage06_prefix                # full run, a few minutes on one thread
+    python -m benchmarks.stage06_prefix --quick        # smoke run (small, printed, not written)
+
+Three workloads on the bench model (`benchmarks.bench_model`: Qwen3 architecture, 8 layers,
+random weights), float32, greedy, `ignore_eos`, every request submitted at once:
+
+    shared_prefix  `workloads.get_workload("shared_prefix")`: 16 requests, one 512-token system
+                   prompt + a 16..64-token question each, 16 output tokens
+    multi_turn     4 chats of 4 turns, each turn one `generate` over the 4 chats: turn t's prompt
+                   is turn t-1's prompt + its 16-token answer + a new 16..32-token message
+                   (the first message is 64..128 tokens)
+    no_prefix      `workloads.get_workload("mixed", quick=True)`: 16 unrelated prompts of
+                   16..128 tokens, output 8..32 (the cache can only cost here)
+
+Stage 05 (chunked prefill) is on another branch; once it is merged, compare against it with
+`--baseline-stage 5`. Each run gets a fresh engine (a cache warmed by the previous repeat would
+hit everything), warmed up on an unrelated prompt, then timed; `--repeats` runs with the systems
+interleaved; medians. TTFT is per request, from submission to its first token, averaged over the
+requests of a run. The two systems must produce the same tokens (checked and recorded).
+
+Writes `benchmarks/results/stage06_prefix_cpu.json` (machine, commit, every repeat) and `.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import random
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from benchmarks.bench_model import (
+    bench_model_info,
+    bench_model_path,
+    git_commit,
+    machine_description,
+    machine_short,
+    write_results,
+)
+from benchmarks.workloads import FIRST_ORDINARY_TOKEN_ID, get_workload
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+
+Batch = tuple[list[list[int]], list[int]]  # prompts, max_tokens
+
+
+def build(model: str, stage: int) -> Any:
+    from folovllm import LLM, SamplingParams
+
+    llm = LLM(model, stage=stage, dtype="float32", max_num_seqs=16, max_model_len=2048, seed=0)
+    rng = random.Random(12345)  # unrelated to every workload: warms the code, not the cache
+    warm = [rng.randrange(FIRST_ORDINARY_TOKEN_ID, 512) for _ in range(40)]
+    llm.generate([warm], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+    llm.llm_engine.stats.__init__(bytes_per_token=llm.stats.bytes_per_token)
+    return llm
+
+
+def run_batches(llm: Any, batches: Callable[[list[list[int]]], Batch | None]
+                ) -> tuple[dict[str, Any], list[list[int]]]:
+    """Generate batch after batch (`batches(last answers)` gives the next, or None); time it.
+    Returns the measurements and every answer."""
+    from folovllm import SamplingParams
+
+    answers: list[list[int]] = []
+    every_answer: list[list[int]] = []
+    ttfts: list[float] = []
+    wall, cpu = time.perf_counter(), time.process_time()
+    while (batch := batches(answers)) is not None:
+        prompts, max_tokens = batch
+        params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        answers = [list(o.outputs[0].token_ids) for o in outs]
+        every_answer += answers
+        ttfts += [o.metrics.time_to_first_token for o in outs]
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    s = llm.stats
+    return dict(wall_s=wall, cpu_s=cpu, mean_ttft_s=statistics.mean(ttfts),
+                p50_ttft_s=statistics.median(ttfts), num_prompt_tokens=s.num_prompt_tokens,
+                num_prompt_tokens_computed=s.num_prompt_tokens_computed,
+                prefix_cache_hit_rate=s.prefix_cache_hit_rate,
+                prefix_cache_blocks_saved=s.prefix_cache_blocks_saved,
+                prefix_cache_evictions=s.prefix_cache_evictions,
+                output_tokens=s.num_generated_tokens), every_answer
+
+
+def one_batch(prompts: list[list[int]], max_tokens: list[int]) -> Callable[[list[list[int]]], Batch | None]:
+    done = [False]
+
+    def batches(_answers: list[list[int]]) -> Batch | None:
+        if done[0]:
+            return None
+        done[0] = True
+        return prompts, max_tokens
+
+    return batches
+
+
+def multi_turn(num_chats: int, num_turns: int, vocab: int, seed: int) -> Callable[[list[list[int]]], Batch | None]:
+    """Turn t's prompt = turn t-1's prompt + its answer + a new message (seeded lengths)."""
+    rng = random.Random(seed)
+    new = lambda lo, hi: [rng.randrange(FIRST_ORDINARY_TOKEN_ID, vocab) for _ in range(rng.randint(lo, hi))]  # noqa: E731
+    messages = [[new(64, 128)] + [new(16, 32) for _ in range(num_turns - 1)] for _ in range(num_chats)]
+    state = {"turn": 0, "prompts": [[] for _ in range(num_chats)]}
+
+    def batches(answers: list[list[int]]) -> Batch | None:
+        t = state["turn"]
+        if t == num_turns:
+            return None
+        prev = state["prompts"]
+        prompts = [p + (answers[i] if t else []) + messages[i][t] for i, p in enumerate(prev)]
+        state["turn"], state["prompts"] = t + 1, prompts
+        return prompts, [16] * num_chats
+
+    return batches
+
+
+def bench(model: str, stages: dict[str, int], make_batches: Callable[[], Callable], repeats: int) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in stages}
+    tokens: dict[str, list[list[int]]] = {}
+    for _ in range(repeats):
+        for name, stage in stages.items():
+            measured, answers = run_batches(build(model, stage), make_batches())
+            runs[name].append(measured)
+            assert tokens.setdefault(name, answers) == answers, f"{name}: tokens changed between repeats"
+    rows = {}
+    for name, rs in runs.items():
+        med = lambda key: statistics.median(r[key] for r in rs)  # noqa: E731
+        rows[name] = dict(runs=rs, median_wall_s=med("wall_s"), median_cpu_s=med("cpu_s"),
+                          median_mean_ttft_s=med("mean_ttft_s"), median_p50_ttft_s=med("p50_ttft_s"),
+                          **{k: rs[0][k] for k in ("num_prompt_tokens", "num_prompt_tokens_computed",
+                                                   "prefix_cache_hit_rate", "prefix_cache_blocks_saved",
+                                                   "prefix_cache_evictions", "output_tokens")})
+    first = next(iter(tokens.values()))
+    return dict(systems=rows, same_tokens=all(t == first for t in tokens.values()))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    model = str(bench_model_path())
+    info = bench_model_info(Path(model))
+    vocab = info["vocab_size"]
+    stages = {f"stage {args.baseline_stage:02d}": args.baseline_stage, "stage 06": 6}
+    shared = get_workload("shared_prefix", vocab_size=vocab, seed=0, quick=args.quick)
+    mixed = get_workload("mixed", vocab_size=vocab, seed=0, quick=True, num_requests=4 if args.quick else 16)
+    workloads = {
+        "shared_prefix": (shared.summary(), lambda: one_batch(
+            [r.prompt_token_ids for r in shared.requests], [r.max_tokens for r in shared.requests])),
+        "multi_turn": (dict(num_chats=4, num_turns=2 if args.quick else 4, seed=0), lambda: multi_turn(
+            4, 2 if args.quick else 4, vocab, seed=0)),
+        "no_prefix": (mixed.summary(), lambda: one_batch(
+            [r.prompt_token_ids for r in mixed.requests], [r.max_tokens for r in mixed.requests])),
+    }
+    results, loads = {}, []
+    for name, (summary, make) in workloads.items():
+        m = bench(model, stages, make, args.repeats)
+        results[name] = dict(workload=summary, **m)
+        loads.append(os.getloadavg()[0])
+        print(name, {k: f"{v['median_wall_s']:.2f} s, TTFT {v['median_mean_ttft_s'] * 1e3:.0f} ms, "
+                        f"computed {v['num_prompt_tokens_computed']}/{v['num_prompt_tokens']}"
+                     for k, v in m["systems"].items()}, flush=True)
+    return dict(model=info, baseline=f"stage {args.baseline_stage:02d}", workloads=results,
+                peak_loadavg_1m=round(max(loads), 2))
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    machine, base = result["machine"], result["baseline"]
+    caption = (
+        f"Stage 06 (prefix caching) against {base}, whole engine, bench model (Qwen3, 8 layers, "
+        f"8/4 heads of 64, random weights), float32, greedy, every request submitted at once; "
+        f"median of {result['repeats']} interleaved runs, each on a fresh engine: "
+        f"`{result['command']}` on {machine_short(machine)}, {result['date'][:10]}."
+    )
+    load = result.get("peak_loadavg_1m")
+    if load is not None and load > 0.5 * machine["cpu_cores"]:
+        caption += (f" The machine was shared (1-minute load average up to {load} on "
+                    f"{machine['cpu_cores']} cores): read the ratios and the CPU times.")
+    lines = [caption, "",
+             "| workload | system | mean TTFT | × | wall (CPU) | × wall (CPU) | prompt tokens computed "
+             "| hit rate | same tokens |",
+             "|:--|:--|--:|--:|--:|--:|--:|--:|:-:|"]
+    for label, m in result["workloads"].items():
+        rows = m["systems"]
+        b = rows[base]
+        for name, r in rows.items():
+            lines.append(
+                f"| {label} | {name} | {r['median_mean_ttft_s'] * 1e3:.0f} ms "
+                f"| {b['median_mean_ttft_s'] / r['median_mean_ttft_s']:.2f} "
+                f"| {r['median_wall_s']:.2f} s ({r['median_cpu_s']:.2f} s) "
+                f"| {b['median_wall_s'] / r['median_wall_s']:.2f} ({b['median_cpu_s'] / r['median_cpu_s']:.2f}) "
+                f"| {r['num_prompt_tokens_computed']:,} of {r['num_prompt_tokens']:,} "
+                f"| {100 * r['prefix_cache_hit_rate']:.1f} % | {'yes' if m['same_tokens'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--baseline-stage", type=int, default=4, help="4, or 5 once it is merged")
+    parser.add_argument("--quick", action="store_true", help="small shapes; print, do not write")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+
+    measured = run(args)
+    result = dict(
+        command=("python -m benchmarks.stage06_prefix "
+                 + shlex.join(sys.argv[1:] if argv is None else argv)).strip(),
+        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        git_commit=git_commit(),
+        machine=machine_description(),
+        repeats=args.repeats,
+        **measured,
+    )
+    markdown = render_markdown(result)
+    print(markdown)
+    if not args.quick:
+        write_results(args.out, "stage06_prefix_cpu", result, markdown)
+
+
+if __name__ == "__main__":
+    main()
