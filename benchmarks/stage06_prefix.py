@@ -1,5 +1,6 @@
-"""Stage 06 on CPU: the whole engine with prefix caching (stage 06) against stage 04, side by side
-in one process, on one thread.
+"""Stage 06 on CPU: the whole engine with prefix caching (stage 06) against the stage before it
+(05, chunked prefill; `--baseline-stage 4` for the one before that), side by side in one process,
+on one thread.
 
     python -m benchmarks.stage06_prefix                # full run, a few minutes on one thread
     python -m benchmarks.stage06_prefix --quick        # smoke run (small, printed, not written)
@@ -15,8 +16,8 @@ random weights), float32, greedy, `ignore_eos`, every request submitted at once:
     no_prefix      `workloads.get_workload("mixed", quick=True)`: 16 unrelated prompts of
                    16..128 tokens, output 8..32 (the cache can only cost here)
 
-Stage 05 (chunked prefill) is on another branch; once it is merged, compare against it with
-`--baseline-stage 5`. Each run gets a fresh engine (a cache warmed by the previous repeat would
+Both systems run `LLM(model, stage=N)` with its defaults, so they differ only by the cache.
+Each run gets a fresh engine (a cache warmed by the previous repeat would
 hit everything), warmed up on an unrelated prompt, then timed; `--repeats` runs with the systems
 interleaved; medians. TTFT is per request, from submission to its first token, averaged over the
 requests of a run. The two systems must produce the same tokens (checked and recorded).
@@ -27,55 +28,42 @@ Writes `benchmarks/results/stage06_prefix_cpu.json` (machine, commit, every repe
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import os
 import random
-import shlex
 import statistics
-import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from benchmarks.bench_model import (
-    bench_model_info,
-    bench_model_path,
-    git_commit,
-    machine_description,
-    machine_short,
-    write_results,
-)
+from benchmarks.bench_model import bench_model_info, bench_model_path
+from benchmarks.harness import interleave, peak_loadavg, summarize, timed
+from benchmarks.results import RESULTS_DIR, machine_short, result_record, shared_machine_note, write_results
 from benchmarks.workloads import FIRST_ORDINARY_TOKEN_ID, get_workload
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = ROOT / "benchmarks" / "results"
-
 Batch = tuple[list[list[int]], list[int]]  # prompts, max_tokens
+Batches = Callable[[list[list[int]]], "Batch | None"]  # last answers -> next batch, or None
 
 
 def build(model: str, stage: int) -> Any:
+    """A fresh engine (a cache warmed by an earlier repeat would hit everything), warmed up on a
+    prompt unrelated to every workload, its stats zeroed."""
     from folovllm import LLM, SamplingParams
 
     llm = LLM(model, stage=stage, dtype="float32", max_num_seqs=16, max_model_len=2048, seed=0)
-    rng = random.Random(12345)  # unrelated to every workload: warms the code, not the cache
+    rng = random.Random(12345)
     warm = [rng.randrange(FIRST_ORDINARY_TOKEN_ID, 512) for _ in range(40)]
     llm.generate([warm], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)
     llm.llm_engine.stats.__init__(bytes_per_token=llm.stats.bytes_per_token)
     return llm
 
 
-def run_batches(llm: Any, batches: Callable[[list[list[int]]], Batch | None]
-                ) -> tuple[dict[str, Any], list[list[int]]]:
-    """Generate batch after batch (`batches(last answers)` gives the next, or None); time it.
-    Returns the measurements and every answer."""
+def generate_all(llm: Any, batches: Batches) -> tuple[list[list[int]], list[float]]:
+    """Generate batch after batch; every answer, and every request's TTFT."""
     from folovllm import SamplingParams
 
     answers: list[list[int]] = []
     every_answer: list[list[int]] = []
     ttfts: list[float] = []
-    wall, cpu = time.perf_counter(), time.process_time()
     while (batch := batches(answers)) is not None:
         prompts, max_tokens = batch
         params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
@@ -83,15 +71,22 @@ def run_batches(llm: Any, batches: Callable[[list[list[int]]], Batch | None]
         answers = [list(o.outputs[0].token_ids) for o in outs]
         every_answer += answers
         ttfts += [o.metrics.time_to_first_token for o in outs]
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return every_answer, ttfts
+
+
+def measure(model: str, stage: int, make_batches: Callable[[], Batches]) -> dict[str, Any]:
+    """One repeat: a fresh engine (untimed), then the workload, timed."""
+    llm = build(model, stage)
+    t = timed(lambda: generate_all(llm, make_batches()))
+    answers, ttfts = t.value
     s = llm.stats
-    return dict(wall_s=wall, cpu_s=cpu, mean_ttft_s=statistics.mean(ttfts),
-                p50_ttft_s=statistics.median(ttfts), num_prompt_tokens=s.num_prompt_tokens,
+    t.value = answers
+    return dict(timing=t, mean_ttft_s=statistics.mean(ttfts), p50_ttft_s=statistics.median(ttfts),
+                num_prompt_tokens=s.num_prompt_tokens,
                 num_prompt_tokens_computed=s.num_prompt_tokens_computed,
-                prefix_cache_hit_rate=s.prefix_cache_hit_rate,
+                prefix_cache_hit_rate=round(s.prefix_cache_hit_rate, 4),
                 prefix_cache_blocks_saved=s.prefix_cache_blocks_saved,
-                prefix_cache_evictions=s.prefix_cache_evictions,
-                output_tokens=s.num_generated_tokens), every_answer
+                prefix_cache_evictions=s.prefix_cache_evictions)
 
 
 def one_batch(prompts: list[list[int]], max_tokens: list[int]) -> Callable[[list[list[int]]], Batch | None]:
@@ -125,22 +120,19 @@ def multi_turn(num_chats: int, num_turns: int, vocab: int, seed: int) -> Callabl
     return batches
 
 
-def bench(model: str, stages: dict[str, int], make_batches: Callable[[], Callable], repeats: int) -> dict[str, Any]:
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in stages}
-    tokens: dict[str, list[list[int]]] = {}
-    for _ in range(repeats):
-        for name, stage in stages.items():
-            measured, answers = run_batches(build(model, stage), make_batches())
-            runs[name].append(measured)
-            assert tokens.setdefault(name, answers) == answers, f"{name}: tokens changed between repeats"
-    rows = {}
+def bench(model: str, stages: dict[str, int], make_batches: Callable[[], Batches], repeats: int) -> dict[str, Any]:
+    trials = {name: (lambda stage=stage: measure(model, stage, make_batches)) for name, stage in stages.items()}
+    runs = interleave(trials, repeats)
+    rows, tokens = {}, {}
     for name, rs in runs.items():
-        med = lambda key: statistics.median(r[key] for r in rs)  # noqa: E731
-        rows[name] = dict(runs=rs, median_wall_s=med("wall_s"), median_cpu_s=med("cpu_s"),
-                          median_mean_ttft_s=med("mean_ttft_s"), median_p50_ttft_s=med("p50_ttft_s"),
-                          **{k: rs[0][k] for k in ("num_prompt_tokens", "num_prompt_tokens_computed",
-                                                   "prefix_cache_hit_rate", "prefix_cache_blocks_saved",
-                                                   "prefix_cache_evictions", "output_tokens")})
+        answers = [r["timing"].value for r in rs]
+        assert all(a == answers[0] for a in answers), f"{name}: tokens changed between repeats"
+        tokens[name] = answers[0]
+        counts = {k: v for k, v in rs[0].items() if k not in ("timing", "mean_ttft_s", "p50_ttft_s")}
+        rows[name] = dict(**summarize([r["timing"] for r in rs]),
+                          mean_ttft_s=[r["mean_ttft_s"] for r in rs],
+                          median_mean_ttft_s=statistics.median(r["mean_ttft_s"] for r in rs),
+                          median_p50_ttft_s=statistics.median(r["p50_ttft_s"] for r in rs), **counts)
     first = next(iter(tokens.values()))
     return dict(systems=rows, same_tokens=all(t == first for t in tokens.values()))
 
@@ -165,12 +157,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name, (summary, make) in workloads.items():
         m = bench(model, stages, make, args.repeats)
         results[name] = dict(workload=summary, **m)
-        loads.append(os.getloadavg()[0])
-        print(name, {k: f"{v['median_wall_s']:.2f} s, TTFT {v['median_mean_ttft_s'] * 1e3:.0f} ms, "
+        loads += [x for row in m["systems"].values() for x in row["loadavg_1m"]]
+        print(name, {k: f"{v['median_seconds']:.2f} s, TTFT {v['median_mean_ttft_s'] * 1e3:.0f} ms, "
                         f"computed {v['num_prompt_tokens_computed']}/{v['num_prompt_tokens']}"
                      for k, v in m["systems"].items()}, flush=True)
     return dict(model=info, baseline=f"stage {args.baseline_stage:02d}", workloads=results,
-                peak_loadavg_1m=round(max(loads), 2))
+                peak_loadavg_1m=peak_loadavg(loads))
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -180,11 +172,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"8/4 heads of 64, random weights), float32, greedy, every request submitted at once; "
         f"median of {result['repeats']} interleaved runs, each on a fresh engine: "
         f"`{result['command']}` on {machine_short(machine)}, {result['date'][:10]}."
+        + shared_machine_note(result)
     )
-    load = result.get("peak_loadavg_1m")
-    if load is not None and load > 0.5 * machine["cpu_cores"]:
-        caption += (f" The machine was shared (1-minute load average up to {load} on "
-                    f"{machine['cpu_cores']} cores): read the ratios and the CPU times.")
     lines = [caption, "",
              "| workload | system | mean TTFT | × | wall (CPU) | × wall (CPU) | prompt tokens computed "
              "| hit rate | same tokens |",
@@ -196,8 +185,9 @@ def render_markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {label} | {name} | {r['median_mean_ttft_s'] * 1e3:.0f} ms "
                 f"| {b['median_mean_ttft_s'] / r['median_mean_ttft_s']:.2f} "
-                f"| {r['median_wall_s']:.2f} s ({r['median_cpu_s']:.2f} s) "
-                f"| {b['median_wall_s'] / r['median_wall_s']:.2f} ({b['median_cpu_s'] / r['median_cpu_s']:.2f}) "
+                f"| {r['median_seconds']:.2f} s ({r['median_cpu_seconds']:.2f} s) "
+                f"| {b['median_seconds'] / r['median_seconds']:.2f} "
+                f"({b['median_cpu_seconds'] / r['median_cpu_seconds']:.2f}) "
                 f"| {r['num_prompt_tokens_computed']:,} of {r['num_prompt_tokens']:,} "
                 f"| {100 * r['prefix_cache_hit_rate']:.1f} % | {'yes' if m['same_tokens'] else 'NO'} |")
     return "\n".join(lines) + "\n"
@@ -207,21 +197,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--baseline-stage", type=int, default=4, help="4, or 5 once it is merged")
+    parser.add_argument("--baseline-stage", type=int, default=5, help="the stage to compare with")
     parser.add_argument("--quick", action="store_true", help="small shapes; print, do not write")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
 
     measured = run(args)
-    result = dict(
-        command=("python -m benchmarks.stage06_prefix "
-                 + shlex.join(sys.argv[1:] if argv is None else argv)).strip(),
-        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        git_commit=git_commit(),
-        machine=machine_description(),
-        repeats=args.repeats,
-        **measured,
-    )
+    result = result_record("benchmarks.stage06_prefix", argv, repeats=args.repeats, **measured)
     markdown = render_markdown(result)
     print(markdown)
     if not args.quick:

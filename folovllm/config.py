@@ -12,7 +12,7 @@ Stages and their flags::
     02 continuous batching   enable_continuous_batching
     03 paged KV cache        enable_paged_kv
     04 FlashAttention        attention_backend != "naive" ("auto" = triton on CUDA, sdpa on CPU)
-    05 chunked prefill       enable_chunked_prefill   (not built yet)
+    05 chunked prefill       enable_chunked_prefill (+ long_prefill_token_threshold)
     06 prefix caching        enable_prefix_caching    (needs enable_paged_kv)
     07 GPTQ                  quantization="gptq"      (not built yet)
 """
@@ -29,10 +29,6 @@ import torch
 # The highest stage that is implemented. `for_stage` refuses anything above it with a clear
 # message instead of silently running an older engine.
 LATEST_STAGE = 6
-# Stages up to LATEST_STAGE still being built on their own branch: `for_stage` refuses them, and
-# later stages run with their flag off (stage 06 runs without chunked prefill until 05 lands).
-UNBUILT_STAGES = frozenset({5})
-BUILT_STAGES = tuple(s for s in range(1, LATEST_STAGE + 1) if s not in UNBUILT_STAGES)
 STAGE_NAMES = {
     1: "naive generation",
     2: "continuous batching",
@@ -41,6 +37,7 @@ STAGE_NAMES = {
     5: "chunked prefill",
     6: "prefix caching",
     7: "GPTQ",
+    8: "tensor parallel",
 }
 
 _DTYPES = {
@@ -61,7 +58,10 @@ class EngineConfig:
         max_model_len: most tokens (prompt + output) in one sequence; None = the model's
             `max_position_embeddings`, filled in when the model is loaded.
         max_num_batched_tokens: most tokens computed in one engine step (stage 02+); None =
-            `max(max_model_len, 2048)`, filled in when the model is loaded.
+            `max(max_model_len, 2048)` (a prompt must fit in one step), or 2048 with chunked
+            prefill (stage 05), filled in when the model is loaded.
+        long_prefill_token_threshold: stage 05: most prompt tokens one request computes in a
+            step, so several prompts progress together; 0 = no cap but the budget.
         kv_cache_memory: bytes of KV cache (stage 02 slots and stage 03 blocks are cut from it).
             None = on CUDA `gpu_memory_utilization` of the GPU minus the model's measured peak;
             on CPU enough for `max_num_seqs` full-length sequences, at most 4 GiB.
@@ -84,6 +84,7 @@ class EngineConfig:
     enable_paged_kv: bool = False  # stage 03
     attention_backend: str = "naive"  # stage 04
     enable_chunked_prefill: bool = False  # stage 05
+    long_prefill_token_threshold: int = 0  # stage 05: 0 = a chunk is capped by the budget only
     enable_prefix_caching: bool = False  # stage 06
     quantization: Optional[str] = None  # stage 07
 
@@ -95,22 +96,18 @@ class EngineConfig:
     @classmethod
     def for_stage(cls, stage: int, **overrides: Any) -> "EngineConfig":
         """The config of stage `stage` with every earlier stage on; `overrides` win."""
-        if not isinstance(stage, int) or isinstance(stage, bool) or not 1 <= stage <= 7:
-            raise ValueError(f"stage must be an integer in 1..7, got {stage!r}")
+        if not isinstance(stage, int) or isinstance(stage, bool) or stage not in STAGE_NAMES:
+            raise ValueError(f"stage must be an integer in 1..{max(STAGE_NAMES)}, got {stage!r}")
         if stage > LATEST_STAGE:
             raise ValueError(
                 f"stage {stage} ({STAGE_NAMES[stage]}) is not built yet; "
                 f"stages 1..{LATEST_STAGE} are available"
             )
-        if stage in UNBUILT_STAGES:
-            raise ValueError(
-                f"stage {stage} ({STAGE_NAMES[stage]}) is not built on this branch yet; "
-                f"stages {', '.join(map(str, BUILT_STAGES))} are available"
-            )
         flags: dict[str, Any] = {
             "enable_continuous_batching": stage >= 2,
             "enable_paged_kv": stage >= 3,
             "attention_backend": "auto" if stage >= 4 else "naive",
+            "enable_chunked_prefill": stage >= 5,
             "enable_prefix_caching": stage >= 6,
         }
         flags.update(overrides)
@@ -124,6 +121,8 @@ class EngineConfig:
         """The highest stage whose flag is on (flags can be mixed for ablations)."""
         if self.enable_prefix_caching:
             return 6
+        if self.enable_chunked_prefill:
+            return 5
         if self.attention_backend != "naive":
             return 4
         if self.enable_paged_kv:
@@ -185,20 +184,23 @@ class EngineConfig:
                 "enable_paged_kv=True needs enable_continuous_batching=True: the paged cache "
                 "hands out blocks per step, which only the continuous scheduler does"
             )
+        if not isinstance(self.long_prefill_token_threshold, int) or isinstance(
+            self.long_prefill_token_threshold, bool
+        ) or self.long_prefill_token_threshold < 0:
+            raise ValueError(
+                "long_prefill_token_threshold must be an integer >= 0 (0 = no cap), got "
+                f"{self.long_prefill_token_threshold!r}"
+            )
+        if self.enable_chunked_prefill and not self.enable_continuous_batching:
+            raise ValueError(
+                "enable_chunked_prefill=True needs enable_continuous_batching=True: chunks of a "
+                "prompt join the running batch step by step, which a static batch cannot do"
+            )
         if self.enable_prefix_caching and not self.enable_paged_kv:
             raise ValueError(
                 "prefix caching needs enable_paged_kv=True: it shares and finds KV by block "
                 "(full blocks of block_size tokens), which only the paged cache has"
             )
-        not_built = {
-            "enable_chunked_prefill": 5,
-        }
-        for flag, stage in not_built.items():
-            if getattr(self, flag):
-                raise ValueError(
-                    f"{flag}=True needs stage {stage} ({STAGE_NAMES[stage]}), which is not "
-                    f"built yet; stages 1..{LATEST_STAGE} are available"
-                )
         if self.quantization is not None:
             raise ValueError(
                 f"quantization={self.quantization!r} needs stage 7 (GPTQ), which is not built "
@@ -213,12 +215,14 @@ class EngineConfig:
                 f"max_model_len ({max_model_len}) is larger than the model's "
                 f"max_position_embeddings ({max_position_embeddings})"
             )
-        budget = self.max_num_batched_tokens or max(max_model_len, 2048)
-        if self.enable_paged_kv and budget < max_model_len:
+        default_budget = 2048 if self.enable_chunked_prefill else max(max_model_len, 2048)
+        budget = self.max_num_batched_tokens or default_budget
+        if self.enable_paged_kv and not self.enable_chunked_prefill and budget < max_model_len:
             # A preempted request is recomputed in one step: prompt and output together.
             raise ValueError(
                 f"with paged KV (preemption by recompute), max_num_batched_tokens ({budget}) "
-                f"must be >= max_model_len ({max_model_len})"
+                f"must be >= max_model_len ({max_model_len}), or turn on enable_chunked_prefill "
+                "(stage 5) to compute it over several steps"
             )
         backend = self.attention_backend
         if backend == "auto":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from folovllm.entrypoints.cli import _parse_bytes, main
-from folovllm.config import BUILT_STAGES, STAGE_NAMES
+from folovllm.config import LATEST_STAGE, STAGE_NAMES
 
 
 def test_generate_prints_text_finish_reason_and_stats(tiny_qwen3, capsys):
@@ -37,7 +37,7 @@ def test_demo_prints_one_row_per_built_stage(tiny_qwen3, capsys):
     assert rc == 0
     rows = [line for line in out.splitlines() if line.startswith("| 0")]
     assert [r.split("|")[1].strip() for r in rows] == [
-        f"{s:02d} {STAGE_NAMES[s]}" for s in BUILT_STAGES
+        f"{s:02d} {STAGE_NAMES[s]}" for s in range(1, LATEST_STAGE + 1)
     ]
 
 

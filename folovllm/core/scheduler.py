@@ -14,6 +14,7 @@ for its one new token, a preempted one for everything again. Its two calls frame
                                      (static_batch_scheduler.py)
     stage 02  Scheduler              iteration-level: members leave and join every step
     stage 03  Scheduler              + the paged KV cache can run out: preemption
+    stage 05  Scheduler              + prompts computed in chunks, batched with decodes
 """
 
 from __future__ import annotations
@@ -126,13 +127,26 @@ class Scheduler(SchedulerBase):
 
     Stages 02-04 add one rule, `prefill_first_never_mixed`: a step computes prompts *or* decodes,
     never both, and new prompts go first (step 4 above: B waits while C's prompt runs). Stage 05
-    (chunked prefill) turns it off.
+    (chunked prefill) turns it off: running requests first, then prompts in what is left of the
+    budget, a prompt longer than that computed over several steps (vLLM v1's order)::
+
+        budget 8   step 1        step 2        step 3
+        B (decode) o             o             o              B never waits for C's prompt
+        C (prompt) [c0 .. c6]    [c7 .. c13]   [c14 c15] o    a chunk is what the budget leaves
     """
 
     def __init__(self, config: EngineConfig, kv_cache_manager: KVCacheManagerBase,
                  eos_token_ids: Sequence[int]) -> None:
         super().__init__(config, kv_cache_manager, eos_token_ids)
         self.prefill_first_never_mixed = not config.enable_chunked_prefill
+        # Stage 05: the most tokens one prompt computes in a step (the whole prompt before).
+        self.max_chunk = config.long_prefill_token_threshold or config.max_model_len
+
+    @property
+    def max_prompt_len(self) -> int:
+        if self.config.enable_chunked_prefill:
+            return self.config.max_model_len  # computed over as many steps as it takes
+        return super().max_prompt_len
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
         """Finish requests wherever they are (abort); their KV is freed now."""
@@ -167,13 +181,16 @@ class Scheduler(SchedulerBase):
 
     # --8<-- [start:schedule_running]
     def schedule_running(self, output: SchedulerOutput, budget: int) -> tuple[int, bool]:
-        """Each running request, oldest first, asks for its missing tokens (one, for a decode).
-        Returns the budget left and whether anyone was preempted."""
-        candidates = deque(self.running)  # not scheduled yet; the newest is preempted first
+        """Each running request asks for its missing tokens: one for a decode, the next chunk
+        for a prompt being computed (stage 05). Decodes go first, so a long prompt never delays
+        anyone's next token; within each kind, oldest first. Returns the budget left and
+        whether anyone was preempted."""
+        decodes_first = sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
+        candidates = deque(decodes_first)  # not scheduled yet; the last is preempted first
         num_preemptions = self.num_preemptions
         while candidates and budget > 0:
             request = candidates.popleft()
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget, self.max_chunk)
             if not self.allocate_or_preempt(request, num_new, candidates):
                 break  # `request` itself had to go: everyone after it is preempted already
             output.add_row(request, num_new, self.kv_cache_manager.get_block_table(request))
@@ -190,7 +207,9 @@ class Scheduler(SchedulerBase):
             request = self.waiting[0]
             computed_blocks, num_computed = self.kv_cache_manager.get_computed_blocks(request)
             num_new = request.num_tokens - num_computed
-            if num_new > budget:
+            if not self.prefill_first_never_mixed:  # stage 05: a chunk of what is missing
+                num_new = min(num_new, budget, self.max_chunk)
+            if num_new > budget or num_new == 0:
                 break  # FCFS: nobody overtakes the head of the queue
             if not self.kv_cache_manager.allocate_slots(request, num_new, computed_blocks):
                 break  # no KV memory for it (a slot in stage 02, blocks in stage 03)

@@ -59,7 +59,8 @@ class LLMEngine:
             get_attn_backend(self.config.attention_backend),
         )
 
-        # The one place where the stage flags pick the engine's parts.
+        # The stage flags pick the engine's parts here, once (the attention backend above, the
+        # KV cache manager in `_initialize_kv_cache`, the scheduler below).
         self.kv_cache_manager = self._initialize_kv_cache(spec, fit_len=config.max_model_len is None)
         scheduler_cls = Scheduler if self.config.enable_continuous_batching else StaticBatchScheduler
         self.scheduler: SchedulerBase = scheduler_cls(self.config, self.kv_cache_manager, self.eos_token_ids)
@@ -146,7 +147,8 @@ class LLMEngine:
             raise ValueError(
                 f"prompt has {len(ids)} tokens, more than max_num_batched_tokens="
                 f"{self.config.max_num_batched_tokens}, the most one step computes; raise "
-                "max_num_batched_tokens (a prompt is computed in one step without chunked prefill)"
+                "max_num_batched_tokens, or turn on enable_chunked_prefill (stage 5), which "
+                "computes a prompt over several steps"
             )
         return text, ids
 

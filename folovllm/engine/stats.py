@@ -5,9 +5,10 @@ report them next to the times:
 
     num_forward_passes          model calls (engine steps that ran the model)
     num_prompt_tokens           real prompt tokens of the requests
-    num_prompt_tokens_computed  prompt positions the model computed (padding included)
+    num_prompt_tokens_computed  prompt work the model computed: prompt positions (stage 01's
+                                padding included) and, after a preemption, the recomputed output
     num_generated_tokens        output tokens kept
-    num_decode_row_steps        rows computed in decode steps
+    num_decode_row_steps        decode rows: rows computing one token past their prompt
     num_wasted_row_steps        of those, rows of finished requests (stage 01's idle rows)
     max_num_running             most requests running at once (peak concurrency)
     num_preemptions             requests whose KV was dropped to make room (stage 03)

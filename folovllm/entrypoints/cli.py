@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from folovllm.config import BUILT_STAGES, LATEST_STAGE, STAGE_NAMES
+from folovllm.config import LATEST_STAGE, STAGE_NAMES
 
 DEMO_NUM_REQUESTS = 32
 
@@ -39,6 +39,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--paged-kv", dest="enable_paged_kv",
                    action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--chunked-prefill", dest="enable_chunked_prefill",
+                   action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--long-prefill-token-threshold", type=int, default=None,
+                   help="stage 05: most prompt tokens one request computes per step (0 = no cap)")
     p.add_argument("--attention-backend", default=None,
                    help="auto | naive | torch_flash | sdpa | triton | flash_attn (stage 04)")
     p.add_argument("--prefix-caching", dest="enable_prefix_caching",
@@ -47,7 +51,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 _ENGINE_FLAGS = ("max_num_batched_tokens", "kv_cache_memory", "gpu_memory_utilization",
                  "block_size", "enable_continuous_batching", "enable_paged_kv", "attention_backend",
-                 "enable_prefix_caching")
+                 "enable_chunked_prefill", "long_prefill_token_threshold", "enable_prefix_caching")
 
 
 def _parse_bytes(text: str) -> int:
@@ -95,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run one workload through every stage and compare")
     _add_engine_args(demo)
     demo.add_argument("--stages", type=int, nargs="*", default=None,
-                      help=f"stages to run (default: all built, {BUILT_STAGES})")
+                      help=f"stages to run (default: all built, 1..{LATEST_STAGE})")
     demo.add_argument("--num-requests", type=int, default=DEMO_NUM_REQUESTS)
     return parser
 
@@ -197,7 +201,7 @@ def demo_workload(vocab_size: int, num_requests: int, seed: int = 0) -> list[tup
 def run_demo(args: argparse.Namespace) -> int:
     from folovllm import LLM, SamplingParams
 
-    stages = args.stages or list(BUILT_STAGES)
+    stages = args.stages or list(range(1, LATEST_STAGE + 1))
     model = _model_or_demo(args)
     rows = []
     for stage in stages:

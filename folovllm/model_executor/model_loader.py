@@ -21,6 +21,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
+from folovllm.model_executor.layers.linear import QuantizationConfig
 from folovllm.model_executor.models import MODEL_REGISTRY
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
@@ -121,15 +122,21 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def load_model(
-    model: str, dtype: Optional[torch.dtype] = None, device: str = "cpu"
+    model: str,
+    dtype: Optional[torch.dtype] = None,
+    device: str = "cpu",
+    quant_config: Optional[QuantizationConfig] = None,
 ) -> tuple[nn.Module, Any, Path]:
-    """-> (our model in eval mode with the checkpoint's weights, HF config, local folder)."""
+    """-> (our model in eval mode with the checkpoint's weights, HF config, local folder).
+
+    `quant_config` picks how the linear layers store their weights (`layers/linear.py`); None
+    is the checkpoint's plain float weights."""
     path = resolve_model_path(model)
     config = load_hf_config(path)
     dtype = dtype or checkpoint_dtype(config)
     model_cls = MODEL_REGISTRY[config.architectures[0]]
     with _default_dtype(dtype), torch.device(device):
-        net = model_cls(config)
+        net = model_cls(config, quant_config)
     loaded = net.load_weights(iterate_checkpoint(path))
     missing = net.expected_weights() - loaded
     if missing:

@@ -26,24 +26,18 @@ BS = 16  # block_size of every engine here (the default)
 BYTES_PER_TOKEN = 512  # the tiny Qwen3: 2 (K,V) * 2 layers * 2 KV heads * 16 dims * 4 bytes
 
 
-def chunked_prefill_built() -> bool:
-    try:
-        EngineConfig.for_stage(4, enable_chunked_prefill=True)
-    except ValueError:
-        return False
-    return True
-
-
-# Stage 05 is built on another branch; once it is merged, every test taking `chunked` runs both ways.
-CHUNKED = [False, pytest.param(True, marks=pytest.mark.skipif(
-    not chunked_prefill_built(), reason="stage 05 (chunked prefill) is not on this branch yet"))]
+# Chunked prefill (stage 05) off and on: a hit leaves a partly computed prompt, as a chunk does.
+CHUNKED = [False, True]
 
 
 def llm6(path, chunked: bool = False, **kw) -> LLM:
+    """Stage 06, with chunked prefill (stage 05) off or on; on, the step budget is 64 tokens, so
+    prompts are cut into chunks and a hit leaves a prompt that is finished chunk by chunk."""
     kw.setdefault("max_model_len", 256)
     kw.setdefault("max_num_seqs", 8)
+    kw["enable_chunked_prefill"] = chunked
     if chunked:
-        kw.update(enable_chunked_prefill=True, max_num_batched_tokens=64)
+        kw["max_num_batched_tokens"] = 64
     return LLM(str(path), stage=6, dtype="float32", **kw)
 
 
@@ -167,17 +161,18 @@ def test_seeded_sampling_is_identical_with_and_without_the_cache(tiny_qwen3):
     assert cold == warm == token_ids(llm4.generate(prompts, params, use_tqdm=False))
 
 
-def test_a_preempted_request_hits_its_own_blocks_when_it_resumes(tiny_qwen3):
+@pytest.mark.parametrize("chunked", CHUNKED)
+def test_a_preempted_request_hits_its_own_blocks_when_it_resumes(tiny_qwen3, chunked):
     """No two prompts share a token, so every hit is a resumed request finding the blocks it
     computed before it was preempted; tokens are those of a run with room to spare."""
     rng = random.Random(6)
     prompts = [[rng.randrange(3, 512) for _ in range(30 + 9 * i)] for i in range(8)]
     params = [SamplingParams(temperature=0, max_tokens=200 - len(p), ignore_eos=True) for p in prompts]
-    ample = llm6(tiny_qwen3, max_num_seqs=8)
+    ample = llm6(tiny_qwen3, chunked, max_num_seqs=8)
     expected = token_ids(ample.generate(prompts, params, use_tqdm=False))
     assert ample.stats.num_preemptions == 0 and ample.stats.prefix_cache_hits == 0
     # 20 blocks of 16 tokens: eight requests growing to 200 tokens do not fit at once.
-    tight = llm6(tiny_qwen3, max_num_seqs=8, kv_cache_memory=20 * BS * BYTES_PER_TOKEN)
+    tight = llm6(tiny_qwen3, chunked, max_num_seqs=8, kv_cache_memory=20 * BS * BYTES_PER_TOKEN)
     assert token_ids(tight.generate(prompts, params, use_tqdm=False)) == expected
     s = tight.stats
     assert s.num_preemptions > 0

@@ -16,14 +16,17 @@ Tokens arrive flattened, [T] ids with their [T] positions, whatever sequence the
 forward serves a padded static batch, a packed prefill and a batch of decodes.
 
 q_proj/k_proj/v_proj are fused into one `qkv_proj` matmul and gate_proj/up_proj into
-`gate_up_proj` (one larger matmul is faster than three small ones); `load_weights` slices the
-checkpoint's separate tensors into them. Qwen2 (`qwen2.py`) and Llama (`llama.py`) are the same
+`gate_up_proj` (one larger matmul is faster than three small ones). The projections are the
+linear layers of `layers/linear.py`: each parameter carries its own `weight_loader`, which puts
+a checkpoint tensor where it belongs (`k_proj` into the k rows of `qkv_proj`), so `load_weights`
+here only maps names, and a quantization method (stage 07) or a tensor-parallel split (stage 08)
+changes the layers, not this file. Qwen2 (`qwen2.py`) and Llama (`llama.py`) are the same
 network with q/k/v biases instead of the per-head q/k norm.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
@@ -31,6 +34,14 @@ from torch import nn
 from folovllm.model_executor.layers.activation import SiluAndMul
 from folovllm.model_executor.layers.attention import Attention, AttentionMetadata
 from folovllm.model_executor.layers.layernorm import RMSNorm
+from folovllm.model_executor.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    QuantizationConfig,
+    RowParallelLinear,
+    WeightShapeError,
+    default_weight_loader,
+)
 from folovllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 
 
@@ -52,6 +63,7 @@ class Qwen3Attention(nn.Module):
         qkv_bias: bool,
         o_bias: bool,
         qk_norm: bool,
+        quant_config: Optional[QuantizationConfig] = None,
     ) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -59,8 +71,11 @@ class Qwen3Attention(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads,
+            bias=qkv_bias, quant_config=quant_config,
+        )
+        self.o_proj = RowParallelLinear(self.q_size, config.hidden_size, bias=o_bias, quant_config=quant_config)
         self.qk_norm = qk_norm
         if qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
@@ -86,10 +101,15 @@ class Qwen3Attention(nn.Module):
 
 
 class Qwen3MLP(nn.Module):
-    def __init__(self, config: Any, bias: bool = False) -> None:
+    def __init__(
+        self, config: Any, bias: bool = False, quant_config: Optional[QuantizationConfig] = None
+    ) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        inter = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [inter, inter], bias=bias, quant_config=quant_config
+        )
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias, quant_config=quant_config)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,7 +117,13 @@ class Qwen3MLP(nn.Module):
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, config: Any, rotary_emb: RotaryEmbedding, variant: dict[str, bool]) -> None:
+    def __init__(
+        self,
+        config: Any,
+        rotary_emb: RotaryEmbedding,
+        variant: dict[str, bool],
+        quant_config: Optional[QuantizationConfig] = None,
+    ) -> None:
         super().__init__()
         self.self_attn = Qwen3Attention(
             config,
@@ -105,8 +131,9 @@ class Qwen3DecoderLayer(nn.Module):
             qkv_bias=variant["qkv_bias"],
             o_bias=variant["o_bias"],
             qk_norm=variant["qk_norm"],
+            quant_config=quant_config,
         )
-        self.mlp = Qwen3MLP(config, bias=variant["mlp_bias"])
+        self.mlp = Qwen3MLP(config, bias=variant["mlp_bias"], quant_config=quant_config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -121,7 +148,9 @@ class Qwen3DecoderLayer(nn.Module):
 
 
 class Qwen3Model(nn.Module):
-    def __init__(self, config: Any, variant: dict[str, bool]) -> None:
+    def __init__(
+        self, config: Any, variant: dict[str, bool], quant_config: Optional[QuantizationConfig] = None
+    ) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -129,7 +158,8 @@ class Qwen3Model(nn.Module):
         # One rotary table shared by every layer: it only depends on positions.
         rotary_emb = RotaryEmbedding(head_dim, config.max_position_embeddings, rope_theta, rope_scaling)
         self.layers = nn.ModuleList(
-            Qwen3DecoderLayer(config, rotary_emb, variant) for _ in range(config.num_hidden_layers)
+            Qwen3DecoderLayer(config, rotary_emb, variant, quant_config)
+            for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -143,8 +173,10 @@ class Qwen3Model(nn.Module):
 
 
 class Qwen3ForCausalLM(nn.Module):
-    # Which checkpoint tensors are slices of which fused parameter: name -> (fused name, shard).
-    packed_modules_mapping = {
+    # Checkpoint tensors that are one part of a fused parameter: checkpoint module name ->
+    # (fused module name, shard id). The shard id tells the fused layer's `weight_loader` which
+    # rows are the tensor's (see `QKVParallelLinear`, `MergedColumnParallelLinear`).
+    stacked_params_mapping = {
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
         "v_proj": ("qkv_proj", "v"),
@@ -157,10 +189,11 @@ class Qwen3ForCausalLM(nn.Module):
         """What distinguishes this architecture inside the Qwen3/Qwen2/Llama family."""
         return {"qkv_bias": False, "o_bias": False, "qk_norm": True, "mlp_bias": False}
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, quant_config: Optional[QuantizationConfig] = None) -> None:
         super().__init__()
         self.config = config
-        self.model = Qwen3Model(config, self.variant(config))
+        self.model = Qwen3Model(config, self.variant(config), quant_config)
+        # Never quantized (as in GPTQ checkpoints); stage 08 makes it a vocab-parallel head.
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -176,12 +209,13 @@ class Qwen3ForCausalLM(nn.Module):
         return self.lm_head(hidden_states).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy checkpoint tensors (HF names) into our parameters; returns the checkpoint names
-        used (so a missing tensor is reported under the name the user's checkpoint would have).
+        """Hand each checkpoint tensor (HF name) to its parameter's `weight_loader`; returns the
+        checkpoint names used (so a missing tensor is reported under the name the user's
+        checkpoint would have).
 
-        `model.layers.0.self_attn.k_proj.weight` goes into rows [q_size, q_size + kv_size) of
-        `model.layers.0.self_attn.qkv_proj.weight`; `up_proj` into the second half of
-        `gate_up_proj`.
+        `model.layers.0.self_attn.k_proj.weight` goes to `...qkv_proj.weight` with shard id "k";
+        the layer knows that means rows [q_size, q_size + kv_size). Parameters outside the linear
+        layers (norms, embedding, head) have no loader of their own and are copied whole.
         """
         params = dict(self.named_parameters())
         loaded: set[str] = set()
@@ -190,22 +224,24 @@ class Qwen3ForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and getattr(self.config, "tie_word_embeddings", False):
                 continue  # the embedding is the head
-            target, shard = name, None
-            for ckpt_name, (fused_name, shard_id) in self.packed_modules_mapping.items():
+            target, shard_id = name, None
+            for ckpt_name, (fused_name, fused_shard) in self.stacked_params_mapping.items():
                 if f".{ckpt_name}." in name:
-                    target, shard = name.replace(ckpt_name, fused_name), shard_id
+                    target, shard_id = name.replace(f".{ckpt_name}.", f".{fused_name}."), fused_shard
                     break
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no matching parameter in {type(self).__name__}")
             param = params[target]
-            rows = self._shard_rows(target, shard, param)
-            dest = param.data if rows is None else param.data[rows[0] : rows[1]]
-            if dest.shape != tensor.shape:
+            try:
+                if shard_id is None:
+                    getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+                else:
+                    param.weight_loader(param, tensor, shard_id)
+            except WeightShapeError as e:
                 raise ValueError(
-                    f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected "
-                    f"{tuple(dest.shape)} from config.json"
-                )
-            dest.copy_(tensor)
+                    f"checkpoint tensor {name!r} has shape {e.loaded_shape}, expected "
+                    f"{e.expected_shape} from config.json"
+                ) from None
             loaded.add(name)
         return loaded
 
@@ -216,18 +252,8 @@ class Qwen3ForCausalLM(nn.Module):
         for name, _ in self.named_parameters():  # tied parameters appear once
             parts = [
                 name.replace(f".{fused}.", f".{ckpt}.")
-                for ckpt, (fused, _) in self.packed_modules_mapping.items()
+                for ckpt, (fused, _) in self.stacked_params_mapping.items()
                 if f".{fused}." in name
             ]
             names |= set(parts) if parts else {name}
         return names
-
-    def _shard_rows(self, target: str, shard: Any, param: torch.Tensor) -> tuple[int, int] | None:
-        if shard is None:
-            return None
-        if "qkv_proj" in target:
-            attn = self.model.layers[0].self_attn
-            q, kv = attn.q_size, attn.kv_size
-            return {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}[shard]
-        half = param.shape[0] // 2
-        return (shard * half, (shard + 1) * half)
