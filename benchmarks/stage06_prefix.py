@@ -84,9 +84,9 @@ def measure(model: str, stage: int, make_batches: Callable[[], Batches]) -> dict
     return dict(timing=t, mean_ttft_s=statistics.mean(ttfts), p50_ttft_s=statistics.median(ttfts),
                 num_prompt_tokens=s.num_prompt_tokens,
                 num_prompt_tokens_computed=s.num_prompt_tokens_computed,
-                prefix_cache_hit_rate=round(s.prefix_cache_hit_rate, 4),
-                prefix_cache_blocks_saved=s.prefix_cache_blocks_saved,
-                prefix_cache_evictions=s.prefix_cache_evictions)
+                prefix_cache_hit_rate=round(s.prefix_cache.hit_rate, 4),
+                prefix_cache_blocks_saved=s.prefix_cache.blocks_saved,
+                prefix_cache_evictions=s.prefix_cache.evictions)
 
 
 def one_batch(prompts: list[list[int]], max_tokens: list[int]) -> Callable[[list[list[int]]], Batch | None]:

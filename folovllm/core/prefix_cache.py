@@ -33,6 +33,7 @@ blocks (least recently freed first) live in `BlockPool`.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -67,9 +68,15 @@ class PrefixCacheStats:
     evictions: int = 0
     collisions: int = 0
 
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+    def __add__(self, other: "PrefixCacheStats") -> "PrefixCacheStats":
+        return PrefixCacheStats(*map(operator.add, dataclasses.astuple(self), dataclasses.astuple(other)))
+
     def __sub__(self, other: "PrefixCacheStats") -> "PrefixCacheStats":
-        return PrefixCacheStats(*(a - b for a, b in zip(dataclasses.astuple(self),
-                                                        dataclasses.astuple(other))))
+        return PrefixCacheStats(*map(operator.sub, dataclasses.astuple(self), dataclasses.astuple(other)))
 
 
 class NullPrefixCache:

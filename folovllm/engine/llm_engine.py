@@ -219,7 +219,7 @@ class LLMEngine:
         s.kv_tokens_reserved += step.kv_tokens_reserved
         s.kv_tokens_used += step.kv_tokens_used
         s.peak_kv_tokens_reserved = max(s.peak_kv_tokens_reserved, step.kv_tokens_reserved)
-        s.add_prefix_cache_stats(self.kv_cache_manager.make_prefix_cache_stats())
+        s.prefix_cache += self.kv_cache_manager.make_prefix_cache_stats()
         self.last_scheduler_stats = step
         for logger in self.stat_loggers:
             logger(step)

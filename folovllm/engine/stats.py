@@ -13,17 +13,16 @@ report them next to the times:
     max_num_running             most requests running at once (peak concurrency)
     num_preemptions             requests whose KV was dropped to make room (stage 03)
     kv_tokens_reserved/used     summed over steps: cache slots reserved vs holding live tokens
-    prefix_cache_*              stage 06: tokens looked up and found at admission, blocks taken
+    prefix_cache                stage 06: tokens looked up and found at admission, blocks taken
                                 by reference, cached blocks evicted, hash collisions caught
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
-if TYPE_CHECKING:
-    from folovllm.core.prefix_cache import PrefixCacheStats
+from folovllm.core.prefix_cache import PrefixCacheStats
 
 
 @dataclass(frozen=True)
@@ -70,26 +69,8 @@ class EngineStats:
     kv_tokens_used: int = 0  # sum over steps
     peak_kv_tokens_reserved: int = 0
 
-    # -- stage 06: prefix caching (all zero when it is off) --------------------------------------
-    prefix_cache_requests: int = 0  # admissions that looked the cache up
-    prefix_cache_queries: int = 0  # tokens they had then
-    prefix_cache_hits: int = 0  # of those, tokens found cached (not computed)
-    prefix_cache_blocks_saved: int = 0  # hit blocks: shared, neither allocated nor computed
-    prefix_cache_evictions: int = 0  # cached blocks handed out for other tokens
-    prefix_cache_collisions: int = 0  # hash found with other content: a miss, not wrong KV
-
-    def add_prefix_cache_stats(self, stats: "PrefixCacheStats") -> None:
-        self.prefix_cache_requests += stats.requests
-        self.prefix_cache_queries += stats.queries
-        self.prefix_cache_hits += stats.hits
-        self.prefix_cache_blocks_saved += stats.blocks_saved
-        self.prefix_cache_evictions += stats.evictions
-        self.prefix_cache_collisions += stats.collisions
-
-    @property
-    def prefix_cache_hit_rate(self) -> float:
-        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
-    # -- end of stage 06 --------------------------------------------------------------------------
+    # stage 06: what the prefix cache did (all zero when it is off); see `PrefixCacheStats`
+    prefix_cache: PrefixCacheStats = field(default_factory=PrefixCacheStats)
 
     @property
     def kv_utilization(self) -> float:
@@ -104,12 +85,12 @@ class EngineStats:
     def wasted_row_fraction(self) -> float:
         return self.num_wasted_row_steps / self.num_decode_row_steps if self.num_decode_row_steps else 0.0
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(
             kv_utilization=round(self.kv_utilization, 4),
             peak_kv_bytes_reserved=self.peak_kv_bytes_reserved,
             wasted_row_fraction=round(self.wasted_row_fraction, 4),
-            prefix_cache_hit_rate=round(self.prefix_cache_hit_rate, 4),
         )
+        d["prefix_cache"]["hit_rate"] = round(self.prefix_cache.hit_rate, 4)
         return d

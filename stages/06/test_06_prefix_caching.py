@@ -61,10 +61,10 @@ def test_greedy_matches_hf_when_every_prompt_hits(greedy_reference, arch):
     llm = llm6(ref.path)
     params = [SamplingParams(temperature=0, max_tokens=m) for m in ref.max_tokens]
     assert token_ids(llm.generate(ref.prompts, params, use_tqdm=False)) == ref.outputs
-    first_hits = llm.stats.prefix_cache_hits
+    first_hits = llm.stats.prefix_cache.hits
     assert token_ids(llm.generate(ref.prompts, params, use_tqdm=False)) == ref.outputs
     expected_hits = sum((len(p) - 1) // BS * BS for p in ref.prompts)  # all but the last token
-    assert llm.stats.prefix_cache_hits - first_hits == expected_hits > 0
+    assert llm.stats.prefix_cache.hits - first_hits == expected_hits > 0
 
 
 @pytest.mark.parametrize("backend", ["naive", "sdpa"])
@@ -78,7 +78,7 @@ def test_shared_prefix_greedy_matches_hf(tiny_qwen3, hf_qwen3, backend, chunked)
     params = [SamplingParams(temperature=0, max_tokens=m) for m in max_tokens]
     out = token_ids(llm.generate(prompts, params, use_tqdm=False))
     assert out == [hf_greedy(hf_qwen3, p, m) for p, m in zip(prompts, max_tokens)]
-    assert llm.stats.prefix_cache_hits > 0
+    assert llm.stats.prefix_cache.hits > 0
 
 
 # -- the gain: prompt tokens computed, exactly ------------------------------------------------------
@@ -98,9 +98,9 @@ def test_shared_prefix_computes_only_what_the_hits_leave(tiny_qwen3, chunked):
     assert out6 == out4
     assert llm4.stats.num_prompt_tokens_computed == total == 675
     s = llm.stats
-    assert (s.prefix_cache_queries, s.prefix_cache_hits, s.prefix_cache_blocks_saved) == (675, 5 * 96, 30)
+    assert (s.prefix_cache.queries, s.prefix_cache.hits, s.prefix_cache.blocks_saved) == (675, 5 * 96, 30)
     assert s.num_prompt_tokens_computed == total - 5 * 96 == 195
-    assert s.prefix_cache_hit_rate == pytest.approx(480 / 675)
+    assert s.prefix_cache.hit_rate == pytest.approx(480 / 675)
 
 
 def test_a_fully_cached_prompt_still_computes_its_last_block(tiny_qwen3):
@@ -145,7 +145,7 @@ def test_n_samples_share_the_prompt_blocks(tiny_qwen3):
     assert out6 == out4
     assert len({tuple(o) for o in out6}) > 1  # the samples really differ
     s6, s4 = with_cache.stats, without.stats
-    assert s6.prefix_cache_blocks_saved == 18
+    assert s6.prefix_cache.blocks_saved == 18
     assert s6.num_prompt_tokens_computed == 100 + 3 * 4
     assert s4.peak_kv_tokens_reserved - s6.peak_kv_tokens_reserved == 18 * BS
 
@@ -170,14 +170,14 @@ def test_a_preempted_request_hits_its_own_blocks_when_it_resumes(tiny_qwen3, chu
     params = [SamplingParams(temperature=0, max_tokens=200 - len(p), ignore_eos=True) for p in prompts]
     ample = llm6(tiny_qwen3, chunked, max_num_seqs=8)
     expected = token_ids(ample.generate(prompts, params, use_tqdm=False))
-    assert ample.stats.num_preemptions == 0 and ample.stats.prefix_cache_hits == 0
+    assert ample.stats.num_preemptions == 0 and ample.stats.prefix_cache.hits == 0
     # 20 blocks of 16 tokens: eight requests growing to 200 tokens do not fit at once.
     tight = llm6(tiny_qwen3, chunked, max_num_seqs=8, kv_cache_memory=20 * BS * BYTES_PER_TOKEN)
     assert token_ids(tight.generate(prompts, params, use_tqdm=False)) == expected
     s = tight.stats
     assert s.num_preemptions > 0
-    assert s.prefix_cache_hits > 0
-    assert s.prefix_cache_requests == len(prompts) + s.num_preemptions
+    assert s.prefix_cache.hits > 0
+    assert s.prefix_cache.requests == len(prompts) + s.num_preemptions
     manager = tight.llm_engine.kv_cache_manager
     assert manager.num_free_blocks == manager.block_pool.num_blocks  # every block back
 
@@ -193,7 +193,7 @@ def test_hash_collisions_cost_a_miss_never_wrong_kv(tiny_qwen3, hf_qwen3):
     out = token_ids(llm.generate(prompts, params, use_tqdm=False))
     out += token_ids(llm.generate(prompts, params, use_tqdm=False))
     assert out == [hf_greedy(hf_qwen3, p, 6) for p in prompts] * 2
-    assert llm.stats.prefix_cache_collisions > 0
+    assert llm.stats.prefix_cache.collisions > 0
 
 
 def test_prefix_caching_needs_paged_kv():
