@@ -90,6 +90,7 @@ class BlockPool:
         self.cached_block_hash_to_block: dict[bytes, KVCacheBlock] = {}
         self.num_evictions = 0  # cached blocks handed out for other tokens
         self.num_collisions = 0  # lookups that found the hash with other content
+        self.num_shared_refs = 0  # references beyond the first, over all blocks in use
 
     @property
     def num_blocks(self) -> int:
@@ -119,6 +120,8 @@ class BlockPool:
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
                 self.free_block_queue.append(block)
+            else:
+                self.num_shared_refs -= 1
 # --8<-- [end:block_pool]
 
     # -- stage 06: the prefix cache's map -------------------------------------------------------
@@ -152,6 +155,8 @@ class BlockPool:
         for block in blocks:
             if block.ref_cnt == 0:
                 self.free_block_queue.remove(block)
+            else:
+                self.num_shared_refs += 1
             block.ref_cnt += 1
 
     def _maybe_evict_cached_block(self, block: KVCacheBlock) -> None:

@@ -107,6 +107,12 @@ class KVCacheManagerBase(ABC):
         """The block ids of `request`, in token order."""
 
     @property
+    def num_shared_tokens(self) -> int:
+        """Slots that more than one request counts as its own (stage 06 shares full blocks):
+        each extra sharer of a block adds `block_size`. 0 without sharing."""
+        return 0
+
+    @property
     @abstractmethod
     def num_reserved_tokens(self) -> int:
         """Cache slots set aside for requests now (whether or not they hold a token yet)."""

@@ -143,6 +143,10 @@ class KVCacheManager(KVCacheManagerBase):
         return [block.block_id for block in self.req_to_blocks[request.request_id]]
 
     @property
+    def num_shared_tokens(self) -> int:
+        return self.block_pool.num_shared_refs * self.block_size
+
+    @property
     def num_reserved_tokens(self) -> int:
         """Slots in blocks that are in use (the last block of each request is partly empty)."""
         return (self.block_pool.num_blocks - self.num_free_blocks) * self.block_size

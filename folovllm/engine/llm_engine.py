@@ -205,7 +205,8 @@ class LLMEngine:
             num_prefill_tokens=output.num_prefill_tokens,
             num_decode_tokens=output.num_decode_tokens,
             kv_tokens_reserved=self.kv_cache_manager.num_reserved_tokens,
-            kv_tokens_used=self.scheduler.live_kv_tokens(),
+            # a slot shared by several requests (stage 06) holds one live token, not several
+            kv_tokens_used=self.scheduler.live_kv_tokens() - self.kv_cache_manager.num_shared_tokens,
             num_preemptions=self.scheduler.num_preemptions,
         )
         s = self.stats

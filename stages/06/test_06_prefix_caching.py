@@ -148,6 +148,8 @@ def test_n_samples_share_the_prompt_blocks(tiny_qwen3):
     assert s6.prefix_cache.blocks_saved == 18
     assert s6.num_prompt_tokens_computed == 100 + 3 * 4
     assert s4.peak_kv_tokens_reserved - s6.peak_kv_tokens_reserved == 18 * BS
+    # a shared slot is one live token, however many requests read it
+    assert 0 < s6.kv_utilization <= 1
 
 
 def test_seeded_sampling_is_identical_with_and_without_the_cache(tiny_qwen3):
@@ -330,6 +332,7 @@ def test_manager_invariants_with_shared_prefixes(num_blocks, block_size, ops):
             assert (blk.block_id in free_ids) == (blk.ref_cnt == 0), "free and referenced"
         for t in tables:
             assert len(t) == len(set(t)), "a block twice in one table"
+        assert pool.num_shared_refs == sum(max(blk.ref_cnt - 1, 0) for blk in pool.blocks)
         for hash_value, blk in pool.cached_block_hash_to_block.items():
             assert blk.block_hash is not None and blk.block_hash.hash_value == hash_value
             prefix_tokens = written[blk.block_id]
