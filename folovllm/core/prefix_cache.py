@@ -80,7 +80,8 @@ class PrefixCacheStats:
 
 
 class NullPrefixCache:
-    """Prefix caching off (stages 03-05): never hits, hashes nothing, caches nothing."""
+    """Prefix caching off (stages 03-05): never hits, hashes nothing, caches nothing. It is also
+    the interface: `PrefixCache` overrides every method."""
 
     def find_longest_cache_hit(self, request: Request) -> list[KVCacheBlock]:
         return []
