@@ -2,6 +2,8 @@
 
     python -m benchmarks.latency --stages 1 2 --workload mixed --num-requests 48   # stage 02's
     python -m benchmarks.latency --stages 1 2 --rate 0.5 --no-write                # fixed rate
+    python -m benchmarks.latency --systems folovllm-stage4 \
+        'folovllm-stage5[max_num_batched_tokens=256]' --workload long_prompts      # stage 05's
 
 Each stage gets a fresh `LLMEngine` (through `folovllm.LLM`) per repeat and the same trace:
 request i arrives `arrivals[i]` seconds after the start (`workloads.poisson_arrivals`). The loop
@@ -40,6 +42,7 @@ import torch
 from benchmarks.bench_model import bench_model_info, bench_model_path
 from benchmarks.harness import interleave, peak_loadavg, timed, warmup_workload
 from benchmarks.results import ASSETS_DIR, RESULTS_DIR, machine_short, result_record, shared_machine_note, write_results
+from benchmarks.systems import parse_folovllm_name
 from benchmarks.systems.folovllm import StepTrace
 from benchmarks.workloads import WORKLOADS, Workload, get_workload, poisson_arrivals
 
@@ -130,7 +133,8 @@ def latency_stats(run: dict[str, Any], workload: Workload) -> dict[str, Any]:
 def render_markdown(result: dict[str, Any]) -> str:
     w, c = result["workload"], result["config"]
     cap = result.get("capacity")
-    how = (f"{c['load']:.0%} of stage {cap['stage']:02d}'s capacity of {cap['requests_per_s']:.3f} "
+    of = cap.get("system") or f"stage {cap['stage']:02d}"
+    how = (f"{c['load']:.0%} of {of}'s capacity of {cap['requests_per_s']:.3f} "
            f"requests/s (measured first: all {w['num_requests']} requests at once, "
            f"{cap['seconds']:.1f} s)" if cap else "set by --rate")
     caption = (
@@ -162,7 +166,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     if ratios:
         tail = "\n" + (f"{ratios['older']} / {ratios['newer']}: TTFT p50 {ratios['ttft_p50']:.1f}×, "
                        f"TTFT p99 {ratios['ttft_p99']:.1f}×, e2e p50 {ratios['e2e_p50']:.1f}×, "
-                       f"throughput {ratios['throughput']:.2f}× (newer / older).") + "\n"
+                       + (f"ITL p99 {ratios['itl_p99']:.1f}×, " if "itl_p99" in ratios else "")
+                       + f"throughput {ratios['throughput']:.2f}× (newer / older).") + "\n"
     return caption + "\n\n" + "\n".join(lines) + "\n" + tail
 
 
@@ -170,6 +175,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--systems", nargs="+", default=None,
+                   help="folovllm-stageN[key=value,...] systems instead of --stages (e.g. a budget sweep)")
     p.add_argument("--workload", default="mixed", choices=sorted(WORKLOADS))
     p.add_argument("--num-requests", type=int, default=None)
     p.add_argument("--quick", action="store_true")
@@ -192,60 +199,69 @@ def main(argv: Optional[list[str]] = None) -> int:
     info = bench_model_info(Path(model))
     workload = get_workload(args.workload, vocab_size=info["vocab_size"], seed=args.seed,
                             quick=args.quick, num_requests=args.num_requests)
-    stages = sorted(set(args.stages))
+    names = args.systems or [f"folovllm-stage{s}" for s in sorted(set(args.stages))]
+    systems_args = {}
+    for name in names:
+        parsed = parse_folovllm_name(name)
+        if parsed is None:
+            p.error(f"{name!r} is not a folovllm-stageN[key=value,...] system")
+        systems_args[name] = parsed
+    stages = sorted({stage for stage, _ in systems_args.values()})
     result = result_record("benchmarks.latency", argv, model=info)
     print(f"{result['command']}\nmachine: {machine_short(result['machine'])}\nworkload: {workload.summary()}")
 
-    def serve(stage: int, w: Workload, arrivals: list[float]) -> dict[str, Any]:
-        """One replay on a fresh engine of `stage` (built untimed: `replay` times the serving)."""
+    def serve(name: str, w: Workload, arrivals: list[float]) -> dict[str, Any]:
+        """One replay on a fresh engine of system `name` (built untimed: `replay` times the serving)."""
         from folovllm import LLM
 
-        llm = LLM(model, stage=stage, dtype="float32", device="cpu", max_num_seqs=args.max_num_seqs, seed=0)
+        stage, overrides = systems_args[name]
+        llm = LLM(model, stage=stage, dtype="float32", device="cpu", max_num_seqs=args.max_num_seqs,
+                  seed=0, **overrides)
         return replay(llm, w, arrivals)
 
-    # Warm-up (untimed): each stage once, the first max_num_seqs prompts at once, 4 tokens each.
+    # Warm-up (untimed): each system once, the first max_num_seqs prompts at once, 4 tokens each.
     warm = warmup_workload(workload, args.max_num_seqs)
-    for st in stages:
-        serve(st, warm, [0.0] * len(warm))
+    for name in names:
+        serve(name, warm, [0.0] * len(warm))
     capacity = None
     rate = args.rate
     if rate is None:
-        top = stages[-1]
+        top = names[-1]
         run = serve(top, workload, [0.0] * len(workload))
-        capacity = dict(stage=top, seconds=run["seconds"], cpu_seconds=run["cpu_seconds"],
+        capacity = dict(stage=systems_args[top][0], system=top, seconds=run["seconds"], cpu_seconds=run["cpu_seconds"],
                         loadavg=run["loadavg"], requests_per_s=round(len(workload) / run["seconds"], 5),
                         output_tok_s=round(workload.num_output_tokens / run["seconds"], 3))
         rate = args.load * capacity["requests_per_s"]
-        print(f"capacity of stage {top}: {capacity['requests_per_s']:.3f} requests/s "
+        print(f"capacity of {top}: {capacity['requests_per_s']:.3f} requests/s "
               f"({run['seconds']:.1f}s for {len(workload)} requests, load {run['loadavg']}); "
               f"rate = {args.load} x that = {rate:.3f} requests/s")
     arrivals = poisson_arrivals(len(workload), rate, seed=args.arrival_seed)
     print(f"trace: {len(arrivals)} arrivals over {arrivals[-1]:.1f}s")
 
-    def log(stage: int, i: int, run: dict[str, Any]) -> None:
+    def log(name: str, i: int, run: dict[str, Any]) -> None:
         s = latency_stats(run, workload)
-        print(f"repeat {i + 1}/{args.repeats} stage {stage}: {run['seconds']:.1f}s (cpu "
+        print(f"repeat {i + 1}/{args.repeats} {name}: {run['seconds']:.1f}s (cpu "
               f"{run['cpu_seconds']:.1f}s, load {run['loadavg']}), TTFT p50 {s['ttft_p50']:.2f}s "
               f"p99 {s['ttft_p99']:.2f}s, ITL p50 {s['itl_p50'] * 1e3:.0f}ms, "
               f"{s['output_tok_s']:.1f} output tok/s, peak running {s['max_num_running']}")
 
-    runs = interleave({st: (lambda st=st: serve(st, workload, arrivals)) for st in stages}, args.repeats, log=log)
+    runs = interleave({n: (lambda n=n: serve(n, workload, arrivals)) for n in names}, args.repeats, log=log)
 
     systems: dict[str, Any] = {}
-    for st in stages:
-        sums = [latency_stats(r, workload) for r in runs[st]]
+    for name in names:
+        sums = [latency_stats(r, workload) for r in runs[name]]
         median = {k: (None if any(s[k] is None for s in sums) else
                       round(statistics.median(s[k] for s in sums), 5)) for k in sums[0]}
-        systems[f"folovllm-stage{st}"] = dict(median=median, per_repeat=sums, runs=runs[st])
+        systems[name] = dict(median=median, per_repeat=sums, runs=runs[name])
     ratios = None
-    if len(stages) >= 2:
-        old, new = systems[f"folovllm-stage{stages[-2]}"]["median"], systems[f"folovllm-stage{stages[-1]}"]["median"]
-        ratios = dict(older=f"stage {stages[-2]:02d}", newer=f"stage {stages[-1]:02d}",
+    if len(names) >= 2:  # the first system against the last
+        old, new = systems[names[0]]["median"], systems[names[-1]]["median"]
+        ratios = dict(older=names[0], newer=names[-1],
                       ttft_p50=old["ttft_p50"] / new["ttft_p50"], ttft_p99=old["ttft_p99"] / new["ttft_p99"],
-                      e2e_p50=old["e2e_p50"] / new["e2e_p50"],
+                      e2e_p50=old["e2e_p50"] / new["e2e_p50"], itl_p99=old["itl_p99"] / new["itl_p99"],
                       throughput=new["output_tok_s"] / old["output_tok_s"])
     result.update(
-        config=dict(stages=stages, workload=args.workload, quick=args.quick, repeats=args.repeats,
+        config=dict(stages=stages, systems=names, workload=args.workload, quick=args.quick, repeats=args.repeats,
                     threads=args.threads, max_num_seqs=args.max_num_seqs, seed=args.seed,
                     arrival_seed=args.arrival_seed, rate=rate, load=args.load if args.rate is None else None),
         workload=workload.summary(), capacity=capacity, arrivals=[round(a, 5) for a in arrivals],
@@ -259,11 +275,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.no_write:
         name = args.name or f"stage{stages[-1]:02d}_latency_cpu" + ("_quick" if args.quick else "")
         write_results(args.out, name, result, md)
-        from benchmarks.plots import plot_latency
+        from benchmarks.plots import plot_itl_ttft_tradeoff, plot_latency
 
         png = Path(args.plot) if args.plot else ASSETS_DIR / f"{name.removesuffix('_cpu')}.png"
         try:  # plots imports matplotlib when it draws
             print(f"wrote {plot_latency(result, png)}")
+            if len(names) > 2:
+                print(f"wrote {plot_itl_ttft_tradeoff(result, png.with_name(png.stem + '_tradeoff.png'))}")
         except ImportError as e:  # matplotlib missing: results are written anyway
             print(f"no plot ({e}); pip install matplotlib, then python -m benchmarks.plots")
     return 0

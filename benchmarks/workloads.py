@@ -129,6 +129,27 @@ def long_tail_workload(
     return Workload(name, description, requests, seed, 0.0, True, params)
 
 
+def long_prompts_workload(
+    name: str, description: str, num_requests: int, short_prompt_len: tuple[int, int],
+    short_output_len: tuple[int, int], long_prompt_len: tuple[int, int],
+    long_output_len: tuple[int, int], long_fraction: float, vocab_size: int, seed: int,
+) -> Workload:
+    """Chat-like requests that decode for a while, and round(long_fraction * n) (at least 1)
+    requests with a long prompt and a short answer at seeded random positions: the prompts that
+    stall every decode without chunked prefill (stage 05's workload)."""
+    rng = random.Random(seed)
+    long_idx = set(rng.sample(range(num_requests), max(1, round(long_fraction * num_requests))))
+    requests = []
+    for i in range(num_requests):
+        prompt_len, output_len = ((long_prompt_len, long_output_len) if i in long_idx
+                                  else (short_prompt_len, short_output_len))
+        requests.append(Request(_prompt(rng, rng.randint(*prompt_len), vocab_size), rng.randint(*output_len)))
+    params = dict(num_requests=num_requests, short_prompt_len=list(short_prompt_len),
+                  short_output_len=list(short_output_len), long_prompt_len=list(long_prompt_len),
+                  long_output_len=list(long_output_len), long_fraction=long_fraction, vocab_size=vocab_size)
+    return Workload(name, description, requests, seed, 0.0, True, params)
+
+
 def shared_prefix_workload(
     name: str, description: str, num_requests: int, prefix_len: int,
     question_len: tuple[int, int], output_len: int, vocab_size: int, seed: int,
@@ -175,6 +196,17 @@ def _nanovllm(vocab_size: int, seed: int, quick: bool, n: int | None) -> Workloa
                             seed, temperature=0.6)
 
 
+def _long_prompts(vocab_size: int, seed: int, quick: bool, n: int | None) -> Workload:
+    if quick:
+        return long_prompts_workload(
+            "long_prompts", "75% prompt 16..64 / output 32..64; 25% prompt 256..384 / output 4..8 (quick)",
+            n or 12, (16, 64), (32, 64), (256, 384), (4, 8), 0.25, vocab_size, seed)
+    return long_prompts_workload(
+        "long_prompts", "75% prompt 16..64 / output 64..128 (decoding); 25% prompt 1024..1536 / "
+        "output 8..16 (long prompts arriving)", n or 32, (16, 64), (64, 128), (1024, 1536), (8, 16),
+        0.25, vocab_size, seed)
+
+
 def _shared_prefix(vocab_size: int, seed: int, quick: bool, n: int | None) -> Workload:
     if quick:
         return shared_prefix_workload("shared_prefix", "128-token system prompt + 8..16-token "
@@ -189,6 +221,7 @@ WORKLOADS: dict[str, WorkloadBuilder] = {
     "mixed": _mixed,
     "long_tail": _long_tail,
     "nanovllm": _nanovllm,
+    "long_prompts": _long_prompts,
     "shared_prefix": _shared_prefix,
 }
 

@@ -149,6 +149,8 @@ class EngineConfig:
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={self.device!r} but CUDA is not available here; use device='cpu'")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
         _positive_int("max_num_seqs", self.max_num_seqs)
         if self.max_model_len is not None:
             _positive_int("max_model_len", self.max_model_len)
@@ -175,10 +177,15 @@ class EngineConfig:
         if self.kv_cache_memory is not None:
             _positive_int("kv_cache_memory", self.kv_cache_memory)
         _positive_int("block_size", self.block_size)
-        if not 0 < self.gpu_memory_utilization <= 1:
+        utilization = self.gpu_memory_utilization
+        if not isinstance(utilization, (int, float)) or isinstance(utilization, bool) or not 0 < utilization <= 1:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
             )
+        for flag in ("enable_continuous_batching", "enable_paged_kv", "enable_chunked_prefill",
+                     "enable_prefix_caching"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.enable_paged_kv and not self.enable_continuous_batching:
             raise ValueError(
                 "enable_paged_kv=True needs enable_continuous_batching=True: the paged cache "

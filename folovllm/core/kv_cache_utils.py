@@ -33,8 +33,11 @@ def get_kv_cache_manager_cls(config: EngineConfig) -> type[KVCacheManagerBase]:
 # --8<-- [start:fit_max_model_len]
 def fit_max_model_len(config: EngineConfig, spec: KVCacheSpec, budget: int) -> EngineConfig:
     """When the user left `max_model_len` unset, shrink the model's (Qwen3-0.6B: 40,960 tokens)
-    to what the KV budget holds: one sequence with paged KV, `max_num_seqs` slots without."""
-    sequences = 1 if config.enable_paged_kv else config.max_num_seqs
+    to what the KV budget holds: one sequence with paged KV, `max_num_seqs` slots without (or,
+    when the budget holds fewer than `max_num_seqs` blocks, one slot per block it holds). Every
+    stage refuses only a budget smaller than one block."""
+    block_bytes = config.block_size * spec.bytes_per_token
+    sequences = 1 if config.enable_paged_kv else max(1, min(config.max_num_seqs, budget // block_bytes))
     fits = budget // (sequences * spec.bytes_per_token) // config.block_size * config.block_size
     if 0 < fits < config.max_model_len:
         logger.warning(

@@ -36,6 +36,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "finished_stopped"  # EOS, stop token id or stop string
     FINISHED_LENGTH = "finished_length"  # max_tokens or max_model_len
     FINISHED_ABORTED = "finished_aborted"
+    FINISHED_ERROR = "finished_error"  # its step raised (see `LLMEngine._execute_model`)
 
     @property
     def finished(self) -> bool:
@@ -50,11 +51,13 @@ _FINISHED = {
     RequestStatus.FINISHED_STOPPED,
     RequestStatus.FINISHED_LENGTH,
     RequestStatus.FINISHED_ABORTED,
+    RequestStatus.FINISHED_ERROR,
 }
 _FINISH_REASON = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
 }
 
 
@@ -81,6 +84,7 @@ class Request:
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
         self.output_text = ""  # detokenized output, cut at a stop string
+        self.error: Optional[str] = None  # why it failed (status FINISHED_ERROR)
         self.metrics = RequestMetrics(arrival_time=arrival_time)
         # Stage 06: the hash of each full block of `all_token_ids`, in order, appended by the
         # prefix cache as blocks fill (prompt and output alike); empty without prefix caching.
