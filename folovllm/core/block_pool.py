@@ -159,6 +159,13 @@ class BlockPool:
                 self.num_shared_refs += 1
             block.ref_cnt += 1
 
+    def uncache_blocks(self, blocks: Iterable[KVCacheBlock]) -> None:
+        """Make blocks unfindable (their content may be wrong); they stay with their owners."""
+        for block in blocks:
+            if block.block_hash is not None:
+                del self.cached_block_hash_to_block[block.block_hash.hash_value]
+                block.block_hash = None
+
     def _maybe_evict_cached_block(self, block: KVCacheBlock) -> None:
         if block.block_hash is None:
             return

@@ -28,7 +28,7 @@ from folovllm.core.block_pool import BlockPool, KVCacheBlock
 from folovllm.core.kv_cache_interface import KVCacheConfig, KVCacheManagerBase, KVCacheSpec, cdiv
 from folovllm.core.kv_cache_utils import sha256_hash
 from folovllm.core.prefix_cache import NullPrefixCache, PrefixCache, PrefixCacheStats
-from folovllm.core.request import Request
+from folovllm.core.request import Request, RequestStatus
 
 if TYPE_CHECKING:
     from folovllm.config import EngineConfig
@@ -132,6 +132,10 @@ class KVCacheManager(KVCacheManagerBase):
         eviction order (least recently freed first), so the tail of a sequence is evicted
         before its head, which other requests are likelier to share."""
         blocks = self.req_to_blocks.pop(request.request_id, [])
+        if request.status == RequestStatus.FINISHED_ERROR:
+            # Its step raised (the engine's fault guard): blocks cached for it when they were
+            # scheduled may never have been written. A miss is cheap, wrong K/V is not.
+            self.block_pool.uncache_blocks(blocks)
         self.block_pool.free_blocks(reversed(blocks))
         self.prefix_cache.free(request)
     # --8<-- [end:free]

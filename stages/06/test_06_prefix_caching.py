@@ -198,6 +198,33 @@ def test_hash_collisions_cost_a_miss_never_wrong_kv(tiny_qwen3, hf_qwen3):
     assert llm.stats.prefix_cache.collisions > 0
 
 
+def test_a_request_whose_step_failed_leaves_nothing_cached(tiny_qwen3, hf_qwen3, monkeypatch):
+    """Blocks are cached when they are scheduled. If the step then raises for a request before
+    its K/V is written (the engine's fault guard finishes it with "error"), its blocks must not
+    stay findable: the same prompt later misses and gets HF's tokens."""
+    bad = shared_prefix_prompts(512, 50, [0], seed=8)[0]  # 3 full blocks
+    llm = llm6(tiny_qwen3)
+    engine, runner = llm.llm_engine, llm.llm_engine.model_runner
+    real_execute = runner.execute_model
+
+    def failing_execute(output):
+        if any(r.prompt_token_ids == bad for r in output.requests):
+            raise RuntimeError("injected fault before any K/V is written")
+        return real_execute(output)
+
+    monkeypatch.setattr(runner, "execute_model", failing_execute)
+    params = SamplingParams(temperature=0, max_tokens=5)
+    engine.add_request("bad", bad, params)
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+    assert finished["bad"].outputs[0].finish_reason == "error"
+    monkeypatch.undo()
+    hits = engine.stats.prefix_cache.hits
+    assert token_ids(llm.generate([bad], params, use_tqdm=False)) == [hf_greedy(hf_qwen3, bad, 5)]
+    assert engine.stats.prefix_cache.hits == hits  # nothing of the failed request was findable
+
+
 def test_prefix_caching_needs_paged_kv():
     with pytest.raises(ValueError, match="prefix caching needs enable_paged_kv"):
         EngineConfig.for_stage(2, enable_prefix_caching=True)
