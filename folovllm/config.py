@@ -13,7 +13,7 @@ Stages and their flags::
     03 paged KV cache        enable_paged_kv
     04 FlashAttention        attention_backend != "naive" ("auto" = triton on CUDA, sdpa on CPU)
     05 chunked prefill       enable_chunked_prefill (+ long_prefill_token_threshold)
-    06 prefix caching        enable_prefix_caching    (not built yet)
+    06 prefix caching        enable_prefix_caching    (needs enable_paged_kv)
     07 GPTQ                  quantization="gptq"      (not built yet)
     08 tensor parallel       tensor_parallel_size > 1 (a separate axis: composes with any stage)
 """
@@ -29,7 +29,7 @@ import torch
 
 # The highest stage that is implemented. `for_stage` refuses anything above it with a clear
 # message instead of silently running an older engine.
-LATEST_STAGE = 5
+LATEST_STAGE = 6
 STAGE_NAMES = {
     1: "naive generation",
     2: "continuous batching",
@@ -113,6 +113,7 @@ class EngineConfig:
             "enable_paged_kv": stage >= 3,
             "attention_backend": "auto" if stage >= 4 else "naive",
             "enable_chunked_prefill": stage >= 5,
+            "enable_prefix_caching": stage >= 6,
         }
         flags.update(overrides)
         return cls(**flags)
@@ -123,6 +124,8 @@ class EngineConfig:
     @property
     def stage(self) -> int:
         """The highest stage whose flag is on (flags can be mixed for ablations)."""
+        if self.enable_prefix_caching:
+            return 6
         if self.enable_chunked_prefill:
             return 5
         if self.attention_backend != "naive":
@@ -211,15 +214,11 @@ class EngineConfig:
                 "enable_chunked_prefill=True needs enable_continuous_batching=True: chunks of a "
                 "prompt join the running batch step by step, which a static batch cannot do"
             )
-        not_built = {
-            "enable_prefix_caching": 6,
-        }
-        for flag, stage in not_built.items():
-            if getattr(self, flag):
-                raise ValueError(
-                    f"{flag}=True needs stage {stage} ({STAGE_NAMES[stage]}), which is not "
-                    f"built yet; stages 1..{LATEST_STAGE} are available"
-                )
+        if self.enable_prefix_caching and not self.enable_paged_kv:
+            raise ValueError(
+                "prefix caching needs enable_paged_kv=True: it shares and finds KV by block "
+                "(full blocks of block_size tokens), which only the paged cache has"
+            )
         if self.quantization is not None:
             raise ValueError(
                 f"quantization={self.quantization!r} needs stage 7 (GPTQ), which is not built "

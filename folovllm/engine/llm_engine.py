@@ -83,7 +83,7 @@ class LLMEngine:
         kv_cache_config = manager_cls.get_kv_cache_config(self.config, spec, budget)
         self.model_executor.initialize_kv_cache(spec, kv_cache_config)  # refuses more than RAM/VRAM
         self.kv_cache_capacity_tokens = kv_cache_config.num_tokens
-        return manager_cls(kv_cache_config)
+        return manager_cls.from_config(self.config, kv_cache_config)
     # --8<-- [end:initialize_kv_cache]
 
     @property
@@ -268,7 +268,8 @@ class LLMEngine:
             num_prefill_tokens=output.num_prefill_tokens,
             num_decode_tokens=output.num_decode_tokens,
             kv_tokens_reserved=self.kv_cache_manager.num_reserved_tokens,
-            kv_tokens_used=self.scheduler.live_kv_tokens(),
+            # a slot shared by several requests (stage 06) holds one live token, not several
+            kv_tokens_used=self.scheduler.live_kv_tokens() - self.kv_cache_manager.num_shared_tokens,
             num_preemptions=self.scheduler.num_preemptions,
         )
         s = self.stats
@@ -282,6 +283,7 @@ class LLMEngine:
         s.kv_tokens_reserved += step.kv_tokens_reserved
         s.kv_tokens_used += step.kv_tokens_used
         s.peak_kv_tokens_reserved = max(s.peak_kv_tokens_reserved, step.kv_tokens_reserved)
+        s.prefix_cache += self.kv_cache_manager.make_prefix_cache_stats()
         self.last_scheduler_stats = step
         for stat_logger in self.stat_loggers:
             stat_logger(step)
