@@ -13,8 +13,9 @@ Stages and their flags::
     03 paged KV cache        enable_paged_kv
     04 FlashAttention        attention_backend != "naive" ("auto" = triton on CUDA, sdpa on CPU)
     05 chunked prefill       enable_chunked_prefill (+ long_prefill_token_threshold)
-    06 prefix caching        enable_prefix_caching    (not built yet)
+    06 prefix caching        enable_prefix_caching    (needs enable_paged_kv)
     07 GPTQ                  quantization="gptq"      (not built yet)
+    08 tensor parallel       tensor_parallel_size > 1 (a separate axis: composes with any stage)
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 # The highest stage that is implemented. `for_stage` refuses anything above it with a clear
 # message instead of silently running an older engine.
-LATEST_STAGE = 5
+LATEST_STAGE = 6
 STAGE_NAMES = {
     1: "naive generation",
     2: "continuous batching",
@@ -66,6 +67,9 @@ class EngineConfig:
             None = on CUDA `gpu_memory_utilization` of the GPU minus the model's measured peak;
             on CPU enough for `max_num_seqs` full-length sequences, at most 4 GiB.
         block_size: tokens per KV block (stage 03).
+        tensor_parallel_size: stage 08: ranks (worker processes) the model is split across;
+            1 = the model runs in the engine's process. Not part of `for_stage`: it goes on top
+            of any stage. `kv_cache_memory` is then per rank.
     """
 
     # model
@@ -87,6 +91,7 @@ class EngineConfig:
     long_prefill_token_threshold: int = 0  # stage 05: 0 = a chunk is capped by the budget only
     enable_prefix_caching: bool = False  # stage 06
     quantization: Optional[str] = None  # stage 07
+    tensor_parallel_size: int = 1  # stage 08
     # observability, not a stage: record every step for `folovllm trace` (engine/trace.py)
     trace: bool = False
 
@@ -110,6 +115,7 @@ class EngineConfig:
             "enable_paged_kv": stage >= 3,
             "attention_backend": "auto" if stage >= 4 else "naive",
             "enable_chunked_prefill": stage >= 5,
+            "enable_prefix_caching": stage >= 6,
         }
         flags.update(overrides)
         return cls(**flags)
@@ -120,6 +126,8 @@ class EngineConfig:
     @property
     def stage(self) -> int:
         """The highest stage whose flag is on (flags can be mixed for ablations)."""
+        if self.enable_prefix_caching:
+            return 6
         if self.enable_chunked_prefill:
             return 5
         if self.attention_backend != "naive":
@@ -173,6 +181,12 @@ class EngineConfig:
                 "attention_backend='triton' needs device='cuda' (or TRITON_INTERPRET=1 to run the "
                 "kernels in Triton's CPU interpreter, slowly, as the tests do)"
             )
+        _positive_int("tensor_parallel_size", self.tensor_parallel_size)
+        if on_cuda and self.tensor_parallel_size > torch.cuda.device_count():
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size} needs one GPU per rank, but "
+                f"{torch.cuda.device_count()} are visible"
+            )
         if self.kv_cache_memory is not None:
             _positive_int("kv_cache_memory", self.kv_cache_memory)
         _positive_int("block_size", self.block_size)
@@ -202,15 +216,11 @@ class EngineConfig:
                 "enable_chunked_prefill=True needs enable_continuous_batching=True: chunks of a "
                 "prompt join the running batch step by step, which a static batch cannot do"
             )
-        not_built = {
-            "enable_prefix_caching": 6,
-        }
-        for flag, stage in not_built.items():
-            if getattr(self, flag):
-                raise ValueError(
-                    f"{flag}=True needs stage {stage} ({STAGE_NAMES[stage]}), which is not "
-                    f"built yet; stages 1..{LATEST_STAGE} are available"
-                )
+        if self.enable_prefix_caching and not self.enable_paged_kv:
+            raise ValueError(
+                "prefix caching needs enable_paged_kv=True: it shares and finds KV by block "
+                "(full blocks of block_size tokens), which only the paged cache has"
+            )
         if self.quantization is not None:
             raise ValueError(
                 f"quantization={self.quantization!r} needs stage 7 (GPTQ), which is not built "
@@ -247,3 +257,25 @@ class EngineConfig:
 def _positive_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def verify_tensor_parallel(hf_config: Any, tensor_parallel_size: int) -> None:
+    """Refuse a split the model's shapes do not allow (vLLM's `verify_with_parallel_config`):
+    every rank needs whole query heads and an equal share of the MLP; key/value heads are split
+    when there are at least as many as ranks and replicated when there are fewer."""
+    tp = tensor_parallel_size
+    heads, kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    if heads % tp:
+        raise ValueError(
+            f"tensor_parallel_size={tp} must divide the model's {heads} attention heads"
+        )
+    if kv_heads % tp and tp % kv_heads:
+        raise ValueError(
+            f"tensor_parallel_size={tp} and the model's {kv_heads} key/value heads: one must "
+            "divide the other (kv heads are split across ranks, or replicated when fewer)"
+        )
+    if hf_config.intermediate_size % tp:
+        raise ValueError(
+            f"tensor_parallel_size={tp} must divide the model's intermediate_size "
+            f"({hf_config.intermediate_size})"
+        )

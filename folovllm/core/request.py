@@ -18,12 +18,15 @@ token.
 from __future__ import annotations
 
 import enum
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from folovllm.outputs import RequestMetrics
 from folovllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from folovllm.core.kv_cache_utils import BlockHash
 
 
 class RequestStatus(enum.Enum):
@@ -83,6 +86,9 @@ class Request:
         self.output_text = ""  # detokenized output, cut at a stop string
         self.error: Optional[str] = None  # why it failed (status FINISHED_ERROR)
         self.metrics = RequestMetrics(arrival_time=arrival_time)
+        # Stage 06: the hash of each full block of `all_token_ids`, in order, appended by the
+        # prefix cache as blocks fill (prompt and output alike); empty without prefix caching.
+        self.block_hashes: list["BlockHash"] = []
         # A per-request generator makes seeded sampling independent of the batch around it.
         self.generator: Optional[torch.Generator] = None
         if sampling_params.seed is not None:

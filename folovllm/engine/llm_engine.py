@@ -27,9 +27,9 @@ from folovllm.core.static_batch_scheduler import StaticBatchScheduler
 from folovllm.engine.output_processor import OutputProcessor
 from folovllm.engine.stats import EngineStats, SchedulerStats
 from folovllm.engine.trace import NullTracer, StepTracer
+from folovllm.executor import WorkerDiedError, get_executor_cls
 from folovllm.inputs import PromptType, is_token_id, parse_prompt
-from folovllm.model_executor.attention_backends import get_attn_backend
-from folovllm.model_executor.model_loader import load_model
+from folovllm.model_executor.model_loader import load_hf_config, resolve_model_path
 from folovllm.outputs import RequestOutput
 from folovllm.sampling_params import SEED_LIMIT, SamplingParams
 from folovllm.worker.model_runner import ModelRunner
@@ -41,30 +41,29 @@ logger = logging.getLogger("folovllm")
 class LLMEngine:
     def __init__(self, model: str, config: Optional[EngineConfig] = None) -> None:
         config = config or EngineConfig.for_stage(1)
-        self.model, self.hf_config, path = load_model(model, config.torch_dtype, config.device)
+        path = resolve_model_path(model)
+        self.hf_config = load_hf_config(path)
         self.config = config.resolve(self.hf_config.max_position_embeddings)
         self.tokenizer = _load_tokenizer(path)
         self.vocab_size = self.hf_config.vocab_size
         self.eos_token_ids = _eos_token_ids(self.hf_config, self.tokenizer, path, self.vocab_size)
 
-        dtype = next(self.model.parameters()).dtype
-        attn = self.model.model.layers[0].self_attn
-        spec = KVCacheSpec(
-            num_layers=self.hf_config.num_hidden_layers,
-            num_kv_heads=attn.num_kv_heads,
-            head_dim=attn.head_dim,
-            dtype=dtype,
-            device=self.config.device,
-        )
+        # The model lives behind the executor: in this process, or split over one worker
+        # process per tensor-parallel rank (stage 08). The sampler stays here either way.
         generator = torch.Generator(self.config.device).manual_seed(self.config.seed)
-        self.model_runner = ModelRunner(
-            self.model, Sampler(self.eos_token_ids, generator), self.config.device,
-            get_attn_backend(self.config.attention_backend),
+        executor_cls = get_executor_cls(self.config)
+        self.model_executor = executor_cls(
+            self.config, path, self.hf_config, Sampler(self.eos_token_ids, generator)
         )
-
-        # The stage flags pick the engine's parts here, once (the attention backend above, the
-        # KV cache manager in `_initialize_kv_cache`, the scheduler below).
-        self.kv_cache_manager = self._initialize_kv_cache(spec, fit_len=config.max_model_len is None)
+        # The stage flags pick the engine's parts here, once (the executor above and, in its
+        # `Worker`, the attention backend; the KV cache manager in `_initialize_kv_cache`; the
+        # scheduler below).
+        try:
+            spec = self.model_executor.kv_cache_spec()  # this rank's kv heads
+            self.kv_cache_manager = self._initialize_kv_cache(spec, fit_len=config.max_model_len is None)
+        except BaseException:  # e.g. a KV budget too small: no worker process outlives the error
+            self.model_executor.shutdown()
+            raise
         scheduler_cls = Scheduler if self.config.enable_continuous_batching else StaticBatchScheduler
         self.scheduler: SchedulerBase = scheduler_cls(self.config, self.kv_cache_manager, self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -80,15 +79,24 @@ class LLMEngine:
         """Size the KV cache once, at start-up (vLLM's `_initialize_kv_caches`): the byte budget,
         `max_model_len` fitted to it if the user left it unset, the stage's manager cutting it
         into blocks (or slots), and the tensors allocated and bound to the attention layers."""
-        budget = self.config.kv_cache_memory or self.model_runner.determine_available_memory(self.config, spec)
+        budget = self.config.kv_cache_memory or self.model_executor.determine_available_memory(spec)
         if fit_len:
             self.config = fit_max_model_len(self.config, spec, budget)
         manager_cls = get_kv_cache_manager_cls(self.config)
         kv_cache_config = manager_cls.get_kv_cache_config(self.config, spec, budget)
-        self.model_runner.initialize_kv_cache(spec, kv_cache_config)  # refuses more than RAM/VRAM
+        self.model_executor.initialize_kv_cache(spec, kv_cache_config)  # refuses more than RAM/VRAM
         self.kv_cache_capacity_tokens = kv_cache_config.num_tokens
-        return manager_cls(kv_cache_config)
+        return manager_cls.from_config(self.config, kv_cache_config)
     # --8<-- [end:initialize_kv_cache]
+
+    @property
+    def model_runner(self) -> ModelRunner:
+        """The in-process model runner (tensor_parallel_size = 1 only)."""
+        return self.model_executor.model_runner
+
+    def shutdown(self) -> None:
+        """Stop the worker processes, if any (also done when the engine is garbage collected)."""
+        self.model_executor.shutdown()
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -225,9 +233,12 @@ class LLMEngine:
         its own finishes with finish_reason "error" (its KV is freed at the end of the step,
         as for any finished request), the other rows keep the token they sampled, and the
         engine goes on serving. (KeyboardInterrupt is not caught: nothing has advanced yet, so
-        the caller can abort cleanly.)"""
+        the caller can abort cleanly.) A `WorkerDiedError` is not one request's fault: a
+        tensor-parallel worker died or failed, and no step can run any more (stage 08)."""
         try:
-            return self.model_runner.execute_model(output), []
+            return self.model_executor.execute_model(output), []
+        except WorkerDiedError:
+            raise
         except Exception:
             logger.warning("a step of %d rows failed; running them one at a time", output.num_rows,
                            exc_info=True)
@@ -235,7 +246,9 @@ class LLMEngine:
         failed: list[Request] = []
         for row, request in enumerate(output.requests):
             try:
-                sampled.update(self.model_runner.execute_model(output.row(row)))
+                sampled.update(self.model_executor.execute_model(output.row(row)))
+            except WorkerDiedError:
+                raise
             except Exception as error:
                 logger.error("request %r failed; it finishes with finish_reason 'error'",
                              request.request_id, exc_info=True)
@@ -260,7 +273,8 @@ class LLMEngine:
             num_prefill_tokens=output.num_prefill_tokens,
             num_decode_tokens=output.num_decode_tokens,
             kv_tokens_reserved=self.kv_cache_manager.num_reserved_tokens,
-            kv_tokens_used=self.scheduler.live_kv_tokens(),
+            # a slot shared by several requests (stage 06) holds one live token, not several
+            kv_tokens_used=self.scheduler.live_kv_tokens() - self.kv_cache_manager.num_shared_tokens,
             num_preemptions=self.scheduler.num_preemptions,
         )
         s = self.stats
@@ -274,6 +288,7 @@ class LLMEngine:
         s.kv_tokens_reserved += step.kv_tokens_reserved
         s.kv_tokens_used += step.kv_tokens_used
         s.peak_kv_tokens_reserved = max(s.peak_kv_tokens_reserved, step.kv_tokens_reserved)
+        s.prefix_cache += self.kv_cache_manager.make_prefix_cache_stats()
         self.last_scheduler_stats = step
         for stat_logger in self.stat_loggers:
             stat_logger(step)

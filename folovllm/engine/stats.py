@@ -13,11 +13,16 @@ report them next to the times:
     max_num_running             most requests running at once (peak concurrency)
     num_preemptions             requests whose KV was dropped to make room (stage 03)
     kv_tokens_reserved/used     summed over steps: cache slots reserved vs holding live tokens
+    prefix_cache                stage 06: tokens looked up and found at admission, blocks taken
+                                by reference, cached blocks evicted, hash collisions caught
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from folovllm.core.prefix_cache import PrefixCacheStats
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,9 @@ class EngineStats:
     kv_tokens_used: int = 0  # sum over steps
     peak_kv_tokens_reserved: int = 0
 
+    # stage 06: what the prefix cache did (all zero when it is off); see `PrefixCacheStats`
+    prefix_cache: PrefixCacheStats = field(default_factory=PrefixCacheStats)
+
     @property
     def kv_utilization(self) -> float:
         """Fraction of reserved KV memory that held a live token, averaged over steps."""
@@ -77,11 +85,12 @@ class EngineStats:
     def wasted_row_fraction(self) -> float:
         return self.num_wasted_row_steps / self.num_decode_row_steps if self.num_decode_row_steps else 0.0
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(
             kv_utilization=round(self.kv_utilization, 4),
             peak_kv_bytes_reserved=self.peak_kv_bytes_reserved,
             wasted_row_fraction=round(self.wasted_row_fraction, 4),
         )
+        d["prefix_cache"]["hit_rate"] = round(self.prefix_cache.hit_rate, 4)
         return d

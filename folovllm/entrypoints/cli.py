@@ -50,11 +50,16 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="stage 05: most prompt tokens one request computes per step (0 = no cap)")
     p.add_argument("--attention-backend", default=None,
                    help="auto | naive | torch_flash | sdpa | triton | flash_attn (stage 04)")
+    p.add_argument("--prefix-caching", dest="enable_prefix_caching",
+                   action=argparse.BooleanOptionalAction, default=None, help="stage 06")
+    p.add_argument("--tensor-parallel-size", type=int, default=None,
+                   help="stage 08: split the model over this many worker processes (default 1)")
 
 
 _ENGINE_FLAGS = ("max_num_batched_tokens", "kv_cache_memory", "gpu_memory_utilization",
                  "block_size", "enable_continuous_batching", "enable_paged_kv", "attention_backend",
-                 "enable_chunked_prefill", "long_prefill_token_threshold")
+                 "enable_chunked_prefill", "long_prefill_token_threshold", "enable_prefix_caching",
+                 "tensor_parallel_size")
 
 
 def _parse_bytes(text: str) -> int:
