@@ -99,6 +99,18 @@ def test_stage03_preemption_and_resume(tiny_qwen3):
     assert all(s.kv_blocks_used <= s.kv_num_blocks == 16 for s in steps)
 
 
+def test_stage06_prefix_hits(tiny_qwen3):
+    """Six prompts sharing 64 tokens (4 full blocks): every one after the first finds them cached."""
+    engine, _, decisions, _ = traced(tiny_qwen3, 6, "shared-prefix")
+    steps = list(engine.tracer.steps)
+    assert_trace_is_the_schedule(steps, decisions)
+    assert [request_lanes(steps)[r].cached_tokens for r in "ABCDEF"] == [0] + [64] * 5
+    hits = [r for s in steps for r in s.rows if r.num_cached_tokens]
+    assert len(hits) == 5 and all(r.num_computed_tokens == 64 and r.kind == "prefill" for r in hits)
+    prompt_lens = sum(r.prompt_len for r in WORKLOADS["shared-prefix"].requests)
+    assert sum(s.num_prefill_tokens for s in steps) == prompt_lens - 5 * 64
+
+
 def test_tokens_identical_with_tracing_on_and_off(tiny_qwen3):
     prompts = [[3, 4, 5, 6, 7], list(range(10, 40)), [8, 9]]
     params = [SamplingParams(temperature=0, max_tokens=n) for n in (12, 7, 20)]

@@ -1,4 +1,5 @@
-"""Timeline pictures of step traces (matplotlib, PNG): one column per traced engine, four panels::
+"""Timeline pictures of step traces (matplotlib, PNG): one column per traced engine, four panels
+(three with `step_time=False`)::
 
     request lanes   one row per request, one cell per step:
                     waiting / prefill / chunk / decode / stalled / idle / preempted,
@@ -20,29 +21,35 @@ from typing import Any, Sequence
 from folovllm.engine.trace import LANE_COLORS, LANE_STATES, StepRecord, request_lanes
 
 
-def plot_traces(columns: Sequence[tuple[str, Sequence[StepRecord]]], out: Path, title: str = "") -> Path:
-    """Draw each (label, steps) as a column of four panels; write a PNG to `out`."""
+def plot_traces(columns: Sequence[tuple[str, Sequence[StepRecord]]], out: Path, title: str = "",
+                step_time: bool = True) -> Path:
+    """Draw each (label, steps) as a column of panels; write a PNG to `out`. `step_time=False`
+    leaves out the only panel that changes from run to run (the docs' committed pictures)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
 
     num_requests = max(len(request_lanes(list(steps))) for _, steps in columns)
     lane_height = max(1.6, 0.28 * num_requests)
+    panels = [("request", lane_height, _lanes), ("KV cache\n(tokens)", 1.2, _kv),
+              ("tokens\nper step", 1.2, _tokens)]
+    if step_time:
+        panels.append(("step\ntime (ms)", 1.0, _step_time))
     fig, axes = plt.subplots(
-        4, len(columns), figsize=(5.2 * len(columns), lane_height + 5.0), squeeze=False,
-        sharex="col", sharey="row", gridspec_kw={"height_ratios": [lane_height, 1.2, 1.2, 1.0]},
+        len(panels), len(columns), squeeze=False, sharex="col", sharey="row",
+        figsize=(5.2 * len(columns), sum(h for _, h, _ in panels) + 1.6),
+        gridspec_kw={"height_ratios": [h for _, h, _ in panels]},
     )
     for col, (label, steps) in enumerate(columns):
-        steps = list(steps)
-        _lanes(axes[0, col], steps)
+        for row, (_, _, draw) in enumerate(panels):
+            draw(axes[row, col], list(steps))
         axes[0, col].set_title(label, fontsize=10)
-        _kv(axes[1, col], steps)
-        _tokens(axes[2, col], steps)
-        _step_time(axes[3, col], steps)
-        axes[3, col].set_xlabel("engine step")
-    for row, name in enumerate(["request", "KV cache\n(tokens)", "tokens\nper step", "step\ntime (ms)"]):
+        axes[-1, col].set_xlabel("engine step")
+        axes[-1, col].xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole
+    for row, (name, _, _) in enumerate(panels):
         axes[row, 0].set_ylabel(name, fontsize=9)
     handles = [Patch(color=LANE_COLORS[s], label=s) for s in LANE_STATES]
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False,

@@ -343,7 +343,10 @@ def run_trace(args: argparse.Namespace) -> int:
                     engine.tracer.save_perfetto(args.save_traces / f"trace_{name}_stage{stage:02d}.perfetto.json")
             steps = cache[stage, name]
             columns.append((f"stage {stage:02d} {STAGE_NAMES[stage]}: {len(steps)} steps", steps))
-        plot_traces(columns, out, title=f"workload '{name}': {workload.description}")
+        # The committed pictures leave out step times: noise on a shared machine, and a redraw
+        # would change every picture for nothing.
+        plot_traces(columns, out, title=f"workload '{name}': {workload.description}",
+                    step_time=not args.docs)
         print(f"wrote {out}")
     return 0
 
