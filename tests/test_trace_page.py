@@ -16,6 +16,7 @@ import urllib.request
 
 import pytest
 
+from folovllm.config import LATEST_STAGE
 from folovllm.engine.llm_engine import LLMEngine
 from folovllm.engine.trace import LANE_STATES
 from folovllm.entrypoints.trace_page import LiveView, make_server, run_workload_forever
@@ -101,7 +102,7 @@ def test_cli_serve_runs_until_interrupted(tiny_qwen3):
             if state["step"] > 0:
                 break
             time.sleep(0.05)
-        assert state["step"] > 0 and state["stage"] == 5 and state["kv"]["total"] > 0
+        assert state["step"] > 0 and state["stage"] == LATEST_STAGE and state["kv"]["total"] > 0
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
