@@ -74,6 +74,27 @@ def plot_latency(result: dict[str, Any], out: Path) -> Path:
     return _save(fig, out)
 
 
+def plot_itl_ttft_tradeoff(result: dict[str, Any], out: Path) -> Path:
+    """One point per system: p99 inter-token latency of running requests against median time to
+    first token. A chunked-prefill budget sweep draws the trade-off: small budgets keep decodes
+    smooth, large ones get prompts out sooner."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    cpu = all(r["median"].get("itl_cpu_p99") is not None for r in result["systems"].values())
+    key = "itl_cpu_p99" if cpu else "itl_p99"  # CPU time when recorded: immune to a shared machine
+    for i, (name, r) in enumerate(result["systems"].items()):
+        med = r["median"]
+        ax.scatter(med[key] * 1e3, med["ttft_p50"], color=_color(name, i), s=40, zorder=3)
+        ax.annotate(_label(name).replace("max_num_batched_tokens=", "budget "), (med[key] * 1e3, med["ttft_p50"]),
+                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlabel("inter-token latency p99 (ms" + (" of process CPU time)" if cpu else ")"))
+    ax.set_ylabel("time to first token p50 (s)")
+    ax.set_title(f"{result['workload']['name']} workload: decode smoothness vs prompt latency", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
 def plot_kv_usage(result: dict[str, Any], out: Path) -> Path:
     """KV tokens reserved / used per step (top) and requests running (bottom), per folovllm system."""
     plt = _plt()

@@ -407,3 +407,11 @@ def test_all_zero_bias_of_autogptq_exports_is_skipped(gptq_checkpoints, tmp_path
         else:
             with pytest.raises(ValueError, match="has no matching parameter"):
                 load_model(str(dst), torch.float32)
+
+
+def test_tensor_parallel_is_refused_for_gptq():
+    """Row-parallel cuts would split groups and g_idx holds global group numbers: refused."""
+    layer = torch.nn.Module()
+    layer.tp_size = 2
+    with pytest.raises(ValueError, match="tensor_parallel_size > 1 are not supported"):
+        GPTQConfig(group_size=32).get_quant_method(layer).create_weights(layer, 64, [64], torch.float32, None)

@@ -333,6 +333,10 @@ class GPTQLinearMethod(LinearMethodBase):
         weight_loader: WeightLoader,
     ) -> None:
         cfg = self.quant_config
+        if getattr(layer, "tp_size", 1) > 1:
+            # Row-parallel cuts would split groups, and g_idx holds global group numbers.
+            raise ValueError("GPTQ checkpoints with tensor_parallel_size > 1 are not supported yet; "
+                             "use tensor_parallel_size=1")
         pf, output_size = cfg.pack_factor, sum(output_partition_sizes)
         group = input_size if cfg.group_size == -1 else cfg.group_size
         if input_size % group:
@@ -354,9 +358,9 @@ class GPTQLinearMethod(LinearMethodBase):
                              input_dim=0, output_dim=1, packed_dim=0, pack_factor=pf))
         layer.register_parameter(  # [groups, N / P]: packed along the outputs
             "qzeros", param((groups, output_size // pf), torch.int32,
-                            input_dim=0, output_dim=1, packed_dim=1, pack_factor=pf))
+                            output_dim=1, packed_dim=1, pack_factor=pf))
         layer.register_parameter(  # [groups, N]
-            "scales", param((groups, output_size), params_dtype, input_dim=0, output_dim=1))
+            "scales", param((groups, output_size), params_dtype, output_dim=1))
         # [K], no output dim: every part of a fused layer (q, k, v) carries the whole g_idx, and
         # they must agree, since one matmul serves them all.
         g_idx = param((input_size,), torch.int32, input_dim=0, weight_loader=_load_g_idx)
