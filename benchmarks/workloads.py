@@ -202,9 +202,9 @@ def _long_prompts(vocab_size: int, seed: int, quick: bool, n: int | None) -> Wor
             "long_prompts", "75% prompt 16..64 / output 32..64; 25% prompt 256..384 / output 4..8 (quick)",
             n or 12, (16, 64), (32, 64), (256, 384), (4, 8), 0.25, vocab_size, seed)
     return long_prompts_workload(
-        "long_prompts", "75% prompt 16..64 / output 64..128 (decoding); 25% prompt 1024..1536 / "
-        "output 8..16 (long prompts arriving)", n or 32, (16, 64), (64, 128), (1024, 1536), (8, 16),
-        0.25, vocab_size, seed)
+        "long_prompts", "65% prompt 16..64 / output 64..128 (decoding); 35% prompt 768..1280 / "
+        "output 8..16 (long prompts arriving)", n or 40, (16, 64), (64, 128), (768, 1280), (8, 16),
+        0.35, vocab_size, seed)
 
 
 def _shared_prefix(vocab_size: int, seed: int, quick: bool, n: int | None) -> Workload:

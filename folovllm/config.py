@@ -93,8 +93,8 @@ class EngineConfig:
     enable_prefix_caching: bool = False  # stage 06
     # stage 07. Quantization is a property of the checkpoint, as in vLLM: None loads whatever
     # its config.json says (4-bit GPTQ layers for a GPTQ checkpoint, at any stage); "gptq"
-    # refuses a checkpoint that is not GPTQ (`load_model(..., quantization=)`; LLMEngine does not
-    # pass it on yet). So stage 7 has no flag of its own: for_stage(7) = for_stage(6).
+    # refuses a checkpoint that is not GPTQ (the worker passes it to `load_model`). So stage 7
+    # has no flag of its own: for_stage(7) = for_stage(6).
     quantization: Optional[str] = None
     tensor_parallel_size: int = 1  # stage 08
     # observability, not a stage: record every step for `folovllm trace` (engine/trace.py)

@@ -32,7 +32,8 @@ class Worker:
         """`sampler`: the in-process worker samples; tensor-parallel workers leave it to the
         driver (see `compute_logits`)."""
         self.config = config
-        self.model, self.hf_config, _ = load_model(str(model_path), config.torch_dtype, config.device)
+        self.model, self.hf_config, _ = load_model(str(model_path), config.torch_dtype, config.device,
+                                                    quantization=config.quantization)
         self.model_runner = ModelRunner(
             self.model, sampler, config.device, get_attn_backend(config.attention_backend)
         )

@@ -415,3 +415,13 @@ def test_tensor_parallel_is_refused_for_gptq():
     layer.tp_size = 2
     with pytest.raises(ValueError, match="tensor_parallel_size > 1 are not supported"):
         GPTQConfig(group_size=32).get_quant_method(layer).create_weights(layer, 64, [64], torch.float32, None)
+
+
+def test_engine_quantization_gptq_refuses_a_float_checkpoint(tiny_qwen3):
+    """`LLM(..., quantization="gptq")` reaches the loader: a float checkpoint is refused."""
+    import pytest as _pytest
+
+    from folovllm import LLM
+
+    with _pytest.raises(ValueError, match="gptq"):
+        LLM(str(tiny_qwen3), stage=3, dtype="float32", max_model_len=64, quantization="gptq")
