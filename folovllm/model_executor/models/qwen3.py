@@ -41,6 +41,7 @@ from folovllm.model_executor.layers.linear import (
     RowParallelLinear,
     WeightShapeError,
     default_weight_loader,
+    dense_linear,
 )
 from folovllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 
@@ -206,7 +207,7 @@ class Qwen3ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 logits [N, vocab]; called only on the rows that sample."""
-        return self.lm_head(hidden_states).float()
+        return dense_linear(hidden_states, self.lm_head.weight).float()  # = self.lm_head(h)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Hand each checkpoint tensor (HF name) to its parameter's `weight_loader`; returns the
