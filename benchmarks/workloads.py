@@ -14,6 +14,8 @@ Workloads (full size / `--quick` size)::
                (quick: 8..16 and 48..64). Chat-like traffic: most answers are short, a few are
                long. Static batching keeps every row until the longest member is done, which is
                what continuous batching (stage 02) fixes.
+    long_prompts 8 / 4 requests prompt 1024 / 256  output 64 / 16. Prefill-heavy (issue 13's
+               "8 prompts x 1,024 tokens, 64 out").
     nanovllm   256 / 16 requests prompt 100..1024 / 32..128  output 100..1024 / 16..64,
                temperature 0.6. The public nano-vllm benchmark (the reference GPU workload in
                DESIGN.md); needs a model with max_model_len >= 2048.
@@ -157,7 +159,16 @@ def _nanovllm(vocab_size: int, seed: int, quick: bool, n: int | None) -> Workloa
                             seed, temperature=0.6)
 
 
+def _long_prompts(vocab_size: int, seed: int, quick: bool, n: int | None) -> Workload:
+    if quick:
+        return uniform_workload("long_prompts", "prompt 256, output 16 (quick)", n or 4,
+                                (256, 256), (16, 16), vocab_size, seed)
+    return uniform_workload("long_prompts", "prompt 1024, output 64 (prefill-heavy)", n or 8,
+                            (1024, 1024), (64, 64), vocab_size, seed)
+
+
 WORKLOADS: dict[str, WorkloadBuilder] = {
+    "long_prompts": _long_prompts,
     "mixed": _mixed,
     "long_tail": _long_tail,
     "nanovllm": _nanovllm,
