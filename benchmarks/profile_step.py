@@ -4,6 +4,7 @@ counts and for a prefill, on the bench model or a Qwen3-0.6B-shaped one.
     python -m benchmarks.profile_step                               # bench model, rows 1 4 16
     python -m benchmarks.profile_step --model qwen3-0.6b --rows 1 4 16 --context 512
     python -m benchmarks.profile_step --torch-profiler              # + the top aten ops
+    python -m benchmarks.profile_step --agreement --dtype bfloat16  # bf16 vs float32 tokens
 
 How: a fresh engine (the latest stage) gets B requests of `--context` prompt tokens; the prompts
 are computed untimed, then `--steps` decode steps are measured. Each phase of a step is a method
@@ -15,8 +16,8 @@ every op runs on the calling thread, and a shared machine does not stretch it):
     linear         every projection's matmul (qkv, o, gate_up, down), LinearMethod.apply
     attention      the attention backend's forward (the KV cache write is `kv_write`)
     kv_write       the backend's store_kv_cache
-    norm_rope_act  RMSNorm, rotary embedding, SiluAndMul, embedding lookup, residual adds are in
-                   `other_model` (the model's forward minus everything above)
+    norm_rope_act  RMSNorm, rotary embedding, SiluAndMul
+    other_model    the model's forward minus everything above: embedding, residual adds, views
     lm_head        compute_logits (hidden -> vocab for the rows that sample)
     sampler        Sampler.__call__
     other          the rest of the step (Python glue, stats)
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import random
 import statistics
 import sys
@@ -138,8 +140,10 @@ def measure(model: str, rows: int, context: int, steps: int, prefill: int, profi
         params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
         for i in range(rows):
             engine.add_request(str(i), [rng.randrange(3, min(vocab, 512)) for _ in range(context)], params)
-        while engine.stats.num_decode_row_steps == 0:  # prompts, then one decode step, untimed
+        # every prompt computed (chunked prefill spreads them over steps), then one decode step
+        while engine.stats.num_prompt_tokens_computed < rows * context:
             engine.step()
+        engine.step()
         undo = instrument(engine, timer)
         per_step = []
         for _ in range(steps):
@@ -174,6 +178,30 @@ def measure(model: str, rows: int, context: int, steps: int, prefill: int, profi
     return result
 
 
+def dtype_agreement(model: str, dtype: str, num_requests: int = 16) -> dict[str, Any]:
+    """Greedy tokens of `dtype` against float32 on the quick mixed workload, and the CPU time of
+    each: exact-match fraction, mean fraction of each output before the first difference."""
+    from benchmarks.run import agreement
+    from benchmarks.workloads import get_workload
+    from folovllm import LLM, SamplingParams
+    from folovllm.config import LATEST_STAGE
+
+    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    w = get_workload("mixed", vocab_size=vocab, quick=True, num_requests=num_requests)
+    prompts = [list(r.prompt_token_ids) for r in w.requests]
+    params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True) for r in w.requests]
+    out, cpu = {}, {}
+    for dt in ("float32", dtype):
+        llm = LLM(model, stage=LATEST_STAGE, dtype=dt, max_num_seqs=16, max_model_len=512)
+        llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
+        c0 = time.process_time()
+        out[dt] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+        cpu[dt] = round(time.process_time() - c0, 3)
+        del llm
+    return dict(dtype=dtype, workload=w.summary(), cpu_seconds=cpu,
+                agreement_with_float32=agreement(out[dtype], out["float32"]))
+
+
 def top_ops(engine: Any, steps: int, n: int = 12) -> list[tuple[str, float, int]]:
     """The aten ops that take the most CPU time over `steps` more steps (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
@@ -195,6 +223,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--torch-profiler", action="store_true", help="also list the top aten ops")
+    p.add_argument("--agreement", action="store_true",
+                   help="only compare --dtype's greedy tokens and CPU time with float32's")
     p.add_argument("--json", default=None, help="also write every measurement to this file")
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra EngineConfig field (e.g. attention_backend=naive)")
@@ -205,6 +235,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         k, v = kv.split("=", 1)
         engine_args[k] = {"true": True, "false": False}.get(v.lower(), int(v) if v.isdigit() else v)
     model = model_path(args.model)
+    if args.agreement:
+        r = dtype_agreement(model, args.dtype)
+        print(r)
+        if args.json:
+            Path(args.json).write_text(json.dumps(dict(r, git_commit=git_commit()), indent=1))
+        return 0
     cases = [(r, args.context) for r in args.rows if r] + ([(0, 0)] if args.prefill else [])
     results = []
     for rows, context in cases:
@@ -218,8 +254,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         for op, ms, count in r.get("top_ops", []):
             print(f"      {op:40s} {ms:8.3f} ms  x{count}")
     if args.json:
-        import json
-
         Path(args.json).write_text(json.dumps(dict(model=args.model, threads=args.threads,
                                                    git_commit=git_commit(), results=results), indent=1))
     return 0
