@@ -27,24 +27,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as _dt
-import os
-import shlex
-import statistics
-import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.bench_model import git_commit, machine_description, machine_short, write_results
+from benchmarks.harness import peak_loadavg, summarize, time_calls
+from benchmarks.results import RESULTS_DIR, machine_short, result_record, shared_machine_note, write_results
 from folovllm.model_executor.attention_backends import get_attn_backend
 from folovllm.model_executor.attention_backends.sdpa import SDPAAttentionBackend
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = ROOT / "benchmarks" / "results"
 BACKENDS = ("naive", "torch_flash", "sdpa")
 
 
@@ -82,31 +75,11 @@ def gqa_by_repeat() -> Iterator[None]:
         F.scaled_dot_product_attention = original
 
 
-def time_once(fn: Callable[[], Any]) -> tuple[float, float]:
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def bench(
-    systems: dict[str, Callable[[], torch.Tensor]], repeats: int
-) -> dict[str, dict[str, Any]]:
-    """Warm each system up once, then `repeats` rounds, the systems interleaved in each."""
-    for fn in systems.values():
-        fn()
-    walls: dict[str, list[float]] = {name: [] for name in systems}
-    cpus: dict[str, list[float]] = {name: [] for name in systems}
-    for _ in range(repeats):
-        for name, fn in systems.items():
-            wall, cpu = time_once(fn)
-            walls[name].append(wall)
-            cpus[name].append(cpu)
-    return {
-        name: dict(wall_s=walls[name], cpu_s=cpus[name],
-                   median_wall_s=statistics.median(walls[name]),
-                   median_cpu_s=statistics.median(cpus[name]))
-        for name in systems
-    }
+def bench(calls: dict[str, Callable[[], Any]], repeats: int, loads: list) -> dict[str, dict[str, Any]]:
+    """`harness.time_calls`, summarized per system; the load averages seen go to `loads`."""
+    runs = time_calls(calls, repeats)
+    loads += [t.loadavg for ts in runs.values() for t in ts]
+    return {name: summarize(ts) for name, ts in runs.items()}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -130,16 +103,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                         dtype=str(largest.dtype), mib=largest.nbytes / 2**20),
                 max_abs_err_vs_naive=(call[b]() - ref).abs().max().item(),
             )
-        timings = bench(call, args.repeats)
+        timings = bench(call, args.repeats, loads)
         for b in BACKENDS:
             rows[b].update(timings[b])
             rows[b]["speedup_vs_naive"] = (
-                timings["naive"]["median_wall_s"] / timings[b]["median_wall_s"])
+                timings["naive"]["median_seconds"] / timings[b]["median_seconds"])
             rows[b]["cpu_speedup_vs_naive"] = (
-                timings["naive"]["median_cpu_s"] / timings[b]["median_cpu_s"])
+                timings["naive"]["median_cpu_seconds"] / timings[b]["median_cpu_seconds"])
         results[name] = rows
-        loads.append(os.getloadavg()[0])
-        print(name, {b: f"{rows[b]['median_wall_s'] * 1e3:.1f} ms" for b in BACKENDS}, flush=True)
+        print(name, {b: f"{rows[b]['median_seconds'] * 1e3:.1f} ms" for b in BACKENDS}, flush=True)
 
         # Choices inside sdpa, on the workloads they matter for.
         variants: dict[str, Callable[[], torch.Tensor]] = {"sdpa (as shipped)": call["sdpa"]}
@@ -157,11 +129,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 variants[label] = lambda be=be: be.forward(q, key_cache, value_cache, md, scale)
         for label, fn in variants.items():
             assert torch.allclose(fn(), ref, atol=1e-4), label
-        design[name] = bench(variants, args.repeats)
-        loads.append(os.getloadavg()[0])
-        print("  sdpa variants", {k: f"{v['median_wall_s'] * 1e3:.1f} ms"
+        design[name] = bench(variants, args.repeats, loads)
+        print("  sdpa variants", {k: f"{v['median_seconds'] * 1e3:.1f} ms"
                                   for k, v in design[name].items()}, flush=True)
-    return dict(workloads=results, sdpa_design=design, peak_loadavg_1m=round(max(loads), 2))
+    return dict(workloads=results, sdpa_design=design, peak_loadavg_1m=peak_loadavg(loads))
 
 
 def _shape(alloc: dict[str, Any]) -> str:
@@ -175,33 +146,28 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"block_size 16, blocks in random order; median of {result['repeats']} interleaved runs): "
         f"`{result['command']}` on {machine_short(machine)}, {result['date'][:10]}."
     )
-    load = result.get("peak_loadavg_1m")
-    if load is not None and load > 0.5 * machine["cpu_cores"]:
-        caption += (f" The machine was shared (1-minute load average up to {load} on "
-                    f"{machine['cpu_cores']} cores): read the ratios, not the absolute numbers; "
-                    f"the ratios of CPU time in brackets are not stretched by waiting for a core.")
-    lines = [caption, "",
+    lines = [caption + shared_machine_note(result), "",
              "| workload | backend | median ms (min–max) | CPU ms | × naive "
              "| largest tensor allocated | max abs err vs naive |",
              "|:--|:--|--:|--:|--:|:--|--:|"]
     for name, rows in result["workloads"].items():
         for b, r in rows.items():
             lines.append(
-                f"| {name} | `{b}` | {r['median_wall_s'] * 1e3:.1f} "
-                f"({min(r['wall_s']) * 1e3:.1f}–{max(r['wall_s']) * 1e3:.1f}) "
-                f"| {r['median_cpu_s'] * 1e3:.1f} | {r['speedup_vs_naive']:.2f} "
+                f"| {name} | `{b}` | {r['median_seconds'] * 1e3:.1f} "
+                f"({min(r['seconds']) * 1e3:.1f}–{max(r['seconds']) * 1e3:.1f}) "
+                f"| {r['median_cpu_seconds'] * 1e3:.1f} | {r['speedup_vs_naive']:.2f} "
                 f"(CPU {r['cpu_speedup_vs_naive']:.2f}) "
                 f"| {_shape(r['largest_allocation'])} | {r['max_abs_err_vs_naive']:.1e} |")
     lines += ["", "Choices inside `sdpa` (same runs, same inputs):", "",
               "| workload | variant | median ms (min–max) | CPU ms | × as shipped |",
               "|:--|:--|--:|--:|--:|"]
     for name, variants in result["sdpa_design"].items():
-        shipped = variants["sdpa (as shipped)"]["median_wall_s"]
+        shipped = variants["sdpa (as shipped)"]["median_seconds"]
         for label, r in variants.items():
             lines.append(
-                f"| {name} | {label} | {r['median_wall_s'] * 1e3:.1f} "
-                f"({min(r['wall_s']) * 1e3:.1f}–{max(r['wall_s']) * 1e3:.1f}) "
-                f"| {r['median_cpu_s'] * 1e3:.1f} | {shipped / r['median_wall_s']:.2f} |")
+                f"| {name} | {label} | {r['median_seconds'] * 1e3:.1f} "
+                f"({min(r['seconds']) * 1e3:.1f}–{max(r['seconds']) * 1e3:.1f}) "
+                f"| {r['median_cpu_seconds'] * 1e3:.1f} | {shipped / r['median_seconds']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -214,15 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     measured = run(args)
-    result = dict(
-        command=("python -m benchmarks.attention_cpu "
-                 + shlex.join(sys.argv[1:] if argv is None else argv)).strip(),
-        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        git_commit=git_commit(),
-        machine=machine_description(),
-        repeats=args.repeats,
-        **measured,
-    )
+    result = result_record("benchmarks.attention_cpu", argv, repeats=args.repeats, **measured)
     markdown = render_markdown(result)
     print(markdown)
     if not args.quick:

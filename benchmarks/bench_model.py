@@ -1,4 +1,4 @@
-"""The benchmark model and the description of the machine the numbers come from.
+"""The benchmark model (the machine the numbers come from is described by `benchmarks.results`).
 
 The model is `folovllm.tiny_model`'s "bench" size, Qwen3 architecture, random weights
 (initializer_range 0.2, seed 0), float32, built locally once and cached under
@@ -29,10 +29,6 @@ model.
 
 from __future__ import annotations
 
-import os
-import platform
-import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -61,89 +57,3 @@ def bench_model_info(path: Path) -> dict[str, Any]:
     info.update(name=f"folovllm tiny_model {BENCH_ARCH}/{BENCH_SIZE} (random weights)",
                 path=str(path), num_parameters=BENCH_PARAMS)
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def _cpu_flags() -> list[str]:
-    """The SIMD extensions that matter for float32 matmuls on x86."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
-                    return [x for x in wanted if x in flags]
-    except OSError:
-        pass
-    return []
-
-
-def machine_description() -> dict[str, Any]:
-    """CPU, cores, torch version and threads, and the GPU when CUDA is available."""
-    import torch
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    desc: dict[str, Any] = {
-        "cpu": _cpu_name(),
-        "cpu_flags": _cpu_flags(),
-        "cpu_cores": cores,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "gpu": None,
-    }
-    try:
-        import transformers
-
-        desc["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        desc["gpu"] = torch.cuda.get_device_name(0)
-        desc["cuda"] = torch.version.cuda
-    return desc
-
-
-def machine_short(desc: dict[str, Any]) -> str:
-    """One line for table captions, e.g. 'AMD EPYC, 2 cores, 1 thread, torch 2.13.0+cpu'."""
-    if desc.get("gpu"):
-        where = f"{desc['gpu']} (CUDA {desc.get('cuda')})"
-    else:
-        cpu = re.sub(r"\s+", " ", desc["cpu"])
-        threads = desc["torch_threads"]
-        where = (f"{cpu}, {desc['cpu_cores']} cores, {threads} thread"
-                 f"{'s' if threads != 1 else ''}")
-    return f"{where}, torch {desc['torch']}"
-
-
-def git_commit() -> str | None:
-    """The commit the numbers were measured at, "+dirty" if folovllm/ had uncommitted edits."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "folovllm"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def write_results(out_dir: Path, name: str, result: dict[str, Any], markdown: str) -> None:
-    """`<out_dir>/<name>.json` (everything measured) and `<name>.md` (the table the docs include)."""
-    import json
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / f"{name}.md").write_text(markdown)

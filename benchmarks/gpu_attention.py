@@ -28,8 +28,6 @@ with the GPU name, versions and git commit. Importing this module needs no GPU.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
 import re
@@ -40,7 +38,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from benchmarks.bench_model import git_commit
+from benchmarks.results import RESULTS_DIR, result_record, write_results
 from folovllm.model_executor.layers.attention import AttentionMetadata, naive_attention
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 16, 8, 128, 16  # Qwen3-0.6B attention
@@ -49,7 +47,6 @@ PREFILL_LENS = (1024, 2048, 4096, 8192)   # one sequence each; --quick keeps the
 VARLEN_PROMPTS = (16, 100, 1024)          # a batch of 16 prompts, lengths uniform in 100..1024
 DECODE_BATCH, DECODE_CONTEXTS = 64, (1024, 4096)   # --quick keeps the first context
 CHECK_BATCH = ([1, 300, 1, 77, 1, 16], [1000, 300, 4097, 200, 17, 40])  # query lens, seq lens
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # |triton - naive float32| <= atol + rtol * |naive| (one rounding of the output and of p to the
 # dtype, over contexts of thousands of keys)
 TOLERANCE = {torch.float16: (5e-3, 5e-3), torch.bfloat16: (3e-2, 3e-2)}
@@ -303,7 +300,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     import triton
 
-    from benchmarks.bench_model import machine_description
     from folovllm.model_executor.attention_backends.triton_attn import (
         TileConfig,
         TritonAttentionBackend,
@@ -315,7 +311,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     props = torch.cuda.get_device_properties(0)
-    machine = machine_description()
+    record = result_record("benchmarks.gpu_attention", argv)
+    machine = record["machine"]
     machine.update(triton=triton.__version__, gpu_sms=props.multi_processor_count,
                    gpu_memory_gb=round(props.total_memory / 2**30, 1),
                    gpu_capability=f"{props.major}.{props.minor}")
@@ -337,17 +334,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                 ["batch", "context", "system", "ms", "gb_s", "fraction_of_copy"])
 
     result = dict(
-        benchmark="gpu_attention", date=datetime.datetime.now().isoformat(timespec="seconds"),
-        command="python -m benchmarks.gpu_attention " + " ".join(argv or sys.argv[1:]),
-        git_commit=git_commit(), machine=machine,
+        record, benchmark="gpu_attention",
         shapes=dict(heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, block_size=BLOCK_SIZE,
                     dtype=args.dtype),
         correctness=correctness, copy_bandwidth_gb_s=copy_gb_s, prefill=prefill, decode=decode,
     )
     path = output_path(machine["gpu"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {path}")
+    write_results(path.parent, path.stem, result, None)
     return 0 if all(row["ok"] for row in correctness) else 1
 
 

@@ -2,6 +2,8 @@
 
     python -m benchmarks.latency --stages 1 2 --workload mixed --num-requests 48   # stage 02's
     python -m benchmarks.latency --stages 1 2 --rate 0.5 --no-write                # fixed rate
+    python -m benchmarks.latency --systems folovllm-stage4 \
+        'folovllm-stage5[max_num_batched_tokens=256]' --workload long_prompts      # stage 05's
 
 Each stage gets a fresh `LLMEngine` (through `folovllm.LLM`) per repeat and the same trace:
 request i arrives `arrivals[i]` seconds after the start (`workloads.poisson_arrivals`). The loop
@@ -29,9 +31,6 @@ waiting) and `<out>/<name>.md`, and the plot `docs/assets/stage02_latency.png`
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import gc
-import shlex
 import statistics
 import sys
 import time
@@ -40,11 +39,12 @@ from typing import Any, Optional
 
 import torch
 
-from benchmarks.bench_model import bench_model_info, bench_model_path, machine_description, machine_short, git_commit
-from benchmarks.run import RESULTS_DIR, _loadavg, dump_json
+from benchmarks.bench_model import bench_model_info, bench_model_path
+from benchmarks.harness import interleave, peak_loadavg, timed, warmup_workload
+from benchmarks.results import ASSETS_DIR, RESULTS_DIR, machine_short, result_record, shared_machine_note, write_results
+from benchmarks.systems import parse_folovllm_name
+from benchmarks.systems.folovllm import StepTrace
 from benchmarks.workloads import WORKLOADS, Workload, get_workload, poisson_arrivals
-
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "docs" / "assets"
 
 
 def percentile(xs: list[float], q: float) -> Optional[float]:
@@ -58,46 +58,37 @@ def percentile(xs: list[float], q: float) -> Optional[float]:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def make_llm(model: str, stage: int, max_num_seqs: int, seed: int, engine_args: dict[str, Any]) -> Any:
-    from folovllm import LLM
-
-    return LLM(model, stage=stage, dtype="float32", device="cpu", max_num_seqs=max_num_seqs,
-               seed=seed, **engine_args)
-
-
 def replay(llm: Any, workload: Workload, arrivals: list[float]) -> dict[str, Any]:
     """Run `workload` on `llm`'s engine, request i arriving at `arrivals[i]` s after the start."""
     from folovllm import SamplingParams
     from folovllm.sampling_params import RequestOutputKind
 
     engine = llm.llm_engine
-    scheduler, kv = engine.scheduler, engine.kv_cache_manager
+    trace = StepTrace(engine)  # requests running and waiting, KV reserved, after every step
     params = [SamplingParams(temperature=0.0, top_p=1.0, top_k=0, max_tokens=r.max_tokens,
                              ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
               for r in workload.requests]
     prompts = [list(r.prompt_token_ids) for r in workload.requests]
     n = len(workload)
     finished: dict[str, Any] = {}
-    trace: dict[str, list] = dict(t=[], running=[], waiting=[], kv_reserved=[])
-    nxt = 0
-    gc.collect()
-    start, cpu_start = time.perf_counter(), time.process_time()
-    while nxt < n or engine.has_unfinished_requests():
-        now = time.perf_counter()
-        while nxt < n and start + arrivals[nxt] <= now:
-            engine.add_request(str(nxt), prompts[nxt], params[nxt], arrival_time=start + arrivals[nxt])
-            nxt += 1
-        if engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    finished[out.request_id] = out
-            trace["t"].append(round(time.perf_counter() - start, 4))
-            trace["running"].append(scheduler.num_live_requests())
-            trace["waiting"].append(len(scheduler.waiting))
-            trace["kv_reserved"].append(kv.num_reserved_tokens)
-        elif nxt < n:
-            time.sleep(max(0.0, start + arrivals[nxt] - time.perf_counter()))
-    end, cpu_end = time.perf_counter(), time.process_time()
+
+    def serve() -> float:
+        """The serving loop; returns its start time (the zero of `arrivals`)."""
+        trace.start()
+        start, nxt = trace.t0, 0
+        while nxt < n or engine.has_unfinished_requests():
+            now = time.perf_counter()
+            while nxt < n and start + arrivals[nxt] <= now:
+                engine.add_request(str(nxt), prompts[nxt], params[nxt], arrival_time=start + arrivals[nxt])
+                nxt += 1
+            if engine.has_unfinished_requests():
+                finished.update((out.request_id, out) for out in engine.step() if out.finished)
+            elif nxt < n:
+                time.sleep(max(0.0, start + arrivals[nxt] - time.perf_counter()))
+        return start
+
+    run = timed(serve)
+    start = run.value
 
     requests = []
     for i, r in enumerate(workload.requests):
@@ -116,12 +107,12 @@ def replay(llm: Any, workload: Workload, arrivals: list[float]) -> dict[str, Any
             prompt_tokens=len(r.prompt_token_ids), output_tokens=got,
         ))
     last_finish = max(q["arrival"] + q["e2e"] for q in requests)
-    return dict(seconds=round(end - start, 4), cpu_seconds=round(cpu_end - cpu_start, 4),
-                makespan=round(last_finish, 4), loadavg=_loadavg(), requests=requests,
-                trace=trace, stats=dict(engine.stats.as_dict()))
+    return dict(seconds=round(run.seconds, 4), cpu_seconds=round(run.cpu_seconds, 4),
+                makespan=round(last_finish, 4), loadavg=run.loadavg, requests=requests,
+                trace=trace.as_dict(), stats=dict(engine.stats.as_dict()))
 
 
-def summarize(run: dict[str, Any], workload: Workload) -> dict[str, Any]:
+def latency_stats(run: dict[str, Any], workload: Workload) -> dict[str, Any]:
     reqs = run["requests"]
     ttft = [q["ttft"] for q in reqs]
     itl = [x for q in reqs for x in q["itl"]]
@@ -142,7 +133,8 @@ def summarize(run: dict[str, Any], workload: Workload) -> dict[str, Any]:
 def render_markdown(result: dict[str, Any]) -> str:
     w, c = result["workload"], result["config"]
     cap = result.get("capacity")
-    how = (f"{c['load']:.0%} of stage {cap['stage']:02d}'s capacity of {cap['requests_per_s']:.3f} "
+    of = cap.get("system") or f"stage {cap['stage']:02d}"
+    how = (f"{c['load']:.0%} of {of}'s capacity of {cap['requests_per_s']:.3f} "
            f"requests/s (measured first: all {w['num_requests']} requests at once, "
            f"{cap['seconds']:.1f} s)" if cap else "set by --rate")
     caption = (
@@ -155,10 +147,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{machine_short(result['machine'])}, {result['date'][:10]}. Latencies in seconds; p99 of "
         f"{w['num_requests']} requests is close to the maximum."
     )
-    load, cores = result.get("peak_loadavg_1m"), result["machine"].get("cpu_cores") or 1
-    if load is not None and load > cores:
-        caption += (f" The machine was shared (1-minute load average up to {load:.1f} on {cores} "
-                    "cores): read the ratios, not the absolute numbers.")
+    caption += shared_machine_note(result, cpu_ratios=False)
     cols = [("TTFT p50", "ttft_p50", 2), ("TTFT p90", "ttft_p90", 2), ("TTFT p99", "ttft_p99", 2),
             ("ITL p50", "itl_p50", 3), ("ITL p99", "itl_p99", 3), ("TPOT mean", "tpot_mean", 3),
             ("e2e p50", "e2e_p50", 2), ("queue p50", "queue_p50", 2),
@@ -177,7 +166,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     if ratios:
         tail = "\n" + (f"{ratios['older']} / {ratios['newer']}: TTFT p50 {ratios['ttft_p50']:.1f}×, "
                        f"TTFT p99 {ratios['ttft_p99']:.1f}×, e2e p50 {ratios['e2e_p50']:.1f}×, "
-                       f"throughput {ratios['throughput']:.2f}× (newer / older).") + "\n"
+                       + (f"ITL p99 {ratios['itl_p99']:.1f}×, " if "itl_p99" in ratios else "")
+                       + f"throughput {ratios['throughput']:.2f}× (newer / older).") + "\n"
     return caption + "\n\n" + "\n".join(lines) + "\n" + tail
 
 
@@ -185,6 +175,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--systems", nargs="+", default=None,
+                   help="folovllm-stageN[key=value,...] systems instead of --stages (e.g. a budget sweep)")
     p.add_argument("--workload", default="mixed", choices=sorted(WORKLOADS))
     p.add_argument("--num-requests", type=int, default=None)
     p.add_argument("--quick", action="store_true")
@@ -207,91 +199,91 @@ def main(argv: Optional[list[str]] = None) -> int:
     info = bench_model_info(Path(model))
     workload = get_workload(args.workload, vocab_size=info["vocab_size"], seed=args.seed,
                             quick=args.quick, num_requests=args.num_requests)
-    stages = sorted(set(args.stages))
-    command = "python -m benchmarks.latency " + shlex.join(sys.argv[1:] if argv is None else argv)
-    machine = machine_description()
-    print(f"{command}\nmachine: {machine_short(machine)}\nworkload: {workload.summary()}")
+    names = args.systems or [f"folovllm-stage{s}" for s in sorted(set(args.stages))]
+    systems_args = {}
+    for name in names:
+        parsed = parse_folovllm_name(name)
+        if parsed is None:
+            p.error(f"{name!r} is not a folovllm-stageN[key=value,...] system")
+        systems_args[name] = parsed
+    stages = sorted({stage for stage, _ in systems_args.values()})
+    result = result_record("benchmarks.latency", argv, model=info)
+    print(f"{result['command']}\nmachine: {machine_short(result['machine'])}\nworkload: {workload.summary()}")
 
-    def fresh(stage: int) -> Any:
-        return make_llm(model, stage, args.max_num_seqs, 0, {})
+    def serve(name: str, w: Workload, arrivals: list[float]) -> dict[str, Any]:
+        """One replay on a fresh engine of system `name` (built untimed: `replay` times the serving)."""
+        from folovllm import LLM
 
-    # Warm-up (untimed): each stage once, the first max_num_seqs prompts, 4 tokens each.
-    from benchmarks.run import warmup_workload
+        stage, overrides = systems_args[name]
+        llm = LLM(model, stage=stage, dtype="float32", device="cpu", max_num_seqs=args.max_num_seqs,
+                  seed=0, **overrides)
+        return replay(llm, w, arrivals)
 
+    # Warm-up (untimed): each system once, the first max_num_seqs prompts at once, 4 tokens each.
     warm = warmup_workload(workload, args.max_num_seqs)
-    for st in stages:
-        t = replay(fresh(st), warm, [0.0] * len(warm))["seconds"]
-        print(f"warm-up stage {st}: {t:.2f}s")
-
+    for name in names:
+        serve(name, warm, [0.0] * len(warm))
     capacity = None
     rate = args.rate
     if rate is None:
-        top = stages[-1]
-        run = replay(fresh(top), workload, [0.0] * len(workload))
-        capacity = dict(stage=top, seconds=run["seconds"], cpu_seconds=run["cpu_seconds"],
+        top = names[-1]
+        run = serve(top, workload, [0.0] * len(workload))
+        capacity = dict(stage=systems_args[top][0], system=top, seconds=run["seconds"], cpu_seconds=run["cpu_seconds"],
                         loadavg=run["loadavg"], requests_per_s=round(len(workload) / run["seconds"], 5),
                         output_tok_s=round(workload.num_output_tokens / run["seconds"], 3))
         rate = args.load * capacity["requests_per_s"]
-        print(f"capacity of stage {top}: {capacity['requests_per_s']:.3f} requests/s "
+        print(f"capacity of {top}: {capacity['requests_per_s']:.3f} requests/s "
               f"({run['seconds']:.1f}s for {len(workload)} requests, load {run['loadavg']}); "
               f"rate = {args.load} x that = {rate:.3f} requests/s")
     arrivals = poisson_arrivals(len(workload), rate, seed=args.arrival_seed)
     print(f"trace: {len(arrivals)} arrivals over {arrivals[-1]:.1f}s")
 
-    runs: dict[int, list[dict[str, Any]]] = {st: [] for st in stages}
-    for i in range(args.repeats):
-        for st in stages:
-            run = replay(fresh(st), workload, arrivals)
-            runs[st].append(run)
-            s = summarize(run, workload)
-            print(f"repeat {i + 1}/{args.repeats} stage {st}: {run['seconds']:.1f}s (cpu "
-                  f"{run['cpu_seconds']:.1f}s, load {run['loadavg']}), TTFT p50 {s['ttft_p50']:.2f}s "
-                  f"p99 {s['ttft_p99']:.2f}s, ITL p50 {s['itl_p50'] * 1e3:.0f}ms, "
-                  f"{s['output_tok_s']:.1f} output tok/s, peak running {s['max_num_running']}")
+    def log(name: str, i: int, run: dict[str, Any]) -> None:
+        s = latency_stats(run, workload)
+        print(f"repeat {i + 1}/{args.repeats} {name}: {run['seconds']:.1f}s (cpu "
+              f"{run['cpu_seconds']:.1f}s, load {run['loadavg']}), TTFT p50 {s['ttft_p50']:.2f}s "
+              f"p99 {s['ttft_p99']:.2f}s, ITL p50 {s['itl_p50'] * 1e3:.0f}ms, "
+              f"{s['output_tok_s']:.1f} output tok/s, peak running {s['max_num_running']}")
+
+    runs = interleave({n: (lambda n=n: serve(n, workload, arrivals)) for n in names}, args.repeats, log=log)
 
     systems: dict[str, Any] = {}
-    for st in stages:
-        sums = [summarize(r, workload) for r in runs[st]]
+    for name in names:
+        sums = [latency_stats(r, workload) for r in runs[name]]
         median = {k: (None if any(s[k] is None for s in sums) else
                       round(statistics.median(s[k] for s in sums), 5)) for k in sums[0]}
-        systems[f"folovllm-stage{st}"] = dict(median=median, per_repeat=sums, runs=runs[st])
+        systems[name] = dict(median=median, per_repeat=sums, runs=runs[name])
     ratios = None
-    if len(stages) >= 2:
-        old, new = systems[f"folovllm-stage{stages[-2]}"]["median"], systems[f"folovllm-stage{stages[-1]}"]["median"]
-        ratios = dict(older=f"stage {stages[-2]:02d}", newer=f"stage {stages[-1]:02d}",
+    if len(names) >= 2:  # the first system against the last
+        old, new = systems[names[0]]["median"], systems[names[-1]]["median"]
+        ratios = dict(older=names[0], newer=names[-1],
                       ttft_p50=old["ttft_p50"] / new["ttft_p50"], ttft_p99=old["ttft_p99"] / new["ttft_p99"],
-                      e2e_p50=old["e2e_p50"] / new["e2e_p50"],
+                      e2e_p50=old["e2e_p50"] / new["e2e_p50"], itl_p99=old["itl_p99"] / new["itl_p99"],
                       throughput=new["output_tok_s"] / old["output_tok_s"])
-    loads = [r["loadavg"] for rs in runs.values() for r in rs if r["loadavg"] is not None]
-    if capacity and capacity["loadavg"] is not None:
-        loads.append(capacity["loadavg"])
-    result = dict(
-        command=command, date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        git_commit=git_commit(), machine=machine, model=info,
-        config=dict(stages=stages, workload=args.workload, quick=args.quick, repeats=args.repeats,
+    result.update(
+        config=dict(stages=stages, systems=names, workload=args.workload, quick=args.quick, repeats=args.repeats,
                     threads=args.threads, max_num_seqs=args.max_num_seqs, seed=args.seed,
                     arrival_seed=args.arrival_seed, rate=rate, load=args.load if args.rate is None else None),
         workload=workload.summary(), capacity=capacity, arrivals=[round(a, 5) for a in arrivals],
-        systems=systems, ratios=ratios, peak_loadavg_1m=max(loads) if loads else None,
+        systems=systems, ratios=ratios,
+        peak_loadavg_1m=peak_loadavg([r["loadavg"] for rs in runs.values() for r in rs]
+                                     + [capacity and capacity["loadavg"]]),
     )
     md = render_markdown(result)
     print()
     print(md)
     if not args.no_write:
         name = args.name or f"stage{stages[-1]:02d}_latency_cpu" + ("_quick" if args.quick else "")
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{name}.json").write_text(dump_json(result))
-        (out / f"{name}.md").write_text(md)
-        print(f"wrote {out / name}.json and .md")
-        try:
-            from benchmarks.plots import plot_latency
+        write_results(args.out, name, result, md)
+        from benchmarks.plots import plot_itl_ttft_tradeoff, plot_latency
+
+        png = Path(args.plot) if args.plot else ASSETS_DIR / f"{name.removesuffix('_cpu')}.png"
+        try:  # plots imports matplotlib when it draws
+            print(f"wrote {plot_latency(result, png)}")
+            if len(names) > 2:
+                print(f"wrote {plot_itl_ttft_tradeoff(result, png.with_name(png.stem + '_tradeoff.png'))}")
         except ImportError as e:  # matplotlib missing: results are written anyway
             print(f"no plot ({e}); pip install matplotlib, then python -m benchmarks.plots")
-        else:
-            png = Path(args.plot) if args.plot else ASSETS_DIR / f"{name.removesuffix('_cpu')}.png"
-            plot_latency(result, png)
-            print(f"wrote {png}")
     return 0
 
 

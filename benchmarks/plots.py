@@ -74,6 +74,25 @@ def plot_latency(result: dict[str, Any], out: Path) -> Path:
     return _save(fig, out)
 
 
+def plot_itl_ttft_tradeoff(result: dict[str, Any], out: Path) -> Path:
+    """One point per system: p99 inter-token latency of running requests against median time to
+    first token. A chunked-prefill budget sweep draws the trade-off: small budgets keep decodes
+    smooth, large ones get prompts out sooner."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, (name, r) in enumerate(result["systems"].items()):
+        med = r["median"]
+        ax.scatter(med["itl_p99"] * 1e3, med["ttft_p50"], color=_color(name, i), s=40, zorder=3)
+        ax.annotate(_label(name).replace("max_num_batched_tokens=", "budget "), (med["itl_p99"] * 1e3, med["ttft_p50"]),
+                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlabel("inter-token latency p99 (ms)")
+    ax.set_ylabel("time to first token p50 (s)")
+    ax.set_title(f"{result['workload']['name']} workload: decode smoothness vs prompt latency", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
 def plot_kv_usage(result: dict[str, Any], out: Path) -> Path:
     """KV tokens reserved / used per step (top) and requests running (bottom), per folovllm system."""
     plt = _plt()

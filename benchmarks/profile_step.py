@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from benchmarks.bench_model import git_commit
+from benchmarks.results import git_commit
 
 MODELS = {"bench": "bench", "qwen3-0.6b": "qwen3-0.6b"}
 
@@ -181,7 +181,7 @@ def measure(model: str, rows: int, context: int, steps: int, prefill: int, profi
 def dtype_agreement(model: str, dtype: str, num_requests: int = 16) -> dict[str, Any]:
     """Greedy tokens of `dtype` against float32 on the quick mixed workload, and the CPU time of
     each: exact-match fraction, mean fraction of each output before the first difference."""
-    from benchmarks.run import agreement
+    from benchmarks.harness import agreement
     from benchmarks.workloads import get_workload
     from folovllm import LLM, SamplingParams
     from folovllm.config import LATEST_STAGE

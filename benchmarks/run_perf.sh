@@ -16,7 +16,7 @@ run() { python -m benchmarks.run --baseline vllm --repeats 2 --out "$R" "$@"; }
 for t in 1 2; do
     peers="vllm vllm-eager"; [ "$t" = 1 ] && peers="$peers hf-generate"
     run --systems folovllm-stage5 $peers --workload mixed --num-requests 32 --threads $t --name perf_mixed_t${t}_cpu
-    run --systems folovllm-stage5 $peers --workload long_prompts --threads $t --name perf_long_prompts_t${t}_cpu
+    run --systems folovllm-stage5 $peers --workload prompts_1024 --threads $t --name perf_prompts_1024_t${t}_cpu
 done
 # Qwen3-0.6B shapes, random weights (built once, 2.4 GB): 8 requests of the mixed workload
 M=$(python -c "from benchmarks.profile_step import model_path; print(model_path('qwen3-0.6b'))")

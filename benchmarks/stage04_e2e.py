@@ -28,30 +28,17 @@ caption and the table).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import os
 import random
-import shlex
-import statistics
-import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from benchmarks.bench_model import (
-    bench_model_info,
-    bench_model_path,
-    machine_description,
-    machine_short,
-    git_commit,
-    write_results,
-)
+from benchmarks.bench_model import bench_model_info, bench_model_path
+from benchmarks.harness import peak_loadavg, summarize, time_calls
+from benchmarks.results import RESULTS_DIR, machine_short, result_record, shared_machine_note, write_results
 from benchmarks.workloads import FIRST_ORDINARY_TOKEN_ID, get_workload
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = ROOT / "benchmarks" / "results"
 SYSTEMS = {"stage 03 (naive)": 3, "stage 04 (sdpa)": 4}
 BASELINE = "stage 03 (naive)"
 
@@ -64,28 +51,15 @@ def build(model: str, stage: int, max_num_seqs: int) -> Any:
     return llm
 
 
-def timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = fn()
-    return time.perf_counter() - wall, time.process_time() - cpu, out
-
-
-def bench(calls: dict[str, Callable[[], list[list[int]]]], repeats: int) -> dict[str, Any]:
-    """Warm each system up once, then `repeats` rounds with the systems interleaved."""
-    tokens = {name: fn() for name, fn in calls.items()}
-    walls: dict[str, list[float]] = {name: [] for name in calls}
-    cpus: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            wall, cpu, out = timed(fn)
-            assert out == tokens[name], f"{name}: greedy tokens changed between repeats"
-            walls[name].append(wall)
-            cpus[name].append(cpu)
-    rows = {name: dict(wall_s=walls[name], cpu_s=cpus[name],
-                       median_wall_s=statistics.median(walls[name]),
-                       median_cpu_s=statistics.median(cpus[name])) for name in calls}
-    first = next(iter(tokens.values()))
-    return dict(systems=rows, same_tokens=all(t == first for t in tokens.values()))
+def bench(calls: dict[str, Callable[[], list[list[int]]]], repeats: int, loads: list) -> dict[str, Any]:
+    """`harness.time_calls`, and whether every repeat of every system gave the same tokens."""
+    runs = time_calls(calls, repeats)
+    for name, ts in runs.items():
+        assert all(t.value == ts[0].value for t in ts), f"{name}: greedy tokens changed between repeats"
+    loads += [t.loadavg for ts in runs.values() for t in ts]
+    first = [ts[0].value for ts in runs.values()]
+    return dict(systems={name: summarize(ts) for name, ts in runs.items()},
+                same_tokens=all(v == first[0] for v in first))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -110,9 +84,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         calls = {name: (lambda llm=llm, prompt=prompt, params=params:
                         generate(llm, [prompt], params))
                  for name, llm in llms.items()}
-        prefill[f"prefill {n}"] = bench(calls, args.repeats)
-        loads.append(os.getloadavg()[0])
-        print(f"prefill {n}", {k: f"{v['median_wall_s'] * 1e3:.0f} ms"
+        prefill[f"prefill {n}"] = bench(calls, args.repeats, loads)
+        print(f"prefill {n}", {k: f"{v['median_seconds'] * 1e3:.0f} ms"
                                for k, v in prefill[f"prefill {n}"]["systems"].items()}, flush=True)
 
     mixed: dict[str, Any] = {}
@@ -129,22 +102,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         calls = {name: (lambda llm=llm, prompts=prompts, params=params:
                         generate(llm, prompts, params))
                  for name, llm in llms.items()}
-        m = bench(calls, args.repeats)
+        m = bench(calls, args.repeats, loads)
         for row in m["systems"].values():
-            row["output_tok_s"] = workload.num_output_tokens / row["median_wall_s"]
-            row["output_tok_s_cpu"] = workload.num_output_tokens / row["median_cpu_s"]
+            row["output_tok_s"] = workload.num_output_tokens / row["median_seconds"]
+            row["output_tok_s_cpu"] = workload.num_output_tokens / row["median_cpu_seconds"]
         mixed[label] = dict(workload=workload.summary(), **m)
-        loads.append(os.getloadavg()[0])
         print(label, {k: f"{v['output_tok_s']:.1f} tok/s" for k, v in m["systems"].items()},
               flush=True)
 
     return dict(model=info, attention_backends=backends, prefill=prefill, mixed=mixed,
-                peak_loadavg_1m=round(max(loads), 2))
+                peak_loadavg_1m=peak_loadavg(loads))
 
 
 def _ms(r: dict[str, Any]) -> str:
-    return (f"{r['median_wall_s'] * 1e3:.0f} ({min(r['wall_s']) * 1e3:.0f}–"
-            f"{max(r['wall_s']) * 1e3:.0f})")
+    return (f"{r['median_seconds'] * 1e3:.0f} ({min(r['seconds']) * 1e3:.0f}–"
+            f"{max(r['seconds']) * 1e3:.0f})")
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -155,12 +127,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{result['repeats']} interleaved runs after a warm-up: `{result['command']}` on "
         f"{machine_short(machine)}, {result['date'][:10]}."
     )
-    load = result.get("peak_loadavg_1m")
-    if load is not None and load > 0.5 * machine["cpu_cores"]:
-        caption += (f" The machine was shared (1-minute load average up to {load} on "
-                    f"{machine['cpu_cores']} cores): read the ratios, not the absolute numbers; "
-                    f"the ratios of CPU time in brackets are not stretched by waiting for a core.")
-    lines = [caption, "",
+    lines = [caption + shared_machine_note(result), "",
              "| measurement | system | median (min–max) | CPU | × stage 03 | same tokens |",
              "|:--|:--|--:|--:|--:|:-:|"]
 
@@ -173,9 +140,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         for name, r in rows.items():
             lines.append(
                 f"| {label} (one request, `max_tokens=1`) | {name} | {_ms(r)} ms "
-                f"| {r['median_cpu_s'] * 1e3:.0f} ms "
-                f"| {ratio(rows, name, 'median_wall_s', False):.2f} "
-                f"(CPU {ratio(rows, name, 'median_cpu_s', False):.2f}) "
+                f"| {r['median_cpu_seconds'] * 1e3:.0f} ms "
+                f"| {ratio(rows, name, 'median_seconds', False):.2f} "
+                f"(CPU {ratio(rows, name, 'median_cpu_seconds', False):.2f}) "
                 f"| {'yes' if m['same_tokens'] else 'NO'} |")
     for key, m in result["mixed"].items():
         w, rows = m["workload"], m["systems"]
@@ -185,9 +152,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         for name, r in rows.items():
             lines.append(
                 f"| {label} | {name} | {r['output_tok_s']:.1f} output tok/s "
-                f"({r['median_wall_s']:.2f} s) | {r['output_tok_s_cpu']:.1f} tok/s "
-                f"| {ratio(rows, name, 'median_wall_s', False):.2f} "
-                f"(CPU {ratio(rows, name, 'median_cpu_s', False):.2f}) "
+                f"({r['median_seconds']:.2f} s) | {r['output_tok_s_cpu']:.1f} tok/s "
+                f"| {ratio(rows, name, 'median_seconds', False):.2f} "
+                f"(CPU {ratio(rows, name, 'median_cpu_seconds', False):.2f}) "
                 f"| {'yes' if m['same_tokens'] else 'NO'} |")
     return "\n".join(lines) + "\n"
 
@@ -201,15 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     measured = run(args)
-    result = dict(
-        command=("python -m benchmarks.stage04_e2e "
-                 + shlex.join(sys.argv[1:] if argv is None else argv)).strip(),
-        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        git_commit=git_commit(),
-        machine=machine_description(),
-        repeats=args.repeats,
-        **measured,
-    )
+    result = result_record("benchmarks.stage04_e2e", argv, repeats=args.repeats, **measured)
     markdown = render_markdown(result)
     print(markdown)
     if not args.quick:

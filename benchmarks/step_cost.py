@@ -8,7 +8,7 @@ barely grows with its rows, i.e. when a step is bound by reading the weights (a 
 with many threads). On one CPU thread the matmuls are compute-bound already at a few rows, so a
 step of 12 rows costs about 3x a step of 4 rows and admitting more requests buys little
 throughput. This measures it: for each row count B, a fresh engine prefills B prompts of
-`--context` tokens (untimed), then runs `--steps` decode steps, each timed in CPU time of the
+`--context` tokens (untimed), then runs `--steps` decode steps, each timed (`harness.timed`) in CPU time of the
 process (`time.process_time`, not stretched by waiting for a core on a shared machine) and in
 wall time. Reported: median CPU ms per step and per row (= per generated token).
 """
@@ -16,19 +16,16 @@ wall time. Reported: median CPU ms per step and per row (= per generated token).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import random
-import shlex
 import statistics
 import sys
-import time
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from benchmarks.bench_model import bench_model_path, machine_description, machine_short, git_commit
-from benchmarks.run import RESULTS_DIR, _loadavg, dump_json
+from benchmarks.bench_model import bench_model_path
+from benchmarks.harness import loadavg, timed
+from benchmarks.results import RESULTS_DIR, machine_short, result_record, write_results
 
 
 def measure(model: str, stage: int, rows: int, context: int, steps: int, engine_args: dict[str, Any]) -> dict[str, Any]:
@@ -42,18 +39,14 @@ def measure(model: str, stage: int, rows: int, context: int, steps: int, engine_
         engine.add_request(str(i), [rng.randrange(3, 512) for _ in range(context)], params)
     while engine.stats.num_decode_row_steps == 0:  # prefill(s), then one decode step untimed
         engine.step()
-    cpu, wall = [], []
-    for _ in range(steps):
-        c0, w0 = time.process_time(), time.perf_counter()
-        engine.step()
-        cpu.append(time.process_time() - c0)
-        wall.append(time.perf_counter() - w0)
+    timings = [timed(engine.step) for _ in range(steps)]
+    cpu, wall = [t.cpu_seconds for t in timings], [t.seconds for t in timings]
     assert engine.stats.max_num_running == rows
     med = statistics.median(cpu)
     return dict(stage=stage, rows=rows, context=context, steps=steps,
                 cpu_ms_per_step=round(med * 1e3, 3), cpu_ms_per_row=round(med * 1e3 / rows, 3),
                 wall_ms_per_step=round(statistics.median(wall) * 1e3, 3),
-                cpu_ms=[round(x * 1e3, 3) for x in cpu], loadavg=_loadavg())
+                cpu_ms=[round(x * 1e3, 3) for x in cpu], loadavg=loadavg())
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -69,8 +62,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = str(bench_model_path())
-    command = "python -m benchmarks.step_cost " + shlex.join(sys.argv[1:] if argv is None else argv)
-    machine = machine_description()
+    result = result_record("benchmarks.step_cost", argv, config=vars(args))
+    command, machine = result["command"], result["machine"]
     print(f"{command}\nmachine: {machine_short(machine)}")
     measure(model, args.stages[0], 2, 32, 2, {})  # warm-up
     results = []
@@ -90,18 +83,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     caption = (f"CPU time of one decode step against the rows it decodes, every row with a context of "
                f"{args.context} tokens, median of {args.steps} steps, bench model, float32, max_model_len 1024 "
                f"(stage 02: contiguous slots, stage 03: paged, block size 16): `{command}` on "
-               f"{machine_short(machine)}, {_dt.date.today()}; 1-minute load average up to "
+               f"{machine_short(machine)}, {result['date'][:10]}; 1-minute load average up to "
                f"{max(loads) if loads else '?'} on {machine['cpu_cores']} cores (CPU time is not "
                "stretched by waiting for a core).")
     md = caption + "\n\n" + "\n".join(lines) + "\n"
     print("\n" + md)
     if not args.no_write:
-        out = Path(args.out)
-        result = dict(command=command, date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                      git_commit=git_commit(), machine=machine, config=vars(args), results=results)
-        (out / f"{args.name}.json").write_text(dump_json(result))
-        (out / f"{args.name}.md").write_text(md)
-        print(f"wrote {out / args.name}.json and .md")
+        write_results(args.out, args.name, dict(result, results=results), md)
     return 0
 
 

@@ -6,7 +6,7 @@
 Not part of the normal test run: pyproject's `testpaths` are `tests` and `stages`. Uses the
 `--quick` size of the `mixed` workload (16 requests, one static batch) so a round takes about a
 second; `python -m benchmarks.run` is the full-size, reported benchmark. Both use the same
-systems (`benchmarks.run.SYSTEMS`), workload and model.
+systems (`benchmarks.systems.SYSTEMS`), workload and model.
 
 Each round builds the system's per-run state untimed (`pedantic`'s setup: a fresh folovllm
 engine), then times `execute`: the generation of the whole workload. Both systems produce exactly
@@ -21,7 +21,7 @@ import torch
 
 from benchmarks.bench_model import bench_model_path
 from benchmarks.pytest_support import time_system
-from benchmarks.run import BenchConfig, systems_for_stages
+from benchmarks.systems import BenchConfig, systems_for_stages
 from benchmarks.workloads import get_workload
 
 STAGE = 1

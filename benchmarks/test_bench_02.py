@@ -7,7 +7,7 @@ Not part of the normal test run (pyproject's `testpaths` are `tests` and `stages
 workloads, one group each: `mixed` (16 requests, outputs 8..32) and `long_tail` (10 requests, 90%
 short outputs, 10% long). Systems: `folovllm-stage2`, `folovllm-stage1`, HF `generate` (static
 batches) and HF's own continuous batching (`hf-generate-batch`, the manager behind
-`generate_batch`, with a per-request max_new_tokens), from `benchmarks.run.STAGE_PEERS[2]`.
+`generate_batch`, with a per-request max_new_tokens), from `benchmarks.systems.STAGE_PEERS[2]`.
 `python -m benchmarks.run --stages 2 --workload mixed` is the full-size, reported benchmark.
 
 Each round builds the system's per-run state untimed (a fresh folovllm engine, a fresh HF
@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.bench_model import bench_model_path
 from benchmarks.pytest_support import time_system
-from benchmarks.run import BenchConfig, systems_for_stages
+from benchmarks.systems import BenchConfig, systems_for_stages
 from benchmarks.workloads import get_workload
 
 STAGE = 2

@@ -21,7 +21,7 @@ import torch
 
 from benchmarks.bench_model import bench_model_path
 from benchmarks.pytest_support import time_system
-from benchmarks.run import BenchConfig, systems_for_stages
+from benchmarks.systems import BenchConfig, systems_for_stages
 from benchmarks.workloads import get_workload
 
 STAGE = 3

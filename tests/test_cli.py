@@ -47,3 +47,68 @@ def test_parse_bytes():
     assert _parse_bytes("1000") == 1000
     with pytest.raises(Exception, match="expected a size"):
         _parse_bytes("lots")
+
+
+def test_serve_with_a_missing_model_exits_2(capsys):
+    assert main(["serve", "/no/such/folder"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_serve_answers_then_sigterm_lets_the_open_stream_finish_and_exits_0(tiny_qwen3):
+    """`folovllm serve` as a real process: it answers the openai client; SIGTERM while a stream is
+    open lets that stream run to its end, then the process exits with status 0."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+    import openai
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "folovllm.entrypoints.cli", "serve", str(tiny_qwen3), "--stage", "3",
+           "--dtype", "float32", "--max-model-len", "256", "--port", str(port), "--threads", "1"]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "server did not come up"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        stream = client.completions.create(model=str(tiny_qwen3), prompt="the engine", max_tokens=200,
+                                           temperature=0, stream=True, extra_body={"ignore_eos": True})
+        chunks = [next(stream)]
+        proc.send_signal(signal.SIGTERM)
+        chunks += list(stream)
+        assert chunks[-1].choices[0].finish_reason == "length"  # all 200 tokens, not cut off
+        assert proc.wait(timeout=30) == 0
+        assert "Application shutdown complete" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("threads", ["0", "-1"])
+def test_threads_must_be_positive(tiny_qwen3, capsys, threads):
+    """`--threads -1` printed a traceback and `--threads 0` was ignored (issue 9.7)."""
+    rc = main(["generate", "--model", str(tiny_qwen3), "--prompt", "x", "--threads", threads])
+    assert rc == 2
+    assert f"folovllm: error: --threads must be a positive integer, got {threads}" in capsys.readouterr().err
+
+
+def test_config_json_that_is_a_list_is_an_error_not_a_traceback(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("[]")
+    rc = main(["generate", "--model", str(tmp_path), "--prompt", "x"])
+    assert rc == 2
+    assert "config.json must hold a JSON object, got a list" in capsys.readouterr().err

@@ -5,7 +5,8 @@ and the one interface every stage's manager implements (`KVCacheManagerBase`).
                                     slots together and reserves the longest member's length
     stage 02  SlotKVCacheManager    the same slots, taken and given back request by request
     stage 03  KVCacheManager        blocks of block_size tokens, handed out as tokens arrive
-    stage 06  (prefix caching)      fills in `get_computed_blocks`; today nothing is ever cached
+    stage 06  KVCacheManager        + a prefix cache: full blocks found again by hash
+                                    (`get_computed_blocks`), shared by reference count
 
 The scheduler and the engine only talk to `KVCacheManagerBase`; the tensors themselves live on
 the worker side (`worker/kv_cache.py`), allocated once from the `KVCacheConfig`.
@@ -22,6 +23,7 @@ import torch
 if TYPE_CHECKING:
     from folovllm.config import EngineConfig
     from folovllm.core.block_pool import KVCacheBlock
+    from folovllm.core.prefix_cache import PrefixCacheStats
     from folovllm.core.request import Request
 
 
@@ -71,10 +73,21 @@ class KVCacheManagerBase(ABC):
         """Cut `budget` bytes into blocks; refuse (ValueError, with the numbers) a budget that
         cannot hold one `max_model_len` sequence."""
 
+    @classmethod
+    def from_config(cls, config: "EngineConfig", kv_cache_config: KVCacheConfig) -> "KVCacheManagerBase":
+        """The manager for `config`, over the blocks `get_kv_cache_config` cut."""
+        return cls(kv_cache_config)  # type: ignore[call-arg]
+
     def get_computed_blocks(self, request: "Request") -> tuple[list["KVCacheBlock"], int]:
         """Blocks already holding a prefix of `request` and how many tokens they cover
         (stage 06 fills this in; without prefix caching nothing is ever cached)."""
         return [], 0
+
+    def make_prefix_cache_stats(self) -> "PrefixCacheStats":
+        """What the prefix cache did since the last call (all zeros without one)."""
+        from folovllm.core.prefix_cache import PrefixCacheStats
+
+        return PrefixCacheStats()
 
     @abstractmethod
     def allocate_slots(
@@ -92,6 +105,12 @@ class KVCacheManagerBase(ABC):
     @abstractmethod
     def get_block_table(self, request: "Request") -> list[int]:
         """The block ids of `request`, in token order."""
+
+    @property
+    def num_shared_tokens(self) -> int:
+        """Slots that more than one request counts as its own (stage 06 shares full blocks):
+        each extra sharer of a block adds `block_size`. 0 without sharing."""
+        return 0
 
     @property
     @abstractmethod

@@ -22,23 +22,37 @@ request are wasted (internal fragmentation), instead of `max_model_len - len` in
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from folovllm.core.block_pool import BlockPool, KVCacheBlock
 from folovllm.core.kv_cache_interface import KVCacheConfig, KVCacheManagerBase, KVCacheSpec, cdiv
-from folovllm.core.request import Request
+from folovllm.core.kv_cache_utils import sha256_hash
+from folovllm.core.prefix_cache import NullPrefixCache, PrefixCache, PrefixCacheStats
+from folovllm.core.request import Request, RequestStatus
 
 if TYPE_CHECKING:
     from folovllm.config import EngineConfig
 
 
 class KVCacheManager(KVCacheManagerBase):
-    def __init__(self, kv_cache_config: KVCacheConfig, watermark: float = 0.01) -> None:
+    """Stage 03's paged cache; with `enable_caching` (stage 06) its full blocks are also a
+    prefix cache (`PrefixCache`), otherwise a `NullPrefixCache` that never hits.
+
+    `hash_fn` (bytes -> bytes) hashes blocks: SHA-256 unless a test wants a weaker one."""
+
+    def __init__(self, kv_cache_config: KVCacheConfig, watermark: float = 0.01,
+                 enable_caching: bool = False,
+                 hash_fn: Optional[Callable[[bytes], bytes]] = None) -> None:
         self.kv_cache_config = kv_cache_config
         self.block_size = kv_cache_config.block_size
         num_blocks = kv_cache_config.num_blocks
         self.block_pool = BlockPool(num_blocks)
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+        # --8<-- [start:choose_prefix_cache]
+        self.prefix_cache = NullPrefixCache()
+        if enable_caching:
+            self.prefix_cache = PrefixCache(self.block_pool, self.block_size, hash_fn or sha256_hash)
+        # --8<-- [end:choose_prefix_cache]
         # --8<-- [start:watermark]
         # Admission keeps a few blocks free so the running requests can still grow a step or
         # two before anyone is preempted (admitting into a full cache preempts at once).
@@ -62,39 +76,79 @@ class KVCacheManager(KVCacheManagerBase):
         return KVCacheConfig(num_blocks=num_blocks, block_size=config.block_size)
     # --8<-- [end:get_kv_cache_config]
 
+    @classmethod
+    def from_config(cls, config: "EngineConfig", kv_cache_config: KVCacheConfig) -> "KVCacheManager":
+        return cls(kv_cache_config, enable_caching=config.enable_prefix_caching)
+
     @property
     def num_free_blocks(self) -> int:
         return self.block_pool.num_free_blocks
 
+    # --8<-- [start:get_computed_blocks]
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
+        """At admission: the cached blocks of the longest cached prefix of `request` and the
+        tokens they hold (whole blocks; ([], 0) without prefix caching). Nothing is taken yet:
+        `allocate_slots` takes them if the request is admitted."""
+        blocks = self.prefix_cache.find_longest_cache_hit(request)
+        return blocks, len(blocks) * self.block_size
+    # --8<-- [end:get_computed_blocks]
+
     # --8<-- [start:allocate_slots]
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        new_computed_blocks: Sequence[KVCacheBlock] = ()) -> bool:
-        """Make room for `num_new_tokens` more tokens of `request`; False (and nothing
-        allocated) if there are not enough free blocks."""
+        """Make room for `num_new_tokens` more tokens of `request`, after the
+        `new_computed_blocks` a prefix hit found (taken by reference); False (and nothing
+        allocated or taken) if there are not enough free blocks.
+
+            blocks of request:  [hit][hit][ new ][ new ]
+                                 |<-computed->|<- num_new_tokens ->|
+        """
+        admitting = request.request_id not in self.req_to_blocks
         blocks = self.req_to_blocks.get(request.request_id, [])
-        num_needed = cdiv(request.num_computed_tokens + num_new_tokens, self.block_size) - len(blocks)
+        num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
+        num_needed = cdiv(num_computed + num_new_tokens, self.block_size) - len(blocks) - len(new_computed_blocks)
+        # A hit block nobody holds sits in the free queue: taking it uses up a free block too.
+        num_hits_free = sum(1 for block in new_computed_blocks if block.ref_cnt == 0)
         # A new request must leave the watermark free, unless the cache is empty: then nobody
         # runs who could need those blocks, and a prompt as long as the whole cache must fit.
         cache_empty = self.num_free_blocks == self.block_pool.num_blocks
         reserve = 0 if blocks or cache_empty else self.watermark_blocks
-        if num_needed > self.num_free_blocks - reserve:
+        if max(num_needed, 0) + num_hits_free > self.num_free_blocks - reserve:
             return False
+        self.block_pool.touch(new_computed_blocks)  # first: handing out blocks may evict
+        blocks = blocks + list(new_computed_blocks)
         if num_needed > 0:
             blocks = blocks + self.block_pool.get_new_blocks(num_needed)
         self.req_to_blocks[request.request_id] = blocks
+        self.prefix_cache.cache_full_blocks(request, blocks, num_computed + num_new_tokens)
+        if admitting:
+            self.prefix_cache.record_admission(request, len(new_computed_blocks))
         return True
     # --8<-- [end:allocate_slots]
 
     # --8<-- [start:free]
     def free(self, request: Request) -> None:
-        """Give back every block of the request (last block first: stage 06's LRU evicts the
-        tail of a sequence before its shared head)."""
+        """Give back every block of the request, last block first: the free queue is the
+        eviction order (least recently freed first), so the tail of a sequence is evicted
+        before its head, which other requests are likelier to share."""
         blocks = self.req_to_blocks.pop(request.request_id, [])
+        if request.status == RequestStatus.FINISHED_ERROR:
+            # Its step raised (the engine's fault guard): blocks cached for it when they were
+            # scheduled may never have been written. A miss is cheap, wrong K/V is not.
+            self.block_pool.uncache_blocks(blocks)
         self.block_pool.free_blocks(reversed(blocks))
+        self.prefix_cache.free(request)
     # --8<-- [end:free]
+
+    def make_prefix_cache_stats(self) -> PrefixCacheStats:
+        return self.prefix_cache.make_stats()
 
     def get_block_table(self, request: Request) -> list[int]:
         return [block.block_id for block in self.req_to_blocks[request.request_id]]
+
+    @property
+    def num_shared_tokens(self) -> int:
+        return self.block_pool.num_shared_refs * self.block_size
 
     @property
     def num_reserved_tokens(self) -> int:

@@ -18,12 +18,15 @@ token.
 from __future__ import annotations
 
 import enum
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from folovllm.outputs import RequestMetrics
 from folovllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from folovllm.core.kv_cache_utils import BlockHash
 
 
 class RequestStatus(enum.Enum):
@@ -33,6 +36,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "finished_stopped"  # EOS, stop token id or stop string
     FINISHED_LENGTH = "finished_length"  # max_tokens or max_model_len
     FINISHED_ABORTED = "finished_aborted"
+    FINISHED_ERROR = "finished_error"  # its step raised (see `LLMEngine._execute_model`)
 
     @property
     def finished(self) -> bool:
@@ -47,11 +51,13 @@ _FINISHED = {
     RequestStatus.FINISHED_STOPPED,
     RequestStatus.FINISHED_LENGTH,
     RequestStatus.FINISHED_ABORTED,
+    RequestStatus.FINISHED_ERROR,
 }
 _FINISH_REASON = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
 }
 
 
@@ -78,7 +84,11 @@ class Request:
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
         self.output_text = ""  # detokenized output, cut at a stop string
+        self.error: Optional[str] = None  # why it failed (status FINISHED_ERROR)
         self.metrics = RequestMetrics(arrival_time=arrival_time)
+        # Stage 06: the hash of each full block of `all_token_ids`, in order, appended by the
+        # prefix cache as blocks fill (prompt and output alike); empty without prefix caching.
+        self.block_hashes: list["BlockHash"] = []
         # A per-request generator makes seeded sampling independent of the batch around it.
         self.generator: Optional[torch.Generator] = None
         if sampling_params.seed is not None:

@@ -54,6 +54,16 @@ class SchedulerOutput:
         self.num_computed_tokens.append(request.num_computed_tokens)
         self.block_tables.append(block_table)
 
+    def row(self, i: int) -> "SchedulerOutput":
+        """Row i alone, as a step of its own (to find which row makes a step fail)."""
+        return SchedulerOutput(
+            requests=[self.requests[i]],
+            num_new_tokens=[self.num_new_tokens[i]],
+            num_computed_tokens=[self.num_computed_tokens[i]],
+            query_lens=None if self.query_lens is None else [self.query_lens[i]],
+            block_tables=[self.block_tables[i]],
+        )
+
     @property
     def num_rows(self) -> int:
         return len(self.requests)

@@ -79,7 +79,8 @@ class StaticKVCacheManager(SlotKVCacheManager):
 
     ::
 
-        batch of 3 requests, capacity = longest prompt + longest max_tokens in the batch
+        batch of 3 requests, capacity = the most any member can hold (its prompt + max_tokens,
+        at most max_model_len)
 
         row 0  [p p p p o o o . . . . . . .]   short request: most of its row never used
         row 1  [p p p p p p p p o o o o o o]   longest request decides the capacity

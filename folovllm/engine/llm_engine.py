@@ -10,9 +10,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -25,42 +26,43 @@ from folovllm.core.scheduler_output import SchedulerOutput
 from folovllm.core.static_batch_scheduler import StaticBatchScheduler
 from folovllm.engine.output_processor import OutputProcessor
 from folovllm.engine.stats import EngineStats, SchedulerStats
-from folovllm.model_executor.attention_backends import get_attn_backend
-from folovllm.model_executor.model_loader import load_model
+from folovllm.executor import WorkerDiedError, get_executor_cls
+from folovllm.inputs import PromptType, is_token_id, parse_prompt
+from folovllm.model_executor.model_loader import load_hf_config, resolve_model_path
 from folovllm.outputs import RequestOutput
-from folovllm.sampling_params import SamplingParams
+from folovllm.sampling_params import SEED_LIMIT, SamplingParams
 from folovllm.worker.model_runner import ModelRunner
 from folovllm.worker.sampler import Sampler
 
-PromptType = Union[str, list[int]]
+logger = logging.getLogger("folovllm")
 
 
 class LLMEngine:
     def __init__(self, model: str, config: Optional[EngineConfig] = None) -> None:
         config = config or EngineConfig.for_stage(1)
-        self.model, self.hf_config, path = load_model(model, config.torch_dtype, config.device)
+        path = resolve_model_path(model)
+        self.hf_config = load_hf_config(path)
         self.config = config.resolve(self.hf_config.max_position_embeddings)
         self.tokenizer = _load_tokenizer(path)
-        self.eos_token_ids = _eos_token_ids(self.hf_config, self.tokenizer, path)
         self.vocab_size = self.hf_config.vocab_size
+        self.eos_token_ids = _eos_token_ids(self.hf_config, self.tokenizer, path, self.vocab_size)
 
-        dtype = next(self.model.parameters()).dtype
-        attn = self.model.model.layers[0].self_attn
-        spec = KVCacheSpec(
-            num_layers=self.hf_config.num_hidden_layers,
-            num_kv_heads=attn.num_kv_heads,
-            head_dim=attn.head_dim,
-            dtype=dtype,
-            device=self.config.device,
-        )
+        # The model lives behind the executor: in this process, or split over one worker
+        # process per tensor-parallel rank (stage 08). The sampler stays here either way.
         generator = torch.Generator(self.config.device).manual_seed(self.config.seed)
-        self.model_runner = ModelRunner(
-            self.model, Sampler(self.eos_token_ids, generator), self.config.device,
-            get_attn_backend(self.config.attention_backend),
+        executor_cls = get_executor_cls(self.config)
+        self.model_executor = executor_cls(
+            self.config, path, self.hf_config, Sampler(self.eos_token_ids, generator)
         )
-
-        # The one place where the stage flags pick the engine's parts.
-        self.kv_cache_manager = self._initialize_kv_cache(spec, fit_len=config.max_model_len is None)
+        # The stage flags pick the engine's parts here, once (the executor above and, in its
+        # `Worker`, the attention backend; the KV cache manager in `_initialize_kv_cache`; the
+        # scheduler below).
+        try:
+            spec = self.model_executor.kv_cache_spec()  # this rank's kv heads
+            self.kv_cache_manager = self._initialize_kv_cache(spec, fit_len=config.max_model_len is None)
+        except BaseException:  # e.g. a KV budget too small: no worker process outlives the error
+            self.model_executor.shutdown()
+            raise
         scheduler_cls = Scheduler if self.config.enable_continuous_batching else StaticBatchScheduler
         self.scheduler: SchedulerBase = scheduler_cls(self.config, self.kv_cache_manager, self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -68,22 +70,30 @@ class LLMEngine:
         # Called with a `SchedulerStats` after every step (benchmark traces, server metrics).
         self.stat_loggers: list[Callable[[SchedulerStats], None]] = []
         self.last_scheduler_stats: Optional[SchedulerStats] = None
-        self._request_ids: set[str] = set()  # parents not finished yet
 
     # --8<-- [start:initialize_kv_cache]
     def _initialize_kv_cache(self, spec: KVCacheSpec, fit_len: bool) -> KVCacheManagerBase:
         """Size the KV cache once, at start-up (vLLM's `_initialize_kv_caches`): the byte budget,
         `max_model_len` fitted to it if the user left it unset, the stage's manager cutting it
         into blocks (or slots), and the tensors allocated and bound to the attention layers."""
-        budget = self.config.kv_cache_memory or self.model_runner.determine_available_memory(self.config, spec)
+        budget = self.config.kv_cache_memory or self.model_executor.determine_available_memory(spec)
         if fit_len:
             self.config = fit_max_model_len(self.config, spec, budget)
         manager_cls = get_kv_cache_manager_cls(self.config)
         kv_cache_config = manager_cls.get_kv_cache_config(self.config, spec, budget)
-        self.model_runner.initialize_kv_cache(spec, kv_cache_config)  # refuses more than RAM/VRAM
+        self.model_executor.initialize_kv_cache(spec, kv_cache_config)  # refuses more than RAM/VRAM
         self.kv_cache_capacity_tokens = kv_cache_config.num_tokens
-        return manager_cls(kv_cache_config)
+        return manager_cls.from_config(self.config, kv_cache_config)
     # --8<-- [end:initialize_kv_cache]
+
+    @property
+    def model_runner(self) -> ModelRunner:
+        """The in-process model runner (tensor_parallel_size = 1 only)."""
+        return self.model_executor.model_runner
+
+    def shutdown(self) -> None:
+        """Stop the worker processes, if any (also done when the engine is garbage collected)."""
+        self.model_executor.shutdown()
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -94,48 +104,51 @@ class LLMEngine:
         sampling_params: Optional[SamplingParams] = None,
         arrival_time: Optional[float] = None,
     ) -> None:
-        """Queue a prompt (text or token ids). Raises ValueError, queuing nothing, on bad input."""
-        params = sampling_params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        """Queue a prompt (text, token ids, `TextPrompt` or `TokensPrompt`). Raises ValueError,
+        queuing nothing, on bad input (see `validate_request`)."""
+        if not isinstance(request_id, str):
+            raise ValueError(f"request_id must be a string, got {type(request_id).__name__}")
+        params = SamplingParams() if sampling_params is None else sampling_params
+        prompt_text, prompt_token_ids = self.validate_request(prompt, params)
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
-        in_use = self._request_ids | self.output_processor.parent_of.keys()
+        in_use = self.output_processor.parents.keys() | self.output_processor.parent_of.keys()
         for rid in dict.fromkeys([request_id, *child_ids]):
             if rid in in_use:
                 raise ValueError(f"request id {rid!r} is already in use by an unfinished request")
-        prompt_text, prompt_token_ids = self.process_prompt(prompt)
         arrival_time = time.perf_counter() if arrival_time is None else arrival_time
         children = []
         for i in range(params.n):
             child_params = params
             if params.n > 1:  # each sample is its own request; seeded ones get seed + i
-                seed = None if params.seed is None else params.seed + i
+                seed = None if params.seed is None else (params.seed + i) % SEED_LIMIT
                 child_params = replace_params(params, n=1, seed=seed)
             children.append(
                 Request(child_ids[i], prompt_token_ids, child_params, arrival_time,
                         prompt=prompt_text, device=self.config.device)
             )
-        self._request_ids.add(request_id)
         self.output_processor.add_request(request_id, prompt_text, prompt_token_ids, children)
         for child in children:
             self.scheduler.add_request(child)
         self.stats.num_prompt_tokens += len(prompt_token_ids) * len(children)
 
-    def process_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
-        """Validate a prompt and return (text or None, token ids)."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt must be a non-empty string or a non-empty list of token ids")
-            text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=False)
-        elif isinstance(prompt, (list, tuple)):
-            text, ids = None, list(prompt)
-            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
-            if bad:
-                raise ValueError(
-                    f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad[:5]}"
-                )
-        else:
-            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+    # --8<-- [start:validate_request]
+    def validate_request(self, prompt: PromptType, params: SamplingParams) -> tuple[Optional[str], list[int]]:
+        """The one check of a request against this engine, before anything is queued.
+        `SamplingParams` checked each field on its own; here is what depends on the model:
+        token ids within its vocabulary (the tokenizer's too), lengths within `max_model_len`.
+        A request that passes runs to a normal finish. Returns (prompt text or None, token ids)."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        text, ids = parse_prompt(prompt)
+        if text is not None:
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        bad = [t for t in ids if not is_token_id(t, self.vocab_size)]
+        if bad:
+            raise ValueError(
+                f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad[:5]}"
+                + ("" if text is None else " from the tokenizer, which does not match the model")
+            )
+        ids = [int(t) for t in ids]
         if not ids:
             raise ValueError("prompt must not be empty (it has 0 tokens)")
         if len(ids) > self.config.max_model_len:
@@ -149,25 +162,45 @@ class LLMEngine:
                 "max_num_batched_tokens, or turn on enable_chunked_prefill (stage 5), which "
                 "computes a prompt over several steps"
             )
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"stop_token_ids must be token ids of this model, in [0, {self.vocab_size}), got {bad[:5]}"
+            )
+        if params.top_k > self.vocab_size:
+            raise ValueError(
+                f"top_k must be at most the vocabulary size ({self.vocab_size}), or 0 / -1 to "
+                f"keep every token, got {params.top_k}"
+            )
         return text, ids
+    # --8<-- [end:validate_request]
 
     def abort_request(self, request_id: str) -> Optional[RequestOutput]:
         """Stop a request now and free what it holds; returns its final output
         (finish_reason "abort")."""
-        if request_id not in self._request_ids:
+        if request_id not in self.output_processor.parents:
             raise ValueError(f"cannot abort {request_id!r}: no unfinished request has this id")
         children = self.output_processor.parents[request_id].children
         self.scheduler.finish_requests(
             [c.request_id for c in children if not c.is_finished], RequestStatus.FINISHED_ABORTED
         )
-        self._request_ids.discard(request_id)
+        self.scheduler.free_finished_requests()  # a static batch whose last member this was
         return self.output_processor.abort(request_id)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> None:
+        """Abort those of `request_ids` that have not finished, when whoever queued them gives
+        up (`LLM.generate` on an exception or Ctrl-C). Afterwards none of them holds KV, even
+        if a step was interrupted before it freed the requests that finished in it."""
+        for request_id in request_ids:
+            if request_id in self.output_processor.parents:
+                self.abort_request(request_id)
+        self.scheduler.free_finished_requests()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self._request_ids)
+        return len(self.output_processor.parents)
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -178,16 +211,47 @@ class LLMEngine:
         if scheduler_output.num_rows == 0:
             return []
         self._mark_scheduled(scheduler_output)
-        sampled = self.model_runner.execute_model(scheduler_output)
+        sampled, failed = self._execute_model(scheduler_output)
         advanced = self.scheduler.update_from_output(scheduler_output, sampled)
-        outputs = self.output_processor.process(advanced)
+        outputs = self.output_processor.process(advanced, failed)
         self.scheduler.free_finished_requests()
         self._record_stats(scheduler_output, advanced)
-        for out in outputs:
-            if out.finished:
-                self._request_ids.discard(out.request_id)
         return outputs
     # --8<-- [end:step]
+
+    # --8<-- [start:execute_model_guard]
+    def _execute_model(self, output: SchedulerOutput) -> tuple[dict[str, int], list[Request]]:
+        """Run the model on one step -> (sampled token by request id, requests that failed).
+
+        Defence in depth: `validate_request` lets no request through that can make a step
+        raise. If one still does, the rows are run again one at a time; a row that raises on
+        its own finishes with finish_reason "error" (its KV is freed at the end of the step,
+        as for any finished request), the other rows keep the token they sampled, and the
+        engine goes on serving. (KeyboardInterrupt is not caught: nothing has advanced yet, so
+        the caller can abort cleanly.) A `WorkerDiedError` is not one request's fault: a
+        tensor-parallel worker died or failed, and no step can run any more (stage 08)."""
+        try:
+            return self.model_executor.execute_model(output), []
+        except WorkerDiedError:
+            raise
+        except Exception:
+            logger.warning("a step of %d rows failed; running them one at a time", output.num_rows,
+                           exc_info=True)
+        sampled: dict[str, int] = {}
+        failed: list[Request] = []
+        for row, request in enumerate(output.requests):
+            try:
+                sampled.update(self.model_executor.execute_model(output.row(row)))
+            except WorkerDiedError:
+                raise
+            except Exception as error:
+                logger.error("request %r failed; it finishes with finish_reason 'error'",
+                             request.request_id, exc_info=True)
+                request.status = RequestStatus.FINISHED_ERROR
+                request.error = f"{type(error).__name__}: {error}"
+                failed.append(request)
+        return sampled, failed
+    # --8<-- [end:execute_model_guard]
 
     def _mark_scheduled(self, output: SchedulerOutput) -> None:
         now = time.perf_counter()
@@ -204,7 +268,8 @@ class LLMEngine:
             num_prefill_tokens=output.num_prefill_tokens,
             num_decode_tokens=output.num_decode_tokens,
             kv_tokens_reserved=self.kv_cache_manager.num_reserved_tokens,
-            kv_tokens_used=self.scheduler.live_kv_tokens(),
+            # a slot shared by several requests (stage 06) holds one live token, not several
+            kv_tokens_used=self.scheduler.live_kv_tokens() - self.kv_cache_manager.num_shared_tokens,
             num_preemptions=self.scheduler.num_preemptions,
         )
         s = self.stats
@@ -218,9 +283,10 @@ class LLMEngine:
         s.kv_tokens_reserved += step.kv_tokens_reserved
         s.kv_tokens_used += step.kv_tokens_used
         s.peak_kv_tokens_reserved = max(s.peak_kv_tokens_reserved, step.kv_tokens_reserved)
+        s.prefix_cache += self.kv_cache_manager.make_prefix_cache_stats()
         self.last_scheduler_stats = step
-        for logger in self.stat_loggers:
-            logger(step)
+        for stat_logger in self.stat_loggers:
+            stat_logger(step)
 
 
 def replace_params(params: SamplingParams, **changes: object) -> SamplingParams:
@@ -232,25 +298,37 @@ def replace_params(params: SamplingParams, **changes: object) -> SamplingParams:
     return SamplingParams(**fields)
 
 
-def _load_tokenizer(path: object) -> object:
+def _load_tokenizer(path: Path) -> object:
+    """The checkpoint's tokenizer. A folder without tokenizer files is refused: transformers
+    would give an empty tokenizer (no vocabulary, EOS id 0) on which every text prompt fails."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:
         raise ValueError(f"could not load a tokenizer from {path} ({type(e).__name__}: {e})") from e
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):
+        raise ValueError(
+            f"no tokenizer in {path}: expected tokenizer.json (or vocab.json + merges.txt, or "
+            "tokenizer.model) next to config.json; copy the tokenizer files of the model there"
+        )
+    return tokenizer
 
 
-def _eos_token_ids(hf_config: object, tokenizer: object, path: Path) -> list[int]:
+def _eos_token_ids(hf_config: object, tokenizer: object, path: Path, vocab_size: int) -> list[int]:
     """EOS ids from the tokenizer, config.json and generation_config.json (Qwen3 lists both
-    <|im_end|> and <|endoftext|> there)."""
+    <|im_end|> and <|endoftext|> there); an id outside the model's vocabulary can never be
+    sampled, and is left out."""
     generation_eos = None
     generation_config = path / "generation_config.json"
     if generation_config.is_file():
         try:
-            generation_eos = json.loads(generation_config.read_text()).get("eos_token_id")
+            raw = json.loads(generation_config.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{generation_config} is not valid JSON: {e}") from e
+        if not isinstance(raw, dict):
+            raise ValueError(f"{generation_config} must hold a JSON object, got a {type(raw).__name__}")
+        generation_eos = raw.get("eos_token_id")
     ids: list[int] = []
     for value in (
         getattr(tokenizer, "eos_token_id", None),
@@ -258,6 +336,6 @@ def _eos_token_ids(hf_config: object, tokenizer: object, path: Path) -> list[int
         generation_eos,
     ):
         for token in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(token, int) and token not in ids:
+            if isinstance(token, int) and 0 <= token < vocab_size and token not in ids:
                 ids.append(token)
     return ids

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from folovllm.outputs import CompletionOutput, RequestOutput
 from folovllm.core.request import Request, RequestStatus
@@ -44,21 +44,23 @@ class OutputProcessor:
         for child in children:
             self.parent_of[child.request_id] = request_id
 
-    def process(self, advanced: list[Request]) -> list[RequestOutput]:
+    def process(self, advanced: list[Request], failed: Sequence[Request] = ()) -> list[RequestOutput]:
         """Detokenize the requests that got a token, apply stop strings, build the outputs of
-        their parents. Finished parents are forgotten after their last output."""
+        their parents (and of the parents of requests that `failed` in this step). Finished
+        parents are forgotten after their last output."""
         now = time.perf_counter()
-        touched: dict[str, _Parent] = {}
         for request in advanced:
             metrics = request.metrics
             if metrics.first_token_time is None:
                 metrics.first_token_time = now
             metrics.token_times.append(now)
+        touched: dict[str, _Parent] = {}
+        for request in [*advanced, *failed]:
             params = request.sampling_params
             if params.stop_strings or params.output_kind != RequestOutputKind.FINAL_ONLY or request.is_finished:
                 self.update_text(request)  # FINAL_ONLY without stop strings decodes once, at the end
-            if request.is_finished and metrics.finished_time is None:
-                metrics.finished_time = now
+            if request.is_finished and request.metrics.finished_time is None:
+                request.metrics.finished_time = now
             touched[self.parent_of[request.request_id]] = self.parents[self.parent_of[request.request_id]]
         outputs = [self.make_output(p) for p in touched.values()]
         return [o for o in outputs if o is not None]
@@ -78,10 +80,16 @@ class OutputProcessor:
         if request.status == RequestStatus.FINISHED_STOPPED and request.stop_reason is not None:
             ids = ids[:-1]  # a stop token id is in token_ids but not in the text
         text = self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
-        stopped_by_token = request.status == RequestStatus.FINISHED_STOPPED
-        if params.stop_strings and not stopped_by_token and request.num_output_tokens >= params.min_tokens:
-            # Only the new tail can hold a new match (plus an overlap of a stop's length).
-            start = max(0, len(request.output_text) - max(map(len, params.stop_strings)) + 1)
+        # A stop string can still end a request its last token ended for length.
+        can_stop = not request.is_finished or request.status == RequestStatus.FINISHED_LENGTH
+        if params.stop_strings and can_stop and request.num_output_tokens >= params.min_tokens:
+            # Only the new tail can hold a new match (plus an overlap of a stop's length). The
+            # previous text may end in U+FFFD placeholders of a character whose bytes were still
+            # arriving; they collapse into that character now, so they do not count::
+            #
+            #   previous "ab\ufffd" (2 of the 3 bytes of 长)   now "ab长"   stop "长" -> start 2
+            stable = len(request.output_text.rstrip("\ufffd"))
+            start = max(0, stable - max(map(len, params.stop_strings)) + 1)
             hits = [(i, s) for s in params.stop_strings if (i := text.find(s, start)) != -1]
             if hits:
                 index, stop = min(hits)
@@ -118,6 +126,7 @@ class OutputProcessor:
                     token_ids=list(token_ids),
                     finish_reason=child.status.finish_reason,
                     stop_reason=child.stop_reason,
+                    error=child.error,
                 )
             )
         if finished:

@@ -5,18 +5,24 @@ report them next to the times:
 
     num_forward_passes          model calls (engine steps that ran the model)
     num_prompt_tokens           real prompt tokens of the requests
-    num_prompt_tokens_computed  prompt positions the model computed (padding included)
+    num_prompt_tokens_computed  prompt work the model computed: prompt positions (stage 01's
+                                padding included) and, after a preemption, the recomputed output
     num_generated_tokens        output tokens kept
-    num_decode_row_steps        rows computed in decode steps
+    num_decode_row_steps        decode rows: rows computing one token past their prompt
     num_wasted_row_steps        of those, rows of finished requests (stage 01's idle rows)
     max_num_running             most requests running at once (peak concurrency)
     num_preemptions             requests whose KV was dropped to make room (stage 03)
     kv_tokens_reserved/used     summed over steps: cache slots reserved vs holding live tokens
+    prefix_cache                stage 06: tokens looked up and found at admission, blocks taken
+                                by reference, cached blocks evicted, hash collisions caught
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from folovllm.core.prefix_cache import PrefixCacheStats
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,9 @@ class EngineStats:
     kv_tokens_used: int = 0  # sum over steps
     peak_kv_tokens_reserved: int = 0
 
+    # stage 06: what the prefix cache did (all zero when it is off); see `PrefixCacheStats`
+    prefix_cache: PrefixCacheStats = field(default_factory=PrefixCacheStats)
+
     @property
     def kv_utilization(self) -> float:
         """Fraction of reserved KV memory that held a live token, averaged over steps."""
@@ -76,11 +85,12 @@ class EngineStats:
     def wasted_row_fraction(self) -> float:
         return self.num_wasted_row_steps / self.num_decode_row_steps if self.num_decode_row_steps else 0.0
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(
             kv_utilization=round(self.kv_utilization, 4),
             peak_kv_bytes_reserved=self.peak_kv_bytes_reserved,
             wasted_row_fraction=round(self.wasted_row_fraction, 4),
         )
+        d["prefix_cache"]["hit_rate"] = round(self.prefix_cache.hit_rate, 4)
         return d

@@ -1,8 +1,10 @@
-"""The `folovllm` command: `generate` text, or run the `demo` that compares the stages.
+"""The `folovllm` command: `generate` text, `serve` the OpenAI API, or run the `demo` that
+compares the stages.
 
     folovllm demo                              # small random Qwen3 built once, every stage
     folovllm demo --model Qwen/Qwen3-0.6B      # the same on the real model
     folovllm generate --model Qwen/Qwen3-0.6B --prompt "Hello" --max-tokens 32 --temperature 0
+    folovllm serve Qwen/Qwen3-0.6B --port 8000 # OpenAI-compatible server (docs/serving.md)
 """
 
 from __future__ import annotations
@@ -45,11 +47,16 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="stage 05: most prompt tokens one request computes per step (0 = no cap)")
     p.add_argument("--attention-backend", default=None,
                    help="auto | naive | torch_flash | sdpa | triton | flash_attn (stage 04)")
+    p.add_argument("--prefix-caching", dest="enable_prefix_caching",
+                   action=argparse.BooleanOptionalAction, default=None, help="stage 06")
+    p.add_argument("--tensor-parallel-size", type=int, default=None,
+                   help="stage 08: split the model over this many worker processes (default 1)")
 
 
 _ENGINE_FLAGS = ("max_num_batched_tokens", "kv_cache_memory", "gpu_memory_utilization",
                  "block_size", "enable_continuous_batching", "enable_paged_kv", "attention_backend",
-                 "enable_chunked_prefill", "long_prefill_token_threshold")
+                 "enable_chunked_prefill", "long_prefill_token_threshold", "enable_prefix_caching",
+                 "tensor_parallel_size")
 
 
 def _parse_bytes(text: str) -> int:
@@ -94,6 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--presence-penalty", type=float, default=0.0)
     gen.add_argument("--frequency-penalty", type=float, default=0.0)
 
+    serve = sub.add_parser("serve", help="serve the OpenAI API (completions, chat) over HTTP")
+    serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                       help="HF checkpoint folder or hub id (or --model; default: the demo model)")
+    _add_engine_args(serve)
+    serve.add_argument("--stage", type=int, default=LATEST_STAGE, help=f"1..{LATEST_STAGE}")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on /v1/* (/health and /metrics stay open)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the name clients send as `model` (default: MODEL as given)")
+
     demo = sub.add_parser("demo", help="run one workload through every stage and compare")
     _add_engine_args(demo)
     demo.add_argument("--stages", type=int, nargs="*", default=None,
@@ -106,14 +125,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         threads = args.threads
+        if threads is not None and threads < 1:
+            raise ValueError(f"--threads must be a positive integer, got {threads}")
         if threads is None and args.command == "demo" and args.device == "cpu":
             threads = 1  # comparable figures: one thread, no OpenMP spin-waits on a busy machine
-        if threads:
+        if threads is not None:
             import torch
 
             torch.set_num_threads(threads)
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "serve":
+            return run_serve(args)
         return run_demo(args)
     except ValueError as e:
         print(f"folovllm: error: {e}", file=sys.stderr)
@@ -175,6 +198,20 @@ def run_generate(args: argparse.Namespace) -> int:
     total = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     print(f"\n{total} tokens in {elapsed:.2f} s ({total / elapsed:.1f} tok/s)")
     print(_format_stats(llm.stats.as_dict()))
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from folovllm.config import EngineConfig
+    from folovllm.engine.llm_engine import LLMEngine
+    from folovllm.entrypoints.openai.api_server import run_server
+
+    if args.model_tag and args.model and args.model_tag != args.model:
+        raise ValueError(f"two models given: {args.model_tag!r} and --model {args.model!r}")
+    args.model = args.model_tag or args.model
+    model = _model_or_demo(args)
+    engine = LLMEngine(model, EngineConfig.for_stage(args.stage, **_engine_kwargs(args)))
+    run_server(engine, args.served_model_name or model, args.host, args.port, args.api_key)
     return 0
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Optional, Sequence, Union
 
 from folovllm.config import EngineConfig
-from folovllm.engine.llm_engine import LLMEngine, PromptType, replace_params
+from folovllm.engine.llm_engine import LLMEngine, replace_params
+from folovllm.entrypoints.chat_utils import apply_chat_template
+from folovllm.inputs import PromptType
 from folovllm.outputs import RequestOutput
 from folovllm.sampling_params import RequestOutputKind, SamplingParams
 from folovllm.engine.stats import EngineStats
@@ -53,35 +56,49 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in the order of the prompts.
 
-        `prompts`: one string, a list of strings, one list of token ids, or a list of those.
-        `sampling_params`: one for all prompts, or a list with one per prompt.
+        `prompts`: one prompt or a list of them; a prompt is a string, a list of token ids,
+        `{"prompt": str}` or `{"prompt_token_ids": list[int]}` (vLLM's `TextPrompt` /
+        `TokensPrompt`). `sampling_params`: one for all prompts, or a list with one per prompt.
+
+        Every prompt is validated before any is queued (a `ValueError` queues nothing). If the
+        run stops early (an exception, Ctrl-C, or a request that fails in the engine: a
+        `RuntimeError` that names it), the requests of this call are aborted and their KV
+        freed before the exception reaches you: the engine is left empty, ready for the next
+        call.
         """
         prompts = _as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompts)
-        else:
+        elif isinstance(sampling_params, (list, tuple)):
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(
                     f"got {len(params_list)} sampling_params for {len(prompts)} prompts; "
                     "pass one SamplingParams or exactly one per prompt"
                 )
+        else:
+            raise ValueError(
+                "sampling_params must be a SamplingParams or a list of them, got "
+                f"{type(sampling_params).__name__}"
+            )
         engine = self.llm_engine
         for prompt, params in zip(prompts, params_list):  # validate all before queuing any
-            engine.process_prompt(prompt)
-            if not isinstance(params, SamplingParams):
-                raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
-        ids = []
-        for prompt, params in zip(prompts, params_list):
-            request_id = str(self._counter)
-            self._counter += 1
-            # generate() returns finished outputs only: skip building the ones in between.
-            params = replace_params(params, output_kind=RequestOutputKind.FINAL_ONLY)
-            engine.add_request(request_id, prompt, params)
-            ids.append(request_id)
-        return self._run_engine(ids, use_tqdm)
+            engine.validate_request(prompt, params)
+        ids: list[str] = []
+        try:
+            for prompt, params in zip(prompts, params_list):
+                request_id = str(self._counter)
+                self._counter += 1
+                # generate() returns finished outputs only: skip building the ones in between.
+                params = replace_params(params, output_kind=RequestOutputKind.FINAL_ONLY)
+                engine.add_request(request_id, prompt, params)
+                ids.append(request_id)
+            return self._run_engine(ids, use_tqdm)
+        except BaseException:  # Ctrl-C included: leave nothing queued or holding KV
+            engine.abort_requests(ids)
+            raise
 
     def chat(
         self,
@@ -91,15 +108,10 @@ class LLM:
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
         """Apply the tokenizer's chat template to one conversation (or a list of them), then
-        generate. Each message is {"role": ..., "content": ...}."""
+        generate. Each message is {"role": str, "content": str}."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         tokenizer = self.get_tokenizer()
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError("this model's tokenizer has no chat template; use generate() instead")
-        prompts = [
-            tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt)
-            for conv in conversations
-        ]
+        prompts = [apply_chat_template(tokenizer, conv, add_generation_prompt) for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
@@ -110,24 +122,38 @@ class LLM:
             from tqdm import tqdm
 
             bar = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True)
-        while engine.has_unfinished_requests():
-            for output in engine.step():
-                if output.finished:
-                    finished[output.request_id] = output
-                    if bar is not None:
-                        bar.update(1)
-        if bar is not None:
-            bar.close()
+        try:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        _raise_if_failed(output)
+                        finished[output.request_id] = output
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
         return [finished[i] for i in request_ids]
 
 
+def _raise_if_failed(output: RequestOutput) -> None:
+    """`generate` raises, as vLLM's does when its engine fails, rather than returning an output
+    whose finish_reason is "error" among the good ones."""
+    for completion in output.outputs:
+        if completion.finish_reason == "error":
+            raise RuntimeError(f"request {output.request_id} failed in the engine: {completion.error}")
+
+
 def _as_prompt_list(prompts: Any) -> list[PromptType]:
-    if isinstance(prompts, str):
+    if isinstance(prompts, (str, dict)):
         return [prompts]
     if isinstance(prompts, (list, tuple)):
         if not prompts:
             raise ValueError("prompts must not be an empty list")
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+        if all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompts):
             return [list(prompts)]  # one prompt given as token ids
         return list(prompts)
-    raise ValueError(f"prompts must be a string, a list of token ids, or a list of those; got {type(prompts).__name__}")
+    raise ValueError(
+        "prompts must be a prompt (a string, a list of token ids, {'prompt': ...} or "
+        f"{{'prompt_token_ids': ...}}) or a list of prompts; got {type(prompts).__name__}"
+    )

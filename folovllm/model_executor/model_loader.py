@@ -57,6 +57,8 @@ def load_hf_config(path: Path) -> Any:
         raw = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_file} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_file} must hold a JSON object, got a {type(raw).__name__}")
     architectures = raw.get("architectures") or []
     supported = [a for a in architectures if a in MODEL_REGISTRY]
     if not supported:

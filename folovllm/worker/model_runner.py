@@ -20,6 +20,8 @@ and nobody reads them.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -35,7 +37,7 @@ PAD_TOKEN_ID = 0  # any valid id: padded tokens are computed and thrown away
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, sampler: Sampler, device: str,
+    def __init__(self, model: nn.Module, sampler: Optional[Sampler], device: str,
                  attn_backend: AttentionBackend | None = None) -> None:
         self.model = model
         self.sampler = sampler
@@ -60,15 +62,23 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model(self, output: SchedulerOutput) -> dict[str, int]:
         """Run one step; returns the sampled token of every row that caught up, by request id."""
+        logits, sampling_requests = self.compute_logits(output)
+        if not sampling_requests:
+            return {}
+        tokens = self.sampler(logits, sampling_requests)
+        return {r.request_id: t for r, t in zip(sampling_requests, tokens)}
+
+    @torch.inference_mode()
+    def compute_logits(self, output: SchedulerOutput) -> tuple[Optional[torch.Tensor], list[Request]]:
+        """Run the model; -> logits [rows that sample, vocab] (None on tensor-parallel ranks
+        other than 0, or when no row samples) and the requests of those rows."""
         assert self.kv_cache is not None, "initialize_kv_cache() first"
         input_ids, positions, logits_indices, sampling_requests = self.prepare_inputs(output)
         md = self.build_metadata(output, positions, self.kv_cache.block_size)
         hidden = self.model(input_ids, positions, md)  # [T, hidden]
         if not sampling_requests:
-            return {}
-        logits = self.model.compute_logits(hidden[logits_indices])  # [rows that sample, vocab]
-        tokens = self.sampler(logits, sampling_requests)
-        return {r.request_id: t for r, t in zip(sampling_requests, tokens)}
+            return None, []
+        return self.model.compute_logits(hidden[logits_indices]), sampling_requests
     # --8<-- [end:execute_model]
 
     # --8<-- [start:determine_available_memory]

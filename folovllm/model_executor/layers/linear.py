@@ -26,11 +26,16 @@ e.g. GPTQ's `qweight` [in / 8, out] has `input_dim=0, output_dim=1, packed_dim=0
 `qzeros` [groups, out / 8] has `output_dim=1, packed_dim=1, pack_factor=8`, so shard offsets on
 it are divided by 8.
 
-The classes and their names are vLLM's. Today every layer runs on one rank (tp_size = 1): the
-loaders copy whole tensors, or one fused shard into its rows. The docstrings say where stage 08
-cuts each layer. The LM head and the token embedding stay `nn.Linear` / `nn.Embedding` in the
-model files; stage 08 swaps in vocab-parallel versions (vLLM's `ParallelLMHead`,
-`VocabParallelEmbedding`) that split the vocabulary across ranks.
+The classes and their names are vLLM's. Each layer reads the tensor-parallel size and rank
+from `distributed/parallel_state.py` when it is built (1 and 0 without stage 08, where the
+loaders copy whole tensors, or one fused shard into its rows) and keeps only its rank's slice:
+
+    ColumnParallelLinear  rows of W (output features) [r * out/tp, (r+1) * out/tp), per fused part
+    RowParallelLinear     columns of W (input features) [r * in/tp, (r+1) * in/tp); all-reduce after
+    ReplicatedLinear      all of W on every rank
+
+The token embedding and the LM head split the vocabulary instead
+(`layers/vocab_parallel_embedding.py`).
 """
 
 from __future__ import annotations
@@ -41,6 +46,13 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from folovllm.distributed.parallel_state import (
+    divide,
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_reduce,
+)
 
 WeightLoader = Callable[..., None]  # (param, loaded_weight, shard_id=None) -> None
 ShardId = Union[int, str]
@@ -72,19 +84,42 @@ def set_weight_attrs(param: torch.Tensor, **attrs: Any) -> None:
         setattr(param, key, value)
 
 
-def output_slice(param: torch.Tensor, offset: int, size: int) -> torch.Tensor:
-    """The view of `param` that holds output features [offset, offset + size), in the units of the
-    unquantized layer, whatever dimension and packing the parameter declares.
+def narrow_along(
+    tensor: torch.Tensor, param: torch.Tensor, dim_attr: str, offset: int, size: int
+) -> torch.Tensor:
+    """The view of `tensor` (a parameter or a checkpoint tensor laid out like it) that holds
+    features [offset, offset + size) along the dimension `param` declares as `dim_attr`
+    ("output_dim" or "input_dim"), in the units of the unquantized layer, whatever packing the
+    parameter declares.
 
-    A parameter without `output_dim` is not split along the output (GPTQ's `g_idx` [in]): every
-    shard of a fused layer carries all of it, so the whole parameter is the slot.
+    A parameter without that dimension is not split along it (GPTQ's `g_idx` [in] has no
+    output_dim; a row-parallel bias has no input_dim): the whole tensor is the slice.
     """
-    output_dim = getattr(param, "output_dim", None)
-    if output_dim is None:
-        return param.data
-    if getattr(param, "packed_dim", None) == output_dim:  # e.g. qzeros: 8 outputs per int32
+    dim = getattr(param, dim_attr, None)
+    if dim is None:
+        return tensor
+    if getattr(param, "packed_dim", None) == dim:  # e.g. qzeros: 8 outputs per int32
         offset, size = offset // param.pack_factor, size // param.pack_factor
-    return param.data.narrow(output_dim, offset, size)
+    return tensor.narrow(dim, offset, size)
+
+
+def check_full_size(param: torch.Tensor, dim_attr: str, loaded_weight: torch.Tensor, size: int) -> None:
+    """Before a rank cuts its slice: the checkpoint tensor must hold all `size` features along
+    `dim_attr` (or a narrower tensor would silently give this rank the wrong slice)."""
+    dim = getattr(param, dim_attr, None)
+    if dim is None:
+        return
+    if getattr(param, "packed_dim", None) == dim:
+        size //= param.pack_factor
+    if loaded_weight.dim() <= dim or loaded_weight.shape[dim] != size:
+        expected = list(param.shape)
+        expected[dim] = size
+        raise WeightShapeError(tuple(loaded_weight.shape), tuple(expected))
+
+
+def output_slice(param: torch.Tensor, offset: int, size: int) -> torch.Tensor:
+    """The view of `param` that holds output features [offset, offset + size)."""
+    return narrow_along(param.data, param, "output_dim", offset, size)
 
 
 class LinearMethodBase(ABC):
@@ -175,6 +210,9 @@ class LinearBase(nn.Module):
 
     The bias is created here, never by the quant method: quantized checkpoints keep it in the
     model's dtype. It is split like the output features (`output_dim=0`).
+
+    Sizes on this rank: `input_size_per_partition` and `output_partition_sizes` (one per fused
+    part); `partition()` is where each subclass says how it splits (stage 08).
     """
 
     def __init__(
@@ -194,17 +232,27 @@ class LinearBase(nn.Module):
         self.output_size = output_size
         self.output_sizes = list(output_sizes) if output_sizes is not None else [output_size]
         assert sum(self.output_sizes) == output_size, (self.output_sizes, output_size)
+        self.tp_size = get_tensor_model_parallel_world_size()
+        self.tp_rank = get_tensor_model_parallel_rank()
+        self.input_size_per_partition, self.output_partition_sizes = self.partition()
         params_dtype = params_dtype or torch.get_default_dtype()
         method = quant_config.get_quant_method(self) if quant_config is not None else None
         self.quant_method = method or UnquantizedLinearMethod()
         self.quant_method.create_weights(
-            self, input_size, self.output_sizes, params_dtype, self.weight_loader
+            self, self.input_size_per_partition, self.output_partition_sizes, params_dtype,
+            self.weight_loader,
         )
         if bias:
-            self.bias = nn.Parameter(torch.empty(self.output_size, dtype=params_dtype), requires_grad=False)
+            out = sum(self.output_partition_sizes)
+            self.bias = nn.Parameter(torch.empty(out, dtype=params_dtype), requires_grad=False)
             set_weight_attrs(self.bias, output_dim=0, weight_loader=self.weight_loader)
         else:
             self.register_parameter("bias", None)
+
+    def partition(self) -> tuple[int, list[int]]:
+        """(input features, [output features of each fused part]) this rank holds. Replicated:
+        everything."""
+        return self.input_size, list(self.output_sizes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x, self.bias)  # [..., in] -> [..., out]
@@ -220,7 +268,8 @@ class LinearBase(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"input_size={self.input_size}, output_sizes={self.output_sizes}, "
-            f"bias={self.bias is not None}, quant_method={type(self.quant_method).__name__}"
+            f"bias={self.bias is not None}, quant_method={type(self.quant_method).__name__}, "
+            f"tp_size={self.tp_size}"
         )
 
 
@@ -237,7 +286,8 @@ class ColumnParallelLinear(LinearBase):
     Stage 08: each rank keeps rows [r * out/tp, (r+1) * out/tp) of W (and of the bias), i.e. the
     loader narrows the checkpoint tensor along `param.output_dim` before copying. No
     communication: the next layer is a `RowParallelLinear` that consumes the split output as is
-    (vLLM's `gather_output=True` option, an all-gather, is not needed by our models).
+    (vLLM's `gather_output=True` option, an all-gather, is not needed by our models). A fused
+    layer splits each part, so rank r holds [part0_r | part1_r | ...].
 
     Fused layers (`MergedColumnParallelLinear`, `QKVParallelLinear`) are column-parallel layers
     whose output is several checkpoint tensors side by side; `shard_ids` names them and
@@ -246,23 +296,52 @@ class ColumnParallelLinear(LinearBase):
 
     shard_ids: tuple[ShardId, ...] = ()
 
+    def partition(self) -> tuple[int, list[int]]:
+        return self.input_size, [divide(size, self.tp_size) for size in self.output_sizes]
+
+    def shard_rank(self, shard_id: Optional[ShardId]) -> int:
+        """Which 1/tp slice of a part this rank holds (QKV overrides it for replicated kv heads)."""
+        return self.tp_rank
+
+    # --8<-- [start:column_weight_loader]
     def weight_loader(
         self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Optional[ShardId] = None
     ) -> None:
         """`shard_id=None`: the checkpoint tensor is the whole (fused) output. Otherwise it is
         one part, copied into that part's output features along `param.output_dim`.
 
-        Stage 08: narrow `loaded_weight` along `output_dim` to this rank's share of the part,
-        and take the part's offset and size per rank (`output_sizes` divided by tp).
+        Rank r takes slice `shard_rank` of the part (size = the part's size / tp) and puts it at
+        the part's offset *on this rank*::
+
+            checkpoint k_proj [Hkv*D, in]         rank 1's qkv_proj.weight [(Hq+2Hkv)/2 * D, in]
+            |  k heads of rank 0 |                 | q_1 | k_1 | v_1 |
+            |  k heads of rank 1 | --narrow-->           ^ offset = q_size / tp
         """
-        if shard_id is None:
-            default_weight_loader(param, loaded_weight)
+        if shard_id is None and len(self.output_sizes) > 1 and self.tp_size > 1:
+            # A fused tensor saved whole: each rank needs its slice of every part.
+            check_full_size(param, "output_dim", loaded_weight, self.output_size)
+            for i, part_id in enumerate(self.shard_ids):
+                offset = sum(self.output_sizes[:i])
+                part = narrow_along(loaded_weight, param, "output_dim", offset, self.output_sizes[i])
+                self.weight_loader(param, part, part_id)
             return
-        if shard_id not in self.shard_ids:
+        if shard_id is None:
+            if self.tp_size == 1:
+                default_weight_loader(param, loaded_weight)
+                return
+            part = 0
+        elif shard_id in self.shard_ids:
+            part = self.shard_ids.index(shard_id)
+        else:
             raise ValueError(f"{type(self).__name__} has shards {self.shard_ids}, not {shard_id!r}")
-        i = self.shard_ids.index(shard_id)
-        offset = sum(self.output_sizes[:i])
-        default_weight_loader(output_slice(param, offset, self.output_sizes[i]), loaded_weight)
+        size = self.output_partition_sizes[part]  # the part's features on this rank
+        if self.tp_size > 1:
+            check_full_size(param, "output_dim", loaded_weight, self.output_sizes[part])
+            start = self.shard_rank(shard_id) * size
+            loaded_weight = narrow_along(loaded_weight, param, "output_dim", start, size)
+        offset = sum(self.output_partition_sizes[:part])
+        default_weight_loader(output_slice(param, offset, size), loaded_weight)
+    # --8<-- [end:column_weight_loader]
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -308,7 +387,13 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     Stage 08: each rank keeps Hq / tp query heads and Hkv / tp key/value heads, cut from each of
     the three blocks (so a rank's output is again q | k | v, for its own heads). When
-    tp > Hkv, vLLM replicates each kv head on tp / Hkv ranks instead of splitting it.
+    tp > Hkv, each kv head is replicated on tp / Hkv ranks instead of split (as in vLLM)::
+
+        Hq=4, Hkv=2, tp=4    rank    0    1    2    3
+                             q       q0   q1   q2   q3
+                             k, v    kv0  kv0  kv1  kv1    (num_kv_head_replicas = 2)
+
+    `num_heads` / `num_kv_heads` are the heads of this rank.
     """
 
     shard_ids = ("q", "k", "v")
@@ -324,14 +409,29 @@ class QKVParallelLinear(ColumnParallelLinear):
         params_dtype: Optional[torch.dtype] = None,
     ) -> None:
         self.head_size = head_size
-        self.num_heads = total_num_heads  # per rank from stage 08: total // tp
-        self.num_kv_heads = total_num_kv_heads or total_num_heads
-        q_size = self.num_heads * head_size
-        kv_size = self.num_kv_heads * head_size
+        self.total_num_heads = total_num_heads
+        self.total_num_kv_heads = total_num_kv_heads or total_num_heads
+        tp_size = get_tensor_model_parallel_world_size()
+        self.num_heads = divide(total_num_heads, tp_size)
+        if tp_size >= self.total_num_kv_heads:  # fewer kv heads than ranks: replicate them
+            self.num_kv_heads = 1
+            self.num_kv_head_replicas = divide(tp_size, self.total_num_kv_heads)
+        else:
+            self.num_kv_heads = divide(self.total_num_kv_heads, tp_size)
+            self.num_kv_head_replicas = 1
+        q_size = total_num_heads * head_size
+        kv_size = self.total_num_kv_heads * head_size
         super().__init__(
             hidden_size, q_size + 2 * kv_size, bias, quant_config, params_dtype,
             output_sizes=[q_size, kv_size, kv_size],
         )
+
+    def partition(self) -> tuple[int, list[int]]:
+        kv = self.num_kv_heads * self.head_size
+        return self.input_size, [self.num_heads * self.head_size, kv, kv]
+
+    def shard_rank(self, shard_id: Optional[ShardId]) -> int:
+        return self.tp_rank if shard_id == "q" else self.tp_rank // self.num_kv_head_replicas
 
 
 class RowParallelLinear(LinearBase):
@@ -344,6 +444,30 @@ class RowParallelLinear(LinearBase):
     Stage 08: each rank keeps columns [r * in/tp, (r+1) * in/tp) of W, i.e. the loader narrows
     the checkpoint tensor along `param.input_dim`; `forward` all-reduces the output of
     `quant_method.apply` across ranks, and the bias, which is not split, is added once (on one
-    rank before the reduce, or after it) so it is not summed tp times. Today (one rank) the
-    loader copies the whole tensor and `forward` is `LinearBase.forward`.
+    rank before the reduce, or after it) so it is not summed tp times. With one rank the loader
+    copies the whole tensor and the all-reduce does nothing.
     """
+
+    def partition(self) -> tuple[int, list[int]]:
+        return divide(self.input_size, self.tp_size), list(self.output_sizes)
+
+    def weight_loader(
+        self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Optional[ShardId] = None
+    ) -> None:
+        """Rank r keeps input features [r * in/tp, (r+1) * in/tp) of a parameter with an
+        `input_dim`; the bias (no input_dim) is copied whole."""
+        if shard_id is not None:
+            raise ValueError(f"{type(self).__name__} has no fused shards, got shard id {shard_id!r}")
+        if self.tp_size > 1:
+            check_full_size(param, "input_dim", loaded_weight, self.input_size)
+            size = self.input_size_per_partition
+            loaded_weight = narrow_along(loaded_weight, param, "input_dim", self.tp_rank * size, size)
+        default_weight_loader(param, loaded_weight)
+
+    # --8<-- [start:row_forward]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x_r [T, in / tp] -> [T, out], the same on every rank."""
+        bias = self.bias if self.tp_rank == 0 else None  # added once, not tp times
+        partial = self.quant_method.apply(self, x, bias)  # [T, out], this rank's share of the sum
+        return tensor_model_parallel_all_reduce(partial)
+    # --8<-- [end:row_forward]

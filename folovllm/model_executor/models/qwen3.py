@@ -20,7 +20,9 @@ q_proj/k_proj/v_proj are fused into one `qkv_proj` matmul and gate_proj/up_proj 
 linear layers of `layers/linear.py`: each parameter carries its own `weight_loader`, which puts
 a checkpoint tensor where it belongs (`k_proj` into the k rows of `qkv_proj`), so `load_weights`
 here only maps names, and a quantization method (stage 07) or a tensor-parallel split (stage 08)
-changes the layers, not this file. Qwen2 (`qwen2.py`) and Llama (`llama.py`) are the same
+changes the layers, not this file. With tensor parallelism (stage 08) each rank builds the same
+network with its share of the heads (`qkv_proj.num_heads` / `num_kv_heads` are per rank) and of
+the vocabulary (`VocabParallelEmbedding`, `ParallelLMHead`). Qwen2 (`qwen2.py`) and Llama (`llama.py`) are the same
 network with q/k/v biases instead of the per-head q/k norm.
 """
 
@@ -41,9 +43,9 @@ from folovllm.model_executor.layers.linear import (
     RowParallelLinear,
     WeightShapeError,
     default_weight_loader,
-    dense_linear,
 )
 from folovllm.model_executor.layers.rotary_embedding import RotaryEmbedding
+from folovllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 
 
 def get_rope_config(config: Any) -> tuple[float, dict | None]:
@@ -67,16 +69,19 @@ class Qwen3Attention(nn.Module):
         quant_config: Optional[QuantizationConfig] = None,
     ) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
+        total_num_heads = config.num_attention_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // total_num_heads
         self.qkv_proj = QKVParallelLinear(
-            config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads,
+            config.hidden_size, self.head_dim, total_num_heads, config.num_key_value_heads,
             bias=qkv_bias, quant_config=quant_config,
         )
-        self.o_proj = RowParallelLinear(self.q_size, config.hidden_size, bias=o_bias, quant_config=quant_config)
+        self.num_heads = self.qkv_proj.num_heads  # this rank's heads (all of them on one rank)
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.o_proj = RowParallelLinear(
+            total_num_heads * self.head_dim, config.hidden_size, bias=o_bias, quant_config=quant_config
+        )
         self.qk_norm = qk_norm
         if qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
@@ -153,7 +158,7 @@ class Qwen3Model(nn.Module):
         self, config: Any, variant: dict[str, bool], quant_config: Optional[QuantizationConfig] = None
     ) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         rope_theta, rope_scaling = get_rope_config(config)
         # One rotary table shared by every layer: it only depends on positions.
@@ -194,10 +199,10 @@ class Qwen3ForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Qwen3Model(config, self.variant(config), quant_config)
-        # Never quantized (as in GPTQ checkpoints); stage 08 makes it a vocab-parallel head.
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Never quantized (as in GPTQ checkpoints); split by vocabulary like the embedding.
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if getattr(config, "tie_word_embeddings", False):
-            self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.tie_weights(self.model.embed_tokens)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
@@ -205,9 +210,11 @@ class Qwen3ForCausalLM(nn.Module):
         """input_ids, positions [T] -> hidden states [T, hidden]."""
         return self.model(input_ids, positions, attn_metadata)
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> float32 logits [N, vocab]; called only on the rows that sample."""
-        return dense_linear(hidden_states, self.lm_head.weight).float()  # = self.lm_head(h)
+    def compute_logits(self, hidden_states: torch.Tensor) -> Optional[torch.Tensor]:
+        """[N, hidden] -> float32 logits [N, vocab]; called only on the rows that sample.
+        With tensor parallelism only rank 0 gets them (None elsewhere)."""
+        logits = self.lm_head(hidden_states)
+        return None if logits is None else logits.float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Hand each checkpoint tensor (HF name) to its parameter's `weight_loader`; returns the

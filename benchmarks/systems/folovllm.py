@@ -1,0 +1,90 @@
+"""folovllm as a benchmarked system: `LLM(model, stage=N, **engine_args).generate(...)`, and the
+per-step trace every folovllm benchmark records through the engine's stat loggers."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+from benchmarks.systems.base import BenchConfig, System
+from benchmarks.workloads import Workload
+
+# trace column -> `SchedulerStats` field (folovllm/engine/stats.py)
+TRACE_FIELDS = dict(running="num_running_reqs", waiting="num_waiting_reqs",
+                    kv_reserved="kv_tokens_reserved", kv_used="kv_tokens_used",
+                    prompt_tokens="num_prefill_tokens", decode_tokens="num_decode_tokens")
+
+
+class StepTrace:
+    """A stat logger (`engine.stat_loggers`): after every engine step, the seconds since `start()`
+    and what the step left behind (requests running and waiting, KV tokens reserved and holding
+    live tokens, prompt and decode tokens computed), one list per column; plus the cache's
+    capacity (`engine.kv_cache_capacity_tokens`). A few appends per step
+    (microseconds, against steps of tens of milliseconds)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.columns: dict[str, list] = {"t": [], **{k: [] for k in TRACE_FIELDS}}
+        self.capacity: Optional[int] = engine.kv_cache_capacity_tokens
+        self.t0 = time.perf_counter()
+        engine.stat_loggers.append(self)
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __call__(self, stats: Any) -> None:
+        self.columns["t"].append(round(time.perf_counter() - self.t0, 4))
+        for column, stat in TRACE_FIELDS.items():
+            self.columns[column].append(getattr(stats, stat))
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.columns, kv_capacity_tokens=self.capacity)
+
+
+class FolovllmSystem(System):
+    """`folovllm.LLM(model, stage=N, **engine_args)`; a fresh engine per repeat (so nothing, e.g.
+    a prefix cache, carries over), `LLM.generate` timed; its `EngineStats` and a `StepTrace`."""
+
+    def __init__(self, cfg: BenchConfig, stage: int, overrides: Optional[dict[str, Any]] = None) -> None:
+        super().__init__(cfg)
+        from folovllm.config import STAGE_NAMES
+
+        self.stage = stage
+        self.overrides = dict(overrides or {})
+        self.name = f"folovllm-stage{stage}" + (
+            "[" + ",".join(f"{k}={v}" for k, v in self.overrides.items()) + "]" if self.overrides else "")
+        self.description = f"folovllm LLM.generate, stage {stage:02d} ({STAGE_NAMES.get(stage, '?')})"
+        if self.engine_args:
+            self.description += ", " + ", ".join(f"{k}={v}" for k, v in self.engine_args.items())
+
+    @property
+    def engine_args(self) -> dict[str, Any]:
+        return {**self.cfg.engine_args, **self.overrides}
+
+    def check(self) -> None:
+        from folovllm.config import EngineConfig
+
+        EngineConfig.for_stage(self.stage, dtype=self.cfg.dtype, device=self.cfg.device,
+                               max_num_seqs=self.cfg.max_num_seqs, **self.engine_args)
+
+    def prepare(self, workload: Workload) -> Any:
+        from folovllm import LLM, SamplingParams
+
+        llm = LLM(self.cfg.model, stage=self.stage, dtype=self.cfg.dtype, device=self.cfg.device,
+                  max_num_seqs=self.cfg.max_num_seqs, seed=self.cfg.seed, **self.engine_args)
+        prompts = [list(r.prompt_token_ids) for r in workload.requests]
+        params = [SamplingParams(temperature=workload.temperature, top_p=1.0, top_k=0,
+                                 max_tokens=r.max_tokens, ignore_eos=workload.ignore_eos)
+                  for r in workload.requests]
+        return llm, prompts, params, StepTrace(llm.llm_engine)
+
+    def execute(self, prepared: Any) -> list[list[int]]:
+        llm, prompts, params, trace = prepared
+        trace.start()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outputs]
+
+    def stats(self, prepared: Any) -> dict[str, Any]:
+        return dict(prepared[0].stats.as_dict())
+
+    def trace(self, prepared: Any) -> Optional[dict[str, Any]]:
+        return prepared[3].as_dict()

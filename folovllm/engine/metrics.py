@@ -1,0 +1,108 @@
+# --8<-- [start:metrics_doc]
+"""`PrometheusMetrics`: what `GET /metrics` shows, with vLLM's metric names (`vllm:` ->
+`folovllm:`), so a dashboard built for `vllm serve` reads this server too.
+
+    per step      folovllm:num_requests_running     gauge    requests in the running batch
+                  folovllm:num_requests_waiting     gauge    requests queued for admission
+                  folovllm:kv_cache_usage_perc      gauge    KV cache slots in use, 0..1
+                  folovllm:num_preemptions_total    counter  requests whose KV was dropped
+    per request   folovllm:time_to_first_token_seconds   histogram  arrival -> first token
+                  folovllm:inter_token_latency_seconds   histogram  gap between two tokens
+                  folovllm:e2e_request_latency_seconds   histogram  arrival -> finished
+                  folovllm:prompt_tokens_total           counter
+                  folovllm:generation_tokens_total       counter
+                  folovllm:request_success_total{finished_reason}  counter (stop, length, abort)
+
+The per-step values come from the `SchedulerStats` the engine hands its `stat_loggers` after
+every step (in the engine thread; prometheus_client is thread-safe). Latencies come from the
+engine's own `RequestMetrics` (times of the first sample of a request), so they measure the
+engine and its queue, not the HTTP layer. Each instance has its own registry: several servers
+in one process (the tests) do not share counters.
+"""
+# --8<-- [end:metrics_doc]
+
+from __future__ import annotations
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from folovllm.engine.stats import SchedulerStats
+from folovllm.outputs import RequestOutput
+
+CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
+# No `*_created` timestamp series next to every counter and histogram (as `vllm serve`).
+prometheus_client.disable_created_metrics()
+
+# Seconds; spans a tiny CPU model (ms) to a long prompt on a real one (tens of seconds).
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+                    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+
+
+class PrometheusMetrics:
+    def __init__(self, model_name: str, kv_cache_capacity_tokens: int) -> None:
+        self.kv_cache_capacity_tokens = kv_cache_capacity_tokens
+        self._num_preemptions = 0  # the engine's count is cumulative; the counter takes steps
+        self.registry = CollectorRegistry()
+        labels = {"labelnames": ["model_name"], "registry": self.registry}
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"folovllm:{name}", doc, **labels).labels(model_name)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(f"folovllm:{name}", doc, **labels).labels(model_name)
+
+        def histogram(name: str, doc: str) -> Histogram:
+            return Histogram(f"folovllm:{name}", doc, buckets=_LATENCY_BUCKETS, **labels).labels(model_name)
+
+        self.num_running = gauge("num_requests_running", "Requests in the running batch.")
+        self.num_waiting = gauge("num_requests_waiting", "Requests waiting to be admitted.")
+        self.kv_cache_usage = gauge("kv_cache_usage_perc", "Fraction of KV cache slots in use (0..1).")
+        self.num_preemptions = counter("num_preemptions", "Requests preempted (KV dropped, recomputed later).")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens of finished requests.")
+        self.ttft = histogram("time_to_first_token_seconds", "Arrival to first generated token.")
+        self.itl = histogram("inter_token_latency_seconds", "Time between two generated tokens.")
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token of a request.")
+        self._success = Counter("folovllm:request_success", "Finished requests by finish reason.",
+                                labelnames=["model_name", "finished_reason"], registry=self.registry)
+        self._model_name = model_name
+
+    def record_scheduler_stats(self, stats: SchedulerStats) -> None:
+        """An engine stat logger: called after every step."""
+        self.num_running.set(stats.num_running_reqs)
+        self.num_waiting.set(stats.num_waiting_reqs)
+        self.record_kv_cache(stats.kv_tokens_reserved)
+        if stats.num_preemptions > self._num_preemptions:
+            self.num_preemptions.inc(stats.num_preemptions - self._num_preemptions)
+            self._num_preemptions = stats.num_preemptions
+
+    def record_kv_cache(self, kv_tokens_reserved: int) -> None:
+        self.kv_cache_usage.set(kv_tokens_reserved / max(1, self.kv_cache_capacity_tokens))
+
+    def record_idle(self) -> None:
+        """No request left (the last ones were aborted between steps, so no step reported it)."""
+        self.num_running.set(0)
+        self.num_waiting.set(0)
+
+    def record_finished(self, output: RequestOutput, num_generated_tokens: int) -> None:
+        """A request finished normally (aborted ones are not counted)."""
+        self.prompt_tokens.inc(len(output.prompt_token_ids))
+        self.generation_tokens.inc(num_generated_tokens)
+        for completion in output.outputs:
+            self._success.labels(self._model_name, completion.finish_reason or "unknown").inc()
+        m = output.metrics
+        if m is None:
+            return
+        if m.time_to_first_token is not None:
+            self.ttft.observe(m.time_to_first_token)
+        for gap in m.inter_token_latencies:
+            self.itl.observe(gap)
+        if m.e2e_latency is not None:
+            self.e2e.observe(m.e2e_latency)
+
+    def record_aborted(self) -> None:
+        """A request aborted (its client went away): counted, its latencies are not."""
+        self._success.labels(self._model_name, "abort").inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

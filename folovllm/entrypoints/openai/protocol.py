@@ -1,0 +1,195 @@
+"""The OpenAI API's request and response bodies as pydantic models (vLLM keeps them in the same
+place, `vllm/entrypoints/openai/protocol.py`).
+
+Pydantic checks types and shapes (a string where a number belongs, an unknown field); the
+*values* are checked by `SamplingParams` and `LLMEngine.add_request`, so the server answers with
+the engine's own messages ("top_p must be in (0, 1], got 1.5") and there is one rule per value.
+
+Fields beyond OpenAI's, as `vllm serve` has them (the `openai` client sends them through
+`extra_body`): top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids,
+skip_special_tokens; for chat, chat_template_kwargs (e.g. {"enable_thinking": false} for Qwen3).
+Unknown fields are refused (400) rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from folovllm.sampling_params import RequestOutputKind, SamplingParams
+
+
+class OpenAIBaseModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(OpenAIBaseModel):
+    include_usage: bool = False
+
+
+# The request fields that are `SamplingParams` fields of the same name and meaning.
+SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+                   "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids",
+                   "min_tokens", "ignore_eos", "skip_special_tokens")
+
+
+# --8<-- [start:sampling_fields]
+class SamplingRequest(OpenAIBaseModel):
+    """The fields both endpoints share. None means "not sent": SamplingParams' default applies."""
+
+    model: str
+    n: Optional[int] = Field(default=None, le=128)  # OpenAI's limit: one request, at most 128 samples
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    seed: Optional[int] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    stop: Optional[Union[str, list[str]]] = None
+    stop_token_ids: Optional[list[int]] = None
+    min_tokens: Optional[int] = None
+    ignore_eos: Optional[bool] = None
+    skip_special_tokens: Optional[bool] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None  # accepted and ignored, as by OpenAI for abuse tracking
+
+    def to_sampling_params(self, max_tokens: Optional[int]) -> SamplingParams:
+        """Raises ValueError with SamplingParams' message on a bad value."""
+        sent = {name: getattr(self, name) for name in SAMPLING_FIELDS if getattr(self, name) is not None}
+        kind = RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY
+        return SamplingParams(max_tokens=max_tokens, output_kind=kind, **sent)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+# --8<-- [end:sampling_fields]
+
+
+class CompletionRequest(SamplingRequest):
+    # One prompt: a string or token ids (a list of one of those is unwrapped).
+    prompt: Union[str, list[int], list[str], list[list[int]]]
+    max_tokens: Optional[int] = 16
+    logprobs: Optional[int] = None  # refused: the engine does not compute logprobs
+
+
+class ChatContentPart(OpenAIBaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(OpenAIBaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[ChatContentPart], None] = None
+    name: Optional[str] = None
+
+    def as_template_input(self) -> dict[str, str]:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        return {"role": self.role, "content": content or ""}
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = None  # deprecated by OpenAI for max_completion_tokens
+    max_completion_tokens: Optional[int] = None
+    logprobs: Optional[bool] = None  # refused when true
+    top_logprobs: Optional[int] = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+
+
+# -- responses --------------------------------------------------------------------------------
+
+
+class UsageInfo(OpenAIBaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
+
+
+class _Response(OpenAIBaseModel):
+    id: str
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+
+
+class _Choice(OpenAIBaseModel):
+    index: int
+    logprobs: None = None
+    finish_reason: Optional[str] = None  # None while a streamed choice runs
+    stop_reason: Union[int, str, None] = None  # vLLM's extra: the stop string or token id hit
+
+
+class CompletionChoice(_Choice):
+    text: str
+
+
+class CompletionResponse(_Response):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Optional[UsageInfo] = None
+
+
+class ChatResponseMessage(OpenAIBaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Choice):
+    message: ChatResponseMessage
+
+
+class ChatCompletionResponse(_Response):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(OpenAIBaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChatStreamChoice(_Choice):
+    delta: DeltaMessage
+
+
+class ChatCompletionChunk(_Response):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatStreamChoice]
+    usage: Optional[UsageInfo] = None
+
+
+class ModelCard(OpenAIBaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "folovllm"
+    max_model_len: int
+
+
+class ModelList(OpenAIBaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(OpenAIBaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(OpenAIBaseModel):
+    error: ErrorInfo

@@ -1,0 +1,74 @@
+"""`Executor`: what the engine asks of the workers, however many there are and wherever they run.
+
+    kv_cache_spec()                 one token's K/V on one rank (rank 0 speaks for all: they
+                                    hold the same number of heads)
+    determine_available_memory()    the KV budget per rank: the smallest any rank can give
+    initialize_kv_cache()           every rank allocates the same block count, its own heads
+    execute_model(scheduler_output) the sampled token of every row that caught up, by request id
+    collective_rpc(method, *args)   call `Worker.method(*args)` on every rank; one result each
+    shutdown()
+
+The block manager stays single, in the engine: a block id means the same slots on every rank,
+each rank's slots holding its own heads.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Optional
+
+from folovllm.config import EngineConfig
+from folovllm.core.kv_cache_interface import KVCacheConfig, KVCacheSpec
+from folovllm.core.scheduler_output import SchedulerOutput
+from folovllm.worker.sampler import Sampler
+
+
+class WorkerDiedError(RuntimeError):
+    """A tensor-parallel worker died, failed or hung: the engine cannot run another step (the
+    ranks' collectives are out of step), so this is never one request's fault."""
+
+
+class Executor(ABC):
+    def __init__(self, config: EngineConfig, model_path: Path, hf_config: Any, sampler: Sampler) -> None:
+        self.config = config
+        self.model_path = model_path
+        self.hf_config = hf_config
+        self.sampler = sampler
+
+    @abstractmethod
+    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
+        """`Worker.method(*args)` on every rank, results in rank order."""
+
+    @abstractmethod
+    def execute_model(self, scheduler_output: SchedulerOutput) -> dict[str, int]:
+        """Run one step on every rank and sample; -> {request id: token} of the rows that caught
+        up."""
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        return self.collective_rpc("kv_cache_spec")[0]
+
+    def determine_available_memory(self, spec: KVCacheSpec) -> int:
+        return min(self.collective_rpc("determine_available_memory", spec))
+
+    def initialize_kv_cache(self, spec: KVCacheSpec, kv_cache_config: KVCacheConfig) -> None:
+        self.collective_rpc("initialize_kv_cache", spec, kv_cache_config)
+
+    def shutdown(self) -> None:
+        """Stop the workers (nothing to do in-process)."""
+
+
+def get_executor_cls(config: EngineConfig) -> type[Executor]:
+    """Stage 08's switch: an in-process worker, or one process per tensor-parallel rank."""
+    if config.tensor_parallel_size == 1:
+        from folovllm.executor.uniproc_executor import UniProcExecutor
+
+        return UniProcExecutor
+    from folovllm.executor.multiproc_executor import MultiprocExecutor
+
+    return MultiprocExecutor
+
+
+def get_sampling_requests(output: SchedulerOutput) -> list:
+    """The requests of the rows that sample, in row order (the order of the logits)."""
+    return [r for row, r in enumerate(output.requests) if output.catches_up(row)]

@@ -1,0 +1,254 @@
+"""`MultiprocExecutor`: one worker process per tensor-parallel rank, driven from the engine
+(stage 08; vLLM's `v1/executor/multiproc_executor.py`).
+
+    engine process (driver)                       worker processes
+    scheduler, KV block manager, sampler          rank 0            rank 1
+        |  SchedulerOutput (pickled) ----pipe---> | model shard 0 | | model shard 1 |
+        |                            ----pipe---> |   all-reduce <=gloo/nccl=> ...  |
+        |  <---- logits of rows that sample ----- | (rank 0 only)                   |
+        v  sample, update requests
+
+Each step the driver sends the same `SchedulerOutput` to every rank (a broadcast over one pipe
+per rank), the ranks run the forward pass together, meeting in `parallel_state`'s collectives,
+and rank 0 sends back the logits of the rows that sample. The driver samples: the requests and
+their seeded generators live in its process, so sampling is exactly stage 01-07's (vLLM samples
+in the rank-0 worker instead, which saves sending [rows, vocab] logits, and keeps per-request
+state on the worker side to do it).
+
+Faults: the driver never blocks on a pipe without watching the processes. A rank that dies, or
+raises, or stays silent past `step_timeout_s`, makes the call raise `RuntimeError` naming the
+rank, after every worker is stopped (terminated if need be). Workers are daemons and exit when
+the driver's pipe closes, so none outlives the engine; `shutdown()` (also run when the executor
+is garbage collected or the interpreter exits) stops them in order.
+
+Multi-node is `torchrun`'s job, not this class's: see docs/stages/08-tensor-parallel.md.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import signal
+import socket
+import time
+import traceback
+import weakref
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.multiprocessing as mp
+
+from folovllm.config import EngineConfig, verify_tensor_parallel
+from folovllm.core.scheduler_output import SchedulerOutput
+from folovllm.distributed import parallel_state
+from folovllm.executor.abstract import Executor, WorkerDiedError, get_sampling_requests
+from folovllm.worker.sampler import Sampler
+
+
+# -- messages ---------------------------------------------------------------------------------
+
+
+class _Pickler(pickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        # A request's seeded torch.Generator stays in the driver, which samples; workers only
+        # need token ids and counts.
+        if isinstance(obj, torch.Generator):
+            return type(None), ()
+        return NotImplemented
+
+
+def dumps(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
+# -- the worker process -----------------------------------------------------------------------
+
+
+def worker_main(
+    rank: int,
+    world_size: int,
+    init_method: str,
+    config: EngineConfig,
+    model_path: Path,
+    conn: Connection,
+    num_threads: int,
+) -> None:
+    """A worker process: join the group, build this rank's shard, then answer calls until the
+    driver says stop (None) or goes away (EOF)."""
+    from folovllm.worker.worker import Worker
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    try:
+        torch.set_num_threads(num_threads)
+        if config.device.startswith("cuda"):
+            torch.cuda.set_device(rank)
+            config = config.replace(device=f"cuda:{rank}")
+        parallel_state.init_distributed_environment(
+            world_size, rank, init_method, backend="nccl" if config.device.startswith("cuda") else "gloo"
+        )
+        worker = Worker(config, model_path)
+    except ValueError as e:  # the user's input (a missing or corrupt checkpoint): say it as is
+        conn.send_bytes(dumps(("invalid", str(e))))
+        return
+    except BaseException:
+        conn.send_bytes(dumps(("error", traceback.format_exc())))
+        return
+    conn.send_bytes(dumps(("ok", os.getpid())))
+    try:
+        while True:
+            try:
+                message = pickle.loads(conn.recv_bytes())
+            except (EOFError, OSError):
+                break  # the driver is gone
+            if message is None:
+                break
+            method, args = message
+            try:
+                reply = ("ok", getattr(worker, method)(*args))
+            except Exception:
+                reply = ("error", traceback.format_exc())
+            conn.send_bytes(dumps(reply))
+    finally:
+        parallel_state.destroy_distributed_environment()
+
+
+# -- the driver side --------------------------------------------------------------------------
+
+
+class MultiprocExecutor(Executor):
+    startup_timeout_s = 600.0  # loading a large checkpoint from a slow disk
+    step_timeout_s = 600.0  # a step that takes longer is a hang, not work
+    poll_interval_s = 0.05
+
+    def __init__(self, config: EngineConfig, model_path: Path, hf_config: Any, sampler: Sampler) -> None:
+        super().__init__(config, model_path, hf_config, sampler)
+        self.world_size = config.tensor_parallel_size
+        verify_tensor_parallel(hf_config, self.world_size)
+        self._failure: Optional[str] = None
+        ctx = mp.get_context("spawn")  # fork would copy the driver's threads and CUDA state
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        num_threads = max(1, torch.get_num_threads() // self.world_size)
+        self.processes: list[mp.Process] = []
+        self.conns: list[Connection] = []
+        for rank in range(self.world_size):
+            parent_conn, child_conn = ctx.Pipe()
+            process = ctx.Process(
+                target=worker_main,
+                args=(rank, self.world_size, init_method, config, model_path, child_conn, num_threads),
+                name=f"folovllm-tp-rank{rank}",
+                daemon=True,
+            )
+            process.start()
+            child_conn.close()  # the driver keeps its end only: EOF when the worker dies
+            self.processes.append(process)
+            self.conns.append(parent_conn)
+        # Stops the workers however the executor ends: shutdown(), garbage collection, exit.
+        self._finalizer = weakref.finalize(self, _stop_workers, self.processes, self.conns)
+        self._gather("start-up", self.startup_timeout_s)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    # --8<-- [start:collective_rpc]
+    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
+        if self._failure is not None:
+            raise WorkerDiedError(self._failure)
+        message = dumps((method, args))
+        for rank, conn in enumerate(self.conns):
+            try:
+                conn.send_bytes(message)
+            except OSError:  # the pipe is closed: that worker is gone
+                self._fail(self._death_report() or f"cannot reach tensor-parallel worker rank {rank}")
+        return self._gather(method, self.step_timeout_s)
+    # --8<-- [end:collective_rpc]
+
+    # --8<-- [start:multiproc_execute_model]
+    def execute_model(self, scheduler_output: SchedulerOutput) -> dict[str, int]:
+        logits = self.collective_rpc("compute_logits", scheduler_output)[0]  # rank 0's
+        if logits is None:  # no row caught up this step
+            return {}
+        requests = get_sampling_requests(scheduler_output)
+        tokens = self.sampler(logits.to(self.config.device), requests)
+        return {r.request_id: t for r, t in zip(requests, tokens)}
+    # --8<-- [end:multiproc_execute_model]
+
+    def shutdown(self) -> None:
+        self._finalizer()
+
+    # -- waiting without hanging --------------------------------------------------------------
+
+    def _gather(self, what: str, timeout_s: float) -> list[Any]:
+        """One reply per rank, in rank order, watching every process while waiting."""
+        deadline = time.monotonic() + timeout_s
+        results = []
+        for rank, conn in enumerate(self.conns):
+            while not conn.poll(self.poll_interval_s):
+                dead = self._death_report()
+                if dead:
+                    self._fail(dead)
+                if time.monotonic() > deadline:
+                    self._fail(f"tensor-parallel worker rank {rank} gave no answer to {what!r} in {timeout_s:.0f} s")
+            try:
+                status, value = pickle.loads(conn.recv_bytes())
+            except (EOFError, OSError):
+                self._fail(self._death_report(wait_s=2.0) or f"tensor-parallel worker rank {rank} closed its pipe")
+            if status == "invalid":  # bad input, found by a worker: a ValueError, as at TP=1
+                self._failure = f"tensor-parallel worker rank {rank} refused the model: {value}"
+                self.shutdown()
+                raise ValueError(value)
+            if status == "error":
+                # A rank whose peer died fails in the collective: report the death, the cause.
+                self._fail(self._death_report(wait_s=1.0) or f"tensor-parallel worker rank {rank} failed in {what!r}:\n{value}")
+            results.append(value)
+        return results
+
+    def _death_report(self, wait_s: float = 0.0) -> Optional[str]:
+        deadline = time.monotonic() + wait_s
+        while True:
+            for rank, process in enumerate(self.processes):
+                if process.exitcode is not None:
+                    return (
+                        f"tensor-parallel worker rank {rank} (pid {process.pid}) died with exit "
+                        f"code {process.exitcode}"
+                    )
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(self.poll_interval_s)
+
+    def _fail(self, reason: str) -> None:
+        self._failure = f"{reason}; all workers were stopped and the engine cannot continue"
+        self.shutdown()
+        raise WorkerDiedError(self._failure)
+
+
+def _stop_workers(processes: list[mp.Process], conns: list[Connection], timeout_s: float = 5.0) -> None:
+    """Ask every worker to stop, then terminate and kill the ones that do not; reap them all."""
+    for conn in conns:
+        try:
+            conn.send_bytes(dumps(None))
+        except OSError:
+            pass
+    deadline = time.monotonic() + timeout_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.terminate()  # e.g. blocked in a collective whose peer died
+            process.join(2.0)
+        if process.is_alive():
+            process.kill()
+            process.join(2.0)
+    for conn in conns:
+        conn.close()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,75 @@
+"""`Worker`: one rank's share of the model, its KV cache and its model runner (vLLM's
+`Worker` in `v1/worker/gpu_worker.py`).
+
+    UniProcExecutor   one Worker in the engine's process (tensor_parallel_size = 1)
+    MultiprocExecutor one Worker per rank, each in its own process; the ranks run the same step
+                      on their own slices and meet in the collectives of `parallel_state`
+
+A worker is built after its process joined the tensor-parallel group, so the layers it builds
+read the right rank and size and load only their slices of the checkpoint. Every method here is
+something an executor calls on all ranks at once (`collective_rpc`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from folovllm.config import EngineConfig
+from folovllm.core.kv_cache_interface import KVCacheConfig, KVCacheSpec
+from folovllm.core.scheduler_output import SchedulerOutput
+from folovllm.distributed import parallel_state
+from folovllm.model_executor.attention_backends import get_attn_backend
+from folovllm.model_executor.model_loader import load_model
+from folovllm.worker.model_runner import ModelRunner
+from folovllm.worker.sampler import Sampler
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, model_path: Path, sampler: Optional[Sampler] = None) -> None:
+        """`sampler`: the in-process worker samples; tensor-parallel workers leave it to the
+        driver (see `compute_logits`)."""
+        self.config = config
+        self.model, self.hf_config, _ = load_model(str(model_path), config.torch_dtype, config.device)
+        self.model_runner = ModelRunner(
+            self.model, sampler, config.device, get_attn_backend(config.attention_backend)
+        )
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        """One token's K/V on this rank: this rank's kv heads only."""
+        attn = self.model.model.layers[0].self_attn
+        return KVCacheSpec(
+            num_layers=self.hf_config.num_hidden_layers,
+            num_kv_heads=attn.num_kv_heads,
+            head_dim=attn.head_dim,
+            dtype=next(self.model.parameters()).dtype,
+            device=self.config.device,
+        )
+
+    def determine_available_memory(self, spec: KVCacheSpec) -> int:
+        return self.model_runner.determine_available_memory(self.config, spec)
+
+    def initialize_kv_cache(self, spec: KVCacheSpec, kv_cache_config: KVCacheConfig) -> None:
+        self.model_runner.initialize_kv_cache(spec, kv_cache_config)
+
+    def execute_model(self, output: SchedulerOutput) -> dict[str, int]:
+        """Run the step and sample (the in-process path)."""
+        return self.model_runner.execute_model(output)
+
+    def compute_logits(self, output: SchedulerOutput) -> Optional[torch.Tensor]:
+        """Run the step on this rank's shard; rank 0 returns the logits of the rows that sample
+        (on the CPU, to cross the process boundary), the other ranks None."""
+        logits, _ = self.model_runner.compute_logits(output)
+        return None if logits is None else logits.cpu()
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """This rank's parameter shapes, by name (what the docs' shard table says)."""
+        return {name: tuple(p.shape) for name, p in self.model.named_parameters()}
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def comm_stats(self, reset: bool = False) -> parallel_state.CommStats:
+        return parallel_state.comm_stats(reset)

@@ -1,0 +1,363 @@
+"""Stage 08: tensor parallelism, two ranks on CPU over gloo.
+
+Guards: TP=2 gives the greedy tokens of TP=1 and of HF transformers on all three architectures
+with stages 03-05 on; every rank holds the shard shapes the docs give and calls the collectives
+the docs count (2 all-reduces per decoder layer + 1 for the embedding, 1 gather for the LM head,
+per step); at the same KV memory per rank TP=2 holds twice the tokens; a worker killed mid-run
+makes the engine raise a clear error and leaves no process behind; the layer splits themselves
+(column, row, QKV with replicated kv heads, vocab) reproduce the unsplit layer, checked in one
+process by building every rank's shard in turn.
+
+Worker processes cost ~10-20 s each to start on a loaded 2-core machine (importing torch), so
+one TP=2 engine per architecture is shared by the tests of this module, and stopped at its end.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from folovllm import LLM, SamplingParams
+from folovllm.config import EngineConfig, verify_tensor_parallel
+from folovllm.distributed import parallel_state
+from folovllm.executor.multiproc_executor import MultiprocExecutor, WorkerDiedError
+from folovllm.model_executor.layers import linear, vocab_parallel_embedding
+from folovllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    WeightShapeError,
+)
+from folovllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from tests.helpers import ARCHS
+
+TP = 2
+# Per rank. The tiny models' KV is 2 layers * 2 kv heads * 16 dims * 2 (K, V) * 4 bytes = 512 B a
+# token on one rank, 256 B on each of two: 1024 tokens at TP=1, 2048 at TP=2.
+KV_CACHE_MEMORY = 512 * 1024
+ENGINE_ARGS = dict(stage=5, dtype="float32", max_num_seqs=3, max_model_len=256, kv_cache_memory=KV_CACHE_MEMORY)
+
+
+@pytest.fixture(scope="module")
+def tp_llm(tiny_checkpoints) -> Iterator[Callable[[str], LLM]]:
+    """tp_llm(arch) -> an LLM with tensor_parallel_size=2, one per architecture, shared by the
+    module and stopped at its end. The three are started together: start-up is mostly worker
+    processes importing torch, which on a loaded machine goes faster side by side."""
+    cache: dict[str, LLM] = {}
+    with ThreadPoolExecutor(len(ARCHS)) as pool:
+        futures = {
+            arch: pool.submit(LLM, str(tiny_checkpoints[arch]), tensor_parallel_size=TP, **ENGINE_ARGS)
+            for arch in ARCHS
+        }
+        errors = []
+        for arch, future in futures.items():
+            try:
+                cache[arch] = future.result()
+            except Exception as e:  # stop the others before failing
+                errors.append(e)
+
+    def get(arch: str) -> LLM:
+        if arch not in cache:  # taken out by a test that stopped it
+            cache[arch] = LLM(str(tiny_checkpoints[arch]), tensor_parallel_size=TP, **ENGINE_ARGS)
+        return cache[arch]
+
+    get.cache = cache  # the kill test takes its engine out of the cache
+    try:
+        if errors:
+            raise errors[0]
+        yield get
+    finally:
+        for llm in cache.values():
+            llm.llm_engine.shutdown()
+
+
+def _executor(llm: LLM) -> MultiprocExecutor:
+    executor = llm.llm_engine.model_executor
+    assert isinstance(executor, MultiprocExecutor)
+    return executor
+
+
+# -- the tokens -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tp2_greedy_tokens_equal_tp1_and_hf(arch, greedy_reference, tp_llm):
+    ref = greedy_reference(arch)
+    params = [SamplingParams(temperature=0.0, max_tokens=m) for m in ref.max_tokens]
+    tp1 = LLM(str(ref.path), **ENGINE_ARGS).generate(ref.prompts, params, use_tqdm=False)
+    tp2 = tp_llm(arch).generate(ref.prompts, params, use_tqdm=False)
+    for i, want in enumerate(ref.outputs):
+        assert tp1[i].outputs[0].token_ids == want, f"{arch} TP=1 prompt {i} != HF"
+        assert tp2[i].outputs[0].token_ids == want, f"{arch} TP=2 prompt {i} != HF (and TP=1)"
+
+
+def test_tp2_seeded_sampling_equals_tp1(tiny_qwen3, tp_llm):
+    """The driver samples with the requests' own generators, so seeded sampling is unchanged."""
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=12)
+    tp1 = LLM(str(tiny_qwen3), **ENGINE_ARGS).generate(prompts, params, use_tqdm=False)
+    tp2 = tp_llm("qwen3").generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in tp2] == [o.outputs[0].token_ids for o in tp1]
+
+
+# -- what each rank holds and does --------------------------------------------------------------
+
+
+def test_shard_shapes_per_rank(tp_llm):
+    llm = tp_llm("qwen3")
+    c = llm.llm_engine.hf_config
+    H, D, I, V = c.hidden_size, c.head_dim, c.intermediate_size, c.vocab_size
+    Hq, Hkv, L = c.num_attention_heads, c.num_key_value_heads, c.num_hidden_layers
+    # The table of docs/stages/08-tensor-parallel.md, for tp = 2 (Hkv >= tp: kv heads split).
+    expected = {
+        "model.embed_tokens.weight": (-(-V // TP), H),
+        "model.layers.0.self_attn.qkv_proj.weight": ((Hq + 2 * Hkv) // TP * D, H),
+        "model.layers.0.self_attn.o_proj.weight": (H, Hq * D // TP),
+        "model.layers.0.mlp.gate_up_proj.weight": (2 * I // TP, H),
+        "model.layers.0.mlp.down_proj.weight": (H, I // TP),
+        "model.layers.0.input_layernorm.weight": (H,),
+        "model.layers.0.self_attn.q_norm.weight": (D,),
+    }
+    for rank, shapes in enumerate(_executor(llm).collective_rpc("param_shapes")):
+        for name, shape in expected.items():
+            assert shapes[name] == shape, f"rank {rank} {name}: {shapes[name]} != {shape}"
+        assert sum(1 for n in shapes if n.endswith("qkv_proj.weight")) == L
+    full = LLM(str(llm.llm_engine.model_executor.model_path), **ENGINE_ARGS).llm_engine
+    full_bytes = full.model_executor.collective_rpc("weight_bytes")[0]
+    rank_bytes = _executor(llm).collective_rpc("weight_bytes")
+    # Everything but the norms is split: each rank holds a little over half.
+    assert all(full_bytes / 2 <= b < full_bytes * 0.55 for b in rank_bytes), (full_bytes, rank_bytes)
+
+
+def test_collectives_per_step_are_the_documented_count(tp_llm):
+    llm = tp_llm("qwen3")
+    engine, executor = llm.llm_engine, _executor(llm)
+    c = engine.hf_config
+    L, H, V = c.num_hidden_layers, c.hidden_size, c.vocab_size
+    prompt = list(range(3, 3 + 7))  # T = 7 tokens in one step (budget 2048), one row samples
+    engine.add_request("count", prompt, SamplingParams(temperature=0.0, max_tokens=2))
+    executor.collective_rpc("comm_stats", True)  # reset
+    engine.step()  # the prompt: 7 tokens
+    prefill = executor.collective_rpc("comm_stats", True)
+    engine.step()  # one decode token
+    decode = executor.collective_rpc("comm_stats", True)
+    for stats, T in ((prefill, 7), (decode, 1)):
+        for s in stats:  # every rank calls every collective
+            assert s.all_reduce_calls == 2 * L + 1  # o_proj, down_proj per layer + embedding
+            assert s.all_reduce_bytes == (2 * L + 1) * T * H * 4  # [T, hidden] float32
+            assert s.gather_calls == 1  # LM head, one sampling row
+            assert s.gather_bytes == 1 * (-(-V // TP)) * 4  # [1, V / tp] float32
+    assert not engine.has_unfinished_requests()
+
+
+def test_same_kv_memory_per_rank_holds_twice_the_tokens(tiny_qwen3, tp_llm):
+    tp1 = LLM(str(tiny_qwen3), **ENGINE_ARGS).llm_engine
+    tp2 = tp_llm("qwen3").llm_engine
+    assert tp1.kv_cache_capacity_tokens == KV_CACHE_MEMORY // 512
+    assert tp2.kv_cache_capacity_tokens == 2 * tp1.kv_cache_capacity_tokens
+    spec = _executor(tp_llm("qwen3")).kv_cache_spec()
+    assert spec.num_kv_heads == tp1.hf_config.num_key_value_heads // TP
+
+
+# -- faults -------------------------------------------------------------------------------------
+
+
+def _gone(pid: int) -> bool:
+    """Reaped (no /proc entry) or at least not running."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_killed_worker_raises_clear_error_and_leaves_no_process(tp_llm, tiny_checkpoints):
+    llm = tp_llm.cache.pop("llama", None) or LLM(str(tiny_checkpoints["llama"]), tensor_parallel_size=TP, **ENGINE_ARGS)
+    engine, executor = llm.llm_engine, _executor(llm)
+    executor.step_timeout_s = 60.0  # a regression that hangs fails here instead of in 10 min
+    pids = executor.worker_pids
+    try:
+        engine.add_request("victim", [4, 5, 6, 7], SamplingParams(temperature=0.0, max_tokens=50))
+        engine.step()
+        engine.step()
+        os.kill(pids[1], signal.SIGKILL)
+        executor.processes[1].join(30)
+        with pytest.raises(WorkerDiedError, match=r"rank 1 \(pid \d+\) died with exit code -9"):
+            for _ in range(10):
+                engine.step()
+        with pytest.raises(WorkerDiedError, match="cannot continue"):
+            engine.step()  # stays failed, does not hang
+    finally:
+        engine.shutdown()
+    assert all(_gone(pid) for pid in pids), [open(f"/proc/{p}/stat").read() for p in pids if not _gone(p)]
+    assert not any(p.is_alive() for p in executor.processes)
+
+
+def test_shutdown_stops_workers(tp_llm):
+    llm = tp_llm("qwen3")
+    executor = _executor(llm)
+    pids = executor.worker_pids
+    llm.llm_engine.shutdown()
+    tp_llm.cache.pop("qwen3")
+    assert all(_gone(pid) for pid in pids)
+    with pytest.raises(WorkerDiedError):
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
+
+
+def test_tensor_parallel_size_is_validated(hf_qwen3):
+    with pytest.raises(ValueError, match="tensor_parallel_size must be a positive integer"):
+        EngineConfig(tensor_parallel_size=0)
+    config = hf_qwen3.config  # 4 heads, 2 kv heads, intermediate 128
+    with pytest.raises(ValueError, match="must divide the model's 4 attention heads"):
+        verify_tensor_parallel(config, 3)
+    verify_tensor_parallel(config, 4)  # 2 kv heads replicated on 2 ranks each
+    for tp in (1, 2):
+        verify_tensor_parallel(config, tp)
+
+
+# -- the splits, in one process -----------------------------------------------------------------
+
+
+def _on_rank(monkeypatch, rank: int, size: int) -> None:
+    """Build the next layers as `rank` of `size` (the layers read parallel_state when built)."""
+    monkeypatch.setattr(parallel_state, "_WORLD_SIZE", size)
+    monkeypatch.setattr(parallel_state, "_RANK", rank)
+
+
+def _rand(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_qkv_split_with_split_or_replicated_kv_heads(monkeypatch, tp):
+    """Hq=4, Hkv=2: tp=2 splits the kv heads, tp=4 replicates each on two ranks. Each rank's
+    output must be its own heads' q | k | v of the unsplit layer."""
+    Hq, Hkv, D, hidden = 4, 2, 3, 5
+    q, k, v = _rand(Hq * D, hidden, seed=1), _rand(Hkv * D, hidden, seed=2), _rand(Hkv * D, hidden, seed=3)
+    x = _rand(2, hidden, seed=4)
+    yq, yk, yv = (x @ w.T for w in (q, k, v))  # [T, heads * D]
+    for rank in range(tp):
+        _on_rank(monkeypatch, rank, tp)
+        layer = QKVParallelLinear(hidden, D, Hq, Hkv)
+        for shard_id, w in (("q", q), ("k", k), ("v", v)):
+            layer.weight.weight_loader(layer.weight, w, shard_id)
+        kv_head = rank * Hkv // tp  # tp=2: rank r has kv head r; tp=4: ranks 0,1 -> 0; 2,3 -> 1
+        n_kv = max(1, Hkv // tp)
+        assert (layer.num_heads, layer.num_kv_heads) == (Hq // tp, n_kv)
+        want = torch.cat([
+            yq[:, rank * (Hq // tp) * D:(rank + 1) * (Hq // tp) * D],
+            yk[:, kv_head * D:(kv_head + n_kv) * D],
+            yv[:, kv_head * D:(kv_head + n_kv) * D],
+        ], dim=-1)
+        torch.testing.assert_close(layer(x), want)
+
+
+def _no_collectives(monkeypatch) -> None:
+    """Each rank's layer returns its local part: the test adds or concatenates the parts itself,
+    as the all-reduce and the gather would."""
+    monkeypatch.setattr(linear, "tensor_model_parallel_all_reduce", lambda x: x)
+    monkeypatch.setattr(vocab_parallel_embedding, "tensor_model_parallel_all_reduce", lambda x: x)
+    monkeypatch.setattr(vocab_parallel_embedding, "tensor_model_parallel_gather", lambda x, dim=-1: x)
+
+
+def test_merged_column_then_row_parallel_sums_to_the_unsplit_mlp(monkeypatch):
+    """gate_up (column, per part) -> silu*mul -> down (row): the ranks' partial sums add up to
+    the unsplit MLP, with the row bias added once."""
+    _no_collectives(monkeypatch)
+    tp, hidden, inter = 2, 6, 8
+    gate, up, down = _rand(inter, hidden, seed=1), _rand(inter, hidden, seed=2), _rand(hidden, inter, seed=3)
+    bias = _rand(hidden, seed=4)
+    x = _rand(3, hidden, seed=5)
+    want = F.linear(F.silu(x @ gate.T) * (x @ up.T), down, bias)
+    total = torch.zeros_like(want)
+    for rank in range(tp):
+        _on_rank(monkeypatch, rank, tp)
+        gate_up = MergedColumnParallelLinear(hidden, [inter, inter])
+        gate_up.weight.weight_loader(gate_up.weight, gate, 0)
+        gate_up.weight.weight_loader(gate_up.weight, up, 1)
+        row = RowParallelLinear(inter, hidden, bias=True)
+        row.weight.weight_loader(row.weight, down)
+        row.bias.weight_loader(row.bias, bias)
+        assert row.weight.shape == (hidden, inter // tp)
+        g, u = gate_up(x).chunk(2, dim=-1)  # [T, inter / tp] each: this rank's slice of each part
+        total += row(F.silu(g) * u)  # a partial sum
+    torch.testing.assert_close(total, want)
+
+
+def test_vocab_parallel_embedding_and_head_with_padding(monkeypatch):
+    """V = 7 over tp = 2: rank 0 holds tokens 0..3, rank 1 tokens 4..6 and one zero row."""
+    _no_collectives(monkeypatch)
+    tp, V, hidden = 2, 7, 4
+    table = _rand(V, hidden, seed=1)
+    ids = torch.tensor([0, 3, 4, 6, 2])
+    h = _rand(2, hidden, seed=2)
+    embedded, logits = torch.zeros(len(ids), hidden), []
+    for rank in range(tp):
+        _on_rank(monkeypatch, rank, tp)
+        emb = VocabParallelEmbedding(V, hidden)
+        emb.weight.weight_loader(emb.weight, table)
+        head = ParallelLMHead(V, hidden)
+        head.tie_weights(emb)
+        assert emb.weight.shape == (4, hidden)
+        embedded += emb(ids)  # zeros for the ids of the other rank
+        logits.append(head(h))  # [2, 4]: this rank's tokens
+    torch.testing.assert_close(embedded, F.embedding(ids, table))
+    torch.testing.assert_close(torch.cat(logits, -1)[:, :V], h @ table.T)
+    assert torch.equal(logits[1][:, -1], torch.zeros(2))  # the padding row
+
+
+def test_column_parallel_loads_whole_and_fused_tensors_and_checks_shapes(monkeypatch):
+    """A plain column layer and a fused tensor saved whole (no shard id) are cut per rank the
+    same way as shard-by-shard loading; a checkpoint tensor of the wrong size is refused with
+    the shapes, not narrowed into a wrong slice."""
+    tp, hidden, inter = 2, 4, 6
+    gate, up = _rand(inter, hidden, seed=1), _rand(inter, hidden, seed=2)
+    x = _rand(3, hidden, seed=3)
+    for rank in range(tp):
+        _on_rank(monkeypatch, rank, tp)
+        half = slice(rank * inter // tp, (rank + 1) * inter // tp)
+        plain = ColumnParallelLinear(hidden, inter)
+        plain.weight.weight_loader(plain.weight, gate)
+        torch.testing.assert_close(plain(x), (x @ gate.T)[:, half])
+        fused = MergedColumnParallelLinear(hidden, [inter, inter])
+        fused.weight.weight_loader(fused.weight, torch.cat([gate, up]))  # saved whole
+        torch.testing.assert_close(fused(x), torch.cat([(x @ gate.T)[:, half], (x @ up.T)[:, half]], -1))
+        with pytest.raises(WeightShapeError):
+            fused.weight.weight_loader(fused.weight, gate[:4], 0)
+        row = RowParallelLinear(inter, hidden)
+        with pytest.raises(WeightShapeError):
+            row.weight.weight_loader(row.weight, gate)  # [6, 4] where [4, 6] is expected
+
+
+def test_cli_tensor_parallel_size_reaches_the_engine_config():
+    from folovllm.entrypoints.cli import _engine_kwargs, build_parser
+
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--tensor-parallel-size", "2"])
+    assert _engine_kwargs(args)["tensor_parallel_size"] == 2
+    args = build_parser().parse_args(["serve", "--tensor-parallel-size", "2"])  # the server too
+    assert _engine_kwargs(args)["tensor_parallel_size"] == 2
+    args = build_parser().parse_args(["generate", "--prompt", "x"])
+    assert "tensor_parallel_size" not in _engine_kwargs(args)  # the config's default, 1
+
+
+def test_a_checkpoint_error_in_the_workers_is_a_value_error(tiny_qwen3, tmp_path):
+    """A missing weight file is found by the workers (the driver loads no weights): it must
+    reach the user as the same ValueError as at TP=1, and stop the workers."""
+    for f in tiny_qwen3.iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, tmp_path / f.name)
+    with pytest.raises(ValueError, match="no weights in"):
+        LLM(str(tmp_path), **ENGINE_ARGS)
+    before = set(multiprocessing.active_children())  # the module's shared engines
+    with pytest.raises(ValueError, match="no weights in"):
+        LLM(str(tmp_path), tensor_parallel_size=TP, **ENGINE_ARGS)
+    assert not set(multiprocessing.active_children()) - before
