@@ -21,11 +21,11 @@ done
 # Qwen3-0.6B shapes, random weights (built once, 2.4 GB): 8 requests of the mixed workload
 M=$(python -c "from benchmarks.profile_step import model_path; print(model_path('qwen3-0.6b'))")
 for t in 1 2; do
-    run --systems folovllm-stage5 vllm --model "$M" --max-model-len 1024 --workload mixed \
+    VLLM_CPU_KVCACHE_SPACE=2 run --systems folovllm-stage5 vllm --model "$M" --max-model-len 1024 --workload mixed \
         --num-requests 8 --repeats 1 --threads $t --name perf_qwen3_0.6b_mixed8_t${t}_cpu
 done
-python -m benchmarks.profile_step --model bench --rows 1 4 16 --steps 10 --json "$R/perf_profile_bench.json"
+python -m benchmarks.profile_step --model bench --rows 1 4 16 --steps 8 --json "$R/perf_profile_bench_after.json"
 python -m benchmarks.profile_step --model qwen3-0.6b --rows 1 8 --context 256 --prefill 512 --steps 4 \
-    --json "$R/perf_profile_qwen3_0.6b.json"
+    --json "$R/perf_profile_qwen3-0.6b_after.json"
 # bfloat16 (opt-in, AVX-512 BF16): speed and greedy agreement with float32
 python -m benchmarks.profile_step --agreement --dtype bfloat16 --json "$R/perf_bf16_agreement_bench.json"

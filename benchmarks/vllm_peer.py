@@ -56,8 +56,10 @@ class VLLMPeer:
 
     def __init__(self, model: str, *, dtype: str = "float32", eager: bool = False,
                  threads: int = 1, max_num_seqs: int = 16, max_model_len: int = 2048,
-                 kv_cache_gib: int = 4, seed: int = 0, prefix_caching: bool = False,
+                 kv_cache_gib: Optional[int] = None, seed: int = 0, prefix_caching: bool = False,
                  log: Optional[str] = None) -> None:
+        if kv_cache_gib is None:  # GiB of KV cache (VLLM_CPU_KVCACHE_SPACE); 4 unless set
+            kv_cache_gib = int(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"))
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS=str(threads),
                    VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib),
                    VLLM_TARGET_DEVICE="cpu", TOKENIZERS_PARALLELISM="false")
