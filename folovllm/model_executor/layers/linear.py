@@ -177,8 +177,8 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 
     On CPU, `F.linear` calls MKL's sgemm, which on this AMD EPYC runs 1.2-1.8x slower than
     oneDNN's matmul on the shapes of Qwen3-0.6B (one thread, T = 1..512; 2.1x for the LM head at
-    T = 8; `benchmarks/profile_step.py` and docs/performance.md). vLLM's CPU backend uses oneDNN
-    for the same reason. Same math, a different summation order: results differ from
+    T = 8), and ties on small shapes at small T; docs/performance.md has the measurements and
+    the end-to-end effect. vLLM's CPU backend uses oneDNN matmuls too. Same math, a different summation order: results differ from
     `F.linear` by float32 rounding (~1e-6), which `tests/test_linear.py` checks. Everything
     else (CUDA, float16, a 3-D input, a build without oneDNN) takes `F.linear`, the reference.
     """
