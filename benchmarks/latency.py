@@ -65,24 +65,36 @@ def replay(llm: Any, workload: Workload, arrivals: list[float]) -> dict[str, Any
 
     engine = llm.llm_engine
     trace = StepTrace(engine)  # requests running and waiting, KV reserved, after every step
+    # DELTA outputs: every step says which requests got a token, so each token also gets the
+    # process CPU time at which it came (`cpu_token_times`): inter-token gaps in CPU seconds do not
+    # grow when other processes share the machine, wall-clock ones do.
     params = [SamplingParams(temperature=0.0, top_p=1.0, top_k=0, max_tokens=r.max_tokens,
-                             ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
+                             ignore_eos=True, output_kind=RequestOutputKind.DELTA)
               for r in workload.requests]
     prompts = [list(r.prompt_token_ids) for r in workload.requests]
     n = len(workload)
     finished: dict[str, Any] = {}
+    num_tokens: dict[str, int] = {}
+    cpu_token_times: dict[str, list[float]] = {}
 
     def serve() -> float:
         """The serving loop; returns its start time (the zero of `arrivals`)."""
         trace.start()
-        start, nxt = trace.t0, 0
+        start, nxt, cpu0 = trace.t0, 0, time.process_time()
         while nxt < n or engine.has_unfinished_requests():
             now = time.perf_counter()
             while nxt < n and start + arrivals[nxt] <= now:
                 engine.add_request(str(nxt), prompts[nxt], params[nxt], arrival_time=start + arrivals[nxt])
                 nxt += 1
             if engine.has_unfinished_requests():
-                finished.update((out.request_id, out) for out in engine.step() if out.finished)
+                outputs = engine.step()
+                cpu = time.process_time() - cpu0
+                for out in outputs:
+                    new = len(out.outputs[0].token_ids)
+                    num_tokens[out.request_id] = num_tokens.get(out.request_id, 0) + new
+                    cpu_token_times.setdefault(out.request_id, []).extend([cpu] * new)
+                    if out.finished:
+                        finished[out.request_id] = out
             elif nxt < n:
                 time.sleep(max(0.0, start + arrivals[nxt] - time.perf_counter()))
         return start
@@ -93,7 +105,8 @@ def replay(llm: Any, workload: Workload, arrivals: list[float]) -> dict[str, Any
     requests = []
     for i, r in enumerate(workload.requests):
         out = finished[str(i)]
-        got = len(out.outputs[0].token_ids)
+        got = num_tokens[str(i)]
+        cpu_times = cpu_token_times[str(i)]
         if got != r.max_tokens:
             raise RuntimeError(f"request {i}: {got} tokens, expected {r.max_tokens}")
         m = out.metrics
@@ -104,6 +117,7 @@ def replay(llm: Any, workload: Workload, arrivals: list[float]) -> dict[str, Any
             tpot=None if m.time_per_output_token is None else round(m.time_per_output_token, 5),
             e2e=round(m.e2e_latency, 5),
             itl=[round(x, 5) for x in m.inter_token_latencies],
+            itl_cpu=[round(b - a, 5) for a, b in zip(cpu_times, cpu_times[1:])],
             prompt_tokens=len(r.prompt_token_ids), output_tokens=got,
         ))
     last_finish = max(q["arrival"] + q["e2e"] for q in requests)
@@ -116,6 +130,7 @@ def latency_stats(run: dict[str, Any], workload: Workload) -> dict[str, Any]:
     reqs = run["requests"]
     ttft = [q["ttft"] for q in reqs]
     itl = [x for q in reqs for x in q["itl"]]
+    itl_cpu = [x for q in reqs for x in q.get("itl_cpu", [])]
     tpot = [q["tpot"] for q in reqs if q["tpot"] is not None]
     e2e = [q["e2e"] for q in reqs]
     queue = [q["queue"] for q in reqs]
@@ -123,6 +138,7 @@ def latency_stats(run: dict[str, Any], workload: Workload) -> dict[str, Any]:
     return dict(
         ttft_p50=percentile(ttft, 50), ttft_p90=percentile(ttft, 90), ttft_p99=percentile(ttft, 99),
         itl_p50=percentile(itl, 50), itl_p99=percentile(itl, 99),
+        itl_cpu_p50=percentile(itl_cpu, 50), itl_cpu_p99=percentile(itl_cpu, 99),
         tpot_mean=statistics.fmean(tpot) if tpot else None, tpot_p50=percentile(tpot, 50),
         e2e_p50=percentile(e2e, 50), e2e_p99=percentile(e2e, 99), queue_p50=percentile(queue, 50),
         output_tok_s=workload.num_output_tokens / span, requests_per_s=len(reqs) / span,
@@ -149,7 +165,9 @@ def render_markdown(result: dict[str, Any]) -> str:
     )
     caption += shared_machine_note(result, cpu_ratios=False)
     cols = [("TTFT p50", "ttft_p50", 2), ("TTFT p90", "ttft_p90", 2), ("TTFT p99", "ttft_p99", 2),
-            ("ITL p50", "itl_p50", 3), ("ITL p99", "itl_p99", 3), ("TPOT mean", "tpot_mean", 3),
+            ("ITL p50", "itl_p50", 3), ("ITL p99", "itl_p99", 3),
+            ("ITL p50 (CPU s)", "itl_cpu_p50", 3), ("ITL p99 (CPU s)", "itl_cpu_p99", 3),
+            ("TPOT mean", "tpot_mean", 3),
             ("e2e p50", "e2e_p50", 2), ("queue p50", "queue_p50", 2),
             ("output tok/s", "output_tok_s", 1), ("requests/s", "requests_per_s", 3),
             ("peak running", "max_num_running", 0)]
@@ -158,7 +176,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     for name, r in result["systems"].items():
         cells = [f"`{name}`"]
         for _, key, digits in cols:
-            v = r["median"][key]
+            v = r["median"].get(key)
             cells.append("—" if v is None else f"{v:,.{digits}f}")
         lines.append("| " + " | ".join(cells) + " |")
     ratios = result.get("ratios")
@@ -166,7 +184,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     if ratios:
         tail = "\n" + (f"{ratios['older']} / {ratios['newer']}: TTFT p50 {ratios['ttft_p50']:.1f}×, "
                        f"TTFT p99 {ratios['ttft_p99']:.1f}×, e2e p50 {ratios['e2e_p50']:.1f}×, "
-                       + (f"ITL p99 {ratios['itl_p99']:.1f}×, " if "itl_p99" in ratios else "")
+                       + (f"ITL p99 {ratios['itl_p99']:.1f}× (in CPU time {ratios['itl_cpu_p99']:.1f}×), "
+                          if "itl_cpu_p99" in ratios else "")
                        + f"throughput {ratios['throughput']:.2f}× (newer / older).") + "\n"
     return caption + "\n\n" + "\n".join(lines) + "\n" + tail
 
@@ -259,6 +278,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         ratios = dict(older=names[0], newer=names[-1],
                       ttft_p50=old["ttft_p50"] / new["ttft_p50"], ttft_p99=old["ttft_p99"] / new["ttft_p99"],
                       e2e_p50=old["e2e_p50"] / new["e2e_p50"], itl_p99=old["itl_p99"] / new["itl_p99"],
+                      itl_cpu_p99=old["itl_cpu_p99"] / new["itl_cpu_p99"],
                       throughput=new["output_tok_s"] / old["output_tok_s"])
     result.update(
         config=dict(stages=stages, systems=names, workload=args.workload, quick=args.quick, repeats=args.repeats,

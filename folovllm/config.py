@@ -92,6 +92,8 @@ class EngineConfig:
     enable_prefix_caching: bool = False  # stage 06
     quantization: Optional[str] = None  # stage 07
     tensor_parallel_size: int = 1  # stage 08
+    # observability, not a stage: record every step for `folovllm trace` (engine/trace.py)
+    trace: bool = False
 
     def __post_init__(self) -> None:
         self._validate()

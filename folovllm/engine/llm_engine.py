@@ -26,6 +26,7 @@ from folovllm.core.scheduler_output import SchedulerOutput
 from folovllm.core.static_batch_scheduler import StaticBatchScheduler
 from folovllm.engine.output_processor import OutputProcessor
 from folovllm.engine.stats import EngineStats, SchedulerStats
+from folovllm.engine.trace import NullTracer, StepTracer
 from folovllm.executor import WorkerDiedError, get_executor_cls
 from folovllm.inputs import PromptType, is_token_id, parse_prompt
 from folovllm.model_executor.model_loader import load_hf_config, resolve_model_path
@@ -70,6 +71,8 @@ class LLMEngine:
         # Called with a `SchedulerStats` after every step (benchmark traces, server metrics).
         self.stat_loggers: list[Callable[[SchedulerStats], None]] = []
         self.last_scheduler_stats: Optional[SchedulerStats] = None
+        # What the scheduler did, step by step (`folovllm trace`); off = a do-nothing tracer.
+        self.tracer: StepTracer | NullTracer = StepTracer() if self.config.trace else NullTracer()
 
     # --8<-- [start:initialize_kv_cache]
     def _initialize_kv_cache(self, spec: KVCacheSpec, fit_len: bool) -> KVCacheManagerBase:
@@ -207,6 +210,7 @@ class LLMEngine:
     # --8<-- [start:step]
     def step(self) -> list[RequestOutput]:
         """One iteration: schedule, run the model once, turn the new tokens into outputs."""
+        self.tracer.begin_step(self.scheduler)
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.num_rows == 0:
             return []
@@ -216,6 +220,7 @@ class LLMEngine:
         outputs = self.output_processor.process(advanced, failed)
         self.scheduler.free_finished_requests()
         self._record_stats(scheduler_output, advanced)
+        self.tracer.end_step(self, scheduler_output)
         return outputs
     # --8<-- [end:step]
 

@@ -5,6 +5,9 @@ compares the stages.
     folovllm demo --model Qwen/Qwen3-0.6B      # the same on the real model
     folovllm generate --model Qwen/Qwen3-0.6B --prompt "Hello" --max-tokens 32 --temperature 0
     folovllm serve Qwen/Qwen3-0.6B --port 8000 # OpenAI-compatible server (docs/serving.md)
+    folovllm trace --stages 1 2 --workload mixed     # timeline pictures of what each step did
+    folovllm trace --docs                            # the stage pages' pictures, docs/assets/
+    folovllm trace --serve --stage 5                 # a live page of the running engine
 """
 
 from __future__ import annotations
@@ -112,12 +115,36 @@ def build_parser() -> argparse.ArgumentParser:
                        help="require 'Authorization: Bearer KEY' on /v1/* (/health and /metrics stay open)")
     serve.add_argument("--served-model-name", default=None,
                        help="the name clients send as `model` (default: MODEL as given)")
+    serve.add_argument("--trace", action="store_true",
+                       help="also serve a live page of the engine's steps at /trace/ (docs/trace.md)")
 
     demo = sub.add_parser("demo", help="run one workload through every stage and compare")
     _add_engine_args(demo)
     demo.add_argument("--stages", type=int, nargs="*", default=None,
                       help=f"stages to run (default: all built, 1..{LATEST_STAGE})")
     demo.add_argument("--num-requests", type=int, default=DEMO_NUM_REQUESTS)
+
+    from folovllm.entrypoints.trace_workloads import WORKLOADS
+
+    trace = sub.add_parser("trace", help="record what every engine step did and draw it")
+    _add_engine_args(trace)
+    trace.set_defaults(max_num_seqs=None)  # the workload's own sizes, unless given
+    trace.add_argument("--stages", type=int, nargs="*", default=None,
+                       help=f"stages to trace side by side (default: all built, 1..{LATEST_STAGE})")
+    trace.add_argument("--workload", choices=sorted(WORKLOADS), default="mixed")
+    trace.add_argument("--out", type=Path, default=None,
+                       help="the PNG to write (default: trace_<workload>.png)")
+    trace.add_argument("--save-traces", type=Path, default=None, metavar="DIR",
+                       help="also write each stage's trace as JSON and as a Perfetto file here")
+    trace.add_argument("--docs", action="store_true",
+                       help="draw the stage pages' pictures into docs/assets/ (one command)")
+    trace.add_argument("--serve", action="store_true",
+                       help="serve a live page of one engine running the workload over and over")
+    trace.add_argument("--stage", type=int, default=LATEST_STAGE, help="--serve: the stage to run")
+    trace.add_argument("--host", default="127.0.0.1")
+    trace.add_argument("--port", type=int, default=8008)
+    trace.add_argument("--step-delay", type=float, default=0.15,
+                       help="--serve: seconds between steps, so a person can follow them")
     return parser
 
 
@@ -127,7 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         threads = args.threads
         if threads is not None and threads < 1:
             raise ValueError(f"--threads must be a positive integer, got {threads}")
-        if threads is None and args.command == "demo" and args.device == "cpu":
+        if threads is None and args.command in ("demo", "trace") and args.device == "cpu":
             threads = 1  # comparable figures: one thread, no OpenMP spin-waits on a busy machine
         if threads is not None:
             import torch
@@ -137,6 +164,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_generate(args)
         if args.command == "serve":
             return run_serve(args)
+        if args.command == "trace":
+            return run_trace(args)
         return run_demo(args)
     except ValueError as e:
         print(f"folovllm: error: {e}", file=sys.stderr)
@@ -210,7 +239,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"two models given: {args.model_tag!r} and --model {args.model!r}")
     args.model = args.model_tag or args.model
     model = _model_or_demo(args)
-    engine = LLMEngine(model, EngineConfig.for_stage(args.stage, **_engine_kwargs(args)))
+    engine = LLMEngine(model, EngineConfig.for_stage(args.stage, trace=args.trace, **_engine_kwargs(args)))
     run_server(engine, args.served_model_name or model, args.host, args.port, args.api_key)
     return 0
 
@@ -263,6 +292,62 @@ def run_demo(args: argparse.Namespace) -> int:
                "prompt tokens computed/real", "KV utilization"]
     print(f"\n{len(work)} requests, greedy, ignore_eos; model: {model}\n")
     print(_markdown_table(headers, rows))
+    return 0
+
+
+# The stage pages' pictures: (file, stages side by side, workload). `folovllm trace --docs`
+# draws those whose stages are built (stage 06's appears when it lands).
+DOCS_TRACES = (
+    ("trace_stage01.png", [1], "mixed"),
+    ("trace_stage02.png", [1, 2], "mixed"),
+    ("trace_stage03.png", [2, 3], "tight-kv"),
+    ("trace_stage04.png", [3, 4], "mixed"),
+    ("trace_stage05.png", [4, 5], "long-prompt"),
+    ("trace_stage06.png", [5, 6], "shared-prefix"),
+    ("trace_mixed.png", list(range(1, LATEST_STAGE + 1)), "mixed"),
+)
+DOCS_ASSETS = Path("docs") / "assets"  # run from the repository root, as mkdocs is
+
+
+def run_trace(args: argparse.Namespace) -> int:
+    from folovllm.engine.trace_plot import plot_traces
+    from folovllm.entrypoints.trace_workloads import WORKLOADS, engine_config, replay
+
+    model = _model_or_demo(args)
+    overrides = {k: v for k, v in _engine_kwargs(args).items() if v is not None}
+    if args.serve:
+        from folovllm.entrypoints.trace_page import serve
+
+        config = engine_config(model, args.stage, WORKLOADS[args.workload], **overrides)
+        return serve(model, config, WORKLOADS[args.workload], args.host, args.port, args.step_delay)
+    stages = args.stages or list(range(1, LATEST_STAGE + 1))
+    jobs = [(args.out or Path(f"trace_{args.workload}.png"), stages, args.workload)]
+    if args.docs:
+        if not DOCS_ASSETS.is_dir():
+            raise ValueError(f"--docs writes into {DOCS_ASSETS}/: run it from the repository root")
+        jobs = [(DOCS_ASSETS / name, s, w) for name, s, w in DOCS_TRACES if max(s) <= LATEST_STAGE]
+    cache: dict[tuple[int, str], list] = {}  # a stage's trace of a workload, drawn once
+    for out, job_stages, name in jobs:
+        workload = WORKLOADS[name]
+        columns = []
+        for stage in job_stages:
+            if (stage, name) not in cache:
+                from folovllm.engine.llm_engine import LLMEngine
+
+                engine = LLMEngine(model, engine_config(model, stage, workload, **overrides))
+                replay(engine, workload, seed=args.seed)
+                cache[stage, name] = list(engine.tracer.steps)
+                if args.save_traces:
+                    args.save_traces.mkdir(parents=True, exist_ok=True)
+                    engine.tracer.save_json(args.save_traces / f"trace_{name}_stage{stage:02d}.json")
+                    engine.tracer.save_perfetto(args.save_traces / f"trace_{name}_stage{stage:02d}.perfetto.json")
+            steps = cache[stage, name]
+            columns.append((f"stage {stage:02d} {STAGE_NAMES[stage]}: {len(steps)} steps", steps))
+        # The committed pictures leave out step times: noise on a shared machine, and a redraw
+        # would change every picture for nothing.
+        plot_traces(columns, out, title=f"workload '{name}': {workload.description}",
+                    step_time=not args.docs)
+        print(f"wrote {out}")
     return 0
 
 

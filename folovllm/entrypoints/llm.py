@@ -21,6 +21,7 @@ class LLM:
         model: a local Hugging Face checkpoint folder or a hub id such as "Qwen/Qwen3-0.6B".
         stage: which optimisation stages are on (1..latest, cumulative); see `EngineConfig`.
         dtype, device, max_num_seqs, max_model_len, seed, **engine_args: `EngineConfig` fields.
+            `trace=True` records every engine step in `llm.llm_engine.tracer` (docs/trace.md).
     """
 
     def __init__(

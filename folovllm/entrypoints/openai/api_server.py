@@ -5,6 +5,7 @@
     GET  /v1/models              the one model served
     GET  /health                 200 while the engine loop is alive, else 503
     GET  /metrics                Prometheus text (engine/metrics.py)
+    GET  /trace/                 with `--trace`: the live step page (entrypoints/trace_page.py)
 
 `/v1/*` need `Authorization: Bearer KEY` when the server has an API key; `/health` and
 `/metrics` never do (load balancers and scrapers call them), as in `vllm serve`.
@@ -38,6 +39,7 @@ from folovllm.entrypoints.openai.protocol import (ChatCompletionRequest, Complet
 from folovllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from folovllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from folovllm.entrypoints.openai.serving_engine import APIError
+from folovllm.entrypoints.trace_page import mount_live_page
 
 logger = logging.getLogger("folovllm.server")
 
@@ -88,6 +90,9 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: Optional[str] = Non
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(async_llm.metrics.render(), media_type=CONTENT_TYPE)
+
+    if engine.config.trace:  # `folovllm serve --trace`: a live page of the engine's steps
+        mount_live_page(app, engine)
 
     _add_error_handlers(app)
     return app

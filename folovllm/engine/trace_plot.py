@@ -1,0 +1,118 @@
+"""Timeline pictures of step traces (matplotlib, PNG): one column per traced engine, four panels
+(three with `step_time=False`)::
+
+    request lanes   one row per request, one cell per step:
+                    waiting / prefill / chunk / decode / stalled / idle / preempted,
+                    x = preempted here, o = finished here, "hit N" = N prompt tokens cached
+    KV cache        tokens reserved (blocks x block size, filled) and holding a live token
+                    (line), against the cache's capacity (dashed)
+    tokens/step     prompt (blue), decode (green) and padding (grey) tokens; the budget (red)
+    step time       wall-clock milliseconds of each step (the only panel that varies by run)
+
+Columns share their y-axes row by row, so the same workload at two stages compares at a glance.
+matplotlib is imported only here, when a picture is drawn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from folovllm.engine.trace import LANE_COLORS, LANE_STATES, StepRecord, request_lanes
+
+
+def plot_traces(columns: Sequence[tuple[str, Sequence[StepRecord]]], out: Path, title: str = "",
+                step_time: bool = True) -> Path:
+    """Draw each (label, steps) as a column of panels; write a PNG to `out`. `step_time=False`
+    leaves out the only panel that changes from run to run (the docs' committed pictures)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
+
+    num_requests = max(len(request_lanes(list(steps))) for _, steps in columns)
+    lane_height = max(1.6, 0.28 * num_requests)
+    panels = [("request", lane_height, _lanes), ("KV cache\n(tokens)", 1.2, _kv),
+              ("tokens\nper step", 1.2, _tokens)]
+    if step_time:
+        panels.append(("step\ntime (ms)", 1.0, _step_time))
+    fig, axes = plt.subplots(
+        len(panels), len(columns), squeeze=False, sharex="col", sharey="row",
+        figsize=(5.2 * len(columns), sum(h for _, h, _ in panels) + 1.6),
+        gridspec_kw={"height_ratios": [h for _, h, _ in panels]},
+    )
+    for col, (label, steps) in enumerate(columns):
+        for row, (_, _, draw) in enumerate(panels):
+            draw(axes[row, col], list(steps))
+        axes[0, col].set_title(label, fontsize=10)
+        axes[-1, col].set_xlabel("engine step")
+        axes[-1, col].xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole
+    for row, (name, _, _) in enumerate(panels):
+        axes[row, 0].set_ylabel(name, fontsize=9)
+    handles = [Patch(color=LANE_COLORS[s], label=s) for s in LANE_STATES]
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 1.0))
+    if title:
+        fig.suptitle(title, fontsize=11, y=1.04)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def _lanes(ax: Any, steps: list[StepRecord]) -> None:
+    lanes = list(request_lanes(steps).values())
+    for y, lane in enumerate(lanes):
+        for step, state in lane.states.items():
+            ax.barh(y, 1.0, left=step - 0.5, height=0.8, color=LANE_COLORS[state], linewidth=0)
+        for step in lane.preempted_at:
+            ax.plot(step + 0.5, y, marker="x", color="black", markersize=6)
+        if lane.finished_at is not None:
+            ax.plot(lane.finished_at + 0.5, y, marker="o", color="black", markersize=3.5)
+        if lane.cached_tokens:
+            first = min(s for s, st in lane.states.items() if st != "waiting")
+            ax.text(first - 0.5, y, f"hit {lane.cached_tokens}", fontsize=6, va="center", ha="right")
+    ax.set_yticks(range(len(lanes)), [lane.request_id for lane in lanes], fontsize=7)
+    ax.set_ylim(max(len(lanes), 1) - 0.5, -0.5)  # first request on top
+    ax.grid(axis="x", alpha=0.3)
+
+
+def _kv(ax: Any, steps: list[StepRecord]) -> None:
+    x = [s.step for s in steps]
+    ax.fill_between(x, [s.kv_tokens_reserved for s in steps], step="mid", color="#c6dbef",
+                    label="reserved")
+    ax.step(x, [s.kv_tokens_used for s in steps], where="mid", color="#08519c", lw=1.2,
+            label="holding tokens")
+    capacity = steps[0].kv_num_blocks * steps[0].kv_block_size if steps else 0
+    ax.axhline(capacity, color="black", ls="--", lw=0.8)
+    ax.text(0.99, 0.95, f"capacity {capacity} = {steps[0].kv_num_blocks} x {steps[0].kv_block_size}"
+            if steps else "", transform=ax.transAxes, ha="right", va="top", fontsize=7)
+    ax.legend(fontsize=7, loc="center right", frameon=False)
+
+
+def _tokens(ax: Any, steps: list[StepRecord]) -> None:
+    x = [s.step for s in steps]
+    prefill = [s.num_prefill_tokens for s in steps]
+    decode = [s.num_decode_tokens for s in steps]
+    padding = [s.num_scheduled_tokens - p - d for s, p, d in zip(steps, prefill, decode)]
+    ax.bar(x, prefill, width=0.9, color=LANE_COLORS["prefill"], label="prompt")
+    ax.bar(x, decode, width=0.9, bottom=prefill, color=LANE_COLORS["decode"], label="decode")
+    ax.bar(x, padding, width=0.9, bottom=[p + d for p, d in zip(prefill, decode)],
+           color=LANE_COLORS["idle"], label="padding / idle")
+    budget = steps[0].token_budget if steps else 0
+    highest = max((s.num_scheduled_tokens for s in steps), default=1)
+    if budget <= 2 * highest:
+        ax.axhline(budget, color="red", ls="--", lw=0.9)
+        ax.text(0.99, 0.95, f"budget {budget}", transform=ax.transAxes, ha="right", va="top",
+                fontsize=7, color="red")
+    else:
+        ax.text(0.99, 0.95, f"budget {budget} (off the scale)", transform=ax.transAxes,
+                ha="right", va="top", fontsize=7, color="red")
+    ax.legend(fontsize=7, loc="center right", frameon=False)
+
+
+def _step_time(ax: Any, steps: list[StepRecord]) -> None:
+    ax.bar([s.step for s in steps], [s.duration_s * 1e3 for s in steps], width=0.9, color="#666666")

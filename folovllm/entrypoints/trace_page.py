@@ -1,0 +1,236 @@
+"""`folovllm trace --serve`: a live page of a running engine, from its step trace.
+
+    engine thread                          server threads (http.server, standard library)
+    -------------                          ----------------------------------------------
+    engine.step()                          GET /        the page (HTML + a little JavaScript)
+      tracer.end_step()
+        view.update(engine) -- snapshot -> GET /state   the latest snapshot, as JSON
+                                           the page polls /state and redraws: requests running
+                                           and waiting, KV blocks in use, the last steps'
+                                           timeline (one lane per request, one cell per step)
+
+The engine's thread builds a new snapshot after every step and swaps one reference, so the
+server never reads the engine while it steps (no lock, no torn reads). The standard library's
+server is enough for one page and a handful of viewers, and adds no dependency.
+
+Here the engine replays a named workload over and over (`--workload`), paced by `--step-delay`
+so a person can follow it; `folovllm serve --trace` mounts the same page at /trace/ of the
+OpenAI server, following the requests its clients send (`mount_live_page`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+
+from folovllm.engine.trace import LANE_COLORS, LANE_STATES, StepTracer, request_lanes
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from folovllm.config import EngineConfig
+    from folovllm.engine.llm_engine import LLMEngine
+    from folovllm.entrypoints.trace_workloads import TraceWorkload
+
+WINDOW = 40  # steps shown in the timeline
+
+
+class LiveView:
+    """The page's data: one JSON snapshot, rebuilt by the engine's thread after each step."""
+
+    def __init__(self, window: int = WINDOW) -> None:
+        self.window = window
+        self.snapshot = json.dumps({"step": 0, "running": [], "waiting": [], "kv": None,
+                                    "timeline": {"steps": [], "lanes": []}}).encode()
+
+    def follow(self, engine: "LLMEngine") -> None:
+        """Rebuild the snapshot after every step `engine` takes (it must be tracing)."""
+        engine.tracer.listeners.append(lambda _: self.update(engine))
+
+    def update(self, engine: "LLMEngine") -> None:
+        steps = list(engine.tracer.steps)[-self.window:]
+        if not steps:
+            return
+        last = steps[-1]
+        scheduler = engine.scheduler
+        manager = engine.kv_cache_manager
+        running = [{"id": r.request_id, "computed": r.num_computed_tokens, "tokens": r.num_tokens,
+                    "blocks": len(manager.get_block_table(r))}
+                   for r in scheduler.running if not r.is_finished]
+        numbers = [s.step for s in steps]
+        lanes = [{"id": ln.request_id, "states": [ln.states.get(n) for n in numbers]}
+                 for ln in request_lanes(steps).values()]
+        self.snapshot = json.dumps({
+            "step": last.step,
+            "stage": engine.config.stage,
+            "running": running,
+            "waiting": [r.request_id for r in scheduler.waiting],
+            "kv": {"used": last.kv_blocks_used, "total": last.kv_num_blocks,
+                   "block_size": last.kv_block_size},
+            "tokens": {"last": last.num_scheduled_tokens, "budget": last.token_budget},
+            "timeline": {"steps": numbers, "lanes": lanes},
+        }).encode()  # one reference swap: readers see the old snapshot or the new one
+
+
+def make_server(view: LiveView, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+    """An HTTP server for the page (port 0 = any free port: `server.server_address[1]`).
+    Run it with `serve_forever()` in a thread; stop it with `shutdown()` then `server_close()`."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            path = self.path.split("?")[0]
+            if path == "/":
+                self._send(200, "text/html; charset=utf-8", PAGE.encode())
+            elif path == "/state":
+                self._send(200, "application/json", view.snapshot)
+            else:
+                self._send(404, "text/plain", b"not found: try / or /state")
+
+        def _send(self, code: int, content_type: str, body: bytes) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:  # one line per poll would drown the console
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    return server
+
+
+def run_workload_forever(engine: "LLMEngine", workload: "TraceWorkload", step_delay: float,
+                         stop: threading.Event) -> None:
+    """Replay `workload` round after round (new request ids each round) until `stop` is set."""
+    from folovllm.entrypoints.trace_workloads import replay
+
+    def on_step(_: Any) -> None:
+        if stop.wait(step_delay):
+            raise _Stopped
+
+    try:
+        for round_ in itertools.count(1):
+            replay(engine, workload, seed=round_, id_prefix=f"{round_}.", on_step=on_step)
+    except _Stopped:
+        pass
+
+
+class _Stopped(Exception):
+    pass
+
+
+def serve(model: str, config: "EngineConfig", workload: "TraceWorkload", host: str, port: int,
+          step_delay: float) -> int:
+    """`folovllm trace --serve`: serve the page and run the engine until Ctrl-C."""
+    from folovllm.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(model, config)
+    engine.tracer = StepTracer(max_steps=WINDOW)  # a server runs for hours: keep the window only
+    view = LiveView()
+    view.follow(engine)
+    server = make_server(view, host, port)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    print(f"live trace of stage {config.stage}, workload '{workload.name}': "
+          f"http://{host}:{server.server_address[1]}/  (Ctrl-C to stop)", flush=True)
+    try:
+        run_workload_forever(engine, workload, step_delay, threading.Event())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+        server.server_close()
+    return 0
+
+
+
+def mount_live_page(app: "FastAPI", engine: "LLMEngine") -> None:
+    """The same page inside the OpenAI server (`folovllm serve --trace`), at /trace/: the
+    engine keeps its last `WINDOW` steps, and the snapshot is rebuilt on the engine's thread
+    after each step, while the event loop serves the latest one. Open like /metrics: it shows
+    request ids and token counts, never text."""
+    from fastapi.responses import HTMLResponse, Response
+
+    engine.tracer = StepTracer(max_steps=WINDOW)
+    view = LiveView()
+    view.follow(engine)
+
+    @app.get("/trace/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE)
+
+    @app.get("/trace/state", include_in_schema=False)
+    async def state() -> Response:
+        return Response(view.snapshot, media_type="application/json", headers={"Cache-Control": "no-store"})
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>folovllm live trace</title>
+<style>
+ body { font: 14px system-ui, sans-serif; margin: 1.5em; color: #222; }
+ .stats span { margin-right: 1.5em; } .stats b { font-size: 1.2em; }
+ #kv-bar { width: 320px; height: 12px; background: #eee; display: inline-block; vertical-align: middle; }
+ #kv-fill { height: 100%; background: #1f5fa8; width: 0; }
+ .lists { display: flex; gap: 3em; margin: 1em 0; } table { border-collapse: collapse; }
+ td, th { padding: 1px 8px; text-align: right; } th { border-bottom: 1px solid #ccc; }
+ .lane { display: flex; align-items: center; height: 14px; margin: 1px 0; }
+ .lane .name { width: 5em; font-size: 11px; } .cell { width: 12px; height: 12px; margin-right: 1px; }
+ .legend span { display: inline-block; margin-right: 1em; font-size: 12px; }
+ .legend i { display: inline-block; width: 10px; height: 10px; margin-right: 4px; }
+ __STATE_CSS__
+</style></head>
+<body data-updates="0">
+<h1>folovllm: what the engine is doing</h1>
+<div class="stats">
+ <span>stage <b id="stage">-</b></span><span>step <b id="step">0</b></span>
+ <span>running <b id="num-running">0</b></span><span>waiting <b id="num-waiting">0</b></span>
+ <span>KV blocks in use <b id="kv-used">0</b> / <b id="kv-total">0</b>
+   <span id="kv-bar"><span id="kv-fill" style="display:block"></span></span></span>
+ <span>tokens last step <b id="tokens">0</b> / budget <b id="budget">-</b></span>
+</div>
+<div class="lists">
+ <div><h3>running</h3><table><thead><tr><th>request</th><th>computed / tokens</th><th>blocks</th></tr></thead>
+   <tbody id="running"></tbody></table></div>
+ <div><h3>waiting</h3><div id="waiting"></div></div>
+</div>
+<h3>last steps (one lane per request, one cell per step, newest on the right)</h3>
+<div class="legend">__LEGEND__</div>
+<div id="timeline"></div>
+<script>
+const $ = (id) => document.getElementById(id);
+function render(s) {
+  $("stage").textContent = s.stage ?? "-";
+  $("step").textContent = s.step;
+  $("num-running").textContent = s.running.length;
+  $("num-waiting").textContent = s.waiting.length;
+  if (s.kv) {
+    $("kv-used").textContent = s.kv.used; $("kv-total").textContent = s.kv.total;
+    $("kv-fill").style.width = (100 * s.kv.used / Math.max(s.kv.total, 1)) + "%";
+    $("tokens").textContent = s.tokens.last; $("budget").textContent = s.tokens.budget;
+  }
+  $("running").innerHTML = s.running.map(r =>
+    `<tr class="req" data-id="${r.id}"><td>${r.id}</td><td>${r.computed} / ${r.tokens}</td><td>${r.blocks}</td></tr>`).join("");
+  $("waiting").textContent = s.waiting.join(" ") || "(none)";
+  $("timeline").innerHTML = s.timeline.lanes.map(l =>
+    `<div class="lane" data-id="${l.id}"><span class="name">${l.id}</span>` +
+    l.states.map((st, i) => `<span class="cell ${st ?? "none"}" data-state="${st ?? ""}" ` +
+      `title="step ${s.timeline.steps[i]}: ${st ?? "-"}"></span>`).join("") + `</div>`).join("");
+  document.body.dataset.updates = Number(document.body.dataset.updates) + 1;
+}
+async function poll() {
+  // relative: the page works wherever it is mounted (/ here, /trace/ in a bigger server)
+  try { const r = await fetch("state", {cache: "no-store"}); render(await r.json()); }
+  catch (e) { /* the engine stopped: keep the last picture */ }
+  setTimeout(poll, 250);
+}
+poll();
+</script></body></html>
+""".replace("__STATE_CSS__", " ".join(f".cell.{k} {{ background: {v}; }}" for k, v in LANE_COLORS.items())
+            ).replace("__LEGEND__", "".join(f'<span><i class="cell {k}"></i>{k}</span>' for k in LANE_STATES))
