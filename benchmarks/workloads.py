@@ -14,6 +14,8 @@ Workloads (full size / `--quick` size)::
                (quick: 8..16 and 48..64). Chat-like traffic: most answers are short, a few are
                long. Static batching keeps every row until the longest member is done, which is
                what continuous batching (stage 02) fixes.
+    prompts_1024  8 / 4 requests  prompt 1024 / 256  output 64 / 16. Prefill-heavy (issue 13's
+               "8 prompts x 1,024 tokens, 64 out"; measured against vLLM in docs/performance.md).
     nanovllm   256 / 16 requests prompt 100..1024 / 32..128  output 100..1024 / 16..64,
                temperature 0.6. The public nano-vllm benchmark (the reference GPU workload in
                DESIGN.md); needs a model with max_model_len >= 2048.
@@ -217,11 +219,20 @@ def _shared_prefix(vocab_size: int, seed: int, quick: bool, n: int | None) -> Wo
                                   seed)
 
 
+def _prompts_1024(vocab_size: int, seed: int, quick: bool, n: int | None) -> Workload:
+    if quick:
+        return uniform_workload("prompts_1024", "prompt 256, output 16 (quick)", n or 4,
+                                (256, 256), (16, 16), vocab_size, seed)
+    return uniform_workload("prompts_1024", "prompt 1024, output 64 (prefill-heavy)", n or 8,
+                            (1024, 1024), (64, 64), vocab_size, seed)
+
+
 WORKLOADS: dict[str, WorkloadBuilder] = {
     "mixed": _mixed,
     "long_tail": _long_tail,
     "nanovllm": _nanovllm,
     "long_prompts": _long_prompts,
+    "prompts_1024": _prompts_1024,
     "shared_prefix": _shared_prefix,
 }
 

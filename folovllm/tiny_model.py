@@ -36,6 +36,12 @@ SIZES: dict[str, dict[str, Any]] = {
         hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
         num_key_value_heads=4, head_dim=64, max_position_embeddings=2048,
     ),
+    # Qwen/Qwen3-0.6B's shapes with random weights (2.4 GB in float32), for speed only: the
+    # vocabulary is the real one's size, the tokenizer still the small local BPE.
+    "qwen3-0.6b": dict(
+        hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=4096, vocab_size=151_936,
+    ),
 }
 ARCHITECTURES = ("qwen3", "qwen2", "llama")
 _BUILD_VERSION = 2  # bump when the recipe changes so cached builds are redone
@@ -126,7 +132,7 @@ def build_tiny_checkpoint(
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
     }[arch]
     config = config_cls(
-        vocab_size=vocab_size,
+        vocab_size=SIZES[size].get("vocab_size", vocab_size),
         rope_theta=1_000_000.0,
         rms_norm_eps=1e-6,
         initializer_range=initializer_range,
@@ -134,7 +140,7 @@ def build_tiny_checkpoint(
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **SIZES[size],
+        **{k: v for k, v in SIZES[size].items() if k != "vocab_size"},
     )
     torch.manual_seed(seed)
     model = model_cls(config).float().eval()

@@ -25,6 +25,7 @@ from folovllm.model_executor.layers.linear import (
     RowParallelLinear,
     UnquantizedLinearMethod,
     WeightLoader,
+    dense_linear,
     set_weight_attrs,
 )
 from folovllm.model_executor.model_loader import load_model
@@ -48,6 +49,22 @@ def test_unfused_layer_is_f_linear(cls, bias):
         layer.bias.weight_loader(layer.bias, b)
     x = _rand(3, IN, seed=3)  # [T, in]
     assert torch.equal(layer(x), F.linear(x, w, b if bias else None))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("rows", [1, 7, 64])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_dense_linear_equals_f_linear(rows, bias, dtype, tol):
+    """The oneDNN path (taken under inference mode on CPU) is `F.linear` up to rounding, and the
+    reference path (grad enabled) is `F.linear` exactly."""
+    w, b = _rand(96, 80, seed=1).to(dtype), _rand(96, seed=2).to(dtype)
+    x = _rand(rows, 80, seed=3).to(dtype)
+    ref = F.linear(x, w, b if bias else None)
+    with torch.inference_mode():
+        fast = dense_linear(x, w, b if bias else None)
+    assert fast.dtype == dtype and fast.shape == ref.shape
+    torch.testing.assert_close(fast.float(), ref.float(), rtol=tol, atol=tol)
+    assert torch.equal(dense_linear(x, w, b if bias else None), ref)
 
 
 def _load_shards(layer: LinearBase, shards: dict, bias: bool) -> dict:

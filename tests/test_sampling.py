@@ -251,6 +251,38 @@ def _request(prompt, output, **params) -> Request:
     return r
 
 
+class _GeneralPathSampler(Sampler):
+    """The sampler with its plain-greedy shortcut turned off: every row takes the general path."""
+
+    def plain_greedy(self, request: Request) -> bool:
+        return False
+
+
+def test_plain_greedy_shortcut_equals_general_path():
+    """Rows that need no logit processing skip the copy and the per-row passes; on random logits
+    that gives the tokens of the general path, and rows that do need processing never take it."""
+    eos = 2
+    plain = [
+        _request([5, 6], [], temperature=0.0),
+        _request([5, 6], [7], temperature=0.0, min_tokens=1, stop_token_ids=[4]),  # min reached
+        _request([5, 6], [], temperature=0.0, min_tokens=3, ignore_eos=True),  # nothing banned
+        _request([5, 6], [7, 7], temperature=0.0, max_tokens=9),
+    ]
+    needs_processing = [
+        _request([5, 6], [], temperature=0.0, min_tokens=2),  # EOS banned for now
+        _request([5, 6], [7], temperature=0.0, repetition_penalty=1.3),
+        _request([5, 6], [7], temperature=0.0, presence_penalty=0.5),
+        _request([5, 6], [7], temperature=0.7, seed=1),
+    ]
+    fast, general = Sampler([eos], torch.Generator()), _GeneralPathSampler([eos], torch.Generator())
+    assert all(fast.plain_greedy(r) for r in plain)
+    assert not any(fast.plain_greedy(r) for r in needs_processing)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        logits = torch.randn(len(plain), 50, generator=g)
+        assert fast(logits, plain) == general(logits, plain)
+
+
 def test_repetition_penalty_formula():
     logits = torch.tensor([[2.0, -1.0, 0.5, -3.0, 4.0, 1.0]])
     r = _request([0, 1], [3, 3], repetition_penalty=2.0)

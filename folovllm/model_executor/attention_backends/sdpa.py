@@ -32,16 +32,55 @@ GQA: `enable_gqa=True`, which the fused CPU kernel supports directly. Measured a
 `repeat_interleave` of K/V: the same on prefills (the kernel's compute dominates), 2.5x faster on
 decodes (where copying K/V `group` times is most of the work).
 
+Per step, not per layer: everything derived from the metadata (the host-side lists of query
+starts and lengths, which rows decode, the decode calls and their gather indices and masks,
+whether a prefill's blocks are consecutive) is the `_StepPlan`, built by the first layer of a
+step and kept in `md.backend_cache` for the others. Before it, each of the N layers paid N
+`.tolist()` host syncs and rebuilt the same index tensors: with 28 layers (Qwen3-0.6B) that was
+most of the backend's Python time on a decode step.
+
+The gather is `index_select` over whole blocks (`cache.index_select(0, block_ids)`), not advanced
+indexing (`cache[block_ids]`): the same copy, but `index_select` copies each block as one run of
+memory while `aten::index` computes an offset per element. Measured on one thread, Qwen3-0.6B
+heads, 520 cached tokens: 0.06 ms against 0.31 ms per K gather.
+
 Left out: reading the paged cache without the gather (that needs a kernel that follows block
 tables itself: `triton_attn.py` on GPU, `torch_flash.py` as the readable version).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 from folovllm.model_executor.layers.attention import AttentionBackend, AttentionMetadata
+
+
+@dataclass
+class _Prefill:
+    start: int  # its queries are q[start:end]
+    end: int
+    seq_len: int
+    blocks: torch.Tensor  # [nb] block ids of its context
+    first_block: Optional[int]  # the first block when all nb are consecutive (a view), else None
+
+
+@dataclass
+class _DecodeCall:
+    rows: torch.Tensor  # [c] the query row of each sequence
+    block_ids: torch.Tensor  # [c * nb] blocks to gather, sequence after sequence
+    num_blocks: int  # nb, per sequence (the longest one's)
+    longest: int  # Lk
+    mask: Optional[torch.Tensor]  # [c, 1, 1, Lk] keys each sequence may see; None = all
+
+
+@dataclass
+class _StepPlan:
+    prefills: list[_Prefill]
+    decodes: list[_DecodeCall]
 
 
 class SDPAAttentionBackend(AttentionBackend):
@@ -57,63 +96,86 @@ class SDPAAttentionBackend(AttentionBackend):
         self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
         md: AttentionMetadata, scale: float,
     ) -> torch.Tensor:
+        plan = self.plan(md, key_cache)  # once per step, shared by every layer
         out = torch.empty_like(q)  # [T, Hq, D]
+        for p in plan.prefills:
+            out[p.start:p.end] = prefill_attention(
+                q[p.start:p.end],
+                context_kv(key_cache, p.blocks, p.seq_len, p.first_block),
+                context_kv(value_cache, p.blocks, p.seq_len, p.first_block),
+                scale,
+            )
+        for call in plan.decodes:
+            self._decode(q, out, key_cache, value_cache, call, scale)
+        return out
+    # --8<-- [end:sdpa_forward]
+
+    # --8<-- [start:sdpa_plan]
+    def plan(self, md: AttentionMetadata, key_cache: torch.Tensor) -> _StepPlan:
+        """What every layer of this step needs from `md`, built on the first call."""
+        key = (self.name, self.decode_chunk_bytes)
+        if key not in md.backend_cache:
+            md.backend_cache[key] = self._build_plan(md, key_cache)
+        return md.backend_cache[key]
+
+    def _build_plan(self, md: AttentionMetadata, key_cache: torch.Tensor) -> _StepPlan:
+        block_size, num_kv_heads, head_dim = key_cache.shape[1:]
         query_start_loc = md.query_start_loc.tolist()
         seq_lens = md.seq_lens.tolist()
-        decodes: list[int] = []
+        tables = md.block_tables
+        prefills, decodes = [], []
         for b, seq_len in enumerate(seq_lens):
             start, end = query_start_loc[b], query_start_loc[b + 1]
             if end - start == 1:
                 decodes.append(b)
             elif end > start:
-                out[start:end] = prefill_attention(
-                    q[start:end],
-                    context_kv(key_cache, md.block_tables[b], seq_len),
-                    context_kv(value_cache, md.block_tables[b], seq_len),
-                    scale,
-                )
-        if decodes:
-            self._decode(q, out, key_cache, value_cache, md, decodes, query_start_loc, seq_lens,
-                         scale)
-        return out
-    # --8<-- [end:sdpa_forward]
+                blocks = tables[b, : -(-seq_len // block_size)]  # [nb], ceil division
+                ids = blocks.tolist()
+                consecutive = ids == list(range(ids[0], ids[0] + len(ids)))
+                prefills.append(_Prefill(start, end, seq_len, blocks, ids[0] if consecutive else None))
 
-    # --8<-- [start:sdpa_decode]
-    def _decode(
-        self, q: torch.Tensor, out: torch.Tensor, key_cache: torch.Tensor,
-        value_cache: torch.Tensor, md: AttentionMetadata, decodes: list[int],
-        query_start_loc: list[int], seq_lens: list[int], scale: float,
-    ) -> None:
-        """One query per sequence: batch them, about `decode_chunk_bytes` of K per SDPA call."""
-        block_size, num_kv_heads, head_dim = key_cache.shape[1:]
+        # Decodes: longest first, cut into calls of about `decode_chunk_bytes` of K each.
         bytes_per_token = num_kv_heads * head_dim * key_cache.element_size()
         max_tokens = max(1, self.decode_chunk_bytes // bytes_per_token)  # per call, padded
-
-        decodes = sorted(decodes, key=lambda b: seq_lens[b], reverse=True)
-        chunk_start = 0
+        decodes.sort(key=lambda b: seq_lens[b], reverse=True)
+        calls, chunk_start = [], 0
+        device = md.seq_lens.device
         while chunk_start < len(decodes):
             longest = seq_lens[decodes[chunk_start]]  # sorted: the first is the longest
             num = max(1, min(len(decodes) - chunk_start, max_tokens // longest))
             seqs = decodes[chunk_start:chunk_start + num]
             chunk_start += num
-
-            device = q.device
-            rows = torch.tensor([query_start_loc[b] for b in seqs], device=device)  # [c]
+            nb = -(-longest // block_size)
+            seqs_t = torch.tensor(seqs, device=device)
             lens = [seq_lens[b] for b in seqs]
-            tables = md.block_tables[torch.tensor(seqs, device=device)]  # [c, W]
-            k = batched_context_kv(key_cache, tables, longest)  # [c, Lk, Hkv, D]
-            v = batched_context_kv(value_cache, tables, longest)
             mask = None
             if lens[-1] != longest:  # padded: hide each sequence's keys past its length
                 lens_t = torch.tensor(lens, device=device)
                 mask = torch.arange(longest, device=device) < lens_t[:, None]  # [c, Lk]
                 mask = mask[:, None, None, :]  # [c, 1, 1, Lk], broadcast over heads and the query
-            o = F.scaled_dot_product_attention(
-                q[rows].unsqueeze(2),  # [c, Hq, 1, D]
-                k.transpose(1, 2), v.transpose(1, 2),  # [c, Hkv, Lk, D]
-                attn_mask=mask, scale=scale, enable_gqa=True,
-            )  # [c, Hq, 1, D]
-            out[rows] = o.squeeze(2)
+            calls.append(_DecodeCall(
+                rows=md.query_start_loc[seqs_t],
+                block_ids=tables[seqs_t, :nb].reshape(-1),  # [c * nb]
+                num_blocks=nb, longest=longest, mask=mask,
+            ))
+        return _StepPlan(prefills, calls)
+    # --8<-- [end:sdpa_plan]
+
+    # --8<-- [start:sdpa_decode]
+    @staticmethod
+    def _decode(
+        q: torch.Tensor, out: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+        call: _DecodeCall, scale: float,
+    ) -> None:
+        """One query per sequence, c sequences in one SDPA call."""
+        k = gather_blocks(key_cache, call.block_ids, call.num_blocks, call.longest)  # [c, Lk, Hkv, D]
+        v = gather_blocks(value_cache, call.block_ids, call.num_blocks, call.longest)
+        o = F.scaled_dot_product_attention(
+            q.index_select(0, call.rows).unsqueeze(2),  # [c, Hq, 1, D]
+            k.transpose(1, 2), v.transpose(1, 2),  # [c, Hkv, Lk, D]
+            attn_mask=call.mask, scale=scale, enable_gqa=True,
+        )  # [c, Hq, 1, D]
+        out.index_copy_(0, call.rows, o.squeeze(2))
     # --8<-- [end:sdpa_decode]
 
 
@@ -141,27 +203,31 @@ def prefill_attention(
 
 
 # --8<-- [start:sdpa_context_kv]
-def context_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """The first `seq_len` cached tokens of one sequence: [seq_len, Hkv, D].
+def context_kv(
+    cache: torch.Tensor, blocks: torch.Tensor, seq_len: int, first_block: Optional[int] = None
+) -> torch.Tensor:
+    """The first `seq_len` cached tokens of one sequence whose blocks are `blocks` [nb]:
+    [seq_len, Hkv, D].
 
-    A view when the sequence's blocks are consecutive in the cache, else a copy of its blocks.
+    A view when the blocks are consecutive in the cache (`first_block` given), else a copy.
     """
-    block_size = cache.shape[1]
-    blocks = block_table[: -(-seq_len // block_size)]  # [nb], ceil division
-    first = int(blocks[0])
-    if blocks.shape[0] == 1 or bool((blocks[1:] - blocks[:-1] == 1).all()):
-        return cache[first:first + blocks.shape[0]].flatten(0, 1)[:seq_len]  # a view
-    return cache[blocks].flatten(0, 1)[:seq_len]  # [nb * block_size, Hkv, D] -> [seq_len, Hkv, D]
+    if first_block is not None:
+        return cache[first_block:first_block + blocks.shape[0]].flatten(0, 1)[:seq_len]  # a view
+    return gather_blocks(cache, blocks, blocks.shape[0], seq_len)[0]
 # --8<-- [end:sdpa_context_kv]
 
 
-def batched_context_kv(
-    cache: torch.Tensor, block_tables: torch.Tensor, seq_len: int
+def gather_blocks(
+    cache: torch.Tensor, block_ids: torch.Tensor, num_blocks: int, seq_len: int
 ) -> torch.Tensor:
-    """The first `seq_len` cached tokens of several sequences: [c, seq_len, Hkv, D] (a copy)."""
-    block_size = cache.shape[1]
-    num_blocks = -(-seq_len // block_size)
-    if num_blocks == 1:  # one (possibly huge) block each: copy only its first seq_len tokens
-        return cache[block_tables[:, 0], :seq_len]
-    blocks = cache[block_tables[:, :num_blocks]]  # [c, nb, block_size, Hkv, D]
-    return blocks.flatten(1, 2)[:, :seq_len]
+    """Blocks `block_ids` [c * nb] of the cache, as c sequences of their first `seq_len` tokens:
+    [c, seq_len, Hkv, D] (a copy).
+
+        block_ids [7 2 9 | 4 5 0]  (c = 2, nb = 3, block_size = 16, seq_len = 40)
+        -> cache.index_select(0, ids)  [6, 16, Hkv, D] -> [2, 48, Hkv, D] -> [2, 40, Hkv, D]
+    """
+    block_size, num_kv_heads, head_dim = cache.shape[1:]
+    if num_blocks == 1:  # one (possibly huge, stages 01-02) block each: copy only seq_len tokens
+        return cache[:, :seq_len].index_select(0, block_ids)
+    blocks = cache.index_select(0, block_ids)  # [c * nb, block_size, Hkv, D]
+    return blocks.view(-1, num_blocks * block_size, num_kv_heads, head_dim)[:, :seq_len]

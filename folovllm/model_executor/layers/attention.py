@@ -19,8 +19,8 @@ blocks small and hands them out on demand (paged). The attention code is the sam
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -44,6 +44,10 @@ class AttentionMetadata:
         block_tables: [B, max_blocks_per_seq] block ids of each sequence (padded with 0).
         max_query_len: longest run of new tokens in the batch (python int).
         max_seq_len: longest context in the batch (python int).
+        backend_cache: what a backend derives from this metadata (host-side lists, gather
+            indices, masks), built by the first layer of the step and reused by every other
+            layer: the metadata is the same for all of them (vLLM's per-backend metadata
+            builder does this once per step too).
     """
 
     slot_mapping: torch.Tensor
@@ -52,6 +56,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor
     max_query_len: int
     max_seq_len: int
+    backend_cache: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @property
     def num_seqs(self) -> int:

@@ -173,7 +173,29 @@ class UnquantizedLinearMethod(LinearMethodBase):
         layer.register_parameter("weight", weight)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        return F.linear(x, layer.weight, bias)
+        return dense_linear(x, layer.weight, bias)
+
+
+# --8<-- [start:dense_linear]
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, x [T, in] @ weight [out, in]^T, through oneDNN on CPU.
+
+    On CPU, `F.linear` calls MKL's sgemm, which on this AMD EPYC runs 1.2-1.8x slower than
+    oneDNN's matmul on the shapes of Qwen3-0.6B (one thread, T = 1..512; 2.1x for the LM head at
+    T = 8), and ties on small shapes at small T; docs/performance.md has the measurements and
+    the end-to-end effect. vLLM's CPU backend uses oneDNN matmuls too. Same math, a different summation order: results differ from
+    `F.linear` by float32 rounding (~1e-6), which `tests/test_linear.py` checks. Everything
+    else (CUDA, float16, a 3-D input, a build without oneDNN) takes `F.linear`, the reference.
+    """
+    if (_ONEDNN and x.device.type == "cpu" and x.dim() == 2 and x.dtype in _ONEDNN_DTYPES
+            and weight.dtype == x.dtype and not torch.is_grad_enabled()):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+# --8<-- [end:dense_linear]
+
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class QuantizationConfig(ABC):

@@ -29,7 +29,12 @@ from folovllm.distributed.parallel_state import (
     tensor_model_parallel_all_reduce,
     tensor_model_parallel_gather,
 )
-from folovllm.model_executor.layers.linear import WeightShapeError, default_weight_loader, set_weight_attrs
+from folovllm.model_executor.layers.linear import (
+    WeightShapeError,
+    default_weight_loader,
+    dense_linear,
+    set_weight_attrs,
+)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -90,7 +95,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     # --8<-- [start:lm_head_forward]
     def forward(self, hidden_states: torch.Tensor) -> Optional[torch.Tensor]:
         """[N, hidden] -> logits [N, V] on rank 0; None on the other ranks."""
-        local = F.linear(hidden_states, self.weight)  # [N, Vp]: this rank's tokens
+        local = dense_linear(hidden_states, self.weight)  # [N, Vp]: this rank's tokens (oneDNN on CPU)
         logits = tensor_model_parallel_gather(local, dim=-1)  # rank 0: [N, tp * Vp]
         return None if logits is None else logits[..., : self.num_embeddings]  # drop padding
     # --8<-- [end:lm_head_forward]
