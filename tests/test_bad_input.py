@@ -831,3 +831,21 @@ def test_every_request_is_refused_when_added_or_finishes_normally(paged, ref_gre
             if params.max_tokens is not None:
                 assert len(completion.token_ids) <= params.max_tokens
     assert_empty_and_serving(paged, ref_greedy)
+
+
+@pytest.mark.parametrize("stage", [2, 3, 6])
+def test_abort_frees_blocks_allocated_to_a_request_still_waiting(tiny_qwen3, stage):
+    """Ctrl-C can land in schedule_waiting between allocate_slots and moving the request to
+    `running`; LLM.generate's cleanup then aborts a request that is waiting but holds KV."""
+    llm = LLM(str(tiny_qwen3), stage=stage, dtype="float32", max_model_len=64, max_num_seqs=2)
+    engine = llm.llm_engine
+    manager = engine.kv_cache_manager
+    before = manager.num_reserved_tokens
+    engine.add_request("w", [5, 6, 7, 8], SamplingParams(max_tokens=2))
+    request = engine.scheduler.waiting[0]
+    assert manager.allocate_slots(request, request.num_tokens)  # the interrupted admission
+    assert manager.num_reserved_tokens > before
+    engine.abort_request("w")
+    assert manager.num_reserved_tokens == before
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3 and manager.num_reserved_tokens == before

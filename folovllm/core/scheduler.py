@@ -153,6 +153,9 @@ class Scheduler(SchedulerBase):
         ids = set(request_ids)
         for request in [r for r in self.waiting if r.request_id in ids]:
             self.waiting.remove(request)
+            # A waiting request holds no KV, unless schedule_waiting was interrupted (Ctrl-C)
+            # between allocating its blocks and moving it to `running`: free is a no-op otherwise.
+            self.kv_cache_manager.free(request)
             request.status = status
         for request in [r for r in self.running if r.request_id in ids]:
             self.running.remove(request)

@@ -61,7 +61,9 @@ class SlotKVCacheManager(KVCacheManagerBase):
         return True
 
     def free(self, request: Request) -> None:
-        self.free_slots.append(self.slot_of.pop(request.request_id))
+        slot = self.slot_of.pop(request.request_id, None)
+        if slot is not None:  # nothing to give back for a request that never got a slot
+            self.free_slots.append(slot)
 
     def get_block_table(self, request: Request) -> list[int]:
         return [self.slot_of[request.request_id]]
