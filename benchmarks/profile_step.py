@@ -68,15 +68,8 @@ class PhaseTimer:
         fn = getattr(owner, attr)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
-            self._stack.append([phase, time.thread_time(), 0.0])
-            try:
+            with self.phase(phase):
                 return fn(*args, **kwargs)
-            finally:
-                name, start, child = self._stack.pop()
-                spent = time.thread_time() - start
-                self.totals[name] += spent - child
-                if self._stack:
-                    self._stack[-1][2] += spent
 
         setattr(owner, attr, timed)
         return lambda: setattr(owner, attr, fn) if isinstance(owner, type) else delattr(owner, attr)
