@@ -22,6 +22,7 @@ Stages and their flags::
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -42,13 +43,15 @@ STAGE_NAMES = {
     8: "tensor parallel",
 }
 
+logger = logging.getLogger(__name__)
+
 _DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
 # "auto" is stage 04's default, resolved per device by `attention_backends.default_backend`.
-ATTENTION_BACKENDS = ("auto", "naive", "torch_flash", "sdpa", "triton", "flash_attn")
+ATTENTION_BACKENDS = ("auto", "naive", "torch_flash", "sdpa", "cpu_attn", "triton", "flash_attn")
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,11 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # stage 08
     # observability, not a stage: record every step for `folovllm trace` (engine/trace.py)
     trace: bool = False
+    # performance, not a stage: our compiled CPU kernels for RMSNorm, RoPE, SiLU-and-mul and
+    # paged decode attention (model_executor/custom_op.py, csrc/cpu/). "all": use them (they
+    # are built on first use), "none": the torch code only, "auto": "all" on a CPU where they
+    # build, else "none". Every layer keeps its torch version as the reference.
+    custom_ops: str = "auto"
 
     def __post_init__(self) -> None:
         self._validate()
@@ -226,6 +234,13 @@ class EngineConfig:
                 "prefix caching needs enable_paged_kv=True: it shares and finds KV by block "
                 "(full blocks of block_size tokens), which only the paged cache has"
             )
+        if self.custom_ops not in ("auto", "all", "none"):
+            raise ValueError(f"custom_ops must be 'auto', 'all' or 'none', got {self.custom_ops!r}")
+        if on_cuda and (self.custom_ops == "all" or self.attention_backend == "cpu_attn"):
+            raise ValueError(
+                "custom_ops='all' and attention_backend='cpu_attn' are CPU kernels; on "
+                "device='cuda' use custom_ops='auto' or 'none' and another backend"
+            )
         if self.quantization not in (None, "gptq"):
             raise ValueError(
                 f"quantization must be None (the checkpoint's own) or 'gptq', got {self.quantization!r}"
@@ -248,14 +263,35 @@ class EngineConfig:
                 f"must be >= max_model_len ({max_model_len}), or turn on enable_chunked_prefill "
                 "(stage 5) to compute it over several steps"
             )
+        custom_ops = self._resolve_custom_ops()
         backend = self.attention_backend
         if backend == "auto":
             from folovllm.model_executor.attention_backends import default_backend
 
-            backend = default_backend(self.device)
+            backend = default_backend(self.device, custom_ops)
         return self.replace(
-            max_model_len=max_model_len, max_num_batched_tokens=budget, attention_backend=backend
+            max_model_len=max_model_len, max_num_batched_tokens=budget, attention_backend=backend,
+            custom_ops=custom_ops,
         )
+
+    def _resolve_custom_ops(self) -> str:
+        """"all" or "none"; builds the kernels on first use when they are wanted."""
+        from folovllm._custom_ops import load_ops
+
+        on_cpu = torch.device(self.device).type == "cpu"
+        wanted = self.custom_ops == "all" or self.attention_backend == "cpu_attn"
+        if self.custom_ops == "none" and not wanted:
+            return "none"
+        if self.custom_ops == "auto" and not on_cpu:
+            return "none"
+        try:
+            load_ops()
+        except RuntimeError as e:
+            if wanted:
+                raise ValueError(str(e)) from e
+            logger.warning("%s Falling back to the torch code (custom_ops='none').", e)
+            return "none"
+        return "all" if self.custom_ops != "none" else "none"
 
 
 def _positive_int(name: str, value: Any) -> None:

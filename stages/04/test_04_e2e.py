@@ -9,7 +9,7 @@ import pytest
 from folovllm import LLM, EngineConfig, SamplingParams
 from tests.helpers import hf_greedy, mixed_prompts
 
-CPU_BACKENDS = ["torch_flash", "sdpa"]
+CPU_BACKENDS = ["torch_flash", "sdpa", "cpu_attn"]
 
 
 def run(path, stage: int, prompts, max_tokens, **kw) -> tuple[list[list[int]], LLM]:
@@ -36,8 +36,12 @@ def test_backend_greedy_matches_hf_and_stage_03(tiny_qwen3, workload, backend):
 
 
 def test_stage_04_default_backend_on_cpu():
+    # With our compiled kernels (they build on this machine: gcc and ninja are installed by the
+    # package): decodes by the paged kernel; without them, SDPA.
     config = EngineConfig.for_stage(4).resolve(max_position_embeddings=1024)
-    assert config.attention_backend == "sdpa"
+    assert (config.custom_ops, config.attention_backend) == ("all", "cpu_attn")
+    plain = EngineConfig.for_stage(4, custom_ops="none").resolve(1024)
+    assert (plain.custom_ops, plain.attention_backend) == ("none", "sdpa")
     assert EngineConfig.for_stage(3).resolve(1024).attention_backend == "naive"
 
 

@@ -3,6 +3,7 @@
     naive        gather K/V, materialise the scores (the reference; stages 01-03)
     torch_flash  FlashAttention's tiled online softmax in plain torch (the readable version)
     sdpa         torch.nn.functional.scaled_dot_product_attention (fused kernels on CPU and CUDA)
+    cpu_attn     sdpa's prefills; decodes by our C++ kernel reading the paged cache in place (CPU)
     triton       our Triton kernels: varlen prefill over paged context, paged decode (CUDA)
     flash_attn   the flash-attn package, when installed (CUDA)
 
@@ -20,15 +21,19 @@ from folovllm.model_executor.layers.attention import AttentionBackend, NaiveAtte
 _BACKENDS = {
     "torch_flash": "folovllm.model_executor.attention_backends.torch_flash:TorchFlashAttentionBackend",
     "sdpa": "folovllm.model_executor.attention_backends.sdpa:SDPAAttentionBackend",
+    "cpu_attn": "folovllm.model_executor.attention_backends.cpu_attn:CPUAttentionBackend",
     "triton": "folovllm.model_executor.attention_backends.triton_attn:TritonAttentionBackend",
     "flash_attn": "folovllm.model_executor.attention_backends.flash_attn:FlashAttnBackend",
 }
 ATTENTION_BACKENDS = ("naive", *_BACKENDS)
 
 
-def default_backend(device: str) -> str:
-    """Stage 04's default: our Triton kernels on CUDA; on CPU the fastest one we measured."""
-    return "triton" if device.startswith("cuda") else "sdpa"
+def default_backend(device: str, custom_ops: str = "none") -> str:
+    """Stage 04's default: our Triton kernels on CUDA; on CPU the fastest one we measured, which
+    needs our compiled kernels (`custom_ops="all"`), else SDPA."""
+    if device.startswith("cuda"):
+        return "triton"
+    return "cpu_attn" if custom_ops == "all" else "sdpa"
 
 
 def get_attn_backend(name: str) -> AttentionBackend:

@@ -105,9 +105,16 @@ class SDPAAttentionBackend(AttentionBackend):
                 context_kv(value_cache, p.blocks, p.seq_len, p.first_block),
                 scale,
             )
+        self.decode(q, out, key_cache, value_cache, plan, scale)
+        return out
+
+    def decode(
+        self, q: torch.Tensor, out: torch.Tensor, key_cache: torch.Tensor,
+        value_cache: torch.Tensor, plan: _StepPlan, scale: float,
+    ) -> None:
+        """Fill the decoding rows of `out` (one query each)."""
         for call in plan.decodes:
             self._decode(q, out, key_cache, value_cache, call, scale)
-        return out
     # --8<-- [end:sdpa_forward]
 
     # --8<-- [start:sdpa_plan]
@@ -120,26 +127,14 @@ class SDPAAttentionBackend(AttentionBackend):
 
     def _build_plan(self, md: AttentionMetadata, key_cache: torch.Tensor) -> _StepPlan:
         block_size, num_kv_heads, head_dim = key_cache.shape[1:]
-        query_start_loc = md.query_start_loc.tolist()
-        seq_lens = md.seq_lens.tolist()
-        tables = md.block_tables
-        prefills, decodes = [], []
-        for b, seq_len in enumerate(seq_lens):
-            start, end = query_start_loc[b], query_start_loc[b + 1]
-            if end - start == 1:
-                decodes.append(b)
-            elif end > start:
-                blocks = tables[b, : -(-seq_len // block_size)]  # [nb], ceil division
-                ids = blocks.tolist()
-                consecutive = ids == list(range(ids[0], ids[0] + len(ids)))
-                prefills.append(_Prefill(start, end, seq_len, blocks, ids[0] if consecutive else None))
+        prefills, decodes, seq_lens = split_prefills_decodes(md, block_size)
 
         # Decodes: longest first, cut into calls of about `decode_chunk_bytes` of K each.
         bytes_per_token = num_kv_heads * head_dim * key_cache.element_size()
         max_tokens = max(1, self.decode_chunk_bytes // bytes_per_token)  # per call, padded
         decodes.sort(key=lambda b: seq_lens[b], reverse=True)
         calls, chunk_start = [], 0
-        device = md.seq_lens.device
+        tables, device = md.block_tables, md.seq_lens.device
         while chunk_start < len(decodes):
             longest = seq_lens[decodes[chunk_start]]  # sorted: the first is the longest
             num = max(1, min(len(decodes) - chunk_start, max_tokens // longest))
@@ -177,6 +172,26 @@ class SDPAAttentionBackend(AttentionBackend):
         )  # [c, Hq, 1, D]
         out.index_copy_(0, call.rows, o.squeeze(2))
     # --8<-- [end:sdpa_decode]
+
+
+def split_prefills_decodes(
+    md: AttentionMetadata, block_size: int
+) -> tuple[list[_Prefill], list[int], list[int]]:
+    """The step's prefills (query_len > 1), the indices of its decodes (query_len = 1), and
+    every sequence's length, as host lists (one `.tolist()` each, once per step)."""
+    query_start_loc = md.query_start_loc.tolist()
+    seq_lens = md.seq_lens.tolist()
+    prefills, decodes = [], []
+    for b, seq_len in enumerate(seq_lens):
+        start, end = query_start_loc[b], query_start_loc[b + 1]
+        if end - start == 1:
+            decodes.append(b)
+        elif end > start:
+            blocks = md.block_tables[b, : -(-seq_len // block_size)]  # [nb], ceil division
+            ids = blocks.tolist()
+            consecutive = ids == list(range(ids[0], ids[0] + len(ids)))
+            prefills.append(_Prefill(start, end, seq_len, blocks, ids[0] if consecutive else None))
+    return prefills, decodes, seq_lens
 
 
 # --8<-- [start:sdpa_prefill]

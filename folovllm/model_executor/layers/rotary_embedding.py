@@ -12,10 +12,12 @@ rotated in one call.
 from typing import Any, Optional
 
 import torch
-from torch import nn
+
+from folovllm._custom_ops import load_ops
+from folovllm.model_executor.custom_op import CustomOp
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(CustomOp):
     def __init__(
         self,
         head_dim: int,
@@ -33,7 +35,7 @@ class RotaryEmbedding(nn.Module):
         # [max_position, head_dim]: cos then sin, kept in float32
         self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], -1), persistent=False)
 
-    def forward(
+    def forward_native(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T]; q [T, Hq, D]; k [T, Hkv, D] -> rotated q, k (same shapes and dtype)."""
@@ -41,6 +43,17 @@ class RotaryEmbedding(nn.Module):
         cos = cos.unsqueeze(1)  # [T, 1, D/2], broadcast over heads
         sin = sin.unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def forward_cpu(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same rotation, in place on q and k (views into the qkv projection are fine)."""
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        if k.stride(-1) != 1:
+            k = k.contiguous()
+        load_ops().rotary_embedding(positions.long().contiguous(), q, k, self.cos_sin_cache.float())
+        return q, k
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

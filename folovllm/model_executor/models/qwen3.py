@@ -145,11 +145,19 @@ class Qwen3DecoderLayer(nn.Module):
 
     # --8<-- [start:decoder_layer_forward]
     def forward(
-        self, positions: torch.Tensor, h: torch.Tensor, attn_metadata: AttentionMetadata
-    ) -> torch.Tensor:
-        h = h + self.self_attn(positions, self.input_layernorm(h), attn_metadata)
-        h = h + self.mlp(self.post_attention_layernorm(h))
-        return h
+        self, positions: torch.Tensor, h: torch.Tensor, residual: Optional[torch.Tensor],
+        attn_metadata: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The residual stream is carried beside h and added inside each norm (vLLM's layout):
+        #   residual = h + residual; h = norm(residual)   is one kernel (fused_add_rms_norm)
+        # and the same two lines as `h = h + f(norm(h))` written out.
+        if residual is None:  # the first layer: the embeddings are the residual stream
+            h, residual = self.input_layernorm(h), h
+        else:
+            h, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(positions, h, attn_metadata)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
     # --8<-- [end:decoder_layer_forward]
 
 
@@ -173,9 +181,10 @@ class Qwen3Model(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
     ) -> torch.Tensor:
         h = self.embed_tokens(input_ids)  # [T, hidden]
+        residual = None
         for layer in self.layers:
-            h = layer(positions, h, attn_metadata)
-        return self.norm(h)
+            h, residual = layer(positions, h, residual, attn_metadata)
+        return self.norm(h) if residual is None else self.norm(h, residual)[0]
 
 
 class Qwen3ForCausalLM(nn.Module):

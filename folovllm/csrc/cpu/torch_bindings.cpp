@@ -1,0 +1,15 @@
+// The Python side of the kernels: `folovllm._custom_ops` builds this file (with the others in
+// this folder) on first use and calls these functions.
+#include <torch/extension.h>
+
+#include "ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_attention_decode", &paged_attention_decode,
+        "One query per sequence against its K/V, read in place through its block table");
+  m.def("rms_norm", &rms_norm, "out = weight * x / rms(x)");
+  m.def("fused_add_rms_norm", &fused_add_rms_norm,
+        "residual += input; input = weight * residual / rms(residual), both in place");
+  m.def("rotary_embedding", &rotary_embedding, "RoPE (rotate-half layout), in place on q and k");
+  m.def("silu_and_mul", &silu_and_mul, "out = silu(x[:, :I]) * x[:, I:]");
+}
