@@ -41,7 +41,7 @@ def _triton_skip_reason() -> str | None:
 
 
 CPU_BACKENDS = [
-    b for b in ATTENTION_BACKENDS if b in ("naive", "torch_flash", "sdpa", "triton")
+    b for b in ATTENTION_BACKENDS if b in ("naive", "torch_flash", "sdpa", "cpu_attn", "triton")
 ]
 BACKEND_PARAMS = [
     pytest.param(b, marks=pytest.mark.skip(reason=_triton_skip_reason()))
@@ -167,7 +167,7 @@ def test_fast_backends_equal_naive_on_random_batches(case):
     batch, seed = case
     q, key_cache, value_cache, md = random_paged_batch(batch, seed=seed)
     scale = batch.head_dim**-0.5
-    for backend in ("torch_flash", "sdpa"):
+    for backend in ("torch_flash", "sdpa", "cpu_attn"):
         out = get_attn_backend(backend).forward(q, key_cache, value_cache, md, scale)
         assert_matches_naive(out, q, key_cache, value_cache, md, scale)
 
@@ -177,7 +177,7 @@ def test_fast_backends_equal_naive_on_random_batches(case):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend,allocates_scores", [
-    ("naive", True), ("torch_flash", False), ("sdpa", False),
+    ("naive", True), ("torch_flash", False), ("sdpa", False), ("cpu_attn", False),
 ])
 def test_prefill_never_allocates_the_score_matrix(backend, allocates_scores):
     """A prefill of N tokens: naive materialises [.., N, N] scores; FlashAttention never does.
