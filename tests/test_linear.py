@@ -26,6 +26,7 @@ from folovllm.model_executor.layers.linear import (
     UnquantizedLinearMethod,
     WeightLoader,
     dense_linear,
+    pack_linear_weights,
     set_weight_attrs,
 )
 from folovllm.model_executor.model_loader import load_model
@@ -65,6 +66,36 @@ def test_dense_linear_equals_f_linear(rows, bias, dtype, tol):
     assert fast.dtype == dtype and fast.shape == ref.shape
     torch.testing.assert_close(fast.float(), ref.float(), rtol=tol, atol=tol)
     assert torch.equal(dense_linear(x, w, b if bias else None), ref)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_packed_weights_give_f_linear_at_every_batch(dtype, tol):
+    """`pack_linear_weights` swaps the plain weight for oneDNN's blocked copy of it (exactly the
+    same numbers, `to_dense`), and the layer still computes `F.linear` at 1-2 rows (padded to
+    MIN_ROWS) and beyond."""
+    layer = MergedColumnParallelLinear(80, [48, 48], bias=True, params_dtype=dtype)
+    w, b = _rand(96, 80, seed=1).to(dtype), _rand(96, seed=2).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        layer.bias.copy_(b)
+    model = torch.nn.Sequential(layer)
+    assert pack_linear_weights(model) == 1
+    assert layer.weight.is_mkldnn and torch.equal(layer.weight.to_dense(), w)
+    assert pack_linear_weights(model) == 0  # once is enough
+    for rows in (1, 2, 3, 16, 100):
+        x = _rand(rows, 80, seed=rows).to(dtype)
+        with torch.inference_mode():
+            y = layer(x)
+        assert y.shape == (rows, 96)
+        torch.testing.assert_close(y.float(), F.linear(x, w, b).float(), rtol=tol, atol=tol)
+
+
+def test_a_tied_lm_head_keeps_the_embedding_plain(tiny_qwen3):
+    model = load_model(str(tiny_qwen3), torch.float32)[0]
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    linears = sum(isinstance(m, LinearBase) for m in model.modules())
+    assert pack_linear_weights(model) == linears + (0 if tied else 1)
+    assert not model.model.embed_tokens.weight.is_mkldnn
 
 
 def _load_shards(layer: LinearBase, shards: dict, bias: bool) -> dict:

@@ -23,6 +23,7 @@ from folovllm.core.scheduler_output import SchedulerOutput
 from folovllm.distributed import parallel_state
 from folovllm.model_executor.attention_backends import get_attn_backend
 from folovllm.model_executor.custom_op import set_custom_ops
+from folovllm.model_executor.layers.linear import pack_linear_weights
 from folovllm.model_executor.model_loader import load_model
 from folovllm.worker.model_runner import ModelRunner
 from folovllm.worker.sampler import Sampler
@@ -36,6 +37,8 @@ class Worker:
         self.model, self.hf_config, _ = load_model(str(model_path), config.torch_dtype, config.device,
                                                     quantization=config.quantization)
         set_custom_ops(self.model, config.custom_ops)  # resolved: "all" or "none"
+        if config.custom_ops == "all":  # the CPU fast path: linear weights in oneDNN's layout
+            pack_linear_weights(self.model)
         self.model_runner = ModelRunner(
             self.model, sampler, config.device, get_attn_backend(config.attention_backend)
         )
