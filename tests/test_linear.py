@@ -90,12 +90,14 @@ def test_packed_weights_give_f_linear_at_every_batch(dtype, tol):
         torch.testing.assert_close(y.float(), F.linear(x, w, b).float(), rtol=tol, atol=tol)
 
 
-def test_a_tied_lm_head_keeps_the_embedding_plain(tiny_qwen3):
+def test_a_tied_lm_head_gets_a_packed_copy_and_the_embedding_stays_plain(tiny_qwen3):
     model = load_model(str(tiny_qwen3), torch.float32)[0]
-    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    embedding = model.model.embed_tokens.weight
+    assert model.lm_head.weight is embedding  # the tiny Qwen3 ties them, as Qwen3-0.6B does
     linears = sum(isinstance(m, LinearBase) for m in model.modules())
-    assert pack_linear_weights(model) == linears + (0 if tied else 1)
-    assert not model.model.embed_tokens.weight.is_mkldnn
+    assert pack_linear_weights(model) == linears + 1
+    assert model.model.embed_tokens.weight is embedding and not embedding.is_mkldnn
+    assert model.lm_head.weight.is_mkldnn and torch.equal(model.lm_head.weight.to_dense(), embedding)
 
 
 def _load_shards(layer: LinearBase, shards: dict, bias: bool) -> dict:
