@@ -50,7 +50,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--long-prefill-token-threshold", type=int, default=None,
                    help="stage 05: most prompt tokens one request computes per step (0 = no cap)")
     p.add_argument("--attention-backend", default=None,
-                   help="auto | naive | torch_flash | sdpa | triton | flash_attn (stage 04)")
+                   help="auto | naive | torch_flash | sdpa | cpu_attn | triton | flash_attn (stage 04)")
+    p.add_argument("--custom-ops", default=None, choices=["auto", "all", "none"],
+                   help="our compiled CPU kernels and packed weights (default auto: on where they "
+                        "build); none = the plain torch code")
     p.add_argument("--prefix-caching", dest="enable_prefix_caching",
                    action=argparse.BooleanOptionalAction, default=None, help="stage 06")
     p.add_argument("--tensor-parallel-size", type=int, default=None,
@@ -60,7 +63,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 _ENGINE_FLAGS = ("max_num_batched_tokens", "kv_cache_memory", "gpu_memory_utilization",
                  "block_size", "enable_continuous_batching", "enable_paged_kv", "attention_backend",
                  "enable_chunked_prefill", "long_prefill_token_threshold", "enable_prefix_caching",
-                 "tensor_parallel_size")
+                 "tensor_parallel_size", "custom_ops")
 
 
 def _parse_bytes(text: str) -> int:
