@@ -3,12 +3,14 @@
 vLLM ships its kernels compiled (`vllm._C`, wrapped by `vllm/_custom_ops.py`). We compile ours
 the first time they are asked for, with `torch.utils.cpp_extension.load` (gcc + ninja, about a
 minute on two cores), and torch caches the result (`~/.cache/torch_extensions`, or
-`$TORCH_EXTENSIONS_DIR`) until a source file changes.
+`$TORCH_EXTENSIONS_DIR`) until a source file changes. The build targets this CPU
+(`-march=native`), so the cached module's name carries a hash of the CPU's model and flags.
 
     rms_norm, fused_add_rms_norm    layers/layernorm.py:RMSNorm
     rotary_embedding                layers/rotary_embedding.py:RotaryEmbedding
     silu_and_mul                    layers/activation.py:SiluAndMul
-    paged_attention_decode          attention_backends/cpu_attn.py:CPUAttentionBackend
+    paged_attention_decode,         attention_backends/cpu_attn.py:CPUAttentionBackend
+    paged_attention_prefill
 
 Every layer keeps its readable torch version (`forward_native`); `EngineConfig.custom_ops`
 chooses between the two (see `model_executor/custom_op.py`), and tests/test_custom_ops.py
@@ -17,6 +19,7 @@ compares them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -26,7 +29,7 @@ from typing import Optional
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = ("torch_bindings.cpp", "attention.cpp", "elementwise.cpp")
+_SOURCES = ("torch_bindings.cpp", "attention.cpp", "prefill_attention.cpp", "elementwise.cpp")
 _CSRC = Path(__file__).parent / "csrc" / "cpu"
 _ops: Optional[ModuleType] = None
 _build_error: Optional[str] = None
@@ -56,7 +59,7 @@ def load_ops() -> ModuleType:
 
         logger.info("building folovllm's CPU kernels (first use; cached afterwards)")
         _ops = load(
-            name="folovllm_cpu_ops",
+            name=f"folovllm_cpu_ops_{_cpu_fingerprint()}",
             sources=[str(_CSRC / name) for name in _SOURCES],
             extra_cflags=_CFLAGS,
             extra_ldflags=_LDFLAGS,
@@ -69,6 +72,17 @@ def load_ops() -> ModuleType:
         )
         raise RuntimeError(_build_error) from e
     return _ops
+
+
+def _cpu_fingerprint() -> str:
+    """A short hash of this CPU's model and instruction set: the build is -march=native, so a
+    cache shared with another machine (an NFS home, a copied image) must not hand it our .so."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        info = []
+    wanted = [line for line in info if line.startswith(("model name", "flags"))][:2]
+    return hashlib.sha256("\n".join(wanted).encode()).hexdigest()[:8]
 
 
 def ops_available() -> bool:

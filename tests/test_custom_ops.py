@@ -26,6 +26,10 @@ from folovllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from tests.attention_utils import Batch, random_paged_batch
 from tests.helpers import ARCHS
 
+# Where the kernels cannot be built (no gcc or ninja, not Linux x86-64) there is nothing to test
+# here; CI builds them (.ci/run installs ninja with the package and the machine has gcc).
+pytestmark = pytest.mark.skipif(not _custom_ops.ops_available(), reason="the CPU kernels cannot be built here")
+
 TOL = {torch.float32: dict(atol=2e-6, rtol=2e-6), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 DTYPES = pytest.mark.parametrize("dtype", list(TOL), ids=["fp32", "bf16"])
 
@@ -117,6 +121,24 @@ def test_paged_decode_attention_equals_naive(shape, dtype, threads):
     torch.testing.assert_close(out.float(), ref, **({"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else TOL[dtype]))
 
 
+# (query_len, seq_len): a whole prompt, a chunk over cached context (stages 05/06), one query,
+# lengths off the 16-key tiles and the 128-row work items
+@pytest.mark.parametrize("lens", [(200, 200), (37, 300), (1, 40), (130, 131)], ids=str)
+@pytest.mark.parametrize("shape", [(8, 2, 64, 16), (4, 4, 128, 32), (6, 3, 96, 16)],
+                         ids=lambda s: "H{}-{}_D{}_bs{}".format(*s))
+@DTYPES
+def test_paged_prefill_attention_equals_naive(lens, shape, dtype, threads):
+    heads, kv_heads, head_dim, block_size = shape
+    batch = Batch((lens[0],), (lens[1],), heads, kv_heads, head_dim, block_size)
+    q, key_cache, value_cache, md = random_paged_batch(batch, dtype, seed=lens[1])
+    out = torch.zeros_like(q)
+    _custom_ops.load_ops().paged_attention_prefill(
+        out, q, key_cache, value_cache, md.block_tables[0].long(), lens[1], head_dim**-0.5
+    )
+    ref = naive_attention(q.float(), key_cache.float(), value_cache.float(), md, head_dim**-0.5)
+    torch.testing.assert_close(out.float(), ref, **({"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else TOL[dtype]))
+
+
 def test_paged_decode_attention_refuses_a_length_past_its_table():
     batch = Batch((1, 1), (10, 20), 4, 2, 64, 16)
     q, key_cache, value_cache, md = random_paged_batch(batch)
@@ -153,6 +175,21 @@ def test_torch_path_still_equals_hf(arch, greedy_reference):
     params = [SamplingParams(temperature=0.0, max_tokens=m) for m in ref.max_tokens]
     outputs = llm.generate(ref.prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == ref.outputs
+
+
+@pytest.mark.parametrize("kernel", ["decode", "prefill"])
+def test_kernels_refuse_a_block_id_outside_the_cache(kernel):
+    batch = Batch((1,) if kernel == "decode" else (20,), (20,), 4, 2, 64, 16)
+    q, key_cache, value_cache, md = random_paged_batch(batch)
+    tables = md.block_tables.long().clone()
+    tables[0, 1] = key_cache.shape[0]  # one past the last block
+    ops = _custom_ops.load_ops()
+    with pytest.raises(RuntimeError, match="is not in the cache"):
+        if kernel == "decode":
+            ops.paged_attention_decode(torch.empty_like(q), q, key_cache, value_cache,
+                                       torch.arange(1), tables, md.seq_lens.long(), 0.125)
+        else:
+            ops.paged_attention_prefill(torch.empty_like(q), q, key_cache, value_cache, tables[0], 20, 0.125)
 
 
 def test_bad_values_and_a_failed_build_are_explained(monkeypatch, caplog):

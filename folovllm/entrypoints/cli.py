@@ -53,7 +53,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="auto | naive | torch_flash | sdpa | cpu_attn | triton | flash_attn (stage 04)")
     p.add_argument("--custom-ops", default=None, choices=["auto", "all", "none"],
                    help="our compiled CPU kernels and packed weights (default auto: on where they "
-                        "build); none = the plain torch code")
+                        "build); none = torch for the layers and linears (the attention backend "
+                        "is --attention-backend's choice)")
     p.add_argument("--prefix-caching", dest="enable_prefix_caching",
                    action=argparse.BooleanOptionalAction, default=None, help="stage 06")
     p.add_argument("--tensor-parallel-size", type=int, default=None,

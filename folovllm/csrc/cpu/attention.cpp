@@ -114,9 +114,11 @@ void paged_attention_decode(at::Tensor& out, const at::Tensor& query, const at::
   const int64_t* rows = query_rows.data_ptr<int64_t>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
-  for (int64_t s = 0; s < num_seqs; ++s)
+  for (int64_t s = 0; s < num_seqs; ++s) {
     TORCH_CHECK(lens[s] >= 1 && lens[s] <= max_blocks * block_size, "seq_lens[", s, "] = ",
                 lens[s], " does not fit its block table");
+    check_block_ids(tables + s * max_blocks, lens[s], block_size, key_cache.size(0));
+  }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "paged_attention_decode", [&] {
     const scalar_t* q = query.data_ptr<scalar_t>();

@@ -5,11 +5,25 @@
 
 #include <ATen/ATen.h>
 
+// The blocks that hold a sequence's first seq_len tokens must exist in the cache: a kernel reads
+// them through raw pointers, where torch would have raised on a bad index.
+inline void check_block_ids(const int64_t* table, int64_t seq_len, int64_t block_size,
+                            int64_t num_blocks) {
+  for (int64_t b = 0; b < (seq_len + block_size - 1) / block_size; ++b)
+    TORCH_CHECK(table[b] >= 0 && table[b] < num_blocks, "block id ", table[b], " is not in the cache (",
+                num_blocks, " blocks)");
+}
+
 // attention.cpp
 void paged_attention_decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                             const at::Tensor& value_cache, const at::Tensor& query_rows,
                             const at::Tensor& block_tables, const at::Tensor& seq_lens,
                             double scale);
+
+// prefill_attention.cpp
+void paged_attention_prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                             const at::Tensor& value_cache, const at::Tensor& block_table,
+                             int64_t seq_len, double scale);
 
 // elementwise.cpp
 void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon);

@@ -7,6 +7,8 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention_decode", &paged_attention_decode,
         "One query per sequence against its K/V, read in place through its block table");
+  m.def("paged_attention_prefill", &paged_attention_prefill,
+        "The last Lq positions of one sequence against its K/V, causal, tiled (FlashAttention)");
   m.def("rms_norm", &rms_norm, "out = weight * x / rms(x)");
   m.def("fused_add_rms_norm", &fused_add_rms_norm,
         "residual += input; input = weight * residual / rms(residual), both in place");

@@ -1,15 +1,17 @@
-"""`cpu_attn` backend: decodes read the paged KV cache in place, with our C++ kernel
-(`csrc/cpu/attention.cpp`); prefills go to SDPA as in the `sdpa` backend. The CPU default
-when the kernels build (`EngineConfig.custom_ops`); vLLM's CPU backend is `cpu_attn.py` too.
+"""`cpu_attn` backend: attention read straight out of the paged KV cache by our C++ kernels
+(`csrc/cpu/`), the CPU default when they build (`EngineConfig.custom_ops`); vLLM's CPU backend
+is `cpu_attn.py` too.
 
-Why: `sdpa` copies every decoding sequence's K and V out of the cache (the gather) before SDPA
-reads them again, so a decode step moves each cached byte three times (read, write the copy,
-read the copy) and pays a padded SDPA call per chunk of sequences. The kernel walks each
-sequence's block table and reads every cached K and V row once, all decodes in one call.
-Measured on docs/performance.md.
+    decodes   attention.cpp          one query per sequence; all decodes of the step in one call
+    prefills  prefill_attention.cpp  a prompt or a chunk of one over its cached context, tiled
+                                     like FlashAttention (stage 04), one call per sequence
 
-Prefills stay with SDPA: a prompt's queries share their K/V, which SDPA's tiled kernel turns
-into matrix products; a per-query loop would not.
+Why: `sdpa` copies every sequence's K and V out of the cache (the gather) before SDPA reads them
+again, so each cached byte moves three times (read, write the copy, read the copy), and decodes
+pay a padded SDPA call per chunk of sequences. The kernels walk each sequence's block table and
+read every cached K and V row in place. On this CPU torch's own SDPA prefill kernel does its
+tile products with MKL's sgemm, which is slow on AMD (the same reason `dense_linear` uses
+oneDNN); ours are loops the compiler vectorises. Measured on docs/performance.md.
 """
 
 from __future__ import annotations
@@ -37,13 +39,30 @@ class _CPUPlan:
 
 
 class CPUAttentionBackend(SDPAAttentionBackend):
-    """Prefills by SDPA (the parent's), decodes by the paged kernel, all in one call."""
+    """Prefills and decodes by our kernels; the step plan (which rows decode, each prefill's
+    blocks) is the parent's, built once per step."""
 
     name = "cpu_attn"
 
     def __init__(self) -> None:
         super().__init__()
         self.ops = load_ops()  # raises, saying why, when the kernels cannot be built
+
+    # --8<-- [start:cpu_attn_forward]
+    def forward(
+        self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+        md: AttentionMetadata, scale: float,
+    ) -> torch.Tensor:
+        plan = self.plan(md, key_cache)  # once per step, shared by every layer
+        q = q.contiguous()
+        out = torch.empty_like(q)  # [T, Hq, D]
+        for p in plan.prefills:  # each prompt (or chunk) against its cached context, in place
+            self.ops.paged_attention_prefill(
+                out[p.start:p.end], q[p.start:p.end], key_cache, value_cache, p.blocks, p.seq_len, scale
+            )
+        self.decode(q, out, key_cache, value_cache, plan, scale)
+        return out
+    # --8<-- [end:cpu_attn_forward]
 
     # --8<-- [start:cpu_attn_decode]
     def decode(
@@ -52,7 +71,7 @@ class CPUAttentionBackend(SDPAAttentionBackend):
     ) -> None:
         if plan.decode_rows is not None:
             self.ops.paged_attention_decode(
-                out, q.contiguous(), key_cache, value_cache,
+                out, q, key_cache, value_cache,
                 plan.decode_rows, plan.decode_tables, plan.decode_lens, scale,
             )
 

@@ -40,8 +40,11 @@ class RMSNorm(CustomOp):
     def forward_cpu(
         self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
     ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The kernels. With `residual`, both tensors are updated in place (vLLM's
+        fused_add_rms_norm): x becomes the norm, residual the sum; callers pass tensors that
+        nothing else reads afterwards, as the decoder layer does."""
         ops = load_ops()
-        if residual is not None:  # both in place: x becomes the norm, residual the sum
+        if residual is not None:
             x, residual = x.contiguous(), residual.contiguous()
             ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
             return x, residual

@@ -1,0 +1,202 @@
+// Prefill attention over the paged KV cache: FlashAttention's tiling (stage 04) on the CPU.
+//
+// A prefill (or a chunk of one, stage 05, or the tail after a prefix-cache hit, stage 06) has
+// Lq new queries at the end of a sequence of L tokens whose K/V are already in the cache. For
+// each (KV head, tile of query rows) the kernel walks the sequence's blocks through its block
+// table, as the decode kernel does, and never writes the [Lq, L] score matrix anywhere:
+//
+//   for each tile of TILE_KEYS keys (whole cache blocks, read in place):
+//       Kt = the tile's K, transposed to [D, TILE_KEYS]      (so keys lie along the vector)
+//       S  = Q_rows . Kt                                     [rows, TILE_KEYS], in registers
+//       causal mask: query at position p sees keys <= p      (only tiles on the diagonal)
+//       online softmax: m = max(m, rowmax S); O *= exp(m_old - m); l = l * ... + rowsum
+//       O += exp(S - m) . V_tile                             [rows, D]
+//   out = O / l
+//
+// The g query heads that share one KV head are processed together (their rows are stacked), so
+// each K/V tile is read once per group. Two small matrix products per tile are written as
+// fixed-size loops (ROWS x TILE_KEYS and ROWS x D accumulators) that the compiler keeps in
+// vector registers: this is the "micro-kernel" of a GEMM, not a call to one.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "ops.h"
+
+namespace {
+
+constexpr int64_t TILE_KEYS = 16;  // keys per tile: one AVX-512 vector of float32
+constexpr int64_t ROWS = 4;        // query rows per micro-kernel call
+constexpr int64_t TILE_ROWS = 128;  // query rows (g heads x positions) per work item
+
+// S[r, c] = sum_d q[r, d] * kt[d, c] for ROWS rows: ROWS x TILE_KEYS accumulators.
+inline void qk_tile(const float* q, int64_t ldq, const float* kt, int64_t D, float* s) {
+  float acc[ROWS][TILE_KEYS] = {};
+  for (int64_t d = 0; d < D; ++d) {
+    const float* k = kt + d * TILE_KEYS;
+    for (int64_t r = 0; r < ROWS; ++r) {
+      const float qv = q[r * ldq + d];
+#pragma omp simd
+      for (int64_t c = 0; c < TILE_KEYS; ++c) acc[r][c] += qv * k[c];
+    }
+  }
+  for (int64_t r = 0; r < ROWS; ++r)
+    for (int64_t c = 0; c < TILE_KEYS; ++c) s[r * TILE_KEYS + c] = acc[r][c];
+}
+
+// o[r, :] += sum_c p[r, c] * v[c, :] for ROWS rows, D_CHUNK columns at a time held in
+// registers (ROWS x D_CHUNK accumulators) while the tile's keys stream past.
+constexpr int64_t D_CHUNK = 64;
+
+inline void pv_tile(const float* p, const float* v, int64_t n, int64_t D, float* o) {
+  if (D % D_CHUNK == 0) {
+    for (int64_t d0 = 0; d0 < D; d0 += D_CHUNK) {
+      float acc[ROWS][D_CHUNK];
+      for (int64_t r = 0; r < ROWS; ++r)
+        for (int64_t d = 0; d < D_CHUNK; ++d) acc[r][d] = o[r * D + d0 + d];
+      for (int64_t c = 0; c < n; ++c) {
+        const float* vc = v + c * D + d0;
+        for (int64_t r = 0; r < ROWS; ++r) {
+          const float pr = p[r * TILE_KEYS + c];
+#pragma omp simd
+          for (int64_t d = 0; d < D_CHUNK; ++d) acc[r][d] += pr * vc[d];
+        }
+      }
+      for (int64_t r = 0; r < ROWS; ++r)
+        for (int64_t d = 0; d < D_CHUNK; ++d) o[r * D + d0 + d] = acc[r][d];
+    }
+    return;
+  }
+  for (int64_t c = 0; c < n; ++c) {  // any other head size: the same sum, through memory
+    const float* vc = v + c * D;
+    for (int64_t r = 0; r < ROWS; ++r) {
+      const float pr = p[r * TILE_KEYS + c];
+      float* orow = o + r * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) orow[d] += pr * vc[d];
+    }
+  }
+}
+
+template <typename scalar_t>
+void prefill_tile(scalar_t* out, const scalar_t* query, const scalar_t* key_cache,
+                  const scalar_t* value_cache, const int64_t* block_table, int64_t seq_len,
+                  int64_t num_queries, int64_t q_begin, int64_t q_end, int64_t kv_head,
+                  int64_t num_heads, int64_t num_kv_heads, int64_t block_size, int64_t D,
+                  float scale) {
+  // Rows of this item: positions [q_begin, q_end) of the prompt's queries x the g heads of the
+  // group, row = (position - q_begin) * g + i, padded to a multiple of ROWS.
+  const int64_t group = num_heads / num_kv_heads, token_stride = num_kv_heads * D;
+  const int64_t rows = (q_end - q_begin) * group, padded = (rows + ROWS - 1) / ROWS * ROWS;
+  const int64_t first_pos = seq_len - num_queries;  // position of query 0
+  std::vector<float> qf(padded * D, 0.f), o(padded * D, 0.f), m(padded, -INFINITY),
+      l(padded, 0.f), s(padded * TILE_KEYS), kt(D * TILE_KEYS), v(TILE_KEYS * D);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = q_begin + r / group, h = kv_head * group + r % group;
+    const scalar_t* src = query + (t * num_heads + h) * D;
+    for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(src[d]) * scale;
+  }
+  const int64_t last_key = first_pos + q_end - 1;  // the last row's position: no key beyond
+  for (int64_t k0 = 0; k0 <= last_key; k0 += TILE_KEYS) {
+    const int64_t n = std::min(TILE_KEYS, last_key + 1 - k0);
+    // K tile transposed [D, TILE_KEYS] and V tile [TILE_KEYS, D], read through the block table
+    for (int64_t c = 0; c < TILE_KEYS; ++c) {
+      if (c < n) {
+        const int64_t t = k0 + c;
+        const int64_t slot = block_table[t / block_size] * block_size + t % block_size;
+        const scalar_t* kp = key_cache + slot * token_stride + kv_head * D;
+        const scalar_t* vp = value_cache + slot * token_stride + kv_head * D;
+        for (int64_t d = 0; d < D; ++d) {
+          kt[d * TILE_KEYS + c] = static_cast<float>(kp[d]);
+          v[c * D + d] = static_cast<float>(vp[d]);
+        }
+      } else {
+        for (int64_t d = 0; d < D; ++d) kt[d * TILE_KEYS + c] = 0.f;
+      }
+    }
+    for (int64_t r0 = 0; r0 < padded; r0 += ROWS)
+      qk_tile(qf.data() + r0 * D, D, kt.data(), D, s.data() + r0 * TILE_KEYS);
+    // mask, online softmax: S becomes P = exp(S - m_new); O and l are rescaled to m_new
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t pos = first_pos + q_begin + r / group;
+      const int64_t visible = std::min(n, pos - k0 + 1);  // keys k0 .. pos of this tile
+      float* sr = s.data() + r * TILE_KEYS;
+      if (visible <= 0) {
+        for (int64_t c = 0; c < TILE_KEYS; ++c) sr[c] = 0.f;
+        continue;
+      }
+      float mx = m[r];
+      for (int64_t c = 0; c < visible; ++c) mx = std::max(mx, sr[c]);
+      const float correction = std::exp(m[r] - mx);  // exp(-inf) = 0 on the first tile
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t c = 0; c < TILE_KEYS; ++c) {
+        const float p = c < visible ? std::exp(sr[c] - mx) : 0.f;
+        sr[c] = p;
+        sum += p;
+      }
+      l[r] = l[r] * correction + sum;
+      m[r] = mx;
+      float* orow = o.data() + r * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) orow[d] *= correction;
+    }
+    for (int64_t r0 = 0; r0 < padded; r0 += ROWS)
+      pv_tile(s.data() + r0 * TILE_KEYS, v.data(), n, D, o.data() + r0 * D);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = q_begin + r / group, h = kv_head * group + r % group;
+    scalar_t* dst = out + (t * num_heads + h) * D;
+    const float inv = 1.f / l[r];
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(o[r * D + d] * inv);
+  }
+}
+
+}  // namespace
+
+void paged_attention_prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                             const at::Tensor& value_cache, const at::Tensor& block_table,
+                             int64_t seq_len, double scale) {
+  TORCH_CHECK(query.dim() == 3 && out.sizes() == query.sizes() && query.is_contiguous() &&
+                  out.is_contiguous(),
+              "out and query must be contiguous [Lq, Hq, D]");
+  TORCH_CHECK(key_cache.dim() == 4 && key_cache.is_contiguous() && value_cache.is_contiguous() &&
+                  key_cache.sizes() == value_cache.sizes() &&
+                  key_cache.scalar_type() == query.scalar_type(),
+              "key_cache and value_cache must be contiguous [num_blocks, block_size, Hkv, D] of q's dtype");
+  TORCH_CHECK(block_table.scalar_type() == at::kLong && block_table.is_contiguous(),
+              "block_table must be contiguous int64");
+  const int64_t num_queries = query.size(0), num_heads = query.size(1), D = query.size(2);
+  const int64_t block_size = key_cache.size(1), num_kv_heads = key_cache.size(2);
+  TORCH_CHECK(key_cache.size(3) == D && num_heads % num_kv_heads == 0,
+              "head_dim must match the cache's and Hq be a multiple of Hkv");
+  TORCH_CHECK(num_queries >= 1 && num_queries <= seq_len &&
+                  seq_len <= block_table.numel() * block_size,
+              "need 1 <= Lq <= seq_len <= the block table's capacity; got Lq = ", num_queries,
+              ", seq_len = ", seq_len);
+  const int64_t* table = block_table.data_ptr<int64_t>();
+  check_block_ids(table, seq_len, block_size, key_cache.size(0));
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t positions_per_item = std::max<int64_t>(1, TILE_ROWS / group);
+  const int64_t tiles = (num_queries + positions_per_item - 1) / positions_per_item;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "paged_attention_prefill", [&] {
+    const scalar_t* q = query.data_ptr<scalar_t>();
+    const scalar_t* kc = key_cache.data_ptr<scalar_t>();
+    const scalar_t* vc = value_cache.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    // Items: (KV head, query tile), head-major so that consecutive items read the same head's
+    // K/V (it stays in L2); within a head, later tiles see more keys and go first.
+    at::parallel_for(0, tiles * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t w = begin; w < end; ++w) {
+        const int64_t h = w / tiles, tile = tiles - 1 - w % tiles;
+        const int64_t q0 = tile * positions_per_item;
+        const int64_t q1 = std::min(num_queries, q0 + positions_per_item);
+        prefill_tile(o, q, kc, vc, table, seq_len, num_queries, q0, q1, h, num_heads,
+                     num_kv_heads, block_size, D, static_cast<float>(scale));
+      }
+    });
+  });
+}
