@@ -11,12 +11,17 @@ Stages and their flags::
     01 naive generation      (always on: the baseline)
     02 continuous batching   enable_continuous_batching
     03 paged KV cache        enable_paged_kv
-    04 FlashAttention        attention_backend != "naive" ("auto" = triton on CUDA, sdpa on CPU)
+    04 FlashAttention        attention_backend != "naive" ("auto" = triton on CUDA; on CPU
+                             cpu_attn with our compiled kernels, else sdpa)
     05 chunked prefill       enable_chunked_prefill (+ long_prefill_token_threshold)
     06 prefix caching        enable_prefix_caching    (needs enable_paged_kv)
     07 GPTQ                  a GPTQ checkpoint's 4-bit weights (quantization: None = the
                              checkpoint's quantization_config, as vLLM; "gptq" insists on it)
-    08 tensor parallel       tensor_parallel_size > 1 (a separate axis: composes with any stage)
+    08 tensor parallel       tensor_parallel_size > 1 (a separate axis: composes with any stage,
+                             so there is no for_stage(8))
+
+Beside the stages, not one of them: `custom_ops` (our compiled CPU kernels and packed weights,
+model_executor/custom_op.py) and `trace` (the step trace).
 """
 
 from __future__ import annotations
@@ -118,6 +123,12 @@ class EngineConfig:
         """The config of stage `stage` with every earlier stage on; `overrides` win."""
         if not isinstance(stage, int) or isinstance(stage, bool) or stage not in STAGE_NAMES:
             raise ValueError(f"stage must be an integer in 1..{max(STAGE_NAMES)}, got {stage!r}")
+        if stage == 8:
+            raise ValueError(
+                "stage 8 (tensor parallel) is not a for_stage flag: it composes with any stage, "
+                "so pass tensor_parallel_size=N with the stage you want (e.g. for_stage(7, "
+                "tensor_parallel_size=2))"
+            )
         if stage > LATEST_STAGE:
             raise ValueError(
                 f"stage {stage} ({STAGE_NAMES[stage]}) is not built yet; "

@@ -274,6 +274,13 @@ def test_stage_out_of_range():
             EngineConfig.for_stage(bad)
 
 
+def test_stage_8_is_an_axis_not_a_stage_flag(tiny_qwen3):
+    with pytest.raises(ValueError, match=r"stage 8 \(tensor parallel\) is not a for_stage flag.*tensor_parallel_size=N"):
+        EngineConfig.for_stage(8)
+    with pytest.raises(ValueError, match="tensor_parallel_size=N"):
+        LLM(str(tiny_qwen3), stage=8)
+
+
 @pytest.mark.skipif(LATEST_STAGE >= 7, reason="every stage is built")
 def test_stage_not_built_yet(tiny_qwen3):
     stage = LATEST_STAGE + 1
