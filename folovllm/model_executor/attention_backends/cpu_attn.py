@@ -48,33 +48,30 @@ class CPUAttentionBackend(SDPAAttentionBackend):
         super().__init__()
         self.ops = load_ops()  # raises, saying why, when the kernels cannot be built
 
-    # --8<-- [start:cpu_attn_forward]
-    def forward(
-        self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-        md: AttentionMetadata, scale: float,
-    ) -> torch.Tensor:
-        plan = self.plan(md, key_cache)  # once per step, shared by every layer
-        q = q.contiguous()
-        out = torch.empty_like(q)  # [T, Hq, D]
-        for p in plan.prefills:  # each prompt (or chunk) against its cached context, in place
-            self.ops.paged_attention_prefill(
-                out[p.start:p.end], q[p.start:p.end], key_cache, value_cache, p.blocks, p.seq_len, scale
-            )
-        self.decode(q, out, key_cache, value_cache, plan, scale)
-        return out
-    # --8<-- [end:cpu_attn_forward]
+    # --8<-- [start:cpu_attn_kernels]
+    def prefill(
+        self, q: torch.Tensor, out: torch.Tensor, key_cache: torch.Tensor,
+        value_cache: torch.Tensor, p: _Prefill, scale: float,
+    ) -> None:
+        """One prompt (or chunk) against its cached context, read in place through its blocks."""
+        self.ops.paged_attention_prefill(
+            out[p.start:p.end], q[p.start:p.end].contiguous(), key_cache, value_cache,
+            p.blocks, p.seq_len, scale,
+        )
 
-    # --8<-- [start:cpu_attn_decode]
     def decode(
         self, q: torch.Tensor, out: torch.Tensor, key_cache: torch.Tensor,
         value_cache: torch.Tensor, plan: _CPUPlan, scale: float,
     ) -> None:
+        """Every decode of the step in one call."""
         if plan.decode_rows is not None:
             self.ops.paged_attention_decode(
-                out, q, key_cache, value_cache,
+                out, q.contiguous(), key_cache, value_cache,
                 plan.decode_rows, plan.decode_tables, plan.decode_lens, scale,
             )
+    # --8<-- [end:cpu_attn_kernels]
 
+    # --8<-- [start:cpu_attn_plan]
     def _build_plan(self, md: AttentionMetadata, key_cache: torch.Tensor) -> _CPUPlan:
         prefills, decodes, _ = split_prefills_decodes(md, key_cache.shape[1])
         if not decodes:
@@ -86,4 +83,4 @@ class CPUAttentionBackend(SDPAAttentionBackend):
             decode_tables=md.block_tables[seqs].long().contiguous(),
             decode_lens=md.seq_lens[seqs].long(),
         )
-    # --8<-- [end:cpu_attn_decode]
+    # --8<-- [end:cpu_attn_plan]

@@ -99,14 +99,21 @@ class SDPAAttentionBackend(AttentionBackend):
         plan = self.plan(md, key_cache)  # once per step, shared by every layer
         out = torch.empty_like(q)  # [T, Hq, D]
         for p in plan.prefills:
-            out[p.start:p.end] = prefill_attention(
-                q[p.start:p.end],
-                context_kv(key_cache, p.blocks, p.seq_len, p.first_block),
-                context_kv(value_cache, p.blocks, p.seq_len, p.first_block),
-                scale,
-            )
+            self.prefill(q, out, key_cache, value_cache, p, scale)
         self.decode(q, out, key_cache, value_cache, plan, scale)
         return out
+
+    def prefill(
+        self, q: torch.Tensor, out: torch.Tensor, key_cache: torch.Tensor,
+        value_cache: torch.Tensor, p: _Prefill, scale: float,
+    ) -> None:
+        """Fill the rows of one prefill (its queries against its whole context)."""
+        out[p.start:p.end] = prefill_attention(
+            q[p.start:p.end],
+            context_kv(key_cache, p.blocks, p.seq_len, p.first_block),
+            context_kv(value_cache, p.blocks, p.seq_len, p.first_block),
+            scale,
+        )
 
     def decode(
         self, q: torch.Tensor, out: torch.Tensor, key_cache: torch.Tensor,
