@@ -5,7 +5,7 @@
 // each (KV head, tile of query rows) the kernel walks the sequence's blocks through its block
 // table, as the decode kernel does, and never writes the [Lq, L] score matrix anywhere:
 //
-//   for each tile of TILE_KEYS keys (whole cache blocks, read in place):
+//   for each tile of TILE_KEYS keys (read in place, block by block):
 //       Kt = the tile's K, transposed to [D, TILE_KEYS]      (so keys lie along the vector)
 //       S  = Q_rows . Kt                                     [rows, TILE_KEYS], in registers
 //       causal mask: query at position p sees keys <= p      (only tiles on the diagonal)
@@ -15,7 +15,7 @@
 //
 // The g query heads that share one KV head are processed together (their rows are stacked), so
 // each K/V tile is read once per group. Two small matrix products per tile are written as
-// fixed-size loops (ROWS x TILE_KEYS and ROWS x D accumulators) that the compiler keeps in
+// fixed-size loops (QK_ROWS x TILE_KEYS and PV_ROWS x D_CHUNK accumulators) that the compiler keeps in
 // vector registers: this is the "micro-kernel" of a GEMM, not a call to one.
 #include <ATen/Parallel.h>
 
@@ -24,55 +24,100 @@
 #include <limits>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "ops.h"
 
 namespace {
 
-constexpr int64_t TILE_KEYS = 16;  // keys per tile: one AVX-512 vector of float32
-constexpr int64_t ROWS = 4;        // query rows per micro-kernel call
+// Measured on one AMD EPYC core (AVX-512), 8/4 heads of 64, 1,024-token prompt: 16 or 32 keys
+// per tile, 128 rows per item were the best of 16/32/64 keys and 64/128/256 rows.
+constexpr int64_t TILE_KEYS = 32;   // keys per tile: two AVX-512 vectors of float32
+constexpr int64_t QK_ROWS = 8;      // query rows per S = Q.Kt micro-kernel call (16 accumulators)
+constexpr int64_t PV_ROWS = 4;      // query rows per O += P.V micro-kernel call (16 accumulators)
 constexpr int64_t TILE_ROWS = 128;  // query rows (g heads x positions) per work item
 
-// S[r, c] = sum_d q[r, d] * kt[d, c] for ROWS rows: ROWS x TILE_KEYS accumulators.
+// S[r, c] = sum_d q[r, d] * kt[d, c] for QK_ROWS rows: QK_ROWS x TILE_KEYS accumulators.
+#if defined(__AVX512F__)
+// With AVX-512 the same loops spelled out in intrinsics, so that each K vector is loaded once per
+// d and reused by every row (the compiler's version reloads it per row from memory).
 inline void qk_tile(const float* q, int64_t ldq, const float* kt, int64_t D, float* s) {
-  float acc[ROWS][TILE_KEYS] = {};
+  constexpr int64_t V = TILE_KEYS / 16;  // vectors per row
+  __m512 acc[QK_ROWS][V];
+  for (int64_t r = 0; r < QK_ROWS; ++r)
+    for (int64_t j = 0; j < V; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    __m512 k[V];
+    for (int64_t j = 0; j < V; ++j) k[j] = _mm512_loadu_ps(kt + d * TILE_KEYS + 16 * j);
+    for (int64_t r = 0; r < QK_ROWS; ++r) {
+      const __m512 qv = _mm512_set1_ps(q[r * ldq + d]);
+      for (int64_t j = 0; j < V; ++j) acc[r][j] = _mm512_fmadd_ps(qv, k[j], acc[r][j]);
+    }
+  }
+  for (int64_t r = 0; r < QK_ROWS; ++r)
+    for (int64_t j = 0; j < V; ++j) _mm512_storeu_ps(s + r * TILE_KEYS + 16 * j, acc[r][j]);
+}
+#else
+inline void qk_tile(const float* q, int64_t ldq, const float* kt, int64_t D, float* s) {
+  float acc[QK_ROWS][TILE_KEYS] = {};
   for (int64_t d = 0; d < D; ++d) {
     const float* k = kt + d * TILE_KEYS;
-    for (int64_t r = 0; r < ROWS; ++r) {
+    for (int64_t r = 0; r < QK_ROWS; ++r) {
       const float qv = q[r * ldq + d];
 #pragma omp simd
       for (int64_t c = 0; c < TILE_KEYS; ++c) acc[r][c] += qv * k[c];
     }
   }
-  for (int64_t r = 0; r < ROWS; ++r)
+  for (int64_t r = 0; r < QK_ROWS; ++r)
     for (int64_t c = 0; c < TILE_KEYS; ++c) s[r * TILE_KEYS + c] = acc[r][c];
 }
+#endif
 
-// o[r, :] += sum_c p[r, c] * v[c, :] for ROWS rows, D_CHUNK columns at a time held in
-// registers (ROWS x D_CHUNK accumulators) while the tile's keys stream past.
+// o[r, :] += sum_c p[r, c] * v[c, :] for PV_ROWS rows, D_CHUNK columns at a time held in
+// registers (PV_ROWS x D_CHUNK accumulators) while the tile's keys stream past.
 constexpr int64_t D_CHUNK = 64;
 
 inline void pv_tile(const float* p, const float* v, int64_t n, int64_t D, float* o) {
   if (D % D_CHUNK == 0) {
     for (int64_t d0 = 0; d0 < D; d0 += D_CHUNK) {
-      float acc[ROWS][D_CHUNK];
-      for (int64_t r = 0; r < ROWS; ++r)
+#if defined(__AVX512F__)
+      constexpr int64_t V = D_CHUNK / 16;
+      __m512 acc[PV_ROWS][V];
+      for (int64_t r = 0; r < PV_ROWS; ++r)
+        for (int64_t j = 0; j < V; ++j) acc[r][j] = _mm512_loadu_ps(o + r * D + d0 + 16 * j);
+      for (int64_t c = 0; c < n; ++c) {
+        __m512 vc[V];
+        for (int64_t j = 0; j < V; ++j) vc[j] = _mm512_loadu_ps(v + c * D + d0 + 16 * j);
+        for (int64_t r = 0; r < PV_ROWS; ++r) {
+          const __m512 pr = _mm512_set1_ps(p[r * TILE_KEYS + c]);
+          for (int64_t j = 0; j < V; ++j) acc[r][j] = _mm512_fmadd_ps(pr, vc[j], acc[r][j]);
+        }
+      }
+      for (int64_t r = 0; r < PV_ROWS; ++r)
+        for (int64_t j = 0; j < V; ++j) _mm512_storeu_ps(o + r * D + d0 + 16 * j, acc[r][j]);
+#else
+      float acc[PV_ROWS][D_CHUNK];
+      for (int64_t r = 0; r < PV_ROWS; ++r)
         for (int64_t d = 0; d < D_CHUNK; ++d) acc[r][d] = o[r * D + d0 + d];
       for (int64_t c = 0; c < n; ++c) {
         const float* vc = v + c * D + d0;
-        for (int64_t r = 0; r < ROWS; ++r) {
+        for (int64_t r = 0; r < PV_ROWS; ++r) {
           const float pr = p[r * TILE_KEYS + c];
 #pragma omp simd
           for (int64_t d = 0; d < D_CHUNK; ++d) acc[r][d] += pr * vc[d];
         }
       }
-      for (int64_t r = 0; r < ROWS; ++r)
+      for (int64_t r = 0; r < PV_ROWS; ++r)
         for (int64_t d = 0; d < D_CHUNK; ++d) o[r * D + d0 + d] = acc[r][d];
+#endif
     }
     return;
   }
   for (int64_t c = 0; c < n; ++c) {  // any other head size: the same sum, through memory
     const float* vc = v + c * D;
-    for (int64_t r = 0; r < ROWS; ++r) {
+    for (int64_t r = 0; r < PV_ROWS; ++r) {
       const float pr = p[r * TILE_KEYS + c];
       float* orow = o + r * D;
 #pragma omp simd
@@ -88,11 +133,11 @@ void prefill_tile(scalar_t* out, const scalar_t* query, const scalar_t* key_cach
                   int64_t num_heads, int64_t num_kv_heads, int64_t block_size, int64_t D,
                   float scale) {
   // Rows of this item: positions [q_begin, q_end) of the prompt's queries x the g heads of the
-  // group, row = (position - q_begin) * g + i, padded to a multiple of ROWS.
+  // group, row = (position - q_begin) * g + i, padded to a multiple of QK_ROWS (and of PV_ROWS).
   const int64_t group = num_heads / num_kv_heads, token_stride = num_kv_heads * D;
-  const int64_t rows = (q_end - q_begin) * group, padded = (rows + ROWS - 1) / ROWS * ROWS;
+  const int64_t rows = (q_end - q_begin) * group, padded = (rows + QK_ROWS - 1) / QK_ROWS * QK_ROWS;
   const int64_t first_pos = seq_len - num_queries;  // position of query 0
-  std::vector<float> qf(padded * D, 0.f), o(padded * D, 0.f), m(padded, -INFINITY),
+  std::vector<float> qf(padded * D, 0.f), o(padded * D, 0.f), m(padded, std::numeric_limits<float>::lowest()),
       l(padded, 0.f), s(padded * TILE_KEYS), kt(D * TILE_KEYS), v(TILE_KEYS * D);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t = q_begin + r / group, h = kv_head * group + r % group;
@@ -117,7 +162,7 @@ void prefill_tile(scalar_t* out, const scalar_t* query, const scalar_t* key_cach
         for (int64_t d = 0; d < D; ++d) kt[d * TILE_KEYS + c] = 0.f;
       }
     }
-    for (int64_t r0 = 0; r0 < padded; r0 += ROWS)
+    for (int64_t r0 = 0; r0 < padded; r0 += QK_ROWS)
       qk_tile(qf.data() + r0 * D, D, kt.data(), D, s.data() + r0 * TILE_KEYS);
     // mask, online softmax: S becomes P = exp(S - m_new); O and l are rescaled to m_new
     for (int64_t r = 0; r < rows; ++r) {
@@ -130,7 +175,16 @@ void prefill_tile(scalar_t* out, const scalar_t* query, const scalar_t* key_cach
       }
       float mx = m[r];
       for (int64_t c = 0; c < visible; ++c) mx = std::max(mx, sr[c]);
-      const float correction = std::exp(m[r] - mx);  // exp(-inf) = 0 on the first tile
+      float correction = 1.f;
+      if (mx > m[r]) {  // the running max moved: rescale what l and O hold (most tiles it does not)
+        // 0 on the first tile (l and O are still 0; m starts at the lowest float, not -inf,
+        // which -ffast-math does not promise to handle)
+        correction = m[r] == std::numeric_limits<float>::lowest() ? 0.f : std::exp(m[r] - mx);
+        m[r] = mx;
+        float* orow = o.data() + r * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) orow[d] *= correction;
+      }
       float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
       for (int64_t c = 0; c < TILE_KEYS; ++c) {
@@ -139,12 +193,8 @@ void prefill_tile(scalar_t* out, const scalar_t* query, const scalar_t* key_cach
         sum += p;
       }
       l[r] = l[r] * correction + sum;
-      m[r] = mx;
-      float* orow = o.data() + r * D;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) orow[d] *= correction;
     }
-    for (int64_t r0 = 0; r0 < padded; r0 += ROWS)
+    for (int64_t r0 = 0; r0 < padded; r0 += PV_ROWS)
       pv_tile(s.data() + r0 * TILE_KEYS, v.data(), n, D, o.data() + r0 * D);
   }
   for (int64_t r = 0; r < rows; ++r) {
