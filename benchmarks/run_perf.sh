@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every number of docs/performance.md, in one command (about 30 minutes on 2 quiet cores):
+# Every number of docs/performance.md, in one command (about 35 minutes on 2 quiet cores):
 #
 #   bash benchmarks/run_perf.sh            # installs the vLLM peer first if it is missing
 #
@@ -15,6 +15,8 @@ export VLLM_PYTHON="$VENV/bin/python"
 R=benchmarks/results
 run() { python -m benchmarks.run --baseline vllm --out "$R" "$@"; }
 OURS="folovllm-stage6 folovllm-stage6[custom_ops=none]"
+
+python -m benchmarks.kernels_cpu --out "$R"   # each fast path alone against its torch code
 
 for w in mixed prompts_1024; do
     n=""; [ "$w" = mixed ] && n="--num-requests 32"
