@@ -62,7 +62,8 @@ def cases(quick: bool) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]
             q_norm, k_norm, rope = RMSNorm(d), RMSNorm(d), RotaryEmbedding(d, 4096, 1e6)
             positions = torch.arange(tokens) + 100
 
-            def qk(path: str, qkv=qkv, q_norm=q_norm, k_norm=k_norm, rope=rope, positions=positions):
+            def qk(path: str, qkv=qkv, q_norm=q_norm, k_norm=k_norm, rope=rope, positions=positions,
+                   hq=hq, hkv=hkv, d=d):
                 q = qkv[:, : hq * d].view(-1, hq, d)
                 k = qkv[:, hq * d : (hq + hkv) * d].view(-1, hkv, d)
                 f = (lambda m, *a: getattr(m, f"forward_{path}")(*a))
