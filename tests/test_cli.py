@@ -18,6 +18,23 @@ def test_generate_prints_text_finish_reason_and_stats(tiny_qwen3, capsys):
     assert "num_forward_passes=5" in out  # one prefill + four decodes
 
 
+def test_custom_ops_flag_reaches_the_engine(tiny_qwen3, monkeypatch):
+    seen = {}
+    import folovllm
+
+    class Spy(folovllm.LLM):
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(folovllm, "LLM", Spy)
+    rc = main(["generate", "--model", str(tiny_qwen3), "--dtype", "float32", "--prompt", "x",
+               "--max-tokens", "2", "--custom-ops", "none"])
+    assert rc == 0 and seen["custom_ops"] == "none"
+    with pytest.raises(SystemExit):  # argparse refuses a value outside auto | all | none
+        main(["generate", "--model", str(tiny_qwen3), "--prompt", "x", "--custom-ops", "fast"])
+
+
 def test_generate_bad_input_exits_2_with_the_reason(tiny_qwen3, capsys):
     rc = main(["generate", "--model", str(tiny_qwen3), "--prompt", "x", "--top-p", "1.5"])
     assert rc == 2
