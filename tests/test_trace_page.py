@@ -91,12 +91,16 @@ def test_cli_serve_runs_until_interrupted(tiny_qwen3):
          "--port", "0", "--step-delay", "0.01", "--workload", "docs"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+    output: list[str] = []
     try:
         line = ""
         while "http://" not in line:
             line = proc.stdout.readline()
             assert line, "the server exited before printing its address"
         url = re.search(r"http://\S+/", line).group(0)
+        # Keep reading what it prints, so that it can never block on a full pipe, and so that
+        # a failure below can show it.
+        threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True).start()
         for _ in range(600):  # until the engine has taken its first step (30 s at most)
             state = json.loads(urllib.request.urlopen(f"{url}state", timeout=10).read())
             if state["step"] > 0:
@@ -107,7 +111,13 @@ def test_cli_serve_runs_until_interrupted(tiny_qwen3):
         assert state["step"] > 0 and state["stage"] == want_stage and state["kv"]["total"] > 0
     finally:
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        try:
+            rc = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError("still running 30 s after Ctrl-C; it printed:\n" + "".join(output[-50:]))
+        assert rc == 0, "".join(output[-50:])
 
 
 def test_openai_server_mounts_the_page_with_trace(tiny_qwen3):
