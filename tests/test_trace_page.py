@@ -4,6 +4,7 @@ engine serves a workload. Skipped where no Chromium is installed (CI installs De
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -90,6 +91,11 @@ def test_cli_serve_runs_until_interrupted(tiny_qwen3):
         [sys.executable, "-m", "folovllm.entrypoints.cli", "trace", "--serve", "--model", str(tiny_qwen3),
          "--port", "0", "--step-delay", "0.01", "--workload", "docs"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # SIGABRT dumps every thread's stack
+        # Ctrl-C must reach it even when this test runs in a background job of a shell without
+        # job control (`bash .ci/run &`), which starts with SIGINT ignored: Python then installs
+        # no KeyboardInterrupt handler in the child, and the server would never stop.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     output: list[str] = []
     try:
@@ -114,8 +120,13 @@ def test_cli_serve_runs_until_interrupted(tiny_qwen3):
         try:
             rc = proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            proc.send_signal(signal.SIGABRT)  # faulthandler prints where each thread is
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            time.sleep(0.5)  # let the reader thread take the last lines
             raise AssertionError("still running 30 s after Ctrl-C; it printed:\n" + "".join(output[-50:]))
         assert rc == 0, "".join(output[-50:])
 
