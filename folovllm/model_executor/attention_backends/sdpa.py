@@ -1,4 +1,6 @@
-"""`sdpa` backend: `torch.nn.functional.scaled_dot_product_attention`, stage 04's CPU default.
+"""`sdpa` backend: `torch.nn.functional.scaled_dot_product_attention`, stage 04's CPU default
+when our compiled kernels are off (`custom_ops="none"`; with them, `cpu_attn.py`, which reuses
+this backend's step plan).
 
 SDPA picks a fused kernel by device and inputs; on CPU with float inputs that is
 `aten._scaled_dot_product_flash_attention_for_cpu`, a tiled online-softmax kernel (the algorithm
