@@ -286,23 +286,24 @@ class EngineConfig:
         )
 
     def _resolve_custom_ops(self) -> str:
-        """"all" or "none"; builds the kernels on first use when they are wanted."""
+        """"all" or "none". The kernels are built (on first use) when something asks for them:
+        required by custom_ops="all" or attention_backend="cpu_attn" (an error if they cannot
+        be built), wanted by "auto" on a CPU (a warning and the torch code if they cannot)."""
         from folovllm._custom_ops import load_ops
 
-        on_cpu = torch.device(self.device).type == "cpu"
-        wanted = self.custom_ops == "all" or self.attention_backend == "cpu_attn"
-        if self.custom_ops == "none" and not wanted:
-            return "none"
-        if self.custom_ops == "auto" and not on_cpu:
+        required = self.custom_ops == "all" or self.attention_backend == "cpu_attn"
+        wanted = self.custom_ops == "all" or (
+            self.custom_ops == "auto" and torch.device(self.device).type == "cpu")
+        if not (required or wanted):
             return "none"
         try:
             load_ops()
         except RuntimeError as e:
-            if wanted:
+            if required:
                 raise ValueError(str(e)) from e
             logger.warning("%s Falling back to the torch code (custom_ops='none').", e)
             return "none"
-        return "all" if self.custom_ops != "none" else "none"
+        return "all" if wanted else "none"
 
 
 def _positive_int(name: str, value: Any) -> None:

@@ -49,13 +49,21 @@ class CPUAttentionBackend(SDPAAttentionBackend):
         self.ops = load_ops()  # raises, saying why, when the kernels cannot be built
 
     # --8<-- [start:cpu_attn_kernels]
+    def forward(
+        self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+        md: AttentionMetadata, scale: float,
+    ) -> torch.Tensor:
+        # the kernels read q through raw pointers: one contiguous copy (Qwen2/Llama's q is a
+        # view into the qkv output; Qwen3's comes out of its q-norm contiguous already)
+        return super().forward(q.contiguous(), key_cache, value_cache, md, scale)
+
     def prefill(
         self, q: torch.Tensor, out: torch.Tensor, key_cache: torch.Tensor,
         value_cache: torch.Tensor, p: _Prefill, scale: float,
     ) -> None:
         """One prompt (or chunk) against its cached context, read in place through its blocks."""
         self.ops.paged_attention_prefill(
-            out[p.start:p.end], q[p.start:p.end].contiguous(), key_cache, value_cache,
+            out[p.start:p.end], q[p.start:p.end], key_cache, value_cache,
             p.blocks, p.seq_len, scale,
         )
 
@@ -66,7 +74,7 @@ class CPUAttentionBackend(SDPAAttentionBackend):
         """Every decode of the step in one call."""
         if plan.decode_rows is not None:
             self.ops.paged_attention_decode(
-                out, q.contiguous(), key_cache, value_cache,
+                out, q, key_cache, value_cache,
                 plan.decode_rows, plan.decode_tables, plan.decode_lens, scale,
             )
     # --8<-- [end:cpu_attn_kernels]

@@ -218,12 +218,15 @@ def pack_linear_weights(model: nn.Module) -> int:
     the plain rows): vocab x hidden more bytes, as in vLLM's CPU build. Returns how many."""
     if not _ONEDNN:
         return 0
+    # imported here: vocab_parallel_embedding imports this module
+    from folovllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
     packed = 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
         plain = isinstance(getattr(module, "quant_method", None), UnquantizedLinearMethod)
-        lm_head = type(module).__name__ == "ParallelLMHead"
-        if ((plain or lm_head) and isinstance(weight, torch.Tensor) and not weight.is_mkldnn
+        if ((plain or isinstance(module, ParallelLMHead)) and isinstance(weight, torch.Tensor)
+                and not weight.is_mkldnn
                 and weight.device.type == "cpu" and weight.dtype in _ONEDNN_DTYPES):
             with torch.inference_mode():
                 blocked = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH)
