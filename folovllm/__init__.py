@@ -1,10 +1,20 @@
 """folovllm: a small LLM inference engine in the vLLM family, built one optimisation at a time."""
 
-from folovllm.config import EngineConfig
-from folovllm.entrypoints.llm import LLM
-from folovllm.engine.llm_engine import LLMEngine
-from folovllm.outputs import CompletionOutput, RequestOutput
-from folovllm.sampling_params import RequestOutputKind, SamplingParams
+# Before anything imports torch: FOLOVLLM_CPU_ISA=avx2 caps oneDNN and ATen, which read their
+# caps once (folovllm/envs.py), and folovllm's log lines get their handler (folovllm/logger.py).
+from folovllm import envs as _envs
+
+_envs.apply_cpu_isa()
+
+from folovllm.logger import configure_root_logger as _configure_root_logger  # noqa: E402
+
+_configure_root_logger()
+
+from folovllm.config import EngineConfig  # noqa: E402
+from folovllm.entrypoints.llm import LLM  # noqa: E402
+from folovllm.engine.llm_engine import LLMEngine  # noqa: E402
+from folovllm.outputs import CompletionOutput, RequestOutput  # noqa: E402
+from folovllm.sampling_params import RequestOutputKind, SamplingParams  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineConfig", "RequestOutputKind"]

@@ -12,6 +12,7 @@ something an executor calls on all ranks at once (`collective_rpc`).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -25,8 +26,11 @@ from folovllm.model_executor.attention_backends import get_attn_backend
 from folovllm.model_executor.custom_op import set_custom_ops
 from folovllm.model_executor.layers.linear import pack_linear_weights
 from folovllm.model_executor.model_loader import load_model
+from folovllm.platforms import cpu as cpu_platform
 from folovllm.worker.model_runner import ModelRunner
 from folovllm.worker.sampler import Sampler
+
+logger = logging.getLogger(__name__)
 
 
 class Worker:
@@ -39,6 +43,8 @@ class Worker:
         set_custom_ops(self.model, config.custom_ops)  # resolved: "all" or "none"
         if config.custom_ops == "all":  # the CPU fast path: linear weights in oneDNN's layout
             pack_linear_weights(self.model)
+        if torch.device(config.device).type == "cpu" and parallel_state.get_tensor_model_parallel_rank() == 0:
+            logger.info("%s; custom_ops=%s", cpu_platform.describe(), config.custom_ops)
         self.model_runner = ModelRunner(
             self.model, sampler, config.device, get_attn_backend(config.attention_backend)
         )

@@ -53,6 +53,7 @@ from folovllm.distributed.parallel_state import (
     get_tensor_model_parallel_world_size,
     tensor_model_parallel_all_reduce,
 )
+from folovllm.platforms.cpu import onednn_bf16_supported
 
 WeightLoader = Callable[..., None]  # (param, loaded_weight, shard_id=None) -> None
 ShardId = Union[int, str]
@@ -185,11 +186,12 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     T = 8), and ties on small shapes at small T; docs/performance.md has the measurements and
     the end-to-end effect. vLLM's CPU backend uses oneDNN matmuls too. Same math, a different summation order: results differ from
     `F.linear` by float32 rounding (~1e-6), which `tests/test_linear.py` checks. Everything
-    else (CUDA, float16, a 3-D input, a build without oneDNN) takes `F.linear`, the reference.
+    else (CUDA, float16, a 3-D input, a build without oneDNN, bfloat16 on a CPU without
+    oneDNN's bf16 kernels, platforms/cpu.py) takes `F.linear`, the reference.
     """
     if weight.is_mkldnn:  # packed by `pack_linear_weights`: only oneDNN can read it
         return _packed_linear(x, weight, bias)
-    if (_ONEDNN and x.device.type == "cpu" and x.dim() == 2 and x.dtype in _ONEDNN_DTYPES
+    if (_ONEDNN and x.device.type == "cpu" and x.dim() == 2 and onednn_takes(x.dtype)
             and weight.dtype == x.dtype and not torch.is_grad_enabled()):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
@@ -197,7 +199,12 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def onednn_takes(dtype: torch.dtype) -> bool:
+    """oneDNN multiplies float32 on every x86 CPU, bfloat16 only where it has bf16 kernels
+    (AVX-512 BW/VL/DQ or AVX-NE-CONVERT; elsewhere it fails to create the primitive)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and onednn_bf16_supported())
 
 
 # --8<-- [start:pack_linear_weights]
@@ -212,7 +219,7 @@ MIN_ROWS = 4
 
 
 def pack_linear_weights(model: nn.Module) -> int:
-    """Store every plain (unquantized, CPU, float32/bfloat16) linear weight and the LM head in
+    """Store every plain (unquantized, CPU, float32/bfloat16 where oneDNN has bf16 kernels) linear weight and the LM head in
     oneDNN's layout, in place of the plain one (same bytes; `weight.to_dense()` gives it back).
     An LM head tied to the embedding gets a packed copy of its own (the embedding's lookup needs
     the plain rows): vocab x hidden more bytes, as in vLLM's CPU build. Returns how many."""
@@ -227,7 +234,7 @@ def pack_linear_weights(model: nn.Module) -> int:
         plain = isinstance(getattr(module, "quant_method", None), UnquantizedLinearMethod)
         if ((plain or isinstance(module, ParallelLMHead)) and isinstance(weight, torch.Tensor)
                 and not weight.is_mkldnn
-                and weight.device.type == "cpu" and weight.dtype in _ONEDNN_DTYPES):
+                and weight.device.type == "cpu" and onednn_takes(weight.dtype)):
             with torch.inference_mode():
                 blocked = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH)
             module.weight = nn.Parameter(blocked, requires_grad=False)

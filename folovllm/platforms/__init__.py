@@ -1,0 +1,1 @@
+"""What the machine can run (vLLM's `vllm/platforms/`): today the CPU's instruction sets."""
