@@ -2,6 +2,8 @@
 
     python -m benchmarks.kernels_cpu              # ~3 minutes; writes perf_kernels_cpu.{json,md}
     python -m benchmarks.kernels_cpu --quick      # fewer repeats, nothing written
+    FOLOVLLM_CPU_ISA=avx2 python -m benchmarks.kernels_cpu   # the AVX2 path (portable kernels,
+                                                  # oneDNN capped at AVX2): perf_kernels_cpu_avx2
 
 Shapes are the bench model's (hidden 512, 8/4 heads of 64, intermediate 1,536) and Qwen3-0.6B's
 (hidden 1,024, 16/8 heads of 128, intermediate 3,072), float32:
@@ -27,6 +29,7 @@ import torch
 
 from benchmarks.harness import peak_loadavg, summarize, time_calls
 from benchmarks.results import RESULTS_DIR, machine_short, result_record, shared_machine_note, write_results
+from folovllm import envs
 from folovllm.model_executor.attention_backends import get_attn_backend
 from folovllm.model_executor.layers.activation import SiluAndMul
 from folovllm.model_executor.layers.layernorm import RMSNorm
@@ -150,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     markdown = render_markdown(result)
     print(markdown)
     if not args.quick:
-        write_results(args.out, "perf_kernels_cpu", result, markdown)
+        forced = "_avx2" if envs.cpu_isa() == "avx2" else ""
+        write_results(args.out, f"perf_kernels_cpu{forced}", result, markdown)
 
 
 if __name__ == "__main__":

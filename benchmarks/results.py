@@ -97,6 +97,12 @@ def machine_description() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "gpu": None,
     }
+    from folovllm.platforms import cpu as cpu_platform
+
+    # which fast CPU path ran (our kernels' ISA, bf16's linear path; FOLOVLLM_CPU_ISA=avx2 forces
+    # an AVX-512 machine onto the AVX2 one): the same CPU gives different numbers on each
+    desc["cpu_path"] = cpu_platform.describe()
+    desc["kernel_isa"] = cpu_platform.kernel_isa()
     try:
         import transformers
 
@@ -117,6 +123,8 @@ def machine_short(desc: dict[str, Any]) -> str:
         cpu = re.sub(r"\s+", " ", desc["cpu"])
         threads = desc["torch_threads"]
         where = f"{cpu}, {desc['cpu_cores']} cores, {threads} thread{'s' if threads != 1 else ''}"
+        if desc.get("kernel_isa"):
+            where += f", {desc['kernel_isa'].upper()} path"
     return f"{where}, torch {desc['torch']}"
 
 

@@ -156,7 +156,9 @@ def build_extension(
                       extra_cflags=list(extra_cflags), extra_ldflags=list(extra_ldflags),
                       build_directory=str(work), verbose=False)
         (work / DONE_FILE).write_text(f"built in {time.perf_counter() - start:.1f} s\n")
+        work.chmod(0o755)  # mkdtemp made it private; the cache may be shared
         os.rename(work, final)  # atomic: later starts see all of it or nothing
+        module.__file__ = str(final / f"{module_name}.so")
         logger.info("compiled %s in %.0f s", what, time.perf_counter() - start)
         return module
 

@@ -9,6 +9,7 @@ compares the stages, or `quantize` a float checkpoint with GPTQ (stage 07).
     folovllm trace --docs                            # the stage pages' pictures, docs/assets/
     folovllm trace --serve --stage 5                 # a live page of the running engine
     folovllm quantize Qwen/Qwen3-0.6B qwen3-gptq --bits 4 --group-size 128 --desc-act
+    folovllm build-kernels                           # compile the CPU kernels ahead of time
 """
 
 from __future__ import annotations
@@ -164,7 +165,32 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--seq-len", type=int, default=128)
     quant.add_argument("--damp", type=float, default=0.01, help="fraction of mean(diag H) added to H")
     quant.add_argument("--threads", type=int, default=None)
+
+    build = sub.add_parser(
+        "build-kernels",
+        help="compile folovllm's CPU kernels now (the first engine start would), e.g. in a Dockerfile or CI")
+    build.set_defaults(threads=None)
     return parser
+
+
+def run_build_kernels(args: argparse.Namespace) -> int:
+    """Build (or find) the kernels for this CPU path and say where they are; 1 if they cannot
+    be built, with the reason."""
+    import time
+
+    from folovllm import _custom_ops
+    from folovllm.platforms import cpu as cpu_platform
+
+    print(cpu_platform.describe())
+    start = time.perf_counter()
+    try:
+        ops = _custom_ops.load_ops()
+    except RuntimeError as e:
+        print(f"folovllm: error: {e}", file=sys.stderr)
+        return 1
+    print(f"ready in {time.perf_counter() - start:.1f} s: {Path(ops.__file__).parent.name} "
+          f"under {_custom_ops.envs.kernel_cache_root()}")
+    return 0
 
 
 def run_quantize(args: argparse.Namespace) -> int:
@@ -209,6 +235,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_trace(args)
         if args.command == "quantize":
             return run_quantize(args)
+        if args.command == "build-kernels":
+            return run_build_kernels(args)
         return run_demo(args)
     except ValueError as e:
         print(f"folovllm: error: {e}", file=sys.stderr)

@@ -44,6 +44,7 @@ class Worker:
         if config.custom_ops == "all":  # the CPU fast path: linear weights in oneDNN's layout
             pack_linear_weights(self.model)
         if torch.device(config.device).type == "cpu" and parallel_state.get_tensor_model_parallel_rank() == 0:
+            cpu_platform.check_isa_override()
             logger.info("%s; custom_ops=%s", cpu_platform.describe(), config.custom_ops)
         self.model_runner = ModelRunner(
             self.model, sampler, config.device, get_attn_backend(config.attention_backend)
