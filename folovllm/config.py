@@ -15,13 +15,21 @@ Stages and their flags::
                              cpu_attn with our compiled kernels, else sdpa)
     05 chunked prefill       enable_chunked_prefill (+ long_prefill_token_threshold)
     06 prefix caching        enable_prefix_caching    (needs enable_paged_kv)
-    07 GPTQ                  a GPTQ checkpoint's 4-bit weights (quantization: None = the
-                             checkpoint's quantization_config, as vLLM; "gptq" insists on it)
-    08 tensor parallel       tensor_parallel_size > 1 (a separate axis: composes with any stage,
-                             so there is no for_stage(8))
 
-Beside the stages, not one of them: `custom_ops` (our compiled CPU kernels and packed weights,
-model_executor/custom_op.py) and `trace` (the step trace).
+The ladder is 01-06: each stage one more flag, `for_stage(n)` all of them up to n. Stages 07
+and 08 are built, but they are axes beside the ladder, not rungs on it, and `for_stage` says so
+rather than returning stage 06's engine under another number:
+
+    07 GPTQ                  a GPTQ checkpoint's 4-bit weights, at any stage (quantization:
+                             None = the checkpoint's quantization_config, as vLLM; "gptq"
+                             insists on it)
+    08 tensor parallel       tensor_parallel_size > 1, at any stage
+
+Beside them, not stages either: `custom_ops` (our compiled CPU kernels and packed weights,
+model_executor/custom_op.py; "auto" turns them on at every stage, like the dtype: the ladder's
+measured gains compare stages with the same setting) and `trace` (the step trace).
+`describe_engine` says in one line what an engine actually runs: the stage, the axes, the
+kernels.
 """
 
 from __future__ import annotations
@@ -34,9 +42,10 @@ from typing import Any, Optional
 
 import torch
 
-# The highest stage that is implemented. `for_stage` refuses anything above it with a clear
-# message instead of silently running an older engine.
-LATEST_STAGE = 7
+# The top of the ladder of cumulative stage flags: `for_stage(1..LATEST_STAGE)`, the default of
+# `LLM` and of the CLI. `for_stage` refuses anything else with a clear message (the axes 07 and 08
+# say how to turn them on; a stage not built yet says so) instead of silently running another.
+LATEST_STAGE = 6
 STAGE_NAMES = {
     1: "naive generation",
     2: "continuous batching",
@@ -46,6 +55,16 @@ STAGE_NAMES = {
     6: "prefix caching",
     7: "GPTQ",
     8: "tensor parallel",
+    9: "speculative decoding",
+    10: "structured outputs",
+    11: "multi-LoRA",
+}
+# Built, but not rungs of the ladder: how to turn each one on.
+AXES = {
+    7: "quantization is a property of the checkpoint, as in vLLM: load a GPTQ checkpoint at any "
+       "stage (quantization='gptq' refuses one that is not), e.g. LLM(gptq_checkpoint, stage=6)",
+    8: "it composes with any stage, so pass tensor_parallel_size=N with the stage you want "
+       "(e.g. for_stage(6, tensor_parallel_size=2))",
 }
 
 logger = logging.getLogger(__name__)
@@ -99,12 +118,11 @@ class EngineConfig:
     enable_chunked_prefill: bool = False  # stage 05
     long_prefill_token_threshold: int = 0  # stage 05: 0 = a chunk is capped by the budget only
     enable_prefix_caching: bool = False  # stage 06
-    # stage 07. Quantization is a property of the checkpoint, as in vLLM: None loads whatever
-    # its config.json says (4-bit GPTQ layers for a GPTQ checkpoint, at any stage); "gptq"
-    # refuses a checkpoint that is not GPTQ (the worker passes it to `load_model`). So stage 7
-    # has no flag of its own: for_stage(7) = for_stage(6).
+    # stage 07, an axis. Quantization is a property of the checkpoint, as in vLLM: None loads
+    # whatever its config.json says (4-bit GPTQ layers for a GPTQ checkpoint, at any stage);
+    # "gptq" refuses a checkpoint that is not GPTQ (the worker passes it to `load_model`).
     quantization: Optional[str] = None
-    tensor_parallel_size: int = 1  # stage 08
+    tensor_parallel_size: int = 1  # stage 08, an axis
     # observability, not a stage: record every step for `folovllm trace` (engine/trace.py)
     trace: bool = False
     # performance, not a stage: our compiled CPU kernels for RMSNorm, RoPE, SiLU-and-mul and
@@ -122,13 +140,9 @@ class EngineConfig:
     def for_stage(cls, stage: int, **overrides: Any) -> "EngineConfig":
         """The config of stage `stage` with every earlier stage on; `overrides` win."""
         if not isinstance(stage, int) or isinstance(stage, bool) or stage not in STAGE_NAMES:
-            raise ValueError(f"stage must be an integer in 1..{max(STAGE_NAMES)}, got {stage!r}")
-        if stage == 8:
-            raise ValueError(
-                "stage 8 (tensor parallel) is not a for_stage flag: it composes with any stage, "
-                "so pass tensor_parallel_size=N with the stage you want (e.g. for_stage(7, "
-                "tensor_parallel_size=2))"
-            )
+            raise ValueError(f"stage must be an integer in 1..{LATEST_STAGE}, got {stage!r}")
+        if stage in AXES:
+            raise ValueError(f"stage {stage} ({STAGE_NAMES[stage]}) is not a for_stage flag: {AXES[stage]}")
         if stage > LATEST_STAGE:
             raise ValueError(
                 f"stage {stage} ({STAGE_NAMES[stage]}) is not built yet; "
@@ -304,6 +318,49 @@ class EngineConfig:
             logger.warning("%s Falling back to the torch code (custom_ops='none').", e)
             return "none"
         return "all" if wanted else "none"
+
+
+# --8<-- [start:describe_engine]
+def describe_engine(config: "EngineConfig", hf_config: Any, dtype: torch.dtype) -> dict[str, Any]:
+    """What an engine actually runs, for the start-up line, the trace, the live page and
+    `/metrics`: the ladder's stage (the highest flag on) with the flags below it that are off
+    (an ablation), and the axes beside the ladder: the checkpoint's quantization, the tensor-
+    parallel size, the attention backend, the CPU kernels, the weights' dtype. `config` is
+    resolved.
+
+    `summary` reads e.g. "stage 06 prefix caching + GPTQ 4-bit, attention cpu_attn, CPU kernels
+    (avx512), float32".
+    """
+    flags = {2: config.enable_continuous_batching, 3: config.enable_paged_kv,
+             4: config.attention_backend != "naive", 5: config.enable_chunked_prefill,
+             6: config.enable_prefix_caching}
+    stage = config.stage
+    off = [s for s, on in flags.items() if s < stage and not on]
+    quant = getattr(hf_config, "quantization_config", None) or {}
+    if not isinstance(quant, dict):
+        quant = quant.to_dict()
+    quantization = (f"{quant.get('quant_method', '?').upper()} {quant.get('bits', '?')}-bit"
+                    if quant else None)
+    kernels = "off"
+    if config.custom_ops == "all":
+        from folovllm.platforms.cpu import kernel_isa
+
+        kernels = kernel_isa()
+    dtype_name = str(dtype).replace("torch.", "")
+    parts = [f"stage {stage:02d} {STAGE_NAMES[stage]}"]
+    if off:
+        parts[0] += " without " + ", ".join(f"{s:02d}" for s in off)
+    if quantization:
+        parts[0] += f" + {quantization}"
+    if config.tensor_parallel_size > 1:
+        parts[0] += f" + tensor parallel x{config.tensor_parallel_size}"
+    parts += [f"attention {config.attention_backend}",
+              f"CPU kernels ({kernels})" if kernels != "off" else "CPU kernels off", dtype_name]
+    return dict(stage=stage, stage_name=STAGE_NAMES[stage], stages_off=off,
+                quantization=quantization, tensor_parallel_size=config.tensor_parallel_size,
+                attention_backend=config.attention_backend, cpu_kernels=kernels, dtype=dtype_name,
+                summary=", ".join(parts))
+# --8<-- [end:describe_engine]
 
 
 def _positive_int(name: str, value: Any) -> None:

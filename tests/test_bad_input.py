@@ -269,21 +269,35 @@ def test_unexpected_weight_tensor(ckpt_copy):
 
 
 def test_stage_out_of_range():
-    for bad in (0, 9, "1", True):
-        with pytest.raises(ValueError, match=r"stage must be an integer in 1..8"):
+    for bad in (0, max(STAGE_NAMES) + 1, "1", True):
+        with pytest.raises(ValueError, match=rf"stage must be an integer in 1..{LATEST_STAGE}"):
             EngineConfig.for_stage(bad)
 
 
-def test_stage_8_is_an_axis_not_a_stage_flag(tiny_qwen3):
+def test_stages_7_and_8_are_axes_not_stage_flags(tiny_qwen3):
+    """GPTQ and tensor parallelism are built but compose with any stage: asking for them as a
+    rung of the ladder says how to turn them on, instead of quietly running stage 06."""
     with pytest.raises(ValueError, match=r"stage 8 \(tensor parallel\) is not a for_stage flag.*tensor_parallel_size=N"):
         EngineConfig.for_stage(8)
     with pytest.raises(ValueError, match="tensor_parallel_size=N"):
         LLM(str(tiny_qwen3), stage=8)
+    with pytest.raises(ValueError, match=r"stage 7 \(GPTQ\) is not a for_stage flag.*load a GPTQ checkpoint"):
+        EngineConfig.for_stage(7)
 
 
-@pytest.mark.skipif(LATEST_STAGE >= 7, reason="every stage is built")
+def test_the_engine_says_what_it_runs(tiny_qwen3):
+    """`describe_engine`: the ladder's stage, the flags below it that are off, and the axes."""
+    llm = LLM(str(tiny_qwen3), dtype="float32", custom_ops="none")
+    d = llm.llm_engine.description
+    assert (d["stage"], d["stages_off"], d["quantization"], d["cpu_kernels"]) == (LATEST_STAGE, [], None, "off")
+    assert d["summary"].startswith(f"stage {LATEST_STAGE:02d} {STAGE_NAMES[LATEST_STAGE]}, attention sdpa")
+    ablation = LLM(str(tiny_qwen3), stage=6, enable_chunked_prefill=False, dtype="float32",
+                   custom_ops="none").llm_engine.description
+    assert ablation["stages_off"] == [5] and "without 05" in ablation["summary"]
+
+
 def test_stage_not_built_yet(tiny_qwen3):
-    stage = LATEST_STAGE + 1
+    stage = max(STAGE_NAMES)  # named in the plan, not built
     msg = rf"stage {stage} \({STAGE_NAMES[stage]}\) is not built yet; stages 1..{LATEST_STAGE} are available"
     with pytest.raises(ValueError, match=msg):
         EngineConfig.for_stage(stage)

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from folovllm.config import EngineConfig
+from folovllm.config import LATEST_STAGE, EngineConfig, describe_engine
 from folovllm.core.kv_cache_interface import KVCacheManagerBase, KVCacheSpec
 from folovllm.core.kv_cache_utils import fit_max_model_len, get_kv_cache_manager_cls
 from folovllm.core.request import Request, RequestStatus
@@ -35,12 +35,12 @@ from folovllm.sampling_params import SEED_LIMIT, SamplingParams
 from folovllm.worker.model_runner import ModelRunner
 from folovllm.worker.sampler import Sampler
 
-logger = logging.getLogger("folovllm")
+logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
     def __init__(self, model: str, config: Optional[EngineConfig] = None) -> None:
-        config = config or EngineConfig.for_stage(1)
+        config = config or EngineConfig.for_stage(LATEST_STAGE)
         path = resolve_model_path(model)
         self.hf_config = load_hf_config(path)
         self.config = config.resolve(self.hf_config.max_position_embeddings)
@@ -64,6 +64,8 @@ class LLMEngine:
         except BaseException:  # e.g. a KV budget too small: no worker process outlives the error
             self.model_executor.shutdown()
             raise
+        self.description = describe_engine(self.config, self.hf_config, spec.dtype)
+        logger.info("engine: %s", self.description["summary"])
         scheduler_cls = Scheduler if self.config.enable_continuous_batching else StaticBatchScheduler
         self.scheduler: SchedulerBase = scheduler_cls(self.config, self.kv_cache_manager, self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)

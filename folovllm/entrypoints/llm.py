@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 from typing import Any, Optional, Sequence, Union
 
-from folovllm.config import EngineConfig
+from folovllm.config import LATEST_STAGE, EngineConfig
 from folovllm.engine.llm_engine import LLMEngine, replace_params
 from folovllm.entrypoints.chat_utils import apply_chat_template
 from folovllm.inputs import PromptType
@@ -19,7 +19,9 @@ class LLM:
 
     Args:
         model: a local Hugging Face checkpoint folder or a hub id such as "Qwen/Qwen3-0.6B".
-        stage: which optimisation stages are on (1..latest, cumulative); see `EngineConfig`.
+        stage: which optimisation stages are on, cumulatively: 1..6, default 6, every stage
+            (the CLI's default too). GPTQ (07) comes with a GPTQ checkpoint and tensor
+            parallelism (08) with `tensor_parallel_size`, at any stage; see `EngineConfig`.
         dtype, device, max_num_seqs, max_model_len, seed, **engine_args: `EngineConfig` fields.
             `trace=True` records every engine step in `llm.llm_engine.tracer` (docs/trace.md).
     """
@@ -27,7 +29,7 @@ class LLM:
     def __init__(
         self,
         model: str,
-        stage: int = 1,
+        stage: int = LATEST_STAGE,
         dtype: str = "auto",
         device: str = "cpu",
         max_num_seqs: int = 16,
