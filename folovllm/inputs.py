@@ -12,7 +12,15 @@ is the engine's check (`LLMEngine.validate_request`).
 from __future__ import annotations
 
 import numbers
-from typing import Optional, Sequence, TypedDict, Union
+from typing import NamedTuple, Optional, Sequence, TypedDict, Union
+
+
+class ProcessedPrompt(NamedTuple):
+    """A prompt the engine has checked and tokenized (`LLMEngine.validate_request`); passing it
+    to `add_request` queues it without tokenizing it again (vLLM's processed inputs)."""
+
+    text: Optional[str]
+    token_ids: list[int]
 
 
 class TextPrompt(TypedDict):
@@ -23,7 +31,7 @@ class TokensPrompt(TypedDict):
     prompt_token_ids: list[int]
 
 
-PromptType = Union[str, Sequence[int], TextPrompt, TokensPrompt]
+PromptType = Union[str, Sequence[int], TextPrompt, TokensPrompt, ProcessedPrompt]
 
 
 def parse_prompt(prompt: object) -> tuple[Optional[str], Optional[list[int]]]:

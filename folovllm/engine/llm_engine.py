@@ -28,7 +28,7 @@ from folovllm.engine.output_processor import OutputProcessor
 from folovllm.engine.stats import EngineStats, SchedulerStats
 from folovllm.engine.trace import NullTracer, StepTracer
 from folovllm.executor import WorkerDiedError, get_executor_cls
-from folovllm.inputs import PromptType, is_token_id, parse_prompt
+from folovllm.inputs import ProcessedPrompt, PromptType, is_token_id, parse_prompt
 from folovllm.model_executor.model_loader import load_hf_config, resolve_model_path
 from folovllm.outputs import RequestOutput
 from folovllm.sampling_params import SEED_LIMIT, SamplingParams
@@ -137,16 +137,20 @@ class LLMEngine:
         self.stats.num_prompt_tokens += len(prompt_token_ids) * len(children)
 
     # --8<-- [start:validate_request]
-    def validate_request(self, prompt: PromptType, params: SamplingParams) -> tuple[Optional[str], list[int]]:
+    def validate_request(self, prompt: PromptType, params: SamplingParams) -> ProcessedPrompt:
         """The one check of a request against this engine, before anything is queued.
         `SamplingParams` checked each field on its own; here is what depends on the model:
         token ids within its vocabulary (the tokenizer's too), lengths within `max_model_len`.
-        A request that passes runs to a normal finish. Returns (prompt text or None, token ids)."""
+        A request that passes runs to a normal finish. Returns (prompt text or None, token ids),
+        which `add_request` takes as the prompt without tokenizing it again."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
-        text, ids = parse_prompt(prompt)
-        if text is not None:
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if isinstance(prompt, ProcessedPrompt):  # tokenized by an earlier call: check it again
+            text, ids = prompt
+        else:
+            text, ids = parse_prompt(prompt)
+            if text is not None:
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
         bad = [t for t in ids if not is_token_id(t, self.vocab_size)]
         if bad:
             raise ValueError(
@@ -177,7 +181,7 @@ class LLMEngine:
                 f"top_k must be at most the vocabulary size ({self.vocab_size}), or 0 / -1 to "
                 f"keep every token, got {params.top_k}"
             )
-        return text, ids
+        return ProcessedPrompt(text, ids)
     # --8<-- [end:validate_request]
 
     def abort_request(self, request_id: str) -> Optional[RequestOutput]:

@@ -1,4 +1,5 @@
-"""`OutputProcessor`: tokens -> text, stop strings, and the `RequestOutput`s users see.
+"""`OutputProcessor`: tokens -> text (incrementally, `detokenizer.py`), stop strings, and the
+`RequestOutput`s users see.
 
 A prompt with `n` samples is run as `n` child requests (`"<id>"` for n = 1, `"<id>#<i>"`
 otherwise); this is where their completions are gathered back into one `RequestOutput`.
@@ -17,8 +18,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from folovllm.outputs import CompletionOutput, RequestOutput
 from folovllm.core.request import Request, RequestStatus
+from folovllm.engine.detokenizer import IncrementalDetokenizer
+from folovllm.outputs import CompletionOutput, RequestOutput
 from folovllm.sampling_params import RequestOutputKind
 
 
@@ -37,12 +39,16 @@ class OutputProcessor:
         self.parent_of: dict[str, str] = {}  # child request id -> parent request id
         # child request id -> (characters, tokens) already sent, for DELTA outputs
         self.sent: dict[str, tuple[int, int]] = {}
+        # child request id -> its detokenizer (the text so far and the window to extend it)
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
 
     def add_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
                     children: list[Request]) -> None:
         self.parents[request_id] = _Parent(request_id, prompt, prompt_token_ids, children)
         for child in children:
             self.parent_of[child.request_id] = request_id
+            self.detokenizers[child.request_id] = IncrementalDetokenizer(
+                self.tokenizer, child.sampling_params.skip_special_tokens)
 
     def process(self, advanced: list[Request], failed: Sequence[Request] = ()) -> list[RequestOutput]:
         """Detokenize the requests that got a token, apply stop strings, build the outputs of
@@ -74,12 +80,17 @@ class OutputProcessor:
         return self.make_output(parent)
 
     def update_text(self, request: Request) -> None:
-        """Decode the output; a stop string finishes the request and cuts the text before it."""
+        """Decode the new tokens (incrementally, `detokenizer.py`); a stop string finishes the
+        request and cuts the text before it."""
         params = request.sampling_params
         ids = request.output_token_ids
         if request.status == RequestStatus.FINISHED_STOPPED and request.stop_reason is not None:
             ids = ids[:-1]  # a stop token id is in token_ids but not in the text
-        text = self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
+        detokenizer = self.detokenizers[request.request_id]
+        detokenizer.add_tokens(ids[len(detokenizer.token_ids):])
+        text = detokenizer.text
+        if request.is_finished:  # nothing more will come: a character cut short shows as U+FFFD
+            text += detokenizer.pending_text()
         # A stop string can still end a request its last token ended for length.
         can_stop = not request.is_finished or request.status == RequestStatus.FINISHED_LENGTH
         if params.stop_strings and can_stop and request.num_output_tokens >= params.min_tokens:
@@ -134,6 +145,7 @@ class OutputProcessor:
             for child in parent.children:
                 self.parent_of.pop(child.request_id, None)
                 self.sent.pop(child.request_id, None)
+                self.detokenizers.pop(child.request_id, None)
         return RequestOutput(
             request_id=parent.request_id,
             prompt=parent.prompt,

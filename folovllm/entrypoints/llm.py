@@ -87,11 +87,11 @@ class LLM:
                 f"{type(sampling_params).__name__}"
             )
         engine = self.llm_engine
-        for prompt, params in zip(prompts, params_list):  # validate all before queuing any
-            engine.validate_request(prompt, params)
+        # validate (and tokenize) all before queuing any; add_request takes them as they are
+        processed = [engine.validate_request(prompt, params) for prompt, params in zip(prompts, params_list)]
         ids: list[str] = []
         try:
-            for prompt, params in zip(prompts, params_list):
+            for prompt, params in zip(processed, params_list):
                 request_id = str(self._counter)
                 self._counter += 1
                 # generate() returns finished outputs only: skip building the ones in between.
