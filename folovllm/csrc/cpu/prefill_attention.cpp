@@ -24,7 +24,7 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -58,6 +58,28 @@ inline void qk_tile(const float* q, int64_t ldq, const float* kt, int64_t D, flo
   }
   for (int64_t r = 0; r < QK_ROWS; ++r)
     for (int64_t j = 0; j < V; ++j) _mm512_storeu_ps(s + r * TILE_KEYS + 16 * j, acc[r][j]);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+// AVX2 has 16 vector registers of 8 floats, a quarter of AVX-512's 32 x 16: the QK_ROWS x
+// TILE_KEYS accumulators (32 vectors) do not fit, so the rows go two at a time (8 accumulators
+// + 4 K vectors + a broadcast). Each K vector is loaded QK_ROWS / 2 times instead of once, from L1.
+inline void qk_tile(const float* q, int64_t ldq, const float* kt, int64_t D, float* s) {
+  constexpr int64_t V = TILE_KEYS / 8, R = 2;
+  for (int64_t r0 = 0; r0 < QK_ROWS; r0 += R) {
+    __m256 acc[R][V];
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t j = 0; j < V; ++j) acc[r][j] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; ++d) {
+      __m256 k[V];
+      for (int64_t j = 0; j < V; ++j) k[j] = _mm256_loadu_ps(kt + d * TILE_KEYS + 8 * j);
+      for (int64_t r = 0; r < R; ++r) {
+        const __m256 qv = _mm256_set1_ps(q[(r0 + r) * ldq + d]);
+        for (int64_t j = 0; j < V; ++j) acc[r][j] = _mm256_fmadd_ps(qv, k[j], acc[r][j]);
+      }
+    }
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t j = 0; j < V; ++j) _mm256_storeu_ps(s + (r0 + r) * TILE_KEYS + 8 * j, acc[r][j]);
+  }
 }
 #else
 inline void qk_tile(const float* q, int64_t ldq, const float* kt, int64_t D, float* s) {
@@ -97,6 +119,27 @@ inline void pv_tile(const float* p, const float* v, int64_t n, int64_t D, float*
       }
       for (int64_t r = 0; r < PV_ROWS; ++r)
         for (int64_t j = 0; j < V; ++j) _mm512_storeu_ps(o + r * D + d0 + 16 * j, acc[r][j]);
+#elif defined(__AVX2__) && defined(__FMA__)
+      // AVX2: PV_ROWS x D_CHUNK accumulators are 32 vectors; take two rows x 32 columns at a
+      // time (8 accumulators + 4 V vectors + a broadcast), each V vector loaded twice, from L1.
+      constexpr int64_t V = 4, R = 2;
+      for (int64_t r0 = 0; r0 < PV_ROWS; r0 += R) {
+        for (int64_t d1 = d0; d1 < d0 + D_CHUNK; d1 += 8 * V) {
+          __m256 acc[R][V];
+          for (int64_t r = 0; r < R; ++r)
+            for (int64_t j = 0; j < V; ++j) acc[r][j] = _mm256_loadu_ps(o + (r0 + r) * D + d1 + 8 * j);
+          for (int64_t c = 0; c < n; ++c) {
+            __m256 vc[V];
+            for (int64_t j = 0; j < V; ++j) vc[j] = _mm256_loadu_ps(v + c * D + d1 + 8 * j);
+            for (int64_t r = 0; r < R; ++r) {
+              const __m256 pr = _mm256_set1_ps(p[(r0 + r) * TILE_KEYS + c]);
+              for (int64_t j = 0; j < V; ++j) acc[r][j] = _mm256_fmadd_ps(pr, vc[j], acc[r][j]);
+            }
+          }
+          for (int64_t r = 0; r < R; ++r)
+            for (int64_t j = 0; j < V; ++j) _mm256_storeu_ps(o + (r0 + r) * D + d1 + 8 * j, acc[r][j]);
+        }
+      }
 #else
       float acc[PV_ROWS][D_CHUNK];
       for (int64_t r = 0; r < PV_ROWS; ++r)
