@@ -92,6 +92,10 @@ def load_ops() -> ModuleType:
     try:
         if not (sys.platform.startswith("linux") and os.uname().machine == "x86_64"):
             raise RuntimeError(f"they are written for Linux on x86-64, not {sys.platform}/{os.uname().machine}")
+        missing = {"avx2", "fma"} - cpu_platform.cpu_flags()
+        if envs.cpu_isa() == "avx2" and missing:  # the binary would die of an illegal instruction
+            raise RuntimeError(f"FOLOVLLM_CPU_ISA=avx2 builds them for AVX2 and FMA, and this CPU "
+                               f"does not report {', '.join(sorted(missing))}; unset it")
         _ops = build_extension(
             "folovllm_cpu_ops",
             sources=[_CSRC / name for name in _SOURCES],

@@ -171,3 +171,14 @@ def test_build_kernels_command_says_where_the_kernels_are(capsys):
     assert "C++ kernels" in out and "ready in" in out
     folder = out.split("ready in", 1)[1].split(": ", 1)[1].split(" under ")[0]
     assert (_custom_ops.envs.kernel_cache_root() / folder / _custom_ops.DONE_FILE).exists()
+
+
+def test_the_avx2_build_is_refused_on_a_cpu_without_avx2(monkeypatch):
+    """A binary built for x86-64-v3 would die of an illegal instruction on an older CPU: the
+    switch is refused, naming the missing features, and "auto" then runs the torch code."""
+    monkeypatch.setenv("FOLOVLLM_CPU_ISA", "avx2")
+    monkeypatch.setattr(_custom_ops.cpu_platform, "cpu_flags", lambda: {"sse4_2", "avx"})
+    monkeypatch.setattr(_custom_ops, "_ops", None)
+    monkeypatch.setattr(_custom_ops, "_build_error", None)
+    with pytest.raises(RuntimeError, match="does not report avx2, fma"):
+        _custom_ops.load_ops()
