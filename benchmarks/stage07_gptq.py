@@ -204,7 +204,7 @@ def kernels_section(repeats: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 16, (K, N), generator=g)
     w = CpuInt4Weight.from_gptq(pack_int32(codes, 4, 0), pack_int32(torch.full((K // G, N), 8), 4, 1),
-                                torch.rand(K // G, N, generator=g) * 0.01, torch.arange(K) // G, 0)
+                                torch.rand(K // G, N, generator=g) * 0.01, torch.arange(K) // G)
     dense = torch.randn(N, K, generator=g)
     out: dict[str, Any] = {"shape": f"{K} -> {N}, groups of {G}"}
 

@@ -31,6 +31,7 @@ from folovllm.model_executor.layers.quantization.gptq import (
     dequantize_gptq,
     gptq_matmul_reference,
     pack_int32,
+    qzeros_v1_to_v2,
     unpack_int32,
 )
 from folovllm.model_executor.layers.quantization.gptq_quantizer import (
@@ -79,23 +80,72 @@ def test_pack_unpack_round_trip_and_bit_layout(bits):
 def test_dequantize_follows_the_formula_with_act_order():
     K, N = 64, 16
     codes, zeros, scales, g_idx = _random_gptq(K, N, 16, act_order=True)
-    got = dequantize_gptq(pack_int32(codes, 4, 0), pack_int32(zeros, 4, 1), scales, g_idx, 4, 0)
+    got = dequantize_gptq(pack_int32(codes, 4, 0), pack_int32(zeros, 4, 1), scales, g_idx, 4)
     for k in range(K):
         g = int(g_idx[k])
         torch.testing.assert_close(got[k], (codes[k] - zeros[g]).float() * scales[g], rtol=0, atol=0)
 
 
-def test_v1_stores_zero_minus_one_and_gives_the_same_weights_as_v2():
-    """A v1 checkpoint ("gptq") stores zero - 1 and the kernels add 1 back; v2 stores the zero."""
-    codes, zeros, scales, g_idx = _random_gptq(64, 16, 32, act_order=False)
-    zeros = zeros.clamp(min=1)  # v1 cannot store a zero of 0
-    qweight = pack_int32(codes, 4, 0)
-    v2 = dequantize_gptq(qweight, pack_int32(zeros, 4, 1), scales, g_idx, 4, GPTQConfig(checkpoint_format="gptq_v2").zero_offset)
-    v1 = dequantize_gptq(qweight, pack_int32(zeros - 1, 4, 1), scales, g_idx, 4, GPTQConfig(checkpoint_format="gptq").zero_offset)
-    assert torch.equal(v1, v2)
-    # Reading a v1 checkpoint as v2 (forgetting the +1) shifts every weight by one step.
-    wrong = dequantize_gptq(qweight, pack_int32(zeros - 1, 4, 1), scales, g_idx, 4, 0)
-    torch.testing.assert_close(wrong - v2, scales[g_idx.long()], rtol=0, atol=1e-6)
+def as_v1(qzeros_v2: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """What GPTQModel and AutoGPTQ write for v1: the packed zeros minus 1 in every field, as ONE
+    int32 subtraction (wrapping), so a zero of 0 borrows from its neighbour."""
+    ones = sum(1 << (bits * j) for j in range(32 // bits))
+    return qzeros_v2 - torch.tensor(ones - 2**32 if ones >= 2**31 else ones, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_v1_zeros_read_word_level_even_where_a_zero_is_0(bits):
+    """v1 ("gptq") subtracts 1 from every packed zero as one 32-bit subtraction. Where a real
+    zero is 0 the field borrows from its neighbour: reading it back field by field (what folovllm
+    did) is wrong there; the word-level addition GPTQModel does on load gives every zero back."""
+    codes, zeros, scales, g_idx = _random_gptq(64, 32, 16, act_order=False, bits=bits)
+    zeros[:, ::3] = 0  # zero points of 0 in every word, beside non-zero neighbours
+    v2 = pack_int32(zeros, bits, 1)
+    v1 = as_v1(v2, bits)
+    assert torch.equal(qzeros_v1_to_v2(v1, bits), v2)
+    qweight = pack_int32(codes, bits, 0)
+    plain = (codes - zeros[g_idx.long()]).float() * scales[g_idx.long()]  # the formula, no packing
+    assert torch.equal(dequantize_gptq(qweight, qzeros_v1_to_v2(v1, bits), scales, g_idx, bits), plain)
+    field_by_field = unpack_int32(v1, bits, 1) + 1  # the old reading
+    assert not torch.equal(field_by_field, zeros)
+    # Where no zero is 0 (every symmetric checkpoint) the two readings agree, which is why only
+    # asymmetric v1 files with a zero point of 0 came out wrong.
+    nonzero = zeros.clamp(min=1)
+    assert torch.equal(unpack_int32(as_v1(pack_int32(nonzero, bits, 1), bits), bits, 1) + 1, nonzero)
+
+
+def test_an_asymmetric_v1_checkpoint_with_zero_points_of_0_loads_exactly(gptq_checkpoints, tmp_path, monkeypatch):
+    """The same asymmetric checkpoint written as v2 and as v1 (GPTQModel's default format), some
+    zero points forced to 0: the two load to identical layers and identical logits."""
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv(KERNEL_ENV, "reference")
+    path, _ = gptq_checkpoints["qwen3", "act"]  # asymmetric, v2
+    tensors = load_file(str(path / "model.safetensors"))
+    forced = 0
+    for name in [n for n in tensors if n.endswith(".qzeros")]:
+        zeros = unpack_int32(tensors[name], 4, 1)
+        zeros[:, ::5] = 0
+        forced += int((zeros == 0).sum())
+        tensors[name] = pack_int32(zeros, 4, 1)
+    assert forced > 0
+    loaded = {}
+    for fmt in ("gptq_v2", "gptq"):
+        dst = tmp_path / fmt
+        shutil.copytree(path, dst)
+        save_file({n: as_v1(t) if fmt == "gptq" and n.endswith(".qzeros") else t for n, t in tensors.items()},
+                  str(dst / "model.safetensors"))
+        config = json.loads((dst / "config.json").read_text())
+        config["quantization_config"]["checkpoint_format"] = fmt
+        (dst / "config.json").write_text(json.dumps(config))
+        loaded[fmt] = load_model(str(dst), torch.float32)[0]
+    v2, v1 = loaded["gptq_v2"], loaded["gptq"]
+    for (name, a), (_, b) in zip(v2.named_buffers(), v1.named_buffers()):
+        assert torch.equal(a, b), name
+    for (name, a), (_, b) in zip(v2.named_parameters(), v1.named_parameters()):
+        assert torch.equal(a, b), name
+    seqs = [list(range(3, 40))]
+    assert torch.equal(v2.compute_logits(forward_sequences(v2, seqs)), v1.compute_logits(forward_sequences(v1, seqs)))
 
 
 # -- fast paths against the reference --------------------------------------------------------
@@ -111,10 +161,11 @@ def test_cpu_int4_matches_reference(K, N, group, act_order, v1):
     weights, within bfloat16's rounding of activations and (scale, zero) pairs."""
     codes, zeros, scales, g_idx = _random_gptq(K, N, K if group == -1 else group, act_order, seed=K + N)
     qweight, qzeros = pack_int32(codes, 4, 0), pack_int32(zeros, 4, 1)
-    offset = 1 if v1 else 0
+    if v1:  # as a v1 checkpoint is read: converted to v2 once, at load
+        qzeros = qzeros_v1_to_v2(as_v1(qzeros), 4)
     x = torch.randn(5, K, generator=torch.Generator().manual_seed(1))
-    want = gptq_matmul_reference(x, qweight, qzeros, scales, g_idx, 4, offset)
-    w = CpuInt4Weight.from_gptq(qweight, qzeros, scales, g_idx, offset)
+    want = gptq_matmul_reference(x, qweight, qzeros, scales, g_idx, 4)
+    w = CpuInt4Weight.from_gptq(qweight, qzeros, scales, g_idx)
     assert (w.perm is not None) == act_order
     got = w.matmul(x)
     err = (got - want).abs().max() / want.abs().max()
@@ -157,7 +208,7 @@ def test_gptq_beats_round_to_nearest_on_layer_output_error(sym, desc_act):
     assert gptq < 0.7 * rtn, f"GPTQ {gptq:.4g} vs RTN {rtn:.4g}"
     # What the checkpoint tensors dequantize to is exactly the quantizer's own result.
     zeros = pack_int32(q.zeros, 4, 1)
-    again = dequantize_gptq(pack_int32(q.codes, 4, 0), zeros, q.scales.float(), q.g_idx, 4, 0)
+    again = dequantize_gptq(pack_int32(q.codes, 4, 0), zeros, q.scales.float(), q.g_idx, 4)
     assert torch.equal(again.t(), q.dequantized)
     assert torch.equal(torch.sort(torch.bincount(q.g_idx.long())).values, torch.full((K // 32,), 32))
 

@@ -23,12 +23,20 @@ visited the inputs by decreasing Hessian diagonal, so groups are formed in that 
 
 Two zero conventions ("checkpoint_format"):
 
-    "gptq"     (v1, AutoGPTQ)   stored zero = real zero - 1; the kernels add the 1 back
-    "gptq_v2"  (GPTQModel)      stored zero = real zero
+    "gptq"     (v1, AutoGPTQ, GPTQModel's default)   qzeros word = packed real zeros - 0x11111111
+    "gptq_v2"  (GPTQModel)                           qzeros word = packed real zeros
 
-v1 exists because AutoGPTQ subtracted 1 before packing (an old off-by-one kept for compatibility);
-it cannot store a real zero of 0 (it would be -1, which spills into the next nibble), which is why
-GPTQModel moved to v2. We keep the stored zeros as they are and pass the offset to every kernel.
+v1 is AutoGPTQ's old off-by-one, kept for compatibility: it subtracts 1 from every zero, as one
+32-bit subtraction of 0x11111111 (4 bits; 0x01010101 at 8 bits). A real zero of 0 then borrows
+from its neighbour, and only the word-level inverse gets both back::
+
+    real zeros (nibbles, high to low)   0 0 0 0 0 0 3 0      word 0x00000030
+    v1 word = word - 0x11111111                              0xEEEEEF1F
+    nibble by nibble + 1                F F F F F 10 2 10    wrong: 0 - 1 borrowed from the 3
+    word + 0x11111111 (mod 2^32)                             0x00000030: right
+
+So a v1 checkpoint is converted to v2 once, at load (`qzeros_v1_to_v2`), as GPTQModel does, and
+every kernel reads real zeros.
 
 Kernels (`GPTQLinearMethod.apply`, picked once after loading, see `select_kernel`):
 
@@ -62,7 +70,7 @@ from folovllm.model_executor.layers.linear import (
 )
 
 SUPPORTED_BITS = (4, 8)
-# checkpoint_format -> what the kernels add to a stored zero
+# checkpoint_format -> what was subtracted from each zero before packing (v1's off-by-one)
 ZERO_OFFSETS = {"gptq": 1, "gptq_v2": 0}
 KERNELS = ("reference", "cpu_int4", "triton")
 KERNEL_ENV = "FOLOVLLM_GPTQ_KERNEL"  # force one kernel (tests, ablations); unset = select_kernel
@@ -100,6 +108,7 @@ class GPTQConfig(QuantizationConfig):
 
     @property
     def zero_offset(self) -> int:
+        """What a writer of this format subtracts from each zero (1 for v1), word-level."""
         return ZERO_OFFSETS[self.checkpoint_format]
 
     @classmethod
@@ -174,18 +183,29 @@ def unpack_int32(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 # --8<-- [end:packing]
 
 
+# --8<-- [start:v1_to_v2]
+def qzeros_v1_to_v2(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """v1 (AutoGPTQ) qzeros -> v2: add 1 to every packed zero as ONE 32-bit addition
+    (0x11111111 at 4 bits), so the borrow a zero of 0 took from its neighbour is given back,
+    exactly as GPTQModel converts on load (see the module docstring)."""
+    ones = sum(1 << (bits * j) for j in range(32 // bits))  # 0x11111111 / 0x01010101
+    words = (qzeros.to(torch.int64) + ones) & 0xFFFFFFFF  # mod 2^32
+    words = torch.where(words >= 2**31, words - 2**32, words)  # the same 32 bits as int32
+    return words.to(torch.int32)
+# --8<-- [end:v1_to_v2]
+
+
 # --8<-- [start:dequantize]
 def dequantize_gptq(
     qweight: torch.Tensor,  # int32 [K / P, N]
-    qzeros: torch.Tensor,  # int32 [groups, N / P]
+    qzeros: torch.Tensor,  # int32 [groups, N / P], v2 (real zeros)
     scales: torch.Tensor,  # [groups, N]
     g_idx: torch.Tensor,  # int [K]
     bits: int,
-    zero_offset: int,
 ) -> torch.Tensor:
     """-> W^T [K, N] in `scales`' dtype: (code - zero) * scale, each input row using its group."""
     codes = unpack_int32(qweight, bits, dim=0)  # [K, N]
-    zeros = unpack_int32(qzeros, bits, dim=1) + zero_offset  # [groups, N]
+    zeros = unpack_int32(qzeros, bits, dim=1)  # [groups, N]
     g = g_idx.long()
     # (code - zero) is a small exact integer, so the one product is the only rounding.
     return (codes - zeros[g]).to(scales.dtype) * scales[g]  # [K, N]
@@ -193,10 +213,10 @@ def dequantize_gptq(
 
 def gptq_matmul_reference(
     x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-    g_idx: torch.Tensor, bits: int, zero_offset: int, bias: Optional[torch.Tensor] = None,
+    g_idx: torch.Tensor, bits: int, bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """[..., K] -> [..., N]: the readable path every fast kernel is tested against."""
-    w = dequantize_gptq(qweight, qzeros, scales, g_idx, bits, zero_offset)  # [K, N]
+    w = dequantize_gptq(qweight, qzeros, scales, g_idx, bits)  # [K, N]
     y = x.to(w.dtype) @ w
     return y + bias if bias is not None else y
 # --8<-- [end:dequantize]
@@ -236,7 +256,6 @@ class CpuInt4Weight:
     @classmethod
     def from_gptq(
         cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
-        zero_offset: int,
     ) -> "CpuInt4Weight":
         codes = unpack_int32(qweight, 4, dim=0)  # [K, N]
         K = codes.shape[0]
@@ -253,7 +272,7 @@ class CpuInt4Weight:
         kernel_group = next((s for s in INT4_CPU_GROUPS if group % s == 0), None)
         if kernel_group is None:
             raise ValueError(f"cpu_int4 needs a group size that is a multiple of 32, got {group}")
-        zeros = (unpack_int32(qzeros, 4, dim=1) + zero_offset).float()  # [groups, N]
+        zeros = unpack_int32(qzeros, 4, dim=1).float()  # [groups, N]
         s = scales.float()
         zero_term = (8 - zeros) * s  # [groups, N]
         repeat = group // kernel_group
@@ -368,17 +387,18 @@ class GPTQLinearMethod(LinearMethodBase):
         layer.register_parameter("g_idx", g_idx)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        """Check g_idx, then pick the kernel and lay the weights out for it."""
+        """Check g_idx, read v1 zeros as v2, then pick the kernel and lay the weights out for it."""
         cfg = self.quant_config
         groups = layer.scales.shape[0]
         g = layer.g_idx
         if g.numel() and (int(g.min()) < 0 or int(g.max()) >= groups):
             raise ValueError(f"GPTQ g_idx holds groups outside [0, {groups}) in {layer.extra_repr()}")
+        if cfg.checkpoint_format == "gptq":
+            layer.qzeros.data = qzeros_v1_to_v2(layer.qzeros.data, cfg.bits)
         self.kernel = select_kernel(cfg, layer.qweight.device, layer.scales.dtype,
                                     layer.input_size, layer.output_size)
         if self.kernel == "cpu_int4":
-            self.cpu_weight = CpuInt4Weight.from_gptq(
-                layer.qweight, layer.qzeros, layer.scales, layer.g_idx, cfg.zero_offset)
+            self.cpu_weight = CpuInt4Weight.from_gptq(layer.qweight, layer.qzeros, layer.scales, layer.g_idx)
             # The int4 layout replaces the checkpoint tensors: keeping both would double memory.
             for name in ("qweight", "qzeros", "scales", "g_idx"):
                 delattr(layer, name)
@@ -399,10 +419,10 @@ class GPTQLinearMethod(LinearMethodBase):
             from folovllm.model_executor.layers.quantization.gptq_triton import gptq_matmul_triton
 
             y = gptq_matmul_triton(x2, layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
-                                   cfg.bits, cfg.zero_offset, bias)
+                                   cfg.bits, bias)
         else:
             y = gptq_matmul_reference(x2, layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
-                                      cfg.bits, cfg.zero_offset, bias)
+                                      cfg.bits, bias)
         return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)  # [..., N]
     # --8<-- [end:apply]
 

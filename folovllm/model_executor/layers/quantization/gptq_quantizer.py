@@ -363,7 +363,7 @@ def dequantize_checkpoint(gptq_path: str, out: str) -> Path:
     from safetensors.torch import save_file
 
     from folovllm.model_executor.layers.quantization import get_quant_config
-    from folovllm.model_executor.layers.quantization.gptq import dequantize_gptq
+    from folovllm.model_executor.layers.quantization.gptq import dequantize_gptq, qzeros_v1_to_v2
     from folovllm.model_executor.model_loader import iterate_checkpoint, resolve_model_path
 
     src, dst = resolve_model_path(gptq_path), Path(out)
@@ -373,8 +373,11 @@ def dequantize_checkpoint(gptq_path: str, out: str) -> Path:
     for name, tensor in tensors.items():
         module, key = name.rsplit(".", 1)
         if key == "qweight":
-            w = dequantize_gptq(tensor, tensors[f"{module}.qzeros"], tensors[f"{module}.scales"].float(),
-                                tensors[f"{module}.g_idx"], config.bits, config.zero_offset)
+            qzeros = tensors[f"{module}.qzeros"]
+            if config.checkpoint_format == "gptq":
+                qzeros = qzeros_v1_to_v2(qzeros, config.bits)
+            w = dequantize_gptq(tensor, qzeros, tensors[f"{module}.scales"].float(),
+                                tensors[f"{module}.g_idx"], config.bits)
             state[f"{module}.weight"] = w.t().contiguous()  # [N, K]
         elif key not in ("qzeros", "scales", "g_idx"):
             state[name] = tensor.float() if tensor.is_floating_point() else tensor

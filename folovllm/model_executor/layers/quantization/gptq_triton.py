@@ -7,7 +7,7 @@ One program computes a [BLOCK_M, BLOCK_N] tile of y, walking K in steps of BLOCK
 
     x tile   [BLOCK_M, BLOCK_K]  float, from memory
     codes    [BLOCK_K, BLOCK_N]  int32 words qweight[k // P, n], shifted by (k % P) * bits
-    zeros    [BLOCK_K, BLOCK_N]  qzeros[g_idx[k], n // P] >> (n % P) * bits, + zero_offset
+    zeros    [BLOCK_K, BLOCK_N]  qzeros[g_idx[k], n // P] >> (n % P) * bits (v2: real zeros)
     scales   [BLOCK_K, BLOCK_N]  scales[g_idx[k], n]
     w        = (codes - zeros) * scales       dequantized in registers, never written out
     acc     += x tile @ w                     tl.dot, accumulated in float32
@@ -36,7 +36,7 @@ def gptq_matmul_kernel(
     x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, bias_ptr, y_ptr,
     M, N, K,
     stride_xm, stride_qw, stride_qz, stride_s, stride_ym,
-    BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     PACK: tl.constexpr = 32 // BITS
@@ -60,7 +60,7 @@ def gptq_matmul_kernel(
         g = tl.load(g_idx_ptr + offs_k, mask=mask_k, other=0)  # [BK] group of each input
         zwords = tl.load(qzeros_ptr + g[:, None] * stride_qz + (offs_n // PACK)[None, :],
                          mask=mask_kn, other=0)
-        zeros = ((zwords >> zero_shift[None, :]) & MASK) + ZERO_OFFSET  # [BK, BN]
+        zeros = (zwords >> zero_shift[None, :]) & MASK  # [BK, BN]
         scales = tl.load(scales_ptr + g[:, None] * stride_s + offs_n[None, :], mask=mask_kn, other=0.0)
         w = (codes - zeros).to(scales.dtype) * scales  # [BK, BN], as the reference rounds it
         acc += tl.dot(x.to(w.dtype), w, out_dtype=tl.float32)
@@ -73,7 +73,7 @@ def gptq_matmul_kernel(
 
 def gptq_matmul_triton(
     x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-    g_idx: torch.Tensor, bits: int, zero_offset: int, bias: Optional[torch.Tensor] = None,
+    g_idx: torch.Tensor, bits: int, bias: Optional[torch.Tensor] = None,
     block_m: Optional[int] = None, block_n: int = 64, block_k: int = 32,
 ) -> torch.Tensor:
     """[M, K] -> [M, N] in `scales`' dtype. Tile sizes: decode (M <= 16) takes BLOCK_M = 16,
@@ -90,7 +90,7 @@ def gptq_matmul_triton(
         x, qweight, qzeros, scales, g_idx, bias if bias is not None else scales, y,
         M, N, K,
         x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), y.stride(0),
-        BITS=bits, ZERO_OFFSET=zero_offset, HAS_BIAS=bias is not None,
+        BITS=bits, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         **({} if os.environ.get("TRITON_INTERPRET") == "1" else {"num_warps": 4}),
     )
