@@ -345,6 +345,9 @@ def test_weight_bytes_are_about_4x_smaller_than_float16():
     ({"bits": 3}, r"GPTQ bits=3 is not supported"),
     ({"lm_head": True}, r"GPTQ lm_head=True .*quantized lm_head is not supported"),
     ({"checkpoint_format": "marlin"}, r"checkpoint_format='marlin' is not supported"),
+    ({"desc_act": "false"}, r"GPTQ desc_act='false' .*must be true or false"),  # bool() would say True
+    ({"sym": None}, r"GPTQ sym=None .*must be true or false"),
+    ({"group_size": "128"}, r"GPTQ group_size='128' .*must be an integer"),
     ({"group_size": 48}, r"group_size=48 does not divide the layer's 64 inputs"),
     ({"group_size": 0}, r"group_size must be -1 or a positive integer"),
     ({"dynamic": {"-:.*mlp.*": {}}}, r"GPTQ dynamic=.* per-module overrides"),

@@ -127,12 +127,21 @@ class GPTQConfig(QuantizationConfig):
         for field, (bad, why) in refusals.items():
             if bad:
                 raise ValueError(f"GPTQ {field}={raw.get(field)!r} in {source}: {why}")
+        # JSON booleans and integers only: bool("false") is True, so coercing would turn
+        # act-order on for `"desc_act": "false"`.
+        for field, default in (("desc_act", False), ("sym", True)):
+            if not isinstance(raw.get(field, default), bool):
+                raise ValueError(f"GPTQ {field}={raw.get(field)!r} in {source}: must be true or false")
+        for field, default in (("bits", 4), ("group_size", 128)):
+            value = raw.get(field, default)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"GPTQ {field}={value!r} in {source}: must be an integer")
         try:
             return cls(
-                bits=int(raw.get("bits", 4)),
-                group_size=int(raw.get("group_size", 128)),
-                desc_act=bool(raw.get("desc_act", False)),
-                sym=bool(raw.get("sym", True)),
+                bits=raw.get("bits", 4),
+                group_size=raw.get("group_size", 128),
+                desc_act=raw.get("desc_act", False),
+                sym=raw.get("sym", True),
                 checkpoint_format=fmt,
             )
         except ValueError as e:
