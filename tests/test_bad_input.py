@@ -193,6 +193,29 @@ def test_config_files_that_are_not_json_objects(ckpt_copy, name, text, match):
         _load(ckpt_copy)
 
 
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"hidden_size": 10**9}, r"hidden_size=1000000000 in .*must be an integer in 1..65536"),
+        ({"num_hidden_layers": 100_000}, r"num_hidden_layers=100000 .*1..1024"),
+        ({"hidden_size": -64}, r"hidden_size=-64 .*must be an integer"),
+        ({"num_key_value_heads": 3}, r"not a multiple of num_key_value_heads=3"),
+        ({"rms_norm_eps": -1.0}, r"rms_norm_eps=-1.0 .*positive finite"),
+        ({"rms_norm_eps": "small"}, r"config.json is not a valid Qwen3ForCausalLM configuration"),
+        ({"vocab_size": True}, r"not a valid Qwen3ForCausalLM configuration.*vocab_size"),
+    ],
+)
+def test_impossible_sizes_are_refused_before_anything_is_allocated(ckpt_copy, change, match):
+    """Each of these used to reach the allocator (a RuntimeError), allocate for minutes, fail in
+    an assert, or load and generate NaN tokens; now a ValueError from config.json alone."""
+    cfg = json.loads((ckpt_copy / "config.json").read_text())
+    cfg.update(change)
+    cfg.pop("layer_types", None)  # one entry per layer, which transformers checks on its own
+    (ckpt_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=match):
+        _load(ckpt_copy)
+
+
 def test_folder_with_no_weights(ckpt_copy):
     (ckpt_copy / "model.safetensors").unlink()
     with pytest.raises(ValueError, match=r"no weights in .*expected model.safetensors or "

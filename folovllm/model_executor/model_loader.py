@@ -69,9 +69,50 @@ def load_hf_config(path: Path) -> Any:
         )
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # transformers' own field checks (types, layer_types, ...)
+        raise ValueError(f"{config_file} is not a valid {supported[0]} configuration: {e}") from e
     config.architectures = supported
+    check_architecture(config, config_file)
     return config
+
+
+# Upper bounds far above any model this engine runs (Qwen3-235B: hidden 4,096, 94 layers, 64
+# heads, vocab 151,936), low enough that a typo cannot make the first allocation take minutes.
+_ARCH_LIMITS = {
+    "hidden_size": 1 << 16, "intermediate_size": 1 << 20, "num_hidden_layers": 1024,
+    "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 1024,
+    "vocab_size": 1 << 22, "max_position_embeddings": 1 << 24,
+}
+
+
+def check_architecture(config: Any, source: Path) -> None:
+    """Refuse, before anything is allocated, sizes no model can have: every integer of the
+    architecture positive and within `_ARCH_LIMITS`, query heads a multiple of the key/value heads,
+    a positive finite `rms_norm_eps` and `rope_theta`. (A hidden size of 1e9 used to reach the
+    allocator; 100,000 layers allocated for a minute and a half; a negative epsilon loaded and
+    generated NaN.)"""
+    for name, limit in _ARCH_LIMITS.items():
+        value = getattr(config, name, None)
+        if value is None and name in ("head_dim", "num_key_value_heads"):
+            continue  # optional: hidden_size / heads, and heads (no GQA)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
+            raise ValueError(f"{name}={value!r} in {source}: must be an integer in 1..{limit}")
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if heads % kv_heads:
+        raise ValueError(f"num_attention_heads={heads} in {source} is not a multiple of "
+                         f"num_key_value_heads={kv_heads} (each key/value head serves a whole group)")
+    if getattr(config, "head_dim", None) is None and config.hidden_size % heads:
+        raise ValueError(f"hidden_size={config.hidden_size} in {source} is not divisible by "
+                         f"num_attention_heads={heads}, and no head_dim is given")
+    for name in ("rms_norm_eps", "rope_theta"):
+        value = getattr(config, name, None)
+        if value is None and name == "rope_theta":
+            continue  # newer configs keep it under rope_parameters
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+            raise ValueError(f"{name}={value!r} in {source}: must be a positive finite number")
 
 
 def checkpoint_dtype(config: Any) -> torch.dtype:
