@@ -34,6 +34,8 @@ from typing import Any, Optional
 
 import torch
 
+from folovllm.model_executor.attention_backends import ATTENTION_BACKENDS, default_backend
+
 # The highest stage that is implemented. `for_stage` refuses anything above it with a clear
 # message instead of silently running an older engine.
 LATEST_STAGE = 7
@@ -56,7 +58,7 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
 }
 # "auto" is stage 04's default, resolved per device by `attention_backends.default_backend`.
-ATTENTION_BACKENDS = ("auto", "naive", "torch_flash", "sdpa", "cpu_attn", "triton", "flash_attn")
+_ATTENTION_BACKEND_CHOICES = ("auto", *ATTENTION_BACKENDS)
 
 
 @dataclass(frozen=True)
@@ -193,9 +195,9 @@ class EngineConfig:
                     f"max_num_seqs ({self.max_num_seqs}): every running request decodes one "
                     "token per step"
                 )
-        if self.attention_backend not in ATTENTION_BACKENDS:
+        if self.attention_backend not in _ATTENTION_BACKEND_CHOICES:
             raise ValueError(
-                f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
+                f"attention_backend must be one of {_ATTENTION_BACKEND_CHOICES}, got {self.attention_backend!r}"
             )
         on_cuda = torch.device(self.device).type == "cuda"
         if self.attention_backend == "flash_attn" and not on_cuda:
@@ -277,8 +279,6 @@ class EngineConfig:
         custom_ops = self._resolve_custom_ops()
         backend = self.attention_backend
         if backend == "auto":
-            from folovllm.model_executor.attention_backends import default_backend
-
             backend = default_backend(self.device, custom_ops)
         return self.replace(
             max_model_len=max_model_len, max_num_batched_tokens=budget, attention_backend=backend,
