@@ -1,8 +1,8 @@
 """The benchmark model (the machine the numbers come from is described by `benchmarks.results`).
 
-The model is `folovllm.tiny_model`'s "bench" size, Qwen3 architecture, random weights
+The model is `folovllm.testing.tiny_model`'s "bench" size, Qwen3 architecture, random weights
 (initializer_range 0.2, seed 0), float32, built locally once and cached under
-`folovllm.tiny_model.default_cache_dir() / "bench-qwen3"` (~/.cache/folovllm/bench-qwen3).
+`folovllm.testing.tiny_model.default_cache_dir() / "bench-qwen3"` (~/.cache/folovllm/bench-qwen3).
 It loads through the same path as a real hub checkpoint, in folovllm and in HF transformers.
 
 Shapes (Qwen3ForCausalLM)::
@@ -39,7 +39,7 @@ BENCH_PARAMS = 25_437_696  # checked by bench_model_info()
 
 def bench_model_path() -> Path:
     """Build (once; later calls reuse the cache) and return the benchmark checkpoint folder."""
-    from folovllm.tiny_model import build_tiny_checkpoint, default_cache_dir
+    from folovllm.testing.tiny_model import build_tiny_checkpoint, default_cache_dir
 
     return build_tiny_checkpoint(default_cache_dir() / f"bench-{BENCH_ARCH}", arch=BENCH_ARCH,
                                  size=BENCH_SIZE)

@@ -48,7 +48,7 @@ MODELS = {"bench": "bench", "qwen3-0.6b": "qwen3-0.6b"}
 def model_path(name: str) -> str:
     """'bench' (25.4M), 'qwen3-0.6b' (Qwen3-0.6B shapes, random weights) or a folder."""
     from benchmarks.bench_model import bench_model_path
-    from folovllm.tiny_model import build_tiny_checkpoint, default_cache_dir
+    from folovllm.testing.tiny_model import build_tiny_checkpoint, default_cache_dir
 
     if name == "bench":
         return str(bench_model_path())

@@ -290,8 +290,8 @@ def train_model(path: Path, seconds: float, seed: int = 0) -> tuple[Path, list[l
 
 def quality_section(seconds: float) -> dict[str, Any]:
     from folovllm.model_executor.layers.linear import LinearBase
-    from folovllm.model_executor.layers.quantization.gptq_quantizer import perplexity, quantize_checkpoint, rtn_quantize
     from folovllm.model_executor.model_loader import load_model
+    from folovllm.tools.gptq_quantizer import perplexity, quantize_checkpoint, rtn_quantize
 
     os.environ["FOLOVLLM_GPTQ_KERNEL"] = "reference"  # float32 everywhere: only the weights differ
     tmp = Path(tempfile.mkdtemp(prefix="stage07_"))
@@ -369,7 +369,7 @@ def main() -> int:
     torch.set_num_threads(1)
     import transformers
 
-    from folovllm.tiny_model import SIZES
+    from folovllm.testing.tiny_model import SIZES
 
     steps, repeats = (4, 1) if args.quick else (args.steps, args.repeats)
     res: dict[str, Any] = {"machine": machine(), "git_commit": git_commit(),

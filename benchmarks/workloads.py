@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 # Token ids below this are the tokenizer's special tokens (<|endoftext|>, <|im_start|>,
-# <|im_end|> in folovllm.tiny_model); prompts never contain them.
+# <|im_end|> in folovllm.testing.tiny_model); prompts never contain them.
 FIRST_ORDINARY_TOKEN_ID = 3
 
 

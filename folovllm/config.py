@@ -42,6 +42,8 @@ from typing import Any, Optional
 
 import torch
 
+from folovllm.model_executor.attention_backends import ATTENTION_BACKENDS, default_backend
+
 # The top of the ladder of cumulative stage flags: `for_stage(1..LATEST_STAGE)`, the default of
 # `LLM` and of the CLI. `for_stage` refuses anything else with a clear message (the axes 07 and 08
 # say how to turn them on; a stage not built yet says so) instead of silently running another.
@@ -75,7 +77,7 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
 }
 # "auto" is stage 04's default, resolved per device by `attention_backends.default_backend`.
-ATTENTION_BACKENDS = ("auto", "naive", "torch_flash", "sdpa", "cpu_attn", "triton", "flash_attn")
+_ATTENTION_BACKEND_CHOICES = ("auto", *ATTENTION_BACKENDS)
 
 
 @dataclass(frozen=True)
@@ -207,9 +209,9 @@ class EngineConfig:
                     f"max_num_seqs ({self.max_num_seqs}): every running request decodes one "
                     "token per step"
                 )
-        if self.attention_backend not in ATTENTION_BACKENDS:
+        if self.attention_backend not in _ATTENTION_BACKEND_CHOICES:
             raise ValueError(
-                f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
+                f"attention_backend must be one of {_ATTENTION_BACKEND_CHOICES}, got {self.attention_backend!r}"
             )
         on_cuda = torch.device(self.device).type == "cuda"
         if self.attention_backend == "flash_attn" and not on_cuda:
@@ -291,8 +293,6 @@ class EngineConfig:
         custom_ops = self._resolve_custom_ops()
         backend = self.attention_backend
         if backend == "auto":
-            from folovllm.model_executor.attention_backends import default_backend
-
             backend = default_backend(self.device, custom_ops)
         return self.replace(
             max_model_len=max_model_len, max_num_batched_tokens=budget, attention_backend=backend,

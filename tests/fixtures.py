@@ -46,7 +46,7 @@ class GreedyReference:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from folovllm.tiny_model import build_tiny_checkpoint
+    from folovllm.testing.tiny_model import build_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("tiny_checkpoints")
     return {arch: build_tiny_checkpoint(root / arch, arch=arch) for arch in ARCHS}

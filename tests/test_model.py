@@ -71,7 +71,7 @@ def test_architecture_variants_are_really_different(our_models):
 def test_untied_embeddings(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from folovllm.tiny_model import build_tiny_checkpoint
+    from folovllm.testing.tiny_model import build_tiny_checkpoint
 
     path = build_tiny_checkpoint(tmp_path / "untied", arch="qwen3", tie_word_embeddings=False, seed=3)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -104,7 +104,7 @@ def test_llama3_rope_scaling(tmp_path):
     (here 64) only match HF if the scaling is right."""
     import transformers
 
-    from folovllm.tiny_model import SIZES
+    from folovllm.testing.tiny_model import SIZES
 
     config = transformers.LlamaConfig(
         vocab_size=300,

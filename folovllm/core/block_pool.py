@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-from folovllm.core.kv_cache_utils import BlockHash
+from folovllm.core.block_hash import BlockHash
 
 
 @dataclass(eq=False)

@@ -24,14 +24,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
+from folovllm.core.block_hash import sha256_hash
 from folovllm.core.block_pool import BlockPool, KVCacheBlock
-from folovllm.core.kv_cache_interface import KVCacheConfig, KVCacheManagerBase, KVCacheSpec, cdiv
-from folovllm.core.kv_cache_utils import sha256_hash
+from folovllm.core.kv_cache_manager_base import KVCacheManagerBase
 from folovllm.core.prefix_cache import NullPrefixCache, PrefixCache, PrefixCacheStats
 from folovllm.core.request import Request, RequestStatus
+from folovllm.kv_cache_interface import KVCacheConfig, KVCacheSpec
 
 if TYPE_CHECKING:
     from folovllm.config import EngineConfig
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division: blocks needed for `a` tokens in blocks of `b`."""
+    return -(-a // b)
 
 
 class KVCacheManager(KVCacheManagerBase):

@@ -3,7 +3,7 @@
 it ends, so a later request with the same prefix takes them by reference instead of computing
 them again.
 
-Each full block gets a hash chained from its parent's (`kv_cache_utils.hash_block_tokens`), so a
+Each full block gets a hash chained from its parent's (`block_hash.hash_block_tokens`), so a
 block's hash names its whole prefix. Two requests sharing a 40-token system prompt, block_size 16::
 
     request A: [s0 .. s15][s16 .. s31][s32..s39 a0..a7][a8 ..]
@@ -37,14 +37,14 @@ import operator
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from folovllm.core.block_pool import BlockPool, KVCacheBlock
-from folovllm.core.kv_cache_utils import (
+from folovllm.core.block_hash import (
     NONE_HASH,
     BlockHash,
     generate_block_hash_extra_keys,
     hash_block_tokens,
     sha256_hash,
 )
+from folovllm.core.block_pool import BlockPool, KVCacheBlock
 from folovllm.core.request import Request
 
 

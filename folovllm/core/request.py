@@ -18,15 +18,13 @@ token.
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 
+from folovllm.core.block_hash import BlockHash
 from folovllm.outputs import RequestMetrics
 from folovllm.sampling_params import SamplingParams
-
-if TYPE_CHECKING:
-    from folovllm.core.kv_cache_utils import BlockHash
 
 
 class RequestStatus(enum.Enum):
@@ -88,7 +86,7 @@ class Request:
         self.metrics = RequestMetrics(arrival_time=arrival_time)
         # Stage 06: the hash of each full block of `all_token_ids`, in order, appended by the
         # prefix cache as blocks fill (prompt and output alike); empty without prefix caching.
-        self.block_hashes: list["BlockHash"] = []
+        self.block_hashes: list[BlockHash] = []
         # A per-request generator makes seeded sampling independent of the batch around it.
         self.generator: Optional[torch.Generator] = None
         if sampling_params.seed is not None:

@@ -24,7 +24,7 @@ from collections import deque
 from typing import Iterable, Sequence
 
 from folovllm.config import EngineConfig
-from folovllm.core.kv_cache_interface import KVCacheManagerBase
+from folovllm.core.kv_cache_manager_base import KVCacheManagerBase
 from folovllm.core.request import Request, RequestStatus
 from folovllm.core.scheduler_output import SchedulerOutput
 

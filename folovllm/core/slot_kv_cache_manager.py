@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-from folovllm.core.kv_cache_interface import KVCacheConfig, KVCacheManagerBase, KVCacheSpec
+from folovllm.core.block_pool import KVCacheBlock
+from folovllm.core.kv_cache_manager_base import KVCacheManagerBase
 from folovllm.core.request import Request
+from folovllm.kv_cache_interface import KVCacheConfig, KVCacheSpec
 
 if TYPE_CHECKING:
     from folovllm.config import EngineConfig
-    from folovllm.core.block_pool import KVCacheBlock
 
 
 # --8<-- [start:slot_kv_cache_manager]
@@ -51,7 +52,7 @@ class SlotKVCacheManager(KVCacheManagerBase):
         return len(self.free_slots)
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
-                       new_computed_blocks: Sequence["KVCacheBlock"] = ()) -> bool:
+                       new_computed_blocks: Sequence[KVCacheBlock] = ()) -> bool:
         """A request holds a whole slot from admission on, so only admission can fail."""
         if request.request_id in self.slot_of:
             return True

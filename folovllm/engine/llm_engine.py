@@ -18,8 +18,8 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from folovllm.config import LATEST_STAGE, EngineConfig, describe_engine
-from folovllm.core.kv_cache_interface import KVCacheManagerBase, KVCacheSpec
-from folovllm.core.kv_cache_utils import fit_max_model_len, get_kv_cache_manager_cls
+from folovllm.core.kv_cache_manager_base import KVCacheManagerBase
+from folovllm.core.kv_cache_sizing import fit_max_model_len, get_kv_cache_manager_cls
 from folovllm.core.request import Request, RequestStatus
 from folovllm.core.scheduler import Scheduler, SchedulerBase
 from folovllm.core.scheduler_output import SchedulerOutput
@@ -29,6 +29,7 @@ from folovllm.engine.stats import EngineStats, SchedulerStats
 from folovllm.engine.trace import NullTracer, StepTracer
 from folovllm.executor import WorkerDiedError, get_executor_cls
 from folovllm.inputs import ProcessedPrompt, PromptType, is_token_id, parse_prompt
+from folovllm.kv_cache_interface import KVCacheSpec
 from folovllm.model_executor.model_loader import load_hf_config, resolve_model_path
 from folovllm.outputs import RequestOutput
 from folovllm.sampling_params import SEED_LIMIT, SamplingParams

@@ -194,11 +194,8 @@ def run_build_kernels(args: argparse.Namespace) -> int:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    from folovllm.model_executor.layers.quantization.gptq_quantizer import (
-        calibration_from_text,
-        quantize_checkpoint,
-    )
     from folovllm.model_executor.model_loader import resolve_model_path
+    from folovllm.tools.gptq_quantizer import calibration_from_text, quantize_checkpoint
 
     calibration = None
     if args.calibration is not None:
@@ -246,7 +243,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _model_or_demo(args: argparse.Namespace) -> str:
     if args.model:
         return args.model
-    from folovllm.tiny_model import build_tiny_checkpoint, default_cache_dir
+    from folovllm.testing.tiny_model import build_tiny_checkpoint, default_cache_dir
 
     print("No --model given: using the demo's small random-weight Qwen3 (built once, cached).")
     return str(build_tiny_checkpoint(default_cache_dir() / "demo-qwen3", arch="qwen3", size="tiny"))

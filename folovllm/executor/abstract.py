@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from folovllm.config import EngineConfig
-from folovllm.core.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from folovllm.core.scheduler_output import SchedulerOutput
+from folovllm.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from folovllm.worker.sampler import Sampler
 
 

@@ -12,7 +12,7 @@ import os
 import torch
 
 from folovllm.config import EngineConfig
-from folovllm.core.kv_cache_interface import KVCacheConfig, KVCacheSpec
+from folovllm.kv_cache_interface import KVCacheConfig, KVCacheSpec
 
 CPU_DEFAULT_KV_CACHE_MEMORY = 4 * 2**30  # like vLLM's CPU default KV space
 

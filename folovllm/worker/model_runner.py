@@ -25,8 +25,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from folovllm.core.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from folovllm.core.scheduler_output import SchedulerOutput
+from folovllm.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from folovllm.model_executor.layers.attention import Attention, AttentionBackend, AttentionMetadata
 from folovllm.config import EngineConfig
 from folovllm.core.request import Request

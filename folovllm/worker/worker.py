@@ -19,9 +19,9 @@ from typing import Optional
 import torch
 
 from folovllm.config import EngineConfig
-from folovllm.core.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from folovllm.core.scheduler_output import SchedulerOutput
 from folovllm.distributed import parallel_state
+from folovllm.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from folovllm.model_executor.attention_backends import get_attn_backend
 from folovllm.model_executor.custom_op import set_custom_ops
 from folovllm.model_executor.layers.linear import pack_linear_weights

@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 
 from folovllm import LLM, SamplingParams
 from folovllm.core.block_pool import BlockPool
-from folovllm.core.kv_cache_interface import KVCacheConfig
 from folovllm.core.kv_cache_manager import KVCacheManager
-from folovllm.model_executor.layers.attention import AttentionMetadata, naive_attention
 from folovllm.core.request import Request
+from folovllm.kv_cache_interface import KVCacheConfig
+from folovllm.model_executor.layers.attention import AttentionMetadata, naive_attention
 from tests.helpers import hf_greedy, mixed_prompts
 
 BYTES_PER_TOKEN = 512  # the tiny Qwen3: 2 (K,V) * 2 layers * 2 KV heads * 16 dims * 4 bytes

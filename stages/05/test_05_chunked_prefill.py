@@ -163,10 +163,10 @@ def test_prompts_longer_than_the_budget_need_the_flag(tiny_qwen3):
 def test_decodes_go_before_an_older_half_computed_prompt():
     """Drive the scheduler directly: an older request half-way through a long prompt must not
     take the budget a newer decoding request needs for its token."""
-    from folovllm.core.kv_cache_interface import KVCacheConfig
     from folovllm.core.kv_cache_manager import KVCacheManager
     from folovllm.core.request import Request, RequestStatus
     from folovllm.core.scheduler import Scheduler
+    from folovllm.kv_cache_interface import KVCacheConfig
 
     config = EngineConfig.for_stage(5, max_num_batched_tokens=8, max_num_seqs=2).resolve(1024)
     scheduler = Scheduler(config, KVCacheManager(KVCacheConfig(64, 16)), eos_token_ids=[])

@@ -15,11 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from folovllm import LLM, EngineConfig, SamplingParams
+from folovllm.core.block_hash import NONE_HASH, hash_block_tokens, sha256_hash
 from folovllm.core.block_pool import BlockPool
-from folovllm.core.kv_cache_interface import KVCacheConfig
 from folovllm.core.kv_cache_manager import KVCacheManager
-from folovllm.core.kv_cache_utils import NONE_HASH, hash_block_tokens, sha256_hash
 from folovllm.core.request import Request
+from folovllm.kv_cache_interface import KVCacheConfig
 from tests.helpers import ARCHS, hf_greedy
 
 BS = 16  # block_size of every engine here (the default)

@@ -1,5 +1,5 @@
 """Stage 07: GPTQ checkpoints (`layers/quantization/gptq.py`), their kernels and our quantizer
-(`gptq_quantizer.py`).
+(`tools/gptq_quantizer.py`).
 
 Guards: packing and the v1/v2 zero conventions; every fast kernel (cpu_int4, Triton) against the
 plain-torch reference on random shapes, group sizes and act-order permutations; our quantizer
@@ -34,7 +34,8 @@ from folovllm.model_executor.layers.quantization.gptq import (
     qzeros_v1_to_v2,
     unpack_int32,
 )
-from folovllm.model_executor.layers.quantization.gptq_quantizer import (
+from folovllm.model_executor.model_loader import load_model
+from folovllm.tools.gptq_quantizer import (
     GPTQ,
     dequantize_checkpoint,
     forward_sequences,
@@ -42,7 +43,6 @@ from folovllm.model_executor.layers.quantization.gptq_quantizer import (
     quantize_checkpoint,
     rtn_quantize,
 )
-from folovllm.model_executor.model_loader import load_model
 from tests.helpers import ARCHS, mixed_prompts
 
 ROOT = Path(__file__).resolve().parents[2]

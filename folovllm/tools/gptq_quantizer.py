@@ -44,8 +44,11 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from folovllm.model_executor.layers.attention import Attention, AttentionMetadata
 from folovllm.model_executor.layers.linear import LinearBase
-from folovllm.model_executor.layers.quantization.gptq import GPTQConfig, pack_int32
+from folovllm.model_executor.layers.quantization import get_quant_config
+from folovllm.model_executor.layers.quantization.gptq import GPTQConfig, dequantize_gptq, pack_int32, qzeros_v1_to_v2
+from folovllm.model_executor.model_loader import iterate_checkpoint, load_model, resolve_model_path
 
 
 @dataclass
@@ -193,8 +196,6 @@ def to_checkpoint_tensors(q: QuantizedWeight, config: GPTQConfig) -> dict[str, t
 def forward_sequences(model: nn.Module, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
     """Our model's final hidden states for each sequence, all prefilled in one flat batch with a
     contiguous KV cache of one row per sequence (no engine): [sum of lengths, hidden]."""
-    from folovllm.model_executor.layers.attention import Attention, AttentionMetadata
-
     lens = [len(s) for s in seqs]
     width = max(lens)
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
@@ -332,8 +333,6 @@ def save_quantized(
     `quantization_config` (plus quantize_config.json, which older AutoGPTQ readers look for)."""
     from safetensors.torch import save_file
 
-    from folovllm.model_executor.model_loader import iterate_checkpoint
-
     out.mkdir(parents=True, exist_ok=True)
     quantized_modules = {k.rsplit(".", 1)[0] for k in tensors}
     state = dict(tensors)
@@ -361,10 +360,6 @@ def dequantize_checkpoint(gptq_path: str, out: str) -> Path:
     """Write the float32 checkpoint that a GPTQ checkpoint dequantizes to (the same model with
     float weights): the ablation that isolates our kernels from the quantization error."""
     from safetensors.torch import save_file
-
-    from folovllm.model_executor.layers.quantization import get_quant_config
-    from folovllm.model_executor.layers.quantization.gptq import dequantize_gptq, qzeros_v1_to_v2
-    from folovllm.model_executor.model_loader import iterate_checkpoint, resolve_model_path
 
     src, dst = resolve_model_path(gptq_path), Path(out)
     config = get_quant_config(src, "gptq")
@@ -401,8 +396,6 @@ def quantize_checkpoint(
     `calibration` token sequences (default: random tokens), write the GPTQ checkpoint to `out`.
     `checkpoint_format` defaults to v1 ("gptq", read by every GPTQ loader) for symmetric grids
     and "gptq_v2" for asymmetric ones (v1 cannot store a zero of 0)."""
-    from folovllm.model_executor.model_loader import load_model
-
     fmt = checkpoint_format or ("gptq" if sym else "gptq_v2")
     config = GPTQConfig(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, checkpoint_format=fmt)
     net, _, path = load_model(model, torch.float32)

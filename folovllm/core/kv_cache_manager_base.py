@@ -1,5 +1,5 @@
-"""The KV cache as the scheduler sees it: its shape (`KVCacheSpec`), its size (`KVCacheConfig`)
-and the one interface every stage's manager implements (`KVCacheManagerBase`).
+"""The one interface every stage's KV cache manager implements (`KVCacheManagerBase`): the
+KV cache as the scheduler sees it.
 
     stage 01  StaticKVCacheManager  slots of max_model_len; a static batch takes and frees its
                                     slots together and reserves the longest member's length
@@ -8,58 +8,23 @@ and the one interface every stage's manager implements (`KVCacheManagerBase`).
     stage 06  KVCacheManager        + a prefix cache: full blocks found again by hash
                                     (`get_computed_blocks`), shared by reference count
 
-The scheduler and the engine only talk to `KVCacheManagerBase`; the tensors themselves live on
-the worker side (`worker/kv_cache.py`), allocated once from the `KVCacheConfig`.
+The scheduler and the engine only talk to `KVCacheManagerBase`; a manager hands out block ids,
+and the tensors themselves live on the worker side (`worker/kv_cache.py`), allocated once from
+the `KVCacheConfig` (`folovllm/kv_cache_interface.py`, which both sides import).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
-import torch
+from folovllm.core.block_pool import KVCacheBlock
+from folovllm.core.prefix_cache import PrefixCacheStats
+from folovllm.core.request import Request
+from folovllm.kv_cache_interface import KVCacheConfig, KVCacheSpec
 
 if TYPE_CHECKING:
     from folovllm.config import EngineConfig
-    from folovllm.core.block_pool import KVCacheBlock
-    from folovllm.core.prefix_cache import PrefixCacheStats
-    from folovllm.core.request import Request
-
-
-def cdiv(a: int, b: int) -> int:
-    """Ceiling division: blocks needed for `a` tokens in blocks of `b`."""
-    return -(-a // b)
-
-
-@dataclass(frozen=True)
-class KVCacheSpec:
-    """The shape of one token's K/V across the model."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: torch.dtype
-    device: str
-
-    @property
-    def bytes_per_token(self) -> int:
-        """K and V, every layer: 2 * layers * kv_heads * head_dim * bytes per element."""
-        element = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
-
-
-@dataclass(frozen=True)
-class KVCacheConfig:
-    """How the KV memory is cut: `num_blocks` blocks of `block_size` tokens (a stage 01/02
-    "block" is a whole slot of `max_model_len` tokens)."""
-
-    num_blocks: int
-    block_size: int
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_blocks * self.block_size
 
 
 class KVCacheManagerBase(ABC):
@@ -78,32 +43,30 @@ class KVCacheManagerBase(ABC):
         """The manager for `config`, over the blocks `get_kv_cache_config` cut."""
         return cls(kv_cache_config)  # type: ignore[call-arg]
 
-    def get_computed_blocks(self, request: "Request") -> tuple[list["KVCacheBlock"], int]:
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
         """Blocks already holding a prefix of `request` and how many tokens they cover
         (stage 06 fills this in; without prefix caching nothing is ever cached)."""
         return [], 0
 
-    def make_prefix_cache_stats(self) -> "PrefixCacheStats":
+    def make_prefix_cache_stats(self) -> PrefixCacheStats:
         """What the prefix cache did since the last call (all zeros without one)."""
-        from folovllm.core.prefix_cache import PrefixCacheStats
-
         return PrefixCacheStats()
 
     @abstractmethod
     def allocate_slots(
-        self, request: "Request", num_new_tokens: int,
-        new_computed_blocks: Sequence["KVCacheBlock"] = (),
+        self, request: Request, num_new_tokens: int,
+        new_computed_blocks: Sequence[KVCacheBlock] = (),
     ) -> bool:
         """Make room for `num_new_tokens` more tokens of `request` (after the
         `new_computed_blocks` a prefix hit found); False, and nothing allocated, if it does
         not fit."""
 
     @abstractmethod
-    def free(self, request: "Request") -> None:
+    def free(self, request: Request) -> None:
         """Give back everything `request` holds."""
 
     @abstractmethod
-    def get_block_table(self, request: "Request") -> list[int]:
+    def get_block_table(self, request: Request) -> list[int]:
         """The block ids of `request`, in token order."""
 
     @property

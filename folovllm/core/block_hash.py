@@ -1,56 +1,17 @@
-"""Sizing the KV cache at start-up (which manager a config gets, and `max_model_len` fitted to
-the budget when the user left it unset), and the block hashes of stage 06's prefix cache
-(`BlockHash`, `hash_block_tokens`: where vLLM keeps them)."""
+"""Stage 06: block hashes. A full block's hash names its tokens and every token before them
+(`hash_block_tokens`), so equal hashes find equal prefixes (`prefix_cache.py`); `BlockHash` keeps
+what was hashed, so that `BlockPool` can tell a collision from a hit. (vLLM keeps these in
+`vllm/v1/core/kv_cache_utils.py`, beside the start-up sizing that is `kv_cache_sizing.py` here.)"""
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import struct
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence
-
-from folovllm.config import EngineConfig
-from folovllm.core.kv_cache_interface import KVCacheManagerBase, KVCacheSpec
 
 if TYPE_CHECKING:
     from folovllm.core.request import Request
 
-logger = logging.getLogger("folovllm")
-
-
-def get_kv_cache_manager_cls(config: EngineConfig) -> type[KVCacheManagerBase]:
-    """Stage 01: slots taken per static batch; 02: slots per request; 03 on: paged blocks
-    (stage 06: the same manager, given a prefix cache by `from_config`)."""
-    # Imported here: the managers import the block hashes below.
-    from folovllm.core.kv_cache_manager import KVCacheManager
-    from folovllm.core.slot_kv_cache_manager import SlotKVCacheManager, StaticKVCacheManager
-
-    if config.enable_paged_kv:
-        return KVCacheManager
-    return SlotKVCacheManager if config.enable_continuous_batching else StaticKVCacheManager
-
-
-# --8<-- [start:fit_max_model_len]
-def fit_max_model_len(config: EngineConfig, spec: KVCacheSpec, budget: int) -> EngineConfig:
-    """When the user left `max_model_len` unset, shrink the model's (Qwen3-0.6B: 40,960 tokens)
-    to what the KV budget holds: one sequence with paged KV, `max_num_seqs` slots without (or,
-    when the budget holds fewer than `max_num_seqs` blocks, one slot per block it holds). Every
-    stage refuses only a budget smaller than one block."""
-    block_bytes = config.block_size * spec.bytes_per_token
-    sequences = 1 if config.enable_paged_kv else max(1, min(config.max_num_seqs, budget // block_bytes))
-    fits = budget // (sequences * spec.bytes_per_token) // config.block_size * config.block_size
-    if 0 < fits < config.max_model_len:
-        logger.warning(
-            "max_model_len lowered from %d to %d tokens: that is what %d sequence(s) get from a "
-            "KV cache of %.1f MiB (set max_model_len or kv_cache_memory to choose)",
-            config.max_model_len, fits, sequences, budget / 2**20,
-        )
-        return config.replace(max_model_len=fits)
-    return config
-# --8<-- [end:fit_max_model_len]
-
-
-# -- stage 06: block hashes ------------------------------------------------------------------------
 
 # --8<-- [start:block_hash]
 class BlockHash(NamedTuple):
