@@ -35,7 +35,7 @@ from folovllm.model_executor.layers.activation import SiluAndMul
 from folovllm.model_executor.layers.layernorm import RMSNorm
 from folovllm.model_executor.layers.linear import PACK_BATCH, dense_linear
 from folovllm.model_executor.layers.rotary_embedding import RotaryEmbedding
-from tests.attention_utils import Batch, random_paged_batch
+from tests.attention_utils import Batch, random_paged_batch, run_backend
 
 SHAPES = {  # hidden, heads, kv_heads, head_dim, intermediate
     "bench": (512, 8, 4, 64, 1536),
@@ -96,9 +96,8 @@ def _attention(batch: Batch, sdpa: Any, cpu_attn: Any) -> tuple[Callable[[], Any
     q, key_cache, value_cache, md = random_paged_batch(batch, seed=0)
     scale = batch.head_dim**-0.5
 
-    def call(backend: Any) -> torch.Tensor:
-        md.backend_cache.clear()  # the plan is per step; a step of one layer pays it once
-        return backend.forward(q, key_cache, value_cache, md, scale)
+    def call(backend: Any) -> torch.Tensor:  # a step of one layer: its metadata, its forward
+        return run_backend(backend, q, key_cache, value_cache, md, scale)
     return (lambda: call(sdpa)), (lambda: call(cpu_attn))
 
 

@@ -142,12 +142,9 @@ class DecodeRunner:
     def _step(self, start: int, n: int) -> None:
         from folovllm.model_executor.layers.attention import AttentionMetadata
 
-        md = AttentionMetadata(
-            slot_mapping=torch.arange(start, start + n), query_start_loc=torch.tensor([0, n]),
-            seq_lens=torch.tensor([start + n]), block_tables=torch.zeros(1, 1, dtype=torch.long),
-            max_query_len=n, max_seq_len=start + n,
-        )
-        h = self.model(torch.randint(0, 100, (n,)), torch.arange(start, start + n), md)
+        positions = torch.arange(start, start + n)
+        md = AttentionMetadata.from_lists([n], [start + n], [[0]], positions, self.prompt_len + self.steps)
+        h = self.model(torch.randint(0, 100, (n,)), positions, md)
         self.model.compute_logits(h[-1:])
 
     @torch.no_grad()

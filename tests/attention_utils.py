@@ -3,7 +3,8 @@ and `benchmarks/attention_cpu.py`.
 
 `random_paged_batch` builds inputs the way the engine does: each sequence's blocks scattered over
 the pool in random order, the slots nobody owns filled with 100.0 (a backend that reads a key it
-must not see gets a visibly wrong answer), and a packed varlen batch.
+must not see gets a visibly wrong answer), and a packed varlen batch. `run_backend` runs one
+layer of one step through a backend (its `build_metadata`, then its `forward`).
 
 `record_allocations` / `largest_allocation` are the deterministic memory proxy: a
 `TorchDispatchMode` that sees every aten op a backend runs and notes each tensor it creates
@@ -20,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from folovllm.model_executor.layers.attention import AttentionMetadata, store_kv_cache
+from folovllm.model_executor.layers.attention import AttentionBackend, AttentionMetadata, store_kv_cache
 
 UNOWNED = 100.0  # what the cache holds in slots that no sequence owns
 
@@ -61,19 +62,19 @@ def random_paged_batch(
         v = torch.randn(n, hkv, d, generator=g).to(dtype)
         store_kv_cache(k, v, key_cache, value_cache, slots)
     q = torch.randn(sum(batch.query_lens), batch.heads, d, generator=g).to(dtype)
-    width = max(blocks_per_seq)
-    qsl = [0]
-    for n in batch.query_lens:
-        qsl.append(qsl[-1] + n)
-    md = AttentionMetadata(
-        slot_mapping=torch.zeros(len(q), dtype=torch.long, device=device),  # unused by forward
-        query_start_loc=torch.tensor(qsl, device=device),
-        seq_lens=torch.tensor(batch.seq_lens, device=device),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device),
-        max_query_len=max(batch.query_lens),
-        max_seq_len=max(batch.seq_lens),
-    )
+    positions = torch.cat([torch.arange(n - m, n) for n, m in zip(batch.seq_lens, batch.query_lens)])
+    md = AttentionMetadata.from_lists(
+        list(batch.query_lens), list(batch.seq_lens), tables, positions.to(device), bs)
     return q.to(device), key_cache.to(device), value_cache.to(device), md
+
+
+def run_backend(
+    backend: AttentionBackend, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+    md: AttentionMetadata, scale: float,
+) -> torch.Tensor:
+    """One layer of one step, as the engine runs it: the backend's metadata from the common one
+    (the model runner's job), then its forward."""
+    return backend.forward(q, key_cache, value_cache, backend.build_metadata(md, key_cache), scale)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -103,16 +103,7 @@ def our_prefill_logits(model: torch.nn.Module, prompts: Sequence[Sequence[int]])
         layer.kv_cache = (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
     input_ids = torch.tensor([t for p in prompts for t in p])
     positions = torch.cat([torch.arange(n) for n in lens])
-    slot_mapping = torch.cat([row * width + torch.arange(n) for row, n in enumerate(lens)])
-    query_start_loc = torch.tensor([0] + lens).cumsum(0)
-    md = AttentionMetadata(
-        slot_mapping=slot_mapping,
-        query_start_loc=query_start_loc,
-        seq_lens=torch.tensor(lens),
-        block_tables=torch.arange(len(prompts))[:, None],
-        max_query_len=width,
-        max_seq_len=width,
-    )
+    md = AttentionMetadata.from_lists(lens, lens, [[row] for row in range(len(prompts))], positions, width)
     logits = model.compute_logits(model(input_ids, positions, md))  # [T, vocab]
     return list(logits.split(lens))
 
@@ -135,21 +126,13 @@ def our_decode_logits(
     for layer in attn_layers:
         shape = (rows, width, layer.num_kv_heads, layer.head_dim)
         layer.kv_cache = (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
-    block_tables = torch.arange(rows)[:, None]
     collected: list[list[torch.Tensor]] = [[] for _ in prompts]
 
     def run(starts: list[int], counts: list[int]) -> torch.Tensor:
         ids = torch.tensor([t for p, s, c in zip(prompts, starts, counts) for t in p[s : s + c]])
         positions = torch.cat([torch.arange(s, s + c) for s, c in zip(starts, counts)])
-        slots = torch.cat([r * width + torch.arange(s, s + c) for r, (s, c) in enumerate(zip(starts, counts))])
-        md = AttentionMetadata(
-            slot_mapping=slots,
-            query_start_loc=torch.tensor([0] + counts).cumsum(0),
-            seq_lens=torch.tensor([s + c for s, c in zip(starts, counts)]),
-            block_tables=block_tables,
-            max_query_len=max(counts),
-            max_seq_len=max(s + c for s, c in zip(starts, counts)),
-        )
+        seq_lens = [s + c for s, c in zip(starts, counts)]
+        md = AttentionMetadata.from_lists(counts, seq_lens, [[r] for r in range(rows)], positions, width)
         return model.compute_logits(model(ids, positions, md))
 
     out = run([0] * rows, list(num_prefill)).split(list(num_prefill))

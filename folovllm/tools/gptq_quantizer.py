@@ -202,16 +202,9 @@ def forward_sequences(model: nn.Module, seqs: Sequence[Sequence[int]]) -> torch.
     for layer in (m for m in model.modules() if isinstance(m, Attention)):
         shape = (len(seqs), width, layer.num_kv_heads, layer.head_dim)
         layer.kv_cache = (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
-    md = AttentionMetadata(
-        slot_mapping=torch.cat([row * width + torch.arange(n) for row, n in enumerate(lens)]),
-        query_start_loc=torch.tensor([0] + lens).cumsum(0),
-        seq_lens=torch.tensor(lens),
-        block_tables=torch.arange(len(seqs))[:, None],
-        max_query_len=width,
-        max_seq_len=width,
-    )
     input_ids = torch.tensor([t for s in seqs for t in s])
     positions = torch.cat([torch.arange(n) for n in lens])
+    md = AttentionMetadata.from_lists(lens, lens, [[row] for row in range(len(seqs))], positions, width)
     return model(input_ids, positions, md)
 
 

@@ -27,7 +27,8 @@ from torch import nn
 
 from folovllm.core.scheduler_output import SchedulerOutput
 from folovllm.kv_cache_interface import KVCacheConfig, KVCacheSpec
-from folovllm.model_executor.layers.attention import Attention, AttentionBackend, AttentionMetadata
+from folovllm.model_executor.layers.attention import (
+    Attention, AttentionBackend, AttentionMetadata, NaiveAttentionBackend)
 from folovllm.config import EngineConfig
 from folovllm.core.request import Request
 from folovllm.worker.kv_cache import KVCache, cpu_default_kv_cache_memory
@@ -43,9 +44,9 @@ class ModelRunner:
         self.sampler = sampler
         self.device = device
         self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
-        if attn_backend is not None:
-            for layer in self.attn_layers:
-                layer.backend = attn_backend
+        self.attn_backend = attn_backend or NaiveAttentionBackend()
+        for layer in self.attn_layers:
+            layer.backend = self.attn_backend
 
         self.kv_cache: KVCache | None = None
 
@@ -111,14 +112,8 @@ class ModelRunner:
             scratch = KVCache(spec, KVCacheConfig(num_blocks=1, block_size=num_tokens))
             self._bind(scratch)
             positions = torch.arange(num_tokens, device=self.device)
-            md = AttentionMetadata(
-                slot_mapping=positions,
-                query_start_loc=torch.tensor([0, num_tokens], device=self.device),
-                seq_lens=torch.tensor([num_tokens], device=self.device),
-                block_tables=torch.zeros(1, 1, dtype=torch.long, device=self.device),
-                max_query_len=num_tokens,
-                max_seq_len=num_tokens,
-            )
+            common = AttentionMetadata.from_lists([num_tokens], [num_tokens], [[0]], positions, num_tokens)
+            md = self.attn_backend.build_metadata(common, scratch.key_caches[0])
             hidden = self.model(torch.zeros_like(positions), positions, md)
             self.model.compute_logits(hidden[-1:])
             torch.cuda.synchronize()
@@ -156,24 +151,10 @@ class ModelRunner:
     def build_metadata(
         self, output: SchedulerOutput, positions: torch.Tensor, block_size: int
     ) -> AttentionMetadata:
+        """The step's attention metadata, once for every layer: the common part from the rows'
+        host lists, then what the backend derives from it (`AttentionBackend.build_metadata`)."""
+        assert self.kv_cache is not None, "initialize_kv_cache() first"
         query_lens = [output.query_len(row) for row in range(output.num_rows)]
         seq_lens = [start + q for start, q in zip(output.num_computed_tokens, query_lens)]
-        tables = output.block_tables
-        width = max(len(t) for t in tables)
-        block_tables = torch.tensor(
-            [t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=self.device
-        )  # [B, max_blocks]
-        query_lens_t = torch.tensor(query_lens, dtype=torch.long, device=self.device)
-        query_start_loc = torch.zeros(len(query_lens) + 1, dtype=torch.long, device=self.device)
-        torch.cumsum(query_lens_t, 0, out=query_start_loc[1:])
-        # Which row each token belongs to, then its slot through that row's block table.
-        row = torch.repeat_interleave(torch.arange(len(query_lens), device=self.device), query_lens_t)
-        slot_mapping = block_tables[row, positions // block_size] * block_size + positions % block_size
-        return AttentionMetadata(
-            slot_mapping=slot_mapping,
-            query_start_loc=query_start_loc,
-            seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=self.device),
-            block_tables=block_tables,
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-        )
+        common = AttentionMetadata.from_lists(query_lens, seq_lens, output.block_tables, positions, block_size)
+        return self.attn_backend.build_metadata(common, self.kv_cache.key_caches[0])

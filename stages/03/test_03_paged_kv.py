@@ -178,15 +178,8 @@ def test_paged_attention_equals_dense_attention(block_size):
         q = torch.randn(q_len, heads, dim, generator=g)
         queries.append(q)
         dense.append(reference_attention(q, k, v, start=n - q_len))
-    width = max(map(len, tables))
-    md = AttentionMetadata(
-        slot_mapping=torch.zeros(sum(query_lens), dtype=torch.long),  # unused by attention itself
-        query_start_loc=torch.tensor([0, 5, 6, 10]),
-        seq_lens=torch.tensor(lens),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
-        max_query_len=max(query_lens),
-        max_seq_len=max(lens),
-    )
+    positions = torch.cat([torch.arange(n - q, n) for n, q in zip(lens, query_lens)])
+    md = AttentionMetadata.from_lists(query_lens, lens, tables, positions, block_size)
     out = naive_attention(torch.cat(queries), k_cache, v_cache, md, scale=dim**-0.5)
     torch.testing.assert_close(out, torch.cat(dense), atol=1e-5, rtol=1e-5)
 

@@ -14,6 +14,7 @@ intermediate next to its timings.
 from __future__ import annotations
 
 import os
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 from folovllm._custom_ops import ops_available
 from folovllm.model_executor.attention_backends import ATTENTION_BACKENDS, get_attn_backend
 from folovllm.model_executor.layers.attention import naive_attention
-from tests.attention_utils import Batch, random_paged_batch, record_allocations
+from tests.attention_utils import Batch, random_paged_batch, record_allocations, run_backend
 TOLERANCES = {  # atol, rtol against naive in float32 on the same (rounded) inputs
     torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2),
 }
@@ -87,7 +88,7 @@ def test_backend_equals_naive(backend, kind, shape, dtype):
     seed = 10 * list(BATCHES).index(kind) + SHAPES.index(shape)
     q, key_cache, value_cache, md = random_paged_batch(batch, dtype, seed, DEVICE)
     scale = head_dim**-0.5
-    out = get_attn_backend(backend).forward(q, key_cache, value_cache, md, scale)
+    out = run_backend(get_attn_backend(backend), q, key_cache, value_cache, md, scale)
     assert_matches_naive(out, q, key_cache, value_cache, md, scale)
 
 
@@ -97,7 +98,7 @@ def test_backend_on_contiguous_cache(backend):
     batch = Batch((1, 20, 1, 35, 3), (17, 20, 1, 80, 48), heads=4, kv_heads=2)
     q, key_cache, value_cache, md = random_paged_batch(batch, seed=3, contiguous=True)
     assert md.block_tables.shape[1] == 1 and key_cache.shape[1] == 80
-    out = get_attn_backend(backend).forward(q, key_cache, value_cache, md, 0.125)
+    out = run_backend(get_attn_backend(backend), q, key_cache, value_cache, md, 0.125)
     assert_matches_naive(out, q, key_cache, value_cache, md, 0.125)
 
 
@@ -107,7 +108,7 @@ def test_torch_flash_any_tile_size(block_m, block_n):
     from folovllm.model_executor.attention_backends.torch_flash import TorchFlashAttentionBackend
 
     q, key_cache, value_cache, md = random_paged_batch(Batch(*BATCHES["mixed"]), seed=block_n)
-    out = TorchFlashAttentionBackend(block_m, block_n).forward(q, key_cache, value_cache, md, 0.125)
+    out = run_backend(TorchFlashAttentionBackend(block_m, block_n), q, key_cache, value_cache, md, 0.125)
     assert_matches_naive(out, q, key_cache, value_cache, md, 0.125)
 
 
@@ -117,23 +118,52 @@ def test_sdpa_decode_chunking(chunk_bytes):
     from folovllm.model_executor.attention_backends.sdpa import SDPAAttentionBackend
 
     q, key_cache, value_cache, md = random_paged_batch(Batch(*BATCHES["mixed"]), seed=7)
-    out = SDPAAttentionBackend(chunk_bytes).forward(q, key_cache, value_cache, md, 0.125)
+    out = run_backend(SDPAAttentionBackend(chunk_bytes), q, key_cache, value_cache, md, 0.125)
     assert_matches_naive(out, q, key_cache, value_cache, md, 0.125)
 
 
-def test_sdpa_plans_once_per_step():
-    """Every layer of a step shares one plan (host lists, gather indices, masks), built by the
-    first layer from the metadata: no per-layer `.tolist()`. Layers 2..N reuse it as is."""
-    from folovllm.model_executor.attention_backends.sdpa import SDPAAttentionBackend
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+def test_forward_reads_only_the_metadata_it_is_given(backend, monkeypatch):
+    """What a backend needs beyond the common metadata is derived once, by `build_metadata`:
+    `forward` reads no tensor back to the host (no `.tolist()`, no `.item()`: the lists were
+    carried from the runner), changes nothing in the metadata, and gives every layer of the step
+    the same answer from the same metadata."""
+    q, key_cache, value_cache, common = random_paged_batch(Batch(*BATCHES["mixed"]), seed=3)
+    be = get_attn_backend(backend)
+    md = be.build_metadata(common, key_cache)
+    assert all(getattr(md, k) is v for k, v in common.common_fields().items())  # carried as is
+    before = snapshot(md)
 
-    q, key_cache, value_cache, md = random_paged_batch(Batch(*BATCHES["mixed"]), seed=3)
-    be = SDPAAttentionBackend()
-    first = be.forward(q, key_cache, value_cache, md, 0.125)
-    (plan,) = md.backend_cache.values()
-    md.seq_lens = md.query_start_loc = None  # a later layer could not read them: it must not
-    again = be.forward(q, key_cache, value_cache, md, 0.125)
-    assert md.backend_cache == {("sdpa", be.decode_chunk_bytes): plan}
-    assert torch.equal(first, again)
+    def host_read(*args, **kwargs):
+        raise AssertionError("forward read a tensor back to the host")
+    monkeypatch.setattr(torch.Tensor, "tolist", host_read)
+    monkeypatch.setattr(torch.Tensor, "item", host_read)
+    layers = [be.forward(q, key_cache, value_cache, md, 0.125) for _ in range(3)]
+    monkeypatch.undo()
+    assert same(snapshot(md), before)
+    assert all(torch.equal(out, layers[0]) for out in layers)
+    assert_matches_naive(layers[0], q, key_cache, value_cache, common, 0.125)
+
+
+def snapshot(x):
+    """A deep copy of metadata (tensors cloned, dataclasses and lists walked), for `same`."""
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if is_dataclass(x):
+        return {f.name: snapshot(getattr(x, f.name)) for f in fields(x)}
+    if isinstance(x, (list, tuple)):
+        return [snapshot(v) for v in x]
+    return x
+
+
+def same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 @pytest.mark.parametrize("contiguous", [False, True])
@@ -170,7 +200,7 @@ def test_fast_backends_equal_naive_on_random_batches(case):
     q, key_cache, value_cache, md = random_paged_batch(batch, seed=seed)
     scale = batch.head_dim**-0.5
     for backend in [b for b in CPU_BACKENDS if b not in ("naive", "triton")]:
-        out = get_attn_backend(backend).forward(q, key_cache, value_cache, md, scale)
+        out = run_backend(get_attn_backend(backend), q, key_cache, value_cache, md, scale)
         assert_matches_naive(out, q, key_cache, value_cache, md, scale)
 
 
@@ -192,7 +222,7 @@ def test_prefill_never_allocates_the_score_matrix(backend, allocates_scores):
     batch = Batch((n,), (n,), heads=4, kv_heads=2, head_dim=64, block_size=16)
     q, key_cache, value_cache, md = random_paged_batch(batch)
     be = get_attn_backend(backend)
-    out, allocations = record_allocations(lambda: be.forward(q, key_cache, value_cache, md, 0.125))
+    out, allocations = record_allocations(lambda: run_backend(be, q, key_cache, value_cache, md, 0.125))
     assert_matches_naive(out, q, key_cache, value_cache, md, 0.125)
     largest = max(allocations, key=lambda a: a.numel)
     assert (largest.numel >= n * n) == allocates_scores, largest

@@ -36,6 +36,34 @@ def test_backend_greedy_matches_hf_and_stage_03(tiny_qwen3, workload, backend):
     assert out4 == out3
 
 
+@pytest.mark.parametrize("backend", ["naive", *CPU_BACKENDS])
+def test_metadata_is_built_once_per_step(tiny_qwen3, backend):
+    """The runner builds the step's metadata before the forward pass, once for all layers: one
+    `build_metadata` per model forward, and every layer's `forward` gets that very object."""
+    llm = LLM(str(tiny_qwen3), stage=4, dtype="float32", max_num_seqs=4, max_model_len=256,
+              attention_backend=backend)
+    runner = llm.llm_engine.model_runner
+    be, layers = runner.attn_backend, len(runner.attn_layers)
+    assert layers > 1 and all(layer.backend is be for layer in runner.attn_layers)
+    built, seen, steps = [], [], []  # metadata built; given to each layer; given to the model
+    build, forward = be.build_metadata, be.forward
+
+    def counting_build(common, key_cache):
+        built.append(build(common, key_cache))
+        return built[-1]
+
+    def counting_forward(q, key_cache, value_cache, md, scale):
+        seen.append(md)
+        return forward(q, key_cache, value_cache, md, scale)
+
+    be.build_metadata, be.forward = counting_build, counting_forward  # this instance only
+    runner.model.register_forward_pre_hook(lambda model, args: steps.append(args[2]))
+    llm.generate([[5, 6, 7], [9] * 20], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    assert len(steps) >= 4 and len(built) == len(steps) and len(seen) == layers * len(steps)
+    assert all(md is step for md, step in zip(built, steps))
+    assert all(md is steps[i // layers] for i, md in enumerate(seen))
+
+
 def test_stage_04_default_backend_on_cpu():
     # With our compiled kernels (they build where gcc is: ninja comes with the package): the
     # cpu_attn backend; without them, SDPA.
@@ -66,10 +94,10 @@ def test_flash_attn_backend_equals_naive_where_installed():
         pytest.skip("flash_attn needs CUDA")
     from folovllm.model_executor.attention_backends import get_attn_backend
     from folovllm.model_executor.layers.attention import naive_attention
-    from tests.attention_utils import Batch, random_paged_batch
+    from tests.attention_utils import Batch, random_paged_batch, run_backend
 
     batch = Batch((5, 1, 40), (300, 257, 40), heads=8, kv_heads=2, head_dim=128, block_size=256)
     q, key_cache, value_cache, md = random_paged_batch(batch, torch.float16, seed=0, device="cuda")
-    out = get_attn_backend("flash_attn").forward(q, key_cache, value_cache, md, 128**-0.5)
+    out = run_backend(get_attn_backend("flash_attn"), q, key_cache, value_cache, md, 128**-0.5)
     ref = naive_attention(q.float(), key_cache.float(), value_cache.float(), md, 128**-0.5)
     torch.testing.assert_close(out.float(), ref, atol=3e-3, rtol=3e-3)

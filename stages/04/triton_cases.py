@@ -111,14 +111,15 @@ def run_attention_case(case: Case, dtype_name: str, device: str, seed: int) -> t
         prefill_attention,
     )
     from folovllm.model_executor.layers.attention import naive_attention
+    from tests.attention_utils import run_backend
 
     dtype = getattr(torch, dtype_name)
     q, key_cache, value_cache, md = build(case, dtype, device, seed)
     scale = case.head_dim**-0.5
     ref = naive_attention(q.float(), key_cache.float(), value_cache.float(), md, scale)
     if case.path == "backend":
-        out = TritonAttentionBackend(decode_num_splits=case.num_splits).forward(
-            q, key_cache, value_cache, md, scale)
+        out = run_backend(TritonAttentionBackend(decode_num_splits=case.num_splits),
+                          q, key_cache, value_cache, md, scale)
         # The same two launches into a NaN-filled output: every row must be written once.
         again = torch.full_like(q, float("nan"))
         prefill_attention(q, key_cache, value_cache, md, scale, again, skip_decodes=True)

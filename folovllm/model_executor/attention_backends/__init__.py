@@ -3,11 +3,12 @@
     naive        gather K/V, materialise the scores (the reference; stages 01-03)
     torch_flash  FlashAttention's tiled online softmax in plain torch (the readable version)
     sdpa         torch.nn.functional.scaled_dot_product_attention (fused kernels on CPU and CUDA)
-    cpu_attn     sdpa's prefills; decodes by our C++ kernel reading the paged cache in place (CPU)
+    cpu_attn     our C++ kernels, prefills and decodes, reading the paged cache in place (CPU)
     triton       our Triton kernels: varlen prefill over paged context, paged decode (CUDA)
     flash_attn   the flash-attn package, when installed (CUDA)
 
-Every backend is tested against `naive` on random inputs (stages/04).
+Each one's `build_metadata` runs once per step (the model runner calls it), its `forward` once
+per layer. Every backend is tested against `naive` on random inputs (stages/04).
 """
 
 from __future__ import annotations

@@ -22,73 +22,60 @@ from typing import Optional
 import torch
 
 from folovllm._custom_ops import load_ops
-from folovllm.model_executor.attention_backends.sdpa import (
-    SDPAAttentionBackend,
-    _Prefill,
-    split_prefills_decodes,
-)
-from folovllm.model_executor.layers.attention import AttentionMetadata
+from folovllm.model_executor.layers.attention import (
+    AttentionBackend, AttentionMetadata, PrefillRow, split_prefills_decodes)
 
 
-@dataclass
-class _CPUPlan:
-    prefills: list[_Prefill]
-    decode_rows: Optional[torch.Tensor]  # [c] the query row of each decoding sequence (int64)
-    decode_tables: Optional[torch.Tensor]  # [c, max_blocks] their block tables (int64)
-    decode_lens: Optional[torch.Tensor]  # [c] their context lengths (int64)
+@dataclass(frozen=True)
+class CPUAttnMetadata(AttentionMetadata):
+    """The common metadata plus what the kernels take: each prefill's span and blocks, and the
+    decoding rows as three int64 tensors (None when the step has no decode)."""
+
+    prefills: list[PrefillRow]
+    decode_rows: Optional[torch.Tensor]  # [c] the query row of each decoding sequence
+    decode_tables: Optional[torch.Tensor]  # [c, max_blocks] their block tables
+    decode_lens: Optional[torch.Tensor]  # [c] their context lengths
 
 
-class CPUAttentionBackend(SDPAAttentionBackend):
-    """Prefills and decodes by our kernels; the step plan (which rows decode, each prefill's
-    blocks) is the parent's, built once per step."""
+class CPUAttentionBackend(AttentionBackend):
+    """Prefills and decodes by our kernels, reading the paged cache in place."""
 
     name = "cpu_attn"
 
     def __init__(self) -> None:
-        super().__init__()
         self.ops = load_ops()  # raises, saying why, when the kernels cannot be built
 
     # --8<-- [start:cpu_attn_kernels]
     def forward(
         self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-        md: AttentionMetadata, scale: float,
+        md: CPUAttnMetadata, scale: float,
     ) -> torch.Tensor:
         # the kernels read q through raw pointers: one contiguous copy (Qwen2/Llama's q is a
         # view into the qkv output; Qwen3's comes out of its q-norm contiguous already)
-        return super().forward(q.contiguous(), key_cache, value_cache, md, scale)
-
-    def prefill(
-        self, q: torch.Tensor, out: torch.Tensor, key_cache: torch.Tensor,
-        value_cache: torch.Tensor, p: _Prefill, scale: float,
-    ) -> None:
-        """One prompt (or chunk) against its cached context, read in place through its blocks."""
-        self.ops.paged_attention_prefill(
-            out[p.start:p.end], q[p.start:p.end], key_cache, value_cache,
-            p.blocks, p.seq_len, scale,
-        )
-
-    def decode(
-        self, q: torch.Tensor, out: torch.Tensor, key_cache: torch.Tensor,
-        value_cache: torch.Tensor, plan: _CPUPlan, scale: float,
-    ) -> None:
-        """Every decode of the step in one call."""
-        if plan.decode_rows is not None:
+        q = q.contiguous()
+        out = torch.empty_like(q)  # [T, Hq, D]
+        for p in md.prefills:  # one prompt (or chunk) against its context, through its blocks
+            self.ops.paged_attention_prefill(
+                out[p.start:p.end], q[p.start:p.end], key_cache, value_cache,
+                p.blocks, p.seq_len, scale,
+            )
+        if md.decode_rows is not None:  # every decode of the step in one call
             self.ops.paged_attention_decode(
                 out, q, key_cache, value_cache,
-                plan.decode_rows, plan.decode_tables, plan.decode_lens, scale,
+                md.decode_rows, md.decode_tables, md.decode_lens, scale,
             )
+        return out
     # --8<-- [end:cpu_attn_kernels]
 
-    # --8<-- [start:cpu_attn_plan]
-    def _build_plan(self, md: AttentionMetadata, key_cache: torch.Tensor) -> _CPUPlan:
-        prefills, decodes, _ = split_prefills_decodes(md, key_cache.shape[1])
-        if not decodes:
-            return _CPUPlan(prefills, None, None, None)
-        seqs = torch.tensor(decodes, device=md.seq_lens.device)
-        return _CPUPlan(
-            prefills,
-            decode_rows=md.query_start_loc[seqs].long(),
-            decode_tables=md.block_tables[seqs].long().contiguous(),
-            decode_lens=md.seq_lens[seqs].long(),
-        )
-    # --8<-- [end:cpu_attn_plan]
+    # --8<-- [start:cpu_attn_build_metadata]
+    def build_metadata(self, common: AttentionMetadata, key_cache: torch.Tensor) -> CPUAttnMetadata:
+        prefills, decodes = split_prefills_decodes(common, key_cache.shape[1])
+        rows = tables = lens = None
+        if decodes:
+            seqs = torch.tensor(decodes, device=common.seq_lens.device)
+            rows = common.query_start_loc[seqs].long()
+            tables = common.block_tables[seqs].long().contiguous()
+            lens = common.seq_lens[seqs].long()
+        return CPUAttnMetadata(**common.common_fields(), prefills=prefills,
+                               decode_rows=rows, decode_tables=tables, decode_lens=lens)
+    # --8<-- [end:cpu_attn_build_metadata]

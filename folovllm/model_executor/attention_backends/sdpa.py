@@ -1,6 +1,5 @@
 """`sdpa` backend: `torch.nn.functional.scaled_dot_product_attention`, stage 04's CPU default
-when our compiled kernels are off (`custom_ops="none"`; with them, `cpu_attn.py`, which reuses
-this backend's step plan).
+when our compiled kernels are off (`custom_ops="none"`; with them, `cpu_attn.py`).
 
 SDPA picks a fused kernel by device and inputs; on CPU with float inputs that is
 `aten._scaled_dot_product_flash_attention_for_cpu`, a tiled online-softmax kernel (the algorithm
@@ -34,12 +33,11 @@ GQA: `enable_gqa=True`, which the fused CPU kernel supports directly. Measured a
 `repeat_interleave` of K/V: the same on prefills (the kernel's compute dominates), 2.5x faster on
 decodes (where copying K/V `group` times is most of the work).
 
-Per step, not per layer: everything derived from the metadata (the host-side lists of query
-starts and lengths, which rows decode, the decode calls and their gather indices and masks,
-whether a prefill's blocks are consecutive) is the `_StepPlan`, built by the first layer of a
-step and kept in `md.backend_cache` for the others. Before it, each of the N layers paid N
-`.tolist()` host syncs and rebuilt the same index tensors: with 28 layers (Qwen3-0.6B) that was
-most of the backend's Python time on a decode step.
+Per step, not per layer: everything derived from the metadata (which rows decode, the decode
+calls and their gather indices and masks, whether a prefill's blocks are consecutive) is
+`SDPAMetadata`, built by `build_metadata` before the first layer runs and read by all of them.
+Before it, each layer paid `.tolist()` host syncs and rebuilt the same index tensors: with 28
+layers (Qwen3-0.6B) that was most of the backend's Python time on a decode step.
 
 The gather is `index_select` over whole blocks (`cache.index_select(0, block_ids)`), not advanced
 indexing (`cache[block_ids]`): the same copy, but `index_select` copies each block as one run of
@@ -58,20 +56,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from folovllm.model_executor.layers.attention import AttentionBackend, AttentionMetadata
+from folovllm.model_executor.layers.attention import (
+    AttentionBackend, AttentionMetadata, PrefillRow, split_prefills_decodes)
 
 
-@dataclass
-class _Prefill:
-    start: int  # its queries are q[start:end]
-    end: int
-    seq_len: int
-    blocks: torch.Tensor  # [nb] block ids of its context
-    first_block: Optional[int]  # the first block when all nb are consecutive (a view), else None
+@dataclass(frozen=True)
+class DecodeCall:
+    """c decoding sequences attended to in one SDPA call."""
 
-
-@dataclass
-class _DecodeCall:
     rows: torch.Tensor  # [c] the query row of each sequence
     block_ids: torch.Tensor  # [c * nb] blocks to gather, sequence after sequence
     num_blocks: int  # nb, per sequence (the longest one's)
@@ -79,10 +71,12 @@ class _DecodeCall:
     mask: Optional[torch.Tensor]  # [c, 1, 1, Lk] keys each sequence may see; None = all
 
 
-@dataclass
-class _StepPlan:
-    prefills: list[_Prefill]
-    decodes: list[_DecodeCall]
+@dataclass(frozen=True)
+class SDPAMetadata(AttentionMetadata):
+    """The common metadata plus the step's plan: one SDPA call per prefill, decodes in calls."""
+
+    prefills: list[PrefillRow]
+    decode_calls: list[DecodeCall]
 
 
 class SDPAAttentionBackend(AttentionBackend):
@@ -96,54 +90,34 @@ class SDPAAttentionBackend(AttentionBackend):
     # --8<-- [start:sdpa_forward]
     def forward(
         self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-        md: AttentionMetadata, scale: float,
+        md: SDPAMetadata, scale: float,
     ) -> torch.Tensor:
-        plan = self.plan(md, key_cache)  # once per step, shared by every layer
         out = torch.empty_like(q)  # [T, Hq, D]
-        for p in plan.prefills:
-            self.prefill(q, out, key_cache, value_cache, p, scale)
-        self.decode(q, out, key_cache, value_cache, plan, scale)
+        for p in md.prefills:  # its queries against its whole context
+            out[p.start:p.end] = prefill_attention(
+                q[p.start:p.end],
+                context_kv(key_cache, p.blocks, p.seq_len, p.first_block),
+                context_kv(value_cache, p.blocks, p.seq_len, p.first_block),
+                scale,
+            )
+        for call in md.decode_calls:  # the decoding rows, one query each
+            decode_attention(q, out, key_cache, value_cache, call, scale)
         return out
-
-    def prefill(
-        self, q: torch.Tensor, out: torch.Tensor, key_cache: torch.Tensor,
-        value_cache: torch.Tensor, p: _Prefill, scale: float,
-    ) -> None:
-        """Fill the rows of one prefill (its queries against its whole context)."""
-        out[p.start:p.end] = prefill_attention(
-            q[p.start:p.end],
-            context_kv(key_cache, p.blocks, p.seq_len, p.first_block),
-            context_kv(value_cache, p.blocks, p.seq_len, p.first_block),
-            scale,
-        )
-
-    def decode(
-        self, q: torch.Tensor, out: torch.Tensor, key_cache: torch.Tensor,
-        value_cache: torch.Tensor, plan: _StepPlan, scale: float,
-    ) -> None:
-        """Fill the decoding rows of `out` (one query each)."""
-        for call in plan.decodes:
-            self._decode(q, out, key_cache, value_cache, call, scale)
     # --8<-- [end:sdpa_forward]
 
-    # --8<-- [start:sdpa_plan]
-    def plan(self, md: AttentionMetadata, key_cache: torch.Tensor) -> _StepPlan:
-        """What every layer of this step needs from `md`, built on the first call."""
-        key = (self.name, self.decode_chunk_bytes)
-        if key not in md.backend_cache:
-            md.backend_cache[key] = self._build_plan(md, key_cache)
-        return md.backend_cache[key]
-
-    def _build_plan(self, md: AttentionMetadata, key_cache: torch.Tensor) -> _StepPlan:
+    # --8<-- [start:sdpa_build_metadata]
+    def build_metadata(self, common: AttentionMetadata, key_cache: torch.Tensor) -> SDPAMetadata:
+        """Which rows prefill and which decode, and the decode calls, once per step."""
         block_size, num_kv_heads, head_dim = key_cache.shape[1:]
-        prefills, decodes, seq_lens = split_prefills_decodes(md, block_size)
+        prefills, decodes = split_prefills_decodes(common, block_size)
+        seq_lens = common.seq_lens_cpu
 
         # Decodes: longest first, cut into calls of about `decode_chunk_bytes` of K each.
         bytes_per_token = num_kv_heads * head_dim * key_cache.element_size()
         max_tokens = max(1, self.decode_chunk_bytes // bytes_per_token)  # per call, padded
         decodes.sort(key=lambda b: seq_lens[b], reverse=True)
         calls, chunk_start = [], 0
-        tables, device = md.block_tables, md.seq_lens.device
+        tables, device = common.block_tables, common.seq_lens.device
         while chunk_start < len(decodes):
             longest = seq_lens[decodes[chunk_start]]  # sorted: the first is the longest
             num = max(1, min(len(decodes) - chunk_start, max_tokens // longest))
@@ -157,50 +131,30 @@ class SDPAAttentionBackend(AttentionBackend):
                 lens_t = torch.tensor(lens, device=device)
                 mask = torch.arange(longest, device=device) < lens_t[:, None]  # [c, Lk]
                 mask = mask[:, None, None, :]  # [c, 1, 1, Lk], broadcast over heads and the query
-            calls.append(_DecodeCall(
-                rows=md.query_start_loc[seqs_t],
+            calls.append(DecodeCall(
+                rows=common.query_start_loc[seqs_t],
                 block_ids=tables[seqs_t, :nb].reshape(-1),  # [c * nb]
                 num_blocks=nb, longest=longest, mask=mask,
             ))
-        return _StepPlan(prefills, calls)
-    # --8<-- [end:sdpa_plan]
-
-    # --8<-- [start:sdpa_decode]
-    @staticmethod
-    def _decode(
-        q: torch.Tensor, out: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-        call: _DecodeCall, scale: float,
-    ) -> None:
-        """One query per sequence, c sequences in one SDPA call."""
-        k = gather_blocks(key_cache, call.block_ids, call.num_blocks, call.longest)  # [c, Lk, Hkv, D]
-        v = gather_blocks(value_cache, call.block_ids, call.num_blocks, call.longest)
-        o = F.scaled_dot_product_attention(
-            q.index_select(0, call.rows).unsqueeze(2),  # [c, Hq, 1, D]
-            k.transpose(1, 2), v.transpose(1, 2),  # [c, Hkv, Lk, D]
-            attn_mask=call.mask, scale=scale, enable_gqa=True,
-        )  # [c, Hq, 1, D]
-        out.index_copy_(0, call.rows, o.squeeze(2))
-    # --8<-- [end:sdpa_decode]
+        return SDPAMetadata(**common.common_fields(), prefills=prefills, decode_calls=calls)
+    # --8<-- [end:sdpa_build_metadata]
 
 
-def split_prefills_decodes(
-    md: AttentionMetadata, block_size: int
-) -> tuple[list[_Prefill], list[int], list[int]]:
-    """The step's prefills (query_len > 1), the indices of its decodes (query_len = 1), and
-    every sequence's length, as host lists (one `.tolist()` each, once per step)."""
-    query_start_loc = md.query_start_loc.tolist()
-    seq_lens = md.seq_lens.tolist()
-    prefills, decodes = [], []
-    for b, seq_len in enumerate(seq_lens):
-        start, end = query_start_loc[b], query_start_loc[b + 1]
-        if end - start == 1:
-            decodes.append(b)
-        elif end > start:
-            blocks = md.block_tables[b, : -(-seq_len // block_size)]  # [nb], ceil division
-            ids = blocks.tolist()
-            consecutive = ids == list(range(ids[0], ids[0] + len(ids)))
-            prefills.append(_Prefill(start, end, seq_len, blocks, ids[0] if consecutive else None))
-    return prefills, decodes, seq_lens
+# --8<-- [start:sdpa_decode]
+def decode_attention(
+    q: torch.Tensor, out: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+    call: DecodeCall, scale: float,
+) -> None:
+    """One query per sequence, c sequences in one SDPA call, into their rows of `out`."""
+    k = gather_blocks(key_cache, call.block_ids, call.num_blocks, call.longest)  # [c, Lk, Hkv, D]
+    v = gather_blocks(value_cache, call.block_ids, call.num_blocks, call.longest)
+    o = F.scaled_dot_product_attention(
+        q.index_select(0, call.rows).unsqueeze(2),  # [c, Hq, 1, D]
+        k.transpose(1, 2), v.transpose(1, 2),  # [c, Hkv, Lk, D]
+        attn_mask=call.mask, scale=scale, enable_gqa=True,
+    )  # [c, Hq, 1, D]
+    out.index_copy_(0, call.rows, o.squeeze(2))
+# --8<-- [end:sdpa_decode]
 
 
 # --8<-- [start:sdpa_prefill]

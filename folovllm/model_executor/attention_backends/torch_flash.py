@@ -67,10 +67,9 @@ class TorchFlashAttentionBackend(AttentionBackend):
         md: AttentionMetadata, scale: float,
     ) -> torch.Tensor:
         out = torch.empty_like(q)  # [T, Hq, D]
-        query_start_loc = md.query_start_loc.tolist()
-        seq_lens = md.seq_lens.tolist()
-        for b, seq_len in enumerate(seq_lens):
-            start, end = query_start_loc[b], query_start_loc[b + 1]
+        qsl = md.query_start_loc_cpu  # host lists: the loop below needs python ints
+        for b, seq_len in enumerate(md.seq_lens_cpu):
+            start, end = qsl[b], qsl[b + 1]
             if start == end:
                 continue
             out[start:end] = flash_attention_one_sequence(

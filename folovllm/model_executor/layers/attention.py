@@ -19,16 +19,18 @@ blocks small and hands them out on demand (paged). The attention code is the sam
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import itertools
+from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttentionMetadata:
-    """Per-step description of the batch, built by the model runner.
+    """Per-step description of the batch, built once by the model runner before the forward pass
+    (vLLM's `CommonAttentionMetadata`); every layer reads the same one.
 
     The new tokens of all sequences are packed back to back (T tokens in all)::
 
@@ -44,10 +46,14 @@ class AttentionMetadata:
         block_tables: [B, max_blocks_per_seq] block ids of each sequence (padded with 0).
         max_query_len: longest run of new tokens in the batch (python int).
         max_seq_len: longest context in the batch (python int).
-        backend_cache: what a backend derives from this metadata (host-side lists, gather
-            indices, masks), built by the first layer of the step and reused by every other
-            layer: the metadata is the same for all of them (vLLM's per-backend metadata
-            builder does this once per step too).
+        query_start_loc_cpu, seq_lens_cpu, block_tables_cpu: the same numbers as python lists
+            (block tables unpadded), which the runner had before it made the tensors. A backend
+            that loops over sequences reads these: a `.tolist()` of the tensors would wait for
+            the device, once per layer.
+
+    A backend whose `forward` needs more (which rows decode, gather indices, masks) derives it
+    once per step in `AttentionBackend.build_metadata`, as a subclass of this class. Frozen: a
+    layer cannot change what the next layer reads.
     """
 
     slot_mapping: torch.Tensor
@@ -56,11 +62,48 @@ class AttentionMetadata:
     block_tables: torch.Tensor
     max_query_len: int
     max_seq_len: int
-    backend_cache: dict[Any, Any] = field(default_factory=dict, repr=False)
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+    block_tables_cpu: list[list[int]]
 
     @property
     def num_seqs(self) -> int:
-        return self.seq_lens.shape[0]
+        return len(self.seq_lens_cpu)
+
+    @classmethod
+    def from_lists(
+        cls, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
+        positions: torch.Tensor, block_size: int,
+    ) -> AttentionMetadata:
+        """The step's metadata from each sequence's number of new tokens, context length and
+        blocks, with the tensors on `positions`' device; positions [T] are the new tokens'
+        positions (`ModelRunner.prepare_inputs`), from which each one's slot follows.
+        """
+        device = positions.device
+        width = max(len(t) for t in block_tables)
+        tables = torch.tensor(
+            [t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long, device=device
+        )  # [B, max_blocks]
+        query_start_loc = list(itertools.accumulate(query_lens, initial=0))  # [B+1]
+        query_lens_t = torch.tensor(query_lens, dtype=torch.long, device=device)
+        # Which sequence each token belongs to, then its slot through that sequence's blocks.
+        seq = torch.repeat_interleave(torch.arange(len(query_lens), device=device), query_lens_t)
+        slot_mapping = tables[seq, positions // block_size] * block_size + positions % block_size
+        return cls(
+            slot_mapping=slot_mapping,
+            query_start_loc=torch.tensor(query_start_loc, dtype=torch.long, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=device),
+            block_tables=tables,
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=query_start_loc,
+            seq_lens_cpu=list(seq_lens),
+            block_tables_cpu=[list(t) for t in block_tables],
+        )
+
+    def common_fields(self) -> dict[str, Any]:
+        """The fields above, for a backend's metadata (a subclass) to be built from them."""
+        return {f.name: getattr(self, f.name) for f in fields(AttentionMetadata)}
 
 
 class Attention(nn.Module):
@@ -94,16 +137,25 @@ class Attention(nn.Module):
 class AttentionBackend:
     """One way of computing attention over the paged KV cache (stage 04 adds several).
 
-    Every backend gets the same inputs and must give the same output as `naive_attention`:
+    Every backend has the same three methods and must give the same output as `naive_attention`:
 
+        build_metadata(common, key_cache) -> md      once per step, by the model runner
         store_kv_cache(k, v, key_cache, value_cache, slot_mapping)   new K/V into their slots
-        forward(q [T, Hq, D], key_cache, value_cache, md, scale) -> [T, Hq, D]
+        forward(q [T, Hq, D], key_cache, value_cache, md, scale) -> [T, Hq, D]   every layer
 
     where query i of sequence b sits at position `seq_lens[b] - query_len[b] + i` and attends
-    causally to that sequence's cached tokens (read through `md.block_tables`).
+    causally to that sequence's cached tokens (read through `md.block_tables`). `forward` reads
+    only its arguments: whatever it needs beyond the common metadata (host lists turned into
+    index tensors, which rows decode) `build_metadata` derived before the first layer ran.
     """
 
     name = "base"
+
+    def build_metadata(self, common: AttentionMetadata, key_cache: torch.Tensor) -> AttentionMetadata:
+        """What this backend's `forward` reads, for every layer of the step (vLLM's
+        `AttentionMetadataBuilder.build`). `key_cache` is any layer's cache: they share one
+        layout (block size, KV heads, head size, dtype). By default the common metadata as is."""
+        return common
 
     def store_kv_cache(
         self, k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
@@ -129,6 +181,39 @@ class NaiveAttentionBackend(AttentionBackend):
         md: AttentionMetadata, scale: float,
     ) -> torch.Tensor:
         return naive_attention(q, key_cache, value_cache, md, scale)
+
+
+@dataclass(frozen=True)
+class PrefillRow:
+    """A sequence with more than one new token (a prompt, or a chunk of one over its cached
+    context): queries q[start:end] over the first `seq_len` tokens of its `blocks`."""
+
+    start: int
+    end: int
+    seq_len: int
+    blocks: torch.Tensor  # [nb] block ids of its context
+    first_block: Optional[int]  # the first block when all nb are consecutive (a view), else None
+
+
+def split_prefills_decodes(
+    md: AttentionMetadata, block_size: int
+) -> tuple[list[PrefillRow], list[int]]:
+    """The step's prefills (query_len > 1) and the indices of its decodes (query_len = 1), from
+    the host lists: backends that handle the two kinds apart (`sdpa`, `cpu_attn`) start here."""
+    qsl = md.query_start_loc_cpu
+    prefills, decodes = [], []
+    for b, seq_len in enumerate(md.seq_lens_cpu):
+        start, end = qsl[b], qsl[b + 1]
+        if end - start == 1:
+            decodes.append(b)
+        elif end > start:
+            nb = -(-seq_len // block_size)  # ceil division
+            ids = md.block_tables_cpu[b][:nb]
+            consecutive = ids == list(range(ids[0], ids[0] + nb))
+            prefills.append(PrefillRow(
+                start, end, seq_len, md.block_tables[b, :nb], ids[0] if consecutive else None
+            ))
+    return prefills, decodes
 
 
 # --8<-- [start:store_kv_cache]
