@@ -14,7 +14,7 @@ Shapes are the bench model's (hidden 512, 8/4 heads of 64, intermediate 1,536) a
     rms_norm + add, q/k norm + rope, silu_and_mul
                         16 and 512 tokens: the layer's forward_native vs forward_cpu
     linear              oneDNN matmul on the plain weight vs the weight packed by
-                        `pack_linear_weights`, at 1-512 rows
+                        `pack_linear_weight`, at 1-512 rows
 
 Each row: median over interleaved repeats of the time per call (process CPU time; the machine
 is shared), the speed-up, and the largest difference between the two outputs.
@@ -33,7 +33,7 @@ from folovllm import envs
 from folovllm.model_executor.attention_backends import get_attn_backend
 from folovllm.model_executor.layers.activation import SiluAndMul
 from folovllm.model_executor.layers.layernorm import RMSNorm
-from folovllm.model_executor.layers.linear import PACK_BATCH, dense_linear
+from folovllm.model_executor.layers.cpu_gemm import PACK_BATCH, dense_linear
 from folovllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from tests.attention_utils import Batch, random_paged_batch, run_backend
 

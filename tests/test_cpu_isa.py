@@ -18,7 +18,8 @@ import sys
 import torch
 
 from folovllm import LLM, SamplingParams
-from folovllm.model_executor.layers.linear import LinearBase, dense_linear
+from folovllm.model_executor.layers.cpu_gemm import dense_linear
+from folovllm.model_executor.layers.linear import LinearBase
 from folovllm.platforms import cpu as cpu_platform
 
 PROMPTS = ["def main(", "import os", "class Foo", "for i in range("]
@@ -57,7 +58,7 @@ def test_avx2_switch_caps_onednn_and_aten_and_bf16_still_multiplies():
     script = (
         "import json, torch, folovllm\n"
         "from folovllm.platforms import cpu\n"
-        "from folovllm.model_executor.layers.linear import dense_linear\n"
+        "from folovllm.model_executor.layers.cpu_gemm import dense_linear\n"
         "x, w = torch.randn(5, 64).bfloat16(), torch.randn(32, 64).bfloat16()\n"
         "with torch.inference_mode():\n"
         "    same = torch.equal(dense_linear(x, w), torch.nn.functional.linear(x, w))\n"

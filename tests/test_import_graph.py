@@ -23,10 +23,6 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent / "folovllm"
 ALLOWED_CYCLE_EDGES = {
     ("executor.abstract", "executor.uniproc_executor"): "the executor factory",
     ("executor.abstract", "executor.multiproc_executor"): "the executor factory",
-    # `pack_linear_weights` finds the LM head by class; it leaves linear.py (CPU GEMM dispatch
-    # through `process_weights_after_loading`, issue 23 item 3), and this entry with it.
-    ("model_executor.layers.linear", "model_executor.layers.vocab_parallel_embedding"):
-        "pack_linear_weights, until it moves",
 }
 # Imported only by the tests, the benchmarks and the CLI: never by the engine.
 OFFLINE_PACKAGES = ("folovllm.testing", "folovllm.tools")

@@ -25,11 +25,9 @@ from folovllm.model_executor.layers.linear import (
     RowParallelLinear,
     UnquantizedLinearMethod,
     WeightLoader,
-    dense_linear,
-    onednn_takes,
-    pack_linear_weights,
     set_weight_attrs,
 )
+from folovllm.model_executor.layers.cpu_gemm import dense_linear, onednn_takes, weight_packing
 from folovllm.model_executor.model_loader import load_model
 from folovllm.platforms.cpu import onednn_bf16_supported
 from tests.helpers import ARCHS, our_decode_logits
@@ -72,7 +70,7 @@ def test_dense_linear_equals_f_linear(rows, bias, dtype, tol):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_packed_weights_give_f_linear_at_every_batch(dtype, tol):
-    """`pack_linear_weights` swaps the plain weight for oneDNN's blocked copy of it (exactly the
+    """`pack_linear_weight` (run by `process_weights_after_loading` under `weight_packing`) swaps the plain weight for oneDNN's blocked copy of it (exactly the
     same numbers, `to_dense`), and the layer still computes `F.linear` at 1-2 rows (padded to
     MIN_ROWS) and beyond. bfloat16 on a CPU without oneDNN's bf16 kernels (AVX2 only, or
     FOLOVLLM_CPU_ISA=avx2) is left plain and takes `F.linear`: packing it would fail there."""
@@ -81,12 +79,13 @@ def test_packed_weights_give_f_linear_at_every_batch(dtype, tol):
     with torch.no_grad():
         layer.weight.copy_(w)
         layer.bias.copy_(b)
-    model = torch.nn.Sequential(layer)
     packs = onednn_takes(dtype)
     assert packs == (dtype == torch.float32 or onednn_bf16_supported())
-    assert pack_linear_weights(model) == int(packs)
+    layer.quant_method.process_weights_after_loading(layer)  # packing is off by default
+    assert not layer.weight.is_mkldnn
+    with weight_packing(True):
+        layer.quant_method.process_weights_after_loading(layer)
     assert layer.weight.is_mkldnn == packs and torch.equal(layer.weight.to_dense(), w)
-    assert pack_linear_weights(model) == 0  # once is enough
     for rows in (1, 2, 3, 16, 100):
         x = _rand(rows, 80, seed=rows).to(dtype)
         with torch.inference_mode():
@@ -96,12 +95,14 @@ def test_packed_weights_give_f_linear_at_every_batch(dtype, tol):
 
 
 def test_a_tied_lm_head_gets_a_packed_copy_and_the_embedding_stays_plain(tiny_qwen3):
-    model = load_model(str(tiny_qwen3), torch.float32)[0]
+    plain = load_model(str(tiny_qwen3), torch.float32)[0]
+    assert plain.lm_head.weight is plain.model.embed_tokens.weight  # tied, as in Qwen3-0.6B
+    with weight_packing(True):
+        model = load_model(str(tiny_qwen3), torch.float32)[0]
+    linears = [m for m in model.modules() if isinstance(m, LinearBase)]
+    assert linears and all(m.weight.is_mkldnn for m in linears)
     embedding = model.model.embed_tokens.weight
-    assert model.lm_head.weight is embedding  # the tiny Qwen3 ties them, as Qwen3-0.6B does
-    linears = sum(isinstance(m, LinearBase) for m in model.modules())
-    assert pack_linear_weights(model) == linears + 1
-    assert model.model.embed_tokens.weight is embedding and not embedding.is_mkldnn
+    assert not embedding.is_mkldnn and torch.equal(embedding, plain.model.embed_tokens.weight)
     assert model.lm_head.weight.is_mkldnn and torch.equal(model.lm_head.weight.to_dense(), embedding)
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from folovllm.model_executor.layers.linear import LinearBase, QuantizationConfig
 from folovllm.model_executor.layers.quantization import get_quant_config
+from folovllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from folovllm.model_executor.models import MODEL_REGISTRY
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
@@ -193,7 +194,9 @@ def load_model(
             f"weights missing from the checkpoint in {path}: {sorted(missing)[:8]}"
             f"{' ...' if len(missing) > 8 else ''}"
         )
-    for module in net.modules():  # stage 07: re-lay quantized weights out for their kernel
+    for module in net.modules():  # re-lay weights out for their kernel (GPTQ's, oneDNN's)
         if isinstance(module, LinearBase):
             module.quant_method.process_weights_after_loading(module)
+        elif isinstance(module, ParallelLMHead):
+            module.process_weights_after_loading()
     return net.eval(), config, path

@@ -24,7 +24,7 @@ from folovllm.distributed import parallel_state
 from folovllm.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from folovllm.model_executor.attention_backends import get_attn_backend
 from folovllm.model_executor.custom_op import set_custom_ops
-from folovllm.model_executor.layers.linear import pack_linear_weights
+from folovllm.model_executor.layers.cpu_gemm import weight_packing
 from folovllm.model_executor.model_loader import load_model
 from folovllm.platforms import cpu as cpu_platform
 from folovllm.worker.model_runner import ModelRunner
@@ -38,11 +38,12 @@ class Worker:
         """`sampler`: the in-process worker samples; tensor-parallel workers leave it to the
         driver (see `compute_logits`)."""
         self.config = config
-        self.model, self.hf_config, _ = load_model(str(model_path), config.torch_dtype, config.device,
-                                                    quantization=config.quantization)
+        # custom_ops="all" (the CPU fast path) also stores the plain linear weights in oneDNN's
+        # layout, as each layer finishes loading (layers/cpu_gemm.py)
+        with weight_packing(config.custom_ops == "all"):
+            self.model, self.hf_config, _ = load_model(str(model_path), config.torch_dtype, config.device,
+                                                        quantization=config.quantization)
         set_custom_ops(self.model, config.custom_ops)  # resolved: "all" or "none"
-        if config.custom_ops == "all":  # the CPU fast path: linear weights in oneDNN's layout
-            pack_linear_weights(self.model)
         if torch.device(config.device).type == "cpu" and parallel_state.get_tensor_model_parallel_rank() == 0:
             cpu_platform.check_isa_override()
             logger.info("%s; custom_ops=%s", cpu_platform.describe(), config.custom_ops)

@@ -44,7 +44,6 @@ from abc import ABC, abstractmethod
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from folovllm.distributed.parallel_state import (
@@ -53,7 +52,7 @@ from folovllm.distributed.parallel_state import (
     get_tensor_model_parallel_world_size,
     tensor_model_parallel_all_reduce,
 )
-from folovllm.platforms.cpu import onednn_bf16_supported
+from folovllm.model_executor.layers.cpu_gemm import dense_linear, pack_linear_weight
 
 WeightLoader = Callable[..., None]  # (param, loaded_weight, shard_id=None) -> None
 ShardId = Union[int, str]
@@ -176,82 +175,12 @@ class UnquantizedLinearMethod(LinearMethodBase):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         return dense_linear(x, layer.weight, bias)
 
-
-# --8<-- [start:dense_linear]
-def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, x [T, in] @ weight [out, in]^T, through oneDNN on CPU.
-
-    On CPU, `F.linear` calls MKL's sgemm, which on this AMD EPYC runs 1.2-1.8x slower than
-    oneDNN's matmul on the shapes of Qwen3-0.6B (one thread, T = 1..512; 2.1x for the LM head at
-    T = 8), and ties on small shapes at small T; docs/performance.md has the measurements and
-    the end-to-end effect. vLLM's CPU backend uses oneDNN matmuls too. Same math, a different summation order: results differ from
-    `F.linear` by float32 rounding (~1e-6), which `tests/test_linear.py` checks. Everything
-    else (CUDA, float16, a 3-D input, a build without oneDNN, bfloat16 on a CPU without
-    oneDNN's bf16 kernels, platforms/cpu.py) takes `F.linear`, the reference.
-    """
-    if weight.is_mkldnn:  # packed by `pack_linear_weights`: only oneDNN can read it
-        return _packed_linear(x, weight, bias)
-    if (_ONEDNN and x.device.type == "cpu" and x.dim() == 2 and onednn_takes(x.dtype)
-            and weight.dtype == x.dtype and not torch.is_grad_enabled()):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
-# --8<-- [end:dense_linear]
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """On CPU, the GEMM this weight will use (vLLM's `dispatch_cpu_unquantized_gemm`):
+        oneDNN's packed layout when weight packing is on (`cpu_gemm.py`)."""
+        pack_linear_weight(layer)
 
 
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def onednn_takes(dtype: torch.dtype) -> bool:
-    """oneDNN multiplies float32 on every x86 CPU, bfloat16 only where it has bf16 kernels
-    (AVX-512 BW/VL/DQ or AVX-NE-CONVERT; elsewhere it fails to create the primitive)."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and onednn_bf16_supported())
-
-
-# --8<-- [start:pack_linear_weights]
-# oneDNN re-lays a weight [out, in] into the blocked layout its matmul kernel reads (tiles of
-# rows and columns that fit the vector registers), chosen for a batch of PACK_BATCH rows; any
-# batch can use it. Unpacked, oneDNN does that reordering on every call: at 4-48 rows it is a
-# third of the matmul's time (measured on docs/performance.md: 1.4-1.7x faster packed at 16
-# rows, ~5% at 128 and more). Below MIN_ROWS oneDNN switches to a kernel that is slower on the
-# packed layout than the plain one, so a batch of 1-2 rows is padded to MIN_ROWS.
-PACK_BATCH = 16
-MIN_ROWS = 4
-
-
-def pack_linear_weights(model: nn.Module) -> int:
-    """Store every plain (unquantized, CPU, float32/bfloat16 where oneDNN has bf16 kernels) linear weight and the LM head in
-    oneDNN's layout, in place of the plain one (same bytes; `weight.to_dense()` gives it back).
-    An LM head tied to the embedding gets a packed copy of its own (the embedding's lookup needs
-    the plain rows): vocab x hidden more bytes, as in vLLM's CPU build. Returns how many."""
-    if not _ONEDNN:
-        return 0
-    # imported here: vocab_parallel_embedding imports this module
-    from folovllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
-
-    packed = 0
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        plain = isinstance(getattr(module, "quant_method", None), UnquantizedLinearMethod)
-        if ((plain or isinstance(module, ParallelLMHead)) and isinstance(weight, torch.Tensor)
-                and not weight.is_mkldnn
-                and weight.device.type == "cpu" and onednn_takes(weight.dtype)):
-            with torch.inference_mode():
-                blocked = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH)
-            module.weight = nn.Parameter(blocked, requires_grad=False)
-            packed += 1
-    return packed
-
-
-def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    if x.dim() == 2 and x.shape[0] >= MIN_ROWS:  # the engine's case: [T, in], nothing to reshape
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    x2 = x.reshape(-1, x.shape[-1])
-    rows = x2.shape[0]
-    if rows < MIN_ROWS:
-        x2 = F.pad(x2, (0, 0, 0, MIN_ROWS - rows))
-    y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
-    return y[:rows].reshape(*x.shape[:-1], weight.shape[0])
-# --8<-- [end:pack_linear_weights]
 
 
 class QuantizationConfig(ABC):

@@ -29,12 +29,8 @@ from folovllm.distributed.parallel_state import (
     tensor_model_parallel_all_reduce,
     tensor_model_parallel_gather,
 )
-from folovllm.model_executor.layers.linear import (
-    WeightShapeError,
-    default_weight_loader,
-    dense_linear,
-    set_weight_attrs,
-)
+from folovllm.model_executor.layers.cpu_gemm import dense_linear, pack_linear_weight
+from folovllm.model_executor.layers.linear import WeightShapeError, default_weight_loader, set_weight_attrs
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -88,6 +84,11 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """The output projection [hidden] -> [V], split like the embedding, so the two can share one
     tensor when the checkpoint ties them (`tie_weights`)."""
+
+    def process_weights_after_loading(self) -> None:
+        """On CPU with weight packing on, a packed copy for the matmul (`cpu_gemm.py`); a tied
+        embedding keeps the plain rows its lookup needs (vocab x hidden more bytes, as vLLM)."""
+        pack_linear_weight(self)
 
     def tie_weights(self, embed_tokens: VocabParallelEmbedding) -> None:
         self.weight = embed_tokens.weight
