@@ -105,7 +105,7 @@ class EngineConfig:
     # has no flag of its own: for_stage(7) = for_stage(6).
     quantization: Optional[str] = None
     tensor_parallel_size: int = 1  # stage 08
-    # observability, not a stage: record every step for `folovllm trace` (engine/trace.py)
+    # observability, not a stage: record every step for `folovllm trace` (trace/recorder.py)
     trace: bool = False
     # performance, not a stage: our compiled CPU kernels for RMSNorm, RoPE, SiLU-and-mul and
     # paged decode attention (model_executor/custom_op.py, csrc/cpu/). "all": use them (they

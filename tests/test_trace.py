@@ -1,4 +1,4 @@
-"""The step trace (engine/trace.py): it must say exactly what the scheduler decided, step by step,
+"""The step trace (trace/recorder.py): it must say exactly what the scheduler decided, step by step,
 cost nothing when off, and export a Trace Event file Perfetto can open."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 
 from folovllm import LLM, LLMEngine, SamplingParams
 from folovllm.core.scheduler_output import SchedulerOutput
-from folovllm.engine.trace import NullTracer, StepTracer, request_lanes
-from folovllm.entrypoints.trace_workloads import WORKLOADS, engine_config, replay
+from folovllm.trace.recorder import NullTracer, StepTracer, request_lanes
+from folovllm.trace.workloads import WORKLOADS, engine_config, replay
 
 
 def traced(path, stage: int, workload: str, **overrides) -> tuple[LLMEngine, dict, list[SchedulerOutput], list]:

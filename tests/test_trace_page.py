@@ -19,9 +19,9 @@ import pytest
 
 from folovllm.config import EngineConfig, LATEST_STAGE
 from folovllm.engine.llm_engine import LLMEngine
-from folovllm.engine.trace import LANE_STATES
-from folovllm.entrypoints.trace_page import LiveView, make_server, run_workload_forever
-from folovllm.entrypoints.trace_workloads import WORKLOADS, engine_config
+from folovllm.trace.recorder import LANE_STATES
+from folovllm.trace.page import LiveView, make_server, run_workload_forever
+from folovllm.trace.workloads import WORKLOADS, engine_config
 
 BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
 

@@ -26,7 +26,7 @@ from folovllm.core.scheduler_output import SchedulerOutput
 from folovllm.core.static_batch_scheduler import StaticBatchScheduler
 from folovllm.engine.output_processor import OutputProcessor
 from folovllm.engine.stats import EngineStats, SchedulerStats
-from folovllm.engine.trace import NullTracer, StepTracer
+from folovllm.trace.recorder import NullTracer, StepTracer
 from folovllm.executor import WorkerDiedError, get_executor_cls
 from folovllm.inputs import PromptType, is_token_id, parse_prompt
 from folovllm.model_executor.model_loader import load_hf_config, resolve_model_path

@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"stages to run (default: all built, 1..{LATEST_STAGE})")
     demo.add_argument("--num-requests", type=int, default=DEMO_NUM_REQUESTS)
 
-    from folovllm.entrypoints.trace_workloads import WORKLOADS
+    from folovllm.trace.workloads import WORKLOADS
 
     trace = sub.add_parser("trace", help="record what every engine step did and draw it")
     _add_engine_args(trace)
@@ -381,13 +381,13 @@ DOCS_ASSETS = Path("docs") / "assets"  # run from the repository root, as mkdocs
 
 
 def run_trace(args: argparse.Namespace) -> int:
-    from folovllm.engine.trace_plot import plot_traces
-    from folovllm.entrypoints.trace_workloads import WORKLOADS, engine_config, replay
+    from folovllm.trace.plot import plot_traces
+    from folovllm.trace.workloads import WORKLOADS, engine_config, replay
 
     model = _model_or_demo(args)
     overrides = {k: v for k, v in _engine_kwargs(args).items() if v is not None}
     if args.serve:
-        from folovllm.entrypoints.trace_page import serve
+        from folovllm.trace.page import serve
 
         config = engine_config(model, args.stage, WORKLOADS[args.workload], **overrides)
         return serve(model, config, WORKLOADS[args.workload], args.host, args.port, args.step_delay)

@@ -27,14 +27,14 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
-from folovllm.engine.trace import LANE_COLORS, LANE_STATES, StepTracer, request_lanes
+from folovllm.trace.recorder import LANE_COLORS, LANE_STATES, StepTracer, request_lanes
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from folovllm.config import EngineConfig
     from folovllm.engine.llm_engine import LLMEngine
-    from folovllm.entrypoints.trace_workloads import TraceWorkload
+    from folovllm.trace.workloads import TraceWorkload
 
 WINDOW = 40  # steps shown in the timeline
 
@@ -109,7 +109,7 @@ def make_server(view: LiveView, host: str = "127.0.0.1", port: int = 0) -> Threa
 def run_workload_forever(engine: "LLMEngine", workload: "TraceWorkload", step_delay: float,
                          stop: threading.Event) -> None:
     """Replay `workload` round after round (new request ids each round) until `stop` is set."""
-    from folovllm.entrypoints.trace_workloads import replay
+    from folovllm.trace.workloads import replay
 
     def on_step(_: Any) -> None:
         if stop.wait(step_delay):

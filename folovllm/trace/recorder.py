@@ -29,7 +29,7 @@ Exports: `as_dict()` / `save_json()` (this record, plain JSON) and `perfetto_eve
 `save_perfetto()` (the Chrome Trace Event format that https://ui.perfetto.dev opens: one track
 per request with waiting / prefill / decode / preempted slices, counters for KV blocks and
 tokens per step). `request_lanes()` turns the steps into each request's state per step, for the
-pictures (`trace_plot.py`) and the live page (`entrypoints/trace_page.py`).
+pictures (`plot.py`) and the live page (`page.py`).
 
 Left out: aborts (they happen between steps, outside `step()`, and show only as a request that
 stops appearing), and the time a step spends waiting for requests in a server (a trace holds
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from folovllm.engine.llm_engine import LLMEngine
 
 # The states of a request lane, in drawing order, and their colours: the same in the pictures
-# (trace_plot.py) and on the live page (entrypoints/trace_page.py).
+# (plot.py) and on the live page (page.py).
 LANE_COLORS = {
     "waiting": "#d9d9d9",
     "prefill": "#1f5fa8",

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from folovllm.engine.trace import LANE_COLORS, LANE_STATES, StepRecord, request_lanes
+from folovllm.trace.recorder import LANE_COLORS, LANE_STATES, StepRecord, request_lanes
 
 
 def plot_traces(columns: Sequence[tuple[str, Sequence[StepRecord]]], out: Path, title: str = "",
