@@ -12,6 +12,7 @@ from folovllm.inputs import PromptType
 from folovllm.outputs import RequestOutput
 from folovllm.sampling_params import RequestOutputKind, SamplingParams
 from folovllm.engine.stats import EngineStats
+from folovllm.trace.recorder import StepTracer
 
 
 class LLM:
@@ -21,7 +22,7 @@ class LLM:
         model: a local Hugging Face checkpoint folder or a hub id such as "Qwen/Qwen3-0.6B".
         stage: which optimisation stages are on (1..latest, cumulative); see `EngineConfig`.
         dtype, device, max_num_seqs, max_model_len, seed, **engine_args: `EngineConfig` fields.
-            `trace=True` records every engine step in `llm.llm_engine.tracer` (docs/trace.md).
+            `trace=True` records every engine step in `llm.tracer` (docs/trace.md).
     """
 
     def __init__(
@@ -40,6 +41,7 @@ class LLM:
             max_model_len=max_model_len, seed=seed, **engine_args,
         )
         self.llm_engine = LLMEngine(model, config)
+        self.tracer = StepTracer.attach(self.llm_engine) if config.trace else None
         self._counter = 0
 
     def get_tokenizer(self) -> Any:

@@ -1,35 +1,22 @@
-"""`StepTracer`: what the scheduler decided in every engine step, kept so it can be drawn.
+"""`StepTracer`: the engine's per-step records, kept so that they can be drawn.
 
-The engine calls its tracer twice per step, around the step's work::
+The tracer is one subscriber of the record the engine publishes after every step
+(`SchedulerStats`, engine/stats.py: the step's rows, who waits, who stalled, who was preempted
+or finished, KV blocks in use, step times), as the server's metrics and the benchmarks are::
 
-    tracer.begin_step(scheduler)         # who waits, who runs (to see preemptions), start time
-    schedule() -> execute_model() -> update -> outputs -> free finished -> stats
-    tracer.end_step(engine, output)      # one `StepRecord`: rows, waiting, preempted, finished,
-                                         # KV blocks in use, tokens against the budget, step time
+    tracer = StepTracer.attach(engine)      # engine.stat_loggers.append(tracer.record)
+    ... engine.step() ...                   # every step appends its record to tracer.steps
 
-With tracing off (`EngineConfig.trace=False`, the default) the engine holds a `NullTracer`, whose
-two methods do nothing: no snapshot, no record, no `if trace:` in the step.
-
-A step's record, for the stage 02 docs example (2/10/3 output tokens, two seats)::
-
-    step  rows (request: kind new_tokens)     waiting  finished
-    1     A: prefill 4   B: prefill 4         C
-    2     A: decode 1    B: decode 1          C        A (length)
-    3     C: prefill 4                                           <- C takes A's seat at once,
-    4     B: decode 1    C: decode 1                                B is stalled for a step
+It keeps the records as they come (one append per step: a benchmark keeps it on while it
+times), and reads everything else from them afterwards: each request's state per step
+(`request_lanes`, for the pictures in plot.py and the live page in page.py), a JSON file
+(`save_json`) and a Chrome Trace Event file that https://ui.perfetto.dev opens
+(`save_perfetto`: one track per request with waiting / prefill / decode / preempted slices,
+counters for KV blocks and tokens per step).
 
 A running request that gets no row in a step is "stalled" (stages 02-04 never mix prompts and
-decodes, so decodes wait while a prompt runs). Row kinds: "prefill" computes the rest of a prompt (or a preempted request's recompute) and
-samples; "chunk" computes part of a prompt and does not sample yet (stage 05); "decode" computes
-one token past the prompt; "idle" is a finished member of a stage-01 static batch, computed for
-nothing. `num_cached_tokens` is what a newly admitted request found in the cache (stage 06's
-prefix hit; 0 before it).
-
-Exports: `as_dict()` / `save_json()` (this record, plain JSON) and `perfetto_events()` /
-`save_perfetto()` (the Chrome Trace Event format that https://ui.perfetto.dev opens: one track
-per request with waiting / prefill / decode / preempted slices, counters for KV blocks and
-tokens per step). `request_lanes()` turns the steps into each request's state per step, for the
-pictures (`plot.py`) and the live page (`page.py`).
+decodes, so decodes wait while a prompt runs). A request admitted with `num_computed_tokens`
+already cached found them in the prefix cache (stage 06: "hit N" in the lanes).
 
 Left out: aborts (they happen between steps, outside `step()`, and show only as a request that
 stops appearing), and the time a step spends waiting for requests in a server (a trace holds
@@ -43,12 +30,11 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
+
+from folovllm.engine.stats import SchedulerStats
 
 if TYPE_CHECKING:
-    from folovllm.core.request import Request
-    from folovllm.core.scheduler import SchedulerBase
-    from folovllm.core.scheduler_output import SchedulerOutput
     from folovllm.engine.llm_engine import LLMEngine
 
 # The states of a request lane, in drawing order, and their colours: the same in the pictures
@@ -65,160 +51,46 @@ LANE_COLORS = {
 LANE_STATES = tuple(LANE_COLORS)
 
 
-@dataclass
-class TraceRow:
-    """One row of one step: which request computed what."""
-
-    request_id: str
-    kind: str  # "prefill" | "chunk" | "decode" | "idle"
-    num_computed_tokens: int  # cached before the step (position of the row's first token)
-    num_new_tokens: int
-    num_blocks: int  # blocks (stage 01/02: slots) the request holds during the step
-    num_cached_tokens: int = 0  # admitted this step with this many tokens already cached
-    recompute: bool = False  # prompt work of a request that was preempted before
-
-
-@dataclass
-class StepRecord:
-    """One engine step. Times are seconds since the tracer was made."""
-
-    step: int
-    start_s: float
-    duration_s: float
-    rows: list[TraceRow]
-    waiting: list[str]  # still waiting after the step
-    stalled: list[str]  # running (holding KV) but given no row this step
-    preempted: list[str]  # preempted during this step's scheduling
-    finished: dict[str, str]  # request id -> finish reason
-    num_scheduled_tokens: int  # padding included (stage 01)
-    token_budget: int  # max_num_batched_tokens
-    kv_blocks_used: int
-    kv_num_blocks: int
-    kv_block_size: int
-    kv_tokens_reserved: int
-    kv_tokens_used: int
-
-    @property
-    def num_prefill_tokens(self) -> int:
-        return sum(r.num_new_tokens for r in self.rows if r.kind in ("prefill", "chunk"))
-
-    @property
-    def num_decode_tokens(self) -> int:
-        return sum(r.num_new_tokens for r in self.rows if r.kind == "decode")
-
-
-# --8<-- [start:null_tracer]
-class NullTracer:
-    """Tracing off: the same interface, nothing done, nothing kept."""
-
-    __slots__ = ()
-    steps: tuple[StepRecord, ...] = ()
-
-    def begin_step(self, scheduler: "SchedulerBase") -> None:
-        pass
-
-    def end_step(self, engine: "LLMEngine", output: "SchedulerOutput") -> None:
-        pass
-
-    def as_dict(self, *args: Any) -> Any:
-        raise ValueError("tracing is off: build the engine with trace=True (LLM(..., trace=True))")
-
-    save_json = save_perfetto = perfetto_events = as_dict
-# --8<-- [end:null_tracer]
-
-
+# --8<-- [start:step_tracer]
 class StepTracer:
-    """Tracing on: one `StepRecord` per engine step.
+    """Keeps every `SchedulerStats` the engine publishes, in `steps`.
 
     Args:
+        config: what the engine is (stage, sizes, KV blocks); `engine_summary(engine)`.
         max_steps: keep only the last `max_steps` records (a long-running server); None = all.
     """
 
-    def __init__(self, max_steps: Optional[int] = None) -> None:
-        self.steps: deque[StepRecord] = deque(maxlen=max_steps)
-        # Called with each new record, on the engine's thread (the live page's snapshot).
-        self.listeners: list[Callable[[StepRecord], None]] = []
-        self.config: dict[str, Any] = {}
-        self._t0 = time.perf_counter()
-        self._num_steps = 0
-        self._start = self._t0
-        self._waiting_before: set[str] = set()
-        self._running_before: list[tuple["Request", int]] = []
-        self._ever_preempted: set[str] = set()
+    def __init__(self, config: dict[str, Any], max_steps: Optional[int] = None) -> None:
+        self.config = config
+        self.steps: deque[SchedulerStats] = deque(maxlen=max_steps)
+        self.t0 = time.perf_counter()  # time zero of the exports
 
-    def begin_step(self, scheduler: "SchedulerBase") -> None:
-        """Before `schedule()`: who is waiting (to spot admissions) and how often each running
-        request was preempted so far (to spot preemptions without touching the scheduler)."""
-        self._start = time.perf_counter()
-        self._waiting_before = {r.request_id for r in scheduler.waiting}
-        self._running_before = [(r, r.num_preemptions) for r in scheduler.running]
+    @classmethod
+    def attach(cls, engine: "LLMEngine", max_steps: Optional[int] = None) -> "StepTracer":
+        """A tracer subscribed to `engine`'s per-step record, from its next step on."""
+        tracer = cls(engine_summary(engine), max_steps)
+        engine.stat_loggers.append(tracer.record)
+        return tracer
 
-    def end_step(self, engine: "LLMEngine", output: "SchedulerOutput") -> None:
-        """After the step's stats are recorded: turn the step into a `StepRecord`."""
-        end = time.perf_counter()
-        self._num_steps += 1
-        if not self.config:
-            self.config = _engine_config(engine)
-        preempted = [r.request_id for r, n in self._running_before if r.num_preemptions > n]
-        self._ever_preempted.update(preempted)
-        rows, finished = [], {}
-        scheduled = {r.request_id for r in output.requests}
-        for i, request in enumerate(output.requests):
-            rows.append(self._row(output, i, request))
-            if output.num_new_tokens[i] > 0 and request.is_finished:
-                finished[request.request_id] = request.status.finish_reason or "finished"
-        self._ever_preempted -= finished.keys()  # a server's set stays small
-        kv = engine.kv_cache_manager.kv_cache_config
-        stats = engine.last_scheduler_stats
-        self.steps.append(StepRecord(
-            step=self._num_steps,
-            start_s=self._start - self._t0,
-            duration_s=end - self._start,
-            rows=rows,
-            waiting=[r.request_id for r in engine.scheduler.waiting],
-            stalled=[r.request_id for r in engine.scheduler.running
-                     if not r.is_finished and r.request_id not in scheduled],
-            preempted=preempted,
-            finished=finished,
-            num_scheduled_tokens=output.total_num_scheduled_tokens,
-            token_budget=engine.config.max_num_batched_tokens,
-            kv_blocks_used=len({b for r in engine.scheduler.running  # a shared block once
-                                for b in engine.kv_cache_manager.get_block_table(r)}),
-            kv_num_blocks=kv.num_blocks,
-            kv_block_size=kv.block_size,
-            kv_tokens_reserved=stats.kv_tokens_reserved,
-            kv_tokens_used=stats.kv_tokens_used,
-        ))
-        for listener in self.listeners:
-            listener(self.steps[-1])
+    def record(self, step: SchedulerStats) -> None:
+        self.steps.append(step)
+# --8<-- [end:step_tracer]
 
-    def _row(self, output: "SchedulerOutput", i: int, request: "Request") -> TraceRow:
-        new, computed = output.num_new_tokens[i], output.num_computed_tokens[i]
-        # Read after the step: a row that caught up has sampled, so its request is one token
-        # longer than what the row computed (`output.catches_up` was true before the update).
-        sampled = request.num_tokens == computed + new + 1
-        if new == 0:
-            kind = "idle"
-        elif output.is_decode(i):
-            kind = "decode"
-        else:
-            kind = "prefill" if sampled else "chunk"
-        admitted = request.request_id in self._waiting_before
-        return TraceRow(
-            request_id=request.request_id,
-            kind=kind,
-            num_computed_tokens=computed,
-            num_new_tokens=new,
-            num_blocks=len(output.block_tables[i]),
-            num_cached_tokens=computed if admitted else 0,
-            recompute=kind in ("prefill", "chunk") and request.request_id in self._ever_preempted,
-        )
+    def clear(self) -> None:
+        """Forget the steps so far and restart the clock (a benchmark's timed run starts here)."""
+        self.steps.clear()
+        self.t0 = time.perf_counter()
 
     # -- exports ------------------------------------------------------------------------------
 
     def as_dict(self) -> dict[str, Any]:
-        return {"format": "folovllm-step-trace", "version": 1, "config": self.config,
-                "steps": [asdict(s) for s in self.steps]}
+        steps = []
+        for s in self.steps:
+            d = asdict(s)
+            start, end = d.pop("start_time"), d.pop("end_time")
+            steps.append({"step": d.pop("step"), "start_s": round(start - self.t0, 6),
+                          "duration_s": round(end - start, 6), **d})
+        return {"format": "folovllm-step-trace", "version": 2, "config": self.config, "steps": steps}
 
     def save_json(self, path: Union[str, Path]) -> Path:
         path = Path(path)
@@ -226,7 +98,7 @@ class StepTracer:
         return path
 
     def perfetto_events(self) -> list[dict[str, Any]]:
-        return perfetto_events(list(self.steps))
+        return perfetto_events(list(self.steps), self.config, self.t0)
 
     def save_perfetto(self, path: Union[str, Path]) -> Path:
         """A Trace Event file: open it at https://ui.perfetto.dev (or chrome://tracing)."""
@@ -235,12 +107,18 @@ class StepTracer:
         return path
 
 
-def _engine_config(engine: "LLMEngine") -> dict[str, Any]:
-    c = engine.config
+def engine_summary(engine: "LLMEngine") -> dict[str, Any]:
+    """The engine's flags and sizes that a trace is read against (read once, when attaching)."""
+    c, kv = engine.config, engine.kv_cache_manager.kv_cache_config
     return {"stage": c.stage, "max_num_seqs": c.max_num_seqs,
             "max_num_batched_tokens": c.max_num_batched_tokens, "max_model_len": c.max_model_len,
-            "block_size": engine.kv_cache_manager.kv_cache_config.block_size,
-            "num_blocks": engine.kv_cache_manager.kv_cache_config.num_blocks}
+            "block_size": kv.block_size, "num_blocks": kv.num_blocks}
+
+
+def step_tokens(step: SchedulerStats) -> tuple[int, int]:
+    """(prompt, decode) tokens the step's rows computed, padding left out (stage 01 pads)."""
+    prompt = sum(r.num_new_tokens for r in step.rows if r.kind in ("prefill", "chunk"))
+    return prompt, sum(r.num_new_tokens for r in step.rows if r.kind == "decode")
 
 
 # -- request lanes ----------------------------------------------------------------------------
@@ -257,22 +135,27 @@ class Lane:
     cached_tokens: int = 0  # prefix hit when it was (last) admitted
 
 
-def request_lanes(steps: list[StepRecord]) -> dict[str, Lane]:
+def request_lanes(steps: Iterable[SchedulerStats]) -> dict[str, Lane]:
     """Each request's state per step, in order of first appearance::
 
         step    1        2       3        4        5
         A       prefill  decode  (finished at 2)
         C       waiting  waiting prefill  decode   decode
 
-    A request waiting after a preemption is "preempted" until it runs again.
+    A request waiting after a preemption is "preempted" until it runs again. A row of a request
+    that held no seat in the step before was admitted in this step: what it had computed already
+    came from the prefix cache (unknown for the first of `steps` unless it is the engine's first).
     """
     lanes: dict[str, Lane] = {}
     preempted: set[str] = set()
+    seated: Optional[set[str]] = None  # ids with a row or stalled in the step before
 
     def lane(rid: str) -> Lane:
         return lanes.setdefault(rid, Lane(rid))
 
     for s in steps:
+        if s.step == 1:
+            seated = set()
         for rid in s.preempted:
             preempted.add(rid)
             lane(rid).preempted_at.append(s.step)
@@ -280,14 +163,15 @@ def request_lanes(steps: list[StepRecord]) -> dict[str, Lane]:
             ln = lane(row.request_id)
             ln.states[s.step] = row.kind
             preempted.discard(row.request_id)
-            if row.num_cached_tokens:
-                ln.cached_tokens = row.num_cached_tokens
+            if seated is not None and row.request_id not in seated and row.num_computed_tokens:
+                ln.cached_tokens = row.num_computed_tokens
         for rid in s.waiting:
             lane(rid).states[s.step] = "preempted" if rid in preempted else "waiting"
         for rid in s.stalled:
             lane(rid).states[s.step] = "stalled"
         for rid, reason in s.finished.items():
             lane(rid).finished_at, lane(rid).finish_reason = s.step, reason
+        seated = {r.request_id for r in s.rows}.union(s.stalled)
     return lanes
 
 
@@ -296,8 +180,8 @@ def request_lanes(steps: list[StepRecord]) -> dict[str, Lane]:
 _PID = 1
 
 
-def perfetto_events(steps: list[StepRecord]) -> list[dict[str, Any]]:
-    """The steps as Trace Events (JSON object format, times in microseconds)::
+def perfetto_events(steps: list[SchedulerStats], config: dict[str, Any], t0: float) -> list[dict[str, Any]]:
+    """The steps as Trace Events (JSON object format, microseconds since `t0`)::
 
         tid 0        "engine steps": one complete event ("X") per step, args = its rows
         tid 1..N     one track per request: "X" slices waiting / prefill / chunk / decode /
@@ -317,17 +201,18 @@ def perfetto_events(steps: list[StepRecord]) -> list[dict[str, Any]]:
               meta("thread_sort_index", 0, {"sort_index": 0})]
     by_step = {s.step: s for s in steps}
     for s in steps:
+        ts = us(s.start_time - t0)
         events.append({
             "ph": "X", "name": f"step {s.step}", "cat": "step", "pid": _PID, "tid": 0,
-            "ts": us(s.start_s), "dur": us(s.duration_s),
+            "ts": ts, "dur": us(s.end_time - s.start_time),
             "args": {"rows": [f"{r.request_id}: {r.kind} {r.num_new_tokens}" for r in s.rows],
                      "waiting": s.waiting, "tokens": s.num_scheduled_tokens},
         })
-        ts = us(s.start_s)
+        prompt, decode = step_tokens(s)
         for name, args in (
-            ("KV blocks in use", {"used": s.kv_blocks_used, "free": s.kv_num_blocks - s.kv_blocks_used}),
-            ("tokens per step", {"prefill": s.num_prefill_tokens, "decode": s.num_decode_tokens}),
-            ("token budget", {"budget": s.token_budget}),
+            ("KV blocks in use", {"used": s.kv_blocks_used, "free": config["num_blocks"] - s.kv_blocks_used}),
+            ("tokens per step", {"prefill": prompt, "decode": decode}),
+            ("token budget", {"budget": config["max_num_batched_tokens"]}),
             ("requests", {"running": len(s.rows), "waiting": len(s.waiting)}),
         ):
             events.append({"ph": "C", "name": name, "pid": _PID, "tid": 0, "ts": ts, "args": args})
@@ -335,17 +220,16 @@ def perfetto_events(steps: list[StepRecord]) -> list[dict[str, Any]]:
         events += [meta("thread_name", tid, {"name": f"request {ln.request_id}"}),
                    meta("thread_sort_index", tid, {"sort_index": tid})]
         for state, first, last in _runs(ln.states):
-            start, end = by_step[first].start_s, by_step[last].start_s + by_step[last].duration_s
+            start, end = by_step[first].start_time, by_step[last].end_time
             events.append({"ph": "X", "name": state, "cat": "request", "pid": _PID, "tid": tid,
-                           "ts": us(start), "dur": us(end - start),
+                           "ts": us(start - t0), "dur": us(end - start),
                            "args": {"steps": f"{first}..{last}"}})
         marks = [(n, "preempted") for n in ln.preempted_at]
         if ln.finished_at is not None:
             marks.append((ln.finished_at, f"finished ({ln.finish_reason})"))
         for n, name in marks:
-            s = by_step[n]
             events.append({"ph": "i", "s": "t", "name": name, "pid": _PID, "tid": tid,
-                           "ts": us(s.start_s + s.duration_s)})
+                           "ts": us(by_step[n].end_time - t0)})
     return events
 
 
