@@ -43,7 +43,7 @@ from benchmarks.bench_model import bench_model_info, bench_model_path
 from benchmarks.harness import interleave, peak_loadavg, timed, warmup_workload
 from benchmarks.results import ASSETS_DIR, RESULTS_DIR, machine_short, result_record, shared_machine_note, write_results
 from benchmarks.systems import parse_folovllm_name
-from benchmarks.systems.folovllm import StepTrace
+from benchmarks.systems.folovllm import trace_columns
 from benchmarks.workloads import WORKLOADS, Workload, get_workload, poisson_arrivals
 
 
@@ -62,9 +62,10 @@ def replay(llm: Any, workload: Workload, arrivals: list[float]) -> dict[str, Any
     """Run `workload` on `llm`'s engine, request i arriving at `arrivals[i]` s after the start."""
     from folovllm import SamplingParams
     from folovllm.sampling_params import RequestOutputKind
+    from folovllm.trace.recorder import StepTracer
 
     engine = llm.llm_engine
-    trace = StepTrace(engine)  # requests running and waiting, KV reserved, after every step
+    tracer = StepTracer.attach(engine)  # requests running and waiting, KV reserved, every step
     # DELTA outputs: every step says which requests got a token, so each token also gets the
     # process CPU time at which it came (`cpu_token_times`): inter-token gaps in CPU seconds do not
     # grow when other processes share the machine, wall-clock ones do.
@@ -79,8 +80,8 @@ def replay(llm: Any, workload: Workload, arrivals: list[float]) -> dict[str, Any
 
     def serve() -> float:
         """The serving loop; returns its start time (the zero of `arrivals`)."""
-        trace.start()
-        start, nxt, cpu0 = trace.t0, 0, time.process_time()
+        tracer.clear()
+        start, nxt, cpu0 = tracer.t0, 0, time.process_time()
         while nxt < n or engine.has_unfinished_requests():
             now = time.perf_counter()
             while nxt < n and start + arrivals[nxt] <= now:
@@ -123,7 +124,7 @@ def replay(llm: Any, workload: Workload, arrivals: list[float]) -> dict[str, Any
     last_finish = max(q["arrival"] + q["e2e"] for q in requests)
     return dict(seconds=round(run.seconds, 4), cpu_seconds=round(run.cpu_seconds, 4),
                 makespan=round(last_finish, 4), loadavg=run.loadavg, requests=requests,
-                trace=trace.as_dict(), stats=dict(engine.stats.as_dict()))
+                trace=trace_columns(tracer), stats=dict(engine.stats.as_dict()))
 
 
 def latency_stats(run: dict[str, Any], workload: Workload) -> dict[str, Any]:

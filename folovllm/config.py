@@ -125,7 +125,8 @@ class EngineConfig:
     # "gptq" refuses a checkpoint that is not GPTQ (the worker passes it to `load_model`).
     quantization: Optional[str] = None
     tensor_parallel_size: int = 1  # stage 08, an axis
-    # observability, not a stage: record every step for `folovllm trace` (engine/trace.py)
+    # observability, not a stage: `LLM` and `folovllm serve` attach a step tracer (folovllm/trace/)
+    # to the engine's per-step record; the engine itself never reads this flag
     trace: bool = False
     # performance, not a stage: our compiled CPU kernels for RMSNorm, RoPE, SiLU-and-mul and
     # paged decode attention (model_executor/custom_op.py, csrc/cpu/). "all": use them (they

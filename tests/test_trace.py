@@ -1,5 +1,6 @@
-"""The step trace (engine/trace.py): it must say exactly what the scheduler decided, step by step,
-cost nothing when off, and export a Trace Event file Perfetto can open."""
+"""The step trace (folovllm/trace/): it must say exactly what the scheduler decided, step by step,
+be nothing but a subscriber of the engine's per-step record, and export a Trace Event file
+Perfetto can open."""
 
 from __future__ import annotations
 
@@ -9,14 +10,15 @@ import pytest
 
 from folovllm import LLM, LLMEngine, SamplingParams
 from folovllm.core.scheduler_output import SchedulerOutput
-from folovllm.engine.trace import NullTracer, StepTracer, request_lanes
-from folovllm.entrypoints.trace_workloads import WORKLOADS, engine_config, replay
+from folovllm.trace.recorder import StepTracer, request_lanes
+from folovllm.trace.workloads import WORKLOADS, engine_config, replay
 
 
-def traced(path, stage: int, workload: str, **overrides) -> tuple[LLMEngine, dict, list[SchedulerOutput], list]:
+def traced(path, stage: int, workload: str, **overrides) -> tuple[StepTracer, dict, list[SchedulerOutput], list]:
     """Replay a named workload on a traced engine, spying on the scheduler's decisions too:
-    returns the engine, the output tokens, every SchedulerOutput and every preemption."""
+    returns the tracer, the output tokens, every SchedulerOutput and every preemption."""
     engine = LLMEngine(str(path), engine_config(str(path), stage, WORKLOADS[workload], dtype="float32", **overrides))
+    tracer = StepTracer.attach(engine)
     decisions: list[SchedulerOutput] = []
     preemptions: list[tuple[int, str]] = []  # (step, request id), as the scheduler preempts
     schedule = engine.scheduler.schedule
@@ -35,7 +37,7 @@ def traced(path, stage: int, workload: str, **overrides) -> tuple[LLMEngine, dic
         preempt(request)
 
     engine.scheduler.preempt = preempt_spy  # type: ignore[method-assign]
-    return engine, replay(engine, WORKLOADS[workload]), decisions, preemptions
+    return tracer, replay(engine, WORKLOADS[workload]), decisions, preemptions
 
 
 def rows(step) -> list[tuple[str, str, int]]:
@@ -54,8 +56,8 @@ def assert_trace_is_the_schedule(steps, decisions: list[SchedulerOutput]) -> Non
 
 def test_stage02_docs_example_step_by_step(tiny_qwen3):
     """2/10/3 output tokens, two seats: C's prompt runs on step 3, right after A finishes."""
-    engine, _, decisions, _ = traced(tiny_qwen3, 2, "docs")
-    steps = list(engine.tracer.steps)
+    tracer, _, decisions, _ = traced(tiny_qwen3, 2, "docs")
+    steps = list(tracer.steps)
     assert_trace_is_the_schedule(steps, decisions)
     assert rows(steps[0]) == [("A", "prefill", 4), ("B", "prefill", 4)] and steps[0].waiting == ["C"]
     assert rows(steps[1]) == [("A", "decode", 1), ("B", "decode", 1)] and steps[1].finished == {"A": "length"}
@@ -70,8 +72,8 @@ def test_stage02_docs_example_step_by_step(tiny_qwen3):
 
 
 def test_stage05_prompt_in_chunks_while_others_decode(tiny_qwen3):
-    engine, _, decisions, _ = traced(tiny_qwen3, 5, "long-prompt")
-    steps = list(engine.tracer.steps)
+    tracer, _, decisions, _ = traced(tiny_qwen3, 5, "long-prompt")
+    steps = list(tracer.steps)
     assert_trace_is_the_schedule(steps, decisions)
     d_steps = [s for s in steps if any(r.request_id == "D" and r.kind in ("chunk", "prefill") for r in s.rows)]
     kinds = [next(r.kind for r in s.rows if r.request_id == "D") for s in d_steps]
@@ -79,12 +81,12 @@ def test_stage05_prompt_in_chunks_while_others_decode(tiny_qwen3):
     assert sum(next(r.num_new_tokens for r in s.rows if r.request_id == "D") for s in d_steps) == 112
     for s in d_steps:  # every step of D's prompt also decodes A, B and C: nobody stalls
         assert {r.request_id for r in s.rows if r.kind == "decode"} == {"A", "B", "C"}
-        assert s.stalled == [] and s.num_scheduled_tokens <= s.token_budget == 32
+        assert s.stalled == [] and s.num_scheduled_tokens <= tracer.config["max_num_batched_tokens"] == 32
 
 
 def test_stage03_preemption_and_resume(tiny_qwen3):
-    engine, tokens, decisions, preemptions = traced(tiny_qwen3, 3, "tight-kv")
-    steps = list(engine.tracer.steps)
+    tracer, tokens, decisions, preemptions = traced(tiny_qwen3, 3, "tight-kv")
+    steps = list(tracer.steps)
     assert_trace_is_the_schedule(steps, decisions)
     preempted = [(s.step, rid) for s in steps for rid in s.preempted]
     assert preempted and preempted == preemptions
@@ -94,54 +96,45 @@ def test_stage03_preemption_and_resume(tiny_qwen3):
         resumed = min(n for n, state in lane.states.items() if n > step and state != "preempted")
         assert all(lane.states[n] == "preempted" for n in range(step, resumed))
         first_row = next(r for s in steps if s.step == resumed for r in s.rows if r.request_id == rid)
-        assert first_row.recompute and first_row.num_computed_tokens == 0
+        assert first_row.kind in ("prefill", "chunk") and first_row.num_computed_tokens == 0  # recomputed
     assert len(tokens) == len(WORKLOADS["tight-kv"].requests)  # every request finished
-    assert all(s.kv_blocks_used <= s.kv_num_blocks == 16 for s in steps)
+    assert all(s.kv_blocks_used <= tracer.config["num_blocks"] == 16 for s in steps)
 
 
 def test_stage06_prefix_hits(tiny_qwen3):
     """Six prompts sharing 64 tokens (4 full blocks): every one after the first finds them cached."""
-    engine, _, decisions, _ = traced(tiny_qwen3, 6, "shared-prefix")
-    steps = list(engine.tracer.steps)
+    tracer, _, decisions, _ = traced(tiny_qwen3, 6, "shared-prefix")
+    steps = list(tracer.steps)
     assert_trace_is_the_schedule(steps, decisions)
     assert [request_lanes(steps)[r].cached_tokens for r in "ABCDEF"] == [0] + [64] * 5
-    hits = [r for s in steps for r in s.rows if r.num_cached_tokens]
-    assert len(hits) == 5 and all(r.num_computed_tokens == 64 and r.kind == "prefill" for r in hits)
+    first_rows = {}
+    for r in (r for s in steps for r in s.rows):
+        first_rows.setdefault(r.request_id, r)
+    assert [first_rows[r].num_computed_tokens for r in "ABCDEF"] == [0] + [64] * 5
+    assert all(r.kind == "prefill" for r in first_rows.values())
     prompt_lens = sum(r.prompt_len for r in WORKLOADS["shared-prefix"].requests)
     assert sum(s.num_prefill_tokens for s in steps) == prompt_lens - 5 * 64
 
 
 def test_tokens_identical_with_tracing_on_and_off(tiny_qwen3):
+    """`LLM(trace=True)` subscribes one tracer to the engine's record; off, nothing subscribes."""
     prompts = [[3, 4, 5, 6, 7], list(range(10, 40)), [8, 9]]
     params = [SamplingParams(temperature=0, max_tokens=n) for n in (12, 7, 20)]
     outs = {}
     for trace in (False, True):
         llm = LLM(str(tiny_qwen3), stage=5, dtype="float32", max_num_batched_tokens=16, trace=trace)
         outs[trace] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-        assert isinstance(llm.llm_engine.tracer, StepTracer if trace else NullTracer)
+        if trace:
+            assert llm.llm_engine.stat_loggers == [llm.tracer.record]
+            assert [s.step for s in llm.tracer.steps] == list(range(1, llm.stats.num_forward_passes + 1))
+        else:
+            assert llm.tracer is None and llm.llm_engine.stat_loggers == []
     assert outs[True] == outs[False]
 
 
-def test_off_is_a_do_nothing_tracer(tiny_qwen3):
-    engine = LLMEngine(str(tiny_qwen3), engine_config(str(tiny_qwen3), 3, WORKLOADS["docs"]).replace(trace=False))
-    assert type(engine.tracer) is NullTracer
-    replay(engine, WORKLOADS["docs"])
-    assert engine.tracer.steps == () and not hasattr(engine.tracer, "__dict__")  # keeps nothing
-    with pytest.raises(ValueError, match="tracing is off"):
-        engine.tracer.save_perfetto("never.json")
-
-
-    class Untouchable:
-        def __getattr__(self, name: str):
-            raise AssertionError(f"the null tracer read .{name}")
-
-    engine.tracer.begin_step(Untouchable())  # it does not even look at the engine
-    engine.tracer.end_step(Untouchable(), Untouchable())
-
-
 def test_perfetto_file_follows_the_trace_event_format(tiny_qwen3, tmp_path):
-    engine, _, _, _ = traced(tiny_qwen3, 3, "tight-kv")
-    data = json.loads(engine.tracer.save_perfetto(tmp_path / "t.json").read_text())
+    tracer, _, _, preemptions = traced(tiny_qwen3, 3, "tight-kv")
+    data = json.loads(tracer.save_perfetto(tmp_path / "t.json").read_text())
     events = data["traceEvents"]
     for e in events:  # the format's required fields, and what each phase needs
         assert {"ph", "ts", "pid", "tid"} <= e.keys(), e
@@ -154,10 +147,11 @@ def test_perfetto_file_follows_the_trace_event_format(tiny_qwen3, tmp_path):
     assert {"engine steps", "request A", "request F"} <= names
     slices = {e["name"] for e in events if e["ph"] == "X" and e.get("cat") == "request"}
     assert {"prefill", "decode", "preempted"} <= slices
-    assert sum(e["name"] == "preempted" for e in events if e["ph"] == "i") == engine.stats.num_preemptions
+    assert sum(e["name"] == "preempted" for e in events if e["ph"] == "i") == len(preemptions) > 0
     assert {"KV blocks in use", "tokens per step"} <= {e["name"] for e in events if e["ph"] == "C"}
-    plain = json.loads(engine.tracer.save_json(tmp_path / "t_plain.json").read_text())
-    assert plain["config"]["stage"] == 3 and len(plain["steps"]) == len(engine.tracer.steps)
+    plain = json.loads(tracer.save_json(tmp_path / "t_plain.json").read_text())
+    assert plain["config"]["stage"] == 3 and len(plain["steps"]) == len(tracer.steps)
+    assert plain["steps"][0]["rows"][0].keys() >= {"request_id", "kind", "num_new_tokens"}
 
 
 def test_cli_draws_the_pictures_and_saves_the_traces(tiny_qwen3, tmp_path):
@@ -179,7 +173,7 @@ def test_replay_adds_each_request_at_its_step_with_the_shared_prefix(tiny_qwen3)
     add_request = engine.add_request
 
     def spy(rid, prompt, params):
-        added.append((len(engine.tracer.steps), prompt))
+        added.append((engine.stats.num_forward_passes, prompt))
         add_request(rid, prompt, params)
 
     engine.add_request = spy  # type: ignore[method-assign]

@@ -19,9 +19,9 @@ import pytest
 
 from folovllm.config import EngineConfig, LATEST_STAGE
 from folovllm.engine.llm_engine import LLMEngine
-from folovllm.engine.trace import LANE_STATES
-from folovllm.entrypoints.trace_page import LiveView, make_server, run_workload_forever
-from folovllm.entrypoints.trace_workloads import WORKLOADS, engine_config
+from folovllm.trace.recorder import LANE_STATES
+from folovllm.trace.page import LiveView, make_server, run_workload_forever
+from folovllm.trace.workloads import WORKLOADS, engine_config
 
 BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
 
@@ -31,8 +31,7 @@ def live_page(tiny_qwen3):
     """The page's server and an engine replaying 'mixed' at stage 5 in a thread; both stopped."""
     workload = WORKLOADS["mixed"]
     engine = LLMEngine(str(tiny_qwen3), engine_config(str(tiny_qwen3), 5, workload, dtype="float32"))
-    view = LiveView()
-    view.follow(engine)
+    view = LiveView.follow(engine)
     server = make_server(view)
     stop = threading.Event()
     threads = [threading.Thread(target=server.serve_forever, daemon=True),
@@ -40,7 +39,7 @@ def live_page(tiny_qwen3):
     for t in threads:
         t.start()
     try:
-        yield engine, f"http://127.0.0.1:{server.server_address[1]}"
+        yield engine, view, f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         stop.set()
         threads[1].join(timeout=30)
@@ -50,7 +49,7 @@ def live_page(tiny_qwen3):
 
 
 def test_page_and_state_endpoint(live_page):
-    engine, url = live_page
+    _, _, url = live_page
     assert 'id="timeline"' in urllib.request.urlopen(f"{url}/", timeout=10).read().decode()
     state = json.loads(urllib.request.urlopen(f"{url}/state", timeout=10).read())
     assert {"step", "running", "waiting", "kv", "timeline"} <= state.keys()
@@ -60,8 +59,8 @@ def test_page_and_state_endpoint(live_page):
 
 @pytest.mark.skipif(BROWSER is None, reason="no Chromium installed (apt-get install chromium)")
 def test_page_in_a_headless_browser_follows_the_engine(live_page, tmp_path):
-    engine, url = live_page
-    steps_before = engine.tracer.steps[-1].step if engine.tracer.steps else 0
+    engine, view, url = live_page
+    steps_before = view.tracer.steps[-1].step if view.tracer.steps else 0
     # --virtual-time-budget lets the page's polling timers run before the DOM is dumped.
     dom = subprocess.run(
         [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path}",
@@ -154,3 +153,27 @@ def test_openai_server_mounts_the_page_with_trace(tiny_qwen3):
         assert lane["states"] == ["prefill"] + ["decode"] * 4
     with TestClient(app(trace=False)) as client:
         assert client.get("/trace/").status_code == 404
+
+
+def test_view_rebuilds_the_running_requests_from_the_records_alone(tiny_qwen3):
+    """The view never reads the engine: after every step, its running table (ids in admission
+    order, tokens computed, blocks held) is what the scheduler holds, stalled requests included."""
+    from folovllm.trace.workloads import replay
+
+    engine = LLMEngine(str(tiny_qwen3), engine_config(str(tiny_qwen3), 3, WORKLOADS["tight-kv"], dtype="float32"))
+    view = LiveView.follow(engine)
+    seen = {"stalled": 0, "steps": 0}
+
+    def check(_outputs) -> None:
+        state = json.loads(view.snapshot)
+        manager = engine.kv_cache_manager
+        assert state["running"] == [
+            {"id": r.request_id, "blocks": len(manager.get_block_table(r)), "computed": r.num_computed_tokens}
+            for r in engine.scheduler.running]
+        assert state["waiting"] == [r.request_id for r in engine.scheduler.waiting]
+        assert state["kv"]["used"] == len({b for r in engine.scheduler.running for b in manager.get_block_table(r)})
+        seen["stalled"] += len(engine.last_scheduler_stats.stalled)
+        seen["steps"] += 1
+
+    replay(engine, WORKLOADS["tight-kv"], on_step=check)
+    assert seen["steps"] == engine.stats.num_forward_passes and seen["stalled"] > 0

@@ -1,9 +1,9 @@
 """folovllm as a benchmarked system: `LLM(model, stage=N, **engine_args).generate(...)`, and the
-per-step trace every folovllm benchmark records through the engine's stat loggers."""
+per-step trace every folovllm benchmark keeps: the engine's step tracer (folovllm/trace/), one
+subscriber of its per-step record, which costs one append per step."""
 
 from __future__ import annotations
 
-import time
 from typing import Any, Optional
 
 from benchmarks.systems.base import BenchConfig, System
@@ -15,34 +15,20 @@ TRACE_FIELDS = dict(running="num_running_reqs", waiting="num_waiting_reqs",
                     prompt_tokens="num_prefill_tokens", decode_tokens="num_decode_tokens")
 
 
-class StepTrace:
-    """A stat logger (`engine.stat_loggers`): after every engine step, the seconds since `start()`
-    and what the step left behind (requests running and waiting, KV tokens reserved and holding
-    live tokens, prompt and decode tokens computed), one list per column; plus the cache's
-    capacity (`engine.kv_cache_capacity_tokens`). A few appends per step
-    (microseconds, against steps of tens of milliseconds)."""
-
-    def __init__(self, engine: Any) -> None:
-        self.columns: dict[str, list] = {"t": [], **{k: [] for k in TRACE_FIELDS}}
-        self.capacity: Optional[int] = engine.kv_cache_capacity_tokens
-        self.t0 = time.perf_counter()
-        engine.stat_loggers.append(self)
-
-    def start(self) -> None:
-        self.t0 = time.perf_counter()
-
-    def __call__(self, stats: Any) -> None:
-        self.columns["t"].append(round(time.perf_counter() - self.t0, 4))
-        for column, stat in TRACE_FIELDS.items():
-            self.columns[column].append(getattr(stats, stat))
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.columns, kv_capacity_tokens=self.capacity)
+def trace_columns(tracer: Any) -> dict[str, Any]:
+    """A `StepTracer`'s steps as the results' columns: the seconds from its `clear()` to the end
+    of each step (`t`), what each step left behind (requests running and waiting, KV tokens
+    reserved and holding live tokens, prompt and decode tokens computed), and the cache's
+    capacity in tokens."""
+    steps, config = list(tracer.steps), tracer.config
+    return {"t": [round(s.end_time - tracer.t0, 4) for s in steps],
+            **{column: [getattr(s, stat) for s in steps] for column, stat in TRACE_FIELDS.items()},
+            "kv_capacity_tokens": config["num_blocks"] * config["block_size"]}
 
 
 class FolovllmSystem(System):
     """`folovllm.LLM(model, stage=N, **engine_args)`; a fresh engine per repeat (so nothing, e.g.
-    a prefix cache, carries over), `LLM.generate` timed; its `EngineStats` and a `StepTrace`."""
+    a prefix cache, carries over), `LLM.generate` timed; its `EngineStats` and step trace."""
 
     def __init__(self, cfg: BenchConfig, stage: int, overrides: Optional[dict[str, Any]] = None) -> None:
         super().__init__(cfg)
@@ -68,6 +54,7 @@ class FolovllmSystem(System):
 
     def prepare(self, workload: Workload) -> Any:
         from folovllm import LLM, SamplingParams
+        from folovllm.trace.recorder import StepTracer
 
         llm = LLM(self.cfg.model, stage=self.stage, dtype=self.cfg.dtype, device=self.cfg.device,
                   max_num_seqs=self.cfg.max_num_seqs, seed=self.cfg.seed, **self.engine_args)
@@ -75,11 +62,11 @@ class FolovllmSystem(System):
         params = [SamplingParams(temperature=workload.temperature, top_p=1.0, top_k=0,
                                  max_tokens=r.max_tokens, ignore_eos=workload.ignore_eos)
                   for r in workload.requests]
-        return llm, prompts, params, StepTrace(llm.llm_engine)
+        return llm, prompts, params, StepTracer.attach(llm.llm_engine)
 
     def execute(self, prepared: Any) -> list[list[int]]:
-        llm, prompts, params, trace = prepared
-        trace.start()
+        llm, prompts, params, tracer = prepared
+        tracer.clear()
         outputs = llm.generate(prompts, params, use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outputs]
 
@@ -87,4 +74,4 @@ class FolovllmSystem(System):
         return dict(prepared[0].stats.as_dict())
 
     def trace(self, prepared: Any) -> Optional[dict[str, Any]]:
-        return prepared[3].as_dict()
+        return trace_columns(prepared[3])

@@ -157,6 +157,10 @@ class KVCacheManager(KVCacheManagerBase):
         return self.block_pool.num_shared_refs * self.block_size
 
     @property
+    def num_used_blocks(self) -> int:
+        return self.block_pool.num_blocks - self.num_free_blocks
+
+    @property
     def num_reserved_tokens(self) -> int:
         """Slots in blocks that are in use (the last block of each request is partly empty)."""
         return (self.block_pool.num_blocks - self.num_free_blocks) * self.block_size

@@ -77,5 +77,10 @@ class KVCacheManagerBase(ABC):
 
     @property
     @abstractmethod
+    def num_used_blocks(self) -> int:
+        """Blocks (stage 01/02: slots) that requests hold now, a shared block once."""
+
+    @property
+    @abstractmethod
     def num_reserved_tokens(self) -> int:
         """Cache slots set aside for requests now (whether or not they hold a token yet)."""

@@ -70,6 +70,10 @@ class SlotKVCacheManager(KVCacheManagerBase):
         return [self.slot_of[request.request_id]]
 
     @property
+    def num_used_blocks(self) -> int:
+        return len(self.slot_of)
+
+    @property
     def num_reserved_tokens(self) -> int:
         """Slots in use times their size (a free slot is allocated but reserved for no one)."""
         return len(self.slot_of) * self.kv_cache_config.block_size

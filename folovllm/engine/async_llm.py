@@ -124,7 +124,7 @@ class AsyncLLM:
     def __init__(self, engine: LLMEngine, model_name: str = "folovllm") -> None:
         self.engine = engine
         self.metrics = PrometheusMetrics(model_name, engine.kv_cache_capacity_tokens)
-        engine.stat_loggers.append(self.metrics.record_scheduler_stats)
+        engine.stat_loggers.append(self.metrics.record)
         self._streams: dict[str, RequestStream] = {}
         self._pending_aborts: set[str] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="folovllm-engine")

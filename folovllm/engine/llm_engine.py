@@ -2,6 +2,7 @@
 
     add_request() -> waiting queue
     step():  schedule() -> execute_model() -> update()       (read it below, top to bottom)
+             -> outputs -> free finished -> publish the step's record to `stat_loggers`
     abort_request(), has_unfinished_requests()
 
 `LLM.generate` is a loop over `step()`; a streaming server can drive the same engine.
@@ -9,6 +10,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -25,8 +27,7 @@ from folovllm.core.scheduler import Scheduler, SchedulerBase
 from folovllm.core.scheduler_output import SchedulerOutput
 from folovllm.core.static_batch_scheduler import StaticBatchScheduler
 from folovllm.engine.output_processor import OutputProcessor
-from folovllm.engine.stats import EngineStats, SchedulerStats
-from folovllm.engine.trace import NullTracer, StepTracer
+from folovllm.engine.stats import EngineStats, SchedulerStats, make_rows
 from folovllm.executor import WorkerDiedError, get_executor_cls
 from folovllm.inputs import ProcessedPrompt, PromptType, is_token_id, parse_prompt
 from folovllm.kv_cache_interface import KVCacheSpec
@@ -71,11 +72,11 @@ class LLMEngine:
         self.scheduler: SchedulerBase = scheduler_cls(self.config, self.kv_cache_manager, self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats = EngineStats(bytes_per_token=spec.bytes_per_token)
-        # Called with a `SchedulerStats` after every step (benchmark traces, server metrics).
+        # The subscribers of the step's record: each is called with the step's `SchedulerStats`
+        # after every step (server metrics, the step trace, benchmarks). The engine knows none.
         self.stat_loggers: list[Callable[[SchedulerStats], None]] = []
         self.last_scheduler_stats: Optional[SchedulerStats] = None
-        # What the scheduler did, step by step (`folovllm trace`); off = a do-nothing tracer.
-        self.tracer: StepTracer | NullTracer = StepTracer() if self.config.trace else NullTracer()
+        self._step_counter = itertools.count(1)
 
     # --8<-- [start:initialize_kv_cache]
     def _initialize_kv_cache(self, spec: KVCacheSpec, fit_len: bool) -> KVCacheManagerBase:
@@ -217,7 +218,7 @@ class LLMEngine:
     # --8<-- [start:step]
     def step(self) -> list[RequestOutput]:
         """One iteration: schedule, run the model once, turn the new tokens into outputs."""
-        self.tracer.begin_step(self.scheduler)
+        start = time.perf_counter()
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.num_rows == 0:
             return []
@@ -226,8 +227,7 @@ class LLMEngine:
         advanced = self.scheduler.update_from_output(scheduler_output, sampled)
         outputs = self.output_processor.process(advanced, failed)
         self.scheduler.free_finished_requests()
-        self._record_stats(scheduler_output, advanced)
-        self.tracer.end_step(self, scheduler_output)
+        self._publish_stats(scheduler_output, advanced, start)
         return outputs
     # --8<-- [end:step]
 
@@ -271,31 +271,36 @@ class LLMEngine:
             if request.metrics.first_scheduled_time is None:
                 request.metrics.first_scheduled_time = now
 
-    def _record_stats(self, output: SchedulerOutput, advanced: list[Request]) -> None:
+    def _publish_stats(self, output: SchedulerOutput, advanced: list[Request], start: float) -> None:
+        """Build the step's one record, count it into `self.stats`, and hand it to every
+        subscriber in `stat_loggers`."""
+        scheduler, kv = self.scheduler, self.kv_cache_manager
+        # preempt() puts its victim at the head of the queue, and nothing is admitted after a
+        # preemption in the same step: this step's victims are the first ones waiting.
+        last = self.last_scheduler_stats
+        num_preempted = scheduler.num_preemptions - (last.num_preemptions if last else 0)
+        scheduled = set(output.requests)
         step = SchedulerStats(
-            num_running_reqs=self.scheduler.num_live_requests(),
-            num_waiting_reqs=len(self.scheduler.waiting),
-            num_rows=output.num_rows,
+            step=next(self._step_counter),
+            start_time=start,
+            end_time=time.perf_counter(),
+            rows=make_rows(output),
+            waiting=[r.request_id for r in scheduler.waiting],
+            stalled=[r.request_id for r in scheduler.running if r not in scheduled],
+            preempted=[r.request_id for r in itertools.islice(scheduler.waiting, num_preempted)],
+            num_running_reqs=scheduler.num_live_requests(),
             num_scheduled_tokens=output.total_num_scheduled_tokens,
             num_prefill_tokens=output.num_prefill_tokens,
             num_decode_tokens=output.num_decode_tokens,
-            kv_tokens_reserved=self.kv_cache_manager.num_reserved_tokens,
+            num_generated_tokens=len(advanced),
+            kv_blocks_used=kv.num_used_blocks,
+            kv_tokens_reserved=kv.num_reserved_tokens,
             # a slot shared by several requests (stage 06) holds one live token, not several
-            kv_tokens_used=self.scheduler.live_kv_tokens() - self.kv_cache_manager.num_shared_tokens,
-            num_preemptions=self.scheduler.num_preemptions,
+            kv_tokens_used=scheduler.live_kv_tokens() - kv.num_shared_tokens,
+            num_preemptions=scheduler.num_preemptions,
+            prefix_cache=kv.make_prefix_cache_stats(),
         )
-        s = self.stats
-        s.num_forward_passes += 1
-        s.num_generated_tokens += len(advanced)
-        s.num_prompt_tokens_computed += step.num_prefill_tokens
-        s.num_decode_row_steps += step.num_decode_tokens
-        s.num_wasted_row_steps += output.num_idle_rows
-        s.num_preemptions = step.num_preemptions
-        s.max_num_running = max(s.max_num_running, step.num_running_reqs)
-        s.kv_tokens_reserved += step.kv_tokens_reserved
-        s.kv_tokens_used += step.kv_tokens_used
-        s.peak_kv_tokens_reserved = max(s.peak_kv_tokens_reserved, step.kv_tokens_reserved)
-        s.prefix_cache += self.kv_cache_manager.make_prefix_cache_stats()
+        self.stats.add(step)
         self.last_scheduler_stats = step
         for stat_logger in self.stat_loggers:
             stat_logger(step)

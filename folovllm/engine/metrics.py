@@ -13,11 +13,11 @@
                   folovllm:generation_tokens_total       counter
                   folovllm:request_success_total{finished_reason}  counter (stop, length, abort)
 
-The per-step values come from the `SchedulerStats` the engine hands its `stat_loggers` after
-every step (in the engine thread; prometheus_client is thread-safe). Latencies come from the
-engine's own `RequestMetrics` (times of the first sample of a request), so they measure the
-engine and its queue, not the HTTP layer. Each instance has its own registry: several servers
-in one process (the tests) do not share counters.
+The per-step values come from the engine's per-step record: `record` is one of its
+`stat_loggers`, called with the step's `SchedulerStats` (in the engine thread; prometheus_client
+is thread-safe). Latencies come from the engine's own `RequestMetrics` (times of the first
+sample of a request), so they measure the engine and its queue, not the HTTP layer. Each
+instance has its own registry: several servers in one process (the tests) do not share counters.
 """
 # --8<-- [end:metrics_doc]
 
@@ -67,8 +67,8 @@ class PrometheusMetrics:
                                 labelnames=["model_name", "finished_reason"], registry=self.registry)
         self._model_name = model_name
 
-    def record_scheduler_stats(self, stats: SchedulerStats) -> None:
-        """An engine stat logger: called after every step."""
+    def record(self, stats: SchedulerStats) -> None:
+        """A subscriber of the engine's per-step record (`LLMEngine.stat_loggers`)."""
         self.num_running.set(stats.num_running_reqs)
         self.num_waiting.set(stats.num_waiting_reqs)
         self.record_kv_cache(stats.kv_tokens_reserved)

@@ -1,7 +1,24 @@
-"""`EngineStats`: the counters each stage improves, kept as deterministic numbers.
+"""The engine's one per-step record, `SchedulerStats`, and `EngineStats`, the totals each stage
+improves.
 
-Timing varies from run to run; these counts do not, so tests assert on them and the benchmarks
-report them next to the times:
+After every step the engine builds one `SchedulerStats` and publishes it: it adds it to its own
+`EngineStats`, then hands it to every subscriber in `LLMEngine.stat_loggers` (the server's
+Prometheus metrics, the step trace in folovllm/trace/, the benchmarks). The engine imports none
+of them. One record of the stage 02 docs example (2/10/3 output tokens, two seats)::
+
+    step  rows (request: kind new_tokens)   waiting  stalled  finished
+    1     A: prefill 4   B: prefill 4       C
+    2     A: decode 1    B: decode 1        C                 A (length)
+    3     C: prefill 4                               B        <- C takes A's seat at once;
+    4     B: decode 1    C: decode 1                             B waits a step (never mixed)
+
+Row kinds: "prefill" computes the rest of a prompt (or a preempted request's recompute) and
+samples; "chunk" computes part of a prompt and does not sample yet (stage 05); "decode" computes
+one token past the prompt; "idle" is a finished member of a stage-01 static batch, computed for
+nothing.
+
+`EngineStats` keeps deterministic numbers: timing varies from run to run, these counts do not,
+so tests assert on them and the benchmarks report them next to the times:
 
     num_forward_passes          model calls (engine steps that ran the model)
     num_prompt_tokens           real prompt tokens of the requests
@@ -20,38 +37,94 @@ report them next to the times:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from folovllm.core.prefix_cache import PrefixCacheStats
+
+if TYPE_CHECKING:
+    from folovllm.core.scheduler_output import SchedulerOutput
+
+
+@dataclass(slots=True)
+class RowStats:
+    """One row of a step: which request computed which tokens."""
+
+    request_id: str
+    kind: str  # "prefill" | "chunk" | "decode" | "idle"
+    num_computed_tokens: int  # cached before the step (position of the row's first token)
+    num_new_tokens: int
+    num_blocks: int  # blocks (stage 01/02: slots) the request holds during the step
+    finish_reason: Optional[str] = None  # it finished in this step ("stop", "length", "error")
+
+
+def make_rows(output: "SchedulerOutput") -> list[RowStats]:
+    """The step's rows, read after the update: a row that caught up has sampled, so its request
+    is one token longer than what the row computed."""
+    rows = []
+    for i, (request, new, computed, table) in enumerate(
+            zip(output.requests, output.num_new_tokens, output.num_computed_tokens, output.block_tables)):
+        if new == 0:
+            kind = "idle"
+        elif output.is_decode(i):
+            kind = "decode"
+        else:
+            kind = "prefill" if request.num_tokens == computed + new + 1 else "chunk"
+        finish_reason = request.status.finish_reason if new and request.is_finished else None
+        rows.append(RowStats(request.request_id, kind, computed, new, len(table), finish_reason))
+    return rows
 
 
 @dataclass(frozen=True)
 class SchedulerStats:
-    """What one engine step did and left behind (vLLM's `SchedulerStats`). The engine hands one
-    to each of its `stat_loggers` after every step; traces and the server's metrics read it.
+    """What one engine step did and left behind (vLLM's `SchedulerStats`, with the step's rows).
+    Every subscriber gets the same object: read it, keep it, never change it.
 
     Attributes:
+        step: the engine's step number (1 = its first step that ran the model).
+        start_time, end_time: `time.perf_counter()` when the step began and when it ended.
+        rows: the step's rows (`RowStats`), in the model's order.
+        waiting: ids of the requests waiting after the step, in queue order.
+        stalled: ids of running requests (holding KV) given no row in the step.
+        preempted: ids of the requests preempted in the step's scheduling (stage 03).
         num_running_reqs: requests holding live KV after the step.
-        num_waiting_reqs: requests in the waiting queue after the step.
-        num_rows: rows computed in the step.
         num_scheduled_tokens: tokens computed in the step, padding included.
         num_prefill_tokens: of those, prompt work (whole prompts, chunks, recomputes; padding).
         num_decode_tokens: rows that computed one token past their prompt (stage 01's idle rows
             included).
+        num_generated_tokens: tokens sampled (rows that caught up).
+        kv_blocks_used: KV blocks (stage 01/02: slots) held after the step, a shared block once.
         kv_tokens_reserved: cache slots set aside for requests after the step.
         kv_tokens_used: of those, slots holding a live token.
         num_preemptions: requests preempted so far (cumulative).
+        prefix_cache: what the prefix cache did in the step (stage 06; zeros without it).
     """
 
+    step: int
+    start_time: float
+    end_time: float
+    rows: list[RowStats]
+    waiting: list[str]
+    stalled: list[str]
+    preempted: list[str]
     num_running_reqs: int
-    num_waiting_reqs: int
-    num_rows: int
     num_scheduled_tokens: int
     num_prefill_tokens: int
     num_decode_tokens: int
+    num_generated_tokens: int
+    kv_blocks_used: int
     kv_tokens_reserved: int
     kv_tokens_used: int
     num_preemptions: int
+    prefix_cache: PrefixCacheStats = field(default_factory=PrefixCacheStats)
+
+    @property
+    def num_waiting_reqs(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def finished(self) -> dict[str, str]:
+        """Request id -> finish reason, for the requests that finished in this step."""
+        return {r.request_id: r.finish_reason for r in self.rows if r.finish_reason}
 
 
 @dataclass
@@ -71,6 +144,20 @@ class EngineStats:
 
     # stage 06: what the prefix cache did (all zero when it is off); see `PrefixCacheStats`
     prefix_cache: PrefixCacheStats = field(default_factory=PrefixCacheStats)
+
+    def add(self, step: SchedulerStats) -> None:
+        """Count one step's record in (the engine does, before any subscriber sees it)."""
+        self.num_forward_passes += 1
+        self.num_generated_tokens += step.num_generated_tokens
+        self.num_prompt_tokens_computed += step.num_prefill_tokens
+        self.num_decode_row_steps += step.num_decode_tokens
+        self.num_wasted_row_steps += sum(1 for r in step.rows if r.kind == "idle")
+        self.num_preemptions = step.num_preemptions
+        self.max_num_running = max(self.max_num_running, step.num_running_reqs)
+        self.kv_tokens_reserved += step.kv_tokens_reserved
+        self.kv_tokens_used += step.kv_tokens_used
+        self.peak_kv_tokens_reserved = max(self.peak_kv_tokens_reserved, step.kv_tokens_reserved)
+        self.prefix_cache += step.prefix_cache
 
     @property
     def kv_utilization(self) -> float:

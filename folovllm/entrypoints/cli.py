@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"stages to run (default: all built, 1..{LATEST_STAGE})")
     demo.add_argument("--num-requests", type=int, default=DEMO_NUM_REQUESTS)
 
-    from folovllm.entrypoints.trace_workloads import WORKLOADS
+    from folovllm.trace.workloads import WORKLOADS
 
     trace = sub.add_parser("trace", help="record what every engine step did and draw it")
     _add_engine_args(trace)
@@ -378,13 +378,14 @@ DOCS_ASSETS = Path("docs") / "assets"  # run from the repository root, as mkdocs
 
 
 def run_trace(args: argparse.Namespace) -> int:
-    from folovllm.engine.trace_plot import plot_traces
-    from folovllm.entrypoints.trace_workloads import WORKLOADS, engine_config, replay
+    from folovllm.trace.plot import plot_traces
+    from folovllm.trace.recorder import StepTracer
+    from folovllm.trace.workloads import WORKLOADS, engine_config, replay
 
     model = _model_or_demo(args)
     overrides = {k: v for k, v in _engine_kwargs(args).items() if v is not None}
     if args.serve:
-        from folovllm.entrypoints.trace_page import serve
+        from folovllm.trace.page import serve
 
         config = engine_config(model, args.stage, WORKLOADS[args.workload], **overrides)
         return serve(model, config, WORKLOADS[args.workload], args.host, args.port, args.step_delay)
@@ -394,7 +395,7 @@ def run_trace(args: argparse.Namespace) -> int:
         if not DOCS_ASSETS.is_dir():
             raise ValueError(f"--docs writes into {DOCS_ASSETS}/: run it from the repository root")
         jobs = [(DOCS_ASSETS / name, s, w) for name, s, w in DOCS_TRACES if max(s) <= LATEST_STAGE]
-    cache: dict[tuple[int, str], list] = {}  # a stage's trace of a workload, drawn once
+    cache: dict[tuple[int, str], StepTracer] = {}  # a stage's trace of a workload, drawn once
     for out, job_stages, name in jobs:
         workload = WORKLOADS[name]
         columns = []
@@ -403,14 +404,14 @@ def run_trace(args: argparse.Namespace) -> int:
                 from folovllm.engine.llm_engine import LLMEngine
 
                 engine = LLMEngine(model, engine_config(model, stage, workload, **overrides))
+                tracer = cache[stage, name] = StepTracer.attach(engine)
                 replay(engine, workload, seed=args.seed)
-                cache[stage, name] = list(engine.tracer.steps)
                 if args.save_traces:
                     args.save_traces.mkdir(parents=True, exist_ok=True)
-                    engine.tracer.save_json(args.save_traces / f"trace_{name}_stage{stage:02d}.json")
-                    engine.tracer.save_perfetto(args.save_traces / f"trace_{name}_stage{stage:02d}.perfetto.json")
-            steps = cache[stage, name]
-            columns.append((f"stage {stage:02d} {STAGE_NAMES[stage]}: {len(steps)} steps", steps))
+                    tracer.save_json(args.save_traces / f"trace_{name}_stage{stage:02d}.json")
+                    tracer.save_perfetto(args.save_traces / f"trace_{name}_stage{stage:02d}.perfetto.json")
+            tracer = cache[stage, name]
+            columns.append((f"stage {stage:02d} {STAGE_NAMES[stage]}: {len(tracer.steps)} steps", tracer))
         # The committed pictures leave out step times: noise on a shared machine, and a redraw
         # would change every picture for nothing.
         plot_traces(columns, out, title=f"workload '{name}': {workload.description}",

@@ -12,6 +12,7 @@ from folovllm.inputs import PromptType
 from folovllm.outputs import RequestOutput
 from folovllm.sampling_params import RequestOutputKind, SamplingParams
 from folovllm.engine.stats import EngineStats
+from folovllm.trace.recorder import StepTracer
 
 
 class LLM:
@@ -23,7 +24,7 @@ class LLM:
             (the CLI's default too). GPTQ (07) comes with a GPTQ checkpoint and tensor
             parallelism (08) with `tensor_parallel_size`, at any stage; see `EngineConfig`.
         dtype, device, max_num_seqs, max_model_len, seed, **engine_args: `EngineConfig` fields.
-            `trace=True` records every engine step in `llm.llm_engine.tracer` (docs/trace.md).
+            `trace=True` records every engine step in `llm.tracer` (docs/trace.md).
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class LLM:
             max_model_len=max_model_len, seed=seed, **engine_args,
         )
         self.llm_engine = LLMEngine(model, config)
+        self.tracer = StepTracer.attach(self.llm_engine) if config.trace else None
         self._counter = 0
 
     def get_tokenizer(self) -> Any:

@@ -5,7 +5,7 @@
     GET  /v1/models              the one model served
     GET  /health                 200 while the engine loop is alive, else 503
     GET  /metrics                Prometheus text (engine/metrics.py)
-    GET  /trace/                 with `--trace`: the live step page (entrypoints/trace_page.py)
+    GET  /trace/                 with `--trace`: the live step page (trace/page.py)
 
 `/v1/*` need `Authorization: Bearer KEY` when the server has an API key; `/health` and
 `/metrics` never do (load balancers and scrapers call them), as in `vllm serve`.
@@ -39,7 +39,7 @@ from folovllm.entrypoints.openai.protocol import (ChatCompletionRequest, Complet
 from folovllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from folovllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from folovllm.entrypoints.openai.serving_engine import APIError
-from folovllm.entrypoints.trace_page import mount_live_page
+from folovllm.trace.page import mount_live_page
 
 logger = logging.getLogger("folovllm.server")
 

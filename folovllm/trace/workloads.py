@@ -1,5 +1,5 @@
-"""Small named workloads for `folovllm trace`, and `replay`, which drives a traced engine
-through one, adding each request at the step it arrives.
+"""Small named workloads for `folovllm trace`, and `replay`, which drives an engine (with a
+`StepTracer` attached, to see it) through one, adding each request at the step it arrives.
 
 Each workload is chosen to show one stage's change in the pictures (docs/trace.md)::
 
@@ -90,14 +90,14 @@ def request_name(i: int, prefix: str = "") -> str:
 
 
 def engine_config(model: str, stage: int, workload: TraceWorkload, **overrides: Any) -> EngineConfig:
-    """The stage's config with the workload's sizes and tracing on; `overrides` (CLI flags) win."""
+    """The stage's config with the workload's sizes; `overrides` (CLI flags) win."""
     kwargs: dict[str, Any] = dict(workload.engine)
     if workload.kv_cache_tokens is not None:
         kwargs["kv_cache_memory"] = workload.kv_cache_tokens * kv_bytes_per_token(model, overrides.get("dtype"))
     if workload.chunk_budget is not None and stage >= 5:
         kwargs["max_num_batched_tokens"] = workload.chunk_budget
     kwargs.update(overrides)
-    return EngineConfig.for_stage(stage, trace=True, **kwargs)
+    return EngineConfig.for_stage(stage, **kwargs)
 
 
 def kv_bytes_per_token(model: str, dtype: Optional[str] = None) -> int:

@@ -18,12 +18,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from folovllm.engine.trace import LANE_COLORS, LANE_STATES, StepRecord, request_lanes
+from folovllm.engine.stats import SchedulerStats
+from folovllm.trace.recorder import LANE_COLORS, LANE_STATES, StepTracer, request_lanes, step_tokens
 
 
-def plot_traces(columns: Sequence[tuple[str, Sequence[StepRecord]]], out: Path, title: str = "",
+def plot_traces(columns: Sequence[tuple[str, StepTracer]], out: Path, title: str = "",
                 step_time: bool = True) -> Path:
-    """Draw each (label, steps) as a column of panels; write a PNG to `out`. `step_time=False`
+    """Draw each (label, tracer) as a column of panels; write a PNG to `out`. `step_time=False`
     leaves out the only panel that changes from run to run (the docs' committed pictures)."""
     import matplotlib
 
@@ -32,7 +33,7 @@ def plot_traces(columns: Sequence[tuple[str, Sequence[StepRecord]]], out: Path, 
     from matplotlib.patches import Patch
     from matplotlib.ticker import MaxNLocator
 
-    num_requests = max(len(request_lanes(list(steps))) for _, steps in columns)
+    num_requests = max(len(request_lanes(tracer.steps)) for _, tracer in columns)
     lane_height = max(1.6, 0.28 * num_requests)
     panels = [("request", lane_height, _lanes), ("KV cache\n(tokens)", 1.2, _kv),
               ("tokens\nper step", 1.2, _tokens)]
@@ -43,9 +44,9 @@ def plot_traces(columns: Sequence[tuple[str, Sequence[StepRecord]]], out: Path, 
         figsize=(5.2 * len(columns), sum(h for _, h, _ in panels) + 1.6),
         gridspec_kw={"height_ratios": [h for _, h, _ in panels]},
     )
-    for col, (label, steps) in enumerate(columns):
+    for col, (label, tracer) in enumerate(columns):
         for row, (_, _, draw) in enumerate(panels):
-            draw(axes[row, col], list(steps))
+            draw(axes[row, col], list(tracer.steps), tracer.config)
         axes[0, col].set_title(label, fontsize=10)
         axes[-1, col].set_xlabel("engine step")
         axes[-1, col].xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole
@@ -63,7 +64,7 @@ def plot_traces(columns: Sequence[tuple[str, Sequence[StepRecord]]], out: Path, 
     return out
 
 
-def _lanes(ax: Any, steps: list[StepRecord]) -> None:
+def _lanes(ax: Any, steps: list[SchedulerStats], config: dict[str, Any]) -> None:
     lanes = list(request_lanes(steps).values())
     for y, lane in enumerate(lanes):
         for step, state in lane.states.items():
@@ -80,29 +81,28 @@ def _lanes(ax: Any, steps: list[StepRecord]) -> None:
     ax.grid(axis="x", alpha=0.3)
 
 
-def _kv(ax: Any, steps: list[StepRecord]) -> None:
+def _kv(ax: Any, steps: list[SchedulerStats], config: dict[str, Any]) -> None:
     x = [s.step for s in steps]
     ax.fill_between(x, [s.kv_tokens_reserved for s in steps], step="mid", color="#c6dbef",
                     label="reserved")
     ax.step(x, [s.kv_tokens_used for s in steps], where="mid", color="#08519c", lw=1.2,
             label="holding tokens")
-    capacity = steps[0].kv_num_blocks * steps[0].kv_block_size if steps else 0
+    capacity = config["num_blocks"] * config["block_size"]
     ax.axhline(capacity, color="black", ls="--", lw=0.8)
-    ax.text(0.99, 0.95, f"capacity {capacity} = {steps[0].kv_num_blocks} x {steps[0].kv_block_size}"
-            if steps else "", transform=ax.transAxes, ha="right", va="top", fontsize=7)
+    ax.text(0.99, 0.95, f"capacity {capacity} = {config['num_blocks']} x {config['block_size']}",
+            transform=ax.transAxes, ha="right", va="top", fontsize=7)
     ax.legend(fontsize=7, loc="center right", frameon=False)
 
 
-def _tokens(ax: Any, steps: list[StepRecord]) -> None:
+def _tokens(ax: Any, steps: list[SchedulerStats], config: dict[str, Any]) -> None:
     x = [s.step for s in steps]
-    prefill = [s.num_prefill_tokens for s in steps]
-    decode = [s.num_decode_tokens for s in steps]
+    prefill, decode = zip(*map(step_tokens, steps)) if steps else ((), ())
     padding = [s.num_scheduled_tokens - p - d for s, p, d in zip(steps, prefill, decode)]
     ax.bar(x, prefill, width=0.9, color=LANE_COLORS["prefill"], label="prompt")
     ax.bar(x, decode, width=0.9, bottom=prefill, color=LANE_COLORS["decode"], label="decode")
     ax.bar(x, padding, width=0.9, bottom=[p + d for p, d in zip(prefill, decode)],
            color=LANE_COLORS["idle"], label="padding / idle")
-    budget = steps[0].token_budget if steps else 0
+    budget = config["max_num_batched_tokens"]
     highest = max((s.num_scheduled_tokens for s in steps), default=1)
     if budget <= 2 * highest:
         ax.axhline(budget, color="red", ls="--", lw=0.9)
@@ -114,5 +114,6 @@ def _tokens(ax: Any, steps: list[StepRecord]) -> None:
     ax.legend(fontsize=7, loc="center right", frameon=False)
 
 
-def _step_time(ax: Any, steps: list[StepRecord]) -> None:
-    ax.bar([s.step for s in steps], [s.duration_s * 1e3 for s in steps], width=0.9, color="#666666")
+def _step_time(ax: Any, steps: list[SchedulerStats], config: dict[str, Any]) -> None:
+    ax.bar([s.step for s in steps], [(s.end_time - s.start_time) * 1e3 for s in steps], width=0.9,
+           color="#666666")

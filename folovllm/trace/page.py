@@ -1,17 +1,18 @@
-"""`folovllm trace --serve`: a live page of a running engine, from its step trace.
+"""`folovllm trace --serve`: a live page of a running engine, from its step records.
 
     engine thread                          server threads (http.server, standard library)
     -------------                          ----------------------------------------------
     engine.step()                          GET /        the page (HTML + a little JavaScript)
-      tracer.end_step()
-        view.update(engine) -- snapshot -> GET /state   the latest snapshot, as JSON
+      stat_loggers: view.record(step)
+        -- snapshot ---------------------> GET /state   the latest snapshot, as JSON
                                            the page polls /state and redraws: requests running
                                            and waiting, KV blocks in use, the last steps'
                                            timeline (one lane per request, one cell per step)
 
-The engine's thread builds a new snapshot after every step and swaps one reference, so the
-server never reads the engine while it steps (no lock, no torn reads). The standard library's
-server is enough for one page and a handful of viewers, and adds no dependency.
+The view subscribes to the engine's per-step record like any other observer, and builds a new
+snapshot from it on the engine's thread after every step, then swaps one reference: the server
+never reads the engine at all (no lock, no torn reads). The standard library's server is enough
+for one page and a handful of viewers, and adds no dependency.
 
 Here the engine replays a named workload over and over (`--workload`), paced by `--step-delay`
 so a person can follow it; `folovllm serve --trace` mounts the same page at /trace/ of the
@@ -23,55 +24,60 @@ from __future__ import annotations
 import itertools
 import json
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
-from folovllm.engine.trace import LANE_COLORS, LANE_STATES, StepTracer, request_lanes
+from folovllm.engine.stats import SchedulerStats
+from folovllm.trace.recorder import LANE_COLORS, LANE_STATES, StepTracer, engine_summary, request_lanes
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from folovllm.config import EngineConfig
     from folovllm.engine.llm_engine import LLMEngine
-    from folovllm.entrypoints.trace_workloads import TraceWorkload
+    from folovllm.trace.workloads import TraceWorkload
 
 WINDOW = 40  # steps shown in the timeline
 
 
 class LiveView:
-    """The page's data: one JSON snapshot, rebuilt by the engine's thread after each step."""
+    """The page's data: one JSON snapshot, rebuilt from each step's record on the engine's
+    thread. `tracer` keeps the last steps (the timeline); `seated` the running requests as of
+    their last row (a stalled request keeps its numbers), in the order they were admitted."""
 
-    def __init__(self, window: int = WINDOW) -> None:
-        self.window = window
+    def __init__(self, tracer: StepTracer) -> None:
+        self.tracer = tracer
+        self.seated: dict[str, dict[str, Any]] = {}
         self.snapshot = json.dumps({"step": 0, "running": [], "waiting": [], "kv": None,
                                     "timeline": {"steps": [], "lanes": []}}).encode()
 
-    def follow(self, engine: "LLMEngine") -> None:
-        """Rebuild the snapshot after every step `engine` takes (it must be tracing)."""
-        engine.tracer.listeners.append(lambda _: self.update(engine))
+    @classmethod
+    def follow(cls, engine: "LLMEngine", window: int = WINDOW) -> "LiveView":
+        """A view subscribed to `engine`'s per-step record, keeping the last `window` steps."""
+        view = cls(StepTracer(engine_summary(engine), max_steps=window))
+        engine.stat_loggers.append(view.record)
+        return view
 
-    def update(self, engine: "LLMEngine") -> None:
-        steps = list(engine.tracer.steps)[-self.window:]
-        if not steps:
-            return
-        last = steps[-1]
-        scheduler = engine.scheduler
-        manager = engine.kv_cache_manager
-        running = [{"id": r.request_id, "computed": r.num_computed_tokens, "tokens": r.num_tokens,
-                    "blocks": len(manager.get_block_table(r))}
-                   for r in scheduler.running if not r.is_finished]
+    def record(self, step: SchedulerStats) -> None:
+        self.tracer.record(step)
+        rows = [r for r in step.rows if r.kind != "idle" and not r.finish_reason]
+        keep = {r.request_id for r in rows}.union(step.stalled)
+        self.seated = {rid: seat for rid, seat in self.seated.items() if rid in keep}
+        for r in rows:
+            self.seated[r.request_id] = {"id": r.request_id, "blocks": r.num_blocks,
+                                         "computed": r.num_computed_tokens + r.num_new_tokens}
+        steps, config = list(self.tracer.steps), self.tracer.config
         numbers = [s.step for s in steps]
         lanes = [{"id": ln.request_id, "states": [ln.states.get(n) for n in numbers]}
                  for ln in request_lanes(steps).values()]
         self.snapshot = json.dumps({
-            "step": last.step,
-            "stage": engine.config.stage,
-            "running": running,
-            "waiting": [r.request_id for r in scheduler.waiting],
-            "kv": {"used": last.kv_blocks_used, "total": last.kv_num_blocks,
-                   "block_size": last.kv_block_size},
-            "tokens": {"last": last.num_scheduled_tokens, "budget": last.token_budget},
+            "step": step.step,
+            "stage": config["stage"],
+            "running": list(self.seated.values()),
+            "waiting": step.waiting,
+            "kv": {"used": step.kv_blocks_used, "total": config["num_blocks"],
+                   "block_size": config["block_size"]},
+            "tokens": {"last": step.num_scheduled_tokens, "budget": config["max_num_batched_tokens"]},
             "timeline": {"steps": numbers, "lanes": lanes},
         }).encode()  # one reference swap: readers see the old snapshot or the new one
 
@@ -109,7 +115,7 @@ def make_server(view: LiveView, host: str = "127.0.0.1", port: int = 0) -> Threa
 def run_workload_forever(engine: "LLMEngine", workload: "TraceWorkload", step_delay: float,
                          stop: threading.Event) -> None:
     """Replay `workload` round after round (new request ids each round) until `stop` is set."""
-    from folovllm.entrypoints.trace_workloads import replay
+    from folovllm.trace.workloads import replay
 
     def on_step(_: Any) -> None:
         if stop.wait(step_delay):
@@ -132,9 +138,7 @@ def serve(model: str, config: "EngineConfig", workload: "TraceWorkload", host: s
     from folovllm.engine.llm_engine import LLMEngine
 
     engine = LLMEngine(model, config)
-    engine.tracer = StepTracer(max_steps=WINDOW)  # a server runs for hours: keep the window only
-    view = LiveView()
-    view.follow(engine)
+    view = LiveView.follow(engine)  # a server runs for hours: it keeps the window only
     server = make_server(view, host, port)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -150,17 +154,14 @@ def serve(model: str, config: "EngineConfig", workload: "TraceWorkload", host: s
     return 0
 
 
-
 def mount_live_page(app: "FastAPI", engine: "LLMEngine") -> None:
     """The same page inside the OpenAI server (`folovllm serve --trace`), at /trace/: the
-    engine keeps its last `WINDOW` steps, and the snapshot is rebuilt on the engine's thread
-    after each step, while the event loop serves the latest one. Open like /metrics: it shows
-    request ids and token counts, never text."""
+    view keeps the engine's last `WINDOW` steps, and the snapshot is rebuilt on the engine's
+    thread after each step, while the event loop serves the latest one. Open like /metrics: it
+    shows request ids and token counts, never text."""
     from fastapi.responses import HTMLResponse, Response
 
-    engine.tracer = StepTracer(max_steps=WINDOW)
-    view = LiveView()
-    view.follow(engine)
+    view = LiveView.follow(engine)
 
     @app.get("/trace/", include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -196,7 +197,7 @@ PAGE = """<!doctype html>
  <span>tokens last step <b id="tokens">0</b> / budget <b id="budget">-</b></span>
 </div>
 <div class="lists">
- <div><h3>running</h3><table><thead><tr><th>request</th><th>computed / tokens</th><th>blocks</th></tr></thead>
+ <div><h3>running</h3><table><thead><tr><th>request</th><th>tokens computed</th><th>blocks</th></tr></thead>
    <tbody id="running"></tbody></table></div>
  <div><h3>waiting</h3><div id="waiting"></div></div>
 </div>
@@ -216,7 +217,7 @@ function render(s) {
     $("tokens").textContent = s.tokens.last; $("budget").textContent = s.tokens.budget;
   }
   $("running").innerHTML = s.running.map(r =>
-    `<tr class="req" data-id="${r.id}"><td>${r.id}</td><td>${r.computed} / ${r.tokens}</td><td>${r.blocks}</td></tr>`).join("");
+    `<tr class="req" data-id="${r.id}"><td>${r.id}</td><td>${r.computed}</td><td>${r.blocks}</td></tr>`).join("");
   $("waiting").textContent = s.waiting.join(" ") || "(none)";
   $("timeline").innerHTML = s.timeline.lanes.map(l =>
     `<div class="lane" data-id="${l.id}"><span class="name">${l.id}</span>` +
