@@ -330,6 +330,9 @@ def test_metrics_show_latency_histograms_gauges_and_counters(server):
     for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
                   "num_preemptions_total"):
         assert f"folovllm:{gauge}{{" in text
+    # what the engine runs, as describe_engine says it (Prometheus' info pattern)
+    assert metric(text, "engine_info", f'stage="{STAGE}"') == 1
+    assert 'attention_backend="' in text.split("folovllm:engine_info{", 1)[1].split("}")[0]
 
 
 # -- the async front alone --------------------------------------------------------------------

@@ -73,6 +73,7 @@ def test_page_in_a_headless_browser_follows_the_engine(live_page, tmp_path):
 
     assert int(re.search(r'data-updates="(\d+)"', dom).group(1)) >= 2  # it polled and redrew
     assert number("stage") == 5
+    assert re.search(r'id="engine">stage 05 chunked prefill, attention \w+', dom)  # describe_engine
     assert number("step") > steps_before  # steps the engine took while the page was open
     assert 0 <= number("kv-used") <= number("kv-total") == engine.kv_cache_manager.kv_cache_config.num_blocks
     running = re.findall(r'<tr class="req" data-id="([^"]+)"', dom)
@@ -111,9 +112,9 @@ def test_cli_serve_runs_until_interrupted(tiny_qwen3):
             if state["step"] > 0:
                 break
             time.sleep(0.05)
-        # the config's highest flag: stage 07 (GPTQ) sets none, it comes with the checkpoint
-        want_stage = EngineConfig.for_stage(LATEST_STAGE).stage
-        assert state["step"] > 0 and state["stage"] == want_stage and state["kv"]["total"] > 0
+        # the CLI's default is the top of the ladder, and the page says what runs
+        assert state["step"] > 0 and state["stage"] == LATEST_STAGE and state["kv"]["total"] > 0
+        assert state["engine"].startswith(f"stage {LATEST_STAGE:02d} ")
     finally:
         proc.send_signal(signal.SIGINT)
         try:

@@ -123,7 +123,10 @@ class AsyncLLM:
 
     def __init__(self, engine: LLMEngine, model_name: str = "folovllm") -> None:
         self.engine = engine
-        self.metrics = PrometheusMetrics(model_name, engine.kv_cache_capacity_tokens)
+        info = {k: str(v) for k, v in engine.description.items()
+                if k in ("stage", "stage_name", "quantization", "tensor_parallel_size",
+                         "attention_backend", "cpu_kernels", "dtype")}
+        self.metrics = PrometheusMetrics(model_name, engine.kv_cache_capacity_tokens, info)
         engine.stat_loggers.append(self.metrics.record)
         self._streams: dict[str, RequestStream] = {}
         self._pending_aborts: set[str] = set()

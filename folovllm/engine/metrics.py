@@ -23,6 +23,8 @@ instance has its own registry: several servers in one process (the tests) do not
 
 from __future__ import annotations
 
+from typing import Optional
+
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -39,7 +41,10 @@ _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 
 
 
 class PrometheusMetrics:
-    def __init__(self, model_name: str, kv_cache_capacity_tokens: int) -> None:
+    def __init__(self, model_name: str, kv_cache_capacity_tokens: int,
+                 engine_info: Optional[dict[str, str]] = None) -> None:
+        """`engine_info`: what the engine runs (`config.describe_engine`), exported once as the
+        labels of `folovllm:engine_info` (Prometheus' info pattern, value 1)."""
         self.kv_cache_capacity_tokens = kv_cache_capacity_tokens
         self._num_preemptions = 0  # the engine's count is cumulative; the counter takes steps
         self.registry = CollectorRegistry()
@@ -66,6 +71,10 @@ class PrometheusMetrics:
         self._success = Counter("folovllm:request_success", "Finished requests by finish reason.",
                                 labelnames=["model_name", "finished_reason"], registry=self.registry)
         self._model_name = model_name
+        if engine_info:
+            info = Gauge("folovllm:engine_info", "What the engine runs: stage, axes, kernels (value 1).",
+                         labelnames=["model_name", *engine_info], registry=self.registry)
+            info.labels(model_name, *engine_info.values()).set(1)
 
     def record(self, stats: SchedulerStats) -> None:
         """A subscriber of the engine's per-step record (`LLMEngine.stat_loggers`)."""

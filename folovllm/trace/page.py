@@ -73,6 +73,7 @@ class LiveView:
         self.snapshot = json.dumps({
             "step": step.step,
             "stage": config["stage"],
+            "engine": config.get("engine"),
             "running": list(self.seated.values()),
             "waiting": step.waiting,
             "kv": {"used": step.kv_blocks_used, "total": config["num_blocks"],
@@ -189,6 +190,7 @@ PAGE = """<!doctype html>
 </style></head>
 <body data-updates="0">
 <h1>folovllm: what the engine is doing</h1>
+<p id="engine">-</p>
 <div class="stats">
  <span>stage <b id="stage">-</b></span><span>step <b id="step">0</b></span>
  <span>running <b id="num-running">0</b></span><span>waiting <b id="num-waiting">0</b></span>
@@ -208,6 +210,7 @@ PAGE = """<!doctype html>
 const $ = (id) => document.getElementById(id);
 function render(s) {
   $("stage").textContent = s.stage ?? "-";
+  $("engine").textContent = s.engine ?? "-";
   $("step").textContent = s.step;
   $("num-running").textContent = s.running.length;
   $("num-waiting").textContent = s.waiting.length;

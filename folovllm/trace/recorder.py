@@ -110,7 +110,7 @@ class StepTracer:
 def engine_summary(engine: "LLMEngine") -> dict[str, Any]:
     """The engine's flags and sizes that a trace is read against (read once, when attaching)."""
     c, kv = engine.config, engine.kv_cache_manager.kv_cache_config
-    return {"stage": c.stage, "max_num_seqs": c.max_num_seqs,
+    return {"stage": c.stage, "engine": engine.description["summary"], "max_num_seqs": c.max_num_seqs,
             "max_num_batched_tokens": c.max_num_batched_tokens, "max_model_len": c.max_model_len,
             "block_size": kv.block_size, "num_blocks": kv.num_blocks}
 
