@@ -192,6 +192,11 @@ class QuantizationConfig(ABC):
     def get_quant_method(self, layer: "LinearBase") -> Optional[LinearMethodBase]:
         """The method for `layer`, or None to leave it unquantized."""
 
+    def skips_checkpoint_tensor(self, name: str) -> bool:
+        """True for a tensor this format's writers add that the model has no parameter for
+        (the loader then skips it instead of refusing the checkpoint)."""
+        return False
+
 
 class LinearBase(nn.Module):
     """`y = x W^T + b` whose weight storage belongs to `quant_method` and whose loading belongs

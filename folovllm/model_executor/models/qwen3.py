@@ -247,8 +247,9 @@ class Qwen3ForCausalLM(nn.Module):
                 if f".{ckpt_name}." in name:
                     target, shard_id = name.replace(f".{ckpt_name}.", f".{fused_name}."), fused_shard
                     break
-            if target not in params and name.endswith(".bias") and self.quant_config is not None:
-                continue  # AutoGPTQ writes an all-zero bias for layers that have none (as vLLM skips it)
+            if target not in params and self.quant_config is not None and \
+                    self.quant_config.skips_checkpoint_tensor(name):
+                continue  # e.g. AutoGPTQ's all-zero bias of a layer that has none
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no matching parameter in {type(self).__name__}")
             param = params[target]

@@ -163,6 +163,11 @@ class GPTQConfig(QuantizationConfig):
     def get_quant_method(self, layer: LinearBase) -> Optional[LinearMethodBase]:
         return GPTQLinearMethod(self)
 
+    def skips_checkpoint_tensor(self, name: str) -> bool:
+        # AutoGPTQ writes an all-zero bias for every quantized layer, also where the model has
+        # none (Qwen3, Llama); vLLM skips it too
+        return name.endswith(".bias")
+
 
 # -- packing ------------------------------------------------------------------------------------
 
