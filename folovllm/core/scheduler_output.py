@@ -1,8 +1,8 @@
 """`SchedulerOutput`: one engine step's work, handed from the scheduler to the engine.
 
 The engine sends the workers its rows as an `InputBatch` (plain lists, `worker/input_batch.py`)
-and samples the rows that catch up. There is no "prefill step" or "decode step" here: every row computes
-some of its request's missing tokens, and the counts say what kind of work that is::
+and samples the rows that catch up. There is no "prefill step" or "decode step" here: every row
+computes some of its request's missing tokens, and the counts say what kind of work that is::
 
     row  request  num_computed_tokens  num_new_tokens  request.num_tokens   what it is
     0    A        0                    5               5                    whole prompt   -> samples

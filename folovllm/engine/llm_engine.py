@@ -284,11 +284,12 @@ class LLMEngine:
     def make_input_batch(output: SchedulerOutput) -> InputBatch:
         """What the workers need of a step, in plain lists: the tokens each row feeds the model
         (a decode row: one), where they start, the block tables, the rows that sample."""
-        rows, starts = range(output.num_rows), output.num_computed_tokens
-        query_lens = [output.query_len(i) for i in rows]
+        starts = output.num_computed_tokens
+        query_lens = [output.query_len(i) for i in range(output.num_rows)]
         return InputBatch(
             req_ids=[r.request_id for r in output.requests],
-            token_ids=[output.requests[i].all_token_ids[starts[i] : starts[i] + query_lens[i]] for i in rows],
+            token_ids=[r.all_token_ids[start : start + n]
+                       for r, start, n in zip(output.requests, starts, query_lens)],
             num_computed_tokens=list(starts),
             query_lens=query_lens,
             block_tables=output.block_tables,
