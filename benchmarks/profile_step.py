@@ -104,7 +104,7 @@ def instrument(engine: Any, timer: PhaseTimer) -> list[Callable[[], None]]:
         timer.wrap(runner.model, "forward", "other_model"),
         timer.wrap(runner.model, "compute_logits", "lm_head"),
         # special methods are looked up on the class: wrap Sampler.__call__ itself
-        timer.wrap(type(runner.sampler), "__call__", "sampler"),
+        timer.wrap(type(engine.sampler), "__call__", "sampler"),
     ]
     backend = runner.attn_layers[0].backend
     undo.append(timer.wrap(backend, "forward", "attention"))

@@ -506,8 +506,8 @@ def script(monkeypatch):
     """script(llm, scripts=..., fail=...) puts a ScriptedSampler into llm's engine for one test."""
 
     def install(llm, **kwargs):
-        runner = llm.llm_engine.model_runner
-        monkeypatch.setattr(runner, "sampler", ScriptedSampler(runner.sampler, **kwargs))
+        engine = llm.llm_engine
+        monkeypatch.setattr(engine, "sampler", ScriptedSampler(engine.sampler, **kwargs))
 
     return install
 

@@ -1,8 +1,8 @@
-"""The model runner samples only rows that catch up, so how a prompt is split into steps never
-changes a seeded request's tokens (the property stage 05's chunked prefill relies on).
+"""Only rows that catch up reach the LM head and the sampler, so how a prompt is split into steps
+never changes a seeded request's tokens (the property stage 05's chunked prefill relies on).
 
-The runner is driven with hand-made `SchedulerOutput`s: no scheduler splits prompts before
-stage 05.
+The engine's model call (`LLMEngine._execute_model`: the runner's logits, then the engine's
+sampler) is driven with hand-made `SchedulerOutput`s: no scheduler splits prompts before stage 05.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ PROMPT = [5 + (7 * i) % 200 for i in range(37)]
 
 def run_split(llm: LLM, chunks: list[int], num_tokens: int) -> tuple[list[int], list[dict[str, int]]]:
     """Compute PROMPT in steps of `chunks` tokens, then decode; returns the sampled tokens and
-    what the runner returned for each prompt step."""
+    what was sampled in each prompt step."""
     engine = llm.llm_engine
-    manager, runner, scheduler = engine.kv_cache_manager, engine.model_runner, engine.scheduler
+    manager, scheduler = engine.kv_cache_manager, engine.scheduler
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=num_tokens, ignore_eos=True)
     request = Request(f"split-{chunks}", PROMPT, params, arrival_time=0.0)
     prompt_steps = []
@@ -29,7 +29,8 @@ def run_split(llm: LLM, chunks: list[int], num_tokens: int) -> tuple[list[int], 
         assert manager.allocate_slots(request, num_new)
         output = SchedulerOutput()
         output.add_row(request, num_new, manager.get_block_table(request))
-        sampled = runner.execute_model(output)
+        sampled, failed = engine._execute_model(output)
+        assert not failed
         scheduler.update_from_output(output, sampled)
         return sampled
 
@@ -56,12 +57,14 @@ def test_a_row_that_does_not_catch_up_draws_no_random_numbers(tiny_qwen3):
     engine = llm.llm_engine
     params = SamplingParams(temperature=1.0, seed=99, max_tokens=4)
     request = Request("chunk", PROMPT, params, arrival_time=0.0)
-    global_state = engine.model_runner.sampler.generator.get_state()
+    global_state = engine.sampler.generator.get_state()
     own_state = request.generator.get_state()
     assert engine.kv_cache_manager.allocate_slots(request, 20)
     output = SchedulerOutput()
     output.add_row(request, 20, engine.kv_cache_manager.get_block_table(request))
-    assert engine.model_runner.execute_model(output) == {}
+    assert output.sampling_rows == []
+    assert engine.model_runner.execute_model(engine.make_input_batch(output)) is None  # no LM head
+    assert engine._execute_model(output) == ({}, [])
     assert torch.equal(request.generator.get_state(), own_state)
-    assert torch.equal(engine.model_runner.sampler.generator.get_state(), global_state)
+    assert torch.equal(engine.sampler.generator.get_state(), global_state)
     engine.kv_cache_manager.free(request)

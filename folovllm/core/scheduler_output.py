@@ -1,8 +1,8 @@
-"""`SchedulerOutput`: one engine step's work, handed from the scheduler to the model runner.
+"""`SchedulerOutput`: one engine step's work, handed from the scheduler to the engine.
 
-It lives in its own module so that the worker side (model runner, sampler) can read it without
-importing the scheduler. There is no "prefill step" or "decode step" here: every row computes
-some of its request's missing tokens, and the counts say what kind of work that is::
+The engine sends the workers its rows as an `InputBatch` (plain lists, `worker/input_batch.py`)
+and samples the rows that catch up. There is no "prefill step" or "decode step" here: every row
+computes some of its request's missing tokens, and the counts say what kind of work that is::
 
     row  request  num_computed_tokens  num_new_tokens  request.num_tokens   what it is
     0    A        0                    5               5                    whole prompt   -> samples
@@ -13,6 +13,8 @@ some of its request's missing tokens, and the counts say what kind of work that 
 A row *samples* (its last token goes through the LM head and the sampler) only when it catches
 up: `num_computed_tokens + num_new_tokens == request.num_tokens`. Row 2 above does not, so it
 draws no random numbers, and a seeded request gives the same tokens however its prompt is split.
+That rule is `sampling_rows`, read by everyone who needs it: the engine, which samples those rows,
+and the runner, which computes logits for them only (through the `InputBatch`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class SchedulerOutput:
             stage 01 pads every prompt to the longest of its batch, and an idle row (a finished
             member of a static batch) recomputes its last cached token. None = equal.
         block_tables: the block ids of each row's request (so the worker never asks the KV
-            cache manager; stage 08 broadcasts this object to every rank).
+            cache manager; stage 08 sends them to every rank).
     """
 
     requests: list[Request] = field(default_factory=list)
@@ -80,6 +82,15 @@ class SchedulerOutput:
         """Does this row compute its request's last missing token (so it samples the next)?"""
         new = self.num_new_tokens[row]
         return new > 0 and self.num_computed_tokens[row] + new == self.requests[row].num_tokens
+
+    # --8<-- [start:sampling_rows]
+    @property
+    def sampling_rows(self) -> list[int]:
+        """The rows that sample, in row order: the rows of the logits the executor returns and
+        of the tokens the sampler draws. Read before the step's update (which appends the
+        sampled tokens, after which no row catches up)."""
+        return [row for row in range(self.num_rows) if self.catches_up(row)]
+    # --8<-- [end:sampling_rows]
 
     def is_decode(self, row: int) -> bool:
         """A decode row computes one token past the prompt; an idle stage-01 row counts too

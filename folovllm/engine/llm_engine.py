@@ -34,6 +34,7 @@ from folovllm.kv_cache_interface import KVCacheSpec
 from folovllm.model_executor.model_loader import load_hf_config, resolve_model_path
 from folovllm.outputs import RequestOutput
 from folovllm.sampling_params import SEED_LIMIT, SamplingParams
+from folovllm.worker.input_batch import InputBatch
 from folovllm.worker.model_runner import ModelRunner
 from folovllm.worker.sampler import Sampler
 
@@ -51,12 +52,11 @@ class LLMEngine:
         self.eos_token_ids = _eos_token_ids(self.hf_config, self.tokenizer, path, self.vocab_size)
 
         # The model lives behind the executor: in this process, or split over one worker
-        # process per tensor-parallel rank (stage 08). The sampler stays here either way.
+        # process per tensor-parallel rank (stage 08). It returns logits; the engine samples.
         generator = torch.Generator(self.config.device).manual_seed(self.config.seed)
+        self.sampler = Sampler(self.eos_token_ids, generator)
         executor_cls = get_executor_cls(self.config)
-        self.model_executor = executor_cls(
-            self.config, path, self.hf_config, Sampler(self.eos_token_ids, generator)
-        )
+        self.model_executor = executor_cls(self.config, path, self.hf_config)
         # The stage flags pick the engine's parts here, once (the executor above and, in its
         # `Worker`, the attention backend; the KV cache manager in `_initialize_kv_cache`; the
         # scheduler below).
@@ -233,7 +233,8 @@ class LLMEngine:
 
     # --8<-- [start:execute_model_guard]
     def _execute_model(self, output: SchedulerOutput) -> tuple[dict[str, int], list[Request]]:
-        """Run the model on one step -> (sampled token by request id, requests that failed).
+        """Run the model on one step and sample -> (sampled token by request id, requests that
+        failed).
 
         Defence in depth: `validate_request` lets no request through that can make a step
         raise. If one still does, the rows are run again one at a time; a row that raises on
@@ -243,7 +244,7 @@ class LLMEngine:
         the caller can abort cleanly.) A `WorkerDiedError` is not one request's fault: a
         tensor-parallel worker died or failed, and no step can run any more (stage 08)."""
         try:
-            return self.model_executor.execute_model(output), []
+            return self._execute_and_sample(output), []
         except WorkerDiedError:
             raise
         except Exception:
@@ -253,7 +254,7 @@ class LLMEngine:
         failed: list[Request] = []
         for row, request in enumerate(output.requests):
             try:
-                sampled.update(self.model_executor.execute_model(output.row(row)))
+                sampled.update(self._execute_and_sample(output.row(row)))
             except WorkerDiedError:
                 raise
             except Exception as error:
@@ -264,6 +265,37 @@ class LLMEngine:
                 failed.append(request)
         return sampled, failed
     # --8<-- [end:execute_model_guard]
+
+    # --8<-- [start:execute_and_sample]
+    def _execute_and_sample(self, output: SchedulerOutput) -> dict[str, int]:
+        """The executor runs the model wherever it lives and returns the logits of the rows
+        that sample; the engine samples them with its one sampler, where the requests and their
+        seeded generators are. -> {request id: token} of the rows that caught up."""
+        logits = self.model_executor.execute_model(self.make_input_batch(output))  # [S, vocab] or None
+        requests = [output.requests[row] for row in output.sampling_rows]
+        if not requests:
+            return {}
+        tokens = self.sampler(logits, requests)
+        return {r.request_id: t for r, t in zip(requests, tokens)}
+    # --8<-- [end:execute_and_sample]
+
+    # --8<-- [start:make_input_batch]
+    @staticmethod
+    def make_input_batch(output: SchedulerOutput) -> InputBatch:
+        """What the workers need of a step, in plain lists: the tokens each row feeds the model
+        (a decode row: one), where they start, the block tables, the rows that sample."""
+        starts = output.num_computed_tokens
+        query_lens = [output.query_len(i) for i in range(output.num_rows)]
+        return InputBatch(
+            req_ids=[r.request_id for r in output.requests],
+            token_ids=[r.all_token_ids[start : start + n]
+                       for r, start, n in zip(output.requests, starts, query_lens)],
+            num_computed_tokens=list(starts),
+            query_lens=query_lens,
+            block_tables=output.block_tables,
+            sampling_rows=output.sampling_rows,
+        )
+    # --8<-- [end:make_input_batch]
 
     def _mark_scheduled(self, output: SchedulerOutput) -> None:
         now = time.perf_counter()

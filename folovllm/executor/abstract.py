@@ -4,7 +4,8 @@
                                     hold the same number of heads)
     determine_available_memory()    the KV budget per rank: the smallest any rank can give
     initialize_kv_cache()           every rank allocates the same block count, its own heads
-    execute_model(scheduler_output) the sampled token of every row that caught up, by request id
+    execute_model(batch)            run one step: rank 0's logits of the rows that sample (the
+                                    engine samples them)
     collective_rpc(method, *args)   call `Worker.method(*args)` on every rank; one result each
     shutdown()
 
@@ -18,10 +19,11 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from folovllm.config import EngineConfig
-from folovllm.core.scheduler_output import SchedulerOutput
 from folovllm.kv_cache_interface import KVCacheConfig, KVCacheSpec
-from folovllm.worker.sampler import Sampler
+from folovllm.worker.input_batch import InputBatch
 
 
 class WorkerDiedError(RuntimeError):
@@ -30,20 +32,23 @@ class WorkerDiedError(RuntimeError):
 
 
 class Executor(ABC):
-    def __init__(self, config: EngineConfig, model_path: Path, hf_config: Any, sampler: Sampler) -> None:
+    def __init__(self, config: EngineConfig, model_path: Path, hf_config: Any) -> None:
         self.config = config
         self.model_path = model_path
         self.hf_config = hf_config
-        self.sampler = sampler
 
     @abstractmethod
     def collective_rpc(self, method: str, *args: Any) -> list[Any]:
         """`Worker.method(*args)` on every rank, results in rank order."""
 
-    @abstractmethod
-    def execute_model(self, scheduler_output: SchedulerOutput) -> dict[str, int]:
-        """Run one step on every rank and sample; -> {request id: token} of the rows that caught
-        up."""
+    # --8<-- [start:executor_execute_model]
+    def execute_model(self, batch: InputBatch) -> Optional[torch.Tensor]:
+        """Run one step on every rank -> float32 logits [S, vocab] of the S rows that sample
+        (`batch.sampling_rows`), on the engine's device; None when no row samples. Only rank 0
+        has them: the LM head gathers the vocabulary there."""
+        logits = self.collective_rpc("execute_model", batch)[0]  # rank 0's
+        return None if logits is None else logits.to(self.config.device)
+    # --8<-- [end:executor_execute_model]
 
     def kv_cache_spec(self) -> KVCacheSpec:
         return self.collective_rpc("kv_cache_spec")[0]
@@ -67,8 +72,3 @@ def get_executor_cls(config: EngineConfig) -> type[Executor]:
     from folovllm.executor.multiproc_executor import MultiprocExecutor
 
     return MultiprocExecutor
-
-
-def get_sampling_requests(output: SchedulerOutput) -> list:
-    """The requests of the rows that sample, in row order (the order of the logits)."""
-    return [r for row, r in enumerate(output.requests) if output.catches_up(row)]

@@ -3,17 +3,18 @@
 
     engine process (driver)                       worker processes
     scheduler, KV block manager, sampler          rank 0            rank 1
-        |  SchedulerOutput (pickled) ----pipe---> | model shard 0 | | model shard 1 |
-        |                            ----pipe---> |   all-reduce <=gloo/nccl=> ...  |
+        |  InputBatch (pickled) -------pipe-----> | model shard 0 | | model shard 1 |
+        |                          ----pipe-----> |   all-reduce <=gloo/nccl=> ...  |
         |  <---- logits of rows that sample ----- | (rank 0 only)                   |
         v  sample, update requests
 
-Each step the driver sends the same `SchedulerOutput` to every rank (a broadcast over one pipe
-per rank), the ranks run the forward pass together, meeting in `parallel_state`'s collectives,
-and rank 0 sends back the logits of the rows that sample. The driver samples: the requests and
-their seeded generators live in its process, so sampling is exactly stage 01-07's (vLLM samples
-in the rank-0 worker instead, which saves sending [rows, vocab] logits, and keeps per-request
-state on the worker side to do it).
+Each step the driver sends the same `InputBatch` to every rank (a broadcast over one pipe per
+rank): plain lists, a few bytes per decode row plus its block table, never a `Request`. The
+ranks run the forward pass together, meeting in `parallel_state`'s collectives, and rank 0
+sends back the logits of the rows that sample. The engine samples them (`Executor.execute_model`
+is the same call at every TP size): the requests and their seeded generators live in its
+process, so sampling is exactly stage 01-07's. vLLM samples in the rank-0 worker instead, which
+saves sending [rows, vocab] logits, and keeps per-request state on the worker side to do it.
 
 Faults: the driver never blocks on a pipe without watching the processes. A rank that dies, or
 raises, or stays silent past `step_timeout_s`, makes the call raise `RuntimeError` naming the
@@ -26,7 +27,6 @@ Multi-node is `torchrun`'s job, not this class's: see docs/stages/08-tensor-para
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import signal
@@ -42,28 +42,16 @@ import torch
 import torch.multiprocessing as mp
 
 from folovllm.config import EngineConfig, verify_tensor_parallel
-from folovllm.core.scheduler_output import SchedulerOutput
 from folovllm.distributed import parallel_state
-from folovllm.executor.abstract import Executor, WorkerDiedError, get_sampling_requests
-from folovllm.worker.sampler import Sampler
+from folovllm.executor.abstract import Executor, WorkerDiedError
 
 
 # -- messages ---------------------------------------------------------------------------------
 
 
-class _Pickler(pickle.Pickler):
-    def reducer_override(self, obj: Any) -> Any:
-        # A request's seeded torch.Generator stays in the driver, which samples; workers only
-        # need token ids and counts.
-        if isinstance(obj, torch.Generator):
-            return type(None), ()
-        return NotImplemented
-
-
 def dumps(obj: Any) -> bytes:
-    buffer = io.BytesIO()
-    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
-    return buffer.getvalue()
+    """A message down a pipe (a call or a reply), as bytes."""
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 # -- the worker process -----------------------------------------------------------------------
@@ -109,7 +97,10 @@ def worker_main(
                 break
             method, args = message
             try:
-                reply = ("ok", getattr(worker, method)(*args))
+                value = getattr(worker, method)(*args)
+                if isinstance(value, torch.Tensor):  # rank 0's logits cross the pipe from the CPU
+                    value = value.cpu()
+                reply = ("ok", value)
             except Exception:
                 reply = ("error", traceback.format_exc())
             conn.send_bytes(dumps(reply))
@@ -125,8 +116,8 @@ class MultiprocExecutor(Executor):
     step_timeout_s = 600.0  # a step that takes longer is a hang, not work
     poll_interval_s = 0.05
 
-    def __init__(self, config: EngineConfig, model_path: Path, hf_config: Any, sampler: Sampler) -> None:
-        super().__init__(config, model_path, hf_config, sampler)
+    def __init__(self, config: EngineConfig, model_path: Path, hf_config: Any) -> None:
+        super().__init__(config, model_path, hf_config)
         self.world_size = config.tensor_parallel_size
         verify_tensor_parallel(hf_config, self.world_size)
         self._failure: Optional[str] = None
@@ -167,16 +158,6 @@ class MultiprocExecutor(Executor):
                 self._fail(self._death_report() or f"cannot reach tensor-parallel worker rank {rank}")
         return self._gather(method, self.step_timeout_s)
     # --8<-- [end:collective_rpc]
-
-    # --8<-- [start:multiproc_execute_model]
-    def execute_model(self, scheduler_output: SchedulerOutput) -> dict[str, int]:
-        logits = self.collective_rpc("compute_logits", scheduler_output)[0]  # rank 0's
-        if logits is None:  # no row caught up this step
-            return {}
-        requests = get_sampling_requests(scheduler_output)
-        tokens = self.sampler(logits.to(self.config.device), requests)
-        return {r.request_id: t for r, t in zip(requests, tokens)}
-    # --8<-- [end:multiproc_execute_model]
 
     def shutdown(self) -> None:
         self._finalizer()

@@ -1,7 +1,7 @@
 """`UniProcExecutor`: the model in the engine's own process (tensor_parallel_size = 1).
 
-It does nothing special: one `Worker`, called directly, which samples with the engine's sampler.
-This is the path every stage before 08 runs, unchanged.
+It does nothing special: one `Worker`, called directly; its logits stay on the device for the
+engine's sampler. This is the path every stage before 08 runs.
 """
 
 from __future__ import annotations
@@ -10,17 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from folovllm.config import EngineConfig
-from folovllm.core.scheduler_output import SchedulerOutput
 from folovllm.executor.abstract import Executor
 from folovllm.worker.model_runner import ModelRunner
-from folovllm.worker.sampler import Sampler
 from folovllm.worker.worker import Worker
 
 
 class UniProcExecutor(Executor):
-    def __init__(self, config: EngineConfig, model_path: Path, hf_config: Any, sampler: Sampler) -> None:
-        super().__init__(config, model_path, hf_config, sampler)
-        self.worker = Worker(config, model_path, sampler)
+    def __init__(self, config: EngineConfig, model_path: Path, hf_config: Any) -> None:
+        super().__init__(config, model_path, hf_config)
+        self.worker = Worker(config, model_path)
 
     @property
     def model_runner(self) -> ModelRunner:
@@ -28,6 +26,3 @@ class UniProcExecutor(Executor):
 
     def collective_rpc(self, method: str, *args: Any) -> list[Any]:
         return [getattr(self.worker, method)(*args)]
-
-    def execute_model(self, scheduler_output: SchedulerOutput) -> dict[str, int]:
-        return self.worker.execute_model(scheduler_output)

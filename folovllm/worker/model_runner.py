@@ -1,4 +1,5 @@
-"""`ModelRunner`: turn one `SchedulerOutput` into model inputs, run the model, sample.
+"""`ModelRunner`: turn one step's `InputBatch` into model inputs, run the model, return the
+logits of the rows that sample.
 
 For every row it lays out the row's new tokens, their positions and the cache slots their K/V go
 to, then packs all rows into one flat batch of T tokens::
@@ -10,12 +11,13 @@ to, then packs all rows into one flat batch of T tokens::
     query_start_loc [0, 3, 4]   seq_lens [3, 9]
     logits rows   [2, 3]        (the last new token of each row that caught up)
 
-Only rows that catch up (`SchedulerOutput.catches_up`) go through the LM head and the sampler:
-a row that computes part of a prompt has no next token yet and draws no random numbers.
+Only the rows that sample (`InputBatch.sampling_rows`, which is `SchedulerOutput.sampling_rows`)
+go through the LM head; the engine samples their logits. A row that computes part of a prompt
+has no next token yet and draws no random numbers.
 
-A row with `query_lens` longer than its new tokens (stage 01 pads every prompt to the longest
-of its batch) is filled with dummy tokens at the following positions: the model computes them
-and nobody reads them.
+A row with `query_lens` longer than its tokens (stage 01 pads every prompt to the longest of its
+batch) is filled with dummy tokens at the following positions: the model computes them and
+nobody reads them.
 """
 
 from __future__ import annotations
@@ -25,23 +27,19 @@ from typing import Optional
 import torch
 from torch import nn
 
-from folovllm.core.scheduler_output import SchedulerOutput
 from folovllm.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from folovllm.model_executor.layers.attention import (
     Attention, AttentionBackend, AttentionMetadata, NaiveAttentionBackend)
 from folovllm.config import EngineConfig
-from folovllm.core.request import Request
+from folovllm.worker.input_batch import InputBatch
 from folovllm.worker.kv_cache import KVCache, cpu_default_kv_cache_memory
-from folovllm.worker.sampler import Sampler
 
 PAD_TOKEN_ID = 0  # any valid id: padded tokens are computed and thrown away
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, sampler: Optional[Sampler], device: str,
-                 attn_backend: AttentionBackend | None = None) -> None:
+    def __init__(self, model: nn.Module, device: str, attn_backend: AttentionBackend | None = None) -> None:
         self.model = model
-        self.sampler = sampler
         self.device = device
         self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
         self.attn_backend = attn_backend or NaiveAttentionBackend()
@@ -61,25 +59,17 @@ class ModelRunner:
 
     # --8<-- [start:execute_model]
     @torch.inference_mode()
-    def execute_model(self, output: SchedulerOutput) -> dict[str, int]:
-        """Run one step; returns the sampled token of every row that caught up, by request id."""
-        logits, sampling_requests = self.compute_logits(output)
-        if not sampling_requests:
-            return {}
-        tokens = self.sampler(logits, sampling_requests)
-        return {r.request_id: t for r, t in zip(sampling_requests, tokens)}
-
-    @torch.inference_mode()
-    def compute_logits(self, output: SchedulerOutput) -> tuple[Optional[torch.Tensor], list[Request]]:
-        """Run the model; -> logits [rows that sample, vocab] (None on tensor-parallel ranks
-        other than 0, or when no row samples) and the requests of those rows."""
+    def execute_model(self, batch: InputBatch) -> Optional[torch.Tensor]:
+        """Run the model on one step -> float32 logits [S, vocab] of the S rows that sample, in
+        `batch.sampling_rows` order; None when no row samples, and on tensor-parallel ranks
+        other than 0 (the LM head gathers the vocabulary on rank 0)."""
         assert self.kv_cache is not None, "initialize_kv_cache() first"
-        input_ids, positions, logits_indices, sampling_requests = self.prepare_inputs(output)
-        md = self.build_metadata(output, positions, self.kv_cache.block_size)
+        input_ids, positions, logits_indices = self.prepare_inputs(batch)
+        md = self.build_metadata(batch, positions, self.kv_cache.block_size)
         hidden = self.model(input_ids, positions, md)  # [T, hidden]
-        if not sampling_requests:
-            return None, []
-        return self.model.compute_logits(hidden[logits_indices]), sampling_requests
+        if not batch.sampling_rows:  # the same on every rank: all skip the LM head's gather
+            return None
+        return self.model.compute_logits(hidden[logits_indices])  # [S, vocab]
     # --8<-- [end:execute_model]
 
     # --8<-- [start:determine_available_memory]
@@ -128,28 +118,24 @@ class ModelRunner:
         return torch.cuda.max_memory_allocated()
 
     # --8<-- [start:prepare_inputs]
-    def prepare_inputs(
-        self, output: SchedulerOutput
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Request]]:
-        """-> input_ids [T], positions [T], logits_indices [S], the S requests that sample."""
+    def prepare_inputs(self, batch: InputBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> input_ids [T], positions [T], logits_indices [S]: where the last token of each row
+        that samples sits in the flat batch (a row that samples ends at its request's last
+        token; stage 01's padding comes after it)."""
         input_ids: list[int] = []
         positions: list[int] = []
-        logits_indices: list[int] = []
-        sampling_requests: list[Request] = []
-        for row, request in enumerate(output.requests):
-            start, query_len = output.num_computed_tokens[row], output.query_len(row)
-            tokens = request.all_token_ids[start : start + query_len]
-            if output.catches_up(row):
-                logits_indices.append(len(input_ids) + output.num_new_tokens[row] - 1)
-                sampling_requests.append(request)
+        last_token: list[int] = []  # flat index of each row's last real token
+        for tokens, start, query_len in zip(batch.token_ids, batch.num_computed_tokens, batch.query_lens):
+            last_token.append(len(input_ids) + len(tokens) - 1)
             input_ids += tokens + [PAD_TOKEN_ID] * (query_len - len(tokens))
             positions += range(start, start + query_len)
+        logits_indices = [last_token[row] for row in batch.sampling_rows]
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
-        return as_tensor(input_ids), as_tensor(positions), as_tensor(logits_indices), sampling_requests
+        return as_tensor(input_ids), as_tensor(positions), as_tensor(logits_indices)
     # --8<-- [end:prepare_inputs]
 
     def build_metadata(
-        self, output: SchedulerOutput, positions: torch.Tensor, block_size: int
+        self, output: InputBatch, positions: torch.Tensor, block_size: int
     ) -> AttentionMetadata:
         """The step's attention metadata, once for every layer: the common part from the rows'
         host lists, then what the backend derives from it (`AttentionBackend.build_metadata`)."""

@@ -9,6 +9,9 @@ Each row of the batch carries its own `SamplingParams`, so every transform takes
       -> greedy rows: argmax                                   (temperature == 0)
       -> other rows: / temperature -> top_k -> top_p -> min_p -> softmax -> sample
 
+The engine owns the one sampler (`LLMEngine.sampler`) and feeds it the logits the executor
+returns, at any tensor-parallel size: the requests and their generators live in its process.
+
 Sampling uses the "exponential race": argmax(p / e) with e ~ Exp(1) i.i.d. picks token i with
 probability p_i. Its noise comes from the request's own `torch.Generator` when it has a seed, so a
 seeded request samples the same tokens whatever else shares its batch.

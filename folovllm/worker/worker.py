@@ -19,7 +19,6 @@ from typing import Optional
 import torch
 
 from folovllm.config import EngineConfig
-from folovllm.core.scheduler_output import SchedulerOutput
 from folovllm.distributed import parallel_state
 from folovllm.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from folovllm.model_executor.attention_backends import get_attn_backend
@@ -27,16 +26,14 @@ from folovllm.model_executor.custom_op import set_custom_ops
 from folovllm.model_executor.layers.cpu_gemm import weight_packing
 from folovllm.model_executor.model_loader import load_model
 from folovllm.platforms import cpu as cpu_platform
+from folovllm.worker.input_batch import InputBatch
 from folovllm.worker.model_runner import ModelRunner
-from folovllm.worker.sampler import Sampler
 
 logger = logging.getLogger(__name__)
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, model_path: Path, sampler: Optional[Sampler] = None) -> None:
-        """`sampler`: the in-process worker samples; tensor-parallel workers leave it to the
-        driver (see `compute_logits`)."""
+    def __init__(self, config: EngineConfig, model_path: Path) -> None:
         self.config = config
         # custom_ops="all" (the CPU fast path) also stores the plain linear weights in oneDNN's
         # layout, as each layer finishes loading (layers/cpu_gemm.py)
@@ -47,9 +44,7 @@ class Worker:
         if torch.device(config.device).type == "cpu" and parallel_state.get_tensor_model_parallel_rank() == 0:
             cpu_platform.check_isa_override()
             logger.info("%s; custom_ops=%s", cpu_platform.describe(), config.custom_ops)
-        self.model_runner = ModelRunner(
-            self.model, sampler, config.device, get_attn_backend(config.attention_backend)
-        )
+        self.model_runner = ModelRunner(self.model, config.device, get_attn_backend(config.attention_backend))
 
     def kv_cache_spec(self) -> KVCacheSpec:
         """One token's K/V on this rank: this rank's kv heads only."""
@@ -68,15 +63,10 @@ class Worker:
     def initialize_kv_cache(self, spec: KVCacheSpec, kv_cache_config: KVCacheConfig) -> None:
         self.model_runner.initialize_kv_cache(spec, kv_cache_config)
 
-    def execute_model(self, output: SchedulerOutput) -> dict[str, int]:
-        """Run the step and sample (the in-process path)."""
-        return self.model_runner.execute_model(output)
-
-    def compute_logits(self, output: SchedulerOutput) -> Optional[torch.Tensor]:
+    def execute_model(self, batch: InputBatch) -> Optional[torch.Tensor]:
         """Run the step on this rank's shard; rank 0 returns the logits of the rows that sample
-        (on the CPU, to cross the process boundary), the other ranks None."""
-        logits, _ = self.model_runner.compute_logits(output)
-        return None if logits is None else logits.cpu()
+        (the engine samples them), the other ranks None."""
+        return self.model_runner.execute_model(batch)
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """This rank's parameter shapes, by name (what the docs' shard table says)."""

@@ -204,15 +204,15 @@ def test_a_request_whose_step_failed_leaves_nothing_cached(tiny_qwen3, hf_qwen3,
     stay findable: the same prompt later misses and gets HF's tokens."""
     bad = shared_prefix_prompts(512, 50, [0], seed=8)[0]  # 3 full blocks
     llm = llm6(tiny_qwen3)
-    engine, runner = llm.llm_engine, llm.llm_engine.model_runner
-    real_execute = runner.execute_model
+    engine = llm.llm_engine
+    real_execute = engine.model_executor.execute_model
 
-    def failing_execute(output):
-        if any(r.prompt_token_ids == bad for r in output.requests):
+    def failing_execute(batch):
+        if "bad" in batch.req_ids:
             raise RuntimeError("injected fault before any K/V is written")
-        return real_execute(output)
+        return real_execute(batch)
 
-    monkeypatch.setattr(runner, "execute_model", failing_execute)
+    monkeypatch.setattr(engine.model_executor, "execute_model", failing_execute)
     params = SamplingParams(temperature=0, max_tokens=5)
     engine.add_request("bad", bad, params)
     finished = {}

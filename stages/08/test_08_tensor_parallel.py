@@ -14,8 +14,10 @@ one TP=2 engine per architecture is shared by the tests of this module, and stop
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
+import pickle
 import shutil
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +30,8 @@ import torch.nn.functional as F
 from folovllm import LLM, SamplingParams
 from folovllm.config import EngineConfig, verify_tensor_parallel
 from folovllm.distributed import parallel_state
-from folovllm.executor.multiproc_executor import MultiprocExecutor, WorkerDiedError
+from folovllm.core.scheduler_output import SchedulerOutput
+from folovllm.executor.multiproc_executor import MultiprocExecutor, WorkerDiedError, dumps
 from folovllm.model_executor.layers import linear, vocab_parallel_embedding
 from folovllm.model_executor.layers.linear import (
     ColumnParallelLinear,
@@ -166,6 +169,87 @@ def test_same_kv_memory_per_rank_holds_twice_the_tokens(tiny_qwen3, tp_llm):
     assert tp2.kv_cache_capacity_tokens == 2 * tp1.kv_cache_capacity_tokens
     spec = _executor(tp_llm("qwen3")).kv_cache_spec()
     assert spec.num_kv_heads == tp1.hf_config.num_key_value_heads // TP
+
+
+# -- the message each rank receives per step -----------------------------------------------------
+
+
+class _ClassRecorder(pickle.Unpickler):
+    """Unpickles, noting every class the message names (a `Request` would be one)."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data))
+        self.classes: set[str] = set()
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        self.classes.add(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def _decode_step_message(tiny_qwen3, prompt_len: int, num_rows: int = 8) -> tuple[bytes, bytes, list[int]]:
+    """For the first step in which `num_rows` requests with `prompt_len`-token prompts all
+    decode: (the bytes `collective_rpc` pipes to every rank, the bytes it piped before the
+    workers got an `InputBatch`, the token each row computes). The message is built by the
+    engine and is the same at every TP size, so a TP=1 engine (whose `collective_rpc` is a direct
+    call) shows what MultiprocExecutor sends, without starting worker processes."""
+    args = dict(ENGINE_ARGS, max_num_seqs=num_rows, kv_cache_memory=4 * KV_CACHE_MEMORY)
+    engine = LLM(str(tiny_qwen3), **args).llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    for i in range(num_rows):
+        engine.add_request(f"r{i}", [3 + (7 * j + i) % 500 for j in range(prompt_len)], params)
+    steps: list[list] = []  # [message, old message, all rows decode, token of each row]
+    real_execute, real_rpc = engine._execute_model, engine.model_executor.collective_rpc
+
+    def execute(output: SchedulerOutput) -> tuple:
+        decode = output.num_rows == num_rows and all(output.is_decode(i) for i in range(num_rows))
+        steps.append([None, _old_message(output), decode, [r.all_token_ids[-1] for r in output.requests]])
+        return real_execute(output)
+
+    def rpc(method: str, *args: object) -> list:
+        if method == "execute_model":
+            steps[-1][0] = dumps((method, args))
+        return real_rpc(method, *args)
+
+    engine._execute_model, engine.model_executor.collective_rpc = execute, rpc
+    while not (steps and steps[-1][2]):
+        engine.step()
+    message, old, _, tokens = steps[-1]
+    return message, old, tokens
+
+
+def test_step_message_is_a_compact_batch_that_does_not_grow_with_context(tiny_qwen3):
+    """What each rank receives per step is an `InputBatch` of plain lists: no `Request` (whose
+    token lists, block hashes, metrics and text grow with the context), and a decode row's share
+    of it grows only with its block table. Run with -s to see the bytes, and the bytes of the
+    `SchedulerOutput` that was sent before (docs/stages/08-tensor-parallel.md quotes both)."""
+    sizes = {}
+    for prompt_len in (20, 200):
+        message, old, tokens = _decode_step_message(tiny_qwen3, prompt_len)
+        unpickler = _ClassRecorder(message)
+        method, (batch,) = unpickler.load()
+        assert method == "execute_model" and unpickler.classes == {"folovllm.worker.input_batch.InputBatch"}
+        assert batch.token_ids == [[t] for t in tokens]  # one token a row, not the context
+        assert batch.sampling_rows == list(range(8))
+        sizes[prompt_len] = (len(message), len(dumps(batch.block_tables)), len(old))
+    (short, short_tables, short_old), (long, long_tables, long_old) = sizes[20], sizes[200]
+    assert long_tables > short_tables  # the context grew: 2 -> 13 blocks a row
+    # Beside the block tables, 1 byte a row at most: an int past 255 pickles in 2 bytes.
+    assert long - long_tables <= short - short_tables + 8
+    print(f"\nstep message, 8 decode rows: {short} B (20-token prompts), {long} B (200-token prompts); "
+          f"the SchedulerOutput sent before: {short_old} B, {long_old} B")
+
+
+def _old_message(output: SchedulerOutput) -> bytes:
+    """What collective_rpc sent before the workers got an `InputBatch`: the whole
+    `SchedulerOutput`, its requests' seeded generators left out."""
+
+    class Pickler(pickle.Pickler):
+        def reducer_override(self, obj: object) -> object:
+            return (type(None), ()) if isinstance(obj, torch.Generator) else NotImplemented
+
+    buffer = io.BytesIO()
+    Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(("compute_logits", (output,)))
+    return buffer.getvalue()
 
 
 # -- faults -------------------------------------------------------------------------------------
