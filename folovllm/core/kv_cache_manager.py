@@ -28,7 +28,7 @@ from folovllm.core.block_hash import sha256_hash
 from folovllm.core.block_pool import BlockPool, KVCacheBlock
 from folovllm.core.kv_cache_manager_base import KVCacheManagerBase
 from folovllm.core.prefix_cache import NullPrefixCache, PrefixCache, PrefixCacheStats
-from folovllm.core.request import Request, RequestStatus
+from folovllm.core.request import Request
 from folovllm.kv_cache_interface import KVCacheConfig, KVCacheSpec
 
 if TYPE_CHECKING:
@@ -133,14 +133,14 @@ class KVCacheManager(KVCacheManagerBase):
     # --8<-- [end:allocate_slots]
 
     # --8<-- [start:free]
-    def free(self, request: Request) -> None:
+    def free(self, request: Request, keep_cached: bool = True) -> None:
         """Give back every block of the request, last block first: the free queue is the
         eviction order (least recently freed first), so the tail of a sequence is evicted
         before its head, which other requests are likelier to share."""
         blocks = self.req_to_blocks.pop(request.request_id, [])
-        if request.status == RequestStatus.FINISHED_ERROR:
-            # Its step raised (the engine's fault guard): blocks cached for it when they were
-            # scheduled may never have been written. A miss is cheap, wrong K/V is not.
+        if not keep_cached:
+            # Blocks cached for it when they were scheduled may never have been written (its
+            # step raised). A miss is cheap, wrong K/V is not.
             self.block_pool.uncache_blocks(blocks)
         self.block_pool.free_blocks(reversed(blocks))
         self.prefix_cache.free(request)

@@ -62,8 +62,10 @@ class KVCacheManagerBase(ABC):
         not fit."""
 
     @abstractmethod
-    def free(self, request: Request) -> None:
-        """Give back everything `request` holds."""
+    def free(self, request: Request, keep_cached: bool = True) -> None:
+        """Give back everything `request` holds. `keep_cached=False`: what its blocks hold is
+        not to be trusted (its step raised), so none of them stays findable by a prefix-cache
+        lookup (stage 06)."""
 
     @abstractmethod
     def get_block_table(self, request: Request) -> list[int]:

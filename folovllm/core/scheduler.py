@@ -149,17 +149,20 @@ class Scheduler(SchedulerBase):
         return super().max_prompt_len
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
-        """Finish requests wherever they are (abort); their KV is freed now."""
+        """Finish requests wherever they are (an abort, or the engine's fault guard with
+        FINISHED_ERROR); their KV is freed now, and a failed request's blocks leave the prefix
+        cache: its step raised, so they may never have been written."""
         ids = set(request_ids)
+        keep_cached = status != RequestStatus.FINISHED_ERROR
         for request in [r for r in self.waiting if r.request_id in ids]:
             self.waiting.remove(request)
             # A waiting request holds no KV, unless schedule_waiting was interrupted (Ctrl-C)
             # between allocating its blocks and moving it to `running`: free is a no-op otherwise.
-            self.kv_cache_manager.free(request)
+            self.kv_cache_manager.free(request, keep_cached)
             request.status = status
         for request in [r for r in self.running if r.request_id in ids]:
             self.running.remove(request)
-            self.kv_cache_manager.free(request)
+            self.kv_cache_manager.free(request, keep_cached)
             if not request.is_finished:
                 request.status = status
 

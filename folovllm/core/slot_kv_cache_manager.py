@@ -61,8 +61,8 @@ class SlotKVCacheManager(KVCacheManagerBase):
         self.slot_of[request.request_id] = self.free_slots.pop()
         return True
 
-    def free(self, request: Request) -> None:
-        slot = self.slot_of.pop(request.request_id, None)
+    def free(self, request: Request, keep_cached: bool = True) -> None:
+        slot = self.slot_of.pop(request.request_id, None)  # no prefix cache: keep_cached is moot
         if slot is not None:  # nothing to give back for a request that never got a slot
             self.free_slots.append(slot)
 

@@ -238,8 +238,8 @@ class LLMEngine:
 
         Defence in depth: `validate_request` lets no request through that can make a step
         raise. If one still does, the rows are run again one at a time; a row that raises on
-        its own finishes with finish_reason "error" (its KV is freed at the end of the step,
-        as for any finished request), the other rows keep the token they sampled, and the
+        its own finishes with finish_reason "error" (`finish_requests` frees its KV at once and
+        takes its blocks out of the prefix cache), the other rows keep the token they sampled, and the
         engine goes on serving. (KeyboardInterrupt is not caught: nothing has advanced yet, so
         the caller can abort cleanly.) A `WorkerDiedError` is not one request's fault: a
         tensor-parallel worker died or failed, and no step can run any more (stage 08)."""
@@ -260,7 +260,7 @@ class LLMEngine:
             except Exception as error:
                 logger.error("request %r failed; it finishes with finish_reason 'error'",
                              request.request_id, exc_info=True)
-                request.status = RequestStatus.FINISHED_ERROR
+                self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_ERROR)
                 request.error = f"{type(error).__name__}: {error}"
                 failed.append(request)
         return sampled, failed
