@@ -9,8 +9,9 @@ worker thread; requests join and leave between steps::
 
     event loop thread (asyncio)                                    engine thread (1 worker)
     ─────────────────────────────────────────────────────────      ────────────────────────
-    client A ── add_request() ──┐ takes the lock, so never
-    client B ── add_request() ──┤ while a step runs
+    client A ── add_request() ── tokenize, check ──► input threads (a few workers)
+    client B ── add_request() ──┐ ◄── ProcessedPrompt ─┘
+                                │ takes the lock, so never while a step runs
                                 ▼
     engine loop:  lock ── apply aborts ── run step ───────────────►  LLMEngine.step():
                                               ◄── [RequestOutput] ──  schedule, run, update
@@ -28,6 +29,11 @@ Why this shape:
   fair (FIFO): requests that arrived during a step are added before the next one starts.
 - Aborts never wait for the lock: a disconnecting client is being cancelled and must not block,
   so `abort()` only records the id and wakes the loop, which applies it before its next step.
+- What a client can make long never runs on the event loop or under the lock: tokenizing
+  the prompt (and building its stop-string matcher, the chat template for the server) runs
+  in the input threads first (`run_off_loop`), and the engine takes the checked prompt as it is
+  (`LLMEngine.validate_request` returns a `ProcessedPrompt`), so the locked part is cheap.
+  (Tokenized on the loop under the lock, a 10 MB prompt froze every client for 26 s.)
 - A thread, not a process: the GIL is released inside torch ops, so the loop keeps serving
   HTTP while the model runs. The Python parts of a step (scheduling, detokenizing) still compete
   with the loop for the GIL; vLLM v1 moves the engine core into its own process (talking over
@@ -43,16 +49,27 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncGenerator, Callable, Optional, Union
+from typing import AsyncGenerator, Callable, Optional, TypeVar, Union
 
 from folovllm.engine.llm_engine import LLMEngine, PromptType
 from folovllm.engine.metrics import PrometheusMetrics
+from folovllm.engine.stop_strings import StopStringMatcher, get_stop_matcher
+from folovllm.inputs import ProcessedPrompt
 from folovllm.outputs import RequestOutput
 from folovllm.sampling_params import RequestOutputKind, SamplingParams
 
 
+NUM_INPUT_THREADS = 4  # tokenizing and chat templates for requests being added
+
+T = TypeVar("T")
+
+
 class EngineDeadError(RuntimeError):
     """The engine loop stopped on an error; no request can be served any more."""
+
+
+class RequestAbortedError(RuntimeError):
+    """The request was ended from the server's side (`AsyncLLM.abort_all`: shutting down)."""
 
 
 # --8<-- [start:request_stream]
@@ -131,10 +148,13 @@ class AsyncLLM:
         self._streams: dict[str, RequestStream] = {}
         self._pending_aborts: set[str] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="folovllm-engine")
+        self._input_executor = ThreadPoolExecutor(max_workers=NUM_INPUT_THREADS,
+                                                  thread_name_prefix="folovllm-input")
         self._lock: Optional[asyncio.Lock] = None
         self._wakeup: Optional[asyncio.Event] = None
         self._loop_task: Optional[asyncio.Task] = None
         self.dead_error: Optional[BaseException] = None
+        self.closed_reason: Optional[str] = None  # set by abort_all: no request is added after
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -156,6 +176,7 @@ class AsyncLLM:
                 pass
             self._loop_task = None
         self._executor.shutdown(wait=True)
+        self._input_executor.shutdown(wait=False, cancel_futures=True)
         for stream in self._streams.values():  # nobody will feed these any more
             stream.put(EngineDeadError("the server is shutting down"))
         self._streams.clear()
@@ -171,19 +192,34 @@ class AsyncLLM:
         self, request_id: str, prompt: PromptType, sampling_params: SamplingParams
     ) -> RequestStream:
         """Queue a request; its outputs arrive on the returned stream. Raises ValueError (the
-        engine's message) on bad input, adding nothing."""
+        engine's message) on bad input, adding nothing. The prompt is tokenized and checked in
+        an input thread first; only the cheap part of adding holds the lock."""
         if self.dead_error is not None:
             raise EngineDeadError(f"the engine stopped on an error: {self.dead_error!r}")
         if self._lock is None:
             self.start()
         assert self._lock is not None and self._wakeup is not None
-        arrival_time = time.perf_counter()  # before waiting for the lock: queueing counts in TTFT
+        arrival_time = time.perf_counter()  # before tokenizing and the lock: both count in TTFT
+        # `stops` keeps the matcher built off the loop alive until the engine holds it too.
+        prompt, stops = await self.run_off_loop(self._process_inputs, prompt, sampling_params)
+        if self.closed_reason is not None:
+            raise RequestAbortedError(self.closed_reason)
         async with self._lock:
             self.engine.add_request(request_id, prompt, sampling_params, arrival_time=arrival_time)
             stream = RequestStream(request_id, sampling_params.output_kind, self.abort)
             self._streams[request_id] = stream
         self._wakeup.set()
         return stream
+
+    def _process_inputs(self, prompt: PromptType, params: SamplingParams
+                        ) -> tuple[ProcessedPrompt, Optional[StopStringMatcher]]:
+        stops = get_stop_matcher(params.stop_strings) if params.stop_strings else None
+        return self.engine.validate_request(prompt, params), stops
+
+    async def run_off_loop(self, fn: Callable[..., T], *args: object) -> T:
+        """`fn(*args)` in an input thread: for work a client can make long (tokenizing, chat
+        templates), which must never stall the event loop or hold the engine lock."""
+        return await asyncio.get_running_loop().run_in_executor(self._input_executor, fn, *args)
 
     async def generate(
         self, prompt: PromptType, sampling_params: SamplingParams, request_id: str
@@ -202,6 +238,16 @@ class AsyncLLM:
             self._pending_aborts.add(request_id)
             if self._wakeup is not None:
                 self._wakeup.set()
+
+    def abort_all(self, reason: str) -> None:
+        """End every stream now, after the outputs already in it, with `RequestAbortedError`,
+        and abort its request: the server's shutdown grace is over, and each client still gets
+        a proper end (`finish_reason: "abort"` and `[DONE]`) rather than a cut connection.
+        Requests being added are refused with the same error."""
+        self.closed_reason = reason
+        for request_id, stream in self._streams.items():
+            stream.put(RequestAbortedError(reason))
+            self.abort(request_id)
 
     # -- the engine loop ----------------------------------------------------------------------
 

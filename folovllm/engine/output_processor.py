@@ -10,6 +10,9 @@ back (they could be the start of a stop string), and so is a trailing partial UT
 a client never receives characters that a later stop string would take back::
 
     stop="END", text so far "...the Ex"  -> sent "...the ", "Ex" held back (2 = len("END") - 1)
+
+Stop strings are found by one automaton per request (`stop_strings.py`) that reads each new
+character once: a step costs the same with 1 stop string or 1,000.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any, Optional, Sequence
 
 from folovllm.core.request import Request, RequestStatus
 from folovllm.engine.detokenizer import IncrementalDetokenizer
+from folovllm.engine.stop_strings import StopStringMatcher, get_stop_matcher
 from folovllm.outputs import CompletionOutput, RequestOutput
 from folovllm.sampling_params import RequestOutputKind
 
@@ -30,6 +34,7 @@ class _Parent:
     prompt: Optional[str]
     prompt_token_ids: list[int]
     children: list[Request]
+    stop_matcher: Optional[StopStringMatcher]  # shared by the children (same stop strings)
 
 
 class OutputProcessor:
@@ -41,10 +46,14 @@ class OutputProcessor:
         self.sent: dict[str, tuple[int, int]] = {}
         # child request id -> its detokenizer (the text so far and the window to extend it)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        # child request id -> (automaton node, characters read): where its stop search stands
+        self.stop_scans: dict[str, tuple[int, int]] = {}
 
     def add_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
                     children: list[Request]) -> None:
-        self.parents[request_id] = _Parent(request_id, prompt, prompt_token_ids, children)
+        stops = children[0].sampling_params.stop_strings
+        matcher = get_stop_matcher(stops) if stops else None
+        self.parents[request_id] = _Parent(request_id, prompt, prompt_token_ids, children, matcher)
         for child in children:
             self.parent_of[child.request_id] = request_id
             self.detokenizers[child.request_id] = IncrementalDetokenizer(
@@ -91,22 +100,20 @@ class OutputProcessor:
         text = detokenizer.text
         if request.is_finished:  # nothing more will come: a character cut short shows as U+FFFD
             text += detokenizer.pending_text()
+        matcher = self.parents[self.parent_of[request.request_id]].stop_matcher
         # A stop string can still end a request its last token ended for length.
-        can_stop = not request.is_finished or request.status == RequestStatus.FINISHED_LENGTH
-        if params.stop_strings and can_stop and request.num_output_tokens >= params.min_tokens:
-            # Only the new tail can hold a new match (plus an overlap of a stop's length). The
-            # previous text may end in U+FFFD placeholders of a character whose bytes were still
-            # arriving; they collapse into that character now, so they do not count::
-            #
-            #   previous "ab\ufffd" (2 of the 3 bytes of 长)   now "ab长"   stop "长" -> start 2
-            stable = len(request.output_text.rstrip("\ufffd"))
-            start = max(0, stable - max(map(len, params.stop_strings)) + 1)
-            hits = [(i, s) for s in params.stop_strings if (i := text.find(s, start)) != -1]
-            if hits:
-                index, stop = min(hits)
-                text = text[:index]
+        if matcher is not None and (not request.is_finished or request.status == RequestStatus.FINISHED_LENGTH):
+            # Only the characters not read yet: the detokenizer's text only grows (it waits
+            # while a character is incomplete), and the automaton's node carries any stop
+            # string begun earlier. Before min_tokens, matches are passed over.
+            node, read = self.stop_scans.get(request.request_id, (0, 0))
+            node, end = matcher.scan(text, read, node, report=request.num_output_tokens >= params.min_tokens)
+            self.stop_scans[request.request_id] = (node, len(text))
+            if end != -1:
+                start = end - matcher.match_len[node]
                 request.status = RequestStatus.FINISHED_STOPPED
-                request.stop_reason = stop
+                request.stop_reason = text[start:end]
+                text = text[:start]
         request.output_text = text
 
     def make_output(self, parent: _Parent) -> Optional[RequestOutput]:
@@ -122,8 +129,8 @@ class OutputProcessor:
             if not child.is_finished:
                 # An incomplete UTF-8 character decodes as U+FFFD until its last byte arrives.
                 text = text.rstrip("\ufffd")
-                if child.sampling_params.stop_strings:
-                    hold_back = max(map(len, child.sampling_params.stop_strings)) - 1
+                if parent.stop_matcher is not None:
+                    hold_back = parent.stop_matcher.max_len - 1
                     text = text[: max(0, len(text) - hold_back)]
             if kind == RequestOutputKind.DELTA:
                 sent_chars, sent_tokens = self.sent.get(child.request_id, (0, 0))
@@ -146,6 +153,7 @@ class OutputProcessor:
                 self.parent_of.pop(child.request_id, None)
                 self.sent.pop(child.request_id, None)
                 self.detokenizers.pop(child.request_id, None)
+                self.stop_scans.pop(child.request_id, None)
         return RequestOutput(
             request_id=parent.request_id,
             prompt=parent.prompt,

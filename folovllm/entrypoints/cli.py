@@ -118,11 +118,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None,
-                       help="require 'Authorization: Bearer KEY' on /v1/* (/health and /metrics stay open)")
+                       help="require 'Authorization: Bearer KEY' on every route but /health and "
+                            "/metrics (/v1/*, /trace/: a browser asks for the key as a password)")
     serve.add_argument("--served-model-name", default=None,
                        help="the name clients send as `model` (default: MODEL as given)")
     serve.add_argument("--trace", action="store_true",
                        help="also serve a live page of the engine's steps at /trace/ (docs/trace.md)")
+    # The limits on one request (ServerOptions; None: its default, given in the help).
+    serve.add_argument("--trust-request-chat-template", action="store_true",
+                       help="let requests send their own chat template (chat_template_kwargs."
+                            "chat_template): a template is code run by the server")
+    serve.add_argument("--max-request-bytes", type=_parse_bytes, default=None,
+                       help="largest request body, e.g. 2MiB (the default); larger: 413")
+    serve.add_argument("--max-prompt-chars", type=int, default=None,
+                       help="longest text prompt or chat in characters, checked before tokenizing "
+                            "(default 1000000)")
+    serve.add_argument("--max-stop-strings", type=int, default=None,
+                       help="most stop strings in one request (default 1024)")
+    serve.add_argument("--max-stop-chars", type=int, default=None,
+                       help="most characters of one request's stop strings together (default 16384)")
 
     demo = sub.add_parser("demo", help="run one workload through every stage and compare")
     _add_engine_args(demo)
@@ -302,13 +316,17 @@ def run_serve(args: argparse.Namespace) -> int:
     from folovllm.config import EngineConfig
     from folovllm.engine.llm_engine import LLMEngine
     from folovllm.entrypoints.openai.api_server import run_server
+    from folovllm.entrypoints.openai.serving_engine import ServerOptions
 
     if args.model_tag and args.model and args.model_tag != args.model:
         raise ValueError(f"two models given: {args.model_tag!r} and --model {args.model!r}")
     args.model = args.model_tag or args.model
+    limits = ("max_request_bytes", "max_prompt_chars", "max_stop_strings", "max_stop_chars")
+    options = ServerOptions(trust_request_chat_template=args.trust_request_chat_template,
+                            **{k: getattr(args, k) for k in limits if getattr(args, k) is not None})
     model = _model_or_demo(args)
     engine = LLMEngine(model, EngineConfig.for_stage(args.stage, trace=args.trace, **_engine_kwargs(args)))
-    run_server(engine, args.served_model_name or model, args.host, args.port, args.api_key)
+    run_server(engine, args.served_model_name or model, args.host, args.port, args.api_key, options)
     return 0
 
 

@@ -158,8 +158,9 @@ def serve(model: str, config: "EngineConfig", workload: "TraceWorkload", host: s
 def mount_live_page(app: "FastAPI", engine: "LLMEngine") -> None:
     """The same page inside the OpenAI server (`folovllm serve --trace`), at /trace/: the
     view keeps the engine's last `WINDOW` steps, and the snapshot is rebuilt on the engine's
-    thread after each step, while the event loop serves the latest one. Open like /metrics: it
-    shows request ids and token counts, never text."""
+    thread after each step, while the event loop serves the latest one. It shows request ids
+    and token counts, never text; with an API key it needs the key like /v1/* (the server's
+    `RequestGate`; a browser may give it as the HTTP Basic password)."""
     from fastapi.responses import HTMLResponse, Response
 
     view = LiveView.follow(engine)

@@ -7,44 +7,53 @@
     GET  /metrics                Prometheus text (engine/metrics.py)
     GET  /trace/                 with `--trace`: the live step page (trace/page.py)
 
-`/v1/*` need `Authorization: Bearer KEY` when the server has an API key; `/health` and
-`/metrics` never do (load balancers and scrapers call them), as in `vllm serve`.
+When the server has an API key, every route but `/health` and `/metrics` (load balancers and
+scrapers call them, as in `vllm serve`) needs `Authorization: Bearer KEY`; a browser may give
+the key as the password of HTTP Basic auth instead, for the `/trace/` page. The key and the
+body's size are checked by `RequestGate`, in front of every route, before the body is parsed.
 
 Errors: everything a client can send wrong is answered in OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}` — 400 for bad values, types, unknown fields
-and malformed JSON, 401 for the key, 404 for an unknown model or route — never a traceback.
-A request that fails validation never reaches the engine, so it cannot harm the others.
+and malformed JSON, 401 for the key, 404 for an unknown model or route, 413 for a body past
+`--max-request-bytes` — never a traceback. A request that fails validation never reaches the
+engine, so it cannot harm the others.
 
 Start it with `folovllm serve MODEL` (entrypoints/cli.py); `build_app` is what tests run.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import logging
 import secrets
 import signal
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Optional
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+import uvicorn
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from folovllm.engine.async_llm import AsyncLLM, EngineDeadError
+from folovllm.engine.async_llm import AsyncLLM, EngineDeadError, RequestAbortedError
 from folovllm.engine.llm_engine import LLMEngine
 from folovllm.engine.metrics import CONTENT_TYPE
 from folovllm.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, ErrorInfo,
                                                   ErrorResponse, ModelCard, ModelList)
 from folovllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from folovllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
-from folovllm.entrypoints.openai.serving_engine import APIError
+from folovllm.entrypoints.openai.serving_engine import APIError, ServerOptions
 from folovllm.trace.page import mount_live_page
 
 logger = logging.getLogger("folovllm.server")
+OPEN_PATHS = ("/health", "/metrics")  # answered without the API key
 
 
-def build_app(async_llm: AsyncLLM, model_name: str, api_key: Optional[str] = None) -> FastAPI:
+def build_app(async_llm: AsyncLLM, model_name: str, api_key: Optional[str] = None,
+              options: ServerOptions = ServerOptions()) -> FastAPI:
     """The FastAPI app; its lifespan starts the engine loop and stops it on shutdown."""
 
     @asynccontextmanager
@@ -54,19 +63,12 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: Optional[str] = Non
         await async_llm.shutdown()
 
     app = FastAPI(title="folovllm", lifespan=lifespan)
-    completion = OpenAIServingCompletion(async_llm, model_name)
-    chat = OpenAIServingChat(async_llm, model_name)
+    app.add_middleware(RequestGate, api_key=api_key, max_body_bytes=options.max_request_bytes)
+    completion = OpenAIServingCompletion(async_llm, model_name, options)
+    chat = OpenAIServingChat(async_llm, model_name, options)
     engine = async_llm.engine
 
-    async def check_api_key(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
-
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+    v1 = APIRouter(prefix="/v1")
 
     @v1.post("/completions")
     async def completions(request: CompletionRequest, raw_request: Request) -> Response:
@@ -130,6 +132,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def engine_dead(_: Request, e: EngineDeadError) -> JSONResponse:
         return _error(503, ErrorInfo(message=str(e), type="server_error"))
 
+    @app.exception_handler(RequestAbortedError)
+    async def aborted(_: Request, e: RequestAbortedError) -> JSONResponse:
+        return _error(503, ErrorInfo(message=str(e), type="server_error"))
+
     @app.exception_handler(Exception)
     async def internal_error(_: Request, e: Exception) -> JSONResponse:
         logger.exception("unhandled error")  # the traceback goes to the server log, not the client
@@ -137,21 +143,126 @@ def _add_error_handlers(app: FastAPI) -> None:
                                      type="server_error"))
 
 
-# --8<-- [start:run_server]
-def run_server(engine: LLMEngine, model_name: str, host: str = "127.0.0.1", port: int = 8000,
-               api_key: Optional[str] = None) -> None:
-    """Serve until SIGINT/SIGTERM. uvicorn then stops accepting connections, lets open requests
-    finish (up to 10 s, then cancels them: their streams abort), and runs the app's lifespan
-    exit, which stops the engine loop. The process then exits with status 0."""
-    import uvicorn
+class RequestGate:
+    """ASGI middleware in front of every route: the API key first (401), then the body, read
+    here up to `max_body_bytes` (413 past it, with or without a Content-Length) and handed on
+    whole. So a client without the key is refused before its body is parsed, and no body
+    larger than the limit is held or parsed."""
 
-    app = build_app(AsyncLLM(engine, model_name), model_name, api_key)
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
+    def __init__(self, app: ASGIApp, api_key: Optional[str], max_body_bytes: int) -> None:
+        self.app = app
+        self.api_key = None if api_key is None else api_key.encode()
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.api_key is not None and scope["path"] not in OPEN_PATHS \
+                and not self._has_key(headers.get(b"authorization", b"")):
+            # WWW-Authenticate: a browser opening /trace/ asks for the key (as the password).
+            return await _send_error(scope, send, 401, ErrorInfo(
+                message="Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                type="invalid_request_error", code="invalid_api_key"),
+                headers={"WWW-Authenticate": 'Basic realm="folovllm"'})
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return await self._too_large(scope, send)
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                return await self._too_large(scope, send)
+            more = message.get("more_body", False)
+        body_sent = False
+
+        async def replay() -> Message:
+            nonlocal body_sent
+            if body_sent:  # then the disconnect, which handlers wait for (serving_engine.py)
+                return await receive()
+            body_sent = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    def _has_key(self, authorization: bytes) -> bool:
+        """`Bearer KEY`, or HTTP Basic with KEY as the password (any user name): a browser
+        cannot send a bearer token, but asks for Basic credentials on a 401."""
+        assert self.api_key is not None
+        scheme, _, given = authorization.partition(b" ")
+        if scheme.lower() == b"basic":
+            try:
+                given = base64.b64decode(given, validate=True).partition(b":")[2]
+            except ValueError:
+                return False
+        elif scheme.lower() != b"bearer":
+            return False
+        return secrets.compare_digest(given, self.api_key)
+
+    async def _too_large(self, scope: Scope, send: Send) -> None:
+        await _send_error(scope, send, 413, ErrorInfo(
+            message=f"the request body is larger than this server's limit of {self.max_body_bytes} "
+                    "bytes (--max-request-bytes)", type="invalid_request_error", code="request_too_large"))
+
+
+async def _send_error(scope: Scope, send: Send, status_code: int, info: ErrorInfo,
+                      headers: Optional[dict[str, str]] = None) -> None:
+    response = _error(status_code, info)
+    response.headers.update(headers or {})
+    await response(scope, _nothing_to_receive, send)
+
+
+async def _nothing_to_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+# --8<-- [start:run_server]
+SHUTDOWN_DRAIN_S = 2.0  # after the grace: time for the streams' last chunks to be sent
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn, ending every open stream properly when the shutdown grace is over.
+
+    On SIGINT/SIGTERM uvicorn stops accepting connections, waits for open responses up to its
+    `timeout_graceful_shutdown`, then cancels them: a stream cut there has no finish chunk and
+    no `[DONE]`, and the `openai` client reports a connection error. So at `grace_s` this
+    server ends them itself (`AsyncLLM.abort_all`): each open sample gets
+    `finish_reason: "abort"`, then `[DONE]`, and a request still waiting for its whole answer a
+    503; uvicorn's own deadline comes `SHUTDOWN_DRAIN_S` later, for those last bytes."""
+
+    def __init__(self, config: uvicorn.Config, async_llm: AsyncLLM, grace_s: float) -> None:
+        config.timeout_graceful_shutdown = grace_s + SHUTDOWN_DRAIN_S
+        super().__init__(config)
+        self.async_llm, self.grace_s = async_llm, grace_s
+
+    async def shutdown(self, sockets: Optional[list] = None) -> None:
+        end_streams = asyncio.get_running_loop().call_later(
+            self.grace_s, self.async_llm.abort_all, "the server is shutting down")
+        try:
+            await super().shutdown(sockets)
+        finally:
+            end_streams.cancel()
+
+
+def run_server(engine: LLMEngine, model_name: str, host: str = "127.0.0.1", port: int = 8000,
+               api_key: Optional[str] = None, options: ServerOptions = ServerOptions(),
+               shutdown_grace_s: float = 10.0) -> None:
+    """Serve until SIGINT/SIGTERM. The server then stops accepting connections, lets open
+    requests finish (up to `shutdown_grace_s`, then ends them: `GracefulServer`), and runs the
+    app's lifespan exit, which stops the engine loop. The process then exits with status 0."""
+    async_llm = AsyncLLM(engine, model_name)
+    app = build_app(async_llm, model_name, api_key, options)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info")
     # uvicorn catches the signal, shuts down gracefully, then raises the signal again with the
     # handler it found: make that an ordinary exit instead of death by SIGTERM.
     previous = signal.signal(signal.SIGTERM, _exit_quietly)
     try:
-        uvicorn.Server(config).run()
+        GracefulServer(config, async_llm, shutdown_grace_s).run()
     except KeyboardInterrupt:  # SIGINT, raised again the same way
         pass
     finally:

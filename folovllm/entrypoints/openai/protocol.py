@@ -9,20 +9,69 @@ Fields beyond OpenAI's, as `vllm serve` has them (the `openai` client sends them
 `extra_body`): top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids,
 skip_special_tokens; for chat, chat_template_kwargs (e.g. {"enable_thinking": false} for Qwen3).
 Unknown fields are refused (400) rather than silently ignored.
+
+Text fields refuse lone UTF-16 surrogates (JSON may spell "\\ud800" without its pair, Python
+keeps it, and the tokenizer or the JSON encoder of the answer then raised a 500); token ids
+refuse booleans (JSON `true` is not token 1).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError,
+                      ValidatorFunctionWrapHandler, WrapValidator)
+from pydantic_core import PydanticCustomError
 
 from folovllm.sampling_params import RequestOutputKind, SamplingParams
 
 
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+LONE_SURROGATE = ("contains a lone UTF-16 surrogate (\\ud800-\\udfff without its pair), which is "
+                  "not valid Unicode text")
+
+
+def _valid_unicode(value: Any) -> Any:
+    """`value` (a string, or any JSON value holding strings) if every string in it is valid
+    Unicode: a lone surrogate cannot be encoded as UTF-8, so nothing downstream could use it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PydanticCustomError("lone_surrogate", LONE_SURROGATE) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _valid_unicode(key), _valid_unicode(item)
+    elif isinstance(value, list):
+        for item in value:
+            _valid_unicode(item)
+    return value
+
+
+def _one_of(forms: str) -> WrapValidator:
+    """A union's errors as one, at the field's own path: pydantic reports one error per member
+    of a union, at paths like `prompt.str` (`prompt: 123`). A lone surrogate keeps its message."""
+
+    def validate(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError as e:
+            if any(err["type"] == "lone_surrogate" for err in e.errors()):
+                raise PydanticCustomError("lone_surrogate", LONE_SURROGATE) from None
+            raise PydanticCustomError("wrong_form", f"must be {forms}") from None
+
+    return WrapValidator(validate)
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+TokenIds = list[StrictInt]  # strict: `true` and `1.0` are not token ids
+Prompt = Annotated[Union[Text, TokenIds, list[Text], list[TokenIds]],
+                   _one_of("a string or a list of token ids (integers), or a list of one of those")]
+Stop = Annotated[Union[Text, list[Text]], _one_of("a string or a list of strings")]
 
 
 class StreamOptions(OpenAIBaseModel):
@@ -39,7 +88,7 @@ SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "prese
 class SamplingRequest(OpenAIBaseModel):
     """The fields both endpoints share. None means "not sent": SamplingParams' default applies."""
 
-    model: str
+    model: Text
     n: Optional[int] = Field(default=None, le=128)  # OpenAI's limit: one request, at most 128 samples
     temperature: Optional[float] = None
     top_p: Optional[float] = None
@@ -49,14 +98,14 @@ class SamplingRequest(OpenAIBaseModel):
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
     repetition_penalty: Optional[float] = None
-    stop: Optional[Union[str, list[str]]] = None
-    stop_token_ids: Optional[list[int]] = None
+    stop: Optional[Stop] = None
+    stop_token_ids: Optional[TokenIds] = None
     min_tokens: Optional[int] = None
     ignore_eos: Optional[bool] = None
     skip_special_tokens: Optional[bool] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None  # accepted and ignored, as by OpenAI for abuse tracking
+    user: Optional[Text] = None  # accepted and ignored, as by OpenAI for abuse tracking
 
     def to_sampling_params(self, max_tokens: Optional[int]) -> SamplingParams:
         """Raises ValueError with SamplingParams' message on a bad value."""
@@ -72,20 +121,21 @@ class SamplingRequest(OpenAIBaseModel):
 
 class CompletionRequest(SamplingRequest):
     # One prompt: a string or token ids (a list of one of those is unwrapped).
-    prompt: Union[str, list[int], list[str], list[list[int]]]
+    prompt: Prompt
     max_tokens: Optional[int] = 16
     logprobs: Optional[int] = None  # refused: the engine does not compute logprobs
 
 
 class ChatContentPart(OpenAIBaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(OpenAIBaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[ChatContentPart], None] = None
-    name: Optional[str] = None
+    content: Annotated[Union[Text, list[ChatContentPart], None],
+                       _one_of('a string or a list of {"type": "text", "text": ...} parts')] = None
+    name: Optional[Text] = None
 
     def as_template_input(self) -> dict[str, str]:
         content = self.content
@@ -101,7 +151,7 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: Optional[bool] = None  # refused when true
     top_logprobs: Optional[int] = None
     add_generation_prompt: bool = True
-    chat_template_kwargs: Optional[dict[str, Any]] = None
+    chat_template_kwargs: Annotated[Optional[dict[str, Any]], AfterValidator(_valid_unicode)] = None
 
 
 # -- responses --------------------------------------------------------------------------------

@@ -18,14 +18,16 @@ from folovllm.outputs import CompletionOutput
 
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Response:
-        self.check_model(request.model)
+        self.check_request(request)
         if request.logprobs is not None:
             raise APIError(400, "logprobs is not supported: the engine does not compute "
                                 "log-probabilities", param="logprobs")
+        prompt = _single_prompt(request.prompt)
+        if isinstance(prompt, str):
+            self.check_prompt_chars(len(prompt), "prompt")
         params = self.sampling_params(request, request.max_tokens)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        stream = await self.add_request(request, request_id, _single_prompt(request.prompt),
-                                        params, prompt_field="prompt")
+        stream = await self.add_request(request, request_id, prompt, params, prompt_field="prompt")
 
         def response(choices: list[CompletionChoice], usage: Optional[UsageInfo]) -> CompletionResponse:
             return CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage)
@@ -34,7 +36,7 @@ class OpenAIServingCompletion(OpenAIServing):
             def chunk(completion: Optional[CompletionOutput], usage: Optional[UsageInfo]) -> BaseModel:
                 return response([] if completion is None else [_choice(completion)], usage)
 
-            return self.stream_response(stream, chunk, request.include_usage)
+            return self.stream_response(stream, chunk, params.n, request.include_usage)
         output = await self.final_output(stream, raw_request)
         if output is None:
             return Response(status_code=499)  # client closed the request (nginx's code)

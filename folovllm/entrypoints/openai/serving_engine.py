@@ -4,25 +4,30 @@ waiting for the answer while watching for a disconnect, and the server-sent-even
 
 A request's life in the server::
 
-    body ─ pydantic ─► check model ─► SamplingParams ─► AsyncLLM.add_request ─► RequestStream
-           (400)         (404)          (400)             (400: engine's message)
+    body ─► API key, size ─► pydantic ─► model, prompt chars ─► SamplingParams
+            (401, 413)       (400)       (404, 400)             (400)
+         ─► AsyncLLM.add_request: tokenized in an input thread ─► RequestStream
+            (400: the engine's message)
     stream=false: wait for the final output | client disconnects  ─► answer with usage
     stream=true:  data: {chunk} per delta ... [usage chunk] data: [DONE]
     either way, leaving early closes the stream: the request is aborted, its KV freed.
 
-Every error a client can cause is an `APIError`, answered in OpenAI's shape by the app.
+Every error a client can cause is an `APIError`, answered in OpenAI's shape by the app. What a
+client can make large is capped before it costs anything (`ServerOptions`): the body's bytes
+(the app, before parsing), the prompt's characters (before tokenizing), the stop list.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from folovllm.engine.async_llm import AsyncLLM, EngineDeadError, RequestStream
+from folovllm.engine.async_llm import AsyncLLM, EngineDeadError, RequestAbortedError, RequestStream
 from folovllm.engine.llm_engine import PromptType
 from folovllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, SamplingRequest, UsageInfo, usage
 from folovllm.outputs import CompletionOutput, RequestOutput
@@ -47,21 +52,70 @@ class APIError(Exception):
         return cls(400, message, param=param)
 
 
+# --8<-- [start:server_options]
+@dataclass(frozen=True)
+class ServerOptions:
+    """The limits `folovllm serve` puts on one request (its options of the same names).
+    Each is checked before the work it bounds, so an oversized request costs the server
+    nothing but its answer."""
+
+    # Template source is code: run only the model's own template unless clients are trusted.
+    trust_request_chat_template: bool = False
+    # The body is read (up to this) before it is parsed: 413 past it. A prompt of 40,960 token
+    # ids (Qwen3's max_model_len) is ~330 KB of JSON, of 128k ids ~1 MB. Parsing happens on the
+    # event loop: 2 MiB of token ids (~700k) take ~100 ms.
+    max_request_bytes: int = 2 * 2**20
+    # A text prompt (or a chat's messages, and the rendered chat) longer than this is refused
+    # before tokenizing (~1 s in an input thread, ~250k tokens of English).
+    max_prompt_chars: int = 1_000_000
+    # OpenAI allows 4 stop strings and vLLM has no cap; these are far above what clients send,
+    # and bound the stop-string matcher a request builds (engine/stop_strings.py).
+    max_stop_strings: int = 1024
+    max_stop_chars: int = 16384
+
+    def __post_init__(self) -> None:
+        for name in ("max_request_bytes", "max_prompt_chars", "max_stop_strings", "max_stop_chars"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+# --8<-- [end:server_options]
+
+
 # A chunk maker: (one sample's delta, or None) and (usage, or None) -> the endpoint's chunk.
 ChunkMaker = Callable[[Optional[CompletionOutput], Optional[UsageInfo]], BaseModel]
 
 
 class OpenAIServing:
-    def __init__(self, async_llm: AsyncLLM, model_name: str) -> None:
+    def __init__(self, async_llm: AsyncLLM, model_name: str, options: ServerOptions) -> None:
         self.async_llm = async_llm
         self.model_name = model_name
+        self.options = options
 
-    def check_model(self, model: str) -> None:
-        if model != self.model_name:
-            raise APIError(404, f"The model `{model}` does not exist; this server serves "
+    def check_request(self, request: SamplingRequest) -> None:
+        """What both endpoints refuse before any work: another model, stream_options without
+        stream (as OpenAI)."""
+        if request.model != self.model_name:
+            raise APIError(404, f"The model `{request.model}` does not exist; this server serves "
                                 f"`{self.model_name}`", param="model", code="model_not_found")
+        if request.stream_options is not None and not request.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true",
+                           param="stream_options")
+
+    def check_prompt_chars(self, num_chars: int, field: str) -> None:
+        limit = self.options.max_prompt_chars
+        if num_chars > limit:
+            raise APIError(400, f"{field} has {num_chars} characters, more than this server's "
+                                f"limit of {limit} (--max-prompt-chars)", param=field)
 
     def sampling_params(self, request: SamplingRequest, max_tokens: Optional[int]) -> SamplingParams:
+        stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
+        if len(stops) > self.options.max_stop_strings:  # counted first: a huge list is not read
+            raise APIError(400, f"stop has {len(stops)} strings, more than this server's limit of "
+                                f"{self.options.max_stop_strings} (--max-stop-strings)", param="stop")
+        num_chars = sum(map(len, stops))
+        if num_chars > self.options.max_stop_chars:
+            raise APIError(400, f"stop has {num_chars} characters in all, more than this server's "
+                                f"limit of {self.options.max_stop_chars} (--max-stop-chars)", param="stop")
         try:
             return request.to_sampling_params(max_tokens)
         except ValueError as e:
@@ -89,18 +143,29 @@ class OpenAIServing:
             finally:
                 result.cancel()
                 disconnect.cancel()
-            return result.result() if result in done else None
+            output = result.result() if result in done else None
+        if output is not None:
+            failed = [c for c in output.outputs if c.finish_reason == "error"]
+            if failed:  # a step raised on this request alone (LLMEngine._execute_model)
+                raise APIError(500, f"the request failed in the engine: {failed[0].error}",
+                               type="server_error")
+        return output
     # --8<-- [end:final_output]
 
     # --8<-- [start:sse]
-    def stream_response(self, stream: RequestStream, make_chunk: ChunkMaker, include_usage: bool,
-                        first_chunks: tuple[BaseModel, ...] = ()) -> StreamingResponse:
-        """Server-sent events: one `data: {chunk}` per new piece of text of any sample, a usage
-        chunk if asked, then `data: [DONE]`. A client that disconnects cancels the generator
-        (Starlette listens for it), and `async with stream` aborts the request."""
+    def stream_response(self, stream: RequestStream, make_chunk: ChunkMaker, n: int,
+                        include_usage: bool, first_chunks: tuple[BaseModel, ...] = ()) -> StreamingResponse:
+        """Server-sent events: one `data: {chunk}` per new piece of text of any sample, one
+        chunk with its finish_reason per sample, a usage chunk if asked, then `data: [DONE]`.
+        A client that disconnects cancels the generator (Starlette listens for it), and
+        `async with stream` aborts the request. Whatever ends the stream from the server's
+        side still ends it this way: a shutdown sends the open samples `finish_reason: "abort"`,
+        a failure an error event."""
 
         async def events() -> AsyncIterator[str]:
             prompt_tokens = completion_tokens = 0
+            finished: set[int] = set()  # samples whose finish chunk is sent (outputs repeat it)
+            error: Optional[ErrorInfo] = None
             try:
                 async with stream:
                     for chunk in first_chunks:
@@ -108,17 +173,32 @@ class OpenAIServing:
                     async for output in stream:  # DELTA outputs: only what is new
                         prompt_tokens = len(output.prompt_token_ids)
                         for completion in output.outputs:
+                            if completion.index in finished:
+                                continue
                             completion_tokens += len(completion.token_ids)
                             if completion.text or completion.finish_reason is not None:
                                 yield _sse(make_chunk(completion, None))
-                if include_usage:
-                    yield _sse(make_chunk(None, usage(prompt_tokens, completion_tokens)))
-            except EngineDeadError as e:
-                yield _sse(ErrorResponse(error=ErrorInfo(message=str(e), type="server_error")))
+                            if completion.finish_reason is not None:
+                                finished.add(completion.index)
+                            if completion.finish_reason == "error":
+                                raise RequestFailedError(f"the request failed in the engine: {completion.error}")
+            except RequestAbortedError:  # the shutdown grace is over
+                for index in sorted(set(range(n)) - finished):
+                    yield _sse(make_chunk(CompletionOutput(index, "", [], finish_reason="abort"), None))
+            except (EngineDeadError, RequestFailedError) as e:
+                error = ErrorInfo(message=str(e), type="server_error")
+            if error is not None:
+                yield _sse(ErrorResponse(error=error))
+            elif include_usage:
+                yield _sse(make_chunk(None, usage(prompt_tokens, completion_tokens)))
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
     # --8<-- [end:sse]
+
+
+class RequestFailedError(RuntimeError):
+    """A sample finished with finish_reason "error": a step raised on its request alone."""
 
 
 def usage_of(output: RequestOutput) -> UsageInfo:
