@@ -376,8 +376,8 @@ def test_stream_options_need_stream_and_prompt_forms_are_strict(server):
 
 
 def test_a_request_failing_in_the_engine_reaches_the_client_with_its_reason(server, monkeypatch):
-    runner = server.engine.model_runner
-    sampler = runner.sampler
+    engine = server.engine  # the engine samples (its one Sampler)
+    sampler = engine.sampler
     bad = [7, 7, 7]
 
     def failing(logits: Any, requests: list) -> Any:
@@ -385,7 +385,7 @@ def test_a_request_failing_in_the_engine_reaches_the_client_with_its_reason(serv
             raise RuntimeError("injected fault")
         return sampler(logits, requests)
 
-    monkeypatch.setattr(runner, "sampler", failing)
+    monkeypatch.setattr(engine, "sampler", failing)
     r = server.post("/v1/completions", completion(bad))
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     assert "the request failed in the engine: RuntimeError: injected fault" in r.json()["error"]["message"]
