@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from pathlib import Path
-from typing import Any, Callable, Iterator
+import sys
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.cli import bench_main
 from benchmarks.harness import peak_loadavg, summarize, time_calls
-from benchmarks.results import RESULTS_DIR, machine_short, result_record, shared_machine_note, write_results
+from benchmarks.results import machine_short, shared_machine_note
 from folovllm.model_executor.attention_backends import get_attn_backend
 from folovllm.model_executor.attention_backends.sdpa import SDPAAttentionBackend
 
@@ -91,7 +92,6 @@ def bench(calls: dict[str, Callable[[], Any]], repeats: int, loads: list) -> dic
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     results: dict[str, Any] = {}
     design: dict[str, Any] = {}
@@ -178,21 +178,11 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="small shapes; print, do not write")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
-    args = parser.parse_args(argv)
-
-    measured = run(args)
-    result = result_record("benchmarks.attention_cpu", argv, repeats=args.repeats, **measured)
-    markdown = render_markdown(result)
-    print(markdown)
-    if not args.quick:
-        write_results(args.out, "stage04_attention_cpu", result, markdown)
+def main(argv: Optional[list[str]] = None) -> int:
+    bench_main("benchmarks.attention_cpu", __doc__, argv, run, render_markdown,
+               name="stage04_attention_cpu", repeats=5)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

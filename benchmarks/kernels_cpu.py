@@ -23,12 +23,14 @@ is shared), the speed-up, and the largest difference between the two outputs.
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable
+import sys
+from typing import Any, Callable, Optional
 
 import torch
 
+from benchmarks.cli import bench_main
 from benchmarks.harness import peak_loadavg, summarize, time_calls
-from benchmarks.results import RESULTS_DIR, machine_short, result_record, shared_machine_note, write_results
+from benchmarks.results import machine_short, shared_machine_note
 from folovllm import envs
 from folovllm.model_executor.attention_backends import get_attn_backend
 from folovllm.model_executor.layers.activation import SiluAndMul
@@ -107,8 +109,9 @@ def _max_diff(a: Any, b: Any) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    torch.set_num_threads(1)
     torch.manual_seed(0)
+    if args.quick:
+        args.repeats = 3
     rows, loads = {}, []
     with torch.inference_mode():
         for name, (native, fast) in cases(args.quick).items():
@@ -125,7 +128,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               calls_per_timing=n, max_abs_diff=_max_diff(native(), fast()),
                               torch=s["torch"], fast=s["fast"])
             print(f"{name}: {torch_ms:.3f} -> {fast_ms:.3f} ms ({torch_ms / fast_ms:.2f}x)", flush=True)
-    return dict(cases=rows, peak_loadavg_1m=peak_loadavg(loads))
+    return dict(repeats=args.repeats, cases=rows, peak_loadavg_1m=peak_loadavg(loads))
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -140,21 +143,13 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--quick", action="store_true", help="fewer cases and repeats; nothing written")
-    p.add_argument("--out", default=str(RESULTS_DIR))
-    args = p.parse_args(argv)
-    if args.quick:
-        args.repeats = 3
-    result = result_record("benchmarks.kernels_cpu", argv, repeats=args.repeats, **run(args))
-    markdown = render_markdown(result)
-    print(markdown)
-    if not args.quick:
-        forced = "_avx2" if envs.cpu_isa() == "avx2" else ""
-        write_results(args.out, f"perf_kernels_cpu{forced}", result, markdown)
+def main(argv: Optional[list[str]] = None) -> int:
+    def name(args: argparse.Namespace, result: dict[str, Any]) -> str:
+        return "perf_kernels_cpu" + ("_avx2" if envs.cpu_isa() == "avx2" else "")
+
+    bench_main("benchmarks.kernels_cpu", __doc__, argv, run, render_markdown, name=name, repeats=7)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

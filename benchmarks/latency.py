@@ -37,13 +37,12 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 from benchmarks.bench_model import bench_model_info, bench_model_path
+from benchmarks.cli import bench_main
 from benchmarks.harness import interleave, peak_loadavg, timed, warmup_workload
-from benchmarks.results import ASSETS_DIR, RESULTS_DIR, machine_short, result_record, shared_machine_note, write_results
-from benchmarks.systems import parse_folovllm_name
-from benchmarks.systems.folovllm import trace_columns
+from benchmarks.results import ASSETS_DIR, machine_short, shared_machine_note
+from benchmarks.systems import BenchConfig, make_system
+from benchmarks.systems.folovllm import FolovllmSystem, trace_columns
 from benchmarks.workloads import WORKLOADS, Workload, get_workload, poisson_arrivals
 
 
@@ -193,53 +192,37 @@ def render_markdown(result: dict[str, Any]) -> str:
     return caption + "\n\n" + "\n".join(lines) + "\n" + tail
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2])
     p.add_argument("--systems", nargs="+", default=None,
                    help="folovllm-stageN[key=value,...] systems instead of --stages (e.g. a budget sweep)")
     p.add_argument("--workload", default="mixed", choices=sorted(WORKLOADS))
     p.add_argument("--num-requests", type=int, default=None)
-    p.add_argument("--quick", action="store_true")
     p.add_argument("--rate", type=float, default=None, help="arrivals per second (default: --load x capacity)")
     p.add_argument("--load", type=float, default=0.8,
                    help="rate as a fraction of the highest stage's measured capacity (default 0.8)")
-    p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--max-num-seqs", type=int, default=16)
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0, help="workload seed")
     p.add_argument("--arrival-seed", type=int, default=0)
-    p.add_argument("--out", default=str(RESULTS_DIR))
-    p.add_argument("--name", default=None, help="default stage<NN>_latency_cpu (NN: highest stage)")
     p.add_argument("--plot", default=None, help="PNG path (default docs/assets/<name minus _cpu>.png)")
-    p.add_argument("--no-write", action="store_true")
-    args = p.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     model = str(bench_model_path())
     info = bench_model_info(Path(model))
     workload = get_workload(args.workload, vocab_size=info["vocab_size"], seed=args.seed,
                             quick=args.quick, num_requests=args.num_requests)
     names = args.systems or [f"folovllm-stage{s}" for s in sorted(set(args.stages))]
-    systems_args = {}
-    for name in names:
-        parsed = parse_folovllm_name(name)
-        if parsed is None:
-            p.error(f"{name!r} is not a folovllm-stageN[key=value,...] system")
-        systems_args[name] = parsed
-    stages = sorted({stage for stage, _ in systems_args.values()})
-    result = result_record("benchmarks.latency", argv, model=info)
-    print(f"{result['command']}\nmachine: {machine_short(result['machine'])}\nworkload: {workload.summary()}")
+    cfg = BenchConfig(model=model, max_num_seqs=args.max_num_seqs)
+    systems_ = {name: make_system(name, cfg) for name in names}
+    if not all(isinstance(s, FolovllmSystem) for s in systems_.values()):
+        raise SystemExit(f"error: only folovllm-stageN[key=value,...] systems replay a trace: {names}")
+    stages = sorted({s.stage for s in systems_.values()})
+    print(f"workload: {workload.summary()}")
 
     def serve(name: str, w: Workload, arrivals: list[float]) -> dict[str, Any]:
         """One replay on a fresh engine of system `name` (built untimed: `replay` times the serving)."""
-        from folovllm import LLM
-
-        stage, overrides = systems_args[name]
-        llm = LLM(model, stage=stage, dtype="float32", device="cpu", max_num_seqs=args.max_num_seqs,
-                  seed=0, **overrides)
-        return replay(llm, w, arrivals)
+        return replay(systems_[name].build(), w, arrivals)
 
     # Warm-up (untimed): each system once, the first max_num_seqs prompts at once, 4 tokens each.
     warm = warmup_workload(workload, args.max_num_seqs)
@@ -250,7 +233,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if rate is None:
         top = names[-1]
         run = serve(top, workload, [0.0] * len(workload))
-        capacity = dict(stage=systems_args[top][0], system=top, seconds=run["seconds"], cpu_seconds=run["cpu_seconds"],
+        capacity = dict(stage=systems_[top].stage, system=top, seconds=run["seconds"], cpu_seconds=run["cpu_seconds"],
                         loadavg=run["loadavg"], requests_per_s=round(len(workload) / run["seconds"], 5),
                         output_tok_s=round(workload.num_output_tokens / run["seconds"], 3))
         rate = args.load * capacity["requests_per_s"]
@@ -283,7 +266,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                       e2e_p50=old["e2e_p50"] / new["e2e_p50"], itl_p99=old["itl_p99"] / new["itl_p99"],
                       itl_cpu_p99=old["itl_cpu_p99"] / new["itl_cpu_p99"],
                       throughput=new["output_tok_s"] / old["output_tok_s"])
-    result.update(
+    return dict(
+        model=info,
         config=dict(stages=stages, systems=names, workload=args.workload, quick=args.quick, repeats=args.repeats,
                     threads=args.threads, max_num_seqs=args.max_num_seqs, seed=args.seed,
                     arrival_seed=args.arrival_seed, rate=rate, load=args.load if args.rate is None else None),
@@ -292,21 +276,27 @@ def main(argv: Optional[list[str]] = None) -> int:
         peak_loadavg_1m=peak_loadavg([r["loadavg"] for rs in runs.values() for r in rs]
                                      + [capacity and capacity["loadavg"]]),
     )
-    md = render_markdown(result)
-    print()
-    print(md)
-    if not args.no_write:
-        name = args.name or f"stage{stages[-1]:02d}_latency_cpu" + ("_quick" if args.quick else "")
-        write_results(args.out, name, result, md)
-        from benchmarks.plots import plot_itl_ttft_tradeoff, plot_latency
 
-        png = Path(args.plot) if args.plot else ASSETS_DIR / f"{name.removesuffix('_cpu')}.png"
-        try:  # plots imports matplotlib when it draws
-            print(f"wrote {plot_latency(result, png)}")
-            if len(names) > 2:
-                print(f"wrote {plot_itl_ttft_tradeoff(result, png.with_name(png.stem + '_tradeoff.png'))}")
-        except ImportError as e:  # matplotlib missing: results are written anyway
-            print(f"no plot ({e}); pip install matplotlib, then python -m benchmarks.plots")
+
+def plot(args: argparse.Namespace, result: dict[str, Any], name: str) -> None:
+    """docs/assets/<name minus _cpu>.png (or --plot): the TTFT CDFs and requests over time."""
+    from benchmarks.plots import plot_itl_ttft_tradeoff, plot_latency
+
+    png = Path(args.plot) if args.plot else ASSETS_DIR / f"{name.removesuffix('_cpu')}.png"
+    try:  # plots imports matplotlib when it draws
+        print(f"wrote {plot_latency(result, png)}")
+        if len(result["config"]["systems"]) > 2:
+            print(f"wrote {plot_itl_ttft_tradeoff(result, png.with_name(png.stem + '_tradeoff.png'))}")
+    except ImportError as e:  # matplotlib missing: results are written anyway
+        print(f"no plot ({e}); pip install matplotlib, then python -m benchmarks.plots")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    def name(args: argparse.Namespace, result: dict[str, Any]) -> str:  # NN: the highest stage
+        return f"stage{result['config']['stages'][-1]:02d}_latency_cpu"
+
+    bench_main("benchmarks.latency", __doc__, argv, run, render_markdown, name=name, repeats=1,
+               options=add_options, written=plot)
     return 0
 
 

@@ -23,7 +23,6 @@ generate runs every row of a batch to the batch's longest max_tokens) does not g
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -32,8 +31,9 @@ from typing import Any, Optional
 import torch
 
 from benchmarks.bench_model import bench_model_info, bench_model_path
+from benchmarks.cli import bench_main
 from benchmarks.harness import compare_systems
-from benchmarks.results import RESULTS_DIR, machine_short, result_record, shared_machine_note, write_results
+from benchmarks.results import machine_short, shared_machine_note
 from benchmarks.systems import SYSTEMS, BenchConfig, parse_folovllm_name, systems_for_stages
 from benchmarks.workloads import WORKLOADS, get_workload
 
@@ -119,21 +119,16 @@ def _engine_args_text(config: dict[str, Any]) -> str:
 # -- main ---------------------------------------------------------------------------------------
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", type=int, nargs="+", default=[1],
                    help="folovllm stages to run, each with its peers (STAGE_PEERS)")
     p.add_argument("--systems", nargs="+", default=None,
                    help=f"run exactly these systems instead (known: {', '.join(SYSTEMS)}, "
-                        "folovllm-stageN)")
+                        "folovllm-stageN[key=value,...])")
     p.add_argument("--no-peers", action="store_true", help="only the folovllm stages")
     p.add_argument("--workload", default="mixed", choices=sorted(WORKLOADS))
     p.add_argument("--num-requests", type=int, default=None, help="override the workload's size")
-    p.add_argument("--quick", action="store_true", help="small workload, for a ~1 minute smoke run")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per system (default 3)")
     p.add_argument("--baseline", default=None, help="ratios are vs this system (default hf-generate)")
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--max-num-seqs", type=int, default=16)
@@ -145,23 +140,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--block-size", type=int, default=None, help="folovllm stage 03 block size (default 16)")
     p.add_argument("--seed", type=int, default=0, help="workload seed")
     p.add_argument("--model", default=None, help="checkpoint folder (default: the bench model)")
-    p.add_argument("--out", default=str(RESULTS_DIR), help="folder for <name>.json and <name>.md")
-    p.add_argument("--name", default=None, help="results file name (default stageNN_<workload>_<cpu|gpu>)")
-    p.add_argument("--no-write", action="store_true", help="print the table, write nothing")
-    p.add_argument("--render", metavar="JSON", default=None,
-                   help="only rewrite <JSON minus .json>.md from an existing results file")
-    args = p.parse_args(argv)
-    if args.render:
-        src = Path(args.render)
-        md = render_markdown(json.loads(src.read_text()))
-        src.with_suffix(".md").write_text(md)
-        print(md + f"\nwrote {src.with_suffix('.md')}")
-        return 0
 
-    repeats = args.repeats if args.repeats is not None else 3
-    if repeats < 1:
-        p.error("--repeats must be >= 1")
-    torch.set_num_threads(args.threads)
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     model = args.model or str(bench_model_path())
     model_info = bench_model_info(Path(model))
@@ -171,36 +152,37 @@ def main(argv: Optional[list[str]] = None) -> int:
                             quick=args.quick, num_requests=args.num_requests)
     max_len = args.max_model_len or model_info["max_position_embeddings"]
     if workload.max_seq_len > max_len:  # a request cut short would make the work unequal
-        p.error(f"workload needs {workload.max_seq_len} positions; the model (or --max-model-len) "
-                f"allows {max_len}")
+        raise SystemExit(f"error: workload needs {workload.max_seq_len} positions; the model (or "
+                         f"--max-model-len) allows {max_len}")
     engine_args = {k: v for k, v in dict(max_model_len=args.max_model_len,
                                           kv_cache_memory=args.kv_cache_memory,
                                           block_size=args.block_size).items() if v is not None}
     cfg = BenchConfig(model=model, device=args.device, dtype=args.dtype,
                       max_num_seqs=args.max_num_seqs, seed=args.seed, engine_args=engine_args)
-    result = result_record(
-        "benchmarks.run", argv, model=model_info,
-        config=dict(stages=stages, systems=names, workload=args.workload, quick=args.quick,
-                    repeats=repeats, threads=args.threads, device=args.device, dtype=args.dtype,
-                    max_num_seqs=args.max_num_seqs, seed=args.seed, engine_args=engine_args),
-        workload=workload.summary())
-    print(f"{result['command']}\nmachine: {machine_short(result['machine'])}\n"
-          f"workload: {workload.summary()}\nsystems: {names}")
+    print(f"workload: {workload.summary()}\nsystems: {names}")
+    result = dict(model=model_info, workload=workload.summary(),
+                  config=dict(stages=stages, systems=names, workload=args.workload, quick=args.quick,
+                              repeats=args.repeats, threads=args.threads, device=args.device,
+                              dtype=args.dtype, max_num_seqs=args.max_num_seqs, seed=args.seed,
+                              engine_args=engine_args))
     try:
-        result.update(compare_systems(names, workload, cfg, repeats, args.baseline))
-    except ValueError as e:  # e.g. a stage that is not built yet
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    md = render_markdown(result)
-    print()
-    print(md)
-    if not args.no_write:
-        # named after the stages asked for (`--stages 2` runs stage 01 too, as a peer)
-        named = stages if args.systems else sorted(set(args.stages))
-        default = "stage" + "-".join(f"{s:02d}" for s in named) if named else "peers"
-        name = args.name or f"{default}_{args.workload}_{'gpu' if args.device.startswith('cuda') else 'cpu'}" \
-                            + ("_quick" if args.quick else "")
-        write_results(args.out, name, result, md)
+        result.update(compare_systems(names, workload, cfg, args.repeats, args.baseline))
+    except ValueError as e:  # e.g. a stage that is not built, or an axis asked for as a stage
+        raise SystemExit(f"error: {e}")
+    return result
+
+
+def default_name(args: argparse.Namespace, result: dict[str, Any]) -> str:
+    """stage<NN[-NN]>_<workload>_<cpu|gpu>, after the stages asked for (`--stages 2` runs stage
+    01 too, as a peer) or, with --systems, the plain stages among them."""
+    named = result["config"]["stages"] if args.systems else sorted(set(args.stages))
+    stages = "stage" + "-".join(f"{s:02d}" for s in named) if named else "peers"
+    return f"{stages}_{args.workload}_{'gpu' if args.device.startswith('cuda') else 'cpu'}"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    bench_main("benchmarks.run", __doc__, argv, run, render_markdown, name=default_name,
+               options=add_options)
     return 0
 
 

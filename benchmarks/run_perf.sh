@@ -31,7 +31,7 @@ for t in 1 2; do
 done
 for ops in all none; do
     python -m benchmarks.profile_step --model bench --rows 1 4 16 --steps 8 --engine-arg custom_ops=$ops \
-        --json "$R/perf_profile_bench_custom_ops_${ops}.json"
+        --out "$R" --name "perf_profile_bench_custom_ops_${ops}"
     python -m benchmarks.profile_step --model qwen3-0.6b --rows 1 8 --context 256 --prefill 512 --steps 4 \
-        --engine-arg custom_ops=$ops --json "$R/perf_profile_qwen3-0.6b_custom_ops_${ops}.json"
+        --engine-arg custom_ops=$ops --out "$R" --name "perf_profile_qwen3-0.6b_custom_ops_${ops}"
 done

@@ -2,6 +2,7 @@
 `folovllm serve` process, measured by the client.
 
     python -m benchmarks.serving --stages 2 3 4 --rates 1 2 4 --num-requests 32
+    python -m benchmarks.serving --quick      # smoke run: stage 02, 2 requests at once, printed
 
 For each stage: start `folovllm serve` on the bench model (float32, one torch thread, a free
 port), warm it up with two requests, then for each rate replay the same seeded workload
@@ -34,9 +35,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from benchmarks.bench_model import bench_model_info, bench_model_path
+from benchmarks.cli import bench_main
 from benchmarks.harness import loadavg, peak_loadavg
 from benchmarks.latency import percentile
-from benchmarks.results import RESULTS_DIR, machine_short, result_record, shared_machine_note, write_results
+from benchmarks.results import machine_short, shared_machine_note
 from benchmarks.workloads import Workload, get_workload, poisson_arrivals
 
 MODEL_NAME = "bench"
@@ -153,8 +155,7 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4])
     p.add_argument("--rates", type=float, nargs="+", default=[1.0, 2.0, 4.0],
                    help="requests per second (inf = all at once)")
@@ -162,10 +163,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=512)
-    p.add_argument("--out", type=Path, default=RESULTS_DIR)
-    p.add_argument("--no-write", action="store_true")
-    args = p.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.quick:
+        args.stages, args.rates, args.num_requests = [2], [math.inf], 2
     model = bench_model_path()
     info = bench_model_info(model)
     workload = get_workload("mixed", info["vocab_size"], seed=args.seed, quick=True,
@@ -188,17 +190,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             rc = stop_server(proc)
         if rc != 0:
             raise RuntimeError(f"stage {stage}: the server exited with {rc} after SIGTERM")
+    return dict(model=info, seed=args.seed, max_num_seqs=args.max_num_seqs,
+                workload={"name": workload.name, "description": workload.description,
+                          "num_requests": len(workload)},
+                peak_loadavg_1m=peak_loadavg(run["loadavg"] for run in runs), runs=runs)
 
-    result = result_record(
-        "benchmarks.serving", argv, model=info, seed=args.seed, max_num_seqs=args.max_num_seqs,
-        workload={"name": workload.name, "description": workload.description,
-                  "num_requests": len(workload)},
-        peak_loadavg_1m=peak_loadavg(run["loadavg"] for run in runs), runs=runs,
-    )
-    markdown = render(result)
-    print(markdown)
-    if not args.no_write:
-        write_results(args.out, "serving_cpu", result, markdown)
+
+def main(argv: Optional[list[str]] = None) -> int:
+    bench_main("benchmarks.serving", __doc__, argv, run, render, name="serving_cpu", repeats=1,
+               options=add_options)
     return 0
 
 

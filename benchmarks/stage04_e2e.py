@@ -14,8 +14,8 @@ Two measurements, on the bench model (`benchmarks.bench_model`: Qwen3 architectu
                   output 8..32) and the full-size lengths cut to 16 requests (prompt 16..512,
                   output 8..256), where decodes attend over longer contexts
 
-Each system is one `LLM(model, stage=3 or 4, dtype="float32", max_model_len=2048)`, built once
-and reused: neither stage keeps state between requests (no prefix cache before stage 06), and
+Each system is a registry entry (`folovllm-stage3`, `folovllm-stage4`: `LLM(model, stage=3 or 4,
+dtype="float32", max_model_len=2048)`, `benchmarks.systems`), built once and reused: neither stage keeps state between requests (no prefix cache before stage 06), and
 every KV block is back in the pool after each `generate`. One untimed warm-up per system and
 measurement, then `--repeats` runs with the systems interleaved (3, 4, 3, 4, ...); medians of the
 wall time and of the process CPU time (steadier when the machine is shared). The two systems must
@@ -29,26 +29,19 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
+from typing import Any, Callable, Optional
 
 from benchmarks.bench_model import bench_model_info, bench_model_path
+from benchmarks.cli import bench_main
 from benchmarks.harness import peak_loadavg, summarize, time_calls
-from benchmarks.results import RESULTS_DIR, machine_short, result_record, shared_machine_note, write_results
+from benchmarks.results import machine_short, shared_machine_note
+from benchmarks.systems import BenchConfig, make_system
 from benchmarks.workloads import FIRST_ORDINARY_TOKEN_ID, get_workload
 
-SYSTEMS = {"stage 03 (naive)": 3, "stage 04 (sdpa)": 4}
-BASELINE = "stage 03 (naive)"
-
-
-def build(model: str, stage: int, max_num_seqs: int) -> Any:
-    from folovllm import LLM
-
-    llm = LLM(model, stage=stage, dtype="float32", max_num_seqs=max_num_seqs,
-              max_model_len=2048, seed=0)
-    return llm
+SYSTEMS = ("folovllm-stage3", "folovllm-stage4")  # naive attention, sdpa
+BASELINE = "folovllm-stage3"
 
 
 def bench(calls: dict[str, Callable[[], list[list[int]]]], repeats: int, loads: list) -> dict[str, Any]:
@@ -65,12 +58,12 @@ def bench(calls: dict[str, Callable[[], list[list[int]]]], repeats: int, loads: 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from folovllm import SamplingParams
 
-    torch.set_num_threads(args.threads)
     model = str(bench_model_path())
     info = bench_model_info(Path(model))
-    llms = {name: build(model, stage, max_num_seqs=16) for name, stage in SYSTEMS.items()}
+    cfg = BenchConfig(model=model, engine_args=dict(max_model_len=2048))
+    llms = {name: make_system(name, cfg).build() for name in SYSTEMS}
     backends = {name: llm.llm_engine.config.attention_backend for name, llm in llms.items()}
-    loads = []
+    loads: list = []
 
     def generate(llm: Any, prompts: list[list[int]], params: list[Any]) -> list[list[int]]:
         outs = llm.generate(prompts, params, use_tqdm=False)
@@ -159,21 +152,10 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="small shapes; print, do not write")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
-    args = parser.parse_args(argv)
-
-    measured = run(args)
-    result = result_record("benchmarks.stage04_e2e", argv, repeats=args.repeats, **measured)
-    markdown = render_markdown(result)
-    print(markdown)
-    if not args.quick:
-        write_results(args.out, "stage04_e2e_cpu", result, markdown)
+def main(argv: Optional[list[str]] = None) -> int:
+    bench_main("benchmarks.stage04_e2e", __doc__, argv, run, render_markdown, name="stage04_e2e_cpu")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -30,26 +30,27 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import sys
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
+from typing import Any, Callable, Optional
 
 from benchmarks.bench_model import bench_model_info, bench_model_path
+from benchmarks.cli import bench_main
 from benchmarks.harness import interleave, peak_loadavg, summarize, timed
-from benchmarks.results import RESULTS_DIR, machine_short, result_record, shared_machine_note, write_results
+from benchmarks.results import machine_short, shared_machine_note
+from benchmarks.systems import BenchConfig, make_system
 from benchmarks.workloads import FIRST_ORDINARY_TOKEN_ID, get_workload
 
 Batch = tuple[list[list[int]], list[int]]  # prompts, max_tokens
 Batches = Callable[[list[list[int]]], "Batch | None"]  # last answers -> next batch, or None
 
 
-def build(model: str, stage: int) -> Any:
-    """A fresh engine (a cache warmed by an earlier repeat would hit everything), warmed up on a
-    prompt unrelated to every workload, its stats zeroed."""
-    from folovllm import LLM, SamplingParams
+def build(model: str, system: str) -> Any:
+    """A fresh engine of registry entry `system` (a cache warmed by an earlier repeat would hit
+    everything), warmed up on a prompt unrelated to every workload, its stats zeroed."""
+    from folovllm import SamplingParams
 
-    llm = LLM(model, stage=stage, dtype="float32", max_num_seqs=16, max_model_len=2048, seed=0)
+    llm = make_system(system, BenchConfig(model=model, engine_args=dict(max_model_len=2048))).build()
     rng = random.Random(12345)
     warm = [rng.randrange(FIRST_ORDINARY_TOKEN_ID, 512) for _ in range(40)]
     llm.generate([warm], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)
@@ -74,9 +75,9 @@ def generate_all(llm: Any, batches: Batches) -> tuple[list[list[int]], list[floa
     return every_answer, ttfts
 
 
-def measure(model: str, stage: int, make_batches: Callable[[], Batches]) -> dict[str, Any]:
+def measure(model: str, system: str, make_batches: Callable[[], Batches]) -> dict[str, Any]:
     """One repeat: a fresh engine (untimed), then the workload, timed."""
-    llm = build(model, stage)
+    llm = build(model, system)
     t = timed(lambda: generate_all(llm, make_batches()))
     answers, ttfts = t.value
     s = llm.stats
@@ -120,8 +121,8 @@ def multi_turn(num_chats: int, num_turns: int, vocab: int, seed: int) -> Callabl
     return batches
 
 
-def bench(model: str, stages: dict[str, int], make_batches: Callable[[], Batches], repeats: int) -> dict[str, Any]:
-    trials = {name: (lambda stage=stage: measure(model, stage, make_batches)) for name, stage in stages.items()}
+def bench(model: str, systems: list[str], make_batches: Callable[[], Batches], repeats: int) -> dict[str, Any]:
+    trials = {name: (lambda name=name: measure(model, name, make_batches)) for name in systems}
     runs = interleave(trials, repeats)
     rows, tokens = {}, {}
     for name, rs in runs.items():
@@ -138,11 +139,11 @@ def bench(model: str, stages: dict[str, int], make_batches: Callable[[], Batches
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    torch.set_num_threads(args.threads)
     model = str(bench_model_path())
     info = bench_model_info(Path(model))
     vocab = info["vocab_size"]
-    stages = {f"stage {args.baseline_stage:02d}": args.baseline_stage, "stage 06": 6}
+    baseline = f"folovllm-stage{args.baseline_stage}"
+    systems = [baseline, "folovllm-stage6"]
     shared = get_workload("shared_prefix", vocab_size=vocab, seed=0, quick=args.quick)
     mixed = get_workload("mixed", vocab_size=vocab, seed=0, quick=True, num_requests=4 if args.quick else 16)
     workloads = {
@@ -155,13 +156,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     results, loads = {}, []
     for name, (summary, make) in workloads.items():
-        m = bench(model, stages, make, args.repeats)
+        m = bench(model, systems, make, args.repeats)
         results[name] = dict(workload=summary, **m)
         loads += [x for row in m["systems"].values() for x in row["loadavg_1m"]]
         print(name, {k: f"{v['median_seconds']:.2f} s, TTFT {v['median_mean_ttft_s'] * 1e3:.0f} ms, "
                         f"computed {v['num_prompt_tokens_computed']}/{v['num_prompt_tokens']}"
                      for k, v in m["systems"].items()}, flush=True)
-    return dict(model=info, baseline=f"stage {args.baseline_stage:02d}", workloads=results,
+    return dict(model=info, baseline=baseline, workloads=results,
                 peak_loadavg_1m=peak_loadavg(loads))
 
 
@@ -193,22 +194,15 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--baseline-stage", type=int, default=5, help="the stage to compare with")
-    parser.add_argument("--quick", action="store_true", help="small shapes; print, do not write")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
-    args = parser.parse_args(argv)
+def add_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--baseline-stage", type=int, default=5, help="the stage to compare with")
 
-    measured = run(args)
-    result = result_record("benchmarks.stage06_prefix", argv, repeats=args.repeats, **measured)
-    markdown = render_markdown(result)
-    print(markdown)
-    if not args.quick:
-        write_results(args.out, "stage06_prefix_cpu", result, markdown)
+
+def main(argv: Optional[list[str]] = None) -> int:
+    bench_main("benchmarks.stage06_prefix", __doc__, argv, run, render_markdown,
+               name="stage06_prefix_cpu", options=add_options)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -30,48 +30,26 @@ Writes `benchmarks/results/stage07_gptq_cpu.json` and `.md` with the machine and
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
-import math
 import os
-import platform
 import random
-import statistics
-import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from benchmarks.cli import bench_main
+from benchmarks.harness import interleave, summarize, time_calls, timed
+from benchmarks.results import machine_short
 
 QWEN3_06B = dict(
     hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
     num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=4096,
     tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
 )
-
-
-def machine() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "folovllm", "benchmarks/stage07_gptq.py"],
-                               cwd=ROOT).returncode != 0
-        return sha + ("+dirty" if dirty else "")
-    except Exception:
-        return "unknown"
 
 
 # -- models in memory ------------------------------------------------------------------------
@@ -148,15 +126,17 @@ class DecodeRunner:
         self.model.compute_logits(h[-1:])
 
     @torch.no_grad()
-    def run(self) -> tuple[float, float]:
-        """-> (wall seconds, process CPU seconds) of the decode steps."""
+    def run(self) -> Any:
+        """The prompt (untimed), then the decode steps timed by `harness.timed`."""
         for layer, cache in self.kv.items():
             layer.kv_cache = cache
         self._step(0, self.prompt_len)
-        wall, cpu = time.perf_counter(), time.process_time()
+        return timed(self.decode)
+
+    @torch.no_grad()
+    def decode(self) -> None:
         for i in range(self.steps):
             self._step(self.prompt_len + i, 1)
-        return time.perf_counter() - wall, time.process_time() - cpu
 
 
 SYSTEMS = (("float32", torch.float32, False), ("bfloat16", torch.bfloat16, False),
@@ -172,17 +152,14 @@ def speed_section(name: str, hf_config: Any, steps: int, repeats: int) -> dict[s
         if gptq:
             kernel = model.model.layers[0].mlp.down_proj.quant_method.kernel
             assert kernel == "cpu_int4", kernel
-        out[label] = {"linear_bytes": linear_bytes(model), "all_bytes": all_bytes(model), "wall_s": [], "cpu_s": []}
+        out[label] = {"linear_bytes": linear_bytes(model), "all_bytes": all_bytes(model)}
         runners[label] = DecodeRunner(model, 32, steps)
-        runners[label].run()  # warm-up
-    for _ in range(repeats):
-        for label, runner in runners.items():
-            wall, cpu = runner.run()
-            out[label]["wall_s"].append(wall)
-            out[label]["cpu_s"].append(cpu)
+    trials = {label: r.run for label, r in runners.items()}
+    runs = interleave(trials, repeats, warmup=trials)
     for label, r in out.items():
-        r["tok_per_s"] = steps / statistics.median(r["wall_s"])
-        r["tok_per_cpu_s"] = steps / statistics.median(r["cpu_s"])
+        r.update(summarize(runs[label]))
+        r["tok_per_s"] = steps / r["median_seconds"]
+        r["tok_per_cpu_s"] = steps / r["median_cpu_seconds"]
         print(f"  {name} {label}: {r['tok_per_s']:.2f} tok/s ({r['tok_per_cpu_s']:.2f} per CPU s), "
               f"linear layers {r['linear_bytes'] / 2**20:.1f} MiB", flush=True)
     return out
@@ -193,8 +170,9 @@ def speed_section(name: str, hf_config: Any, steps: int, repeats: int) -> dict[s
 
 def kernels_section(repeats: int) -> dict[str, Any]:
     """One Qwen3-0.6B gate_up-sized matmul (1024 -> 3072, groups of 128) for 1 and 128 tokens:
-    dense float32 / bfloat16 / float16 against torch's int4 kernel in each dtype. Median of
-    `repeats` process-CPU times of 10 calls each (2 for 128 tokens)."""
+    dense float32 / bfloat16 / float16 against torch's int4 kernel in each dtype, timed by
+    `harness.time_calls` (interleaved): median of `repeats` process-CPU times of 10 calls each
+    (2 for 128 tokens)."""
     from folovllm.model_executor.layers.quantization.gptq import CpuInt4Weight, pack_int32
 
     K, N, G = 1024, 3072, 128
@@ -205,24 +183,19 @@ def kernels_section(repeats: int) -> dict[str, Any]:
     dense = torch.randn(N, K, generator=g)
     out: dict[str, Any] = {"shape": f"{K} -> {N}, groups of {G}"}
 
-    def cpu_ms(fn: Any, calls: int) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            t = time.process_time()
-            for _ in range(calls):
-                fn()
-            times.append((time.process_time() - t) / calls * 1000)
-        return statistics.median(times)
-
+    cases, calls = {}, {}
     for M in (1, 128):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             x, wd = torch.randn(M, K, generator=g).to(dtype), dense.to(dtype)
             sz = w.scales_and_zeros.to(dtype)
-            calls = 10 if M == 1 else 2
-            out[f"M={M} dense {str(dtype)[6:]}"] = cpu_ms(lambda: x @ wd.t(), calls)
-            out[f"M={M} int4 {str(dtype)[6:]}"] = cpu_ms(
-                lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.packed, w.group_size, sz), calls)
+            n = 10 if M == 1 else 2
+            dense_mm = lambda x=x, wd=wd: x @ wd.t()  # noqa: E731
+            int4_mm = lambda x=x, sz=sz: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.packed, w.group_size, sz)  # noqa: E731
+            for kind, fn in (("dense", dense_mm), ("int4", int4_mm)):
+                key = f"M={M} {kind} {str(dtype)[6:]}"
+                cases[key], calls[key] = (lambda fn=fn, n=n: [fn() for _ in range(n)]), n
+    for key, ts in time_calls(cases, repeats).items():
+        out[key] = summarize(ts)["median_cpu_seconds"] / calls[key] * 1000
     for k, v in out.items():
         if k != "shape":
             print(f"  {k}: {v:.3f} ms", flush=True)
@@ -322,8 +295,8 @@ QUALITY_ROWS = ("float32", "RTN 4-bit g128", "GPTQ 4-bit g128", "GPTQ 4-bit g128
 
 
 def render(res: dict[str, Any]) -> str:
-    lines = [f"Stage 07 GPTQ on {res['machine']['cpu']}, {res['machine']['threads']} thread, torch "
-             f"{res['machine']['torch']}, commit {res['git_commit']}, {res['date']}.", ""]
+    lines = [f"Stage 07 GPTQ: `{res['command']}` on {machine_short(res['machine'])}, commit "
+             f"{res['git_commit']}, {res['date'][:10]}.", ""]
     for name, sec in res["speed"].items():
         base = sec["float32"]
         lines += [f"**Decode, batch 1, {name}** (prefill 32, {res['steps']} decode steps, median of "
@@ -355,23 +328,19 @@ def render(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--train-seconds", type=float, default=780)
-    parser.add_argument("--no-06b", action="store_true", help="skip the Qwen3-0.6B shape")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+def add_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=16, help="decode steps timed per repeat")
+    p.add_argument("--train-seconds", type=float, default=780)
+    p.add_argument("--no-06b", action="store_true", help="skip the Qwen3-0.6B shape")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     import transformers
 
     from folovllm.testing.tiny_model import SIZES
 
     steps, repeats = (4, 1) if args.quick else (args.steps, args.repeats)
-    res: dict[str, Any] = {"machine": machine(), "git_commit": git_commit(),
-                           "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                           "steps": steps, "repeats": repeats, "speed": {}}
+    res: dict[str, Any] = {"steps": steps, "repeats": repeats, "speed": {}}
     shapes = {"bench model (25M, hidden 512)": dict(SIZES["bench"], vocab_size=512, tie_word_embeddings=True)}
     if not (args.quick or args.no_06b):
         shapes["Qwen3-0.6B shape"] = QWEN3_06B
@@ -379,15 +348,15 @@ def main() -> int:
         print(f"decode: {name}", flush=True)
         res["speed"][name] = speed_section(name, transformers.Qwen3Config(**kw), steps, repeats)
     print("kernels", flush=True)
-    res["kernels"] = kernels_section(1 if args.quick else 3)
+    res["kernels"] = kernels_section(repeats)
     print("quality", flush=True)
     res["quality"] = quality_section(10 if args.quick else args.train_seconds)
-    md = render(res)
-    print(md)
-    if not args.quick:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "stage07_gptq_cpu.json").write_text(json.dumps(res, indent=2))
-        (RESULTS / "stage07_gptq_cpu.md").write_text(md)
+    return res
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    bench_main("benchmarks.stage07_gptq", __doc__, argv, run, render, name="stage07_gptq_cpu",
+               options=add_options)
     return 0
 
 

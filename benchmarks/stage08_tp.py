@@ -4,7 +4,9 @@
     python -m benchmarks.stage08_tp --quick     # smoke run (4 requests, printed, not written)
 
 On the bench model (`benchmarks.bench_model`: Qwen3 architecture, 8 layers, hidden 512, 8 query /
-4 KV heads of 64, random weights), float32, stages 03-05 on (`LLM(stage=5)`):
+4 KV heads of 64, random weights), float32, stages 03-05 on: the registry entries
+`folovllm-stage5[tensor_parallel_size=1|2]` (tensor parallelism is an axis on top of a stage,
+`folovllm.config.AXES`), with the same `kv_cache_memory` per rank:
 
     memory     per-rank weight bytes (each rank's parameters, counted) and KV bytes per token
     capacity   tokens the KV cache holds with the same `kv_cache_memory` per rank
@@ -24,14 +26,15 @@ a GPU node with NVLink gives. Writes `benchmarks/results/stage08_tp_cpu.json` an
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import Any, Optional
 
 from benchmarks.bench_model import bench_model_info, bench_model_path
+from benchmarks.cli import bench_main
 from benchmarks.harness import peak_loadavg, summarize, time_calls, timed
-from benchmarks.results import RESULTS_DIR, machine_short, result_record, shared_machine_note, write_results
+from benchmarks.results import machine_short, shared_machine_note
+from benchmarks.systems import BenchConfig, make_system
 from benchmarks.workloads import get_workload
 
 SIZES = (1, 2)
@@ -39,16 +42,13 @@ KV_BUDGET_PER_RANK = 64 * 2**20  # bytes of KV cache per rank, the same for both
 
 
 def build(model: str, tp: int) -> Any:
-    from folovllm import LLM
-
-    return LLM(model, stage=5, dtype="float32", max_num_seqs=16, max_model_len=2048, seed=0,
-               kv_cache_memory=KV_BUDGET_PER_RANK, tensor_parallel_size=tp)
+    cfg = BenchConfig(model=model, engine_args=dict(max_model_len=2048, kv_cache_memory=KV_BUDGET_PER_RANK))
+    return make_system(f"folovllm-stage5[tensor_parallel_size={tp}]", cfg).build()
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from folovllm import SamplingParams
 
-    torch.set_num_threads(1)  # this process (TP=1's rank); each TP=2 worker takes 1 // ... = 1
     model = str(bench_model_path())
     info = bench_model_info(Path(model))
     L, H = info["num_hidden_layers"], info["hidden_size"]
@@ -162,20 +162,11 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="4 requests; print, do not write")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
-    args = parser.parse_args(argv)
-
-    measured = run(args)
-    result = result_record("benchmarks.stage08_tp", argv, repeats=args.repeats, **measured)
-    markdown = render_markdown(result)
-    print(markdown)
-    if not args.quick:
-        write_results(args.out, "stage08_tp_cpu", result, markdown)
+def main(argv: Optional[list[str]] = None) -> int:
+    """--threads: this process (TP=1's rank); each TP=2 worker takes one thread whatever it is."""
+    bench_main("benchmarks.stage08_tp", __doc__, argv, run, render_markdown, name="stage08_tp_cpu")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

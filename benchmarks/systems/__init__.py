@@ -5,6 +5,10 @@
     hf-generate-batch                hf.py         HF transformers' own continuous batching
     vllm, vllm-eager                 vllm.py       real vLLM (CPU build, own venv, subprocess)
 
+The ladder is stages 01-06 (`folovllm.config.for_stage`); the axes beside it (`config.AXES`) are
+entries on top of a stage, not stages: 07, a GPTQ checkpoint, `folovllm-stage6[model=PATH]`
+(`folovllm/tools/gptq_quantizer.py` makes one); 08, `folovllm-stage6[tensor_parallel_size=2]`.
+
 Adding a peer is one `System` subclass (base.py) in a file of its own and one entry in `SYSTEMS`
 (and in `STAGE_PEERS` for the stages it is compared with).
 """
@@ -38,6 +42,9 @@ STAGE_PEERS: dict[int, list[str]] = {
     1: ["hf-generate"],
     2: ["folovllm-stage1", "hf-generate", "hf-generate-batch"],
     3: ["folovllm-stage2"],
+    4: ["folovllm-stage3"],
+    5: ["folovllm-stage4"],
+    6: ["folovllm-stage5"],
 }
 
 _FOLOVLLM_NAME = re.compile(r"folovllm-stage(\d+)(?:\[(.*)\])?")

@@ -28,7 +28,10 @@ def trace_columns(tracer: Any) -> dict[str, Any]:
 
 class FolovllmSystem(System):
     """`folovllm.LLM(model, stage=N, **engine_args)`; a fresh engine per repeat (so nothing, e.g.
-    a prefix cache, carries over), `LLM.generate` timed; its `EngineStats` and step trace."""
+    a prefix cache, carries over), `LLM.generate` timed; its `EngineStats` and step trace.
+
+    The overrides of `folovllm-stageN[key=value,...]` win over `BenchConfig`: any `EngineConfig`
+    field, and `model` (another checkpoint, e.g. a GPTQ one: axis 07) or `dtype`."""
 
     def __init__(self, cfg: BenchConfig, stage: int, overrides: Optional[dict[str, Any]] = None) -> None:
         super().__init__(cfg)
@@ -46,18 +49,31 @@ class FolovllmSystem(System):
     def engine_args(self) -> dict[str, Any]:
         return {**self.cfg.engine_args, **self.overrides}
 
+    def llm_args(self) -> dict[str, Any]:
+        """`LLM(**llm_args())`: the config's model, dtype, device, batch and seed, then the
+        engine arguments on top."""
+        return dict(dict(model=self.cfg.model, dtype=self.cfg.dtype, device=self.cfg.device,
+                         max_num_seqs=self.cfg.max_num_seqs, seed=self.cfg.seed), **self.engine_args)
+
     def check(self) -> None:
         from folovllm.config import EngineConfig
 
-        EngineConfig.for_stage(self.stage, dtype=self.cfg.dtype, device=self.cfg.device,
-                               max_num_seqs=self.cfg.max_num_seqs, **self.engine_args)
+        args = self.llm_args()
+        del args["model"], args["seed"]
+        EngineConfig.for_stage(self.stage, **args)
+
+    def build(self) -> Any:
+        """A fresh `folovllm.LLM` of this system (the benchmarks that drive the engine
+        themselves, e.g. step by step, build it here too)."""
+        from folovllm import LLM
+
+        return LLM(stage=self.stage, **self.llm_args())
 
     def prepare(self, workload: Workload) -> Any:
-        from folovllm import LLM, SamplingParams
+        from folovllm import SamplingParams
         from folovllm.trace.recorder import StepTracer
 
-        llm = LLM(self.cfg.model, stage=self.stage, dtype=self.cfg.dtype, device=self.cfg.device,
-                  max_num_seqs=self.cfg.max_num_seqs, seed=self.cfg.seed, **self.engine_args)
+        llm = self.build()
         prompts = [list(r.prompt_token_ids) for r in workload.requests]
         params = [SamplingParams(temperature=workload.temperature, top_p=1.0, top_k=0,
                                  max_tokens=r.max_tokens, ignore_eos=workload.ignore_eos)
