@@ -4,12 +4,17 @@ and checks that the file defines the name, so a rename in the code fails here in
 the docs pointing at nothing. (Code *included* by snippets is checked by `mkdocs build --strict`.)
 
 It also checks docs/interview/numbers.md: every number in its "number" column must appear in the
-`benchmarks/results/*.md` file that its row cites, so the page cannot drift from the results.
+`benchmarks/results/*.md` file that its row cites, so the page cannot drift from the results;
+that every `benchmarks/results/...` file a page or the README names exists; and that every
+markdown table has as many cells in each row as in its header (`mkdocs build --strict` does not
+catch it: a header one cell short of its separator renders as raw `| a | b |` text).
 """
 
 from __future__ import annotations
 
 import ast
+import glob
+import itertools
 import re
 from pathlib import Path
 
@@ -84,3 +89,132 @@ def test_every_headline_number_is_in_the_file_it_cites(what: str, source: str, n
         # the whole number, not a piece of a longer one ("2.13" must not match "torch 2.13.0")
         whole = re.compile(rf"(?<![\d.,]){re.escape(number)}(?![\d,]|\.\d)")
         assert whole.search(text), f"numbers.md: {what!r} quotes {number}, which {source} does not contain"
+
+
+# -- every cited results file exists --------------------------------------------------------------
+
+PAGES = sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md"]
+CITED_RESULT = re.compile(r"benchmarks/results/([\w.*{},-]+\.(?:md|json))")
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    """`a_{x,y}.json` -> [`a_x.json`, `a_y.json`] (the shell's brace expansion, as pages write it)."""
+    parts = re.split(r"\{([^{}]*)\}", pattern)
+    choices = [[p] if i % 2 == 0 else p.split(",") for i, p in enumerate(parts)]
+    return ["".join(c) for c in itertools.product(*choices)]
+
+
+def _cited_results() -> list[tuple[str, str]]:
+    found = set()
+    for page in PAGES:
+        for name in CITED_RESULT.findall(page.read_text(encoding="utf-8")):
+            found.add((str(page.relative_to(ROOT)), name))
+    return sorted(found)
+
+
+def test_the_pages_cite_results_files() -> None:
+    assert len(_cited_results()) > 20
+
+
+@pytest.mark.parametrize("page,name", _cited_results())
+def test_every_cited_results_file_exists(page: str, name: str) -> None:
+    for pattern in _expand_braces(name):
+        matches = glob.glob(str(ROOT / "benchmarks" / "results" / pattern))
+        assert matches, f"{page} cites benchmarks/results/{pattern}, which does not exist"
+
+
+# -- every markdown table is whole -----------------------------------------------------------------
+
+FENCE = re.compile(r"^\s*(`{3,}|~{3,})")
+SNIPPET = re.compile(r'^\s*--8<--\s+"([^":]+\.md)"\s*$')
+SEPARATOR = re.compile(r"^\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?$")
+
+
+def _prose_lines(path: Path, seen: frozenset[Path] = frozenset()) -> list[tuple[str, int, str]]:
+    """(file, line number, line) of every line outside code fences, with the markdown files that
+    `--8<-- "file.md"` includes (result tables) spliced in where the page includes them."""
+    lines, fence = [], None
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        opened = FENCE.match(line)
+        if fence is None and opened:
+            fence = opened.group(1)
+        elif fence is not None:
+            if line.strip().startswith(fence[0] * len(fence)) and not line.strip().strip(fence[0]):
+                fence = None
+        elif (include := SNIPPET.match(line)) and (ROOT / include.group(1)).is_file() and path not in seen:
+            lines += _prose_lines(ROOT / include.group(1), seen | {path})  # (no include loops)
+        else:
+            lines.append((str(path.relative_to(ROOT)), number, line))
+    return lines
+
+
+def _cells(row: str) -> int:
+    """Cells of a table row as Python-Markdown splits it: not at `\\|`, not inside `code`."""
+    row = row.strip()
+    row = row[1:] if row.startswith("|") else row
+    row = row[:-1] if row.endswith("|") and not row.endswith("\\|") else row
+    cells, code, i = 1, 0, 0
+    while i < len(row):
+        if row[i] == "\\":
+            i += 2
+            continue
+        if row[i] == "`":
+            run = len(row[i:]) - len(row[i:].lstrip("`"))
+            code = 0 if code == run else (run if not code else code)
+            i += run
+            continue
+        if row[i] == "|" and not code:
+            cells += 1
+        i += 1
+    return cells
+
+
+def _tables() -> list[tuple[str, int, list[tuple[int, int]]]]:
+    """(file, header line, [(line, cells)] for header, separator and body rows) of every table."""
+    tables = {}  # a results file included by several pages is one table
+    for page in PAGES:
+        lines = _prose_lines(page)
+        for i in range(len(lines) - 1):
+            (file, number, header), (_, _, separator) = lines[i], lines[i + 1]
+            if "|" not in header or not SEPARATOR.match(separator.strip()) or "|" not in separator:
+                continue
+            rows = [(number, _cells(header)), (lines[i + 1][1], _cells(separator))]
+            for _, n, row in itertools.takewhile(lambda x: x[2].strip().startswith("|"), lines[i + 2:]):
+                rows.append((n, _cells(row)))
+            tables[file, number] = rows
+    return [(file, number, rows) for (file, number), rows in sorted(tables.items())]
+
+
+def test_the_table_check_finds_the_tables_and_counts_cells() -> None:
+    assert len(_tables()) > 100
+    assert _cells("| a | `x | y` | b\\|c |") == 3 and _cells("|---|--:|") == 2
+
+
+@pytest.mark.parametrize("file,line,rows", _tables(), ids=lambda x: x if isinstance(x, (str, int)) else "")
+def test_every_table_row_has_the_header_s_cell_count(file: str, line: int, rows: list[tuple[int, int]]) -> None:
+    header = rows[0][1]
+    wrong = [(n, c) for n, c in rows[1:] if c != header]
+    assert not wrong, f"{file}:{line}: the header has {header} cells, but " + ", ".join(
+        f"line {n} has {c}" for n, c in wrong)
+
+
+# -- the stage page convention (stated in mkdocs.yml) -------------------------------------------
+
+STAGE_PAGES = sorted(p for p in (ROOT / "docs" / "stages").glob("0*.md") if "## Interview" in p.read_text())
+# Pages another branch is rewriting right now; drop a name here when its rewrite has landed.
+BEING_REWRITTEN = {"07-gptq.md"}
+
+
+@pytest.mark.parametrize("page", STAGE_PAGES, ids=lambda p: p.name)
+def test_stage_pages_keep_the_convention_and_every_exercise_has_a_hint_and_a_solution(page: Path) -> None:
+    if page.name in BEING_REWRITTEN:
+        pytest.skip(f"{page.name} is being rewritten on another branch")
+    headings = [line for _, _, line in _prose_lines(page) if line.startswith("## ")]
+    assert headings[0] == "## What this stage changes { #what-this-stage-changes }", headings[0]
+    assert headings[-2:] == ["## Exercises { #exercises }", "## Interview"], headings[-2:]
+    text = page.read_text(encoding="utf-8")
+    exercises = re.split(r"\n\*\*\d+\. ", text[text.index("## Exercises"):text.index("## Interview")])[1:]
+    assert exercises, f"{page.name}: no '**1. Title.**' exercises"
+    for number, exercise in enumerate(exercises, 1):
+        assert '??? tip "Hint"' in exercise, f"{page.name}: exercise {number} has no hint"
+        assert '??? success "Solution"' in exercise, f"{page.name}: exercise {number} has no solution"
