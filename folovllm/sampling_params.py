@@ -227,6 +227,9 @@ class SamplingParams:
         elif not isinstance(self.skip_reading_prefix_cache, bool):
             raise ValueError("skip_reading_prefix_cache must be True, False or None, got "
                              f"{self.skip_reading_prefix_cache!r}")
+        elif not self.skip_reading_prefix_cache and self.prompt_logprobs is not None:
+            raise ValueError("skip_reading_prefix_cache must not be False with prompt_logprobs: a "
+                             "position read from the cache has no logits to score")
 
     def verify_with_model(self, vocab_size: int, max_logprobs: int) -> None:
         """What depends on the model and the engine (`LLMEngine.validate_request`): how many

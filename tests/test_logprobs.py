@@ -176,6 +176,7 @@ def test_streamed_logprobs_add_up_to_the_final_ones(tiny_qwen3):
     (dict(logit_bias=[1]), "logit_bias"), (dict(allowed_token_ids=[]), "allowed_token_ids"),
     (dict(allowed_token_ids=[-1]), "allowed_token_ids"), (dict(bad_words=[""]), "bad_words"),
     (dict(bad_words="word"), "bad_words"), (dict(skip_reading_prefix_cache=1), "skip_reading_prefix_cache"),
+    (dict(prompt_logprobs=2, skip_reading_prefix_cache=False), "skip_reading_prefix_cache"),
 ])
 def test_bad_fields_are_refused_by_name(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field} "):

@@ -163,7 +163,6 @@ class Sampler:
             generator: Optional[torch.Generator] = request.generator or self.generator
             noise[row].exponential_(generator=generator)
         return (probs / noise).argmax(dim=-1)
-    # --8<-- [end:sample]
 
     @staticmethod
     def truncate(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
@@ -175,6 +174,7 @@ class Sampler:
         if (top_k > 0).any() or (top_p < 1.0).any():
             logits = apply_top_k_top_p(logits, top_k, top_p)
         return logits
+    # --8<-- [end:sample]
 
     # -- log-probabilities --------------------------------------------------------------------
 
