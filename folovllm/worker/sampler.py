@@ -257,7 +257,9 @@ def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> 
     top_logprobs, top_ids = torch.topk(logprobs, k, dim=-1)  # [n, k], best first
     token_ids = token_ids[:, None]  # [n, 1]
     token_logprobs = logprobs.gather(-1, token_ids)  # [n, 1]
-    ranks = (logprobs >= token_logprobs).sum(dim=-1)  # [n]
+    # [n]; counted in int32: the default int64 sum of a bool tensor is ~5x slower on CPU (23 vs
+    # 4 ms for [32, 151936] on one thread)
+    ranks = (logprobs >= token_logprobs).sum(dim=-1, dtype=torch.int32)
     return LogprobsLists(torch.cat([token_ids, top_ids], dim=1).tolist(),
                          torch.cat([token_logprobs, top_logprobs], dim=1).tolist(), ranks.tolist())
 # --8<-- [end:gather_logprobs]
