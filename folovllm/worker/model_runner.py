@@ -73,7 +73,7 @@ class ModelRunner:
         input_ids, positions, logits_indices = self.prepare_inputs(batch)
         md = self.build_metadata(batch, positions, self.kv_cache.block_size)
         hidden = self.model(input_ids, positions, md)  # [T, hidden]
-        if not len(logits_indices):  # the same on every rank: all skip the LM head's gather
+        if logits_indices.numel() == 0:  # the same on every rank: all skip the LM head's gather
             return None
         return self.model.compute_logits(hidden[logits_indices])  # [S + P, vocab]
     # --8<-- [end:execute_model]
