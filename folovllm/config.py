@@ -76,6 +76,7 @@ _DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs", "raw_logits", "processed_logits")
 # "auto" is stage 04's default, resolved per device by `attention_backends.default_backend`.
 _ATTENTION_BACKEND_CHOICES = ("auto", *ATTENTION_BACKENDS)
 
@@ -133,6 +134,13 @@ class EngineConfig:
     # are built on first use), "none": the torch code only, "auto": "all" on a CPU where they
     # build, else "none". Every layer keeps its torch version as the reference.
     custom_ops: str = "auto"
+    # log-probabilities (docs/logprobs.md), vLLM's two settings: the most `logprobs` /
+    # `prompt_logprobs` a request may ask for (-1 = no limit), and what they are computed from:
+    # "raw_logprobs" (the model's, the default), "processed_logprobs" (after the sampler's
+    # penalties, biases, temperature and top-k/top-p: the distribution the token was drawn
+    # from), or the logits themselves ("raw_logits", "processed_logits")
+    max_logprobs: int = 20
+    logprobs_mode: str = "raw_logprobs"
 
     def __post_init__(self) -> None:
         self._validate()
@@ -269,6 +277,10 @@ class EngineConfig:
                 "custom_ops='all' and attention_backend='cpu_attn' are CPU kernels; on "
                 "device='cuda' use custom_ops='auto' or 'none' and another backend"
             )
+        if not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool) or self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be an integer >= 0, or -1 for no limit, got {self.max_logprobs!r}")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}")
         if self.quantization not in (None, "gptq"):
             raise ValueError(
                 f"quantization must be None (the checkpoint's own) or 'gptq', got {self.quantization!r}"

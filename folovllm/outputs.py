@@ -7,6 +7,25 @@ from typing import Optional, Union
 
 
 @dataclass
+class Logprob:
+    """One token's log-probability at one position (vLLM's `vllm/logprobs.py`).
+
+    rank: 1 for the most likely token (ties share the worse rank: the count of tokens at least
+    as likely); decoded_token: the token alone, decoded (special tokens included)."""
+
+    logprob: float
+    rank: Optional[int] = None
+    decoded_token: Optional[str] = None
+
+
+# Per generated token, {token id: Logprob} holding the sampled token and the top `logprobs`
+# (so `logprobs` or `logprobs + 1` entries: the sampled token may be one of the top ones).
+SampleLogprobs = list[dict[int, Logprob]]
+# The same per prompt token; the first is None (nothing comes before it to predict it from).
+PromptLogprobs = list[Optional[dict[int, Logprob]]]
+
+
+@dataclass
 class RequestMetrics:
     """Wall-clock times (seconds, `time.perf_counter`) of one request's life.
 
@@ -62,6 +81,9 @@ class CompletionOutput:
     finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: Union[int, str, None] = None  # the stop string or stop token id that matched
     error: Optional[str] = None  # what went wrong, when finish_reason is "error"
+    # With SamplingParams.logprobs: per token in `token_ids`, and their sum (None otherwise)
+    logprobs: Optional[SampleLogprobs] = None
+    cumulative_logprob: Optional[float] = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -77,3 +99,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: Optional[RequestMetrics] = None
+    # With SamplingParams.prompt_logprobs: one entry per prompt token, None first
+    prompt_logprobs: Optional[PromptLogprobs] = None

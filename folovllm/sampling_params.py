@@ -6,7 +6,7 @@ import enum
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 _GREEDY_EPS = 1e-5  # temperatures below this are treated as greedy, as in vLLM
 SEED_LIMIT = 2**64  # torch.Generator seeds are unsigned 64-bit integers
@@ -54,6 +54,24 @@ class SamplingParams:
         ignore_eos: keep generating after EOS (benchmarks use it for fixed output lengths).
         skip_special_tokens: drop special tokens from the output text.
         output_kind: CUMULATIVE, DELTA (streaming) or FINAL_ONLY outputs from `LLMEngine.step`.
+
+    Log-probabilities (docs/logprobs.md) and the vocabulary filters:
+        logprobs: per generated token, the log-probability of the sampled token and of the
+            `logprobs` most likely ones (`CompletionOutput.logprobs`); 0 = the sampled token
+            only, -1 = the whole vocabulary, None = none. At most the engine's `max_logprobs`.
+        prompt_logprobs: the same for every prompt token (`RequestOutput.prompt_logprobs`).
+            Such a request recomputes its prompt instead of reading cached blocks (see
+            `skip_reading_prefix_cache`).
+        logit_bias: {token id: bias} added to the logits before sampling (OpenAI's field;
+            clamped to [-100, 100] as vLLM does; JSON's string keys are accepted).
+        allowed_token_ids: only these tokens can be sampled (vLLM).
+        bad_words: words that must not be generated: the last token of a word is forbidden
+            whenever the tokens generated so far end with the word's other tokens (vLLM).
+        skip_reading_prefix_cache: compute the whole prompt even when its blocks are cached
+            (stage 06). None = True exactly when `prompt_logprobs` is asked (vLLM's rule: a
+            cached position has no logits to score).
+        bad_words_token_ids: filled by the engine: `bad_words` tokenized with and without a
+            leading space (`update_from_tokenizer`).
     """
 
     n: int = 1
@@ -72,11 +90,19 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
+    logit_bias: Optional[dict[int, float]] = None
+    allowed_token_ids: Optional[list[int]] = None
+    bad_words: Optional[list[str]] = None
+    skip_reading_prefix_cache: Optional[bool] = None
+    bad_words_token_ids: Optional[list[list[int]]] = field(default=None, repr=False)
     # Filled by __post_init__: `stop` always as a list.
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._verify()
+        self._verify_logprobs_and_filters()
         # numpy scalars (and other numbers) become plain Python ones before they reach torch.
         for name in ("n", "top_k", "seed", "max_tokens", "min_tokens"):
             if getattr(self, name) is not None:
@@ -154,6 +180,100 @@ class SamplingParams:
                 raise bad(name, "True or False")
         if not isinstance(self.output_kind, RequestOutputKind):
             raise bad("output_kind", f"one of {[k.name for k in RequestOutputKind]}")
+
+    # -- log-probabilities and the vocabulary filters ------------------------------------------
+
+    def _verify_logprobs_and_filters(self) -> None:
+        """The fields of docs/logprobs.md on their own, brought to one form (ints, a dict of
+        int -> float, lists)."""
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is True:  # vLLM: True means 1
+                value = 1
+            if value is not None and (not _is_int(value) or not -1 <= value < 2**63):
+                raise ValueError(f"{name} must be an integer >= 0, -1 (the whole vocabulary) or "
+                                 f"None, got {value!r}")
+            setattr(self, name, None if value is None else int(value))
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}")
+            bias = {}
+            for token, value in self.logit_bias.items():
+                token_id = _as_token_id(token)
+                if token_id is None:
+                    raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+                if not _is_number(value):
+                    raise ValueError(f"logit_bias values must be finite numbers, got {value!r} for token {token!r}")
+                bias[token_id] = min(100.0, max(-100.0, float(value)))
+            self.logit_bias = bias
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if not isinstance(ids, (list, tuple)) or not ids or any(
+                    not _is_int(t) or not 0 <= t < 2**63 for t in ids):
+                raise ValueError("allowed_token_ids must be a non-empty list of token ids (integers "
+                                 f">= 0), got {ids!r}")
+            self.allowed_token_ids = [int(t) for t in ids]
+        if self.bad_words is not None:
+            words = self.bad_words
+            if not isinstance(words, (list, tuple)) or any(not isinstance(w, str) or not w.strip() for w in words):
+                raise ValueError(f"bad_words must be a list of non-blank strings, got {words!r}")
+            self.bad_words = list(dict.fromkeys(words))
+        ids = self.bad_words_token_ids
+        if ids is not None and (not isinstance(ids, list) or any(
+                not isinstance(w, list) or not w or any(not _is_int(t) or t < 0 for t in w) for w in ids)):
+            raise ValueError(f"bad_words_token_ids must be lists of token ids, got {ids!r}")
+        if self.skip_reading_prefix_cache is None:
+            self.skip_reading_prefix_cache = self.prompt_logprobs is not None
+        elif not isinstance(self.skip_reading_prefix_cache, bool):
+            raise ValueError("skip_reading_prefix_cache must be True, False or None, got "
+                             f"{self.skip_reading_prefix_cache!r}")
+        elif not self.skip_reading_prefix_cache and self.prompt_logprobs is not None:
+            raise ValueError("skip_reading_prefix_cache must not be False with prompt_logprobs: a "
+                             "position read from the cache has no logits to score")
+
+    def verify_with_model(self, vocab_size: int, max_logprobs: int) -> None:
+        """What depends on the model and the engine (`LLMEngine.validate_request`): how many
+        log-probabilities (`max_logprobs`, -1 = no limit) and token ids within the vocabulary."""
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            k = vocab_size if k == -1 else k
+            if k is not None and max_logprobs != -1 and k > max_logprobs:
+                raise ValueError(
+                    f"{name} must be at most the engine's max_logprobs={max_logprobs}, got "
+                    f"{getattr(self, name)} (raise max_logprobs when starting the engine)")
+        for name, ids in (("logit_bias", list(self.logit_bias or ())),
+                          ("allowed_token_ids", self.allowed_token_ids or [])):
+            bad = [t for t in ids if t >= vocab_size]
+            if bad:
+                raise ValueError(f"{name} must hold token ids of this model, in [0, {vocab_size}), got {bad[:5]}")
+
+    def update_from_tokenizer(self, tokenizer: Any, vocab_size: int) -> None:
+        """`bad_words` -> `bad_words_token_ids`, as vLLM does: each word is tokenized as
+        written and with one leading space (a word inside a sentence tokenizes differently
+        from one at its start); the spaced form is kept when it starts with another token and
+        has as many tokens."""
+        if not self.bad_words:
+            return
+        token_ids: list[list[int]] = []
+        for word in self.bad_words:
+            plain = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            forms = [plain]
+            if spaced and plain and spaced[0] != plain[0] and len(spaced) == len(plain):
+                forms.append(spaced)
+            if not plain or any(t >= vocab_size for ids in forms for t in ids):
+                raise ValueError(f"bad_words: {word!r} does not tokenize into token ids of this model")
+            token_ids += forms
+        self.bad_words_token_ids = token_ids
+
+
+def _as_token_id(value: object) -> Optional[int]:
+    """A token id given as an integer or, as JSON object keys are, a string of digits."""
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    if _is_int(value) and 0 <= value < 2**63:
+        return int(value)
+    return None
 
 
 def _is_int(value: object) -> bool:

@@ -94,7 +94,11 @@ class KVCacheManager(KVCacheManagerBase):
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
         """At admission: the cached blocks of the longest cached prefix of `request` and the
         tokens they hold (whole blocks; ([], 0) without prefix caching). Nothing is taken yet:
-        `allocate_slots` takes them if the request is admitted."""
+        `allocate_slots` takes them if the request is admitted. A request that asks for prompt
+        log-probabilities reads no cached block (vLLM's `skip_reading_prefix_cache`): a cached
+        position is never computed, so it would have no logits to score."""
+        if request.sampling_params.skip_reading_prefix_cache:
+            return [], 0
         blocks = self.prefix_cache.find_longest_cache_hit(request)
         return blocks, len(blocks) * self.block_size
     # --8<-- [end:get_computed_blocks]

@@ -36,7 +36,7 @@ from folovllm.outputs import RequestOutput
 from folovllm.sampling_params import SEED_LIMIT, SamplingParams
 from folovllm.worker.input_batch import InputBatch
 from folovllm.worker.model_runner import ModelRunner
-from folovllm.worker.sampler import Sampler
+from folovllm.worker.sampler import LogprobsLists, Sampler, gather_logprobs, num_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class LLMEngine:
         # The model lives behind the executor: in this process, or split over one worker
         # process per tensor-parallel rank (stage 08). It returns logits; the engine samples.
         generator = torch.Generator(self.config.device).manual_seed(self.config.seed)
-        self.sampler = Sampler(self.eos_token_ids, generator)
+        self.sampler = Sampler(self.eos_token_ids, generator, self.config.logprobs_mode)
         executor_cls = get_executor_cls(self.config)
         self.model_executor = executor_cls(self.config, path, self.hf_config)
         # The stage flags pick the engine's parts here, once (the executor above and, in its
@@ -183,6 +183,8 @@ class LLMEngine:
                 f"top_k must be at most the vocabulary size ({self.vocab_size}), or 0 / -1 to "
                 f"keep every token, got {params.top_k}"
             )
+        params.verify_with_model(self.vocab_size, self.config.max_logprobs)  # logprobs, biases
+        params.update_from_tokenizer(self.tokenizer, self.vocab_size)  # bad_words -> token ids
         return ProcessedPrompt(text, ids)
     # --8<-- [end:validate_request]
 
@@ -269,13 +271,22 @@ class LLMEngine:
     # --8<-- [start:execute_and_sample]
     def _execute_and_sample(self, output: SchedulerOutput) -> dict[str, int]:
         """The executor runs the model wherever it lives and returns the logits of the rows
-        that sample; the engine samples them with its one sampler, where the requests and their
-        seeded generators are. -> {request id: token} of the rows that caught up."""
-        logits = self.model_executor.execute_model(self.make_input_batch(output))  # [S, vocab] or None
-        requests = [output.requests[row] for row in output.sampling_rows]
-        if not requests:
+        that sample (then of the prompt positions whose log-probabilities are asked for); the
+        engine samples them with its one sampler, where the requests and their seeded
+        generators are, and hands the log-probabilities asked for to the output processor.
+        -> {request id: token} of the rows that caught up."""
+        batch = self.make_input_batch(output)
+        logits = self.model_executor.execute_model(batch)  # [S + P, vocab] or None
+        if logits is None:
             return {}
-        tokens = self.sampler(logits, requests)
+        requests = [output.requests[row] for row in output.sampling_rows]
+        logits, prompt_logits = logits[: len(requests)], logits[len(requests):]  # [S, V], [P, V]
+        tokens = self.sampler(logits, requests) if requests else []
+        sampled = None  # log-probabilities are computed only when someone asks
+        if any(r.sampling_params.logprobs is not None for r in requests):
+            sampled = self.sampler.compute_logprobs(logits, requests, tokens)
+        prompts = self.score_prompts(output, batch.prompt_logits, prompt_logits)
+        self.output_processor.add_logprobs(requests, sampled, prompts)
         return {r.request_id: t for r, t in zip(requests, tokens)}
     # --8<-- [end:execute_and_sample]
 
@@ -283,7 +294,8 @@ class LLMEngine:
     @staticmethod
     def make_input_batch(output: SchedulerOutput) -> InputBatch:
         """What the workers need of a step, in plain lists: the tokens each row feeds the model
-        (a decode row: one), where they start, the block tables, the rows that sample."""
+        (a decode row: one), where they start, the block tables, the rows that sample, and the
+        prompt positions whose logits are asked for."""
         starts = output.num_computed_tokens
         query_lens = [output.query_len(i) for i in range(output.num_rows)]
         return InputBatch(
@@ -294,8 +306,58 @@ class LLMEngine:
             query_lens=query_lens,
             block_tables=output.block_tables,
             sampling_rows=output.sampling_rows,
+            prompt_logits=LLMEngine.prompt_logits_rows(output),
         )
     # --8<-- [end:make_input_batch]
+
+    # --8<-- [start:prompt_logits_rows]
+    @staticmethod
+    def prompt_logits_rows(output: SchedulerOutput) -> dict[int, int]:
+        """Row -> how many of its first tokens need their logits, for the requests that ask
+        for prompt log-probabilities. Position j scores prompt token j + 1, so a row computing
+        positions [start, start + n) of a P-token prompt scores min(n, P - 1 - start) of them;
+        position P - 1 is the sampling row's. Only real tokens count (num_new_tokens, not stage
+        01's padded query_lens), and a request that has generated a token has all its prompt
+        log-probabilities already (a preempted one recomputing its prompt asks for none)::
+
+            prompt p0 p1 p2 p3 p4, chunks of 3:  row [p0 p1 p2] -> 3 (score p1 p2 p3)
+                                                 row [p3 p4]    -> 1 (scores p4; p4 samples)
+        """
+        rows = {}
+        for row, request in enumerate(output.requests):
+            if request.sampling_params.prompt_logprobs is None or request.num_output_tokens:
+                continue
+            count = min(output.num_new_tokens[row],
+                        request.num_prompt_tokens - 1 - output.num_computed_tokens[row])
+            if count > 0:
+                rows[row] = count
+        return rows
+    # --8<-- [end:prompt_logits_rows]
+
+    @staticmethod
+    def score_prompts(output: SchedulerOutput, prompt_logits_rows: dict[int, int],
+                      logits: torch.Tensor) -> list[tuple[str, int, LogprobsLists]]:
+        """logits [P, vocab] of the prompt positions of `prompt_logits_rows`, in row order ->
+        (request id, first position, its positions) per row: float32 log_softmax, each
+        position's next prompt token and the top k, gathered for all rows at once."""
+        if not prompt_logits_rows:
+            return []
+        rows = sorted(prompt_logits_rows)
+        targets: list[int] = []  # the prompt token each position scores
+        for row in rows:
+            start = output.num_computed_tokens[row]
+            targets += output.requests[row].prompt_token_ids[start + 1 : start + 1 + prompt_logits_rows[row]]
+        k = max(num_logprobs(output.requests[row].sampling_params.prompt_logprobs, logits.shape[-1])
+                for row in rows)
+        lists = gather_logprobs(logits.float().log_softmax(dim=-1),
+                                torch.tensor(targets, device=logits.device), k)
+        scored, offset = [], 0
+        for row in rows:
+            count = prompt_logits_rows[row]
+            scored.append((output.requests[row].request_id, output.num_computed_tokens[row],
+                           lists[offset : offset + count]))
+            offset += count
+        return scored
 
     def _mark_scheduled(self, output: SchedulerOutput) -> None:
         now = time.perf_counter()

@@ -24,8 +24,10 @@ from typing import Any, Optional, Sequence
 from folovllm.core.request import Request, RequestStatus
 from folovllm.engine.detokenizer import IncrementalDetokenizer
 from folovllm.engine.stop_strings import StopStringMatcher, get_stop_matcher
+from folovllm.engine.logprobs import LogprobsProcessor
 from folovllm.outputs import CompletionOutput, RequestOutput
 from folovllm.sampling_params import RequestOutputKind
+from folovllm.worker.sampler import LogprobsLists
 
 
 @dataclass
@@ -48,6 +50,9 @@ class OutputProcessor:
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         # child request id -> (automaton node, characters read): where its stop search stands
         self.stop_scans: dict[str, tuple[int, int]] = {}
+        # child request id -> its log-probabilities, for the requests that ask (docs/logprobs.md)
+        self.logprobs: dict[str, LogprobsProcessor] = {}
+        self.token_texts: dict[int, str] = {}  # token id -> decoded alone (Logprob.decoded_token)
 
     def add_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
                     children: list[Request]) -> None:
@@ -58,6 +63,30 @@ class OutputProcessor:
             self.parent_of[child.request_id] = request_id
             self.detokenizers[child.request_id] = IncrementalDetokenizer(
                 self.tokenizer, child.sampling_params.skip_special_tokens)
+            params = child.sampling_params
+            if params.logprobs is not None or params.prompt_logprobs is not None:
+                self.logprobs[child.request_id] = LogprobsProcessor(params, self.decode_tokens)
+
+    def add_logprobs(self, requests: Sequence[Request], sampled: Optional[LogprobsLists],
+                     prompts: Sequence[tuple[str, int, LogprobsLists]]) -> None:
+        """One step's log-probabilities (`LLMEngine._execute_and_sample`): `sampled` holds one
+        position per request of `requests` that asks for `logprobs`, in order; `prompts` (child
+        request id, first prompt position, its positions) those of the prompt rows."""
+        asking = [r for r in requests if r.sampling_params.logprobs is not None]
+        for i, request in enumerate(asking):
+            assert sampled is not None
+            self.logprobs[request.request_id].add_sampled(sampled[i : i + 1])
+        for request_id, first_position, lists in prompts:
+            self.logprobs[request_id].add_prompt(first_position, lists)
+
+    def decode_tokens(self, token_ids: list[int]) -> list[str]:
+        """Each token decoded alone, as vLLM's `decoded_token` (special tokens kept), cached:
+        a vocabulary's worth of short strings at most."""
+        missing = list({t for t in token_ids if t not in self.token_texts})
+        if missing:
+            texts = self.tokenizer.batch_decode([[t] for t in missing])
+            self.token_texts.update(zip(missing, texts))
+        return [self.token_texts[t] for t in token_ids]
 
     def process(self, advanced: list[Request], failed: Sequence[Request] = ()) -> list[RequestOutput]:
         """Detokenize the requests that got a token, apply stop strings, build the outputs of
@@ -123,6 +152,7 @@ class OutputProcessor:
         if kind == RequestOutputKind.FINAL_ONLY and not finished:
             return None
         completions = []
+        first_delta = parent.children[0].request_id not in self.sent
         for i, child in enumerate(parent.children):
             # --8<-- [start:stream_hold_back]
             text, token_ids = child.output_text, child.output_token_ids
@@ -137,6 +167,7 @@ class OutputProcessor:
                 self.sent[child.request_id] = (len(text), len(token_ids))
                 text, token_ids = text[sent_chars:], token_ids[sent_tokens:]
             # --8<-- [end:stream_hold_back]
+            logprobs = self.logprobs.get(child.request_id)
             completions.append(
                 CompletionOutput(
                     index=i,
@@ -145,8 +176,16 @@ class OutputProcessor:
                     finish_reason=child.status.finish_reason,
                     stop_reason=child.stop_reason,
                     error=child.error,
+                    # the same tokens as token_ids: all of them, or (DELTA) the new ones
+                    logprobs=None if logprobs is None or logprobs.logprobs is None
+                    else logprobs.logprobs[child.num_output_tokens - len(token_ids):],
+                    cumulative_logprob=None if logprobs is None else logprobs.cumulative_logprob,
                 )
             )
+        scored = self.logprobs.get(parent.children[0].request_id)
+        prompt_logprobs = None
+        if scored is not None and (kind != RequestOutputKind.DELTA or first_delta):
+            prompt_logprobs = scored.prompt_logprobs  # DELTA: in the first output only
         if finished:
             del self.parents[parent.request_id]
             for child in parent.children:
@@ -154,6 +193,7 @@ class OutputProcessor:
                 self.sent.pop(child.request_id, None)
                 self.detokenizers.pop(child.request_id, None)
                 self.stop_scans.pop(child.request_id, None)
+                self.logprobs.pop(child.request_id, None)
         return RequestOutput(
             request_id=parent.request_id,
             prompt=parent.prompt,
@@ -161,4 +201,5 @@ class OutputProcessor:
             outputs=completions,
             finished=finished,
             metrics=parent.children[0].metrics,
+            prompt_logprobs=prompt_logprobs,
         )

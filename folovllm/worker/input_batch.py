@@ -9,6 +9,12 @@ runner lays it out as tensors. It holds what a forward pass reads, row by row::
     1    "B"     [b8]               8                    1          [0, 7, 2]    yes (decode)
     2    "C"     [c0 c1 c2 c3]      0                    4          [5]          no  (a chunk)
                                                   (block size 4)    sampling_rows = [0, 1]
+                                                                    prompt_logits = {2: 4}
+
+A request with `prompt_logprobs` also needs the logits of its prompt positions (position j
+scores prompt token j + 1): `prompt_logits` maps such a row to how many of its first tokens go
+through the LM head too (row 2 above: all four; a row that ends the prompt: all but its last,
+whose logits are its sampling row's). No entry, no extra logits.
 
 A decode row carries one token id and its block table, however long its request is: the tokens
 already in the KV cache are not sent again, nor anything else a `Request` carries (every token,
@@ -24,7 +30,7 @@ about requests. The block tables are the part that grows with context (one id pe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -40,7 +46,9 @@ class InputBatch:
         num_computed_tokens: the position of each row's first token.
         query_lens: tokens each row feeds the model, padding included.
         block_tables: the block ids of each row's request.
-        sampling_rows: the rows that sample, in order: the rows of the logits returned.
+        sampling_rows: the rows that sample, in order: the first rows of the logits returned.
+        prompt_logits: row -> how many of its first tokens also return their logits (prompt
+            log-probabilities), after the sampling rows', in row order.
     """
 
     req_ids: list[str]
@@ -49,6 +57,7 @@ class InputBatch:
     query_lens: list[int]
     block_tables: list[list[int]]
     sampling_rows: list[int]
+    prompt_logits: dict[int, int] = field(default_factory=dict)
 
     @property
     def num_rows(self) -> int:

@@ -13,7 +13,12 @@ to, then packs all rows into one flat batch of T tokens::
 
 Only the rows that sample (`InputBatch.sampling_rows`, which is `SchedulerOutput.sampling_rows`)
 go through the LM head; the engine samples their logits. A row that computes part of a prompt
-has no next token yet and draws no random numbers.
+has no next token yet and draws no random numbers. A request that asks for prompt
+log-probabilities adds the prompt positions of its rows (`InputBatch.prompt_logits`) after
+them::
+
+    row a (prompt_logprobs, whole prompt of 3) and row b (decode)
+    logits rows   [2, 3, 0, 1]   = a's last, b's last | a's positions 0 and 1 (they score a1, a2)
 
 A row with `query_lens` longer than its tokens (stage 01 pads every prompt to the longest of its
 batch) is filled with dummy tokens at the following positions: the model computes them and
@@ -60,16 +65,17 @@ class ModelRunner:
     # --8<-- [start:execute_model]
     @torch.inference_mode()
     def execute_model(self, batch: InputBatch) -> Optional[torch.Tensor]:
-        """Run the model on one step -> float32 logits [S, vocab] of the S rows that sample, in
-        `batch.sampling_rows` order; None when no row samples, and on tensor-parallel ranks
-        other than 0 (the LM head gathers the vocabulary on rank 0)."""
+        """Run the model on one step -> float32 logits [S + P, vocab]: the S rows that sample,
+        in `batch.sampling_rows` order, then the P prompt positions of `batch.prompt_logits`;
+        None when there are none, and on tensor-parallel ranks other than 0 (the LM head
+        gathers the vocabulary on rank 0)."""
         assert self.kv_cache is not None, "initialize_kv_cache() first"
         input_ids, positions, logits_indices = self.prepare_inputs(batch)
         md = self.build_metadata(batch, positions, self.kv_cache.block_size)
         hidden = self.model(input_ids, positions, md)  # [T, hidden]
-        if not batch.sampling_rows:  # the same on every rank: all skip the LM head's gather
+        if logits_indices.numel() == 0:  # the same on every rank: all skip the LM head's gather
             return None
-        return self.model.compute_logits(hidden[logits_indices])  # [S, vocab]
+        return self.model.compute_logits(hidden[logits_indices])  # [S + P, vocab]
     # --8<-- [end:execute_model]
 
     # --8<-- [start:determine_available_memory]
@@ -119,17 +125,20 @@ class ModelRunner:
 
     # --8<-- [start:prepare_inputs]
     def prepare_inputs(self, batch: InputBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> input_ids [T], positions [T], logits_indices [S]: where the last token of each row
-        that samples sits in the flat batch (a row that samples ends at its request's last
-        token; stage 01's padding comes after it)."""
+        """-> input_ids [T], positions [T], logits_indices [S + P]: where the last token of
+        each row that samples sits in the flat batch (a row that samples ends at its request's
+        last token; stage 01's padding comes after it), then the first tokens of the rows in
+        `batch.prompt_logits` (real tokens only: padding never reaches the LM head)."""
         input_ids: list[int] = []
         positions: list[int] = []
-        last_token: list[int] = []  # flat index of each row's last real token
+        first_token: list[int] = []  # flat index of each row's first token
         for tokens, start, query_len in zip(batch.token_ids, batch.num_computed_tokens, batch.query_lens):
-            last_token.append(len(input_ids) + len(tokens) - 1)
+            first_token.append(len(input_ids))
             input_ids += tokens + [PAD_TOKEN_ID] * (query_len - len(tokens))
             positions += range(start, start + query_len)
-        logits_indices = [last_token[row] for row in batch.sampling_rows]
+        logits_indices = [first_token[row] + len(batch.token_ids[row]) - 1 for row in batch.sampling_rows]
+        for row, count in sorted(batch.prompt_logits.items()):
+            logits_indices += range(first_token[row], first_token[row] + count)
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
         return as_tensor(input_ids), as_tensor(positions), as_tensor(logits_indices)
     # --8<-- [end:prepare_inputs]

@@ -1,13 +1,16 @@
-"""`Sampler`: turn the last-token logits of a batch into one next token per sequence.
+"""`Sampler`: turn the last-token logits of a batch into one next token per sequence, and score
+the log-probabilities the requests ask for.
 
 Each row of the batch carries its own `SamplingParams`, so every transform takes per-row values
-(a [N] tensor of temperatures, of top-p, ...) and the batch is processed in one pass::
+(a [N] tensor of temperatures, of top-p, ...) and the batch is processed in one pass (vLLM's
+order)::
 
     logits [N, V] float32
+      -> bans: outside allowed_token_ids, bad_words, min_tokens (EOS and stop ids) -> -inf
+      -> logit_bias
       -> penalties (repetition on prompt+output; presence/frequency on output)
-      -> min_tokens: EOS and stop token ids get -inf until enough tokens exist
       -> greedy rows: argmax                                   (temperature == 0)
-      -> other rows: / temperature -> top_k -> top_p -> min_p -> softmax -> sample
+      -> other rows: / temperature -> top_k -> top_p -> softmax -> min_p -> sample
 
 The engine owns the one sampler (`LLMEngine.sampler`) and feeds it the logits the executor
 returns, at any tensor-parallel size: the requests and their generators live in its process.
@@ -15,21 +18,29 @@ returns, at any tensor-parallel size: the requests and their generators live in 
 Sampling uses the "exponential race": argmax(p / e) with e ~ Exp(1) i.i.d. picks token i with
 probability p_i. Its noise comes from the request's own `torch.Generator` when it has a seed, so a
 seeded request samples the same tokens whatever else shares its batch.
+
+Log-probabilities (`compute_logprobs`, `gather_logprobs`; docs/logprobs.md) are float32
+`log_softmax` of the model's logits ("raw", the default) or of the processed ones, one
+`torch.topk` over every row that asks, with the batch's largest k.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
 from folovllm.core.request import Request
+from folovllm.sampling_params import SamplingParams
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: Sequence[int], generator: torch.Generator) -> None:
+    def __init__(self, eos_token_ids: Sequence[int], generator: torch.Generator,
+                 logprobs_mode: str = "raw_logprobs") -> None:
         self.eos_token_ids = list(eos_token_ids)
         self.generator = generator  # noise for requests without a seed
+        self.logprobs_mode = logprobs_mode  # EngineConfig.logprobs_mode
 
     # --8<-- [start:sampler_call]
     def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> list[int]:
@@ -39,9 +50,7 @@ class Sampler:
             # logits ([N, 151936] floats for Qwen3: ~0.6 MB a row) and the per-row passes. The
             # general path below gives the same tokens (tests/test_sampling.py).
             return logits.argmax(dim=-1).tolist()
-        logits = logits.clone()
-        self.apply_penalties(logits, requests)
-        self.apply_min_tokens(logits, requests)
+        logits = self.process(logits, requests)
         params = [r.sampling_params for r in requests]
         greedy = torch.tensor([p.greedy for p in params], device=logits.device)
         next_tokens = logits.argmax(dim=-1)
@@ -53,14 +62,71 @@ class Sampler:
     # --8<-- [end:sampler_call]
 
     def plain_greedy(self, request: Request) -> bool:
-        """Greedy, and no penalty or min_tokens ban applies this step."""
+        """Greedy, and no penalty, bias, filter or min_tokens ban applies this step."""
         p = request.sampling_params
         return (p.greedy and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
                 and p.frequency_penalty == 0.0
+                and not (p.logit_bias or p.allowed_token_ids or p.bad_words_token_ids)
                 and (request.num_output_tokens >= p.min_tokens
                      or not (p.stop_token_ids or (self.eos_token_ids and not p.ignore_eos))))
 
     # -- logit processors ---------------------------------------------------------------------
+
+    def process(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+        """A copy of logits [N, V] with every row's bans, bias and penalties applied: what the
+        greedy rows take the argmax of, and the sampled rows divide by their temperature."""
+        logits = logits.clone()
+        self.apply_bans(logits, requests)
+        self.apply_logit_bias(logits, requests)
+        self.apply_penalties(logits, requests)
+        return logits
+
+    def apply_bans(self, logits: torch.Tensor, requests: Sequence[Request]) -> None:
+        """In place: -inf for every token a row may not sample now (one indexed write for the
+        batch, one masked fill for the rows with `allowed_token_ids`):
+
+            min_tokens   EOS and stop_token_ids, while the request has fewer outputs
+            bad_words    a word's last token, when the output ends with the word's other tokens
+            allowed_token_ids   every token not in the list
+        """
+        rows: list[int] = []
+        tokens: list[int] = []
+        allowed_rows: list[int] = []
+        for row, request in enumerate(requests):
+            banned = self.min_tokens_bans(request) + bad_words_bans(request)
+            rows += [row] * len(banned)
+            tokens += banned
+            if request.sampling_params.allowed_token_ids:
+                allowed_rows.append(row)
+        if rows:
+            logits[rows, tokens] = float("-inf")
+        if allowed_rows:
+            keep = torch.zeros(len(allowed_rows), logits.shape[-1], dtype=torch.bool, device=logits.device)
+            ids = [requests[row].sampling_params.allowed_token_ids for row in allowed_rows]
+            keep[[i for i, row_ids in enumerate(ids) for _ in row_ids], [t for row_ids in ids for t in row_ids]] = True
+            logits[allowed_rows] = logits[allowed_rows].masked_fill(~keep, float("-inf"))
+
+    def min_tokens_bans(self, request: Request) -> list[int]:
+        """The ending tokens a request may not sample before it has min_tokens outputs."""
+        p = request.sampling_params
+        if request.num_output_tokens >= p.min_tokens:
+            return []
+        return list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
+
+    @staticmethod
+    def apply_logit_bias(logits: torch.Tensor, requests: Sequence[Request]) -> None:
+        """In place: logits[row, token] += bias for every (token, bias) of every row's
+        logit_bias, in one indexed add."""
+        rows, tokens, biases = [], [], []
+        for row, request in enumerate(requests):
+            for token, bias in (request.sampling_params.logit_bias or {}).items():
+                rows.append(row)
+                tokens.append(token)
+                biases.append(bias)
+        if rows:
+            index = (torch.tensor(rows, device=logits.device), torch.tensor(tokens, device=logits.device))
+            logits.index_put_(index, torch.tensor(biases, dtype=logits.dtype, device=logits.device),
+                              accumulate=True)
 
     @staticmethod
     def apply_penalties(logits: torch.Tensor, requests: Sequence[Request]) -> None:
@@ -82,40 +148,126 @@ class Sampler:
                 counts = torch.bincount(out, minlength=vocab_size)[:vocab_size].to(logits.dtype)
                 logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
 
-    def apply_min_tokens(self, logits: torch.Tensor, requests: Sequence[Request]) -> None:
-        """In place: forbid ending tokens for requests that have fewer than min_tokens outputs."""
-        for row, request in enumerate(requests):
-            p = request.sampling_params
-            if request.num_output_tokens < p.min_tokens:
-                banned = list(p.stop_token_ids)
-                if not p.ignore_eos:
-                    banned += self.eos_token_ids
-                if banned:
-                    logits[row, banned] = float("-inf")
-
     # -- sampling -----------------------------------------------------------------------------
 
     # --8<-- [start:sample]
     def sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
         """logits [M, V] of non-greedy rows -> [M] sampled token ids."""
         params = [r.sampling_params for r in requests]
-        device = logits.device
-        temperature = torch.tensor([p.temperature for p in params], device=device)
-        logits = logits / temperature[:, None]
-        top_k = torch.tensor([p.top_k for p in params], device=device)
-        top_p = torch.tensor([p.top_p for p in params], device=device)
-        if (top_k > 0).any() or (top_p < 1.0).any():
-            logits = apply_top_k_top_p(logits, top_k, top_p)
-        probs = torch.softmax(logits, dim=-1)
-        min_p = torch.tensor([p.min_p for p in params], device=device)
+        probs = torch.softmax(self.truncate(logits, params), dim=-1)  # temperature, top-k, top-p
+        min_p = torch.tensor([p.min_p for p in params], device=logits.device)
         if (min_p > 0).any():
-            probs = probs.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, 0.0)
+            probs = probs.masked_fill(below_min_p(probs, min_p), 0.0)
         noise = torch.empty_like(probs)
         for row, request in enumerate(requests):
             generator: Optional[torch.Generator] = request.generator or self.generator
             noise[row].exponential_(generator=generator)
         return (probs / noise).argmax(dim=-1)
+
+    @staticmethod
+    def truncate(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+        """logits [M, V] / temperature, -inf outside each row's top-k and top-p."""
+        device = logits.device
+        logits = logits / torch.tensor([p.temperature for p in params], device=device)[:, None]
+        top_k = torch.tensor([p.top_k for p in params], device=device)
+        top_p = torch.tensor([p.top_p for p in params], device=device)
+        if (top_k > 0).any() or (top_p < 1.0).any():
+            logits = apply_top_k_top_p(logits, top_k, top_p)
+        return logits
     # --8<-- [end:sample]
+
+    # -- log-probabilities --------------------------------------------------------------------
+
+    # --8<-- [start:compute_logprobs]
+    def compute_logprobs(self, logits: torch.Tensor, requests: Sequence[Request],
+                         token_ids: Sequence[int]) -> Optional[LogprobsLists]:
+        """The log-probabilities of the sampled tokens and of each row's top `logprobs`, for
+        the rows whose request asks (in order; None when none does). logits [N, V] are the raw
+        ones `__call__` sampled `token_ids` from; the processed modes apply the same processing
+        again to the rows that ask (it draws nothing, so it is what the sampler saw)."""
+        rows = [i for i, r in enumerate(requests) if r.sampling_params.logprobs is not None]
+        if not rows:
+            return None
+        asking = [requests[i] for i in rows]
+        logits = logits[rows].float()  # [R, V]
+        if self.logprobs_mode.startswith("processed"):
+            logits = self.processed_logits(logits, asking)
+        scores = logits.log_softmax(dim=-1) if self.logprobs_mode.endswith("logprobs") else logits
+        k = max(num_logprobs(r.sampling_params.logprobs, logits.shape[-1]) for r in asking)
+        sampled = torch.tensor([token_ids[i] for i in rows], device=logits.device)
+        return gather_logprobs(scores, sampled, k)
+    # --8<-- [end:compute_logprobs]
+
+    def processed_logits(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+        """logits [N, V] -> the logits each row's token was drawn from: `process`, then for the
+        sampled rows temperature, top-k/top-p and min-p (as -inf), as `sample` does."""
+        logits = self.process(logits, requests)
+        rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
+        if rows:
+            params = [requests[i].sampling_params for i in rows]
+            drawn = self.truncate(logits[rows], params)
+            min_p = torch.tensor([p.min_p for p in params], device=logits.device)
+            if (min_p > 0).any():
+                drawn = drawn.masked_fill(below_min_p(drawn.softmax(dim=-1), min_p), float("-inf"))
+            logits[rows] = drawn
+        return logits
+
+
+def below_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """probs [M, V], min_p [M] -> True where a token is below min_p times its row's largest."""
+    return probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+
+
+def bad_words_bans(request: Request) -> list[int]:
+    """vLLM's bad words: for each tokenized bad word [w0 .. wn], wn is banned when the tokens
+    generated so far end with [w0 .. wn-1] (a one-token word: always)::
+
+        bad word  [17, 4, 9]     output [.. 3 17 4]  -> 9 banned now
+                                 output [.. 3 17 5]  -> nothing banned
+    """
+    output = request.output_token_ids
+    banned = []
+    for word in request.sampling_params.bad_words_token_ids or ():
+        prefix = word[:-1]
+        if len(prefix) <= len(output) and output[len(output) - len(prefix):] == prefix:
+            banned.append(word[-1])
+    return banned
+
+
+@dataclass
+class LogprobsLists:
+    """Scored positions (vLLM's `LogprobsLists`, v1/outputs.py), as plain lists: at position
+    i, `token_ids[i]` is the token scored (sampled, or the prompt's next token) followed by the
+    top k, best first; `logprobs[i]` their log-probabilities; `ranks[i]` the scored token's
+    rank (1 = most likely; the count of tokens at least as likely)."""
+
+    token_ids: list[list[int]]  # [n][1 + k]
+    logprobs: list[list[float]]  # [n][1 + k]
+    ranks: list[int]  # [n]
+
+    def __getitem__(self, rows: slice) -> "LogprobsLists":
+        return LogprobsLists(self.token_ids[rows], self.logprobs[rows], self.ranks[rows])
+
+
+# --8<-- [start:gather_logprobs]
+def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> LogprobsLists:
+    """logprobs [n, V] (float32 log_softmax, or logits), token_ids [n] -> each row's scored
+    token and the top k, in one `torch.topk` over all rows (a row that asked for fewer keeps
+    the first entries of its list). vLLM's `Sampler.gather_logprobs`."""
+    top_logprobs, top_ids = torch.topk(logprobs, k, dim=-1)  # [n, k], best first
+    token_ids = token_ids[:, None]  # [n, 1]
+    token_logprobs = logprobs.gather(-1, token_ids)  # [n, 1]
+    # [n]; counted in int32: the default int64 sum of a bool tensor is ~5x slower on CPU (23 vs
+    # 4 ms for [32, 151936] on one thread)
+    ranks = (logprobs >= token_logprobs).sum(dim=-1, dtype=torch.int32)
+    return LogprobsLists(torch.cat([token_ids, top_ids], dim=1).tolist(),
+                         torch.cat([token_logprobs, top_logprobs], dim=1).tolist(), ranks.tolist())
+# --8<-- [end:gather_logprobs]
+
+
+def num_logprobs(k: int, vocab_size: int) -> int:
+    """A request's `logprobs` / `prompt_logprobs` as a count: -1 is the whole vocabulary."""
+    return vocab_size if k == -1 else min(k, vocab_size)
 
 
 # --8<-- [start:top_k_top_p]
