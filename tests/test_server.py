@@ -266,8 +266,8 @@ def test_disconnect_while_waiting_for_a_non_streamed_answer_aborts(server):
     ({"prompt": ""}, "prompt", "prompt must be a non-empty string"),
     ({"prompt": [5] * 1100}, "prompt", "prompt has 1100 tokens, more than max_model_len=1024"),
     ({"prompt": [10**6]}, "prompt", "prompt token ids must be integers in [0,"),
-    ({"logprobs": 1}, "logprobs", "logprobs is not supported"),
-    ({"echo": True}, "echo", "echo: Extra inputs are not permitted"),
+    ({"logprobs": 21}, "logprobs", "logprobs must be at most the engine's max_logprobs=20"),
+    ({"suffix": "x"}, "suffix", "suffix: Extra inputs are not permitted"),
 ])
 def test_bad_input_is_400_naming_the_field(server, fields, param, message):
     prompt = fields.get("prompt", "the engine")
@@ -283,9 +283,9 @@ def test_chat_bad_input_and_logprobs_are_400(server):
     client = server.client()
     with pytest.raises(openai.BadRequestError, match="messages"):
         client.chat.completions.create(model=MODEL, messages=[])
-    with pytest.raises(openai.BadRequestError, match="logprobs is not supported"):
+    with pytest.raises(openai.BadRequestError, match="top_logprobs must be at most"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
-                                       logprobs=True)
+                                       logprobs=True, top_logprobs=21)
 
 
 def test_auth_unknown_model_and_malformed_json(server):

@@ -3,6 +3,7 @@
     POST /v1/completions         serving_completion.py
     POST /v1/chat/completions    serving_chat.py
     GET  /v1/models              the one model served
+    POST /tokenize, /detokenize  vLLM's: text <-> token ids, as the engine tokenizes a prompt
     GET  /health                 200 while the engine loop is alive, else 503
     GET  /metrics                Prometheus text (engine/metrics.py)
     GET  /trace/                 with `--trace`: the live step page (trace/page.py)
@@ -28,6 +29,7 @@ import base64
 import logging
 import secrets
 import signal
+from functools import partial
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Optional
 
@@ -41,8 +43,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from folovllm.engine.async_llm import AsyncLLM, EngineDeadError, RequestAbortedError
 from folovllm.engine.llm_engine import LLMEngine
 from folovllm.engine.metrics import CONTENT_TYPE
-from folovllm.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, ErrorInfo,
-                                                  ErrorResponse, ModelCard, ModelList)
+from folovllm.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest,
+                                                  DetokenizeRequest, DetokenizeResponse, ErrorInfo,
+                                                  ErrorResponse, ModelCard, ModelList, TokenizeRequest,
+                                                  TokenizeResponse)
 from folovllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from folovllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from folovllm.entrypoints.openai.serving_engine import APIError, ServerOptions
@@ -84,6 +88,25 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: Optional[str] = Non
         return JSONResponse(ModelList(data=[card]).model_dump())
 
     app.include_router(v1)
+
+    @app.post("/tokenize")
+    async def tokenize(request: TokenizeRequest) -> Response:
+        completion.check_model(request.model)
+        completion.check_prompt_chars(len(request.prompt), "prompt")
+        ids = await async_llm.run_off_loop(
+            partial(engine.tokenizer.encode, request.prompt, add_special_tokens=request.add_special_tokens))
+        return JSONResponse(TokenizeResponse(count=len(ids), max_model_len=engine.config.max_model_len,
+                                             tokens=ids).model_dump())
+
+    @app.post("/detokenize")
+    async def detokenize(request: DetokenizeRequest) -> Response:
+        completion.check_model(request.model)
+        bad = [t for t in request.tokens if not 0 <= t < engine.vocab_size]
+        if bad:
+            raise APIError(400, f"tokens must be token ids of this model, in [0, {engine.vocab_size}), "
+                                f"got {bad[:5]}", param="tokens")
+        text = await async_llm.run_off_loop(engine.tokenizer.decode, request.tokens)
+        return JSONResponse(DetokenizeResponse(prompt=text).model_dump())
 
     @app.get("/health")
     async def health() -> Response:

@@ -7,7 +7,9 @@ the engine's own messages ("top_p must be in (0, 1], got 1.5") and there is one 
 
 Fields beyond OpenAI's, as `vllm serve` has them (the `openai` client sends them through
 `extra_body`): top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids,
-skip_special_tokens; for chat, chat_template_kwargs (e.g. {"enable_thinking": false} for Qwen3).
+skip_special_tokens, allowed_token_ids, bad_words; for chat, chat_template_kwargs (e.g.
+{"enable_thinking": false} for Qwen3). OpenAI's `logit_bias` has string keys (JSON object keys);
+`SamplingParams` reads them as token ids.
 Unknown fields are refused (400) rather than silently ignored.
 
 Text fields refuse lone UTF-16 surrogates (JSON may spell "\\ud800" without its pair, Python
@@ -81,7 +83,8 @@ class StreamOptions(OpenAIBaseModel):
 # The request fields that are `SamplingParams` fields of the same name and meaning.
 SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids",
-                   "min_tokens", "ignore_eos", "skip_special_tokens")
+                   "min_tokens", "ignore_eos", "skip_special_tokens", "logit_bias",
+                   "allowed_token_ids", "bad_words")
 
 
 # --8<-- [start:sampling_fields]
@@ -103,15 +106,19 @@ class SamplingRequest(OpenAIBaseModel):
     min_tokens: Optional[int] = None
     ignore_eos: Optional[bool] = None
     skip_special_tokens: Optional[bool] = None
+    logit_bias: Optional[dict[Text, float]] = None  # {"token id": bias}, OpenAI's string keys
+    allowed_token_ids: Optional[TokenIds] = None
+    bad_words: Optional[list[Text]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[Text] = None  # accepted and ignored, as by OpenAI for abuse tracking
 
-    def to_sampling_params(self, max_tokens: Optional[int]) -> SamplingParams:
-        """Raises ValueError with SamplingParams' message on a bad value."""
+    def to_sampling_params(self, max_tokens: Optional[int], **extra: Any) -> SamplingParams:
+        """Raises ValueError with SamplingParams' message on a bad value. `extra`: the fields an
+        endpoint maps itself (logprobs)."""
         sent = {name: getattr(self, name) for name in SAMPLING_FIELDS if getattr(self, name) is not None}
         kind = RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY
-        return SamplingParams(max_tokens=max_tokens, output_kind=kind, **sent)
+        return SamplingParams(max_tokens=max_tokens, output_kind=kind, **sent, **extra)
 
     @property
     def include_usage(self) -> bool:
@@ -120,10 +127,19 @@ class SamplingRequest(OpenAIBaseModel):
 
 
 class CompletionRequest(SamplingRequest):
-    # One prompt: a string or token ids (a list of one of those is unwrapped).
+    # A string or token ids, or a list of those: one request per prompt, `n` choices each.
     prompt: Prompt
-    max_tokens: Optional[int] = 16
-    logprobs: Optional[int] = None  # refused: the engine does not compute logprobs
+    max_tokens: Optional[int] = 16  # 0 only with echo: the prompt's log-probabilities alone
+    # The sampled token and the `logprobs` most likely ones per position (OpenAI allows 0..5,
+    # vLLM up to its max_logprobs, as here); with echo, the prompt's positions too.
+    logprobs: Optional[int] = Field(default=None, ge=0)
+    echo: bool = False  # the answer's text (and logprobs) start with the prompt's
+
+    @property
+    def prompt_only(self) -> bool:
+        """echo with max_tokens 0: lm-evaluation-harness's likelihood request. The engine
+        samples one token (SamplingParams needs >= 1, as vLLM's), which the answer leaves out."""
+        return self.echo and self.max_tokens == 0
 
 
 class ChatContentPart(OpenAIBaseModel):
@@ -148,8 +164,8 @@ class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Optional[int] = None  # deprecated by OpenAI for max_completion_tokens
     max_completion_tokens: Optional[int] = None
-    logprobs: Optional[bool] = None  # refused when true
-    top_logprobs: Optional[int] = None
+    logprobs: Optional[bool] = None  # each generated token's log-probability ...
+    top_logprobs: Optional[int] = Field(default=None, ge=0)  # ... and the k most likely
     add_generation_prompt: bool = True
     chat_template_kwargs: Annotated[Optional[dict[str, Any]], AfterValidator(_valid_unicode)] = None
 
@@ -174,15 +190,40 @@ class _Response(OpenAIBaseModel):
     model: str
 
 
+class CompletionLogprobs(OpenAIBaseModel):
+    """OpenAI's completions shape: per token its text, log-probability, {text: logprob} of the
+    scored and the top tokens, and where its text starts in the choice's text. The echoed
+    prompt's first token has no log-probability (nothing comes before it): None, as vLLM."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[Optional[float]] = Field(default_factory=list)
+    top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class ChatTopLogprob(OpenAIBaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None  # the token's UTF-8 bytes (a token may be half a character)
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(OpenAIBaseModel):
+    content: Optional[list[ChatTokenLogprob]] = None
+
+
 class _Choice(OpenAIBaseModel):
     index: int
-    logprobs: None = None
     finish_reason: Optional[str] = None  # None while a streamed choice runs
     stop_reason: Union[int, str, None] = None  # vLLM's extra: the stop string or token id hit
 
 
 class CompletionChoice(_Choice):
     text: str
+    logprobs: Optional[CompletionLogprobs] = None
 
 
 class CompletionResponse(_Response):
@@ -198,6 +239,7 @@ class ChatResponseMessage(OpenAIBaseModel):
 
 class ChatChoice(_Choice):
     message: ChatResponseMessage
+    logprobs: Optional[ChatLogprobs] = None
 
 
 class ChatCompletionResponse(_Response):
@@ -213,6 +255,30 @@ class DeltaMessage(OpenAIBaseModel):
 
 class ChatStreamChoice(_Choice):
     delta: DeltaMessage
+    logprobs: Optional[ChatLogprobs] = None
+
+
+class TokenizeRequest(OpenAIBaseModel):
+    """vLLM's `/tokenize`: a text prompt -> its token ids, as the engine tokenizes it."""
+
+    model: Optional[Text] = None
+    prompt: Text
+    add_special_tokens: bool = False  # the engine adds none to a completion's prompt
+
+
+class TokenizeResponse(OpenAIBaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(OpenAIBaseModel):
+    model: Optional[Text] = None
+    tokens: TokenIds
+
+
+class DetokenizeResponse(OpenAIBaseModel):
+    prompt: str
 
 
 class ChatCompletionChunk(_Response):

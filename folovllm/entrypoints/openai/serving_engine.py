@@ -20,6 +20,7 @@ client can make large is capped before it costs anything (`ServerOptions`): the 
 from __future__ import annotations
 
 import asyncio
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional
 
@@ -81,8 +82,10 @@ class ServerOptions:
 # --8<-- [end:server_options]
 
 
-# A chunk maker: (one sample's delta, or None) and (usage, or None) -> the endpoint's chunk.
-ChunkMaker = Callable[[Optional[CompletionOutput], Optional[UsageInfo]], BaseModel]
+# A chunk maker: (choice index, that choice's delta, the request's output it came in; or None,
+# None, None) and (usage, or None) -> the endpoint's chunk.
+ChunkMaker = Callable[[Optional[int], Optional[CompletionOutput], Optional[RequestOutput],
+                       Optional[UsageInfo]], BaseModel]
 
 
 class OpenAIServing:
@@ -94,12 +97,20 @@ class OpenAIServing:
     def check_request(self, request: SamplingRequest) -> None:
         """What both endpoints refuse before any work: another model, stream_options without
         stream (as OpenAI)."""
-        if request.model != self.model_name:
-            raise APIError(404, f"The model `{request.model}` does not exist; this server serves "
-                                f"`{self.model_name}`", param="model", code="model_not_found")
+        self.check_model(request.model)
         if request.stream_options is not None and not request.stream:
             raise APIError(400, "stream_options is only allowed when stream is true",
                            param="stream_options")
+
+    def check_model(self, model: Optional[str]) -> None:
+        """404 for a model this server does not serve (None: not named, as /tokenize allows)."""
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves "
+                                f"`{self.model_name}`", param="model", code="model_not_found")
+
+    def decode_one(self, token_id: int) -> str:
+        """One token's text alone (a position the engine gave no text for: the prompt's first)."""
+        return self.async_llm.engine.tokenizer.decode([token_id])
 
     def check_prompt_chars(self, num_chars: int, field: str) -> None:
         limit = self.options.max_prompt_chars
@@ -107,7 +118,8 @@ class OpenAIServing:
             raise APIError(400, f"{field} has {num_chars} characters, more than this server's "
                                 f"limit of {limit} (--max-prompt-chars)", param=field)
 
-    def sampling_params(self, request: SamplingRequest, max_tokens: Optional[int]) -> SamplingParams:
+    def sampling_params(self, request: SamplingRequest, max_tokens: Optional[int],
+                        **extra: object) -> SamplingParams:
         stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
         if len(stops) > self.options.max_stop_strings:  # counted first: a huge list is not read
             raise APIError(400, f"stop has {len(stops)} strings, more than this server's limit of "
@@ -117,7 +129,7 @@ class OpenAIServing:
             raise APIError(400, f"stop has {num_chars} characters in all, more than this server's "
                                 f"limit of {self.options.max_stop_chars} (--max-stop-chars)", param="stop")
         try:
-            return request.to_sampling_params(max_tokens)
+            return request.to_sampling_params(max_tokens, **extra)
         except ValueError as e:
             raise APIError.bad_request(str(e), request) from e
 
@@ -132,65 +144,77 @@ class OpenAIServing:
             raise APIError.bad_request(message, request) from e
 
     # --8<-- [start:final_output]
-    async def final_output(self, stream: RequestStream, raw_request: Request) -> Optional[RequestOutput]:
-        """The request's last output, or None if the client went away first (then the request
-        is aborted: Starlette does not cancel a handler whose client disconnects)."""
-        async with stream:
-            result = asyncio.ensure_future(_last(stream))
+    async def final_outputs(self, streams: list[RequestStream],
+                            raw_request: Request) -> Optional[list[RequestOutput]]:
+        """Each request's last output (one per prompt), or None if the client went away first
+        (then the requests are aborted: Starlette does not cancel a handler whose client
+        disconnects)."""
+        async with AsyncExitStack() as opened:
+            for stream in streams:
+                await opened.enter_async_context(stream)
+            result = asyncio.ensure_future(asyncio.gather(*map(_last, streams)))
             disconnect = asyncio.ensure_future(_wait_for_disconnect(raw_request))
             try:
                 done, _ = await asyncio.wait({result, disconnect}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 result.cancel()
                 disconnect.cancel()
-            output = result.result() if result in done else None
-        if output is not None:
+            outputs = result.result() if result in done else None
+        for output in outputs or ():
             failed = [c for c in output.outputs if c.finish_reason == "error"]
             if failed:  # a step raised on this request alone (LLMEngine._execute_model)
                 raise APIError(500, f"the request failed in the engine: {failed[0].error}",
                                type="server_error")
-        return output
+        return outputs
     # --8<-- [end:final_output]
 
     # --8<-- [start:sse]
-    def stream_response(self, stream: RequestStream, make_chunk: ChunkMaker, n: int,
-                        include_usage: bool, first_chunks: tuple[BaseModel, ...] = ()) -> StreamingResponse:
-        """Server-sent events: one `data: {chunk}` per new piece of text of any sample, one
-        chunk with its finish_reason per sample, a usage chunk if asked, then `data: [DONE]`.
-        A client that disconnects cancels the generator (Starlette listens for it), and
-        `async with stream` aborts the request. Whatever ends the stream from the server's
-        side still ends it this way: a shutdown sends the open samples `finish_reason: "abort"`,
-        a failure an error event."""
+    def stream_response(self, streams: list[RequestStream], make_chunk: ChunkMaker, n: int,
+                        include_usage: bool, first_chunks: tuple[BaseModel, ...] = (),
+                        count_completion_tokens: bool = True) -> StreamingResponse:
+        """Server-sent events: one `data: {chunk}` per new piece of text of any sample of any
+        prompt (choice index = prompt index * n + sample index), one chunk with its
+        finish_reason per choice, a usage chunk if asked, then `data: [DONE]`. A client that
+        disconnects cancels the generator (Starlette listens for it), and leaving the `async
+        with` aborts every request. Whatever ends the stream from the server's side still ends
+        it this way: a shutdown sends the open choices `finish_reason: "abort"`, a failure an
+        error event."""
 
         async def events() -> AsyncIterator[str]:
-            prompt_tokens = completion_tokens = 0
-            finished: set[int] = set()  # samples whose finish chunk is sent (outputs repeat it)
+            prompt_tokens = [0] * len(streams)
+            completion_tokens = 0
+            finished: set[int] = set()  # choices whose finish chunk is sent (outputs repeat it)
             error: Optional[ErrorInfo] = None
             try:
-                async with stream:
+                async with AsyncExitStack() as opened:
+                    for stream in streams:
+                        await opened.enter_async_context(stream)
                     for chunk in first_chunks:
                         yield _sse(chunk)
-                    async for output in stream:  # DELTA outputs: only what is new
-                        prompt_tokens = len(output.prompt_token_ids)
+                    async for prompt_index, output in _merged(streams):  # DELTA outputs: only what is new
+                        prompt_tokens[prompt_index] = len(output.prompt_token_ids)
                         for completion in output.outputs:
-                            if completion.index in finished:
+                            index = prompt_index * n + completion.index
+                            if index in finished:
                                 continue
-                            completion_tokens += len(completion.token_ids)
-                            if completion.text or completion.finish_reason is not None:
-                                yield _sse(make_chunk(completion, None))
+                            completion_tokens += len(completion.token_ids) * count_completion_tokens
+                            if completion.text or completion.finish_reason is not None \
+                                    or completion.logprobs or output.prompt_logprobs:
+                                yield _sse(make_chunk(index, completion, output, None))
                             if completion.finish_reason is not None:
-                                finished.add(completion.index)
+                                finished.add(index)
                             if completion.finish_reason == "error":
                                 raise RequestFailedError(f"the request failed in the engine: {completion.error}")
             except RequestAbortedError:  # the shutdown grace is over
-                for index in sorted(set(range(n)) - finished):
-                    yield _sse(make_chunk(CompletionOutput(index, "", [], finish_reason="abort"), None))
+                for index in sorted(set(range(n * len(streams))) - finished):
+                    yield _sse(make_chunk(index, CompletionOutput(index % n, "", [], finish_reason="abort"),
+                                          None, None))
             except (EngineDeadError, RequestFailedError) as e:
                 error = ErrorInfo(message=str(e), type="server_error")
             if error is not None:
                 yield _sse(ErrorResponse(error=error))
             elif include_usage:
-                yield _sse(make_chunk(None, usage(prompt_tokens, completion_tokens)))
+                yield _sse(make_chunk(None, None, None, usage(sum(prompt_tokens), completion_tokens)))
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -207,6 +231,38 @@ def usage_of(output: RequestOutput) -> UsageInfo:
 
 def _sse(chunk: BaseModel) -> str:
     return f"data: {chunk.model_dump_json()}\n\n"
+
+
+async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(prompt index, output) of several streams as they come; the first error ends it."""
+    if len(streams) == 1:  # the common case: no tasks
+        async for output in streams[0]:
+            yield 0, output
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: RequestStream) -> None:
+        try:
+            async for output in stream:
+                queue.put_nowait((index, output))
+        except Exception as e:  # handed to the reader, which raises it
+            queue.put_nowait((index, e))
+        queue.put_nowait((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        open_streams = len(streams)
+        while open_streams:
+            index, item = await queue.get()
+            if item is None:
+                open_streams -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 async def _last(stream: RequestStream) -> RequestOutput:
