@@ -268,9 +268,10 @@ class EngineConfig:
                 "custom_ops='all' and attention_backend='cpu_attn' are CPU kernels; on "
                 "device='cuda' use custom_ops='auto' or 'none' and another backend"
             )
-        if self.quantization not in (None, "gptq"):
+        if self.quantization not in (None, "gptq", "compressed-tensors"):
             raise ValueError(
-                f"quantization must be None (the checkpoint's own) or 'gptq', got {self.quantization!r}"
+                "quantization must be None (the checkpoint's own), 'gptq' or 'compressed-tensors', "
+                f"got {self.quantization!r}"
             )
 
     def resolve(self, max_position_embeddings: int) -> "EngineConfig":
@@ -339,8 +340,10 @@ def describe_engine(config: "EngineConfig", hf_config: Any, dtype: torch.dtype) 
     quant = getattr(hf_config, "quantization_config", None) or {}
     if not isinstance(quant, dict):
         quant = quant.to_dict()
-    quantization = (f"{quant.get('quant_method', '?').upper()} {quant.get('bits', '?')}-bit"
-                    if quant else None)
+    bits = quant.get("bits", "?")
+    for group in (quant.get("config_groups") or {}).values():  # compressed-tensors: per config group
+        bits = (group.get("weights") or {}).get("num_bits", bits)
+    quantization = f"{quant.get('quant_method', '?').upper()} {bits}-bit" if quant else None
     kernels = "off"
     if config.custom_ops == "all":
         from folovllm.platforms.cpu import kernel_isa

@@ -373,12 +373,7 @@ class GPTQLinearMethod(LinearMethodBase):
     ) -> None:
         cfg = self.quant_config
         pf, output_size = cfg.pack_factor, sum(output_partition_sizes)
-        if input_size % pf or any(size % pf for size in output_partition_sizes):
-            raise ValueError(
-                f"GPTQ at bits={cfg.bits} packs {pf} values per int32: {layer_name(layer)} with "
-                f"{input_size} inputs and outputs {output_partition_sizes} on this rank does not divide"
-            )
-        self.groups = groups = RankGroups.of(layer, input_size, cfg.group_size, cfg.desc_act)
+        self.groups = groups = RankGroups.of(layer, cfg, input_size, output_partition_sizes)
 
         def param(shape: tuple[int, ...], dtype: torch.dtype, **attrs: Any) -> nn.Parameter:
             p = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
@@ -473,18 +468,27 @@ class RankGroups:
     input_size: int  # all ranks' input features (the checkpoint's g_idx length)
 
     @classmethod
-    def of(cls, layer: nn.Module, input_size: int, group_size: int, act_order: bool) -> "RankGroups":
-        """`input_size`: the inputs on this rank; the layer gives the full size and the rank."""
+    def of(cls, layer: nn.Module, config: GPTQConfig, input_size: int, output_partition_sizes: list[int],
+           fmt: str = "GPTQ") -> "RankGroups":
+        """`input_size`, `output_partition_sizes`: the layer's features on this rank; the layer
+        gives the full size and the rank. Refuses, naming the layer, sizes the packing or the
+        groups do not divide (`fmt` names the checkpoint format in the message)."""
         full = getattr(layer, "input_size", input_size)
         rank = getattr(layer, "tp_rank", 0)
+        group_size, act_order, pf = config.group_size, config.desc_act, config.pack_factor
+        if input_size % pf or any(size % pf for size in output_partition_sizes):
+            raise ValueError(
+                f"{fmt} at bits={config.bits} packs {pf} values per int32: {layer_name(layer)} with "
+                f"{input_size} inputs and outputs {output_partition_sizes} on this rank does not divide"
+            )
         group = full if group_size == -1 else group_size
         if full % group:
-            raise ValueError(f"GPTQ group_size={group_size} does not divide the {full} inputs of {layer_name(layer)}")
+            raise ValueError(f"{fmt} group_size={group_size} does not divide the {full} inputs of {layer_name(layer)}")
         split_inputs = input_size != full  # row-parallel with tp > 1
         split = split_inputs and group_size != -1 and not act_order
         if split and input_size % group:
             raise ValueError(
-                f"GPTQ group_size={group_size} does not divide the {input_size} inputs each rank holds "
+                f"{fmt} group_size={group_size} does not divide the {input_size} inputs each rank holds "
                 f"of {layer_name(layer)} ({full} inputs over tensor_parallel_size={full // input_size}): "
                 "a group would straddle two ranks; use a smaller tensor_parallel_size or a checkpoint "
                 f"whose group size divides {input_size}"
