@@ -34,7 +34,7 @@ VARIANTS = {
     "sym-group-gidx": (4, 32, True, "group"),
     "asym-group-gidx": (4, 32, False, "group"),
     "asym-channel": (4, -1, False, None),
-    "w8-asym-group": (8, 32, False, "weight"),  # actorder "weight": quantized in order of activations, groups contiguous
+    "w8-asym-group": (8, 32, False, "weight"),  # actorder "weight": groups stay contiguous, no g_idx
 }
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -182,7 +182,8 @@ def test_tensor_parallel_ranks_hold_their_slices(ct_checkpoints, name, monkeypat
         half = lambda t, dim: t.chunk(2, dim)[rank]  # noqa: E731
         want_qkv = torch.cat([half(q, 1), half(k, 1), half(v, 1)], 1)
         assert torch.equal(dequantize_gptq(qkv.qweight, qkv.qzeros, qkv.scales, qkv.g_idx, bits), want_qkv)
-        assert torch.equal(dequantize_gptq(down.qweight, down.qzeros, down.scales, down.g_idx, bits), half(w["down"], 0))
+        got_down = dequantize_gptq(down.qweight, down.qzeros, down.scales, down.g_idx, bits)  # [K / 2, N]
+        assert torch.equal(got_down, half(w["down"], 0))
         groups = down.input_size // VARIANTS[name][1]
         assert down.scales.shape[0] == (groups if VARIANTS[name][3] == "group" else groups // 2)
 
@@ -209,7 +210,10 @@ def _group(**weights):
     ({"config_groups": _group(num_bits=4, strategy="group")}, r"weights.group_size=None .* positive integer"),
     ({"config_groups": _group(num_bits=4, group_size=32, dynamic=True)}, r"weights.dynamic=True .* not supported"),
     ({"config_groups": _group(num_bits=4, group_size=32, actorder="sometimes")}, r"weights.actorder='sometimes'"),
-    ({"config_groups": _group(num_bits=4, group_size=32, symmetric="yes")}, r"weights.symmetric='yes' .* true or false"),
+    ({"config_groups": _group(num_bits=4, group_size=32, symmetric="yes")},
+     r"weights.symmetric='yes' .* true or false"),
+    ({"config_groups": _group(num_bits=4, group_size=32, zp_dtype="torch.float8_e4m3fn")},
+     r"weights.zp_dtype='torch.float8_e4m3fn' .* int8"),
     ({"config_groups": _group(num_bits=4, group_size=4)}, r"group_size=4 must be a multiple of 8"),
     ({"config_groups": _group(num_bits=4, group_size=48)},
      r"compressed-tensors group_size=48 does not divide the 64 inputs of model.layers.0.self_attn.qkv_proj"),
@@ -262,5 +266,6 @@ def test_engine_greedy_tokens_equal_the_dequantized_model(ct_checkpoints, monkey
         monkeypatch.delenv(KERNEL_ENV)
         llm = LLM(str(path), dtype="bfloat16", max_num_seqs=3, max_model_len=128)
         assert "+ COMPRESSED-TENSORS 4-bit" in llm.llm_engine.description["summary"]
-        [res] = llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+        [res] = llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
+                             use_tqdm=False)
         assert len(res.outputs[0].token_ids) == 4

@@ -127,6 +127,7 @@ class CompressedTensorsConfig(QuantizationConfig):
             "actorder": (w.get("actorder") in ACTORDER_GROUP + ACTORDER_IN_ORDER,
                          "must be null, 'group', 'weight', 'dynamic' or 'static'"),
             "block_structure": (w.get("block_structure") is None, "block quantization is not supported"),
+            "zp_dtype": (w.get("zp_dtype") in (None, "torch.int8"), "zero points must be int8 codes (packed)"),
         }
         for field, (ok, why) in checks.items():
             if not ok:

@@ -454,7 +454,7 @@ class RankGroups:
             rank 1 keeps scale / zero rows 2, 3 as its rows 0, 1, and reads g_idx - 2
         act-order: rank 1's inputs 64..127 may belong to any group, so every rank keeps all
             4 rows and the global g_idx (the scales and zeros are replicated, qweight still split)
-        groups of 48: rank 0's inputs end inside group 1, which would straddle two ranks: refused
+        groups of 128, in order: the one group would straddle the two ranks: refused
         group_size -1: one group, replicated
 
     `first_group` is subtracted from g_idx so that it indexes this rank's rows.
