@@ -16,8 +16,10 @@ it wrote: transformers + compressed-tensors decompress it to dense weights
 (`run_compressed=False`), whose linear weights and float32 logits on fixed tokens are saved
 beside the checkpoint (`NAME.reference.safetensors`); (3) here, folovllm loads each checkpoint
 (reference kernel, float32) and compares: every linear layer's dequantized weights with the
-tool's (exact: max |diff| must be 0) and the logits. A markdown table goes to stdout; the exit
-status is 1 if any weight differs.
+tool's (exact: max |diff| must be 0) and the logits, and greedy tokens at tensor_parallel_size 2
+against 1. A markdown table goes to stdout (and to
+`--table FILE`: benchmarks/results/stage07_llmcompressor_cpu.md); the exit status is 1 if any
+weight differs. Finished checkpoints in OUT are reused.
 
 Each variant takes some 5 minutes of GPTQ on a 2-core machine.
 """
@@ -104,16 +106,32 @@ def _compare(path: Path) -> dict:
             layers += 1
     logits = model.compute_logits(forward_sequences(model, [ref["input_ids"].tolist()]))
     want = ref["logits"]
+    tp_equal = _tp2_tokens_equal_tp1(path)
     quant = json.loads((path / "config.json").read_text())["quantization_config"]
     weights = quant["config_groups"]["group_0"]["weights"]
     return {
         "variant": path.name, "num_bits": weights["num_bits"], "strategy": weights["strategy"],
         "group_size": weights["group_size"], "symmetric": weights["symmetric"], "actorder": weights["actorder"],
         "layers": layers, "max_weight_diff": worst,
-        "max_logit_diff": (logits - want).abs().max().item(),
+        "max_logit_diff": (logits - want).abs().max().item(), "max_abs_logit": want.abs().max().item(),
         "argmax_agree": f"{int((logits.argmax(-1) == want.argmax(-1)).sum())}/{len(want)}",
+        "tp2_tokens_equal_tp1": tp_equal,
         "compressed_tensors": quant.get("version"),
     }
+
+
+def _tp2_tokens_equal_tp1(path: Path) -> bool:
+    """Greedy tokens (4 prompts x 16) through the engine at tensor_parallel_size 1 and 2."""
+    from folovllm import LLM, SamplingParams
+
+    prompts = [[5 + i, 6, 7 + i, 8, 9, 10 + 2 * i] for i in range(4)]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    outs = []
+    for tp in (1, 2):
+        llm = LLM(str(path), dtype="float32", max_model_len=128, tensor_parallel_size=tp)
+        outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+        llm.llm_engine.shutdown()
+    return outs[0] == outs[1]
 
 
 def main() -> int:
@@ -125,6 +143,7 @@ def main() -> int:
     parser.add_argument("--ct-python", default="/work/wt/ct-venv/bin/python",
                         help="the python of a venv with llmcompressor installed")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--table", type=Path, help="also write the markdown table to this file")
     args = parser.parse_args()
 
     from folovllm.testing.tiny_model import build_tiny_checkpoint
@@ -140,9 +159,12 @@ def main() -> int:
                            check=True, env=env)
         rows.append(_compare(dst))
     keys = list(rows[0])
-    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-    for row in rows:
-        print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()) + " |"
+              for row in rows]
+    print("\n".join(lines))
+    if args.table:
+        args.table.write_text("\n".join(lines) + "\n")
     return 0 if all(row["max_weight_diff"] == 0 for row in rows) else 1
 
 
