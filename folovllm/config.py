@@ -281,9 +281,10 @@ class EngineConfig:
             raise ValueError(f"max_logprobs must be an integer >= 0, or -1 for no limit, got {self.max_logprobs!r}")
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}")
-        if self.quantization not in (None, "gptq"):
+        if self.quantization not in (None, "gptq", "compressed-tensors"):
             raise ValueError(
-                f"quantization must be None (the checkpoint's own) or 'gptq', got {self.quantization!r}"
+                "quantization must be None (the checkpoint's own), 'gptq' or 'compressed-tensors', "
+                f"got {self.quantization!r}"
             )
 
     def resolve(self, max_position_embeddings: int) -> "EngineConfig":
@@ -352,8 +353,10 @@ def describe_engine(config: "EngineConfig", hf_config: Any, dtype: torch.dtype) 
     quant = getattr(hf_config, "quantization_config", None) or {}
     if not isinstance(quant, dict):
         quant = quant.to_dict()
-    quantization = (f"{quant.get('quant_method', '?').upper()} {quant.get('bits', '?')}-bit"
-                    if quant else None)
+    bits = quant.get("bits", "?")
+    for group in (quant.get("config_groups") or {}).values():  # compressed-tensors: per config group
+        bits = (group.get("weights") or {}).get("num_bits", bits)
+    quantization = f"{quant.get('quant_method', '?').upper()} {bits}-bit" if quant else None
     kernels = "off"
     if config.custom_ops == "all":
         from folovllm.platforms.cpu import kernel_isa

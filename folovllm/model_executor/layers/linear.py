@@ -219,10 +219,13 @@ class LinearBase(nn.Module):
         params_dtype: Optional[torch.dtype] = None,
         *,
         output_sizes: Optional[Sequence[int]] = None,
+        prefix: str = "",
     ) -> None:
         """`output_sizes`: the sizes of the fused parts, in order (they add up to
-        `output_size`); a layer that is not fused is one part."""
+        `output_size`); a layer that is not fused is one part. `prefix`: the layer's name in
+        the model (`model.layers.0.mlp.down_proj`, vLLM's), for errors that must name it."""
         super().__init__()
+        self.prefix = prefix
         self.input_size = input_size
         self.output_size = output_size
         self.output_sizes = list(output_sizes) if output_sizes is not None else [output_size]
@@ -358,10 +361,12 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         bias: bool = False,
         quant_config: Optional[QuantizationConfig] = None,
         params_dtype: Optional[torch.dtype] = None,
+        prefix: str = "",
     ) -> None:
         self.shard_ids = tuple(range(len(output_sizes)))
         super().__init__(
-            input_size, sum(output_sizes), bias, quant_config, params_dtype, output_sizes=output_sizes
+            input_size, sum(output_sizes), bias, quant_config, params_dtype, output_sizes=output_sizes,
+            prefix=prefix,
         )
 
 
@@ -402,6 +407,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         bias: bool = False,
         quant_config: Optional[QuantizationConfig] = None,
         params_dtype: Optional[torch.dtype] = None,
+        prefix: str = "",
     ) -> None:
         self.head_size = head_size
         self.total_num_heads = total_num_heads
@@ -418,7 +424,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         kv_size = self.total_num_kv_heads * head_size
         super().__init__(
             hidden_size, q_size + 2 * kv_size, bias, quant_config, params_dtype,
-            output_sizes=[q_size, kv_size, kv_size],
+            output_sizes=[q_size, kv_size, kv_size], prefix=prefix,
         )
 
     def partition(self) -> tuple[int, list[int]]:

@@ -67,20 +67,22 @@ class Qwen3Attention(nn.Module):
         o_bias: bool,
         qk_norm: bool,
         quant_config: Optional[QuantizationConfig] = None,
+        prefix: str = "",
     ) -> None:
         super().__init__()
         total_num_heads = config.num_attention_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // total_num_heads
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size, self.head_dim, total_num_heads, config.num_key_value_heads,
-            bias=qkv_bias, quant_config=quant_config,
+            bias=qkv_bias, quant_config=quant_config, prefix=f"{prefix}.qkv_proj",
         )
         self.num_heads = self.qkv_proj.num_heads  # this rank's heads (all of them on one rank)
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.o_proj = RowParallelLinear(
-            total_num_heads * self.head_dim, config.hidden_size, bias=o_bias, quant_config=quant_config
+            total_num_heads * self.head_dim, config.hidden_size, bias=o_bias, quant_config=quant_config,
+            prefix=f"{prefix}.o_proj",
         )
         self.qk_norm = qk_norm
         if qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
@@ -108,14 +110,17 @@ class Qwen3Attention(nn.Module):
 
 class Qwen3MLP(nn.Module):
     def __init__(
-        self, config: Any, bias: bool = False, quant_config: Optional[QuantizationConfig] = None
+        self, config: Any, bias: bool = False, quant_config: Optional[QuantizationConfig] = None,
+        prefix: str = "",
     ) -> None:
         super().__init__()
         inter = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
-            config.hidden_size, [inter, inter], bias=bias, quant_config=quant_config
+            config.hidden_size, [inter, inter], bias=bias, quant_config=quant_config,
+            prefix=f"{prefix}.gate_up_proj",
         )
-        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias, quant_config=quant_config)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias, quant_config=quant_config,
+                                           prefix=f"{prefix}.down_proj")
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,6 +134,7 @@ class Qwen3DecoderLayer(nn.Module):
         rotary_emb: RotaryEmbedding,
         variant: dict[str, bool],
         quant_config: Optional[QuantizationConfig] = None,
+        prefix: str = "",
     ) -> None:
         super().__init__()
         self.self_attn = Qwen3Attention(
@@ -138,8 +144,9 @@ class Qwen3DecoderLayer(nn.Module):
             o_bias=variant["o_bias"],
             qk_norm=variant["qk_norm"],
             quant_config=quant_config,
+            prefix=f"{prefix}.self_attn",
         )
-        self.mlp = Qwen3MLP(config, bias=variant["mlp_bias"], quant_config=quant_config)
+        self.mlp = Qwen3MLP(config, bias=variant["mlp_bias"], quant_config=quant_config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -172,8 +179,8 @@ class Qwen3Model(nn.Module):
         # One rotary table shared by every layer: it only depends on positions.
         rotary_emb = RotaryEmbedding(head_dim, config.max_position_embeddings, rope_theta, rope_scaling)
         self.layers = nn.ModuleList(
-            Qwen3DecoderLayer(config, rotary_emb, variant, quant_config)
-            for _ in range(config.num_hidden_layers)
+            Qwen3DecoderLayer(config, rotary_emb, variant, quant_config, prefix=f"model.layers.{i}")
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 

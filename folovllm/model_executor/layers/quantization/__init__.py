@@ -4,8 +4,10 @@
 `quantization_config` in config.json, or from a separate `quantize_config.json` (older AutoGPTQ
 exports). It returns the format's `QuantizationConfig`, or None for a float checkpoint.
 
-Only GPTQ is built (`gptq.py`); AWQ, Marlin-repacked kernels and activation quantization are left
-out (see docs/stages/07-gptq.md).
+Two formats, one kernel family: GPTQ (`gptq.py`: GPTQModel's and AutoGPTQ's files, and our own
+quantizer's) and compressed-tensors' `pack-quantized` W4A16 (`compressed_tensors.py`:
+llm-compressor's files), converted to GPTQ's layout at load. AWQ, Marlin-repacked kernels and
+activation quantization are left out (see docs/stages/07-gptq.md).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, Optional
 
 from folovllm.model_executor.layers.linear import QuantizationConfig
 
-QUANTIZATION_METHODS = ("gptq",)
+QUANTIZATION_METHODS = ("gptq", "compressed-tensors")
 
 
 def read_quantization_config(path: Path) -> Optional[tuple[dict[str, Any], str]]:
@@ -60,6 +62,10 @@ def get_quant_config(path: Path, quantization: Optional[str] = None) -> Optional
         )
     if quantization is not None and method != quantization:
         raise ValueError(f"quantization={quantization!r} but {source} says quant_method={method!r}")
+    if method == "compressed-tensors":
+        from folovllm.model_executor.layers.quantization.compressed_tensors import CompressedTensorsConfig
+
+        return CompressedTensorsConfig.from_config(raw, source)
     from folovllm.model_executor.layers.quantization.gptq import GPTQConfig
 
     return GPTQConfig.from_config(raw, source)

@@ -46,6 +46,10 @@ Kernels (`GPTQLinearMethod.apply`, picked once after loading, see `select_kernel
                  4-bit codes and dequantizes in registers; bfloat16 activations, 4 bits
     triton       our fused dequant-matmul kernel (`gptq_triton.py`) on CUDA
 
+With tensor parallelism (stage 08) a column-parallel layer splits `qweight`, `qzeros` and
+`scales` along the outputs (the loaders follow `output_dim` / `packed_dim`); a row-parallel layer
+splits the inputs, and with them the groups (`RankGroups`).
+
 Left out: 2/3-bit weights, `dynamic` per-module overrides, quantized `lm_head`, AWQ and Marlin
 (a repacked layout for fast GPU kernels), activation quantization.
 """
@@ -66,6 +70,7 @@ from folovllm.model_executor.layers.linear import (
     QuantizationConfig,
     WeightLoader,
     WeightShapeError,
+    default_weight_loader,
     set_weight_attrs,
 )
 
@@ -309,12 +314,17 @@ class CpuInt4Weight:
 # --8<-- [end:cpu_int4]
 
 
-def cpu_int4_supported(config: GPTQConfig, input_size: int, output_size: int) -> Optional[str]:
-    """None if the cpu_int4 kernel can run this layer, else why not."""
+def cpu_int4_supported(config: GPTQConfig, input_size: int, output_size: int,
+                       uneven_groups: bool = False) -> Optional[str]:
+    """None if the cpu_int4 kernel can run this layer (`input_size` x `output_size` on this
+    rank), else why not. `uneven_groups`: an act-order layer split by input (`RankGroups`), whose
+    rank holds uneven parts of the groups, which the kernel's equal groups cannot express."""
     if not cpu_int4_available():
         return "this torch has no _weight_int4pack_mm_for_cpu"
     if config.bits != 4:
         return f"bits={config.bits} (it takes 4)"
+    if uneven_groups:
+        return "an act-order layer split by input: this rank holds uneven parts of the groups"
     group = input_size if config.group_size == -1 else config.group_size
     if group % 32:
         return f"group size {group} (it takes multiples of 32)"
@@ -324,7 +334,7 @@ def cpu_int4_supported(config: GPTQConfig, input_size: int, output_size: int) ->
 
 
 def select_kernel(config: GPTQConfig, device: torch.device, dtype: torch.dtype, input_size: int,
-                  output_size: int) -> str:
+                  output_size: int, uneven_groups: bool = False) -> str:
     """The kernel a layer uses: `FOLOVLLM_GPTQ_KERNEL` if set, else the fastest that applies.
 
     On CPU, cpu_int4 only for bfloat16 models: for one token torch's kernel beats a dense matmul
@@ -336,12 +346,12 @@ def select_kernel(config: GPTQConfig, device: torch.device, dtype: torch.dtype, 
     if forced:
         if forced not in KERNELS:
             raise ValueError(f"{KERNEL_ENV}={forced!r}; allowed: {KERNELS}")
-        if forced == "cpu_int4" and (why := cpu_int4_supported(config, input_size, output_size)):
+        if forced == "cpu_int4" and (why := cpu_int4_supported(config, input_size, output_size, uneven_groups)):
             raise ValueError(f"{KERNEL_ENV}=cpu_int4 cannot run this layer: {why}")
         return forced
     if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
         return "triton"
-    if dtype == torch.bfloat16 and cpu_int4_supported(config, input_size, output_size) is None:
+    if dtype == torch.bfloat16 and cpu_int4_supported(config, input_size, output_size, uneven_groups) is None:
         return "cpu_int4"
     return "reference"
 
@@ -356,6 +366,7 @@ class GPTQLinearMethod(LinearMethodBase):
         self.quant_config = quant_config
         self.kernel = "reference"  # chosen in process_weights_after_loading
         self.cpu_weight: Optional[CpuInt4Weight] = None
+        self.groups: Optional[RankGroups] = None  # set in create_weights
 
     def create_weights(
         self,
@@ -366,51 +377,35 @@ class GPTQLinearMethod(LinearMethodBase):
         weight_loader: WeightLoader,
     ) -> None:
         cfg = self.quant_config
-        if getattr(layer, "tp_size", 1) > 1:
-            # Row-parallel cuts would split groups, and g_idx holds global group numbers.
-            raise ValueError("GPTQ checkpoints with tensor_parallel_size > 1 are not supported yet; "
-                             "use tensor_parallel_size=1")
         pf, output_size = cfg.pack_factor, sum(output_partition_sizes)
-        group = input_size if cfg.group_size == -1 else cfg.group_size
-        if input_size % group:
-            raise ValueError(f"GPTQ group_size={cfg.group_size} does not divide the layer's {input_size} inputs")
-        if input_size % pf or any(size % pf for size in output_partition_sizes):
-            raise ValueError(
-                f"GPTQ at bits={cfg.bits} packs {pf} values per int32: a layer with {input_size} "
-                f"inputs and outputs {output_partition_sizes} does not divide"
-            )
-        groups = input_size // group
+        self.groups = groups = RankGroups.of(layer, cfg, input_size, output_partition_sizes)
 
         def param(shape: tuple[int, ...], dtype: torch.dtype, **attrs: Any) -> nn.Parameter:
             p = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
             set_weight_attrs(p, **{"weight_loader": weight_loader, **attrs})
             return p
 
+        # Split by input, in order: scales / qzeros rows are cut per rank (dim 0 holds the groups).
+        by_group = groups.loader_attrs(layer, group_dim=0)
         layer.register_parameter(  # [K / P, N]: packed along the inputs, split along the outputs
             "qweight", param((input_size // pf, output_size), torch.int32,
                              input_dim=0, output_dim=1, packed_dim=0, pack_factor=pf))
         layer.register_parameter(  # [groups, N / P]: packed along the outputs
-            "qzeros", param((groups, output_size // pf), torch.int32,
-                            output_dim=1, packed_dim=1, pack_factor=pf))
+            "qzeros", param((groups.num_groups, output_size // pf), torch.int32,
+                            output_dim=1, packed_dim=1, pack_factor=pf, **by_group))
         layer.register_parameter(  # [groups, N]
-            "scales", param((groups, output_size), params_dtype, output_dim=1))
-        # [K], no output dim: every part of a fused layer (q, k, v) carries the whole g_idx, and
-        # they must agree, since one matmul serves them all.
-        g_idx = param((input_size,), torch.int32, input_dim=0, weight_loader=_load_g_idx)
-        g_idx.loaded = False
-        layer.register_parameter("g_idx", g_idx)
+            "scales", param((groups.num_groups, output_size), params_dtype, output_dim=1, **by_group))
+        layer.register_parameter("g_idx", g_idx_param(layer, input_size, groups))
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Check g_idx, read v1 zeros as v2, then pick the kernel and lay the weights out for it."""
         cfg = self.quant_config
-        groups = layer.scales.shape[0]
-        g = layer.g_idx
-        if g.numel() and (int(g.min()) < 0 or int(g.max()) >= groups):
-            raise ValueError(f"GPTQ g_idx holds groups outside [0, {groups}) in {layer.extra_repr()}")
+        self.groups.check_g_idx(layer, layer.g_idx)
         if cfg.checkpoint_format == "gptq":
             layer.qzeros.data = qzeros_v1_to_v2(layer.qzeros.data, cfg.bits)
-        self.kernel = select_kernel(cfg, layer.qweight.device, layer.scales.dtype,
-                                    layer.input_size, layer.output_size)
+        K, N = layer.qweight.shape[0] * cfg.pack_factor, layer.qweight.shape[1]  # on this rank
+        self.kernel = select_kernel(cfg, layer.qweight.device, layer.scales.dtype, K, N,
+                                    uneven_groups=self.groups.uneven)
         if self.kernel == "cpu_int4":
             self.cpu_weight = CpuInt4Weight.from_gptq(layer.qweight, layer.qzeros, layer.scales, layer.g_idx)
             # The int4 layout replaces the checkpoint tensors: keeping both would double memory.
@@ -441,15 +436,127 @@ class GPTQLinearMethod(LinearMethodBase):
     # --8<-- [end:apply]
 
 
+# -- groups under tensor parallelism (stage 08) ------------------------------------------------
+
+
+def layer_name(layer: nn.Module) -> str:
+    """The layer's name in the model for errors (`prefix`, set by the model), else its class."""
+    return getattr(layer, "prefix", "") or type(layer).__name__
+
+
+# --8<-- [start:rank_groups]
+@dataclass(frozen=True)
+class RankGroups:
+    """Which groups of a layer's scales and zeros this rank holds, and how its g_idx is read.
+
+    A column-parallel layer (or one rank) sees every input: all groups, g_idx as saved. A
+    row-parallel layer gives rank r inputs [r * K/tp, (r+1) * K/tp), and the groups follow
+    (vLLM's rule)::
+
+        o_proj, K = 128 inputs, tp = 2     0         32        64        96       128
+        groups of 32, in order             |  g0     |  g1     |  g2     |  g3     |
+                                           |  rank 0           |  rank 1           |
+            rank 1 keeps scale / zero rows 2, 3 as its rows 0, 1, and reads g_idx - 2
+        act-order: rank 1's inputs 64..127 may belong to any group, so every rank keeps all
+            4 rows and the global g_idx (the scales and zeros are replicated, qweight still split)
+        groups of 128, in order: the one group would straddle the two ranks: refused
+        group_size -1: one group, replicated
+
+    `first_group` is subtracted from g_idx so that it indexes this rank's rows.
+    """
+
+    num_groups: int  # rows of scales / zeros on this rank
+    first_group: int  # the global number of this rank's row 0
+    split: bool  # rows cut per rank (row-parallel, groups in order)
+    uneven: bool  # row-parallel act-order: all rows kept, this rank's inputs fill them unevenly
+    input_start: int  # this rank's first input feature
+    input_size: int  # all ranks' input features (the checkpoint's g_idx length)
+
+    @classmethod
+    def of(cls, layer: nn.Module, config: GPTQConfig, input_size: int, output_partition_sizes: list[int],
+           fmt: str = "GPTQ") -> "RankGroups":
+        """`input_size`, `output_partition_sizes`: the layer's features on this rank; the layer
+        gives the full size and the rank. Refuses, naming the layer, sizes the packing or the
+        groups do not divide (`fmt` names the checkpoint format in the message)."""
+        full = getattr(layer, "input_size", input_size)
+        rank = getattr(layer, "tp_rank", 0)
+        group_size, act_order, pf = config.group_size, config.desc_act, config.pack_factor
+        if input_size % pf or any(size % pf for size in output_partition_sizes):
+            raise ValueError(
+                f"{fmt} at bits={config.bits} packs {pf} values per int32: {layer_name(layer)} with "
+                f"{input_size} inputs and outputs {output_partition_sizes} on this rank does not divide"
+            )
+        group = full if group_size == -1 else group_size
+        if full % group:
+            raise ValueError(f"{fmt} group_size={group_size} does not divide the {full} inputs of {layer_name(layer)}")
+        split_inputs = input_size != full  # row-parallel with tp > 1
+        split = split_inputs and group_size != -1 and not act_order
+        if split and input_size % group:
+            raise ValueError(
+                f"{fmt} group_size={group_size} does not divide the {input_size} inputs each rank holds "
+                f"of {layer_name(layer)} ({full} inputs over tensor_parallel_size={full // input_size}): "
+                "a group would straddle two ranks; use a smaller tensor_parallel_size or a checkpoint "
+                f"whose group size divides {input_size}"
+            )
+        num_groups = input_size // group if split else full // group
+        return cls(
+            num_groups=num_groups,
+            first_group=rank * num_groups if split else 0,
+            split=split,
+            uneven=split_inputs and act_order and group_size != -1,
+            input_start=rank * input_size if split_inputs else 0,
+            input_size=full,
+        )
+
+    def loader_attrs(self, layer: nn.Module, group_dim: int) -> dict[str, Any]:
+        """The loader of a scales / zeros tensor whose `group_dim` holds the groups: the layer's
+        own (whole along the inputs) unless the rows are cut per rank."""
+        if not self.split:
+            return {}
+        return {"weight_loader": _load_rank_groups, "group_dim": group_dim, "tp_rank": layer.tp_rank,
+                "tp_size": layer.tp_size}
+
+    def check_g_idx(self, layer: nn.Module, g_idx: torch.Tensor) -> None:
+        """After loading: every input's group must be one of this rank's rows."""
+        if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= self.num_groups):
+            where = (f" (on this rank: groups [{self.first_group}, {self.first_group + self.num_groups}) "
+                     "of a checkpoint whose g_idx is not in order, though desc_act is false)") if self.split else ""
+            raise ValueError(f"g_idx holds groups outside [0, {self.num_groups}) in {layer_name(layer)}{where}")
+# --8<-- [end:rank_groups]
+
+
+def g_idx_param(layer: nn.Module, input_size: int, groups: RankGroups) -> nn.Parameter:
+    """[K on this rank] int32, no output dim: every part of a fused layer (q, k, v) carries the
+    whole g_idx, and they must agree, since one matmul serves them all."""
+    g_idx = nn.Parameter(torch.empty(input_size, dtype=torch.int32), requires_grad=False)
+    set_weight_attrs(g_idx, weight_loader=_load_g_idx, groups=groups, loaded=False)
+    return g_idx
+
+
+def _load_rank_groups(param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+    """This rank's rows of a row-parallel layer's scales / zeros (`RankGroups.split`)."""
+    if shard_id is not None:
+        raise ValueError(f"a row-parallel layer has no fused shards, got shard id {shard_id!r}")
+    dim, rows = param.group_dim, param.shape[param.group_dim]
+    full = list(param.shape)
+    full[dim] = rows * param.tp_size
+    if tuple(loaded_weight.shape) != tuple(full):
+        raise WeightShapeError(tuple(loaded_weight.shape), tuple(full))
+    default_weight_loader(param, loaded_weight.narrow(dim, param.tp_rank * rows, rows))
+
+
 def _load_g_idx(param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
-    """The first shard sets g_idx; every later one must carry the same (q, k and v were quantized
-    on the same inputs, so act-order gives them the same permutation)."""
-    if param.shape != loaded_weight.shape:
-        raise WeightShapeError(tuple(loaded_weight.shape), tuple(param.shape))
+    """This rank's inputs of g_idx, as this rank's group rows (`RankGroups`). The first shard of
+    a fused layer sets it; every later one must carry the same (q, k and v were quantized on the
+    same inputs, so act-order gives them the same permutation)."""
+    groups: RankGroups = param.groups
+    if tuple(loaded_weight.shape) != (groups.input_size,):
+        raise WeightShapeError(tuple(loaded_weight.shape), (groups.input_size,))
+    mine = loaded_weight.narrow(0, groups.input_start, param.shape[0]).to(param.dtype) - groups.first_group
     if not param.loaded:
-        param.data.copy_(loaded_weight)
+        param.data.copy_(mine)
         param.loaded = True
-    elif not torch.equal(param.data, loaded_weight.to(param.dtype)):
+    elif not torch.equal(param.data, mine):
         raise ValueError(
             f"g_idx of shard {shard_id!r} differs from its fused neighbours': parts of one fused "
             "layer (q/k/v, gate/up) must share one act-order permutation"
