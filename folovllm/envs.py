@@ -95,8 +95,8 @@ def apply_onednn_cache_capacity() -> None:
     `max_num_batched_tokens`, so under a varied load both filled up: ~0.5 MiB of JIT code per
     entry, and the heap holes the entries pin between a step's large temporaries (several MiB
     per entry at T ~ 1000). Bounded at 64, RSS stays flat (benchmarks/memory_rss.py). A step
-    whose T has fallen out compiles again (0.1-3 ms per weight shape; the step already pays
-    this the first time it meets a T today); a steady decode does not, its T repeats.
+    whose T has fallen out compiles again (0.3-5 ms per weight shape; the step paid that the
+    first time it met this T anyway); a steady decode does not, its T repeats.
 
     Both are read on oneDNN's first use, so this runs before torch multiplies anything:
     folovllm's import does it. `FOLOVLLM_ONEDNN_CACHE_CAPACITY` sets both; without it, values
