@@ -1,10 +1,12 @@
 """folovllm: a small LLM inference engine in the vLLM family, built one optimisation at a time."""
 
 # Before anything imports torch: FOLOVLLM_CPU_ISA=avx2 caps oneDNN and ATen, which read their
-# caps once (folovllm/envs.py), and folovllm's log lines get their handler (folovllm/logger.py).
+# caps once, and oneDNN's caches of compiled matmuls get their bound (folovllm/envs.py);
+# folovllm's log lines get their handler (folovllm/logger.py).
 from folovllm import envs as _envs
 
 _envs.apply_cpu_isa()
+_envs.apply_onednn_cache_capacity()
 
 from folovllm.logger import configure_root_logger as _configure_root_logger  # noqa: E402
 

@@ -17,9 +17,16 @@
                                      builds, which path it chose) on stderr; "0": it leaves
                                      logging to the application.
     FOLOVLLM_LOGGING_LEVEL           the level of those messages (default INFO).
+    FOLOVLLM_ONEDNN_CACHE_CAPACITY   how many compiled oneDNN matmuls a process keeps (default
+                                     64, at least 1): oneDNN compiles one per weight shape and
+                                     token count T, so unbounded RSS grew with every new step
+                                     size (docs/serving.md, "Memory"). Sets oneDNN's
+                                     `ONEDNN_PRIMITIVE_CACHE_CAPACITY` and torch's
+                                     `LRU_CACHE_CAPACITY`. Read once, when folovllm is imported.
 
-This module imports nothing heavy: `folovllm/__init__.py` applies `FOLOVLLM_CPU_ISA` before
-torch starts (oneDNN and ATen read their caps once, on first use).
+This module imports nothing heavy: `folovllm/__init__.py` applies `FOLOVLLM_CPU_ISA` and
+`FOLOVLLM_ONEDNN_CACHE_CAPACITY` before torch runs anything (oneDNN and ATen read their caps
+and cache sizes once, on first use).
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ import os
 from pathlib import Path
 
 CPU_ISAS = ("native", "avx2")
+# compiled matmuls kept: ~12 step sizes x 5 weight shapes (qkv, o, gate_up, down, LM head)
+ONEDNN_CACHE_CAPACITY = 64
 
 
 def cpu_isa() -> str:
@@ -66,3 +75,34 @@ def apply_cpu_isa() -> None:
     if cpu_isa() == "avx2":
         os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
         os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+
+
+def onednn_cache_capacity() -> int:
+    """The `FOLOVLLM_ONEDNN_CACHE_CAPACITY` knob, checked: at least 1 (torch crashes on an ideep
+    LRU of capacity 0)."""
+    value = os.environ.get("FOLOVLLM_ONEDNN_CACHE_CAPACITY", "").strip() or str(ONEDNN_CACHE_CAPACITY)
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"FOLOVLLM_ONEDNN_CACHE_CAPACITY must be a whole number >= 1, got {value!r}")
+    return int(value)
+
+
+def apply_onednn_cache_capacity() -> None:
+    """Bound the two caches that keep a compiled matmul for every [T, in] x [in, out] seen.
+
+    oneDNN JIT-compiles a matmul for each shape, T (the step's token count) included, and keeps
+    it in its primitive cache (1,024 by default); torch's ideep layer keeps an LRU of its own
+    beside it (`LRU_CACHE_CAPACITY`, 1,024). An engine step can have any T from 1 to
+    `max_num_batched_tokens`, so under a varied load both filled up: ~0.5 MiB of JIT code per
+    entry, and the heap holes the entries pin between a step's large temporaries (several MiB
+    per entry at T ~ 1000). Bounded at 64, RSS stays flat (benchmarks/memory_rss.py). A step
+    whose T has fallen out compiles again (0.3-5 ms per weight shape; the step paid that the
+    first time it met this T anyway); a steady decode does not, its T repeats.
+
+    Both are read on oneDNN's first use, so this runs before torch multiplies anything:
+    folovllm's import does it. `FOLOVLLM_ONEDNN_CACHE_CAPACITY` sets both; without it, values
+    given to the two variables themselves are kept (a process started by one that imported
+    folovllm inherits them)."""
+    capacity = str(onednn_cache_capacity())
+    set_ = os.environ.__setitem__ if "FOLOVLLM_ONEDNN_CACHE_CAPACITY" in os.environ else os.environ.setdefault
+    set_("ONEDNN_PRIMITIVE_CACHE_CAPACITY", capacity)
+    set_("LRU_CACHE_CAPACITY", capacity)
