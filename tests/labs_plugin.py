@@ -19,11 +19,15 @@ Nothing in `folovllm/` knows about labs: there is no `if LAB:` in the engine. Th
 that code running in another process (stage 08's tensor-parallel workers, stage 04's and 07's
 Triton interpreter runs) still runs the engine's functions; the labs target in-process code.
 
-A starter that still raises `NotImplementedError` anywhere in a test fails that test with one
-line, `not implemented: see labs/0N/README.md`, and the starter line that raised, instead of
-the traceback the engine would turn it into (the engine's fault guard catches an exception in a
-step and finishes the request with an error, so the test would fail on a missing token far from
-the cause). Any other error of the learner's code is reported by pytest as usual.
+A starter that still raises `NotImplementedError` fails the test with one line,
+`not implemented: see labs/0N/README.md`, and the starter line that raised. On its way out of
+the lab's function it becomes a `LabNotImplemented`, raised as `pytest.fail()` raises, past any
+`except Exception`: the engine's fault guard (which finishes a failing step's requests with an
+error and serves on) would otherwise swallow it, and the test would fail far from the cause, or
+wait forever for a token.
+Any other error of the learner's code is reported by pytest as usual. A test with a lab in it
+that runs past FOLOVLLM_LAB_TIMEOUT seconds (180 unless set; 0: no limit) is stopped, naming the
+lab line it was at: a scheduler lab's loop that never ends would otherwise hang the run.
 
 `FOLOVLLM_LAB` names the file: `starter` is `labs/0N/starter.py`; `FOLOVLLM_LAB=mine` runs
 `labs/0N/mine.py` (a copy to work in, leaving the starter as shipped). A stage with no such
@@ -37,6 +41,7 @@ import importlib
 import importlib.util
 import inspect
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +53,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ROOT / "stages"
 ENV = "FOLOVLLM_LAB"
+# A test with a lab in it that runs longer than this is stopped (a loop of the lab's that never
+# ends: an admission loop that never pops its head, a scheduler that admits nobody).
+TIMEOUT_ENV, DEFAULT_TIMEOUT_S = "FOLOVLLM_LAB_TIMEOUT", 180.0
 # Where the labs are: labs/ of this repository. tests/test_labs.py points it at a folder of lab
 # files that hand back the engine's own functions, to show that the switch itself breaks nothing.
 LABS = Path(os.environ.get("FOLOVLLM_LAB_DIR") or ROOT / "labs").resolve()
@@ -57,6 +65,20 @@ def not_implemented_line(lab: str) -> str:
     """The one line a starter's unfinished function fails a test with (the starter raises it
     too, so the learner sees the same words in both places)."""
     return f"not implemented: see labs/{lab}/README.md"
+
+
+class LabNotImplemented(pytest.fail.Exception):  # type: ignore[misc,name-defined]
+    """A lab function not written yet, on its way to the test. It is what `pytest.fail()`
+    raises, a BaseException: the engine's fault guard (`except Exception`: a step that raises
+    finishes its requests with an error and the engine serves on) lets it through, so the test
+    stops there instead of failing far from the cause or looping while it waits for tokens that
+    never come; and pytest, which knows it as a test outcome, keeps a fixture that raised it as
+    failed (it would not, for any other BaseException)."""
+
+
+class LabTimeout(pytest.fail.Exception):  # type: ignore[misc,name-defined]
+    """A test with a lab in it ran past FOLOVLLM_LAB_TIMEOUT (raised by SIGALRM in the main
+    thread, where pytest runs the test; a test outcome for the same reasons as above)."""
 
 
 class LabError(Exception):
@@ -218,11 +240,13 @@ class LabReport:
 class LabGrader:
     """The plugin object, registered only when FOLOVLLM_LAB is set."""
 
-    def __init__(self, variant: str) -> None:
+    def __init__(self, variant: str, timeout_s: float) -> None:
         self.variant = variant
+        self.timeout_s = timeout_s
         self.labs: dict[str, Optional[Lab]] = {}
         self.patch: Optional[pytest.MonkeyPatch] = None
         self.raised: list[Raised] = []
+        self.previous_handler: Any = signal.SIG_DFL
 
     def _lab(self, lab: str) -> Optional[Lab]:
         if lab not in self.labs:
@@ -230,7 +254,8 @@ class LabGrader:
         return self.labs[lab]
 
     def _recording(self, lab: Lab, target: Target, function: Callable[..., Any]) -> Callable[..., Any]:
-        """`function`, noting a NotImplementedError raised in the lab's file on its way out."""
+        """`function`; a NotImplementedError raised in the lab's file is noted, and goes on as a
+        `LabNotImplemented`."""
 
         @functools.wraps(function)
         def recorded(*args: Any, **kwargs: Any) -> Any:
@@ -238,9 +263,10 @@ class LabGrader:
                 return function(*args, **kwargs)
             except NotImplementedError as error:
                 line = _last_line_in(error.__traceback__, lab.path)
-                if line is not None:
-                    self.raised.append(Raised(target.qualname, f"{lab.relpath}:{line}"))
-                raise
+                if line is None:  # raised by engine code the lab called: the learner's to see
+                    raise
+                self.raised.append(Raised(target.qualname, f"{lab.relpath}:{line}"))
+                raise LabNotImplemented(str(error), pytrace=False) from error
 
         return recorded
 
@@ -254,12 +280,21 @@ class LabGrader:
             for target, function in lab.replacements():
                 check_signature(target, function, lab.relpath)
                 install(self.patch, target, self._recording(lab, target, function))
+            if self.timeout_s > 0:
+                self.previous_handler = signal.signal(signal.SIGALRM, self._time_out)
+                signal.setitimer(signal.ITIMER_REAL, self.timeout_s)
         yield
+
+    def _time_out(self, signum: int, frame: Any) -> None:
+        raise LabTimeout(f"the test ran for more than {self.timeout_s:g} s", pytrace=False)
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_teardown(self, item: pytest.Item) -> Any:
         yield
         if self.patch is not None:
+            if self.timeout_s > 0:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, self.previous_handler)
             self.patch.undo()
             self.patch = None
 
@@ -279,6 +314,10 @@ class LabGrader:
             report.longrepr = LabReport.not_implemented(lab.lab, raised[0])
         elif isinstance(error, LabError):
             report.longrepr = LabReport(str(error))
+        elif isinstance(error, LabTimeout):
+            report.longrepr = LabReport(
+                f"{error} with labs/{lab.lab}: a loop that never ends? ({TIMEOUT_ENV}=seconds, 0: no limit)",
+                f"stopped at {_where_stopped(error, lab)}")
         else:
             return
         report.sections = []  # captured output of an unfinished lab is noise (`-s` shows it)
@@ -308,6 +347,20 @@ def _raised_in(error: Optional[BaseException], lab: Lab) -> list[Raised]:
     return []
 
 
+def _where_stopped(error: BaseException, lab: Lab) -> str:
+    """file:line (function) of the innermost frame in the lab's file, else of the innermost one."""
+    frames = []
+    tb = error.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    ours = [f for f in frames if Path(f.f_code.co_filename).resolve() == lab.path.resolve()]
+    frame = (ours or frames)[-1]
+    file = Path(frame.f_code.co_filename)
+    shown = file.relative_to(ROOT) if file.is_relative_to(ROOT) else file
+    return f"{shown}:{frame.f_lineno} ({frame.f_code.co_name})"
+
+
 def _last_line_in(tb: Optional[TracebackType], path: Path) -> Optional[int]:
     """The line of the innermost frame of `tb` that is in `path`, if the error was raised there
     (not in engine code the lab called)."""
@@ -326,4 +379,8 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     if not variant.isidentifier():
         raise pytest.UsageError(f"{ENV}={variant!r}: name a lab file, e.g. {ENV}=starter (labs/0N/starter.py)")
-    config.pluginmanager.register(LabGrader(variant), "folovllm-labs")
+    try:
+        timeout_s = float(os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S)
+    except ValueError:
+        raise pytest.UsageError(f"{TIMEOUT_ENV} is a number of seconds (0: no limit)") from None
+    config.pluginmanager.register(LabGrader(variant, timeout_s), "folovllm-labs")
