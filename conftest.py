@@ -9,4 +9,4 @@ import os
 
 os.environ.setdefault("FOLOVLLM_CONFIGURE_LOGGING", "0")
 
-pytest_plugins = ["tests.fixtures"]
+pytest_plugins = ["tests.fixtures", "tests.labs_plugin"]
