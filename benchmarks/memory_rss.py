@@ -28,8 +28,6 @@ import contextlib
 import json
 import os
 import random
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,11 +35,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from benchmarks import serving
 from benchmarks.harness import loadavg, peak_loadavg
 from benchmarks.results import RESULTS_DIR, machine_short, result_record, shared_machine_note, write_results
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-MODEL_NAME = "memory"
 FLAT = 0.10  # RSS after the last round may exceed RSS after round 2 by at most this fraction
 
 
@@ -133,30 +131,8 @@ def run_offline(args: argparse.Namespace, argv: list[str]) -> list[dict[str, Any
 
 
 def start_server(args: argparse.Namespace, path: Path, log: Any) -> tuple[subprocess.Popen, str]:
-    """`folovllm serve` on a free port, its log to `log` (a pipe would fill and stall it)."""
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "folovllm.entrypoints.cli", "serve", str(path), "--stage",
-           str(args.stage), "--dtype", "float32", "--threads", "1", "--max-num-seqs",
-           str(args.max_num_seqs), "--port", str(port), "--served-model-name", MODEL_NAME]
-    with environ(args.env):
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} (log: {log.name})")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("server did not answer /health within 300 s")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            time.sleep(0.2)
+    """`folovllm serve` (benchmarks/serving.py's), with this run's `--env` settings."""
+    return serving.start_server(path, args.stage, args.max_num_seqs, log, env=dict(args.env))
 
 
 async def send_round(base: str, reqs: list[tuple[list[int], int]]) -> None:
@@ -165,7 +141,7 @@ async def send_round(base: str, reqs: list[tuple[list[int], int]]) -> None:
     async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0,
                                   timeout=600) as client:
         outs = await asyncio.gather(*(
-            client.completions.create(model=MODEL_NAME, prompt=p, max_tokens=n, temperature=0,
+            client.completions.create(model=serving.MODEL_NAME, prompt=p, max_tokens=n, temperature=0,
                                       extra_body={"ignore_eos": True}) for p, n in reqs))
     got = [o.usage.completion_tokens for o in outs]
     if got != [n for _, n in reqs]:
@@ -186,12 +162,7 @@ def run_server(args: argparse.Namespace) -> list[dict[str, Any]]:
                              "cpu_s": cpu_seconds(proc.pid) - start})
                 print(f"server round {rnd}: {rows[-1]}", file=sys.stderr)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                rc = proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                rc = proc.wait()
+            rc = serving.stop_server(proc)
         if rc != 0:
             raise RuntimeError(f"the server exited with {rc} after SIGTERM")
     return rows

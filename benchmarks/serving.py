@@ -26,13 +26,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import IO, Any, Optional, Sequence
 
 from benchmarks.bench_model import bench_model_info, bench_model_path
 from benchmarks.cli import bench_main
@@ -45,22 +47,26 @@ MODEL_NAME = "bench"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def start_server(model: Path, stage: int, max_num_seqs: int, max_model_len: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, stage: int, max_num_seqs: int, log: IO[str],
+                 extra_args: Sequence[str] = (), env: Optional[dict[str, str]] = None,
+                 ) -> tuple[subprocess.Popen, str]:
+    """`folovllm serve` on a free port, float32, one thread; its output goes to `log`, a file:
+    a pipe nobody reads would fill with the server's INFO lines and stall it."""
+    import httpx
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "folovllm.entrypoints.cli", "serve", str(model), "--stage", str(stage),
            "--dtype", "float32", "--threads", "1", "--max-num-seqs", str(max_num_seqs),
-           "--max-model-len", str(max_model_len), "--port", str(port),
-           "--served-model-name", MODEL_NAME]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           "--port", str(port), "--served-model-name", MODEL_NAME, *extra_args]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env=None if env is None else {**os.environ, **env})
     base = f"http://127.0.0.1:{port}"
-    import httpx
-
     deadline = time.monotonic() + 300
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            raise RuntimeError(f"server exited with {proc.returncode} (log: {log.name})")
         if time.monotonic() > deadline:
             proc.kill()
             raise RuntimeError("server did not answer /health within 300 s")
@@ -175,7 +181,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     warmup = workload.requests[:2]
     runs = []
     for stage in args.stages:
-        proc, base = start_server(model, stage, args.max_num_seqs, args.max_model_len)
+        log = tempfile.NamedTemporaryFile("w+", prefix="serving_", suffix=".log")
+        proc, base = start_server(model, stage, args.max_num_seqs, log,
+                                  ["--max-model-len", str(args.max_model_len)])
         try:
             asyncio.run(replay(base, Workload("warmup", "", warmup, args.seed), [0.0] * len(warmup)))
             for rate in args.rates:
@@ -188,6 +196,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              "requests": records})
         finally:
             rc = stop_server(proc)
+            log.close()
         if rc != 0:
             raise RuntimeError(f"stage {stage}: the server exited with {rc} after SIGTERM")
     return dict(model=info, seed=args.seed, max_num_seqs=args.max_num_seqs,
