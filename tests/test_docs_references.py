@@ -198,6 +198,28 @@ def test_every_table_row_has_the_header_s_cell_count(file: str, line: int, rows:
         f"line {n} has {c}" for n, c in wrong)
 
 
+# -- pictures readable on a page ------------------------------------------------------------------
+
+# The site's content column is about 1,000 px wide at a 1280 px window: a picture much wider than
+# that is shrunk until its labels cannot be read (the trace page's hero was once 3,419 px: six
+# stages in one row). `folovllm trace` wraps several stages two to a row for that reason.
+MAX_PICTURE_WIDTH = 1300
+
+
+def _png_width(path: Path) -> int:
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return int.from_bytes(header[16:20], "big")
+
+
+@pytest.mark.parametrize("picture", sorted((ROOT / "docs" / "assets").glob("*.png")), ids=lambda p: p.name)
+def test_every_picture_fits_the_page(picture: Path) -> None:
+    width = _png_width(picture)
+    assert width <= MAX_PICTURE_WIDTH, (
+        f"{picture.name} is {width} px wide: shown at ~1,000 px its labels are unreadable; "
+        f"draw it at most {MAX_PICTURE_WIDTH} px wide (wrap columns into rows)")
+
+
 # -- the stage page convention (stated in mkdocs.yml) -------------------------------------------
 
 STAGE_PAGES = sorted(p for p in (ROOT / "docs" / "stages").glob("0*.md") if "## Interview" in p.read_text())

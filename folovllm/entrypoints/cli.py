@@ -432,8 +432,9 @@ def run_trace(args: argparse.Namespace) -> int:
             columns.append((f"stage {stage:02d} {STAGE_NAMES[stage]}: {len(tracer.steps)} steps", tracer))
         # The committed pictures leave out step times: noise on a shared machine, and a redraw
         # would change every picture for nothing.
+        # More than two stages wrap two to a row, so the picture stays readable on a page.
         plot_traces(columns, out, title=f"workload '{name}': {workload.description}",
-                    step_time=not args.docs)
+                    step_time=not args.docs, columns_per_row=2)
         print(f"wrote {out}")
     return 0
 

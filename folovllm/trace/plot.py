@@ -23,9 +23,17 @@ from folovllm.trace.recorder import LANE_COLORS, LANE_STATES, StepTracer, reques
 
 
 def plot_traces(columns: Sequence[tuple[str, StepTracer]], out: Path, title: str = "",
-                step_time: bool = True) -> Path:
+                step_time: bool = True, columns_per_row: int = 0) -> Path:
     """Draw each (label, tracer) as a column of panels; write a PNG to `out`. `step_time=False`
-    leaves out the only panel that changes from run to run (the docs' committed pictures)."""
+    leaves out the only panel that changes from run to run (the docs' committed pictures).
+    `columns_per_row` > 0 wraps the columns into several rows of that many (six stages side by
+    side would be ~3,400 px wide, unreadable on a page); every panel of one kind still shares
+    its y-axis with the same panel of every other column, wherever it sits::
+
+        columns_per_row=2, 5 columns      [c0 c1]   each cell: lanes / KV / tokens (/ time)
+                                          [c2 c3]
+                                          [c4   ]   (the empty cell is hidden)
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,25 +47,33 @@ def plot_traces(columns: Sequence[tuple[str, StepTracer]], out: Path, title: str
               ("tokens\nper step", 1.2, _tokens)]
     if step_time:
         panels.append(("step\ntime (ms)", 1.0, _step_time))
-    fig, axes = plt.subplots(
-        len(panels), len(columns), squeeze=False, sharex="col", sharey="row",
-        figsize=(5.2 * len(columns), sum(h for _, h, _ in panels) + 1.6),
-        gridspec_kw={"height_ratios": [h for _, h, _ in panels]},
-    )
-    for col, (label, tracer) in enumerate(columns):
-        for row, (_, _, draw) in enumerate(panels):
-            draw(axes[row, col], list(tracer.steps), tracer.config)
-        axes[0, col].set_title(label, fontsize=10)
-        axes[-1, col].set_xlabel("engine step")
-        axes[-1, col].xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole
-    for row, (name, _, _) in enumerate(panels):
-        axes[row, 0].set_ylabel(name, fontsize=9)
+    per_row = columns_per_row if 0 < columns_per_row < len(columns) else len(columns)
+    grid_rows = -(-len(columns) // per_row)  # ceil
+    heights = [h for _, h, _ in panels]
+    fig = plt.figure(layout="constrained",
+                     figsize=(5.2 * per_row, (sum(heights) + 0.8) * grid_rows + 0.8))
+    cells = fig.subfigures(grid_rows, per_row, squeeze=False)
+    first_of_kind: dict[int, Any] = {}  # panel kind -> the axes every other one shares y with
+    for index, cell_fig in enumerate(cells.flat):
+        if index >= len(columns):  # the empty cells of the last row
+            continue
+        label, tracer = columns[index]
+        cell = cell_fig.subplots(len(panels), 1, sharex=True, gridspec_kw={"height_ratios": heights})
+        for k, (ax, (name, _, draw)) in enumerate(zip(cell, panels)):
+            if k in first_of_kind:
+                ax.sharey(first_of_kind[k])
+            first_of_kind.setdefault(k, ax)
+            draw(ax, list(tracer.steps), tracer.config)
+            if index % per_row == 0:
+                ax.set_ylabel(name, fontsize=9)
+        cell[0].set_title(label, fontsize=10)
+        cell[-1].set_xlabel("engine step")
+        cell[-1].xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole
     handles = [Patch(color=LANE_COLORS[s], label=s) for s in LANE_STATES]
-    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False,
-               bbox_to_anchor=(0.5, 1.0))
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8,
+               frameon=False)
     if title:
-        fig.suptitle(title, fontsize=11, y=1.04)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
+        fig.suptitle(title, fontsize=11)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
