@@ -404,3 +404,6 @@ def verify_tensor_parallel(hf_config: Any, tensor_parallel_size: int) -> None:
             f"tensor_parallel_size={tp} must divide the model's intermediate_size "
             f"({hf_config.intermediate_size})"
         )
+    moe_inter = getattr(hf_config, "moe_intermediate_size", None)  # MoE: each expert is split
+    if moe_inter and moe_inter % tp:
+        raise ValueError(f"tensor_parallel_size={tp} must divide the model's moe_intermediate_size ({moe_inter})")
