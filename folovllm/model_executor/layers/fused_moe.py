@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,7 @@ from folovllm.distributed.parallel_state import (
     tensor_model_parallel_all_reduce,
 )
 from folovllm.model_executor.layers.activation import SiluAndMul
+from folovllm.model_executor.layers.cpu_gemm import dense_linear, pack_weight
 from folovllm.model_executor.layers.linear import WeightShapeError, set_weight_attrs
 
 
@@ -164,8 +165,8 @@ def moe_align(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: i
 # --8<-- [start:fused_experts]
 def fused_experts(
     hidden_states: torch.Tensor,  # [T, H]
-    w13: torch.Tensor,  # [E, 2I, H]
-    w2: torch.Tensor,  # [E, H, I]
+    w13: Sequence[torch.Tensor],  # [E, 2I, H], or E oneDNN-packed [2I, H]
+    w2: Sequence[torch.Tensor],  # [E, H, I], or E oneDNN-packed [H, I]
     topk_weights: torch.Tensor,  # [T, k]
     topk_ids: torch.Tensor,  # [T, k]
     act: Callable[[torch.Tensor], torch.Tensor] = silu_and_mul_native,
@@ -181,15 +182,18 @@ def fused_experts(
         5. combine  out.index_add_(0, sorted_token_ids, y_sorted)   back in token order: each
                     token's k rows are summed into its row
 
-    Python loops over touched experts only (at most min(E, T*k)); each iteration is two GEMMs.
+    Python loops over touched experts only (at most min(E, T*k)); each iteration is two GEMMs,
+    oneDNN's (`dense_linear`), on each expert's weights packed in oneDNN's layout when the engine
+    packs weights (`FusedMoE.process_weights_after_loading`): at one or two rows per expert, a
+    decode step's case, that halves the GEMM's time (benchmarks/moe_layer.py).
     """
-    groups = moe_align(topk_ids, topk_weights, w13.shape[0])
+    groups = moe_align(topk_ids, topk_weights, len(w13))
     x_sorted = hidden_states[groups.sorted_token_ids]  # [T*k, H]
     y_sorted = torch.empty_like(x_sorted)  # [T*k, H]
     for i, e in enumerate(groups.expert_ids):
         start, end = groups.offsets[i], groups.offsets[i + 1]
-        h = act(torch.mm(x_sorted[start:end], w13[e].T))  # [n, 2I] -> [n, I]
-        torch.mm(h, w2[e].T, out=y_sorted[start:end])  # [n, H]
+        h = act(dense_linear(x_sorted[start:end], w13[e]))  # [n, 2I] -> [n, I]
+        y_sorted[start:end] = dense_linear(h, w2[e])  # [n, H]
     y_sorted.mul_(groups.sorted_weights.to(y_sorted.dtype)[:, None])
     out = torch.zeros_like(hidden_states)  # [T, H]
     out.index_add_(0, groups.sorted_token_ids, y_sorted)
@@ -242,6 +246,21 @@ class FusedMoE(nn.Module):
         for param in (self.w13_weight, self.w2_weight):
             set_weight_attrs(param, weight_loader=self.weight_loader)
         self.act_fn = SiluAndMul()  # a CustomOp: our C++ kernel when custom_ops="all"
+        # Each expert's weights in oneDNN's layout, when the engine packs weights (after loading).
+        self.w13_packed: Optional[list[torch.Tensor]] = None
+        self.w2_packed: Optional[list[torch.Tensor]] = None
+
+    def process_weights_after_loading(self) -> None:
+        """With weight packing on (custom_ops="all" on CPU, `cpu_gemm.weight_packing`), re-lay
+        each expert's w13 and w2 in oneDNN's blocked layout, one tensor per expert, and drop the
+        stacked copies (same bytes, not twice). A no-op otherwise."""
+        w13 = [pack_weight(self.w13_weight[e]) for e in range(self.num_experts)]
+        if any(w is None for w in w13):
+            return
+        self.w13_packed = w13
+        self.w2_packed = [pack_weight(self.w2_weight[e]) for e in range(self.num_experts)]
+        for name in ("w13_weight", "w2_weight"):  # an empty stand-in keeps the parameter's name
+            setattr(self, name, nn.Parameter(torch.empty(0, dtype=self.w13_packed[0].dtype), requires_grad=False))
 
     # Checkpoint projection name -> vLLM's shard id.
     CKPT_SHARDS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
@@ -294,8 +313,9 @@ class FusedMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """hidden_states [T, H], router_logits [T, E] -> [T, H] (summed over ranks)."""
         topk_weights, topk_ids = fused_topk(router_logits, self.top_k, self.renormalize)
-        out = fused_experts(hidden_states, self.w13_weight, self.w2_weight, topk_weights, topk_ids,
-                            act=self.act_fn)
+        w13 = self.w13_weight if self.w13_packed is None else self.w13_packed
+        w2 = self.w2_weight if self.w2_packed is None else self.w2_packed
+        out = fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, act=self.act_fn)
         return tensor_model_parallel_all_reduce(out)
 
     def extra_repr(self) -> str:
