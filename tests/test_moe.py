@@ -10,8 +10,11 @@ Guards:
   checkpoints: top-2 renormalised with a dense first layer (`mlp_only_layers`), top-1 not
   renormalised with untied embeddings, top-3 with a dense layer from `decoder_sparse_step`;
   and at tensor_parallel_size=2;
+- the engine packs each expert's weights for oneDNN with custom_ops="all" and not with "none",
+  with HF's tokens either way;
 - each rank's slice of the experts (TP) sums to the unsplit layer;
-- bad configs and checkpoints are refused with a ValueError naming the field or tensor.
+- bad configs and checkpoints, GPTQ experts and expert parallelism are refused with a ValueError
+  naming the field or tensor.
 """
 
 from __future__ import annotations
@@ -192,6 +195,20 @@ def test_greedy_tokens_equal_hf_at_every_stage(name, stage, moe_reference_output
         assert out.outputs[0].token_ids == want, f"{name} stage {stage}, prompt {i}"
 
 
+@pytest.mark.parametrize("custom_ops", ["all", "none"])
+def test_engine_packs_the_experts_only_with_custom_ops(custom_ops, moe_reference_outputs):
+    """custom_ops="all" (the CPU default): each expert's weights in oneDNN's layout, our
+    SiLU·mul kernel; "none": the stacked torch weights. Both give HF's tokens."""
+    ref = moe_reference_outputs("top1-untied")
+    llm = LLM(str(ref["path"]), stage=6, dtype="float32", max_num_seqs=3, max_model_len=256,
+              custom_ops=custom_ops)
+    layers = [m for m in llm.llm_engine.model_executor.model_runner.model.modules() if isinstance(m, FusedMoE)]
+    assert layers and all((m.w13_packed is not None) == (custom_ops == "all") for m in layers)
+    params = [SamplingParams(temperature=0.0, max_tokens=m) for m in ref["max_tokens"]]
+    outputs = llm.generate(ref["prompts"], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == ref["outputs"]
+
+
 def test_greedy_tokens_equal_hf_with_tensor_parallel_2(moe_reference_outputs):
     """Two worker processes, each with half of every expert's intermediate dimension."""
     ref = moe_reference_outputs("top3-step2")
@@ -277,3 +294,9 @@ def test_gptq_experts_are_refused(moe_reference_outputs):
     config = moe_reference_outputs("top2-renorm-dense0")["hf"].config
     with pytest.raises(ValueError, match=r"GPTQ experts are not supported"):
         Qwen3MoeForCausalLM(config, AnyQuant())
+
+
+def test_expert_parallelism_is_refused_clearly(moe_reference_outputs):
+    path = moe_reference_outputs("top2-renorm-dense0")["path"]
+    with pytest.raises(ValueError, match=r"enable_expert_parallel=True: expert parallelism is not built"):
+        LLM(str(path), enable_expert_parallel=True)
