@@ -67,7 +67,7 @@ def load_hf_config(path: Path) -> Any:
     if not supported:
         raise ValueError(
             f"unknown architecture {architectures or raw.get('model_type')!r} in {config_file}; "
-            f"supported: {sorted(MODEL_REGISTRY)}"
+            f"supported: {sorted(a for a, cls in MODEL_REGISTRY.items() if not getattr(cls, 'refused', False))}"
         )
     from transformers import AutoConfig
 

@@ -183,6 +183,8 @@ class Qwen2MoeForCausalLM(Qwen3MoeForCausalLM):
     """Registered only to refuse it by name (rather than as an "unknown architecture"): Qwen2-MoE
     adds a shared expert with a sigmoid gate to every sparse layer, which we do not implement."""
 
+    refused = True  # left out of the "supported" list of an unknown-architecture error
+
     def __init__(self, config: Any, quant_config: Optional[QuantizationConfig] = None) -> None:
         nn.Module.__init__(self)
         raise ValueError(
