@@ -126,6 +126,9 @@ class EngineConfig:
     # "gptq" refuses a checkpoint that is not GPTQ (the worker passes it to `load_model`).
     quantization: Optional[str] = None
     tensor_parallel_size: int = 1  # stage 08, an axis
+    # mixture of experts (docs/moe.md): vLLM's switch from slicing every expert across the
+    # tensor-parallel ranks to giving each rank whole experts. Not built: True is refused.
+    enable_expert_parallel: bool = False
     # observability, not a stage: `LLM` and `folovllm serve` attach a step tracer (folovllm/trace/)
     # to the engine's per-step record; the engine itself never reads this flag
     trace: bool = False
@@ -231,6 +234,10 @@ class EngineConfig:
                 "kernels in Triton's CPU interpreter, slowly, as the tests do)"
             )
         _positive_int("tensor_parallel_size", self.tensor_parallel_size)
+        if self.enable_expert_parallel is not False:
+            raise ValueError(
+                f"enable_expert_parallel={self.enable_expert_parallel!r}: expert parallelism is not built; "
+                "with tensor_parallel_size > 1 each rank holds a slice of every expert (vLLM's default)")
         if on_cuda and self.tensor_parallel_size > torch.cuda.device_count():
             raise ValueError(
                 f"tensor_parallel_size={self.tensor_parallel_size} needs one GPU per rank, but "
@@ -404,3 +411,6 @@ def verify_tensor_parallel(hf_config: Any, tensor_parallel_size: int) -> None:
             f"tensor_parallel_size={tp} must divide the model's intermediate_size "
             f"({hf_config.intermediate_size})"
         )
+    moe_inter = getattr(hf_config, "moe_intermediate_size", None)  # MoE: each expert is split
+    if moe_inter and moe_inter % tp:
+        raise ValueError(f"tensor_parallel_size={tp} must divide the model's moe_intermediate_size ({moe_inter})")

@@ -173,7 +173,7 @@ def test_unknown_architecture(ckpt_copy):
     cfg["architectures"] = ["MistralForCausalLM"]
     (ckpt_copy / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"unknown architecture \['MistralForCausalLM'\].*supported: "
-                                         r"\['LlamaForCausalLM', 'Qwen2ForCausalLM', 'Qwen3ForCausalLM'\]"):
+                                         r"\['LlamaForCausalLM', 'Qwen2ForCausalLM', 'Qwen3ForCausalLM', 'Qwen3MoeForCausalLM'\]"):
         _load(ckpt_copy)
 
 

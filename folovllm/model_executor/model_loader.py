@@ -21,6 +21,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
+from folovllm.model_executor.layers.fused_moe import FusedMoE
 from folovllm.model_executor.layers.linear import LinearBase, QuantizationConfig
 from folovllm.model_executor.layers.quantization import get_quant_config
 from folovllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
@@ -66,7 +67,7 @@ def load_hf_config(path: Path) -> Any:
     if not supported:
         raise ValueError(
             f"unknown architecture {architectures or raw.get('model_type')!r} in {config_file}; "
-            f"supported: {sorted(MODEL_REGISTRY)}"
+            f"supported: {sorted(a for a, cls in MODEL_REGISTRY.items() if not getattr(cls, 'refused', False))}"
         )
     from transformers import AutoConfig
 
@@ -197,6 +198,6 @@ def load_model(
     for module in net.modules():  # re-lay weights out for their kernel (GPTQ's, oneDNN's)
         if isinstance(module, LinearBase):
             module.quant_method.process_weights_after_loading(module)
-        elif isinstance(module, ParallelLMHead):
+        elif isinstance(module, (ParallelLMHead, FusedMoE)):
             module.process_weights_after_loading()
     return net.eval(), config, path

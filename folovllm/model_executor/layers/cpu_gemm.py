@@ -96,6 +96,17 @@ def pack_linear_weight(module: nn.Module) -> bool:
     return True
 
 
+def pack_weight(weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """`weight` [out, in] in oneDNN's layout, or None where `pack_linear_weight` would not pack
+    (packing off, no oneDNN, not CPU, a dtype oneDNN does not take). For weights that are not
+    one module's `weight`: each expert of a `FusedMoE`."""
+    if not (_packing and _ONEDNN and not weight.is_mkldnn and weight.device.type == "cpu"
+            and onednn_takes(weight.dtype)):
+        return None
+    with torch.inference_mode():
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_BATCH)
+
+
 def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     if x.dim() == 2 and x.shape[0] >= MIN_ROWS:  # the engine's case: [T, in], nothing to reshape
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")

@@ -146,9 +146,15 @@ class Qwen3DecoderLayer(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.self_attn",
         )
-        self.mlp = Qwen3MLP(config, bias=variant["mlp_bias"], quant_config=quant_config, prefix=f"{prefix}.mlp")
+        self.mlp = self.make_mlp(config, variant, quant_config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def make_mlp(
+        self, config: Any, variant: dict[str, bool], quant_config: Optional[QuantizationConfig], prefix: str
+    ) -> nn.Module:
+        """The feed-forward block; a mixture-of-experts model (`qwen3_moe.py`) overrides it."""
+        return Qwen3MLP(config, bias=variant["mlp_bias"], quant_config=quant_config, prefix=prefix)
 
     # --8<-- [start:decoder_layer_forward]
     def forward(
@@ -170,7 +176,8 @@ class Qwen3DecoderLayer(nn.Module):
 
 class Qwen3Model(nn.Module):
     def __init__(
-        self, config: Any, variant: dict[str, bool], quant_config: Optional[QuantizationConfig] = None
+        self, config: Any, variant: dict[str, bool], quant_config: Optional[QuantizationConfig] = None,
+        layer_cls: type[Qwen3DecoderLayer] = Qwen3DecoderLayer,
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
@@ -179,7 +186,7 @@ class Qwen3Model(nn.Module):
         # One rotary table shared by every layer: it only depends on positions.
         rotary_emb = RotaryEmbedding(head_dim, config.max_position_embeddings, rope_theta, rope_scaling)
         self.layers = nn.ModuleList(
-            Qwen3DecoderLayer(config, rotary_emb, variant, quant_config, prefix=f"model.layers.{i}")
+            layer_cls(config, rotary_emb, variant, quant_config, prefix=f"model.layers.{i}")
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -205,6 +212,7 @@ class Qwen3ForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0),
         "up_proj": ("gate_up_proj", 1),
     }
+    decoder_layer_cls: type[Qwen3DecoderLayer] = Qwen3DecoderLayer  # Qwen3-MoE swaps in its own
 
     @classmethod
     def variant(cls, config: Any) -> dict[str, bool]:
@@ -215,7 +223,7 @@ class Qwen3ForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.quant_config = quant_config
-        self.model = Qwen3Model(config, self.variant(config), quant_config)
+        self.model = Qwen3Model(config, self.variant(config), quant_config, self.decoder_layer_cls)
         # Never quantized (as in GPTQ checkpoints); split by vocabulary like the embedding.
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if getattr(config, "tie_word_embeddings", False):

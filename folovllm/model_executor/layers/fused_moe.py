@@ -1,0 +1,324 @@
+"""`FusedMoE`: a mixture-of-experts MLP (vLLM's name and weight layout), its plain reference and
+its grouped fast path.
+
+A sparse MoE block replaces the dense MLP by E small MLPs ("experts") and a router::
+
+    router_logits = x @ W_gate^T                      [T, E]
+    p             = softmax(router_logits)            [T, E]
+    w, ids        = top-k(p)                          [T, k] each; w /= sum(w) if norm_topk_prob
+    y[t]          = sum_j w[t, j] * Expert_{ids[t, j]}(x[t])      Expert_e = down(silu(gate) * up)
+
+Each token runs k of the E experts, so a step's cost is set by the experts its tokens *touch*
+(each touched expert's weights are read once), not by E.
+
+Two ways to compute the sum, both in torch:
+
+    moe_reference   the lesson: loop over the experts; for each, find its tokens
+                    (`torch.where`), run its MLP (gate, up, down as three matmuls), add the
+                    weighted result back. What HF transformers' eager path does.
+    fused_experts   the fast path (vLLM's `fused_experts`): sort the (token, expert) pairs by
+                    expert once (`moe_align`: vLLM's align / permute step), gather the tokens in
+                    that order, run ONE gate|up GEMM + SiLU·mul + ONE down GEMM per non-empty
+                    expert segment, scale by the routing weights, and `index_add_` the rows back
+                    into token order.
+
+The same code serves decode (one or two tokens per touched expert) and prefill (many).
+
+Weights, stacked at load into one tensor per projection (vLLM's names), gate and up fused::
+
+    w13_weight  [E, 2I, H]    rows [0, I) = expert e's gate_proj ("w1"), [I, 2I) = up_proj ("w3")
+    w2_weight   [E, H, I]     expert e's down_proj ("w2")
+
+With tensor parallelism (stage 08) each rank keeps a 1/tp slice of every expert's intermediate
+dimension, as vLLM does by default: w13 is column-parallel (rows [r*I/tp, (r+1)*I/tp) of gate
+and of up), w2 row-parallel (the same columns), and the partial outputs are summed by one
+all-reduce per layer. The router is replicated.
+
+Left out (docs/moe.md): a C++ kernel (both paths are torch; the GEMMs are oneDNN/MKL's),
+expert parallelism (whole experts per rank, tokens exchanged by all-to-all), GPTQ/int4 experts,
+shared experts (Qwen2-MoE, DeepSeek), grouped top-k (DeepSeek-V3), and vLLM's padding of each
+segment to a block size (a GPU kernel's tile; our GEMMs take any segment length).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from folovllm.distributed.parallel_state import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_reduce,
+)
+from folovllm.model_executor.layers.activation import SiluAndMul
+from folovllm.model_executor.layers.cpu_gemm import dense_linear, pack_weight
+from folovllm.model_executor.layers.linear import WeightShapeError, set_weight_attrs
+
+
+def silu_and_mul_native(x: torch.Tensor) -> torch.Tensor:
+    """[n, 2I] -> [n, I]: silu(gate) * up."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+# --8<-- [start:fused_topk]
+def fused_topk(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router: [T, E] logits -> (topk_weights [T, k] float32, topk_ids [T, k] int64).
+
+    Softmax over all E experts first, then top-k: the k weights sum to less than 1 unless
+    `renormalize` (Qwen3-MoE's `norm_topk_prob`) rescales them to sum to 1. Softmax in float32,
+    as HF does, whatever the model's dtype.
+    """
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)  # [T, E]
+    topk_weights, topk_ids = torch.topk(probs, top_k, dim=-1)  # [T, k] each
+    if renormalize:
+        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+    return topk_weights, topk_ids
+# --8<-- [end:fused_topk]
+
+
+# --8<-- [start:moe_reference]
+def moe_reference(
+    hidden_states: torch.Tensor,  # [T, H]
+    w13: torch.Tensor,  # [E, 2I, H]
+    w2: torch.Tensor,  # [E, H, I]
+    topk_weights: torch.Tensor,  # [T, k]
+    topk_ids: torch.Tensor,  # [T, k]
+) -> torch.Tensor:
+    """The lesson, one expert at a time: which tokens chose expert e (and in which of their k
+    slots), e's MLP on those tokens, each result scaled by its routing weight and added to its
+    token's output row."""
+    out = torch.zeros_like(hidden_states)  # [T, H]
+    inter = w2.shape[2]
+    for e in range(w13.shape[0]):
+        token_idx, slot = torch.where(topk_ids == e)  # [n], [n]: the n tokens routed to e
+        if token_idx.numel() == 0:
+            continue  # an expert no token chose costs nothing
+        x = hidden_states[token_idx]  # [n, H]
+        gate = x @ w13[e, :inter].T  # [n, I]
+        up = x @ w13[e, inter:].T  # [n, I]
+        y = (F.silu(gate) * up) @ w2[e].T  # [n, H]
+        weight = topk_weights[token_idx, slot].to(y.dtype)  # [n]
+        out.index_add_(0, token_idx, y * weight[:, None])
+    return out
+# --8<-- [end:moe_reference]
+
+
+@dataclass
+class ExpertGroups:
+    """The (token, expert) pairs of a batch sorted by expert: what `moe_align` returns."""
+
+    sorted_token_ids: torch.Tensor  # [T*k] int64: the token each sorted pair reads
+    sorted_weights: torch.Tensor  # [T*k] float32: its routing weight
+    expert_ids: list[int]  # the experts with at least one pair, ascending
+    offsets: list[int]  # segment of expert_ids[i] = pairs [offsets[i], offsets[i+1])
+
+    @property
+    def num_experts_touched(self) -> int:
+        return len(self.expert_ids)
+
+
+# --8<-- [start:moe_align]
+def moe_align(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> ExpertGroups:
+    """Group the T*k (token, expert) pairs by expert (vLLM's `moe_align_block_size` and its
+    permute step, without the padding to a GPU tile). One stable sort, one bincount::
+
+        topk_ids [T=3, k=2]     pair p = t*k + j
+          t0: [2, 0]            p0 -> e2   p1 -> e0
+          t1: [0, 3]            p2 -> e0   p3 -> e3
+          t2: [2, 0]            p4 -> e2   p5 -> e0
+
+        sorted by expert (stable: token order kept inside a segment)
+          expert         0  0  0 | 2  2 | 3         expert 1: no pair, no segment
+          pair           1  2  5 | 0  4 | 3
+          token = p // k 0  1  2 | 0  2 | 1         <- sorted_token_ids
+          counts [3, 0, 2, 1] -> expert_ids [0, 2, 3], offsets [0, 3, 5, 6]
+
+    Gathering `hidden_states[sorted_token_ids]` lays every expert's tokens out contiguously, so
+    each expert is one GEMM over its segment.
+    """
+    top_k = topk_ids.shape[1]
+    flat_ids = topk_ids.reshape(-1)  # [T*k]
+    order = torch.argsort(flat_ids, stable=True)  # [T*k] pair indices, grouped by expert
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()  # [E]
+    expert_ids, offsets = [], [0]
+    for e, n in enumerate(counts):
+        if n:
+            expert_ids.append(e)
+            offsets.append(offsets[-1] + n)
+    return ExpertGroups(
+        sorted_token_ids=order // top_k,
+        sorted_weights=topk_weights.reshape(-1)[order],
+        expert_ids=expert_ids,
+        offsets=offsets,
+    )
+# --8<-- [end:moe_align]
+
+
+# --8<-- [start:fused_experts]
+def fused_experts(
+    hidden_states: torch.Tensor,  # [T, H]
+    w13: Sequence[torch.Tensor],  # [E, 2I, H], or E oneDNN-packed [2I, H]
+    w2: Sequence[torch.Tensor],  # [E, H, I], or E oneDNN-packed [H, I]
+    topk_weights: torch.Tensor,  # [T, k]
+    topk_ids: torch.Tensor,  # [T, k]
+    act: Callable[[torch.Tensor], torch.Tensor] = silu_and_mul_native,
+) -> torch.Tensor:
+    """The grouped fast path, step by step:
+
+        1. align    sort the T*k pairs by expert               (moe_align)
+        2. permute  x_sorted = x[sorted_token_ids]              [T*k, H]
+        3. per non-empty segment s of expert e:
+               h = act(x_sorted[s] @ w13[e]^T)                  [n, 2I] -> [n, I]  gate|up fused
+               y_sorted[s] = h @ w2[e]^T                        [n, H]
+        4. weight   y_sorted *= sorted_weights                 (the router's weights)
+        5. combine  out.index_add_(0, sorted_token_ids, y_sorted)   back in token order: each
+                    token's k rows are summed into its row
+
+    Python loops over touched experts only (at most min(E, T*k)); each iteration is two GEMMs,
+    oneDNN's (`dense_linear`), on each expert's weights packed in oneDNN's layout when the engine
+    packs weights (`FusedMoE.process_weights_after_loading`): at one or two rows per expert, a
+    decode step's case, that halves the GEMM's time (benchmarks/moe_layer.py).
+    """
+    groups = moe_align(topk_ids, topk_weights, len(w13))
+    x_sorted = hidden_states[groups.sorted_token_ids]  # [T*k, H]
+    y_sorted = torch.empty_like(x_sorted)  # [T*k, H]
+    for i, e in enumerate(groups.expert_ids):
+        start, end = groups.offsets[i], groups.offsets[i + 1]
+        h = act(dense_linear(x_sorted[start:end], w13[e]))  # [n, 2I] -> [n, I]
+        y_sorted[start:end] = dense_linear(h, w2[e])  # [n, H]
+    y_sorted.mul_(groups.sorted_weights.to(y_sorted.dtype)[:, None])
+    out = torch.zeros_like(hidden_states)  # [T, H]
+    out.index_add_(0, groups.sorted_token_ids, y_sorted)
+    return out
+# --8<-- [end:fused_experts]
+
+
+class FusedMoE(nn.Module):
+    """The experts of one sparse MoE block (vLLM's `FusedMoE`): stacked weights, the router's
+    top-k, the grouped computation, and (stage 08) the all-reduce of the split experts.
+
+    `forward(hidden_states [T, H], router_logits [T, E]) -> [T, H]`; the router's linear layer
+    belongs to the model (`mlp.gate`), like vLLM's.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        top_k: int,
+        hidden_size: int,
+        intermediate_size: int,
+        renormalize: bool,
+        params_dtype: Optional[torch.dtype] = None,
+        prefix: str = "",
+    ) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"{prefix}: top_k={top_k} must be in 1..num_experts={num_experts}")
+        self.prefix = prefix
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.renormalize = renormalize
+        self.tp_size = get_tensor_model_parallel_world_size()
+        self.tp_rank = get_tensor_model_parallel_rank()
+        if intermediate_size % self.tp_size:
+            raise ValueError(f"{prefix}: tensor_parallel_size={self.tp_size} must divide the experts' "
+                             f"moe_intermediate_size={intermediate_size}")
+        self.intermediate_size_per_partition = intermediate_size // self.tp_size
+        inter = self.intermediate_size_per_partition
+        params_dtype = params_dtype or torch.get_default_dtype()
+        # torch.empty: the checkpoint overwrites every element.
+        self.w13_weight = nn.Parameter(
+            torch.empty(num_experts, 2 * inter, hidden_size, dtype=params_dtype), requires_grad=False
+        )  # [E, 2I/tp, H]
+        self.w2_weight = nn.Parameter(
+            torch.empty(num_experts, hidden_size, inter, dtype=params_dtype), requires_grad=False
+        )  # [E, H, I/tp]
+        for param in (self.w13_weight, self.w2_weight):
+            set_weight_attrs(param, weight_loader=self.weight_loader)
+        self.act_fn = SiluAndMul()  # a CustomOp: our C++ kernel when custom_ops="all"
+        # Each expert's weights in oneDNN's layout, when the engine packs weights (after loading).
+        self.w13_packed: Optional[list[torch.Tensor]] = None
+        self.w2_packed: Optional[list[torch.Tensor]] = None
+
+    def process_weights_after_loading(self) -> None:
+        """With weight packing on (custom_ops="all" on CPU, `cpu_gemm.weight_packing`), re-lay
+        each expert's w13 and w2 in oneDNN's blocked layout, one tensor per expert, and drop the
+        stacked copies (same bytes, not twice). A no-op otherwise."""
+        w13 = [pack_weight(self.w13_weight[e]) for e in range(self.num_experts)]
+        if any(w is None for w in w13):
+            return
+        self.w13_packed = w13
+        self.w2_packed = [pack_weight(self.w2_weight[e]) for e in range(self.num_experts)]
+        for name in ("w13_weight", "w2_weight"):  # an empty stand-in keeps the parameter's name
+            setattr(self, name, nn.Parameter(torch.empty(0, dtype=self.w13_packed[0].dtype), requires_grad=False))
+
+    # Checkpoint projection name -> vLLM's shard id.
+    CKPT_SHARDS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+    # --8<-- [start:moe_weight_loader]
+    def weight_loader(
+        self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: str, expert_id: int
+    ) -> None:
+        """Put one expert's checkpoint tensor into its slot of the stacked parameter::
+
+            mlp.experts.{e}.gate_proj.weight [I, H]  (w1) -> w13_weight[e, 0:I/tp]     rank's rows
+            mlp.experts.{e}.up_proj.weight   [I, H]  (w3) -> w13_weight[e, I/tp:2I/tp]
+            mlp.experts.{e}.down_proj.weight [H, I]  (w2) -> w2_weight[e]              rank's columns
+
+        Rank r keeps intermediate features [r * I/tp, (r+1) * I/tp) of each expert: rows of
+        gate and up (column-parallel), columns of down (row-parallel).
+        """
+        if not 0 <= expert_id < self.num_experts:
+            raise ValueError(f"{self.prefix}: expert {expert_id} is out of range: the config has "
+                             f"num_experts={self.num_experts}")
+        inter, full = self.intermediate_size_per_partition, self.intermediate_size
+        start = self.tp_rank * inter
+        if shard_id in ("w1", "w3"):
+            if tuple(loaded_weight.shape) != (full, self.hidden_size):
+                raise WeightShapeError(tuple(loaded_weight.shape), (full, self.hidden_size))
+            offset = 0 if shard_id == "w1" else inter
+            param.data[expert_id, offset:offset + inter].copy_(loaded_weight[start:start + inter])
+        elif shard_id == "w2":
+            if tuple(loaded_weight.shape) != (self.hidden_size, full):
+                raise WeightShapeError(tuple(loaded_weight.shape), (self.hidden_size, full))
+            param.data[expert_id].copy_(loaded_weight[:, start:start + inter])
+        else:
+            raise ValueError(f"FusedMoE has shards w1, w2, w3, not {shard_id!r}")
+    # --8<-- [end:moe_weight_loader]
+
+    @classmethod
+    def checkpoint_names(cls, prefix: str, num_experts: int) -> dict[str, list[str]]:
+        """The HF checkpoint tensors that fill each stacked parameter of the experts at
+        `prefix` (`model.layers.1.mlp.experts`): {"...w13_weight": [...gate_proj, up_proj of
+        each expert], "...w2_weight": [...down_proj of each expert]}."""
+        def names(projs: tuple[str, ...]) -> list[str]:
+            return [f"{prefix}.{e}.{p}.weight" for e in range(num_experts) for p in projs]
+
+        return {f"{prefix}.w13_weight": names(("gate_proj", "up_proj")),
+                f"{prefix}.w2_weight": names(("down_proj",))}
+
+    # `model.layers.3.mlp.experts.17.up_proj.weight` -> ("model.layers.3.mlp.experts", 17, "up_proj")
+    CKPT_NAME = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        """hidden_states [T, H], router_logits [T, E] -> [T, H] (summed over ranks)."""
+        topk_weights, topk_ids = fused_topk(router_logits, self.top_k, self.renormalize)
+        w13 = self.w13_weight if self.w13_packed is None else self.w13_packed
+        w2 = self.w2_weight if self.w2_packed is None else self.w2_packed
+        out = fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, act=self.act_fn)
+        return tensor_model_parallel_all_reduce(out)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, top_k={self.top_k}, hidden_size={self.hidden_size}, "
+                f"intermediate_size={self.intermediate_size}, renormalize={self.renormalize}, "
+                f"tp_size={self.tp_size}")

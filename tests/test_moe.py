@@ -1,0 +1,302 @@
+"""Mixture of experts (Qwen3-MoE, `layers/fused_moe.py`, `models/qwen3_moe.py`).
+
+Guards:
+- the grouped fast path (`fused_experts`) and the reference loop (`moe_reference`) both equal a
+  per-(token, slot) formula written here, on random routings drawn by hypothesis, including
+  experts no token chose, every token on one expert, one token, large batches;
+- `moe_align` groups the pairs as its docstring draws;
+- the router (`fused_topk`) equals HF's formula, renormalised or not;
+- greedy tokens equal HF `Qwen3MoeForCausalLM` (float32) at every stage 01-06, on tiny random
+  checkpoints: top-2 renormalised with a dense first layer (`mlp_only_layers`), top-1 not
+  renormalised with untied embeddings, top-3 with a dense layer from `decoder_sparse_step`;
+  and at tensor_parallel_size=2;
+- the engine packs each expert's weights for oneDNN with custom_ops="all" and not with "none",
+  with HF's tokens either way;
+- each rank's slice of the experts (TP) sums to the unsplit layer;
+- bad configs and checkpoints, GPTQ experts and expert parallelism are refused with a ValueError
+  naming the field or tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from folovllm import LLM, SamplingParams
+from folovllm.config import LATEST_STAGE, verify_tensor_parallel
+from folovllm.distributed import parallel_state
+from folovllm.model_executor.layers import fused_moe
+from folovllm.model_executor.layers.fused_moe import FusedMoE, fused_experts, fused_topk, moe_align, moe_reference
+from folovllm.model_executor.model_loader import load_model
+from folovllm.testing.tiny_moe import MoeRecipe, build_tiny_moe_checkpoint
+from tests.fixtures import GREEDY_MIN_DISTINCT
+from tests.helpers import hf_greedy, hf_logits, mixed_prompts, num_distinct, our_decode_logits
+
+RECIPES = {
+    # top-2, weights renormalised to sum to 1, layer 0 dense, tied embeddings
+    "top2-renorm-dense0": MoeRecipe(top_k=2, norm_topk_prob=True, mlp_only_layers=(0,)),
+    # top-1 of softmax, not renormalised (the weight is the max probability), untied head
+    "top1-untied": MoeRecipe(top_k=1, norm_topk_prob=False, tie_word_embeddings=False, seed=1),
+    # top-3 of 6 experts, every second layer sparse (layer 0 dense by decoder_sparse_step)
+    "top3-step2": MoeRecipe(num_experts=6, top_k=3, norm_topk_prob=False, decoder_sparse_step=2, seed=2),
+}
+
+
+def per_pair_formula(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
+    """y[t] = sum_j w[t, j] * down(silu(gate(x[t])) * up(x[t])) with expert ids[t, j]: the
+    definition, one (token, slot) at a time."""
+    inter = w2.shape[2]
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, j])
+            h = F.silu(w13[e, :inter] @ x[t]) * (w13[e, inter:] @ x[t])
+            out[t] += topk_weights[t, j] * (w2[e] @ h)
+    return out
+
+
+def random_topk_ids(gen: torch.Generator, tokens: int, num_experts: int, top_k: int, skew: str) -> torch.Tensor:
+    """[T, k] distinct expert ids per token. skew: "uniform"; "one" = every token's first choice
+    is expert 0 (with k = 1: all tokens on one expert); "few" = only the first k+1 experts used."""
+    pool = {"uniform": num_experts, "one": num_experts, "few": min(num_experts, top_k + 1)}[skew]
+    ids = torch.stack([torch.randperm(pool, generator=gen)[:top_k] for _ in range(tokens)])
+    if skew == "one":
+        zero_at = (ids == 0).int().argmax(-1)  # move expert 0 to slot 0 (or put it there)
+        has_zero = (ids == 0).any(-1)
+        for t in range(tokens):
+            if has_zero[t]:
+                ids[t, zero_at[t]] = ids[t, 0]
+            ids[t, 0] = 0
+    return ids
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    tokens=st.sampled_from([1, 2, 3, 7, 16, 64, 200]),
+    num_experts=st.integers(1, 12),
+    k_frac=st.floats(0.0, 1.0),
+    skew=st.sampled_from(["uniform", "one", "few"]),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_and_reference_equal_the_formula(tokens, num_experts, k_frac, skew, seed):
+    top_k = 1 + int(k_frac * (min(num_experts, 4) - 1))
+    hidden, inter = 8, 6
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=gen, dtype=torch.float64)
+    w13 = torch.randn(num_experts, 2 * inter, hidden, generator=gen, dtype=torch.float64)
+    w2 = torch.randn(num_experts, hidden, inter, generator=gen, dtype=torch.float64)
+    topk_ids = random_topk_ids(gen, tokens, num_experts, top_k, skew)
+    topk_weights = torch.rand(tokens, top_k, generator=gen, dtype=torch.float64)
+    want = per_pair_formula(x, w13, w2, topk_weights, topk_ids)
+    torch.testing.assert_close(moe_reference(x, w13, w2, topk_weights, topk_ids), want)
+    torch.testing.assert_close(fused_experts(x, w13, w2, topk_weights, topk_ids), want)
+    groups = moe_align(topk_ids, topk_weights, num_experts)
+    assert groups.num_experts_touched == len(set(topk_ids.flatten().tolist()))
+
+
+def test_moe_align_is_the_docstring_picture():
+    topk_ids = torch.tensor([[2, 0], [0, 3], [2, 0]])
+    weights = torch.arange(6, dtype=torch.float32).reshape(3, 2)  # weight of pair p = p
+    groups = moe_align(topk_ids, weights, num_experts=4)
+    assert groups.sorted_token_ids.tolist() == [0, 1, 2, 0, 2, 1]
+    assert groups.sorted_weights.tolist() == [1, 2, 5, 0, 4, 3]  # the pairs, by expert
+    assert groups.expert_ids == [0, 2, 3] and groups.offsets == [0, 3, 5, 6]
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_router_is_hf_formula(renormalize):
+    logits = torch.randn(9, 8, generator=torch.Generator().manual_seed(0))
+    weights, ids = fused_topk(logits, 3, renormalize)
+    probs = torch.softmax(logits, -1)
+    want_w, want_ids = probs.topk(3, -1)
+    if renormalize:
+        want_w = want_w / want_w.sum(-1, keepdim=True)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(9))
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(weights, want_w)
+
+
+def test_tp_slices_of_the_experts_sum_to_the_unsplit_layer(monkeypatch):
+    """Each rank keeps rows [r*I/tp, (r+1)*I/tp) of every expert's gate and up and the same
+    columns of its down; the ranks' partial outputs add up to the whole layer (the all-reduce)."""
+    monkeypatch.setattr(fused_moe, "tensor_model_parallel_all_reduce", lambda x: x)
+    E, k, H, inter, tp = 4, 2, 8, 6, 2
+    gen = torch.Generator().manual_seed(0)
+    gate, up = torch.randn(E, inter, H, generator=gen), torch.randn(E, inter, H, generator=gen)
+    down = torch.randn(E, H, inter, generator=gen)
+    x, logits = torch.randn(5, H, generator=gen), torch.randn(5, E, generator=gen)
+    weights, ids = fused_topk(logits, k, True)
+    want = per_pair_formula(x, torch.cat([gate, up], 1), down, weights, ids)
+    total = torch.zeros_like(want)
+    for rank in range(tp):
+        monkeypatch.setattr(parallel_state, "_WORLD_SIZE", tp)
+        monkeypatch.setattr(parallel_state, "_RANK", rank)
+        layer = FusedMoE(E, k, H, inter, renormalize=True)
+        for e in range(E):
+            layer.weight_loader(layer.w13_weight, gate[e], "w1", e)
+            layer.weight_loader(layer.w13_weight, up[e], "w3", e)
+            layer.weight_loader(layer.w2_weight, down[e], "w2", e)
+        assert layer.w13_weight.shape == (E, 2 * inter // tp, H) and layer.w2_weight.shape == (E, H, inter // tp)
+        total += layer(x, logits)
+    torch.testing.assert_close(total, want)
+
+
+# -- the model against HF transformers ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moe_reference_outputs(tmp_path_factory) -> Callable[[str], dict[str, Any]]:
+    """moe_reference_outputs(recipe name) -> {path, prompts, max_tokens, outputs (HF greedy)}."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny_moe")
+    cache: dict[str, dict[str, Any]] = {}
+
+    def get(name: str) -> dict[str, Any]:
+        if name not in cache:
+            path = build_tiny_moe_checkpoint(root / name, RECIPES[name])
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            prompts, max_tokens = mixed_prompts(hf.config.vocab_size, seed=0)
+            outputs = [hf_greedy(hf, p, m) for p, m in zip(prompts, max_tokens)]
+            assert num_distinct(outputs) > GREEDY_MIN_DISTINCT, f"weak oracle: {name}"
+            cache[name] = dict(path=path, hf=hf, prompts=prompts, max_tokens=max_tokens, outputs=outputs)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_logits_equal_hf_prefill_and_decode(name, moe_reference_outputs):
+    ref = moe_reference_outputs(name)
+    model, config, _ = load_model(str(ref["path"]), dtype=torch.float32)
+    assert any(isinstance(m, FusedMoE) for m in model.modules())
+    prompts = [p for p in ref["prompts"] if len(p) <= 64][:4]
+    ours = our_decode_logits(model, prompts, [max(1, len(p) // 2) for p in prompts])
+    for prompt, got in zip(prompts, ours):
+        torch.testing.assert_close(got, hf_logits(ref["hf"], prompt), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("stage", range(1, LATEST_STAGE + 1), ids=lambda s: f"stage{s:02d}")
+@pytest.mark.parametrize("name", RECIPES)
+def test_greedy_tokens_equal_hf_at_every_stage(name, stage, moe_reference_outputs):
+    ref = moe_reference_outputs(name)
+    llm = LLM(str(ref["path"]), stage=stage, dtype="float32", max_num_seqs=3, max_model_len=256)
+    params = [SamplingParams(temperature=0.0, max_tokens=m) for m in ref["max_tokens"]]
+    outputs = llm.generate(ref["prompts"], params, use_tqdm=False)
+    for i, (out, want) in enumerate(zip(outputs, ref["outputs"])):
+        assert out.outputs[0].token_ids == want, f"{name} stage {stage}, prompt {i}"
+
+
+@pytest.mark.parametrize("custom_ops", ["all", "none"])
+def test_engine_packs_the_experts_only_with_custom_ops(custom_ops, moe_reference_outputs):
+    """custom_ops="all" (the CPU default): each expert's weights in oneDNN's layout, our
+    SiLU·mul kernel; "none": the stacked torch weights. Both give HF's tokens."""
+    ref = moe_reference_outputs("top1-untied")
+    llm = LLM(str(ref["path"]), stage=6, dtype="float32", max_num_seqs=3, max_model_len=256,
+              custom_ops=custom_ops)
+    layers = [m for m in llm.llm_engine.model_executor.model_runner.model.modules() if isinstance(m, FusedMoE)]
+    assert layers and all((m.w13_packed is not None) == (custom_ops == "all") for m in layers)
+    params = [SamplingParams(temperature=0.0, max_tokens=m) for m in ref["max_tokens"]]
+    outputs = llm.generate(ref["prompts"], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == ref["outputs"]
+
+
+def test_greedy_tokens_equal_hf_with_tensor_parallel_2(moe_reference_outputs):
+    """Two worker processes, each with half of every expert's intermediate dimension."""
+    ref = moe_reference_outputs("top3-step2")
+    llm = LLM(str(ref["path"]), stage=5, dtype="float32", max_num_seqs=3, max_model_len=256,
+              tensor_parallel_size=2)
+    try:
+        params = [SamplingParams(temperature=0.0, max_tokens=m) for m in ref["max_tokens"]]
+        outputs = llm.generate(ref["prompts"], params, use_tqdm=False)
+    finally:
+        llm.llm_engine.shutdown()
+    assert [o.outputs[0].token_ids for o in outputs] == ref["outputs"]
+
+
+# -- refusals ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def moe_copy(moe_reference_outputs, tmp_path) -> Path:
+    src = moe_reference_outputs("top2-renorm-dense0")["path"]
+    dst = tmp_path / "moe"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_config(path: Path, **changes: Any) -> None:
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(num_experts_per_tok=9), r"num_experts_per_tok=9 .* 1\.\.num_experts=8"),
+    (dict(num_experts_per_tok=0), r"num_experts_per_tok=0"),
+    (dict(num_local_experts=0), r"num_experts=0"),  # HF writes num_experts under this name
+    (dict(moe_intermediate_size=-4), r"moe_intermediate_size=-4"),
+    (dict(mlp_only_layers=[5]), r"mlp_only_layers=\[5\] .* 0\.\.1"),
+    (dict(decoder_sparse_step=0), r"decoder_sparse_step=0"),
+    (dict(hidden_act="gelu"), r"hidden_act='gelu'"),
+    (dict(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", shared_expert_intermediate_size=64),
+     r"shared_expert_intermediate_size=64"),
+])
+def test_bad_configs_are_refused_naming_the_field(moe_copy, changes, match):
+    _edit_config(moe_copy, **changes)
+    with pytest.raises(ValueError, match=match):
+        LLM(str(moe_copy), stage=1, dtype="float32", max_model_len=64)
+
+
+def test_missing_or_extra_expert_tensors_are_named(moe_copy, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(moe_copy / "model.safetensors")
+    missing = dict(tensors)
+    del missing["model.layers.1.mlp.experts.3.up_proj.weight"]
+    save_file(missing, moe_copy / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing .*experts\.3\.up_proj"):
+        load_model(str(moe_copy))
+    extra = dict(tensors)
+    extra["model.layers.1.mlp.experts.8.up_proj.weight"] = tensors["model.layers.1.mlp.experts.3.up_proj.weight"].clone()
+    save_file(extra, moe_copy / "model.safetensors")
+    with pytest.raises(ValueError, match=r"expert 8 is out of range.*num_experts=8"):
+        load_model(str(moe_copy))
+    wrong = dict(tensors)
+    wrong["model.layers.1.mlp.experts.0.down_proj.weight"] = torch.zeros(64, 16)
+    save_file(wrong, moe_copy / "model.safetensors")
+    with pytest.raises(ValueError, match=r"experts\.0\.down_proj\.weight' has shape \(64, 16\), expected \(64, 32\)"):
+        load_model(str(moe_copy))
+
+
+def test_tensor_parallel_must_divide_the_experts(moe_reference_outputs):
+    config = moe_reference_outputs("top2-renorm-dense0")["hf"].config
+    verify_tensor_parallel(config, 2)  # 32 / 2
+    config = type(config)(**{**config.to_dict(), "moe_intermediate_size": 33})
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 must divide the model's moe_intermediate_size \(33\)"):
+        verify_tensor_parallel(config, 2)
+
+
+def test_gptq_experts_are_refused(moe_reference_outputs):
+    from folovllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
+
+    class AnyQuant:  # stands for a GPTQ config: the model refuses any quantization
+        pass
+
+    config = moe_reference_outputs("top2-renorm-dense0")["hf"].config
+    with pytest.raises(ValueError, match=r"GPTQ experts are not supported"):
+        Qwen3MoeForCausalLM(config, AnyQuant())
+
+
+def test_expert_parallelism_is_refused_clearly(moe_reference_outputs):
+    path = moe_reference_outputs("top2-renorm-dense0")["path"]
+    with pytest.raises(ValueError, match=r"enable_expert_parallel=True: expert parallelism is not built"):
+        LLM(str(path), enable_expert_parallel=True)
