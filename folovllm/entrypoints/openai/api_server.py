@@ -67,7 +67,8 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: Optional[str] = Non
         await async_llm.shutdown()
 
     app = FastAPI(title="folovllm", lifespan=lifespan)
-    app.add_middleware(RequestGate, api_key=api_key, max_body_bytes=options.max_request_bytes)
+    app.add_middleware(RequestGate, api_key=api_key, max_body_bytes=options.max_request_bytes,
+                       body_timeout_s=options.request_body_timeout_s)
     completion = OpenAIServingCompletion(async_llm, model_name, options)
     chat = OpenAIServingChat(async_llm, model_name, options)
     engine = async_llm.engine
@@ -130,7 +131,9 @@ def _error(status_code: int, info: ErrorInfo) -> JSONResponse:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
-        return _error(e.status_code, e.info)
+        response = _error(e.status_code, e.info)
+        response.headers.update(e.headers)  # Retry-After on a 503 for a full queue
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -168,14 +171,19 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 class RequestGate:
     """ASGI middleware in front of every route: the API key first (401), then the body, read
-    here up to `max_body_bytes` (413 past it, with or without a Content-Length) and handed on
-    whole. So a client without the key is refused before its body is parsed, and no body
-    larger than the limit is held or parsed."""
+    here up to `max_body_bytes` (413 past it, with or without a Content-Length) within
+    `body_timeout_s` of the headers (408 and the connection closed after it), and handed on
+    whole. So a client without the key is refused before its body is parsed, no body larger
+    than the limit is held or parsed, and a client that trickles its body (or never ends it)
+    cannot hold a connection for ever: uvicorn's own timeouts cover only an idle connection
+    between requests (`timeout_keep_alive`), and h11 has none for a body."""
 
-    def __init__(self, app: ASGIApp, api_key: Optional[str], max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, api_key: Optional[str], max_body_bytes: int,
+                 body_timeout_s: float = 60.0) -> None:
         self.app = app
         self.api_key = None if api_key is None else api_key.encode()
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -193,8 +201,12 @@ class RequestGate:
             return await self._too_large(scope, send)
         chunks: list[bytes] = []
         size, more = 0, True
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:
+                return await self._too_slow(scope, send, size)
             if message["type"] == "http.disconnect":
                 return
             chunks.append(message.get("body", b""))
@@ -226,6 +238,13 @@ class RequestGate:
         elif scheme.lower() != b"bearer":
             return False
         return secrets.compare_digest(given, self.api_key)
+
+    async def _too_slow(self, scope: Scope, send: Send, size: int) -> None:
+        # Connection: close, since the rest of the body may still come: uvicorn closes it.
+        await _send_error(scope, send, 408, ErrorInfo(
+            message=f"the request body did not arrive within {self.body_timeout_s:g} s "
+                    f"({size} bytes came; --request-body-timeout)", type="invalid_request_error",
+            code="request_timeout"), headers={"Connection": "close"})
 
     async def _too_large(self, scope: Scope, send: Send) -> None:
         await _send_error(scope, send, 413, ErrorInfo(
