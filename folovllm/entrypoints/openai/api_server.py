@@ -15,8 +15,9 @@ body's size are checked by `RequestGate`, in front of every route, before the bo
 
 Errors: everything a client can send wrong is answered in OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}` — 400 for bad values, types, unknown fields
-and malformed JSON, 401 for the key, 404 for an unknown model or route, 413 for a body past
-`--max-request-bytes` — never a traceback. A request that fails validation never reaches the
+and malformed JSON, 401 for the key, 404 for an unknown model or route, 408 for a body not sent
+within `--request-body-timeout`, 413 for a body past `--max-request-bytes`, 503 with
+`Retry-After` while `--max-waiting-requests` wait — never a traceback. A request that fails validation never reaches the
 engine, so it cannot harm the others.
 
 Start it with `folovllm serve MODEL` (entrypoints/cli.py); `build_app` is what tests run.

@@ -4,10 +4,10 @@ waiting for the answer while watching for a disconnect, and the server-sent-even
 
 A request's life in the server::
 
-    body ─► API key, size ─► pydantic ─► model, prompt chars ─► SamplingParams
-            (401, 413)       (400)       (404, 400)             (400)
-         ─► AsyncLLM.add_request: tokenized in an input thread ─► RequestStream
-            (400: the engine's message)
+    body ─► API key, size, time ─► pydantic ─► model, prompt chars ─► SamplingParams
+            (401, 413, 408)        (400)       (404, 400)             (400)
+         ─► queue full? ─► AsyncLLM.add_request: tokenized in an input thread ─► RequestStream
+            (503)           (400: the engine's message)
     stream=false: wait for the final output | client disconnects  ─► answer with usage
     stream=true:  data: {chunk} per delta ... [usage chunk] data: [DONE]
     either way, leaving early closes the stream: the request is aborted, its KV freed.
