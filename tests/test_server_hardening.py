@@ -66,7 +66,7 @@ def running_server(tiny_qwen3, options: ServerOptions = LIMITS, grace_s: Optiona
     engine = LLMEngine(str(tiny_qwen3), EngineConfig.for_stage(STAGE, trace=trace, **{**ENGINE_ARGS, **engine_args}))
     async_llm = AsyncLLM(engine, MODEL)
     app = build_app(async_llm, MODEL, api_key=API_KEY, options=options)
-    with uvicorn_in_thread(app, None if grace_s is None else (async_llm, grace_s)) as (root, uv):
+    with uvicorn_in_thread(app, None if grace_s is None else (async_llm, grace_s), options) as (root, uv):
         yield Server(root, engine, async_llm, uv)
 
 
@@ -499,6 +499,25 @@ def test_a_body_that_never_ends_or_trickles_gets_408_and_is_closed(server):
         error = json.loads(body)["error"]
         assert error["code"] == "request_timeout" and "--request-body-timeout" in error["message"], error
         assert "within 1 s" in error["message"]
+
+
+def test_a_connection_that_never_completes_its_headers_is_closed(server):
+    """Headers must be complete within --request-body-timeout (1 s here) of connecting: one
+    connection that sends nothing and one that stops halfway through its headers are both
+    closed, while the server answers everyone else."""
+    host, port = server.root.removeprefix("http://").split(":")
+    silent = socket.create_connection((host, int(port)), timeout=10)
+    half = socket.create_connection((host, int(port)), timeout=10)
+    half.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-")
+    try:
+        assert httpx.get(f"{server.root}/health", timeout=5).status_code == 200
+        started = time.monotonic()
+        assert read_until_closed(silent) == b"" and read_until_closed(half) == b""
+        assert time.monotonic() - started < 8
+    finally:
+        silent.close()
+        half.close()
+    assert server.post("/v1/completions", completion()).status_code == 200
 
 
 @pytest.mark.parametrize("env, argv, expected", [

@@ -143,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="most requests waiting to run (queued or being tokenized); past it a "
                             "new request gets 503 with Retry-After (default: no limit, as vLLM)")
     serve.add_argument("--request-body-timeout", dest="request_body_timeout_s", type=float, default=None,
-                       help="seconds a client has to send its whole body after the headers; "
-                            "then 408 and the connection is closed (default 60)")
+                       help="seconds a client has to send its headers (after connecting or its last "
+                            "answer: else the connection is closed), then as long for its whole "
+                            "body (else 408 and closed) (default 60)")
 
     demo = sub.add_parser("demo", help="run one workload through every stage and compare")
     _add_engine_args(demo)

@@ -17,8 +17,8 @@ Errors: everything a client can send wrong is answered in OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}` — 400 for bad values, types, unknown fields
 and malformed JSON, 401 for the key, 404 for an unknown model or route, 408 for a body not sent
 within `--request-body-timeout`, 413 for a body past `--max-request-bytes`, 503 with
-`Retry-After` while `--max-waiting-requests` wait — never a traceback. A request that fails validation never reaches the
-engine, so it cannot harm the others.
+`Retry-After` while `--max-waiting-requests` wait — never a traceback. A request that fails
+validation never reaches the engine, so it cannot harm the others.
 
 Start it with `folovllm serve MODEL` (entrypoints/cli.py); `build_app` is what tests run.
 """
@@ -34,12 +34,14 @@ from functools import partial
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Optional
 
+import h11
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from folovllm.engine.async_llm import AsyncLLM, EngineDeadError, RequestAbortedError
 from folovllm.engine.llm_engine import LLMEngine
@@ -264,6 +266,48 @@ async def _nothing_to_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
+class HeaderTimeoutH11Protocol(H11Protocol):
+    """uvicorn's h11 connection, closed when a request's headers are not complete
+    `header_timeout_s` after the connection opened (or after its last answer). uvicorn times
+    only an idle connection between requests (`timeout_keep_alive`, armed after an answer):
+    a client that connected and sent nothing, or half its headers, held the connection for
+    ever, and `RequestGate` never sees it (there is no request yet). nginx's
+    client_header_timeout answers the same way."""
+
+    header_timeout_s = 60.0
+    _header_timer: Optional[asyncio.TimerHandle] = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_due)
+
+    def _headers_due(self) -> None:
+        # IDLE: h11 is still waiting for (the rest of) a request line and its headers.
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+
+def uvicorn_config(app: FastAPI, options: ServerOptions = ServerOptions(), **kwargs: object) -> uvicorn.Config:
+    """The server's uvicorn settings (`run_server`'s, and the tests'): h11 with the header
+    timeout of `options.request_body_timeout_s`."""
+    protocol = type("H11Protocol", (HeaderTimeoutH11Protocol,), {"header_timeout_s": options.request_body_timeout_s})
+    return uvicorn.Config(app, http=protocol, **kwargs)  # type: ignore[arg-type]
+
+
 # --8<-- [start:run_server]
 SHUTDOWN_DRAIN_S = 2.0  # after the grace: time for the streams' last chunks to be sent
 
@@ -300,7 +344,7 @@ def run_server(engine: LLMEngine, model_name: str, host: str = "127.0.0.1", port
     app's lifespan exit, which stops the engine loop. The process then exits with status 0."""
     async_llm = AsyncLLM(engine, model_name)
     app = build_app(async_llm, model_name, api_key, options)
-    config = uvicorn.Config(app, host=host, port=port, log_level="info")
+    config = uvicorn_config(app, options, host=host, port=port, log_level="info")
     # uvicorn catches the signal, shuts down gracefully, then raises the signal again with the
     # handler it found: make that an ordinary exit instead of death by SIGTERM.
     previous = signal.signal(signal.SIGTERM, _exit_quietly)

@@ -84,6 +84,7 @@ class ServerOptions:
     # gets 408 and is closed (uvicorn has no such timeout: a client that sends headers and then
     # trickles its body, or never ends it, held its connection for ever). 60 s is nginx's
     # client_body_timeout; here it bounds the whole body, which is at most max_request_bytes.
+    # The headers get as long, from the connection (or its last answer): else it is closed.
     request_body_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
