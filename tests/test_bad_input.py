@@ -318,9 +318,10 @@ def _damage(ckpt: Path, name: str, value: "torch.Tensor | None") -> None:
      r"checkpoint tensor 'model.layers.0.self_attn.extra.weight' has no matching parameter"),
 ])
 def test_checkpoint_is_checked_from_its_headers_before_the_model_is_built(ckpt_copy, monkeypatch, damage, match):
-    """Names, shapes and dtypes are compared with the safetensors headers, on a model built on
-    the meta device: the ValueError comes before any tensor's data is read and before the
-    real model is allocated (a wrong last tensor of a large model was found after both)."""
+    """Names, shapes and dtypes are compared with the safetensors headers, on a model whose
+    parameters are on the meta device: the ValueError comes before any tensor's data is read
+    and before the real model is allocated (a wrong last tensor of a large model was found
+    after both)."""
     from safetensors.torch import load_file
 
     from folovllm.model_executor import model_loader
@@ -328,12 +329,12 @@ def test_checkpoint_is_checked_from_its_headers_before_the_model_is_built(ckpt_c
 
     name, change = damage
     _damage(ckpt_copy, name, change(load_file(ckpt_copy / "model.safetensors").get(name, torch.zeros(1))))
-    built_on: list[str] = []
+    built: list[torch.nn.Module] = []
 
     class Spy(Qwen3ForCausalLM):
         def __init__(self, *args, **kwargs):
-            built_on.append(torch.empty(0).device.type)  # the device the loader builds it on
             super().__init__(*args, **kwargs)
+            built.append(self)
 
     def read(path):
         raise AssertionError("tensor data was read before the checkpoint was checked")
@@ -342,7 +343,8 @@ def test_checkpoint_is_checked_from_its_headers_before_the_model_is_built(ckpt_c
     monkeypatch.setattr(model_loader, "iterate_checkpoint", read)
     with pytest.raises(ValueError, match=match):
         _load(ckpt_copy)
-    assert built_on == ["meta"]
+    assert len(built) == 1, "the model was built for real before the checkpoint was checked"
+    assert {p.device.type for p in built[0].parameters()} == {"meta"}
 
 
 def test_float_checkpoint_in_another_float_dtype_still_loads(ckpt_copy, tiny_qwen3):
@@ -968,3 +970,19 @@ def test_abort_frees_blocks_allocated_to_a_request_still_waiting(tiny_qwen3, sta
     assert manager.num_reserved_tokens == before
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3 and manager.num_reserved_tokens == before
+
+
+def test_the_header_check_leaves_nn_module_and_memory_as_they_were(tiny_qwen3):
+    """The check builds a model whose parameters go to the meta device by patching
+    nn.Module.register_parameter for its duration: afterwards a module built anywhere has real
+    parameters again, and the check imported none of torch's symbolic-shape machinery (sympy:
+    ~150 MiB, which `with torch.device("meta")` pulled in through torch.arange)."""
+    import sys
+
+    from folovllm.model_executor.model_loader import check_checkpoint, load_hf_config
+    from folovllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+
+    had_sympy = "sympy" in sys.modules
+    check_checkpoint(Qwen3ForCausalLM, load_hf_config(tiny_qwen3), tiny_qwen3, torch.float32)
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"
+    assert had_sympy or "sympy" not in sys.modules

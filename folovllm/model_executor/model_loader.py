@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -195,8 +196,8 @@ def iterate_checkpoint_headers(path: Path) -> Iterator[tuple[str, torch.Tensor]]
 
 
 def check_checkpoint(model_cls: type[nn.Module], config: Any, path: Path, dtype: torch.dtype) -> None:
-    """Load the checkpoint's headers into the model built on the meta device (no memory, no
-    data read): every tensor name known, every shape and dtype right, none missing, each a
+    """Load the checkpoint's headers into the model built with its parameters on the meta
+    device (no memory, no data read): every tensor name known, every shape and dtype right, none missing, each a
     `ValueError` naming the tensor, before the real model is allocated and its weights read
     (a wrong shape at the last layer of a large model used to be found after allocating it
     and reading every tensor before it).
@@ -204,9 +205,37 @@ def check_checkpoint(model_cls: type[nn.Module], config: Any, path: Path, dtype:
     For float checkpoints only: the quantized layers' loaders compare values (GPTQ's fused
     g_idx, compressed-tensors' weight_shape), which the meta device does not have; their
     names, shapes and dtypes are checked as they load."""
-    with _default_dtype(dtype), torch.device("meta"):
+    with _BUILD_LOCK, _default_dtype(dtype), _parameters_on_meta():
         shadow = model_cls(config, None)
     _check_complete(shadow, shadow.load_weights(iterate_checkpoint_headers(path)), path)
+
+
+# Held while a model is built: `_parameters_on_meta` patches nn.Module for the whole process,
+# so no other thread may build its model meanwhile.
+_BUILD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside goes to the meta device (shape, dtype and its loading
+    attributes kept, no memory), buffers stay where they are (accelerate's `init_empty_weights`).
+    Not `with torch.device("meta")`: `torch.arange` on meta (the rotary cache) runs torch's
+    Python references, whose import (sympy, dynamo) added ~150 MiB to the process. A parameter
+    made with `torch.empty` is never touched before it moves, so it costs no resident memory."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            meta = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            meta.__dict__.update(param.__dict__)  # weight_loader, output_dim, ...
+            module._parameters[name] = meta
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
 def _check_complete(net: nn.Module, loaded: set[str], path: Path) -> None:
@@ -249,7 +278,7 @@ def load_model(
     model_cls = MODEL_REGISTRY[config.architectures[0]]
     if quant_config is None:
         check_checkpoint(model_cls, config, path, dtype)
-    with _default_dtype(dtype), torch.device(device):
+    with _BUILD_LOCK, _default_dtype(dtype), torch.device(device):
         net = model_cls(config, quant_config)
     _check_complete(net, net.load_weights(iterate_checkpoint(path)), path)
     for module in net.modules():  # re-lay weights out for their kernel (GPTQ's, oneDNN's)
