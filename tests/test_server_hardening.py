@@ -402,9 +402,10 @@ def test_serve_options_reach_the_server_and_bad_ones_exit_2(tiny_qwen3, monkeypa
 
 
 def test_a_full_queue_answers_503_with_retry_after_and_serves_what_it_accepted(server, offline, monkeypatch):
-    """The engine is held before its next step: request A waits in the scheduler's queue, B in
-    add_request (waiting for the engine lock), so with --max-waiting-requests 2 a third gets a
-    503 with Retry-After in OpenAI's shape, and A and B are then served exactly."""
+    """The engine is held before its next step: request A waits in the scheduler's queue, B
+    (n=2: two samples, admitted since one was waiting) in add_request, at the engine lock. With
+    --max-waiting-requests 2 the next ones get a 503 with Retry-After in OpenAI's shape, and A
+    and B are then served exactly."""
     engine = server.engine
     step, entered, release = engine.step, threading.Event(), threading.Event()
 
@@ -416,9 +417,10 @@ def test_a_full_queue_answers_503_with_retry_after_and_serves_what_it_accepted(s
     monkeypatch.setattr(engine, "step", held_step)
     answers: dict[str, httpx.Response] = {}
     prompts = {"A": "the engine", "B": "A block table maps"}
+    fields = {"A": dict(temperature=0), "B": dict(n=2, temperature=1.0, seed=3)}
 
     def send(name: str) -> None:
-        answers[name] = server.post("/v1/completions", completion(prompts[name], max_tokens=4, temperature=0))
+        answers[name] = server.post("/v1/completions", completion(prompts[name], max_tokens=4, **fields[name]))
 
     clients = [threading.Thread(target=send, args=(name,)) for name in prompts]
     try:
@@ -426,28 +428,31 @@ def test_a_full_queue_answers_503_with_retry_after_and_serves_what_it_accepted(s
         assert entered.wait(timeout=30), "the engine never stepped"
         clients[1].start()
         deadline = time.monotonic() + 30
-        while server.async_llm.num_waiting < 2:
+        while server.async_llm.num_waiting < 3:
             assert time.monotonic() < deadline, "B never arrived"
             time.sleep(0.02)
         busy = server.post("/v1/completions", completion(), timeout=10)
         busy_chat = server.post("/v1/chat/completions", chat(), timeout=10)
         two = server.post("/v1/completions", completion(["x", "y"]), timeout=10)
+        n2 = server.post("/v1/completions", completion(n=2, temperature=1.0), timeout=10)
     finally:
         release.set()
         for client in clients:
             client.join(timeout=60)
-    for r in (busy, busy_chat, two):
+    for r in (busy, busy_chat, two, n2):
         assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
         error = r.json()["error"]
         assert error["type"] == "server_error" and error["code"] == "server_busy"
-        assert "2 requests are waiting, its limit is 2 (--max-waiting-requests)" in error["message"]
+        assert "3 requests are waiting, its limit is 2 (--max-waiting-requests)" in error["message"]
     for name, prompt in prompts.items():
-        expected = offline.generate(prompt, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
+        expected = offline.generate(prompt, SamplingParams(max_tokens=4, **fields[name]), use_tqdm=False)[0]
         assert answers[name].status_code == 200, answers[name].text
-        assert answers[name].json()["choices"][0]["text"] == expected.outputs[0].text
+        assert [c["text"] for c in answers[name].json()["choices"]] == [c.text for c in expected.outputs]
     monkeypatch.setattr(engine, "step", step)
     assert server.async_llm.num_waiting == 0
     assert server.post("/v1/completions", completion(["x", "y"])).status_code == 200
+    # A request larger than the limit is not refused for good: it runs when nothing waits.
+    assert server.post("/v1/completions", completion(n=3, temperature=1.0)).status_code == 200
 
 
 def raw_request(root: str, body_start: bytes, content_length: int) -> socket.socket:

@@ -155,7 +155,7 @@ class AsyncLLM:
         self._loop_task: Optional[asyncio.Task] = None
         self.dead_error: Optional[BaseException] = None
         self.closed_reason: Optional[str] = None  # set by abort_all: no request is added after
-        self._num_adding = 0  # requests in add_request: being tokenized, or waiting for the lock
+        self._num_adding = 0  # samples of the requests in add_request (tokenized, or at the lock)
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -190,7 +190,7 @@ class AsyncLLM:
     @property
     def num_waiting(self) -> int:
         """Requests not yet running: in the scheduler's waiting queue (each sample of `n` is
-        one, a preempted request is one again) plus those still in `add_request`. What the
+        one, a preempted request is one again) plus the samples still in `add_request`. What the
         server's `--max-waiting-requests` bounds. Read on the event loop while a step may run:
         the queue's length is one atomic read, at most a step old."""
         return len(self.engine.scheduler.waiting) + self._num_adding
@@ -209,7 +209,7 @@ class AsyncLLM:
             self.start()
         assert self._lock is not None and self._wakeup is not None
         arrival_time = time.perf_counter()  # before tokenizing and the lock: both count in TTFT
-        self._num_adding += 1  # no await before this line: a caller's check and this are one
+        self._num_adding += sampling_params.n  # no await before this: a caller's check and this are one
         try:
             # `stops` keeps the matcher built off the loop alive until the engine holds it too.
             prompt, stops = await self.run_off_loop(self._process_inputs, prompt, sampling_params)
@@ -220,7 +220,7 @@ class AsyncLLM:
                 stream = RequestStream(request_id, sampling_params.output_kind, self.abort)
                 self._streams[request_id] = stream
         finally:
-            self._num_adding -= 1
+            self._num_adding -= sampling_params.n
         self._wakeup.set()
         return stream
 

@@ -140,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-stop-chars", type=int, default=None,
                        help="most characters of one request's stop strings together (default 16384)")
     serve.add_argument("--max-waiting-requests", type=int, default=None,
-                       help="most requests waiting to run (queued or being tokenized); past it a "
-                            "new request gets 503 with Retry-After (default: no limit, as vLLM)")
+                       help="while this many requests wait to run (queued or being tokenized; each "
+                            "sample of n counts), a new request gets 503 with Retry-After "
+                            "(default: no limit, as vLLM)")
     serve.add_argument("--request-body-timeout", dest="request_body_timeout_s", type=float, default=None,
                        help="seconds a client has to send its headers (after connecting or its last "
                             "answer: else the connection is closed), then as long for its whole "

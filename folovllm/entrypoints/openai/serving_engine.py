@@ -75,9 +75,9 @@ class ServerOptions:
     # and bound the stop-string matcher a request builds (engine/stop_strings.py).
     max_stop_strings: int = 1024
     max_stop_chars: int = 16384
-    # Backpressure: past this many requests waiting (queued in the scheduler or being
-    # tokenized), a new one is answered 503 with Retry-After instead of joining the queue; an
-    # accepted request is never dropped. None: no limit, as vLLM (its benchmark and lm-eval
+    # Backpressure: while this many requests wait (queued in the scheduler or being tokenized;
+    # each sample of n counts), a new one is answered 503 with Retry-After instead of joining
+    # the queue; an accepted request is never dropped. None: no limit, as vLLM (its benchmark and lm-eval
     # send hundreds of requests at once and expect them all queued, not refused).
     max_waiting_requests: Optional[int] = None
     # The whole body must arrive within this many seconds of the headers, or the connection
@@ -126,15 +126,18 @@ class OpenAIServing:
             raise APIError(400, "stream_options is only allowed when stream is true",
                            param="stream_options")
 
-    def check_capacity(self, num_requests: int) -> None:
-        """503 with Retry-After when `num_requests` more would put the waiting requests past
-        `--max-waiting-requests` (a list of prompts is several). Called just before adding,
-        with no await between: the count `AsyncLLM.add_request` raises is then this one's."""
+    def check_capacity(self) -> None:
+        """503 with Retry-After while `--max-waiting-requests` or more are waiting (each sample
+        of `n` of each prompt counts, as the scheduler queues them). Checked once per HTTP
+        request, before any of its work: a list of prompts is admitted whole or not at all, and
+        a request larger than the limit still runs once the queue is below it (refusing it for
+        good would make Retry-After a lie). So the queue may pass the limit by the samples of
+        the requests admitted while it was below."""
         limit = self.options.max_waiting_requests
         if limit is None:
             return
         waiting = self.async_llm.num_waiting
-        if waiting + num_requests > limit:
+        if waiting >= limit:
             raise APIError(503, f"the server is busy: {waiting} requests are waiting, its limit is "
                                 f"{limit} (--max-waiting-requests); retry after {RETRY_AFTER_S} s",
                            type="server_error", code="server_busy",
@@ -173,7 +176,6 @@ class OpenAIServing:
 
     async def add_request(self, request: SamplingRequest, request_id: str, prompt: PromptType,
                           params: SamplingParams, prompt_field: str) -> RequestStream:
-        self.check_capacity(1)  # again for each prompt of a list: others may have come between
         try:
             return await self.async_llm.add_request(request_id, prompt, params)
         except ValueError as e:
