@@ -49,9 +49,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def start_server(model: Path, stage: int, max_num_seqs: int, log: IO[str],
                  extra_args: Sequence[str] = (), env: Optional[dict[str, str]] = None,
-                 ) -> tuple[subprocess.Popen, str]:
+                 cwd: Path = REPO_ROOT) -> tuple[subprocess.Popen, str]:
     """`folovllm serve` on a free port, float32, one thread; its output goes to `log`, a file:
-    a pipe nobody reads would fill with the server's INFO lines and stall it."""
+    a pipe nobody reads would fill with the server's INFO lines and stall it. `cwd` (with
+    PYTHONPATH in `env`) serves another checkout's code: a `git worktree` of an older commit."""
     import httpx
 
     with socket.socket() as s:
@@ -60,7 +61,7 @@ def start_server(model: Path, stage: int, max_num_seqs: int, log: IO[str],
     cmd = [sys.executable, "-m", "folovllm.entrypoints.cli", "serve", str(model), "--stage", str(stage),
            "--dtype", "float32", "--threads", "1", "--max-num-seqs", str(max_num_seqs),
            "--port", str(port), "--served-model-name", MODEL_NAME, *extra_args]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
                             env=None if env is None else {**os.environ, **env})
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300

@@ -23,6 +23,10 @@
                                      size (docs/serving.md, "Memory"). Sets oneDNN's
                                      `ONEDNN_PRIMITIVE_CACHE_CAPACITY` and torch's
                                      `LRU_CACHE_CAPACITY`. Read once, when folovllm is imported.
+    FOLOVLLM_API_KEY                 the key `folovllm serve` requires when no `--api-key` is
+                                     given (vLLM's `VLLM_API_KEY` is read too, after it): a
+                                     key in argv is visible to every user in `ps`, one in the
+                                     environment is not. `--api-key` wins over both.
 
 This module imports nothing heavy: `folovllm/__init__.py` applies `FOLOVLLM_CPU_ISA` and
 `FOLOVLLM_ONEDNN_CACHE_CAPACITY` before torch runs anything (oneDNN and ATen read their caps
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 CPU_ISAS = ("native", "avx2")
 # compiled matmuls kept: ~12 step sizes x 5 weight shapes (qkv, o, gate_up, down, LM head)
@@ -66,6 +71,12 @@ def configure_logging() -> bool:
 
 def logging_level() -> str:
     return os.environ.get("FOLOVLLM_LOGGING_LEVEL", "INFO").upper()
+
+
+def api_key() -> Optional[str]:
+    """`FOLOVLLM_API_KEY`, else `VLLM_API_KEY` (a deployment written for vLLM keeps working);
+    None when neither is set or both are empty."""
+    return os.environ.get("FOLOVLLM_API_KEY") or os.environ.get("VLLM_API_KEY") or None
 
 
 def apply_cpu_isa() -> None:

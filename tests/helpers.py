@@ -10,7 +10,11 @@ The oracle is HuggingFace transformers, never folovllm itself: `hf_greedy` runs 
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -147,3 +151,36 @@ def our_decode_logits(
                 collected[i].append(logits[i : i + 1])
                 done[i] += 1
     return [torch.cat(c) for c in collected]
+
+
+@contextmanager
+def uvicorn_in_thread(app: Any, graceful: Optional[tuple[Any, float]] = None, options: Any = None,
+                      stop_timeout_s: float = 30) -> Iterator[tuple[str, Any]]:
+    """Serve an ASGI `app` (the server's `build_app`) with a real uvicorn on a free port of
+    127.0.0.1, in a thread of this process (so a test can also look at the engine behind it);
+    yields `(root URL, uvicorn.Server)` and stops the server (its lifespan exit stops the engine
+    loop) on leaving. `graceful=(async_llm, grace_s)` runs the server's own `GracefulServer`,
+    which ends the streams still open when the shutdown grace is over. The uvicorn settings
+    are the server's own (`uvicorn_config`, with `options`: a `ServerOptions`)."""
+    import uvicorn
+
+    from folovllm.entrypoints.openai.api_server import GracefulServer, uvicorn_config
+    from folovllm.entrypoints.openai.serving_engine import ServerOptions
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn_config(app, options or ServerOptions(), log_level="warning", timeout_graceful_shutdown=2)
+    uv = uvicorn.Server(config) if graceful is None else GracefulServer(config, *graceful)
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not uv.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", uv
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=stop_timeout_s)
+        sock.close()
+        assert not thread.is_alive(), "server did not stop"

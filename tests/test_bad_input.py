@@ -288,6 +288,83 @@ def test_unexpected_weight_tensor(ckpt_copy):
         _load(ckpt_copy)
 
 
+def _damage(ckpt: Path, name: str, value: "torch.Tensor | None") -> None:
+    """Replace (or with None, delete) one tensor of the checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    f = ckpt / "model.safetensors"
+    tensors = load_file(f)
+    if value is None:
+        del tensors[name]
+    else:
+        tensors[name] = value
+    save_file(tensors, f, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("damage, match", [
+    # int32 or bool values where the model has float weights were cast silently (issue 28, item 9)
+    (("model.layers.0.mlp.down_proj.weight", lambda t: t.to(torch.int32)),
+     r"checkpoint tensor 'model.layers.0.mlp.down_proj.weight' has dtype torch.int32, expected a "
+     r"floating-point dtype \(the model's parameter is torch.float32\)"),
+    (("model.norm.weight", lambda t: t > 0),
+     r"checkpoint tensor 'model.norm.weight' has dtype torch.bool, expected a floating-point dtype"),
+    (("model.layers.1.self_attn.k_proj.weight", lambda t: t.to(torch.int64)),
+     r"'model.layers.1.self_attn.k_proj.weight' has dtype torch.int64"),
+    (("model.layers.1.mlp.up_proj.weight", lambda t: t[:, :-1].contiguous()),
+     r"checkpoint tensor 'model.layers.1.mlp.up_proj.weight' has shape \(\d+, \d+\), expected"),
+    (("model.layers.1.mlp.up_proj.weight", lambda t: None),
+     r"weights missing from the checkpoint.*model.layers.1.mlp.up_proj.weight"),
+    (("model.layers.0.self_attn.extra.weight", lambda t: torch.zeros(2)),
+     r"checkpoint tensor 'model.layers.0.self_attn.extra.weight' has no matching parameter"),
+])
+def test_checkpoint_is_checked_from_its_headers_before_the_model_is_built(ckpt_copy, monkeypatch, damage, match):
+    """Names, shapes and dtypes are compared with the safetensors headers, on a model whose
+    parameters are on the meta device: the ValueError comes before any tensor's data is read
+    and before the real model is allocated (a wrong last tensor of a large model was found
+    after both)."""
+    from safetensors.torch import load_file
+
+    from folovllm.model_executor import model_loader
+    from folovllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+
+    name, change = damage
+    _damage(ckpt_copy, name, change(load_file(ckpt_copy / "model.safetensors").get(name, torch.zeros(1))))
+    built: list[torch.nn.Module] = []
+
+    class Spy(Qwen3ForCausalLM):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    def read(path):
+        raise AssertionError("tensor data was read before the checkpoint was checked")
+
+    monkeypatch.setitem(model_loader.MODEL_REGISTRY, "Qwen3ForCausalLM", Spy)
+    monkeypatch.setattr(model_loader, "iterate_checkpoint", read)
+    with pytest.raises(ValueError, match=match):
+        _load(ckpt_copy)
+    assert len(built) == 1, "the model was built for real before the checkpoint was checked"
+    assert {p.device.type for p in built[0].parameters()} == {"meta"}
+
+
+def test_float_checkpoint_in_another_float_dtype_still_loads(ckpt_copy, tiny_qwen3):
+    """The dtype check refuses non-floating values only: bfloat16 weights load into a float32
+    model (cast, as before) and give the same tokens as the float32 checkpoint rounded so."""
+    from safetensors.torch import load_file, save_file
+
+    f = ckpt_copy / "model.safetensors"
+    tensors = load_file(f)
+    save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, f, metadata={"format": "pt"})
+    rounded = ckpt_copy.parent / "rounded"
+    shutil.copytree(ckpt_copy, rounded)
+    save_file({k: v.to(torch.bfloat16).float() for k, v in tensors.items()}, rounded / "model.safetensors",
+              metadata={"format": "pt"})
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    tokens = [_load(p).generate([[1, 2, 3]], params, use_tqdm=False)[0].outputs[0].token_ids
+              for p in (ckpt_copy, rounded)]
+    assert tokens[0] == tokens[1]
+
+
 # -- engine configuration -------------------------------------------------------------------
 
 
@@ -893,3 +970,19 @@ def test_abort_frees_blocks_allocated_to_a_request_still_waiting(tiny_qwen3, sta
     assert manager.num_reserved_tokens == before
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3 and manager.num_reserved_tokens == before
+
+
+def test_the_header_check_leaves_nn_module_and_memory_as_they_were(tiny_qwen3):
+    """The check builds a model whose parameters go to the meta device by patching
+    nn.Module.register_parameter for its duration: afterwards a module built anywhere has real
+    parameters again, and the check imported none of torch's symbolic-shape machinery (sympy:
+    ~150 MiB, which `with torch.device("meta")` pulled in through torch.arange)."""
+    import sys
+
+    from folovllm.model_executor.model_loader import check_checkpoint, load_hf_config
+    from folovllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+
+    had_sympy = "sympy" in sys.modules
+    check_checkpoint(Qwen3ForCausalLM, load_hf_config(tiny_qwen3), tiny_qwen3, torch.float32)
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"
+    assert had_sympy or "sympy" not in sys.modules

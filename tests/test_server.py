@@ -10,7 +10,6 @@ stage tests.
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -19,13 +18,13 @@ from typing import Any, Callable, Iterator
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from folovllm import LLM, SamplingParams
 from folovllm.config import EngineConfig
 from folovllm.engine.async_llm import AsyncLLM
 from folovllm.engine.llm_engine import LLMEngine
 from folovllm.entrypoints.openai.api_server import build_app
+from tests.helpers import uvicorn_in_thread
 
 STAGE = 3  # paged KV: the disconnect test counts blocks
 ENGINE_ARGS = dict(dtype="float32", max_model_len=1024, max_num_seqs=16)
@@ -54,24 +53,9 @@ class Server:
 def server(tiny_qwen3) -> Iterator[Server]:
     """A uvicorn server on a free port, stopped (and its engine loop with it) after the module."""
     engine = LLMEngine(str(tiny_qwen3), EngineConfig.for_stage(STAGE, **ENGINE_ARGS))
-    app = build_app(AsyncLLM(engine, MODEL), MODEL, api_key=API_KEY)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not uv.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        yield Server(f"http://127.0.0.1:{port}/v1", engine)
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
-        assert not thread.is_alive(), "server did not stop"
+    with uvicorn_in_thread(build_app(AsyncLLM(engine, MODEL), MODEL, api_key=API_KEY),
+                           stop_timeout_s=15) as (root, _):
+        yield Server(f"{root}/v1", engine)
 
 
 @pytest.fixture(scope="module")

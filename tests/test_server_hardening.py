@@ -8,6 +8,7 @@ inputs, and stopped by the test's fixture.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import random
 import socket
@@ -26,15 +27,16 @@ from folovllm.config import EngineConfig
 from folovllm.engine.async_llm import AsyncLLM
 from folovllm.engine.llm_engine import LLMEngine
 from folovllm.engine.stop_strings import StopStringMatcher
-from folovllm.entrypoints.openai.api_server import GracefulServer, build_app
+from folovllm.entrypoints.openai.api_server import build_app
 from folovllm.entrypoints.openai.serving_engine import ServerOptions
+from tests.helpers import uvicorn_in_thread
 
 STAGE = 3
 ENGINE_ARGS = dict(dtype="float32", max_model_len=1024, max_num_seqs=16)
 API_KEY = "sk-hardening"
 MODEL = "tiny"
 LIMITS = ServerOptions(max_request_bytes=4096, max_prompt_chars=300, max_stop_strings=4,
-                       max_stop_chars=64)
+                       max_stop_chars=64, max_waiting_requests=2, request_body_timeout_s=1.0)
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
@@ -45,8 +47,9 @@ class Server:
     async_llm: AsyncLLM
     uv: uvicorn.Server
 
-    def post(self, path: str, body: Any = None, headers: Optional[dict] = AUTH, **kwargs: Any) -> httpx.Response:
-        return httpx.post(f"{self.root}{path}", json=body, headers=headers, timeout=60, **kwargs)
+    def post(self, path: str, body: Any = None, headers: Optional[dict] = AUTH, timeout: float = 60,
+             **kwargs: Any) -> httpx.Response:
+        return httpx.post(f"{self.root}{path}", json=body, headers=headers, timeout=timeout, **kwargs)
 
     def events(self, path: str, body: dict) -> list[Any]:
         """The `data:` payloads of a streamed answer, `[DONE]` as the string."""
@@ -63,23 +66,8 @@ def running_server(tiny_qwen3, options: ServerOptions = LIMITS, grace_s: Optiona
     engine = LLMEngine(str(tiny_qwen3), EngineConfig.for_stage(STAGE, trace=trace, **{**ENGINE_ARGS, **engine_args}))
     async_llm = AsyncLLM(engine, MODEL)
     app = build_app(async_llm, MODEL, api_key=API_KEY, options=options)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
-    uv = uvicorn.Server(config) if grace_s is None else GracefulServer(config, async_llm, grace_s)
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not uv.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        yield Server(f"http://127.0.0.1:{sock.getsockname()[1]}", engine, async_llm, uv)
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-        assert not thread.is_alive(), "server did not stop"
+    with uvicorn_in_thread(app, None if grace_s is None else (async_llm, grace_s), options) as (root, uv):
+        yield Server(root, engine, async_llm, uv)
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +235,8 @@ def test_streams_open_when_the_grace_ends_get_abort_and_done(tiny_qwen3):
     """One sequence at a time, three long streams and one non-streamed request: when the
     shutdown grace ends, every stream gets a finish chunk ("abort") and [DONE], the waiting
     non-streamed request a 503, instead of a cut connection."""
-    with running_server(tiny_qwen3, grace_s=0.2, max_num_seqs=1) as s:
+    unbounded = dataclasses.replace(LIMITS, max_waiting_requests=None)  # four wait at once here
+    with running_server(tiny_qwen3, unbounded, grace_s=0.2, max_num_seqs=1) as s:
         body = completion(max_tokens=1000, ignore_eos=True, stream=True)
         results: dict[int, Any] = {}
 
@@ -407,3 +396,165 @@ def test_serve_options_reach_the_server_and_bad_ones_exit_2(tiny_qwen3, monkeypa
                                             max_stop_strings=3)
     assert cli.main(["serve", str(tiny_qwen3), "--max-prompt-chars", "0"]) == 2
     assert "--max-prompt-chars must be a positive integer, got 0" in capsys.readouterr().err
+
+
+# -- 12. backpressure: a full queue, slow bodies, the key from the environment ----------------
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_serves_what_it_accepted(server, offline, monkeypatch):
+    """The engine is held before its next step: request A waits in the scheduler's queue, B
+    (n=2: two samples, admitted since one was waiting) in add_request, at the engine lock. With
+    --max-waiting-requests 2 the next ones get a 503 with Retry-After in OpenAI's shape, and A
+    and B are then served exactly."""
+    engine = server.engine
+    step, entered, release = engine.step, threading.Event(), threading.Event()
+
+    def held_step() -> Any:
+        entered.set()
+        release.wait(timeout=60)
+        return step()
+
+    monkeypatch.setattr(engine, "step", held_step)
+    answers: dict[str, httpx.Response] = {}
+    prompts = {"A": "the engine", "B": "A block table maps"}
+    fields = {"A": dict(temperature=0), "B": dict(n=2, temperature=1.0, seed=3)}
+
+    def send(name: str) -> None:
+        answers[name] = server.post("/v1/completions", completion(prompts[name], max_tokens=4, **fields[name]))
+
+    clients = [threading.Thread(target=send, args=(name,)) for name in prompts]
+    try:
+        clients[0].start()
+        assert entered.wait(timeout=30), "the engine never stepped"
+        clients[1].start()
+        deadline = time.monotonic() + 30
+        while server.async_llm.num_waiting < 3:
+            assert time.monotonic() < deadline, "B never arrived"
+            time.sleep(0.02)
+        busy = server.post("/v1/completions", completion(), timeout=10)
+        busy_chat = server.post("/v1/chat/completions", chat(), timeout=10)
+        two = server.post("/v1/completions", completion(["x", "y"]), timeout=10)
+        n2 = server.post("/v1/completions", completion(n=2, temperature=1.0), timeout=10)
+    finally:
+        release.set()
+        for client in clients:
+            client.join(timeout=60)
+    for r in (busy, busy_chat, two, n2):
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        error = r.json()["error"]
+        assert error["type"] == "server_error" and error["code"] == "server_busy"
+        assert "3 requests are waiting, its limit is 2 (--max-waiting-requests)" in error["message"]
+    for name, prompt in prompts.items():
+        expected = offline.generate(prompt, SamplingParams(max_tokens=4, **fields[name]), use_tqdm=False)[0]
+        assert answers[name].status_code == 200, answers[name].text
+        assert [c["text"] for c in answers[name].json()["choices"]] == [c.text for c in expected.outputs]
+    monkeypatch.setattr(engine, "step", step)
+    assert server.async_llm.num_waiting == 0
+    assert server.post("/v1/completions", completion(["x", "y"])).status_code == 200
+    # A request larger than the limit is not refused for good: it runs when nothing waits.
+    assert server.post("/v1/completions", completion(n=3, temperature=1.0)).status_code == 200
+
+
+def raw_request(root: str, body_start: bytes, content_length: int) -> socket.socket:
+    """A connection that sent its headers and the first bytes of a body of `content_length`."""
+    host, port = root.removeprefix("http://").split(":")
+    conn = socket.create_connection((host, int(port)), timeout=10)
+    conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {content_length}\r\n\r\n".encode()
+                 + body_start)
+    return conn
+
+
+def read_until_closed(conn: socket.socket) -> bytes:
+    answer = b""
+    while chunk := conn.recv(65536):  # b"": the server closed the connection
+        answer += chunk
+    return answer
+
+
+def test_a_body_that_never_ends_or_trickles_gets_408_and_is_closed(server):
+    """--request-body-timeout 1: the body must all come within a second of the headers. Both a
+    body that stops and one sent a byte at a time (each byte well within the second, which a
+    timeout per read would let run for ever) get 408 and a closed connection, while every other
+    client is served."""
+    stalled = raw_request(server.root, b'{"model": "tiny"', 200)
+    trickled = raw_request(server.root, b"{", 200)
+    started = time.monotonic()
+    try:
+        assert httpx.get(f"{server.root}/health", timeout=5).status_code == 200
+        assert server.post("/v1/completions", completion()).status_code == 200
+        trickled.setblocking(False)
+        while True:  # one byte every 0.1 s until the server answers
+            try:
+                answer = trickled.recv(65536)
+                break
+            except BlockingIOError:
+                pass
+            assert time.monotonic() - started < 10, "no answer to the trickled body"
+            trickled.send(b" ")
+            time.sleep(0.1)
+        trickled.setblocking(True)
+        answers = [read_until_closed(stalled), answer + read_until_closed(trickled)]
+    finally:
+        stalled.close()
+        trickled.close()
+    for answer in answers:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), answer
+        error = json.loads(body)["error"]
+        assert error["code"] == "request_timeout" and "--request-body-timeout" in error["message"], error
+        assert "within 1 s" in error["message"]
+
+
+def test_a_connection_that_never_completes_its_headers_is_closed(server):
+    """Headers must be complete within --request-body-timeout (1 s here) of connecting: one
+    connection that sends nothing and one that stops halfway through its headers are both
+    closed, while the server answers everyone else."""
+    host, port = server.root.removeprefix("http://").split(":")
+    silent = socket.create_connection((host, int(port)), timeout=10)
+    half = socket.create_connection((host, int(port)), timeout=10)
+    half.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-")
+    try:
+        assert httpx.get(f"{server.root}/health", timeout=5).status_code == 200
+        started = time.monotonic()
+        assert read_until_closed(silent) == b"" and read_until_closed(half) == b""
+        assert time.monotonic() - started < 8
+    finally:
+        silent.close()
+        half.close()
+    assert server.post("/v1/completions", completion()).status_code == 200
+
+
+@pytest.mark.parametrize("env, argv, expected", [
+    ({"FOLOVLLM_API_KEY": "from-env"}, [], "from-env"),
+    ({"VLLM_API_KEY": "from-vllm"}, [], "from-vllm"),
+    ({"FOLOVLLM_API_KEY": "ours", "VLLM_API_KEY": "theirs"}, [], "ours"),
+    ({"FOLOVLLM_API_KEY": "from-env"}, ["--api-key", "from-argv"], "from-argv"),
+    ({}, [], None),
+])
+def test_api_key_from_the_environment_argv_wins(tiny_qwen3, monkeypatch, env, argv, expected):
+    from folovllm.entrypoints import cli
+    from folovllm.entrypoints.openai import api_server
+
+    for name in ("FOLOVLLM_API_KEY", "VLLM_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(api_server, "run_server", lambda *args: seen.update(api_key=args[4], options=args[5]))
+    assert cli.main(["serve", str(tiny_qwen3), "--max-model-len", "64", *argv,
+                     "--max-waiting-requests", "7", "--request-body-timeout", "2.5"]) == 0
+    assert seen["api_key"] == expected
+    assert seen["options"] == ServerOptions(max_waiting_requests=7, request_body_timeout_s=2.5)
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--max-waiting-requests", "0"], "--max-waiting-requests must be a positive integer, got 0"),
+    (["--request-body-timeout", "0"], "--request-body-timeout must be a positive number of seconds, got 0.0"),
+    (["--request-body-timeout", "inf"], "--request-body-timeout must be a positive number of seconds, got inf"),
+])
+def test_bad_backpressure_options_exit_2(tiny_qwen3, capsys, option, message):
+    from folovllm.entrypoints import cli
+
+    assert cli.main(["serve", str(tiny_qwen3), *option]) == 2
+    assert message in capsys.readouterr().err

@@ -155,6 +155,7 @@ class AsyncLLM:
         self._loop_task: Optional[asyncio.Task] = None
         self.dead_error: Optional[BaseException] = None
         self.closed_reason: Optional[str] = None  # set by abort_all: no request is added after
+        self._num_adding = 0  # samples of the requests in add_request (tokenized, or at the lock)
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -186,6 +187,14 @@ class AsyncLLM:
         """The engine loop is alive (what `/health` reports)."""
         return self._loop_task is not None and not self._loop_task.done()
 
+    @property
+    def num_waiting(self) -> int:
+        """Requests not yet running: in the scheduler's waiting queue (each sample of `n` is
+        one, a preempted request is one again) plus the samples still in `add_request`. What the
+        server's `--max-waiting-requests` bounds. Read on the event loop while a step may run:
+        the queue's length is one atomic read, at most a step old."""
+        return len(self.engine.scheduler.waiting) + self._num_adding
+
     # -- requests -----------------------------------------------------------------------------
 
     async def add_request(
@@ -200,14 +209,18 @@ class AsyncLLM:
             self.start()
         assert self._lock is not None and self._wakeup is not None
         arrival_time = time.perf_counter()  # before tokenizing and the lock: both count in TTFT
-        # `stops` keeps the matcher built off the loop alive until the engine holds it too.
-        prompt, stops = await self.run_off_loop(self._process_inputs, prompt, sampling_params)
-        if self.closed_reason is not None:
-            raise RequestAbortedError(self.closed_reason)
-        async with self._lock:
-            self.engine.add_request(request_id, prompt, sampling_params, arrival_time=arrival_time)
-            stream = RequestStream(request_id, sampling_params.output_kind, self.abort)
-            self._streams[request_id] = stream
+        self._num_adding += sampling_params.n  # no await before this: a caller's check and this are one
+        try:
+            # `stops` keeps the matcher built off the loop alive until the engine holds it too.
+            prompt, stops = await self.run_off_loop(self._process_inputs, prompt, sampling_params)
+            if self.closed_reason is not None:
+                raise RequestAbortedError(self.closed_reason)
+            async with self._lock:
+                self.engine.add_request(request_id, prompt, sampling_params, arrival_time=arrival_time)
+                stream = RequestStream(request_id, sampling_params.output_kind, self.abort)
+                self._streams[request_id] = stream
+        finally:
+            self._num_adding -= sampling_params.n
         self._wakeup.set()
         return stream
 

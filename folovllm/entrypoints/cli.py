@@ -119,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None,
                        help="require 'Authorization: Bearer KEY' on every route but /health and "
-                            "/metrics (/v1/*, /trace/: a browser asks for the key as a password)")
+                            "/metrics (/v1/*, /trace/: a browser asks for the key as a password). "
+                            "Default: the FOLOVLLM_API_KEY environment variable, else VLLM_API_KEY "
+                            "(not shown by ps, unlike argv); this option wins over both")
     serve.add_argument("--served-model-name", default=None,
                        help="the name clients send as `model` (default: MODEL as given)")
     serve.add_argument("--trace", action="store_true",
@@ -137,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="most stop strings in one request (default 1024)")
     serve.add_argument("--max-stop-chars", type=int, default=None,
                        help="most characters of one request's stop strings together (default 16384)")
+    serve.add_argument("--max-waiting-requests", type=int, default=None,
+                       help="while this many requests wait to run (queued or being tokenized; each "
+                            "sample of n counts), a new request gets 503 with Retry-After "
+                            "(default: no limit, as vLLM)")
+    serve.add_argument("--request-body-timeout", dest="request_body_timeout_s", type=float, default=None,
+                       help="seconds a client has to send its headers (after connecting or its last "
+                            "answer: else the connection is closed), then as long for its whole "
+                            "body (else 408 and closed) (default 60)")
 
     demo = sub.add_parser("demo", help="run one workload through every stage and compare")
     _add_engine_args(demo)
@@ -313,6 +323,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from folovllm import envs
     from folovllm.config import EngineConfig
     from folovllm.engine.llm_engine import LLMEngine
     from folovllm.entrypoints.openai.api_server import run_server
@@ -321,12 +332,14 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.model_tag and args.model and args.model_tag != args.model:
         raise ValueError(f"two models given: {args.model_tag!r} and --model {args.model!r}")
     args.model = args.model_tag or args.model
-    limits = ("max_request_bytes", "max_prompt_chars", "max_stop_strings", "max_stop_chars")
+    limits = ("max_request_bytes", "max_prompt_chars", "max_stop_strings", "max_stop_chars",
+              "max_waiting_requests", "request_body_timeout_s")
     options = ServerOptions(trust_request_chat_template=args.trust_request_chat_template,
                             **{k: getattr(args, k) for k in limits if getattr(args, k) is not None})
     model = _model_or_demo(args)
     engine = LLMEngine(model, EngineConfig.for_stage(args.stage, trace=args.trace, **_engine_kwargs(args)))
-    run_server(engine, args.served_model_name or model, args.host, args.port, args.api_key, options)
+    api_key = args.api_key if args.api_key is not None else envs.api_key()
+    run_server(engine, args.served_model_name or model, args.host, args.port, api_key, options)
     return 0
 
 

@@ -18,7 +18,7 @@ saves sending [rows, vocab] logits, and keeps per-request state on the worker si
 
 Faults: the driver never blocks on a pipe without watching the processes. A rank that dies, or
 raises, or stays silent past `step_timeout_s`, makes the call raise `RuntimeError` naming the
-rank, after every worker is stopped (terminated if need be). Workers are daemons and exit when
+rank (a rank that is alive but stopped, whose peers wait for it, is the one named), after every worker is stopped (terminated if need be). Workers are daemons and exit when
 the driver's pipe closes, so none outlives the engine; `shutdown()` (also run when the executor
 is garbage collected or the interpreter exits) stops them in order.
 
@@ -27,6 +27,7 @@ Multi-node is `torchrun`'s job, not this class's: see docs/stages/08-tensor-para
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -174,7 +175,9 @@ class MultiprocExecutor(Executor):
                 if dead:
                     self._fail(dead)
                 if time.monotonic() > deadline:
-                    self._fail(f"tensor-parallel worker rank {rank} gave no answer to {what!r} in {timeout_s:.0f} s")
+                    # Rank 0 waits in a collective for a stopped peer: blame the peer.
+                    self._fail(self._stopped_report() or f"tensor-parallel worker rank {rank} gave no "
+                                                         f"answer to {what!r} in {timeout_s:.0f} s")
             try:
                 status, value = pickle.loads(conn.recv_bytes())
             except (EOFError, OSError):
@@ -185,7 +188,9 @@ class MultiprocExecutor(Executor):
                 raise ValueError(value)
             if status == "error":
                 # A rank whose peer died fails in the collective: report the death, the cause.
-                self._fail(self._death_report(wait_s=1.0) or f"tensor-parallel worker rank {rank} failed in {what!r}:\n{value}")
+                # A rank whose peer is stopped times out in the collective: report the stop.
+                self._fail(self._death_report(wait_s=1.0) or self._stopped_report()
+                           or f"tensor-parallel worker rank {rank} failed in {what!r}:\n{value}")
             results.append(value)
         return results
 
@@ -201,6 +206,15 @@ class MultiprocExecutor(Executor):
             if time.monotonic() >= deadline:
                 return None
             time.sleep(self.poll_interval_s)
+
+    def _stopped_report(self) -> Optional[str]:
+        """A worker that is alive but stopped (SIGSTOP, Ctrl-Z, a debugger): its peers wait for
+        it in the next collective, so rank 0 is the one that times out, and was blamed."""
+        for rank, process in enumerate(self.processes):
+            if _process_state(process.pid) in ("T", "t"):
+                return (f"tensor-parallel worker rank {rank} (pid {process.pid}) is stopped (SIGSTOP "
+                        "or a debugger), so the other ranks wait for it in the collectives")
+        return None
 
     def _fail(self, reason: str) -> None:
         self._failure = f"{reason}; all workers were stopped and the engine cannot continue"
@@ -221,12 +235,24 @@ def _stop_workers(processes: list[mp.Process], conns: list[Connection], timeout_
     for process in processes:
         if process.is_alive():
             process.terminate()  # e.g. blocked in a collective whose peer died
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGCONT)  # a stopped process takes SIGTERM once continued
             process.join(2.0)
         if process.is_alive():
             process.kill()
             process.join(2.0)
     for conn in conns:
         conn.close()
+
+
+def _process_state(pid: Optional[int]) -> Optional[str]:
+    """The state letter of /proc/PID/stat ("R", "S", "T" stopped, ...); None where there is no
+    /proc (not Linux) or no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0]
+    except (OSError, IndexError):
+        return None
 
 
 def _free_port() -> int:

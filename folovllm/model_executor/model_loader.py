@@ -8,13 +8,18 @@ A checkpoint is published as::
     tokenizer.json, tokenizer_config.json, ...
 
 Every failure a user can cause (wrong path, unknown architecture, missing or corrupt weights)
-becomes a `ValueError` that names the file and says what was expected.
+becomes a `ValueError` that names the file and says what was expected. The order::
+
+    config.json ─► sizes checked ─► headers vs a model on the meta device ─► allocate, read, load
+                   (check_architecture)  (check_checkpoint: names, shapes,
+                                          dtypes, nothing missing)
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -125,10 +130,8 @@ def checkpoint_dtype(config: Any) -> torch.dtype:
     return dtype
 
 
-def iterate_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) from model.safetensors or the shards its index lists."""
-    from safetensors import safe_open
-
+def checkpoint_files(path: Path) -> list[Path]:
+    """model.safetensors, or the shards its index lists (each checked to exist)."""
     single = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -136,17 +139,25 @@ def iterate_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
             raise ValueError(f"{index} is not a valid safetensors index ({e})") from e
-        files = sorted(set(weight_map.values()))
+        names = sorted(set(weight_map.values()))
     elif single.is_file():
-        files = [single.name]
+        names = [single.name]
     else:
         raise ValueError(
             f"no weights in {path}: expected model.safetensors or model.safetensors.index.json"
         )
-    for name in files:
-        file = path / name
+    files = [path / name for name in names]
+    for file in files:
         if not file.is_file():
             raise ValueError(f"weight shard {file} listed in the index is missing")
+    return files
+
+
+def iterate_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from model.safetensors or the shards its index lists."""
+    from safetensors import safe_open
+
+    for file in checkpoint_files(path):
         try:
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():
@@ -155,6 +166,86 @@ def iterate_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             raise
         except Exception as e:  # safetensors raises its own error type for corrupt files
             raise ValueError(f"weight file {file} is corrupt or unreadable ({e})") from e
+
+
+# safetensors' dtype names (the header's "dtype") -> torch's
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def iterate_checkpoint_headers(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Like `iterate_checkpoint`, from the safetensors headers alone: each tensor as an empty
+    tensor on the meta device with the stored shape and dtype. No data is read."""
+    from safetensors import safe_open
+
+    for file in checkpoint_files(path):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                entries = [(key, f.get_slice(key)) for key in f.keys()]
+                headers = [(key, s.get_shape(), s.get_dtype()) for key, s in entries]
+        except Exception as e:  # safetensors raises its own error type for corrupt files
+            raise ValueError(f"weight file {file} is corrupt or unreadable ({e})") from e
+        for key, shape, dtype in headers:
+            if dtype not in _SAFETENSORS_DTYPES:
+                raise ValueError(f"checkpoint tensor {key!r} in {file} has dtype {dtype}, which "
+                                 f"folovllm does not read; supported: {sorted(_SAFETENSORS_DTYPES)}")
+            yield key, torch.empty(shape, dtype=_SAFETENSORS_DTYPES[dtype], device="meta")
+
+
+def check_checkpoint(model_cls: type[nn.Module], config: Any, path: Path, dtype: torch.dtype) -> None:
+    """Load the checkpoint's headers into the model built with its parameters on the meta
+    device (no memory, no data read): every tensor name known, every shape and dtype right, none missing, each a
+    `ValueError` naming the tensor, before the real model is allocated and its weights read
+    (a wrong shape at the last layer of a large model used to be found after allocating it
+    and reading every tensor before it).
+
+    For float checkpoints only: the quantized layers' loaders compare values (GPTQ's fused
+    g_idx, compressed-tensors' weight_shape), which the meta device does not have; their
+    names, shapes and dtypes are checked as they load."""
+    with _BUILD_LOCK, _default_dtype(dtype), _parameters_on_meta():
+        shadow = model_cls(config, None)
+    _check_complete(shadow, shadow.load_weights(iterate_checkpoint_headers(path)), path)
+
+
+# Held while a model is built: `_parameters_on_meta` patches nn.Module for the whole process,
+# so no other thread may build its model meanwhile.
+_BUILD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside goes to the meta device (shape, dtype and its loading
+    attributes kept, no memory), buffers stay where they are (accelerate's `init_empty_weights`).
+    Not `with torch.device("meta")`: `torch.arange` on meta (the rotary cache) runs torch's
+    Python references, whose import (sympy, dynamo) added ~150 MiB to the process. A parameter
+    made with `torch.empty` is never touched before it moves, so it costs no resident memory."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            meta = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            meta.__dict__.update(param.__dict__)  # weight_loader, output_dim, ...
+            module._parameters[name] = meta
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def _check_complete(net: nn.Module, loaded: set[str], path: Path) -> None:
+    missing = net.expected_weights() - loaded
+    if missing:
+        raise ValueError(
+            f"weights missing from the checkpoint in {path}: {sorted(missing)[:8]}"
+            f"{' ...' if len(missing) > 8 else ''}"
+        )
 
 
 @contextlib.contextmanager
@@ -186,15 +277,11 @@ def load_model(
         quant_config = get_quant_config(path, quantization)
     dtype = dtype or checkpoint_dtype(config)
     model_cls = MODEL_REGISTRY[config.architectures[0]]
-    with _default_dtype(dtype), torch.device(device):
+    if quant_config is None:
+        check_checkpoint(model_cls, config, path, dtype)
+    with _BUILD_LOCK, _default_dtype(dtype), torch.device(device):
         net = model_cls(config, quant_config)
-    loaded = net.load_weights(iterate_checkpoint(path))
-    missing = net.expected_weights() - loaded
-    if missing:
-        raise ValueError(
-            f"weights missing from the checkpoint in {path}: {sorted(missing)[:8]}"
-            f"{' ...' if len(missing) > 8 else ''}"
-        )
+    _check_complete(net, net.load_weights(iterate_checkpoint(path)), path)
     for module in net.modules():  # re-lay weights out for their kernel (GPTQ's, oneDNN's)
         if isinstance(module, LinearBase):
             module.quant_method.process_weights_after_loading(module)

@@ -287,6 +287,25 @@ def test_killed_worker_raises_clear_error_and_leaves_no_process(tp_llm, tiny_che
     assert not any(p.is_alive() for p in executor.processes)
 
 
+def test_stopped_worker_is_named_not_rank_0(tp_llm, tiny_checkpoints):
+    """A worker hung by SIGSTOP: rank 0 waits for it in the first collective and never answers,
+    so the timeout blamed rank 0 (issue 28, item 11). The stopped rank is named, and shutdown
+    still stops it (SIGTERM waits for a stopped process to continue)."""
+    llm = tp_llm.cache.pop("qwen2", None) or LLM(str(tiny_checkpoints["qwen2"]), tensor_parallel_size=TP, **ENGINE_ARGS)
+    engine, executor = llm.llm_engine, _executor(llm)
+    executor.step_timeout_s = 2.0
+    pids = executor.worker_pids
+    try:
+        engine.add_request("victim", [4, 5, 6, 7], SamplingParams(temperature=0.0, max_tokens=50))
+        engine.step()
+        os.kill(pids[1], signal.SIGSTOP)
+        with pytest.raises(WorkerDiedError, match=r"rank 1 \(pid \d+\) is stopped \(SIGSTOP"):
+            engine.step()
+    finally:
+        engine.shutdown()
+    assert all(_gone(pid) for pid in pids)
+
+
 def test_shutdown_stops_workers(tp_llm):
     llm = tp_llm("qwen3")
     executor = _executor(llm)

@@ -15,9 +15,10 @@ body's size are checked by `RequestGate`, in front of every route, before the bo
 
 Errors: everything a client can send wrong is answered in OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}` — 400 for bad values, types, unknown fields
-and malformed JSON, 401 for the key, 404 for an unknown model or route, 413 for a body past
-`--max-request-bytes` — never a traceback. A request that fails validation never reaches the
-engine, so it cannot harm the others.
+and malformed JSON, 401 for the key, 404 for an unknown model or route, 408 for a body not sent
+within `--request-body-timeout`, 413 for a body past `--max-request-bytes`, 503 with
+`Retry-After` while `--max-waiting-requests` wait — never a traceback. A request that fails
+validation never reaches the engine, so it cannot harm the others.
 
 Start it with `folovllm serve MODEL` (entrypoints/cli.py); `build_app` is what tests run.
 """
@@ -33,12 +34,14 @@ from functools import partial
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Optional
 
+import h11
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from folovllm.engine.async_llm import AsyncLLM, EngineDeadError, RequestAbortedError
 from folovllm.engine.llm_engine import LLMEngine
@@ -67,7 +70,8 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: Optional[str] = Non
         await async_llm.shutdown()
 
     app = FastAPI(title="folovllm", lifespan=lifespan)
-    app.add_middleware(RequestGate, api_key=api_key, max_body_bytes=options.max_request_bytes)
+    app.add_middleware(RequestGate, api_key=api_key, max_body_bytes=options.max_request_bytes,
+                       body_timeout_s=options.request_body_timeout_s)
     completion = OpenAIServingCompletion(async_llm, model_name, options)
     chat = OpenAIServingChat(async_llm, model_name, options)
     engine = async_llm.engine
@@ -130,7 +134,9 @@ def _error(status_code: int, info: ErrorInfo) -> JSONResponse:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
-        return _error(e.status_code, e.info)
+        response = _error(e.status_code, e.info)
+        response.headers.update(e.headers)  # Retry-After on a 503 for a full queue
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -168,14 +174,19 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 class RequestGate:
     """ASGI middleware in front of every route: the API key first (401), then the body, read
-    here up to `max_body_bytes` (413 past it, with or without a Content-Length) and handed on
-    whole. So a client without the key is refused before its body is parsed, and no body
-    larger than the limit is held or parsed."""
+    here up to `max_body_bytes` (413 past it, with or without a Content-Length) within
+    `body_timeout_s` of the headers (408 and the connection closed after it), and handed on
+    whole. So a client without the key is refused before its body is parsed, no body larger
+    than the limit is held or parsed, and a client that trickles its body (or never ends it)
+    cannot hold a connection for ever: uvicorn's own timeouts cover only an idle connection
+    between requests (`timeout_keep_alive`), and h11 has none for a body."""
 
-    def __init__(self, app: ASGIApp, api_key: Optional[str], max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, api_key: Optional[str], max_body_bytes: int,
+                 body_timeout_s: float = 60.0) -> None:
         self.app = app
         self.api_key = None if api_key is None else api_key.encode()
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -193,8 +204,12 @@ class RequestGate:
             return await self._too_large(scope, send)
         chunks: list[bytes] = []
         size, more = 0, True
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:
+                return await self._too_slow(scope, send, size)
             if message["type"] == "http.disconnect":
                 return
             chunks.append(message.get("body", b""))
@@ -227,6 +242,13 @@ class RequestGate:
             return False
         return secrets.compare_digest(given, self.api_key)
 
+    async def _too_slow(self, scope: Scope, send: Send, size: int) -> None:
+        # Connection: close, since the rest of the body may still come: uvicorn closes it.
+        await _send_error(scope, send, 408, ErrorInfo(
+            message=f"the request body did not arrive within {self.body_timeout_s:g} s "
+                    f"({size} bytes came; --request-body-timeout)", type="invalid_request_error",
+            code="request_timeout"), headers={"Connection": "close"})
+
     async def _too_large(self, scope: Scope, send: Send) -> None:
         await _send_error(scope, send, 413, ErrorInfo(
             message=f"the request body is larger than this server's limit of {self.max_body_bytes} "
@@ -242,6 +264,48 @@ async def _send_error(scope: Scope, send: Send, status_code: int, info: ErrorInf
 
 async def _nothing_to_receive() -> Message:
     return {"type": "http.disconnect"}
+
+
+class HeaderTimeoutH11Protocol(H11Protocol):
+    """uvicorn's h11 connection, closed when a request's headers are not complete
+    `header_timeout_s` after the connection opened (or after its last answer). uvicorn times
+    only an idle connection between requests (`timeout_keep_alive`, armed after an answer):
+    a client that connected and sent nothing, or half its headers, held the connection for
+    ever, and `RequestGate` never sees it (there is no request yet). nginx's
+    client_header_timeout answers the same way."""
+
+    header_timeout_s = 60.0
+    _header_timer: Optional[asyncio.TimerHandle] = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_due)
+
+    def _headers_due(self) -> None:
+        # IDLE: h11 is still waiting for (the rest of) a request line and its headers.
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+
+def uvicorn_config(app: FastAPI, options: ServerOptions = ServerOptions(), **kwargs: object) -> uvicorn.Config:
+    """The server's uvicorn settings (`run_server`'s, and the tests'): h11 with the header
+    timeout of `options.request_body_timeout_s`."""
+    protocol = type("H11Protocol", (HeaderTimeoutH11Protocol,), {"header_timeout_s": options.request_body_timeout_s})
+    return uvicorn.Config(app, http=protocol, **kwargs)  # type: ignore[arg-type]
 
 
 # --8<-- [start:run_server]
@@ -280,7 +344,7 @@ def run_server(engine: LLMEngine, model_name: str, host: str = "127.0.0.1", port
     app's lifespan exit, which stops the engine loop. The process then exits with status 0."""
     async_llm = AsyncLLM(engine, model_name)
     app = build_app(async_llm, model_name, api_key, options)
-    config = uvicorn.Config(app, host=host, port=port, log_level="info")
+    config = uvicorn_config(app, options, host=host, port=port, log_level="info")
     # uvicorn catches the signal, shuts down gracefully, then raises the signal again with the
     # handler it found: make that an ordinary exit instead of death by SIGTERM.
     previous = signal.signal(signal.SIGTERM, _exit_quietly)

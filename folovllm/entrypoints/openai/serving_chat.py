@@ -39,6 +39,7 @@ class OpenAIServingChat(OpenAIServing):
         max_tokens = request.max_tokens if request.max_completion_tokens is None else request.max_completion_tokens
         params = self.sampling_params(request, max_tokens,  # max_tokens None: up to max_model_len
                                       logprobs=top_k if request.logprobs else None)
+        self.check_capacity()  # before the template is rendered: a full queue costs nothing
         prompt = await self.render(request)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         stream = await self.add_request(request, request_id, prompt, params, prompt_field="messages")

@@ -44,6 +44,7 @@ class OpenAIServingCompletion(OpenAIServing):
         params = self.sampling_params(request, 1 if request.prompt_only else request.max_tokens,
                                       logprobs=request.logprobs, prompt_logprobs=echo_scores)
         request_id = f"cmpl-{uuid.uuid4().hex}"
+        self.check_capacity()  # once for all the prompts: none of a list is queued for a 503
         streams: list[RequestStream] = []
         try:
             for i, prompt in enumerate(prompts):

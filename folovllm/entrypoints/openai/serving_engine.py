@@ -4,10 +4,10 @@ waiting for the answer while watching for a disconnect, and the server-sent-even
 
 A request's life in the server::
 
-    body ─► API key, size ─► pydantic ─► model, prompt chars ─► SamplingParams
-            (401, 413)       (400)       (404, 400)             (400)
-         ─► AsyncLLM.add_request: tokenized in an input thread ─► RequestStream
-            (400: the engine's message)
+    body ─► API key, size, time ─► pydantic ─► model, prompt chars ─► SamplingParams
+            (401, 413, 408)        (400)       (404, 400)             (400)
+         ─► queue full? ─► AsyncLLM.add_request: tokenized in an input thread ─► RequestStream
+            (503)           (400: the engine's message)
     stream=false: wait for the final output | client disconnects  ─► answer with usage
     stream=true:  data: {chunk} per delta ... [usage chunk] data: [DONE]
     either way, leaving early closes the stream: the request is aborted, its KV freed.
@@ -39,10 +39,12 @@ class APIError(Exception):
     """An error to send to the client: HTTP status plus OpenAI's error fields."""
 
     def __init__(self, status_code: int, message: str, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None) -> None:
+                 param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[dict[str, str]] = None) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.info = ErrorInfo(message=message, type=type, param=param, code=code)
+        self.headers = headers or {}
 
     @classmethod
     def bad_request(cls, message: str, request: Optional[BaseModel] = None) -> "APIError":
@@ -73,13 +75,35 @@ class ServerOptions:
     # and bound the stop-string matcher a request builds (engine/stop_strings.py).
     max_stop_strings: int = 1024
     max_stop_chars: int = 16384
+    # Backpressure: while this many requests wait (queued in the scheduler or being tokenized;
+    # each sample of n counts), a new one is answered 503 with Retry-After instead of joining
+    # the queue; an accepted request is never dropped. None: no limit, as vLLM (its benchmark and lm-eval
+    # send hundreds of requests at once and expect them all queued, not refused).
+    max_waiting_requests: Optional[int] = None
+    # The whole body must arrive within this many seconds of the headers, or the connection
+    # gets 408 and is closed (uvicorn has no such timeout: a client that sends headers and then
+    # trickles its body, or never ends it, held its connection for ever). 60 s is nginx's
+    # client_body_timeout; here it bounds the whole body, which is at most max_request_bytes.
+    # The headers get as long, from the connection (or its last answer): else it is closed.
+    request_body_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
-        for name in ("max_request_bytes", "max_prompt_chars", "max_stop_strings", "max_stop_chars"):
+        for name in ("max_request_bytes", "max_prompt_chars", "max_stop_strings", "max_stop_chars",
+                     "max_waiting_requests"):
             value = getattr(self, name)
+            if value is None and name == "max_waiting_requests":
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        timeout = self.request_body_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+            raise ValueError(f"--request-body-timeout must be a positive number of seconds, got {timeout!r}")
 # --8<-- [end:server_options]
+
+
+# Seconds a client refused for a full queue is told to wait (Retry-After; the `openai` client
+# honours it): about the time a short request spends in the queue of a busy CPU server.
+RETRY_AFTER_S = 1
 
 
 # A chunk maker: (choice index, that choice's delta, the request's output it came in; or None,
@@ -101,6 +125,23 @@ class OpenAIServing:
         if request.stream_options is not None and not request.stream:
             raise APIError(400, "stream_options is only allowed when stream is true",
                            param="stream_options")
+
+    def check_capacity(self) -> None:
+        """503 with Retry-After while `--max-waiting-requests` or more are waiting (each sample
+        of `n` of each prompt counts, as the scheduler queues them). Checked once per HTTP
+        request, before any of its work: a list of prompts is admitted whole or not at all, and
+        a request larger than the limit still runs once the queue is below it (refusing it for
+        good would make Retry-After a lie). So the queue may pass the limit by the samples of
+        the requests admitted while it was below."""
+        limit = self.options.max_waiting_requests
+        if limit is None:
+            return
+        waiting = self.async_llm.num_waiting
+        if waiting >= limit:
+            raise APIError(503, f"the server is busy: {waiting} requests are waiting, its limit is "
+                                f"{limit} (--max-waiting-requests); retry after {RETRY_AFTER_S} s",
+                           type="server_error", code="server_busy",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
 
     def check_model(self, model: Optional[str]) -> None:
         """404 for a model this server does not serve (None: not named, as /tokenize allows)."""

@@ -76,6 +76,16 @@ def default_weight_loader(param: torch.Tensor, loaded_weight: torch.Tensor) -> N
     param.data.copy_(loaded_weight)
 
 
+def check_weight_dtype(name: str, param: torch.Tensor, loaded_weight: torch.Tensor) -> None:
+    """A floating-point parameter takes floating-point checkpoint values only: `copy_` would
+    cast int32 or bool values silently (a corrupt or mislabelled checkpoint then generated
+    garbage). Integer parameters are not checked: GPTQ's qweight, qzeros and g_idx are int32 by
+    design, and their loaders check their shapes."""
+    if param.is_floating_point() and not loaded_weight.is_floating_point():
+        raise ValueError(f"checkpoint tensor {name!r} has dtype {loaded_weight.dtype}, expected a "
+                         f"floating-point dtype (the model's parameter is {param.dtype})")
+
+
 def set_weight_attrs(param: torch.Tensor, **attrs: Any) -> None:
     """Attach loading metadata (`output_dim`, `input_dim`, `packed_dim`, `pack_factor`,
     `weight_loader`) to a parameter, where the model's `load_weights` and the layer's loader

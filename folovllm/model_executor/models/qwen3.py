@@ -42,6 +42,7 @@ from folovllm.model_executor.layers.linear import (
     QuantizationConfig,
     RowParallelLinear,
     WeightShapeError,
+    check_weight_dtype,
     default_weight_loader,
 )
 from folovllm.model_executor.layers.rotary_embedding import RotaryEmbedding
@@ -268,6 +269,7 @@ class Qwen3ForCausalLM(nn.Module):
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no matching parameter in {type(self).__name__}")
             param = params[target]
+            check_weight_dtype(name, param, tensor)
             try:
                 if shard_id is None:
                     getattr(param, "weight_loader", default_weight_loader)(param, tensor)
