@@ -12,7 +12,7 @@ import dataclasses
 import json
 import random
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -23,24 +23,12 @@ from folovllm import LLM, EngineConfig, SamplingParams
 from folovllm.lora.punica_wrapper import (PunicaWrapper, SGMVSegments, add_lora_reference,
                                           bgmv_add_lora, sgmv_add_lora)
 from folovllm.lora.request import LoRARequest
-from lora_cases import Adapter, make_adapters, make_peft_adapter, reference_tokens
+from lora_cases import make_peft_adapter, reference_tokens
 from tests.helpers import ARCHS, hf_greedy, mixed_prompts
 
 # One mixed batch: the base model and three adapters, interleaved, with max_loras=2 so the
 # adapters must take turns in the slots.
 NAMES = [None, "A", "B", "C", None, "A", "B", "C", "A", None]
-
-
-@pytest.fixture(scope="session")
-def adapters(tiny_checkpoints, tmp_path_factory) -> Callable[[str], dict[str, Adapter]]:
-    cache: dict[str, dict[str, Adapter]] = {}
-
-    def get(arch: str) -> dict[str, Adapter]:
-        if arch not in cache:
-            cache[arch] = make_adapters(tiny_checkpoints[arch], tmp_path_factory.mktemp(f"lora_{arch}"))
-        return cache[arch]
-
-    return get
 
 
 def lora_llm(path: Path, stage: int = 4, **kw: Any) -> LLM:
