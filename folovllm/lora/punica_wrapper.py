@@ -150,12 +150,18 @@ class PunicaWrapper:
     """One step's token -> slot layout, shared by every LoRA layer of the model (set once per
     step by the worker's LoRA manager, read by each layer's `add_lora_linear`).
 
-    A step whose rows all compute one token (a decode step) takes BGMV; any step with a prompt
-    or a chunk in it takes SGMV, whose per-adapter blocks are the efficient shape when an
-    adapter has many tokens (vLLM picks the same way: `is_prefill`)."""
+    A step with a prompt or a chunk in it takes SGMV, whose per-adapter blocks are the efficient
+    shape when an adapter has many tokens. A decode step (every row one token) is where vLLM's
+    GPU path takes BGMV: one kernel for any mix of adapters. On a CPU it is the slower of the
+    two, measured (docs/stages/11-multi-lora.md: gathering each token's B copies out x R floats
+    per token per layer, where SGMV reads each slot's B once), so `decode_kernel` defaults to
+    "sgmv"; "bgmv" runs the Punica layout, for the lesson and for comparison."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, decode_kernel: str = "sgmv") -> None:
+        if decode_kernel not in ("sgmv", "bgmv"):
+            raise ValueError(f"decode_kernel must be 'sgmv' or 'bgmv', got {decode_kernel!r}")
         self.device = device
+        self.decode_kernel = decode_kernel
         self.no_lora = True
         self.use_bgmv = False
         self.segments: Optional[SGMVSegments] = None
@@ -168,7 +174,7 @@ class PunicaWrapper:
         self.no_lora = all(slot < 0 for slot in row_slots)
         if self.no_lora:
             return
-        self.use_bgmv = all(q == 1 for q in query_lens)
+        self.use_bgmv = self.decode_kernel == "bgmv" and all(q == 1 for q in query_lens)
         if self.use_bgmv:  # one token per row: the row's slot is the token's
             adapted = [t for t, slot in enumerate(row_slots) if slot >= 0]
             as_long = lambda v: torch.tensor(v, dtype=torch.long, device=self.device)  # noqa: E731

@@ -191,13 +191,14 @@ def test_batched_op_matches_per_token_loop(data):
 
     # the wrapper's own dispatch, with the scales folded into B as the loader does
     folded_b = [b * scales.view(-1, 1, 1) for b in lora_b]
-    punica = PunicaWrapper(x.device)
-    punica.update_metadata(row_slots, query_lens)
-    y = y0.clone()
-    punica.add_lora_linear(y, x, lora_a, folded_b)
-    torch.testing.assert_close(y, expected)
-    if all(s < 0 for s in token_slots):
-        assert torch.equal(y, y0)  # an all-base batch is not touched
+    for decode_kernel in ("sgmv", "bgmv"):
+        punica = PunicaWrapper(x.device, decode_kernel)
+        punica.update_metadata(row_slots, query_lens)
+        y = y0.clone()
+        punica.add_lora_linear(y, x, lora_a, folded_b)
+        torch.testing.assert_close(y, expected)
+        if all(s < 0 for s in token_slots):
+            assert torch.equal(y, y0)  # an all-base batch is not touched
 
 
 # -- bad adapters: refused by name at add_request; nothing leaks; others keep running ----------
