@@ -59,6 +59,29 @@ def add_lora_reference(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
 # --8<-- [end:reference]
 
 
+# A step whose adapters have at most this many tokens each (decodes, small chunks) runs SGMV as
+# one padded batched matmul: a handful of ops whatever the number of adapters, where a loop over
+# segments pays the per-op cost (tens of microseconds on a CPU) 1 + P times per adapter.
+PADDED_MAX_TOKENS = 16
+
+
+@dataclass
+class PaddedSegments:
+    """The segments as one [segments, longest, ...] batch for `torch.bmm`::
+
+        token slots [ 1  0  1  1  0 ]    slots = [0, 1] (None when every slot is used in order)
+        src         [ 1  4  1 | 0  2  3 ]   the tokens of each segment, padded with its first
+        valid_pos   [ 0  1  3  4  5 ]      the real rows of the padded batch ...
+        valid_tok   [ 1  4  0  2  3 ]      ... and the token each one is
+    """
+
+    slots: Optional[torch.Tensor]
+    longest: int
+    src: torch.Tensor
+    valid_pos: torch.Tensor
+    valid_tok: torch.Tensor
+
+
 @dataclass
 class SGMVSegments:
     """Tokens grouped by slot: segment k is rows [starts[k], ends[k]) of the grouped tokens,
@@ -73,9 +96,35 @@ class SGMVSegments:
     starts: list[int]
     ends: list[int]
     order: Optional[torch.Tensor]
+    padded: Optional[PaddedSegments] = None
 
     @classmethod
-    def from_token_slots(cls, token_slots: list[int], device: torch.device) -> "SGMVSegments":
+    def from_token_slots(cls, token_slots: list[int], device: torch.device,
+                         num_slots: Optional[int] = None) -> "SGMVSegments":
+        """The layout of `token_slots`; with `num_slots` (the stacks' first dimension), also
+        the padded one when every adapter has at most `PADDED_MAX_TOKENS` tokens."""
+        segments = cls._grouped(token_slots, device)
+        by_slot: dict[int, list[int]] = {}
+        for t, slot in enumerate(token_slots):
+            if slot >= 0:
+                by_slot.setdefault(slot, []).append(t)
+        if num_slots is None or len(by_slot) < 2 or max(map(len, by_slot.values())) > PADDED_MAX_TOKENS:
+            return segments
+        slots = sorted(by_slot)
+        longest = max(map(len, by_slot.values()))
+        src, valid_pos, valid_tok = [], [], []
+        for k, slot in enumerate(slots):
+            tokens = by_slot[slot]
+            valid_pos += range(k * longest, k * longest + len(tokens))
+            valid_tok += tokens
+            src += tokens + [tokens[0]] * (longest - len(tokens))
+        as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+        segments.padded = PaddedSegments(None if slots == list(range(num_slots)) else as_long(slots),
+                                         longest, as_long(src), as_long(valid_pos), as_long(valid_tok))
+        return segments
+
+    @classmethod
+    def _grouped(cls, token_slots: list[int], device: torch.device) -> "SGMVSegments":
         runs: list[tuple[int, int, int]] = []  # (slot, start, end) of equal slots in token order
         for t, slot in enumerate(token_slots):
             if runs and runs[-1][0] == slot and runs[-1][2] == t:
@@ -103,22 +152,42 @@ def sgmv_add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
                   lora_b: Sequence[torch.Tensor], segments: SGMVSegments,
                   scales: Optional[torch.Tensor] = None) -> None:
     """Prefill: one shrink [n, in] x [in, P*R] and P expands per segment (adapter), on its
-    tokens as a block: matrix-matrix products, as many as adapters in the step."""
+    tokens as a block: matrix-matrix products, as many as adapters in the step. When every
+    segment is short (decodes), the segments go padded into one batched matmul instead."""
+    if segments.padded is not None:
+        return _padded_sgmv(y, x, lora_a, lora_b, segments.padded, scales)
     rank = lora_b[0].shape[-1]
-    gathered = segments.order is not None
-    xs = x.index_select(0, segments.order) if gathered else x  # [T', in] grouped by slot
-    out = y.new_zeros(xs.shape[0], y.shape[1]) if gathered else y
+    order = segments.order
+    xs = x if order is None else x.index_select(0, order)  # [T', in] grouped by slot
     for slot, s, e in zip(segments.slots, segments.starts, segments.ends):
         h = xs[s:e] @ lora_a[slot].T  # shrink: [n, P*R]
         if scales is not None:
             h.mul_(scales[slot])
-        offset = 0
-        for p, b in enumerate(lora_b):  # expand, added in place into y's columns of part p
-            out[s:e, offset:offset + b.shape[1]].addmm_(h[:, p * rank:(p + 1) * rank], b[slot].T)
-            offset += b.shape[1]
-    if gathered:
-        y.index_add_(0, segments.order, out)
+        if order is None:  # the segment is rows s:e of y: expand in place, part by part
+            offset = 0
+            for p, b in enumerate(lora_b):
+                y[s:e, offset:offset + b.shape[1]].addmm_(h[:, p * rank:(p + 1) * rank], b[slot].T)
+                offset += b.shape[1]
+        else:  # scattered rows: expand, then add to them
+            parts = [h[:, p * rank:(p + 1) * rank] @ b[slot].T for p, b in enumerate(lora_b)]
+            y.index_add_(0, order[s:e], parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
 # --8<-- [end:sgmv]
+
+
+def _padded_sgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: Sequence[torch.Tensor],
+                 pad: PaddedSegments, scales: Optional[torch.Tensor]) -> None:
+    """SGMV as one bmm per step: [S', n, in] x [S', in, P*R] -> [S', n, P*R] (shrink), then one
+    bmm per part (expand), n = the longest segment; padding rows are computed and dropped."""
+    rank = lora_b[0].shape[-1]
+    pick = (lambda w: w) if pad.slots is None else (lambda w: w.index_select(0, pad.slots))  # noqa: E731
+    xs = x.index_select(0, pad.src).view(-1, pad.longest, x.shape[1])  # [S', n, in]
+    h = torch.bmm(xs, pick(lora_a).transpose(1, 2))  # shrink: [S', n, P*R]
+    if scales is not None:
+        h.mul_(pick(scales).view(-1, 1, 1))
+    parts = [torch.bmm(h[..., p * rank:(p + 1) * rank], pick(b).transpose(1, 2))  # [S', n, out_p]
+             for p, b in enumerate(lora_b)]
+    delta = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    y.index_add_(0, pad.valid_tok, delta.view(-1, y.shape[1]).index_select(0, pad.valid_pos))
 
 
 # --8<-- [start:bgmv]
@@ -157,11 +226,13 @@ class PunicaWrapper:
     per token per layer, where SGMV reads each slot's B once), so `decode_kernel` defaults to
     "sgmv"; "bgmv" runs the Punica layout, for the lesson and for comparison."""
 
-    def __init__(self, device: torch.device, decode_kernel: str = "sgmv") -> None:
+    def __init__(self, device: torch.device, decode_kernel: str = "sgmv",
+                 num_slots: Optional[int] = None) -> None:
         if decode_kernel not in ("sgmv", "bgmv"):
             raise ValueError(f"decode_kernel must be 'sgmv' or 'bgmv', got {decode_kernel!r}")
         self.device = device
         self.decode_kernel = decode_kernel
+        self.num_slots = num_slots  # max_loras: lets short segments run as one padded bmm
         self.no_lora = True
         self.use_bgmv = False
         self.segments: Optional[SGMVSegments] = None
@@ -182,7 +253,7 @@ class PunicaWrapper:
             self.token_slots = as_long([row_slots[t] for t in adapted])
         else:
             token_slots = [slot for slot, q in zip(row_slots, query_lens) for _ in range(q)]
-            self.segments = SGMVSegments.from_token_slots(token_slots, self.device)
+            self.segments = SGMVSegments.from_token_slots(token_slots, self.device, self.num_slots)
     # --8<-- [end:update_metadata]
 
     def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,

@@ -150,8 +150,8 @@ def stacked(a_list, b_list, num_slots, rank, part_sizes, dim_in):
 @given(data=st.data())
 def test_batched_op_matches_per_token_loop(data):
     """Random rows (empty ones, all-base batches, one token each for BGMV), random ranks below
-    the slots' rank (padding), one to three fused parts: reference, SGMV and BGMV all equal the
-    per-token definition."""
+    the slots' rank (padding), one to three fused parts: reference, SGMV (a loop over segments,
+    and one padded bmm) and BGMV all equal the per-token definition."""
     num_slots = data.draw(st.integers(1, 4))
     rank = data.draw(st.sampled_from([1, 4, 8]))
     part_sizes = data.draw(st.lists(st.integers(1, 6), min_size=1, max_size=3))
@@ -179,9 +179,11 @@ def test_batched_op_matches_per_token_loop(data):
     add_lora_reference(y, x, lora_a, lora_b, torch.tensor(token_slots, dtype=torch.long), scales)
     torch.testing.assert_close(y, expected)
 
-    y = y0.clone()
-    sgmv_add_lora(y, x, lora_a, lora_b, SGMVSegments.from_token_slots(token_slots, x.device), scales)
-    torch.testing.assert_close(y, expected)
+    for padded in (None, num_slots):  # a loop over segments; one padded bmm (short segments)
+        y = y0.clone()
+        segments = SGMVSegments.from_token_slots(token_slots, x.device, padded)
+        sgmv_add_lora(y, x, lora_a, lora_b, segments, scales)
+        torch.testing.assert_close(y, expected)
 
     adapted = [t for t, s in enumerate(token_slots) if s >= 0]
     y = y0.clone()
@@ -192,7 +194,7 @@ def test_batched_op_matches_per_token_loop(data):
     # the wrapper's own dispatch, with the scales folded into B as the loader does
     folded_b = [b * scales.view(-1, 1, 1) for b in lora_b]
     for decode_kernel in ("sgmv", "bgmv"):
-        punica = PunicaWrapper(x.device, decode_kernel)
+        punica = PunicaWrapper(x.device, decode_kernel, num_slots)
         punica.update_metadata(row_slots, query_lens)
         y = y0.clone()
         punica.add_lora_linear(y, x, lora_a, folded_b)
