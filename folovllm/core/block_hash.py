@@ -63,6 +63,7 @@ def hash_block_tokens(
 # --8<-- [end:block_hash]
 
 
+# --8<-- [start:extra_keys]
 def generate_block_hash_extra_keys(request: "Request", start: int, end: int) -> Optional[tuple[Any, ...]]:
     """What besides the token ids decides the K/V of tokens `start:end` of `request` (vLLM's
     `generate_block_hash_extra_keys`): the LoRA adapter it runs under (stage 11), since an
@@ -72,3 +73,4 @@ def generate_block_hash_extra_keys(request: "Request", start: int, end: int) -> 
     An image's hash or a tenant's cache salt would go here too."""
     lora = request.lora_request
     return None if lora is None else ("lora", lora.lora_int_id)
+# --8<-- [end:extra_keys]

@@ -53,10 +53,12 @@ class LinearWithLoRA(nn.Module):
         self.lora_b_stacked = tuple(torch.zeros(max_loras, out, R, dtype=dtype, device=device)
                                     for out in self.output_slices)
 
+    # --8<-- [start:lora_forward]
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)  # [T, out]
         self.punica.add_lora_linear(y, x, self.lora_a_stacked, self.lora_b_stacked)
         return y
+    # --8<-- [end:lora_forward]
 
     def set_lora(self, slot: int, weights: list[Optional[LoRALayerWeights]]) -> None:
         """Fill `slot` with one adapter's A/B per part (None: the adapter leaves that part

@@ -28,6 +28,7 @@ class NoLoRAAdmission:
         return True
 
 
+# --8<-- [start:lora_admission]
 class LoRAAdmission(NoLoRAAdmission):
     def __init__(self, max_loras: int) -> None:
         self.max_loras = max_loras
@@ -39,6 +40,7 @@ class LoRAAdmission(NoLoRAAdmission):
         active = {r.lora_request.lora_int_id for r in running
                   if r.lora_request is not None and not r.is_finished}
         return lora.lora_int_id in active or len(active) < self.max_loras
+# --8<-- [end:lora_admission]
 
 
 def make_lora_admission(config: EngineConfig) -> NoLoRAAdmission:
