@@ -111,3 +111,16 @@ def test_load_and_unload_at_run_time(base_url, offline, lora_adapters, tmp_path)
     r = http.post("/unload_lora_adapter", json={"lora_name": "C"})
     assert r.status_code == 404 and r.json()["error"]["param"] == "lora_name"
     assert completions(client, "A") == offline("A")  # the others are untouched
+
+
+def test_serve_command_line_takes_lora_modules():
+    from folovllm.entrypoints.cli import _engine_kwargs, build_parser
+    from folovllm.entrypoints.openai.serving_models import parse_lora_modules
+
+    args = build_parser().parse_args(["serve", "m", "--enable-lora", "--max-loras", "3", "--max-lora-rank", "8",
+                                      "--lora-modules", "a=/x", "b=/y=z"])
+    assert parse_lora_modules(args.lora_modules) == [("a", "/x"), ("b", "/y=z")]
+    kw = _engine_kwargs(args)
+    assert (kw["enable_lora"], kw["max_loras"], kw["max_lora_rank"]) == (True, 3, 8)
+    with pytest.raises(ValueError, match="--lora-modules takes name=path pairs, got 'a'"):
+        parse_lora_modules(["a"])
