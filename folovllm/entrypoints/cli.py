@@ -341,8 +341,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError("--lora-modules needs --enable-lora")
     model = _model_or_demo(args)
     engine = LLMEngine(model, EngineConfig.for_stage(args.stage, trace=args.trace, **_engine_kwargs(args)))
-    run_server(engine, args.served_model_name or model, args.host, args.port, args.api_key, options,
-               lora_modules=lora_modules)
+    lora = {"lora_modules": lora_modules} if lora_modules else {}  # stage 11
+    run_server(engine, args.served_model_name or model, args.host, args.port, args.api_key, options, **lora)
     return 0
 
 
