@@ -67,6 +67,9 @@ AXES = {
        "stage (quantization='gptq' refuses one that is not), e.g. LLM(gptq_checkpoint, stage=6)",
     8: "it composes with any stage, so pass tensor_parallel_size=N with the stage you want "
        "(e.g. for_stage(6, tensor_parallel_size=2))",
+    11: "it composes with any stage from 02: pass enable_lora=True (and max_loras, max_lora_rank, "
+        "max_cpu_loras) with the stage you want, e.g. LLM(model, stage=6, enable_lora=True, "
+        "max_loras=4), and a LoRARequest per prompt to generate(..., lora_request=...)",
 }
 
 logger = logging.getLogger(__name__)
@@ -144,6 +147,13 @@ class EngineConfig:
     # from), or the logits themselves ("raw_logits", "processed_logits")
     max_logprobs: int = 20
     logprobs_mode: str = "raw_logprobs"
+    # stage 11, an axis: multi-LoRA serving (folovllm/lora/). At most `max_loras` distinct
+    # adapters run at once (the slots), each of rank <= `max_lora_rank` (the slots' padded
+    # rank); `max_cpu_loras` adapters stay read on the CPU (None = max_loras), an LRU
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: Optional[int] = None
 
     def __post_init__(self) -> None:
         self._validate()
@@ -288,11 +298,34 @@ class EngineConfig:
             raise ValueError(f"max_logprobs must be an integer >= 0, or -1 for no limit, got {self.max_logprobs!r}")
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}")
+        self._validate_lora()
         if self.quantization not in (None, "gptq", "compressed-tensors"):
             raise ValueError(
                 "quantization must be None (the checkpoint's own), 'gptq' or 'compressed-tensors', "
                 f"got {self.quantization!r}"
             )
+
+    def _validate_lora(self) -> None:
+        if not isinstance(self.enable_lora, bool):
+            raise ValueError(f"enable_lora must be True or False, got {self.enable_lora!r}")
+        _positive_int("max_loras", self.max_loras)
+        _positive_int("max_lora_rank", self.max_lora_rank)
+        if self.max_cpu_loras is not None:
+            _positive_int("max_cpu_loras", self.max_cpu_loras)
+            if self.max_cpu_loras < self.max_loras:
+                raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras "
+                                 f"({self.max_loras}): every adapter in a slot is also kept on the CPU")
+        if not self.enable_lora:
+            return
+        if not self.enable_continuous_batching:
+            raise ValueError("enable_lora=True needs enable_continuous_batching=True (stage 02 or "
+                             "later): the adapters of a static batch cannot change as it runs")
+        if self.tensor_parallel_size > 1:
+            raise ValueError("enable_lora=True with tensor_parallel_size > 1 is not supported yet: "
+                             "the LoRA slots are not split across ranks; use tensor_parallel_size=1")
+        if getattr(self, "speculative_config", None) is not None:
+            raise ValueError("enable_lora=True with a speculative_config is not supported: the "
+                             "draft model would run without the target's adapters")
 
     def resolve(self, max_position_embeddings: int) -> "EngineConfig":
         """Fill the sizes left as None from the model, and check them against it."""
@@ -377,6 +410,8 @@ def describe_engine(config: "EngineConfig", hf_config: Any, dtype: torch.dtype) 
         parts[0] += f" + {quantization}"
     if config.tensor_parallel_size > 1:
         parts[0] += f" + tensor parallel x{config.tensor_parallel_size}"
+    if config.enable_lora:
+        parts[0] += f" + LoRA (max_loras={config.max_loras})"
     parts += [f"attention {config.attention_backend}",
               f"CPU kernels ({kernels})" if kernels != "off" else "CPU kernels off", dtype_name]
     return dict(stage=stage, stage_name=STAGE_NAMES[stage], stages_off=off,

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from folovllm import LLM, EngineConfig, SamplingParams
-from folovllm.config import LATEST_STAGE, STAGE_NAMES
+from folovllm.config import AXES, LATEST_STAGE, STAGE_NAMES
 
 
 @pytest.fixture(scope="module")
@@ -397,7 +397,10 @@ def test_the_engine_says_what_it_runs(tiny_qwen3):
 
 
 def test_stage_not_built_yet(tiny_qwen3):
-    stage = max(STAGE_NAMES)  # named in the plan, not built
+    unbuilt = [s for s in STAGE_NAMES if s > LATEST_STAGE and s not in AXES]  # named, not built
+    if not unbuilt:
+        pytest.skip("every stage named in the plan is built")
+    stage = max(unbuilt)
     msg = rf"stage {stage} \({STAGE_NAMES[stage]}\) is not built yet; stages 1..{LATEST_STAGE} are available"
     with pytest.raises(ValueError, match=msg):
         EngineConfig.for_stage(stage)

@@ -63,9 +63,14 @@ def hash_block_tokens(
 # --8<-- [end:block_hash]
 
 
+# --8<-- [start:extra_keys]
 def generate_block_hash_extra_keys(request: "Request", start: int, end: int) -> Optional[tuple[Any, ...]]:
-    """What besides the token ids decides the K/V of tokens `start:end` of `request`. Nothing
-    today: one model, text only. A LoRA adapter's name, an image's hash or a tenant's cache salt
-    would go here (vLLM's `generate_block_hash_extra_keys`), so that equal tokens under a
-    different adapter or image never share K/V."""
-    return None
+    """What besides the token ids decides the K/V of tokens `start:end` of `request` (vLLM's
+    `generate_block_hash_extra_keys`): the LoRA adapter it runs under (stage 11), since an
+    adapter on k_proj/v_proj changes every K/V, so equal tokens under two adapters (or one and
+    the base) never share blocks. It is in every block's hash, and hashes chain, so the first
+    block already differs. None for the base model: its hashes are the ones before stage 11.
+    An image's hash or a tenant's cache salt would go here too."""
+    lora = request.lora_request
+    return None if lora is None else ("lora", lora.lora_int_id)
+# --8<-- [end:extra_keys]

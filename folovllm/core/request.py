@@ -18,13 +18,16 @@ token.
 from __future__ import annotations
 
 import enum
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from folovllm.core.block_hash import BlockHash
 from folovllm.outputs import RequestMetrics
 from folovllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from folovllm.lora.request import LoRARequest
 
 
 class RequestStatus(enum.Enum):
@@ -70,6 +73,7 @@ class Request:
         arrival_time: float,
         prompt: Optional[str] = None,
         device: str = "cpu",
+        lora_request: Optional["LoRARequest"] = None,
     ) -> None:
         self.request_id = request_id
         self.prompt = prompt
@@ -77,6 +81,7 @@ class Request:
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.sampling_params = sampling_params
+        self.lora_request = lora_request  # stage 11: the adapter it runs under (None: the base)
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.num_preemptions = 0

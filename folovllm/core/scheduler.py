@@ -27,6 +27,7 @@ from folovllm.config import EngineConfig
 from folovllm.core.kv_cache_manager_base import KVCacheManagerBase
 from folovllm.core.request import Request, RequestStatus
 from folovllm.core.scheduler_output import SchedulerOutput
+from folovllm.lora.scheduling import make_lora_admission
 
 
 # --8<-- [start:check_stop]
@@ -63,6 +64,7 @@ class SchedulerBase(ABC):
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.lora_admission = make_lora_admission(config)  # stage 11: at most max_loras adapters
 
     @property
     def max_prompt_len(self) -> int:
@@ -217,6 +219,8 @@ class Scheduler(SchedulerBase):
                 num_new = min(num_new, budget, self.max_chunk)
             if num_new > budget or num_new == 0:
                 break  # FCFS: nobody overtakes the head of the queue
+            if not self.lora_admission.can_admit(request, self.running):
+                break  # stage 11: its adapter would be one more than max_loras; it waits
             if not self.kv_cache_manager.allocate_slots(request, num_new, computed_blocks):
                 break  # no KV memory for it (a slot in stage 02, blocks in stage 03)
             self.waiting.popleft()

@@ -55,6 +55,7 @@ from folovllm.engine.llm_engine import LLMEngine, PromptType
 from folovllm.engine.metrics import PrometheusMetrics
 from folovllm.engine.stop_strings import StopStringMatcher, get_stop_matcher
 from folovllm.inputs import ProcessedPrompt
+from folovllm.lora.request import LoRARequest
 from folovllm.outputs import RequestOutput
 from folovllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -198,7 +199,8 @@ class AsyncLLM:
     # -- requests -----------------------------------------------------------------------------
 
     async def add_request(
-        self, request_id: str, prompt: PromptType, sampling_params: SamplingParams
+        self, request_id: str, prompt: PromptType, sampling_params: SamplingParams,
+        lora_request: Optional[LoRARequest] = None,
     ) -> RequestStream:
         """Queue a request; its outputs arrive on the returned stream. Raises ValueError (the
         engine's message) on bad input, adding nothing. The prompt is tokenized and checked in
@@ -213,16 +215,34 @@ class AsyncLLM:
         try:
             # `stops` keeps the matcher built off the loop alive until the engine holds it too.
             prompt, stops = await self.run_off_loop(self._process_inputs, prompt, sampling_params)
+            if lora_request is not None:  # stage 11: read from disk (if not cached) off the loop
+                await self.add_lora(lora_request)
             if self.closed_reason is not None:
                 raise RequestAbortedError(self.closed_reason)
             async with self._lock:
-                self.engine.add_request(request_id, prompt, sampling_params, arrival_time=arrival_time)
+                self.engine.add_request(request_id, prompt, sampling_params, arrival_time=arrival_time,
+                                        lora_request=lora_request)
                 stream = RequestStream(request_id, sampling_params.output_kind, self.abort)
                 self._streams[request_id] = stream
         finally:
             self._num_adding -= sampling_params.n
         self._wakeup.set()
         return stream
+
+    async def add_lora(self, lora_request: LoRARequest) -> None:
+        """Stage 11: read and check an adapter (ValueError if bad), between two steps, in the
+        engine's thread: the workers' CPU cache is the step's to read."""
+        await self._in_engine_thread(self.engine.lora_manager.add_lora, lora_request)
+
+    async def remove_lora(self, lora_int_id: int) -> None:
+        await self._in_engine_thread(self.engine.lora_manager.remove_lora, lora_int_id)
+
+    async def _in_engine_thread(self, fn: Callable[..., T], *args: object) -> T:
+        if self._lock is None:
+            self.start()
+        assert self._lock is not None
+        async with self._lock:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _process_inputs(self, prompt: PromptType, params: SamplingParams
                         ) -> tuple[ProcessedPrompt, Optional[StopStringMatcher]]:

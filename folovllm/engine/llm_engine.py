@@ -31,6 +31,8 @@ from folovllm.engine.stats import EngineStats, SchedulerStats, make_rows
 from folovllm.executor import WorkerDiedError, get_executor_cls
 from folovllm.inputs import ProcessedPrompt, PromptType, is_token_id, parse_prompt
 from folovllm.kv_cache_interface import KVCacheSpec
+from folovllm.lora.engine_manager import make_lora_manager
+from folovllm.lora.request import LoRARequest
 from folovllm.model_executor.model_loader import load_hf_config, resolve_model_path
 from folovllm.outputs import RequestOutput
 from folovllm.sampling_params import SEED_LIMIT, SamplingParams
@@ -66,6 +68,8 @@ class LLMEngine:
         except BaseException:  # e.g. a KV budget too small: no worker process outlives the error
             self.model_executor.shutdown()
             raise
+        # stage 11: adapters known by id and each step's slots (a do-nothing one without LoRA)
+        self.lora_manager = make_lora_manager(self.config, self.model_executor)
         self.description = describe_engine(self.config, self.hf_config, spec.dtype)
         logger.info("engine: %s", self.description["summary"])
         scheduler_cls = Scheduler if self.config.enable_continuous_batching else StaticBatchScheduler
@@ -110,9 +114,11 @@ class LLMEngine:
         prompt: PromptType,
         sampling_params: Optional[SamplingParams] = None,
         arrival_time: Optional[float] = None,
+        lora_request: Optional[LoRARequest] = None,
     ) -> None:
         """Queue a prompt (text, token ids, `TextPrompt` or `TokensPrompt`). Raises ValueError,
-        queuing nothing, on bad input (see `validate_request`)."""
+        queuing nothing, on bad input (see `validate_request`). `lora_request`: the adapter to
+        run it under (stage 11; read and checked here, so a bad adapter fails this call)."""
         if not isinstance(request_id, str):
             raise ValueError(f"request_id must be a string, got {type(request_id).__name__}")
         params = SamplingParams() if sampling_params is None else sampling_params
@@ -122,6 +128,8 @@ class LLMEngine:
         for rid in dict.fromkeys([request_id, *child_ids]):
             if rid in in_use:
                 raise ValueError(f"request id {rid!r} is already in use by an unfinished request")
+        if lora_request is not None:
+            self.lora_manager.add_lora(lora_request)
         arrival_time = time.perf_counter() if arrival_time is None else arrival_time
         children = []
         for i in range(params.n):
@@ -131,7 +139,7 @@ class LLMEngine:
                 child_params = replace_params(params, n=1, seed=seed)
             children.append(
                 Request(child_ids[i], prompt_token_ids, child_params, arrival_time,
-                        prompt=prompt_text, device=self.config.device)
+                        prompt=prompt_text, device=self.config.device, lora_request=lora_request)
             )
         self.output_processor.add_request(request_id, prompt_text, prompt_token_ids, children)
         for child in children:
@@ -276,6 +284,7 @@ class LLMEngine:
         generators are, and hands the log-probabilities asked for to the output processor.
         -> {request id: token} of the rows that caught up."""
         batch = self.make_input_batch(output)
+        self.lora_manager.assign_slots(batch, output.requests)  # stage 11: each row's slot
         logits = self.model_executor.execute_model(batch)  # [S + P, vocab] or None
         if logits is None:
             return {}

@@ -60,12 +60,20 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    action=argparse.BooleanOptionalAction, default=None, help="stage 06")
     p.add_argument("--tensor-parallel-size", type=int, default=None,
                    help="stage 08: split the model over this many worker processes (default 1)")
+    p.add_argument("--enable-lora", dest="enable_lora", action=argparse.BooleanOptionalAction,
+                   default=None, help="stage 11: serve LoRA adapters over the base model")
+    p.add_argument("--max-loras", type=int, default=None,
+                   help="stage 11: most distinct adapters in one step (the slots; default 1)")
+    p.add_argument("--max-lora-rank", type=int, default=None, help="stage 11: largest adapter rank (default 16)")
+    p.add_argument("--max-cpu-loras", type=int, default=None,
+                   help="stage 11: adapters kept read on the CPU, an LRU (default max_loras)")
 
 
 _ENGINE_FLAGS = ("max_num_batched_tokens", "kv_cache_memory", "gpu_memory_utilization",
                  "block_size", "enable_continuous_batching", "enable_paged_kv", "attention_backend",
                  "enable_chunked_prefill", "long_prefill_token_threshold", "enable_prefix_caching",
-                 "tensor_parallel_size", "custom_ops")
+                 "tensor_parallel_size", "custom_ops", "enable_lora", "max_loras", "max_lora_rank",
+                 "max_cpu_loras")
 
 
 def _parse_bytes(text: str) -> int:
@@ -124,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(not shown by ps, unlike argv); this option wins over both")
     serve.add_argument("--served-model-name", default=None,
                        help="the name clients send as `model` (default: MODEL as given)")
+    serve.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                       help="stage 11 (with --enable-lora): LoRA adapters served from the start; "
+                            "a request names one as its model")
     serve.add_argument("--trace", action="store_true",
                        help="also serve a live page of the engine's steps at /trace/ (docs/trace.md)")
     # The limits on one request (ServerOptions; None: its default, given in the help).
@@ -328,6 +339,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from folovllm.engine.llm_engine import LLMEngine
     from folovllm.entrypoints.openai.api_server import run_server
     from folovllm.entrypoints.openai.serving_engine import ServerOptions
+    from folovllm.entrypoints.openai.serving_models import parse_lora_modules
 
     if args.model_tag and args.model and args.model_tag != args.model:
         raise ValueError(f"two models given: {args.model_tag!r} and --model {args.model!r}")
@@ -336,10 +348,14 @@ def run_serve(args: argparse.Namespace) -> int:
               "max_waiting_requests", "request_body_timeout_s")
     options = ServerOptions(trust_request_chat_template=args.trust_request_chat_template,
                             **{k: getattr(args, k) for k in limits if getattr(args, k) is not None})
+    lora_modules = parse_lora_modules(args.lora_modules)
+    if lora_modules and not args.enable_lora:
+        raise ValueError("--lora-modules needs --enable-lora")
     model = _model_or_demo(args)
     engine = LLMEngine(model, EngineConfig.for_stage(args.stage, trace=args.trace, **_engine_kwargs(args)))
     api_key = args.api_key if args.api_key is not None else envs.api_key()
-    run_server(engine, args.served_model_name or model, args.host, args.port, api_key, options)
+    lora = {"lora_modules": lora_modules} if lora_modules else {}  # stage 11
+    run_server(engine, args.served_model_name or model, args.host, args.port, api_key, options, **lora)
     return 0
 
 

@@ -9,6 +9,7 @@ from folovllm.config import LATEST_STAGE, EngineConfig
 from folovllm.engine.llm_engine import LLMEngine, replace_params
 from folovllm.entrypoints.chat_utils import apply_chat_template
 from folovllm.inputs import PromptType
+from folovllm.lora.request import LoRARequest
 from folovllm.outputs import RequestOutput
 from folovllm.sampling_params import RequestOutputKind, SamplingParams
 from folovllm.engine.stats import EngineStats
@@ -58,12 +59,15 @@ class LLM:
         prompts: Union[PromptType, Sequence[PromptType]],
         sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
         use_tqdm: bool = True,
+        lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in the order of the prompts.
 
         `prompts`: one prompt or a list of them; a prompt is a string, a list of token ids,
         `{"prompt": str}` or `{"prompt_token_ids": list[int]}` (vLLM's `TextPrompt` /
         `TokensPrompt`). `sampling_params`: one for all prompts, or a list with one per prompt.
+        `lora_request` (stage 11, `enable_lora=True`): the adapter for all prompts, or a list
+        with one per prompt (None: the base model).
 
         Every prompt is validated before any is queued (a `ValueError` queues nothing). If the
         run stops early (an exception, Ctrl-C, or a request that fails in the engine: a
@@ -88,17 +92,20 @@ class LLM:
                 "sampling_params must be a SamplingParams or a list of them, got "
                 f"{type(sampling_params).__name__}"
             )
+        loras = _per_prompt_loras(lora_request, len(prompts))
         engine = self.llm_engine
         # validate (and tokenize) all before queuing any; add_request takes them as they are
         processed = [engine.validate_request(prompt, params) for prompt, params in zip(prompts, params_list)]
+        for lora in dict.fromkeys(lr for lr in loras if lr is not None):
+            engine.lora_manager.add_lora(lora)  # read and checked before any prompt is queued
         ids: list[str] = []
         try:
-            for prompt, params in zip(processed, params_list):
+            for prompt, params, lora in zip(processed, params_list, loras):
                 request_id = str(self._counter)
                 self._counter += 1
                 # generate() returns finished outputs only: skip building the ones in between.
                 params = replace_params(params, output_kind=RequestOutputKind.FINAL_ONLY)
-                engine.add_request(request_id, prompt, params)
+                engine.add_request(request_id, prompt, params, lora_request=lora)
                 ids.append(request_id)
             return self._run_engine(ids, use_tqdm)
         except BaseException:  # Ctrl-C included: leave nothing queued or holding KV
@@ -147,6 +154,20 @@ def _raise_if_failed(output: RequestOutput) -> None:
     for completion in output.outputs:
         if completion.finish_reason == "error":
             raise RuntimeError(f"request {output.request_id} failed in the engine: {completion.error}")
+
+
+def _per_prompt_loras(lora_request: Any, num_prompts: int) -> list[Optional[LoRARequest]]:
+    if lora_request is None or isinstance(lora_request, LoRARequest):
+        return [lora_request] * num_prompts
+    if isinstance(lora_request, (list, tuple)):
+        if len(lora_request) != num_prompts:
+            raise ValueError(f"got {len(lora_request)} lora_request for {num_prompts} prompts; pass "
+                             "one LoRARequest (or None) or exactly one per prompt")
+        bad = [type(lr).__name__ for lr in lora_request if lr is not None and not isinstance(lr, LoRARequest)]
+        if not bad:
+            return list(lora_request)
+    raise ValueError("lora_request must be a LoRARequest, None, or a list of them (one per prompt), "
+                     f"got {type(lora_request).__name__}")
 
 
 def _as_prompt_list(prompts: Any) -> list[PromptType]:

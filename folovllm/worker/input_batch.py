@@ -31,6 +31,10 @@ about requests. The block tables are the part that grows with context (one id pe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from folovllm.lora.request import LoRARequest
 
 
 @dataclass
@@ -49,6 +53,9 @@ class InputBatch:
         sampling_rows: the rows that sample, in order: the first rows of the logits returned.
         prompt_logits: row -> how many of its first tokens also return their logits (prompt
             log-probabilities), after the sampling rows', in row order.
+        lora_slots: stage 11: the LoRA slot each row's tokens read (-1: the base model); empty
+            when no row has an adapter (or LoRA is off).
+        lora_requests: stage 11: slot -> the adapter that must be in it for this step.
     """
 
     req_ids: list[str]
@@ -58,6 +65,8 @@ class InputBatch:
     block_tables: list[list[int]]
     sampling_rows: list[int]
     prompt_logits: dict[int, int] = field(default_factory=dict)
+    lora_slots: list[int] = field(default_factory=list)
+    lora_requests: dict[int, "LoRARequest"] = field(default_factory=dict)
 
     @property
     def num_rows(self) -> int:

@@ -36,6 +36,7 @@ from folovllm.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from folovllm.model_executor.layers.attention import (
     Attention, AttentionBackend, AttentionMetadata, NaiveAttentionBackend)
 from folovllm.config import EngineConfig
+from folovllm.lora.worker_manager import NoWorkerLoRAManager
 from folovllm.worker.input_batch import InputBatch
 from folovllm.worker.kv_cache import KVCache, cpu_default_kv_cache_memory
 
@@ -52,6 +53,9 @@ class ModelRunner:
             layer.backend = self.attn_backend
 
         self.kv_cache: KVCache | None = None
+        # stage 11: fills LoRA slots and lays out each step's adapters (the worker installs the
+        # real one with enable_lora; this one does nothing)
+        self.lora_manager = NoWorkerLoRAManager()
 
     def initialize_kv_cache(self, spec: KVCacheSpec, kv_cache_config: KVCacheConfig) -> None:
         """Allocate the KV tensors once and give each attention layer its layer of them."""
@@ -71,6 +75,7 @@ class ModelRunner:
         gathers the vocabulary on rank 0)."""
         assert self.kv_cache is not None, "initialize_kv_cache() first"
         input_ids, positions, logits_indices = self.prepare_inputs(batch)
+        self.lora_manager.set_active_adapters(batch)
         md = self.build_metadata(batch, positions, self.kv_cache.block_size)
         hidden = self.model(input_ids, positions, md)  # [T, hidden]
         if logits_indices.numel() == 0:  # the same on every rank: all skip the LM head's gather

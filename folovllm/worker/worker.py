@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -28,6 +28,9 @@ from folovllm.model_executor.model_loader import load_model
 from folovllm.platforms import cpu as cpu_platform
 from folovllm.worker.input_batch import InputBatch
 from folovllm.worker.model_runner import ModelRunner
+
+if TYPE_CHECKING:
+    from folovllm.lora.request import LoRARequest
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,10 @@ class Worker:
             cpu_platform.check_isa_override()
             logger.info("%s; custom_ops=%s", cpu_platform.describe(), config.custom_ops)
         self.model_runner = ModelRunner(self.model, config.device, get_attn_backend(config.attention_backend))
+        if config.enable_lora:  # stage 11: the LoRA wrappers go around the projections
+            from folovllm.lora.worker_manager import WorkerLoRAManager
+
+            self.model_runner.lora_manager = WorkerLoRAManager(self.model, config)
 
     def kv_cache_spec(self) -> KVCacheSpec:
         """One token's K/V on this rank: this rank's kv heads only."""
@@ -67,6 +74,13 @@ class Worker:
         """Run the step on this rank's shard; rank 0 returns the logits of the rows that sample
         (the engine samples them), the other ranks None."""
         return self.model_runner.execute_model(batch)
+
+    def add_lora(self, lora_request: "LoRARequest") -> None:
+        """Stage 11: read and check an adapter into the CPU cache (ValueError if it is bad)."""
+        self.model_runner.lora_manager.add_adapter(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        self.model_runner.lora_manager.remove_adapter(lora_int_id)
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """This rank's parameter shapes, by name (what the docs' shard table says)."""

@@ -2,7 +2,9 @@
 
     POST /v1/completions         serving_completion.py
     POST /v1/chat/completions    serving_chat.py
-    GET  /v1/models              the one model served
+    GET  /v1/models              the model served, and its LoRA adapters (stage 11)
+    POST /v1/load_lora_adapter   stage 11: vLLM's runtime adapter loading (serving_models.py)
+    POST /v1/unload_lora_adapter
     POST /tokenize, /detokenize  vLLM's: text <-> token ids, as the engine tokenizes a prompt
     GET  /health                 200 while the engine loop is alive, else 503
     GET  /metrics                Prometheus text (engine/metrics.py)
@@ -32,7 +34,7 @@ import secrets
 import signal
 from functools import partial
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Optional, Sequence
 
 import h11
 import uvicorn
@@ -48,11 +50,13 @@ from folovllm.engine.llm_engine import LLMEngine
 from folovllm.engine.metrics import CONTENT_TYPE
 from folovllm.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest,
                                                   DetokenizeRequest, DetokenizeResponse, ErrorInfo,
-                                                  ErrorResponse, ModelCard, ModelList, TokenizeRequest,
-                                                  TokenizeResponse)
+                                                  ErrorResponse, LoadLoRAAdapterRequest, ModelList,
+                                                  TokenizeRequest, TokenizeResponse,
+                                                  UnloadLoRAAdapterRequest)
 from folovllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from folovllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from folovllm.entrypoints.openai.serving_engine import APIError, ServerOptions
+from folovllm.entrypoints.openai.serving_models import OpenAIServingModels
 from folovllm.trace.page import mount_live_page
 
 logger = logging.getLogger("folovllm.server")
@@ -60,8 +64,10 @@ OPEN_PATHS = ("/health", "/metrics")  # answered without the API key
 
 
 def build_app(async_llm: AsyncLLM, model_name: str, api_key: Optional[str] = None,
-              options: ServerOptions = ServerOptions()) -> FastAPI:
-    """The FastAPI app; its lifespan starts the engine loop and stops it on shutdown."""
+              options: ServerOptions = ServerOptions(),
+              lora_modules: Sequence[tuple[str, str]] = ()) -> FastAPI:
+    """The FastAPI app; its lifespan starts the engine loop and stops it on shutdown.
+    `lora_modules`: (name, path) of the LoRA adapters served from the start (stage 11)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -75,6 +81,8 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: Optional[str] = Non
     completion = OpenAIServingCompletion(async_llm, model_name, options)
     chat = OpenAIServingChat(async_llm, model_name, options)
     engine = async_llm.engine
+    served_models = OpenAIServingModels(async_llm, model_name, lora_modules)
+    completion.models = chat.models = served_models
 
     v1 = APIRouter(prefix="/v1")
 
@@ -88,8 +96,16 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: Optional[str] = Non
 
     @v1.get("/models")
     async def models() -> Response:
-        card = ModelCard(id=model_name, max_model_len=engine.config.max_model_len)
-        return JSONResponse(ModelList(data=[card]).model_dump())
+        cards = served_models.model_cards(engine.config.max_model_len)
+        return JSONResponse(ModelList(data=cards).model_dump(exclude_none=True))
+
+    @v1.post("/load_lora_adapter")
+    async def load_lora_adapter(request: LoadLoRAAdapterRequest) -> Response:
+        return Response(await served_models.load_lora_adapter(request), media_type="text/plain")
+
+    @v1.post("/unload_lora_adapter")
+    async def unload_lora_adapter(request: UnloadLoRAAdapterRequest) -> Response:
+        return Response(await served_models.unload_lora_adapter(request), media_type="text/plain")
 
     app.include_router(v1)
 
@@ -338,12 +354,12 @@ class GracefulServer(uvicorn.Server):
 
 def run_server(engine: LLMEngine, model_name: str, host: str = "127.0.0.1", port: int = 8000,
                api_key: Optional[str] = None, options: ServerOptions = ServerOptions(),
-               shutdown_grace_s: float = 10.0) -> None:
+               shutdown_grace_s: float = 10.0, lora_modules: Sequence[tuple[str, str]] = ()) -> None:
     """Serve until SIGINT/SIGTERM. The server then stops accepting connections, lets open
     requests finish (up to `shutdown_grace_s`, then ends them: `GracefulServer`), and runs the
     app's lifespan exit, which stops the engine loop. The process then exits with status 0."""
     async_llm = AsyncLLM(engine, model_name)
-    app = build_app(async_llm, model_name, api_key, options)
+    app = build_app(async_llm, model_name, api_key, options, lora_modules)
     config = uvicorn_config(app, options, host=host, port=port, log_level="info")
     # uvicorn catches the signal, shuts down gracefully, then raises the signal again with the
     # handler it found: make that an ordinary exit instead of death by SIGTERM.

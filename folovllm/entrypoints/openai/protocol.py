@@ -293,6 +293,8 @@ class ModelCard(OpenAIBaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "folovllm"
     max_model_len: int
+    root: Optional[str] = None  # a LoRA adapter's path (stage 11)
+    parent: Optional[str] = None  # a LoRA adapter's base model
 
 
 class ModelList(OpenAIBaseModel):
@@ -309,3 +311,17 @@ class ErrorInfo(OpenAIBaseModel):
 
 class ErrorResponse(OpenAIBaseModel):
     error: ErrorInfo
+
+
+class LoadLoRAAdapterRequest(OpenAIBaseModel):
+    """vLLM's POST /v1/load_lora_adapter body (stage 11)."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(OpenAIBaseModel):
+    """vLLM's POST /v1/unload_lora_adapter body (stage 11)."""
+
+    lora_name: str
+    lora_int_id: Optional[int] = None

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Optional
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Optional
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -33,6 +33,9 @@ from folovllm.engine.llm_engine import PromptType
 from folovllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, SamplingRequest, UsageInfo, usage
 from folovllm.outputs import CompletionOutput, RequestOutput
 from folovllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from folovllm.entrypoints.openai.serving_models import OpenAIServingModels
 
 
 class APIError(Exception):
@@ -117,6 +120,7 @@ class OpenAIServing:
         self.async_llm = async_llm
         self.model_name = model_name
         self.options = options
+        self.models: Optional["OpenAIServingModels"] = None  # stage 11: the LoRA adapters served
 
     def check_request(self, request: SamplingRequest) -> None:
         """What both endpoints refuse before any work: another model, stream_options without
@@ -145,7 +149,7 @@ class OpenAIServing:
 
     def check_model(self, model: Optional[str]) -> None:
         """404 for a model this server does not serve (None: not named, as /tokenize allows)."""
-        if model is not None and model != self.model_name:
+        if model is not None and model != self.model_name and not (self.models and self.models.is_served(model)):
             raise APIError(404, f"The model `{model}` does not exist; this server serves "
                                 f"`{self.model_name}`", param="model", code="model_not_found")
 
@@ -177,7 +181,8 @@ class OpenAIServing:
     async def add_request(self, request: SamplingRequest, request_id: str, prompt: PromptType,
                           params: SamplingParams, prompt_field: str) -> RequestStream:
         try:
-            return await self.async_llm.add_request(request_id, prompt, params)
+            lora = self.models.lora_request(request.model) if self.models else None
+            return await self.async_llm.add_request(request_id, prompt, params, lora_request=lora)
         except ValueError as e:
             message = str(e)
             if message.startswith("prompt"):  # empty, too long, bad token ids
