@@ -111,10 +111,16 @@ class StructuredOutputManager:
                 backend = self.backend("folovllm")
                 backend.validate(kind, spec)
                 return backend
-            except UnsupportedRegex as e:
+            except UnsupportedRegex as e:  # valid, but beyond our subset
                 if self.backend_choice == "folovllm" or not xgrammar_available():
-                    hint = "" if xgrammar_available() else " (xgrammar is not installed)"
+                    hint = "" if "xgrammar" in str(e) else (
+                        " is outside the folovllm backend's subset; use structured_outputs_backend="
+                        "'xgrammar' (or 'auto' with xgrammar installed)")
+                    if not xgrammar_available():
+                        hint += " (xgrammar is not installed here)"
                     raise ValueError(f"structured_outputs.{e}{hint}") from e
+            except ValueError as e:  # invalid: no backend would take it
+                raise ValueError(f"structured_outputs.{e}") from e
         backend = self.backend("xgrammar")
         try:
             backend.validate(kind, spec)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from typing import Any, Sequence
 
 import torch
@@ -55,7 +56,8 @@ class XgrammarBackend(StructuredOutputBackend):
         try:
             self._grammar(kind, spec)
         except Exception as e:  # xgrammar raises RuntimeError / its own errors
-            raise ValueError(f"{kind.value}: xgrammar cannot compile it: {e}") from e
+            message = re.sub(r"\[[\d:]+\] \S+:\d+: ", "", str(e)).strip()  # its C++ file:line
+            raise ValueError(f"{kind.value}: xgrammar cannot compile it: {message}") from e
 
     def compile(self, kind: StructuredOutputOptions, spec: str) -> Any:
         return self.compiler.compile_grammar(self._grammar(kind, spec))
