@@ -175,7 +175,10 @@ class StructuredOutputManager:
             requests[row].structured_output_request.grammar.fill_bitmask(bitmask, k)
         allowed = unpack_bits(bitmask.to(logits.device), logits.shape[-1])  # [R, V] bool
         with torch.inference_mode():  # the runner's logits are inference tensors
-            logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+            if len(rows) == logits.shape[0]:
+                logits.masked_fill_(~allowed, float("-inf"))
+            else:
+                logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
     # --8<-- [end:apply_grammar_bitmask]
 
     def shutdown(self) -> None:

@@ -449,7 +449,10 @@ def _byte_classes(nfa: NFA) -> list[int]:
 
 def nfa_to_dfa(nfa: NFA) -> DFA:
     """Subset construction: a DFA state is the set of NFA states the bytes so far can be in."""
-    classes = [(cls, (cls & -cls).bit_length() - 1) for cls in _byte_classes(nfa)]  # (bits, rep)
+    classes = _byte_classes(nfa)
+    # which classes each edge's byte set covers (a byte set is a union of whole classes)
+    covers = {bits: [k for k, cls in enumerate(classes) if cls & bits]
+              for bits in {bits for edges in nfa.edges for bits, _ in edges}}
     start = _closure(nfa, {nfa.start})
     index = {start: 0}
     order = [start]
@@ -457,10 +460,13 @@ def nfa_to_dfa(nfa: NFA) -> DFA:
     while len(moves) < len(order):
         current = order[len(moves)]
         row = []
-        for bits, rep in classes:
-            targets = {t for s in current for edge_bits, t in nfa.edges[s] if edge_bits >> rep & 1}
-            if not targets:
-                continue
+        targets_by_class: dict[int, set[int]] = {}
+        for s in current:
+            for edge_bits, t in nfa.edges[s]:
+                for k in covers[edge_bits]:
+                    targets_by_class.setdefault(k, set()).add(t)
+        for k, targets in sorted(targets_by_class.items()):
+            bits = classes[k]
             target = _closure(nfa, targets)
             if target not in index:
                 if len(order) >= MAX_DFA_STATES:
@@ -489,14 +495,16 @@ def _prune(moves: list[list[tuple[int, int]]], accepting: set[int]) -> DFA:
     if 0 not in live:
         raise ValueError("the pattern matches no string at all")
     renumber = {s: i for i, s in enumerate(sorted(live))}  # 0 stays 0
+    byte_lists: dict[int, list[int]] = {}  # class bits -> its bytes, computed once per class
     transitions = []
     for s in sorted(live):
         row = [DEAD] * 256
         for bits, t in moves[s]:
             if t in live:
-                for b in range(256):
-                    if bits >> b & 1:
-                        row[b] = renumber[t]
+                if bits not in byte_lists:
+                    byte_lists[bits] = [b for b in range(256) if bits >> b & 1]
+                for b in byte_lists[bits]:
+                    row[b] = renumber[t]
         transitions.append(row)
     return DFA(transitions, frozenset(renumber[s] for s in accepting))
 
@@ -506,9 +514,16 @@ def minimize(dfa: DFA) -> DFA:
     construction leaves many: `.*` gives 20 states, minimal 5). Fewer states, fewer token masks
     to compute and cache. Start from {accepting, other} and split a block while two of its
     states go, on some byte, to different blocks; renumber so the start stays 0."""
+    # bytes whose columns are equal in every state move together: one representative each
+    columns: dict[tuple[int, ...], int] = {}
+    for b in range(256):
+        columns.setdefault(tuple(row[b] for row in dfa.transitions), b)
+    reps = list(columns.values())
+    successors = [[row[b] for b in reps] for row in dfa.transitions]
     block = [int(s in dfa.accepting) for s in range(dfa.num_states)]
     while True:
-        signature = [(block[s], tuple(DEAD if t == DEAD else block[t] for t in dfa.transitions[s]))
+        lookup = block + [DEAD]  # DEAD is -1: lookup[-1] keeps it DEAD
+        signature = [(block[s], tuple(map(lookup.__getitem__, successors[s])))
                      for s in range(dfa.num_states)]
         ids: dict[tuple, int] = {}
         for sig in [signature[0], *signature]:  # the start's block is numbered 0
