@@ -199,7 +199,7 @@ def render(result: dict[str, Any]) -> str:
              "", "## Compile time (ms)", "",
              "| vocabulary | spec | DFA states | folovllm: DFA | folovllm: every state's mask | xgrammar |",
              "|---|---|--:|--:|--:|--:|"]
-    fmt = lambda v: "-" if v is None else f"{v:,.1f}"  # noqa: E731
+    fmt = lambda v: "-" if v is None else (f"{v:,.1f}" if v >= 10 else f"{v:.3f}")  # noqa: E731
     for vocab in result["vocabularies"]:
         for spec, row in vocab["compile_ms"].items():
             lines.append(f"| {vocab['vocab']} | {spec} | {row['dfa_states']} | {fmt(row['folovllm_dfa'])} | "
