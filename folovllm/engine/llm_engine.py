@@ -232,6 +232,7 @@ class LLMEngine:
         start = time.perf_counter()
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.num_rows == 0:
+            self.structured_output_manager.wait_for_grammars(timeout=0.05)  # stage 10: not spin
             return []
         self._mark_scheduled(scheduler_output)
         sampled, failed = self._execute_model(scheduler_output)

@@ -21,6 +21,7 @@ overlapped with the forward pass (vLLM fills it while the model runs).
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import threading
@@ -57,7 +58,10 @@ def structured_output_key(params: "StructuredOutputsParams") -> StructuredOutput
         value = getattr(params, kind.value)
         if value not in (None, False):
             if kind == StructuredOutputOptions.JSON and not isinstance(value, str):
-                value = json.dumps(value)
+                try:
+                    value = json.dumps(value)
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"structured_outputs.json: the schema is not JSON ({e})") from e
             elif kind == StructuredOutputOptions.CHOICE:
                 value = json.dumps(list(value))
             elif kind == StructuredOutputOptions.JSON_OBJECT:
@@ -180,6 +184,14 @@ class StructuredOutputManager:
             else:
                 logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
     # --8<-- [end:apply_grammar_bitmask]
+
+    def wait_for_grammars(self, timeout: float) -> None:
+        """When a step had nothing to run but grammars are compiling: wait (up to `timeout`
+        seconds) for one to finish instead of returning at once, so a caller looping on
+        `step()` does not spin, and hold the GIL, against the compile thread."""
+        pending = [f for f in self.compiled.values() if not f.done()]
+        if pending:
+            concurrent.futures.wait(pending, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
 
     def shutdown(self) -> None:
         if self.executor is not None:

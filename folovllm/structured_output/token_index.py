@@ -105,12 +105,15 @@ class Vocabulary:
         self.ids = torch.tensor(kept, dtype=torch.long)
         self.lengths = [len(token_bytes[i]) for i in kept]
         width = self.lengths[0] if kept else 0
+        # one flat byte string scattered into the padded table in one write (row-major order
+        # of the "real byte" positions is the concatenation order)
+        flat = torch.frombuffer(bytearray(b"".join(token_bytes[i] for i in kept)), dtype=torch.uint8)
+        lengths = torch.tensor(self.lengths, dtype=torch.long)
         table = torch.full((len(kept), width), 256, dtype=torch.long)
-        for row, i in enumerate(kept):
-            table[row, : len(token_bytes[i])] = torch.tensor(list(token_bytes[i]))
-        self.bytes = table
-        # live[i] = how many tokens are longer than i (they come first)
-        self.longer_than = [sum(1 for n in self.lengths if n > i) for i in range(width)]
+        table[torch.arange(width)[None, :] < lengths[:, None]] = flat.long()
+        self.bytes = table  # [V', L]
+        # longer_than[i] = how many tokens are longer than i (they come first)
+        self.longer_than = [int((lengths > i).sum()) for i in range(width)]
         self.num_words = (self.vocab_size + 31) // 32
 
 
