@@ -349,8 +349,7 @@ def test_every_output_obeys_its_spec(tiny_qwen3, config):
     # seeded sampling is batch-independent: one spec alone gives the same tokens
     again = engine.generate(prompts[1], params[1], use_tqdm=False)[0]
     assert [c.token_ids for c in again.outputs] == [c.token_ids for c in outputs[1].outputs]
-    assert engine.llm_engine.kv_cache_manager.num_used_blocks == 0 if hasattr(
-        engine.llm_engine.kv_cache_manager, "num_used_blocks") else True
+    assert engine.llm_engine.kv_cache_manager.num_used_blocks == 0
 
 
 def test_greedy_unchanged_when_the_grammar_allows_everything(greedy_reference, tiny_qwen3):
@@ -457,6 +456,28 @@ def test_waiting_for_grammar_does_not_block_others(tiny_qwen3):
                 finished[out.request_id] = out
     assert finished["s1"].outputs[0].text in ("yes", "no") and finished["s2"].outputs[0].text in ("yes", "no")
     assert len(calls) == 1
+
+
+def test_a_compile_that_fails_in_the_thread_fails_only_its_request(tiny_qwen3):
+    """The spec passed the check, the compile raised anyway: that request finishes with
+    finish_reason "error" and the reason, the free one beside it finishes normally, no KV is left."""
+    engine = llm(tiny_qwen3).llm_engine
+    backend = engine.structured_output_manager.backend("folovllm")
+
+    def broken(kind, spec):
+        raise RuntimeError("the DFA exploded")
+
+    backend.compile = broken
+    engine.add_request("bad", "the engine", structured(max_tokens=8, regex="a+"))
+    engine.add_request("free", "a model", SamplingParams(max_tokens=3, temperature=0))
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.outputs[0]
+    assert finished["bad"].finish_reason == "error" and "the DFA exploded" in finished["bad"].error
+    assert finished["free"].finish_reason == "length" and len(finished["free"].token_ids) == 3
+    assert engine.kv_cache_manager.num_used_blocks == 0
 
 
 def test_no_mask_for_free_batches(engine6, monkeypatch):
