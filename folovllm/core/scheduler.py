@@ -210,10 +210,10 @@ class Scheduler(SchedulerBase):
     # --8<-- [start:schedule_waiting]
     def schedule_waiting(self, output: SchedulerOutput, budget: int) -> int:
         """Admit waiting requests, oldest first, while a seat, the budget and KV memory allow.
-        A request whose grammar is still compiling (stage 10) is passed over, not waited for:
-        it keeps its place at the head and the requests behind it go on. Returns how many
-        were admitted."""
+        Returns how many were admitted."""
         admitted = 0
+        # Stage 10: a request whose grammar is still compiling is passed over, not waited for:
+        # it keeps its place at the head and the requests behind it go on.
         passed_over: list[Request] = []
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]

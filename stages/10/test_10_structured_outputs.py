@@ -202,6 +202,16 @@ def test_pack_bits_by_hand():
     allowed = torch.rand(3, 77) > 0.5
     allowed[:, 31] = True  # the sign bit of word 0
     assert torch.equal(unpack_bits(pack_bits(allowed), 77), allowed)
+    assert pack_bits(torch.tensor([False] * 31 + [True])).tolist() == [-2**31]
+
+
+def test_the_five_token_vocabulary_by_hand():
+    """The stage page's table: `[0-9]+`, tokens "4" "42" "4a" "a" and EOS (id 4): state 0
+    allows tokens 0 and 1 (mask 3), state 1 also EOS (mask 19)."""
+    vocab = Vocabulary([b"4", b"42", b"4a", b"a", None], eos_token_ids=[4])
+    index = TokenIndex(regex_to_dfa("[0-9]+"), vocab)
+    assert index.dfa.accepting == {1}
+    assert [index.mask(state).tolist() for state in (0, 1)] == [[3], [19]]
 
 
 def test_grammar_accept_validate_rollback(vocab, tokenizer):
