@@ -16,7 +16,8 @@ from folovllm.config import EngineConfig  # noqa: E402
 from folovllm.entrypoints.llm import LLM  # noqa: E402
 from folovllm.engine.llm_engine import LLMEngine  # noqa: E402
 from folovllm.outputs import CompletionOutput, RequestOutput  # noqa: E402
-from folovllm.sampling_params import RequestOutputKind, SamplingParams  # noqa: E402
+from folovllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineConfig", "RequestOutputKind"]
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineConfig", "RequestOutputKind",
+           "StructuredOutputsParams"]

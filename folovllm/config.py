@@ -24,6 +24,8 @@ rather than returning stage 06's engine under another number:
                              None = the checkpoint's quantization_config, as vLLM; "gptq"
                              insists on it)
     08 tensor parallel       tensor_parallel_size > 1, at any stage
+    10 structured outputs    per request (SamplingParams.structured_outputs), at any stage;
+                             structured_outputs_backend picks the compiler
 
 Beside them, not stages either: `custom_ops` (our compiled CPU kernels and packed weights,
 model_executor/custom_op.py; "auto" turns them on at every stage, like the dtype: the ladder's
@@ -67,6 +69,10 @@ AXES = {
        "stage (quantization='gptq' refuses one that is not), e.g. LLM(gptq_checkpoint, stage=6)",
     8: "it composes with any stage, so pass tensor_parallel_size=N with the stage you want "
        "(e.g. for_stage(6, tensor_parallel_size=2))",
+    10: "structured outputs are per request, at any stage: SamplingParams(structured_outputs="
+        "StructuredOutputsParams(json=... | regex=... | choice=[...] | grammar=... | "
+        "json_object=True)); the engine's structured_outputs_backend picks who compiles them "
+        "('auto', 'folovllm' or 'xgrammar')",
     11: "it composes with any stage from 02: pass enable_lora=True (and max_loras, max_lora_rank, "
         "max_cpu_loras) with the stage you want, e.g. LLM(model, stage=6, enable_lora=True, "
         "max_loras=4), and a LoRARequest per prompt to generate(..., lora_request=...)",
@@ -154,6 +160,11 @@ class EngineConfig:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: Optional[int] = None
+    # stage 10, beside the ladder: who compiles the requests' structured outputs (folovllm/
+    # structured_output/). "folovllm": our regex -> DFA backend (regex, choice, a JSON-schema
+    # subset); "xgrammar": the xgrammar package (everything); "auto": ours for what it
+    # supports, xgrammar for the rest when installed
+    structured_outputs_backend: str = "auto"
 
     def __post_init__(self) -> None:
         self._validate()
@@ -299,6 +310,9 @@ class EngineConfig:
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}")
         self._validate_lora()
+        if self.structured_outputs_backend not in ("auto", "folovllm", "xgrammar"):
+            raise ValueError("structured_outputs_backend must be 'auto', 'folovllm' or 'xgrammar', "
+                             f"got {self.structured_outputs_backend!r}")
         if self.quantization not in (None, "gptq", "compressed-tensors"):
             raise ValueError(
                 "quantization must be None (the checkpoint's own), 'gptq' or 'compressed-tensors', "

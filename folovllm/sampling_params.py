@@ -13,6 +13,48 @@ SEED_LIMIT = 2**64  # torch.Generator seeds are unsigned 64-bit integers
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
 
 
+# --8<-- [start:structured_outputs_params]
+@dataclass
+class StructuredOutputsParams:
+    """Stage 10: what the output must match (vLLM's `StructuredOutputsParams`): exactly one of
+
+        json         a JSON schema (dict or JSON string): the output is JSON that validates
+        regex        the whole output matches the regular expression
+        choice       the output is exactly one of these strings
+        grammar      an EBNF grammar (xgrammar's dialect; the xgrammar backend only)
+        json_object  True: any JSON object (the xgrammar backend only)
+
+    Which backend compiles it is the engine's `structured_outputs_backend` (docs/stages/10-*)."""
+
+    json: Optional[Union[str, dict]] = None
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
+
+    FIELDS = ("json", "regex", "choice", "grammar", "json_object")
+
+    def __post_init__(self) -> None:
+        given = [name for name in self.FIELDS if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("structured_outputs must set exactly one of json, regex, choice, grammar, "
+                             f"json_object, got {given or 'none'}")
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise ValueError(f"structured_outputs.json must be a JSON schema (a dict or a JSON string), "
+                             f"got {type(self.json).__name__}")
+        for name in ("regex", "grammar"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"structured_outputs.{name} must be a string, got "
+                                 f"{type(getattr(self, name)).__name__}")
+        if self.choice is not None and (not isinstance(self.choice, (list, tuple)) or not self.choice
+                                        or any(not isinstance(c, str) or not c for c in self.choice)):
+            raise ValueError(f"structured_outputs.choice must be a non-empty list of non-empty strings, "
+                             f"got {self.choice!r}")
+        if self.json_object not in (None, True, False):
+            raise ValueError(f"structured_outputs.json_object must be True, got {self.json_object!r}")
+# --8<-- [end:structured_outputs_params]
+
+
 class RequestOutputKind(enum.Enum):
     """What each `RequestOutput` of a running request carries (vLLM's names)."""
 
@@ -72,6 +114,11 @@ class SamplingParams:
             cached position has no logits to score).
         bad_words_token_ids: filled by the engine: `bad_words` tokenized with and without a
             leading space (`update_from_tokenizer`).
+
+    Stage 10:
+        structured_outputs: a `StructuredOutputsParams` (or a dict of its fields): the output
+            must match a JSON schema, regex, choice or grammar (docs/stages/10-*). Its token
+            mask is applied to the logits before everything above.
     """
 
     n: int = 1
@@ -97,6 +144,7 @@ class SamplingParams:
     bad_words: Optional[list[str]] = None
     skip_reading_prefix_cache: Optional[bool] = None
     bad_words_token_ids: Optional[list[list[int]]] = field(default=None, repr=False)
+    structured_outputs: Optional[StructuredOutputsParams] = None  # stage 10
     # Filled by __post_init__: `stop` always as a list.
     stop_strings: list[str] = field(init=False, repr=False)
 
@@ -110,6 +158,16 @@ class SamplingParams:
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                      "frequency_penalty"):
             setattr(self, name, float(getattr(self, name)))
+        if isinstance(self.structured_outputs, dict):
+            unknown = sorted(set(self.structured_outputs) - set(StructuredOutputsParams.FIELDS))
+            if unknown:
+                raise ValueError(f"structured_outputs: unknown field(s) {unknown}; allowed: "
+                                 f"{list(StructuredOutputsParams.FIELDS)}")
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        elif self.structured_outputs is not None and not isinstance(self.structured_outputs,
+                                                                    StructuredOutputsParams):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams or a dict of its "
+                             f"fields, got {type(self.structured_outputs).__name__}")
         self.stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = [int(t) for t in self.stop_token_ids or []]
         if self.top_k == -1:

@@ -28,10 +28,14 @@ from folovllm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from folovllm.lora.request import LoRARequest
+    from folovllm.structured_output.request import StructuredOutputRequest
 
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    # stage 10: its grammar is compiling in a worker thread; the scheduler passes over it
+    # (vLLM's WAITING_FOR_FSM)
+    WAITING_FOR_GRAMMAR = "waiting_for_grammar"
     RUNNING = "running"
     PREEMPTED = "preempted"  # back in the waiting queue, its KV dropped (stage 03)
     FINISHED_STOPPED = "finished_stopped"  # EOS, stop token id or stop string
@@ -94,6 +98,8 @@ class Request:
         self.block_hashes: list[BlockHash] = []
         # A per-request generator makes seeded sampling independent of the batch around it.
         self.generator: Optional[torch.Generator] = None
+        # Stage 10: its grammar (`StructuredOutputManager.add_request`), None without one.
+        self.structured_output_request: Optional["StructuredOutputRequest"] = None
         if sampling_params.seed is not None:
             self.generator = torch.Generator(device).manual_seed(sampling_params.seed)
 

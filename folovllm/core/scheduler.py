@@ -28,6 +28,7 @@ from folovllm.core.kv_cache_manager_base import KVCacheManagerBase
 from folovllm.core.request import Request, RequestStatus
 from folovllm.core.scheduler_output import SchedulerOutput
 from folovllm.lora.scheduling import make_lora_admission
+from folovllm.structured_output.request import advance_grammar
 
 
 # --8<-- [start:check_stop]
@@ -100,7 +101,9 @@ class SchedulerBase(ABC):
             if token is None:  # a prompt chunk (stage 05) or an idle stage-01 row
                 continue
             request.append_output_token(token)
-            check_stop(request, self.config.max_model_len, self.eos_token_ids)
+            advance_grammar(request, token)  # stage 10: may finish it (grammar terminated)
+            if not request.is_finished:
+                check_stop(request, self.config.max_model_len, self.eos_token_ids)
             advanced.append(request)
         return advanced
     # --8<-- [end:update]
@@ -211,8 +214,16 @@ class Scheduler(SchedulerBase):
         """Admit waiting requests, oldest first, while a seat, the budget and KV memory allow.
         Returns how many were admitted."""
         admitted = 0
+        # Stage 10: a request whose grammar is still compiling is passed over, not waited for:
+        # it keeps its place at the head and the requests behind it go on.
+        passed_over: list[Request] = []
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if request.status == RequestStatus.WAITING_FOR_GRAMMAR:
+                if not request.structured_output_request.is_grammar_ready:
+                    passed_over.append(self.waiting.popleft())
+                    continue
+                request.status = RequestStatus.WAITING
             computed_blocks, num_computed = self.kv_cache_manager.get_computed_blocks(request)
             num_new = request.num_tokens - num_computed
             if not self.prefill_first_never_mixed:  # stage 05: a chunk of what is missing
@@ -230,6 +241,7 @@ class Scheduler(SchedulerBase):
             output.add_row(request, num_new, self.kv_cache_manager.get_block_table(request))
             budget -= num_new
             admitted += 1
+        self.waiting.extendleft(reversed(passed_over))
         return admitted
     # --8<-- [end:schedule_waiting]
 

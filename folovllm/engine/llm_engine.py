@@ -36,6 +36,7 @@ from folovllm.lora.request import LoRARequest
 from folovllm.model_executor.model_loader import load_hf_config, resolve_model_path
 from folovllm.outputs import RequestOutput
 from folovllm.sampling_params import SEED_LIMIT, SamplingParams
+from folovllm.structured_output import StructuredOutputManager
 from folovllm.worker.input_batch import InputBatch
 from folovllm.worker.model_runner import ModelRunner
 from folovllm.worker.sampler import LogprobsLists, Sampler, gather_logprobs, num_logprobs
@@ -75,6 +76,10 @@ class LLMEngine:
         scheduler_cls = Scheduler if self.config.enable_continuous_batching else StaticBatchScheduler
         self.scheduler: SchedulerBase = scheduler_cls(self.config, self.kv_cache_manager, self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
+        # Stage 10: grammars, compiled off the step; idle (no thread, no mask) until a request
+        # asks for structured output.
+        self.structured_output_manager = StructuredOutputManager(
+            self.config, self.tokenizer, self.vocab_size, self.eos_token_ids)
         self.stats = EngineStats(bytes_per_token=spec.bytes_per_token)
         # The subscribers of the step's record: each is called with the step's `SchedulerStats`
         # after every step (server metrics, the step trace, benchmarks). The engine knows none.
@@ -105,6 +110,7 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Stop the worker processes, if any (also done when the engine is garbage collected)."""
         self.model_executor.shutdown()
+        self.structured_output_manager.shutdown()
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -143,6 +149,8 @@ class LLMEngine:
             )
         self.output_processor.add_request(request_id, prompt_text, prompt_token_ids, children)
         for child in children:
+            self.structured_output_manager.add_request(  # stage 10: its grammar, if any
+                child, wait=not self.config.enable_continuous_batching)
             self.scheduler.add_request(child)
         self.stats.num_prompt_tokens += len(prompt_token_ids) * len(children)
 
@@ -193,6 +201,7 @@ class LLMEngine:
             )
         params.verify_with_model(self.vocab_size, self.config.max_logprobs)  # logprobs, biases
         params.update_from_tokenizer(self.tokenizer, self.vocab_size)  # bad_words -> token ids
+        self.structured_output_manager.validate_request(params)  # stage 10: the spec compiles
         return ProcessedPrompt(text, ids)
     # --8<-- [end:validate_request]
 
@@ -231,6 +240,7 @@ class LLMEngine:
         start = time.perf_counter()
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.num_rows == 0:
+            self.structured_output_manager.wait_for_grammars(timeout=0.05)  # stage 10: not spin
             return []
         self._mark_scheduled(scheduler_output)
         sampled, failed = self._execute_model(scheduler_output)
@@ -290,6 +300,7 @@ class LLMEngine:
             return {}
         requests = [output.requests[row] for row in output.sampling_rows]
         logits, prompt_logits = logits[: len(requests)], logits[len(requests):]  # [S, V], [P, V]
+        self.structured_output_manager.apply_grammar_bitmask(logits, requests)  # stage 10
         tokens = self.sampler(logits, requests) if requests else []
         sampled = None  # log-probabilities are computed only when someone asks
         if any(r.sampling_params.logprobs is not None for r in requests):

@@ -7,7 +7,8 @@ the engine's own messages ("top_p must be in (0, 1], got 1.5") and there is one 
 
 Fields beyond OpenAI's, as `vllm serve` has them (the `openai` client sends them through
 `extra_body`): top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids,
-skip_special_tokens, allowed_token_ids, bad_words; for chat, chat_template_kwargs (e.g.
+skip_special_tokens, allowed_token_ids, bad_words, structured_outputs (stage 10, beside OpenAI's
+response_format); for chat, chat_template_kwargs (e.g.
 {"enable_thinking": false} for Qwen3). OpenAI's `logit_bias` has string keys (JSON object keys);
 `SamplingParams` reads them as token ids.
 Unknown fields are refused (400) rather than silently ignored.
@@ -80,6 +81,54 @@ class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
 
 
+# --8<-- [start:response_format]
+class JsonSchemaFormat(OpenAIBaseModel):
+    name: Text
+    description: Optional[Text] = None
+    schema_: Annotated[Optional[dict[str, Any]], AfterValidator(_valid_unicode)] = Field(
+        default=None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(OpenAIBaseModel):
+    """OpenAI's `response_format` (stage 10): "text" (no constraint), "json_object" (any JSON
+    object) or "json_schema" (JSON that validates against `json_schema.schema`)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
+class StructuredOutputsRequest(OpenAIBaseModel):
+    """vLLM's extra body field `structured_outputs`: exactly one of these (SamplingParams'
+    `StructuredOutputsParams`)."""
+
+    json_: Annotated[Union[dict[str, Any], Text, None], AfterValidator(_valid_unicode)] = Field(
+        default=None, alias="json")
+    regex: Optional[Text] = None
+    choice: Optional[list[Text]] = None
+    grammar: Optional[Text] = None
+    json_object: Optional[bool] = None
+
+
+def structured_outputs_of(response_format: Optional[ResponseFormat],
+                          structured: Optional[StructuredOutputsRequest]) -> Optional[dict[str, Any]]:
+    """The request's structured output as `StructuredOutputsParams` fields, None for none.
+    ValueError (naming the field) for a json_schema without a schema, or both fields at once."""
+    if response_format is not None and response_format.type != "text":
+        if structured is not None:
+            raise ValueError("response_format: send response_format or structured_outputs, not both")
+        if response_format.type == "json_object":
+            return {"json_object": True}
+        if response_format.json_schema is None or response_format.json_schema.schema_ is None:
+            raise ValueError('response_format: type "json_schema" needs json_schema.schema')
+        return {"json": response_format.json_schema.schema_}
+    if structured is None:
+        return None
+    fields = structured.model_dump(by_alias=True, exclude_none=True)
+    return fields
+# --8<-- [end:response_format]
+
+
 # The request fields that are `SamplingParams` fields of the same name and meaning.
 SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids",
@@ -109,6 +158,8 @@ class SamplingRequest(OpenAIBaseModel):
     logit_bias: Optional[dict[Text, float]] = None  # {"token id": bias}, OpenAI's string keys
     allowed_token_ids: Optional[TokenIds] = None
     bad_words: Optional[list[Text]] = None
+    response_format: Optional[ResponseFormat] = None  # stage 10
+    structured_outputs: Optional[StructuredOutputsRequest] = None  # stage 10, vLLM's extra field
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[Text] = None  # accepted and ignored, as by OpenAI for abuse tracking
@@ -118,7 +169,9 @@ class SamplingRequest(OpenAIBaseModel):
         endpoint maps itself (logprobs)."""
         sent = {name: getattr(self, name) for name in SAMPLING_FIELDS if getattr(self, name) is not None}
         kind = RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY
-        return SamplingParams(max_tokens=max_tokens, output_kind=kind, **sent, **extra)
+        structured = structured_outputs_of(self.response_format, self.structured_outputs)
+        return SamplingParams(max_tokens=max_tokens, output_kind=kind, **sent, **extra,
+                              structured_outputs=structured)
 
     @property
     def include_usage(self) -> bool:

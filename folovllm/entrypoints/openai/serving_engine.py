@@ -53,8 +53,10 @@ class APIError(Exception):
     def bad_request(cls, message: str, request: Optional[BaseModel] = None) -> "APIError":
         """400; `param` is the request field the message starts with, as the engine's
         messages do ("top_p must be in (0, 1], got 1.5")."""
-        first_word = message.split(" ", 1)[0]
+        first_word = message.split(" ", 1)[0].split(".", 1)[0].rstrip(":")  # "structured_outputs.json:"
         param = first_word if request is not None and first_word in type(request).model_fields else None
+        if param == "structured_outputs" and getattr(request, "response_format", None) is not None:
+            param = "response_format"  # the engine names the field the server filled from it
         return cls(400, message, param=param)
 
 
