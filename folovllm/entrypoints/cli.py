@@ -60,12 +60,28 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    action=argparse.BooleanOptionalAction, default=None, help="stage 06")
     p.add_argument("--tensor-parallel-size", type=int, default=None,
                    help="stage 08: split the model over this many worker processes (default 1)")
+    p.add_argument("--speculative-config", type=_parse_json_object, default=None, metavar="JSON",
+                   help="stage 09: speculative decoding, e.g. '{\"method\": \"ngram\", "
+                        "\"num_speculative_tokens\": 3}' (or method draft_model with \"model\")")
 
 
 _ENGINE_FLAGS = ("max_num_batched_tokens", "kv_cache_memory", "gpu_memory_utilization",
                  "block_size", "enable_continuous_batching", "enable_paged_kv", "attention_backend",
                  "enable_chunked_prefill", "long_prefill_token_threshold", "enable_prefix_caching",
-                 "tensor_parallel_size", "custom_ops")
+                 "tensor_parallel_size", "custom_ops", "speculative_config")
+
+
+def _parse_json_object(text: str) -> dict:
+    """--speculative-config: a JSON object (its fields are checked by `SpeculativeConfig`)."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({e})")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def _parse_bytes(text: str) -> int:
