@@ -10,6 +10,7 @@ gain by the exact count of forward passes on a model whose output repeats.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import random
 
 import pytest
@@ -341,6 +342,7 @@ def stress_engine(repeating_model):
     return LLMEngine(str(repeating_model[0]), config), {}
 
 
+STRESS_IDS = itertools.count()
 STRESS_PROMPTS = [[5, 6, 7, 8, 9, 10, 11] * 5, [5, 6, 7, 8, 9, 10, 11] * 5 + [12, 13],
                   [20, 30, 40] * 8, list(range(3, 40)), [5, 6, 7, 8, 9, 10, 11] * 3]
 
@@ -363,7 +365,7 @@ def test_stress_engine_preempts_hits_and_accepts(stress_engine, repeating_model)
     assert engine.kv_cache_manager.num_free_blocks == engine.kv_cache_manager.block_pool.num_blocks
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.integers(0, len(STRESS_PROMPTS) - 1), st.integers(1, 30)), min_size=1, max_size=6),
        st.lists(st.integers(0, 40), max_size=3), st.randoms(use_true_random=False))
 def test_invariants_with_chunks_prefix_cache_preemption_and_abort(stress_engine, repeating_model, requests,
@@ -371,8 +373,15 @@ def test_invariants_with_chunks_prefix_cache_preemption_and_abort(stress_engine,
     engine, references = stress_engine
     _, hf = repeating_model
     ids = []
+    try:
+        run_stress_example(engine, references, hf, requests, abort_steps, rnd, ids)
+    finally:  # a failing example must not leave requests behind for the next one
+        engine.abort_requests([rid for rid, _, _ in ids])
+
+
+def run_stress_example(engine, references, hf, requests, abort_steps, rnd, ids) -> None:
     for i, (p, m) in enumerate(requests):
-        rid = f"s{i}"
+        rid = f"s{next(STRESS_IDS)}"
         engine.add_request(rid, STRESS_PROMPTS[p], SamplingParams(temperature=0, max_tokens=m, ignore_eos=True))
         ids.append((rid, p, m))
     seen: dict[str, list[int]] = {}
