@@ -6,7 +6,8 @@ side in one process, on one thread.
 
 The bench model (`benchmarks.bench_model`: Qwen3 architecture, 8 layers, random weights),
 float32, greedy, `ignore_eos`, stage 06 with its defaults; the systems differ only by
-`speculative_config={"method": "ngram", "num_speculative_tokens": k}`. Two workloads, each at
+`speculative_config={"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": n}`
+(n = 1, the default, and 2: a single repeated token is common in any text). Two workloads, each at
 batch 1 and batch 8 (every request submitted at once):
 
     copy       a 64-token random block repeated 4 times (256 tokens), 128 output tokens: the
@@ -64,10 +65,10 @@ class OracleProposer:
         pass
 
 
-def build(model: str, k: int, oracle: Optional[dict] = None) -> Any:
+def build(model: str, k: int, oracle: Optional[dict] = None, lookup_min: int = 1) -> Any:
     from folovllm import LLM, SamplingParams
 
-    spec = {"method": "ngram", "num_speculative_tokens": k} if k else None
+    spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": lookup_min} if k else None
     llm = LLM(model, stage=6, max_model_len=2048, speculative_config=spec)
     if oracle is not None:
         llm.llm_engine.drafter.proposer = OracleProposer(oracle)
@@ -78,10 +79,10 @@ def build(model: str, k: int, oracle: Optional[dict] = None) -> Any:
 
 
 def measure(model: str, k: int, prompts: list[list[int]], max_tokens: int,
-            oracle: Optional[dict] = None) -> dict[str, Any]:
+            oracle: Optional[dict] = None, lookup_min: int = 1) -> dict[str, Any]:
     from folovllm import SamplingParams
 
-    llm = build(model, k, oracle)
+    llm = build(model, k, oracle, lookup_min)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     t = timed(lambda: [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)])
     s = llm.stats
@@ -93,19 +94,23 @@ def measure(model: str, k: int, prompts: list[list[int]], max_tokens: int,
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--k", type=int, nargs="*", default=[3, 5], help="num_speculative_tokens to run (default 3 5)")
+    p.add_argument("--k", type=int, nargs="*", default=[3], help="num_speculative_tokens to run (default 3)")
+    p.add_argument("--lookup-min", type=int, nargs="*", default=[1, 2],
+                   help="prompt_lookup_min values to run (default 1 2; prompt_lookup_max stays 4)")
     p.add_argument("--batches", type=int, nargs="*", default=[1, 8])
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     model = str(bench_model_path())
     max_tokens = 32 if args.quick else 128
-    systems = {"stage 06": 0, **{f"stage 06 + ngram k={k}": k for k in args.k}}
+    systems = {"stage 06": (0, 1), **{f"stage 06 + ngram k={k} n={lo}..4": (k, lo)
+                                      for k in args.k for lo in args.lookup_min}}
     cases, loads = [], []
     for name in ("copy", "no_repeat"):
         for batch in args.batches:
             prompts = workload(name, batch, args.quick)
-            trials = {s: (lambda k=k: measure(model, k, prompts, max_tokens)) for s, k in systems.items()}
+            trials = {s: (lambda k=k, lo=lo: measure(model, k, prompts, max_tokens, lookup_min=lo))
+                      for s, (k, lo) in systems.items()}
             if name == "copy":  # the oracle needs the continuation: one untimed baseline run
                 answers = measure(model, 0, prompts, max_tokens)["timing"].value
                 oracle = {tuple(p): a for p, a in zip(prompts, answers)}
