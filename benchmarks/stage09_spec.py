@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 from typing import Any, Optional
 
 from benchmarks.bench_model import bench_model_info, bench_model_path
