@@ -24,8 +24,11 @@ rather than returning stage 06's engine under another number:
                              None = the checkpoint's quantization_config, as vLLM; "gptq"
                              insists on it)
     08 tensor parallel       tensor_parallel_size > 1, at any stage
+    09 speculative decoding  speculative_config (n-gram or draft model), at any stage from 02
     10 structured outputs    per request (SamplingParams.structured_outputs), at any stage;
                              structured_outputs_backend picks the compiler
+    11 multi-LoRA            enable_lora (max_loras, max_lora_rank, max_cpu_loras), at any
+                             stage from 02; a LoRARequest per prompt
 
 Beside them, not stages either: `custom_ops` (our compiled CPU kernels and packed weights,
 model_executor/custom_op.py; "auto" turns them on at every stage, like the dtype: the ladder's
@@ -45,6 +48,7 @@ from typing import Any, Optional
 import torch
 
 from folovllm.model_executor.attention_backends import ATTENTION_BACKENDS, default_backend
+from folovllm.spec_decode.config import SpeculativeConfig
 
 # The top of the ladder of cumulative stage flags: `for_stage(1..LATEST_STAGE)`, the default of
 # `LLM` and of the CLI. `for_stage` refuses anything else with a clear message (the axes 07 and 08
@@ -69,6 +73,8 @@ AXES = {
        "stage (quantization='gptq' refuses one that is not), e.g. LLM(gptq_checkpoint, stage=6)",
     8: "it composes with any stage, so pass tensor_parallel_size=N with the stage you want "
        "(e.g. for_stage(6, tensor_parallel_size=2))",
+    9: "it composes with any stage from 02 on, so pass speculative_config with the stage you want "
+       "(e.g. for_stage(6, speculative_config={'method': 'ngram', 'num_speculative_tokens': 3}))",
     10: "structured outputs are per request, at any stage: SamplingParams(structured_outputs="
         "StructuredOutputsParams(json=... | regex=... | choice=[...] | grammar=... | "
         "json_object=True)); the engine's structured_outputs_backend picks who compiles them "
@@ -138,6 +144,10 @@ class EngineConfig:
     # mixture of experts (docs/moe.md): vLLM's switch from slicing every expert across the
     # tensor-parallel ranks to giving each rank whole experts. Not built: True is refused.
     enable_expert_parallel: bool = False
+    # stage 09, an axis: draft tokens (n-gram lookup or a draft model) verified by the target,
+    # `1 + k` tokens per decoding request per step. None = off. A dict is checked and turned
+    # into a `SpeculativeConfig` (spec_decode/config.py) here.
+    speculative_config: Optional[SpeculativeConfig] = None
     # observability, not a stage: `LLM` and `folovllm serve` attach a step tracer (folovllm/trace/)
     # to the engine's per-step record; the engine itself never reads this flag
     trace: bool = False
@@ -167,6 +177,8 @@ class EngineConfig:
     structured_outputs_backend: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.speculative_config is not None:  # the dict form users write
+            object.__setattr__(self, "speculative_config", SpeculativeConfig.from_dict(self.speculative_config))
         self._validate()
 
     # -- construction -------------------------------------------------------------------------
@@ -298,6 +310,12 @@ class EngineConfig:
                 "prefix caching needs enable_paged_kv=True: it shares and finds KV by block "
                 "(full blocks of block_size tokens), which only the paged cache has"
             )
+        if self.speculative_config is not None and not self.enable_continuous_batching:
+            raise ValueError(
+                "speculative_config needs enable_continuous_batching=True (stage 2 or later): a "
+                "request's accepted drafts move it ahead of the others, which a static batch "
+                "(stage 1) cannot do"
+            )
         if self.custom_ops not in ("auto", "all", "none"):
             raise ValueError(f"custom_ops must be 'auto', 'all' or 'none', got {self.custom_ops!r}")
         if on_cuda and (self.custom_ops == "all" or self.attention_backend == "cpu_attn"):
@@ -426,12 +444,15 @@ def describe_engine(config: "EngineConfig", hf_config: Any, dtype: torch.dtype) 
         parts[0] += f" + tensor parallel x{config.tensor_parallel_size}"
     if config.enable_lora:
         parts[0] += f" + LoRA (max_loras={config.max_loras})"
+    spec = config.speculative_config
+    if spec is not None:
+        parts[0] += f" + {spec.describe()}"
     parts += [f"attention {config.attention_backend}",
               f"CPU kernels ({kernels})" if kernels != "off" else "CPU kernels off", dtype_name]
     return dict(stage=stage, stage_name=STAGE_NAMES[stage], stages_off=off,
                 quantization=quantization, tensor_parallel_size=config.tensor_parallel_size,
                 attention_backend=config.attention_backend, cpu_kernels=kernels, dtype=dtype_name,
-                summary=", ".join(parts))
+                speculative=None if spec is None else spec.describe(), summary=", ".join(parts))
 # --8<-- [end:describe_engine]
 
 

@@ -59,6 +59,8 @@ FAST_TESTS = {
     "08": [f"stages/08/test_08_tensor_parallel.py::{name}" for name in (
         "test_merged_column_then_row_parallel_sums_to_the_unsplit_mlp",
         "test_column_parallel_loads_whole_and_fused_tensors_and_checks_shapes")],
+    "09": ["stages/09/test_09_speculative_decoding.py::test_ngram_lookup_examples",
+           "stages/09/test_09_speculative_decoding.py::test_rejection_sample_keeps_the_target_distribution[1.0]"],
     "10": ["stages/10/test_10_structured_outputs.py::test_the_five_token_vocabulary_by_hand",
            "stages/10/test_10_structured_outputs.py::test_pack_bits_by_hand"],
     "11": ["stages/11/test_11_multi_lora.py::test_batched_op_matches_per_token_loop"],

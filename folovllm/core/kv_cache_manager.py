@@ -130,7 +130,9 @@ class KVCacheManager(KVCacheManagerBase):
         if num_needed > 0:
             blocks = blocks + self.block_pool.get_new_blocks(num_needed)
         self.req_to_blocks[request.request_id] = blocks
-        self.prefix_cache.cache_full_blocks(request, blocks, num_computed + num_new_tokens)
+        # Only committed tokens are hashed: a block filled by draft tokens (stage 09) is cached
+        # once its drafts are accepted, by a later step's call.
+        self.prefix_cache.cache_full_blocks(request, blocks, min(num_computed + num_new_tokens, request.num_tokens))
         if admitting:
             self.prefix_cache.record_admission(request, len(new_computed_blocks))
         return True

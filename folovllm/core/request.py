@@ -96,6 +96,9 @@ class Request:
         # Stage 06: the hash of each full block of `all_token_ids`, in order, appended by the
         # prefix cache as blocks fill (prompt and output alike); empty without prefix caching.
         self.block_hashes: list[BlockHash] = []
+        # Stage 09: draft tokens to verify in the next step (set by the engine's `Drafter` after
+        # each step's update, for requests that decode next); never part of `all_token_ids`.
+        self.spec_token_ids: list[int] = []
         # A per-request generator makes seeded sampling independent of the batch around it.
         self.generator: Optional[torch.Generator] = None
         # Stage 10: its grammar (`StructuredOutputManager.add_request`), None without one.

@@ -91,19 +91,34 @@ class SchedulerBase(ABC):
         """Called at the end of every step, after stop strings were applied."""
 
     # --8<-- [start:update]
-    def update_from_output(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+    def update_from_output(self, output: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
         """Advance every row by the tokens it computed; a row that caught up gets its sampled
-        token. Returns the requests that got a token."""
+        tokens: one, or with drafts (stage 09) its accepted drafts and the target's token, each
+        checked for a stop, so a stop inside an accepted run cuts it there. Returns the
+        requests that got tokens.
+
+        A row with k drafts computed 1 + k positions, but only those of the tokens it commits
+        are kept: `num_computed_tokens` advances past the last committed token's position and
+        the rejected drafts' K/V is overwritten by the next step::
+
+            fed      t7 d1 d2 d3      (num_computed_tokens 7 -> 7 + 3: t7 d1 d2)
+            commits     d1 d2 x       x's K/V is computed next step, at position 10
+        """
         advanced = []
         for row, request in enumerate(output.requests):
-            request.num_computed_tokens += output.num_new_tokens[row]
-            token = sampled.get(request.request_id)
-            if token is None:  # a prompt chunk (stage 05) or an idle stage-01 row
+            tokens = sampled.get(request.request_id)
+            if tokens is None:  # a prompt chunk (stage 05) or an idle stage-01 row
+                request.num_computed_tokens += output.num_new_tokens[row]
                 continue
-            request.append_output_token(token)
-            advance_grammar(request, token)  # stage 10: may finish it (grammar terminated)
-            if not request.is_finished:
-                check_stop(request, self.config.max_model_len, self.eos_token_ids)
+            num_committed = 0
+            for token in tokens:
+                request.append_output_token(token)
+                num_committed += 1
+                advance_grammar(request, token)  # stage 10: may finish it (grammar terminated)
+                if request.is_finished or check_stop(request, self.config.max_model_len, self.eos_token_ids):
+                    break
+            num_drafts = len(output.spec_token_ids(row))
+            request.num_computed_tokens += output.num_new_tokens[row] - num_drafts + num_committed - 1
             advanced.append(request)
         return advanced
     # --8<-- [end:update]
@@ -202,12 +217,28 @@ class Scheduler(SchedulerBase):
         while candidates and budget > 0:
             request = candidates.popleft()
             num_new = min(request.num_tokens - request.num_computed_tokens, budget, self.max_chunk)
-            if not self.allocate_or_preempt(request, num_new, candidates):
+            drafts = self.drafts_to_verify(request, num_new, budget)  # stage 09; [] without it
+            if not drafts and not self.allocate_or_preempt(request, num_new, candidates):
                 break  # `request` itself had to go: everyone after it is preempted already
-            output.add_row(request, num_new, self.kv_cache_manager.get_block_table(request))
-            budget -= num_new
+            output.add_row(request, num_new + len(drafts), self.kv_cache_manager.get_block_table(request),
+                           drafts)
+            budget -= num_new + len(drafts)
         return budget, self.num_preemptions > num_preemptions
     # --8<-- [end:schedule_running]
+
+    # --8<-- [start:drafts_to_verify]
+    def drafts_to_verify(self, request: Request, num_new: int, budget: int) -> list[int]:
+        """Stage 09: the drafts a decoding request verifies this step, after its one new token:
+        as many of `request.spec_token_ids` as the budget leaves, with KV slots for them taken
+        here. No KV room for the lookahead: none (the plain decode preempts if it must; drafts
+        never preempt anyone)."""
+        if not request.spec_token_ids or num_new != 1 or request.num_tokens - request.num_computed_tokens != 1:
+            return []
+        drafts = request.spec_token_ids[: budget - num_new]
+        if drafts and not self.kv_cache_manager.allocate_slots(request, num_new + len(drafts)):
+            return []
+        return drafts
+    # --8<-- [end:drafts_to_verify]
 
     # --8<-- [start:schedule_waiting]
     def schedule_waiting(self, output: SchedulerOutput, budget: int) -> int:
@@ -264,6 +295,7 @@ class Scheduler(SchedulerBase):
         self.kv_cache_manager.free(request)
         self.running.remove(request)
         request.num_computed_tokens = 0
+        request.spec_token_ids = []  # it recomputes before it decodes again
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.waiting.appendleft(request)

@@ -20,7 +20,7 @@ and the runner, which computes logits for them only (through the `InputBatch`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 from folovllm.core.request import Request
 
@@ -41,6 +41,9 @@ class SchedulerOutput:
             member of a static batch) recomputes its last cached token. None = equal.
         block_tables: the block ids of each row's request (so the worker never asks the KV
             cache manager; stage 08 sends them to every rank).
+        scheduled_spec_decode_tokens: stage 09: request id -> the draft tokens its row verifies
+            (vLLM's name). They come after the row's last committed token and count in its
+            `num_new_tokens` (1 + len(drafts)); rows without drafts have no entry.
     """
 
     requests: list[Request] = field(default_factory=list)
@@ -48,13 +51,18 @@ class SchedulerOutput:
     num_computed_tokens: list[int] = field(default_factory=list)
     query_lens: Optional[list[int]] = None
     block_tables: list[list[int]] = field(default_factory=list)
+    scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
 
-    def add_row(self, request: Request, num_new_tokens: int, block_table: list[int]) -> None:
-        """A row that computes the next `num_new_tokens` of `request` (no padding)."""
+    def add_row(self, request: Request, num_new_tokens: int, block_table: list[int],
+                spec_token_ids: Sequence[int] = ()) -> None:
+        """A row that computes the next `num_new_tokens` of `request` (no padding), the last
+        `len(spec_token_ids)` of them drafts (stage 09)."""
         self.requests.append(request)
         self.num_new_tokens.append(num_new_tokens)
         self.num_computed_tokens.append(request.num_computed_tokens)
         self.block_tables.append(block_table)
+        if spec_token_ids:
+            self.scheduled_spec_decode_tokens[request.request_id] = list(spec_token_ids)
 
     def row(self, i: int) -> "SchedulerOutput":
         """Row i alone, as a step of its own (to find which row makes a step fail)."""
@@ -64,11 +72,18 @@ class SchedulerOutput:
             num_computed_tokens=[self.num_computed_tokens[i]],
             query_lens=None if self.query_lens is None else [self.query_lens[i]],
             block_tables=[self.block_tables[i]],
+            scheduled_spec_decode_tokens={
+                r.request_id: d for r in self.requests[i : i + 1]
+                if (d := self.scheduled_spec_decode_tokens.get(r.request_id))},
         )
 
     @property
     def num_rows(self) -> int:
         return len(self.requests)
+
+    def spec_token_ids(self, row: int) -> list[int]:
+        """The drafts row `row` verifies (stage 09; [] for most rows)."""
+        return self.scheduled_spec_decode_tokens.get(self.requests[row].request_id, [])
 
     def query_len(self, row: int) -> int:
         return self.num_new_tokens[row] if self.query_lens is None else self.query_lens[row]
@@ -80,7 +95,7 @@ class SchedulerOutput:
 
     def catches_up(self, row: int) -> bool:
         """Does this row compute its request's last missing token (so it samples the next)?"""
-        new = self.num_new_tokens[row]
+        new = self.num_new_tokens[row] - len(self.spec_token_ids(row))  # drafts come after it
         return new > 0 and self.num_computed_tokens[row] + new == self.requests[row].num_tokens
 
     # --8<-- [start:sampling_rows]
@@ -96,7 +111,7 @@ class SchedulerOutput:
         """A decode row computes one token past the prompt; an idle stage-01 row counts too
         (it is a decode row that computes nothing useful). Everything else is prompt work:
         a whole prompt, a chunk of it, or a preempted request's recompute."""
-        new = self.num_new_tokens[row]
+        new = self.num_new_tokens[row] - len(self.spec_token_ids(row))  # stage 09: 1 + drafts
         if new == 0:
             return True
         return new == 1 and self.num_computed_tokens[row] >= self.requests[row].num_prompt_tokens
@@ -107,6 +122,8 @@ class SchedulerOutput:
 
     @property
     def num_decode_tokens(self) -> int:
+        """Decode rows (a row verifying drafts, stage 09, counts once: its drafts are in
+        `scheduled_spec_decode_tokens`)."""
         return sum(1 for i in range(self.num_rows) if self.is_decode(i))
 
     @property

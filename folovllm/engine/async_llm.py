@@ -143,7 +143,7 @@ class AsyncLLM:
         self.engine = engine
         info = {k: str(v) for k, v in engine.description.items()
                 if k in ("stage", "stage_name", "quantization", "tensor_parallel_size",
-                         "attention_backend", "cpu_kernels", "dtype")}
+                         "attention_backend", "cpu_kernels", "dtype", "speculative")}
         self.metrics = PrometheusMetrics(model_name, engine.kv_cache_capacity_tokens, info)
         engine.stat_loggers.append(self.metrics.record)
         self._streams: dict[str, RequestStream] = {}

@@ -37,6 +37,10 @@ from folovllm.model_executor.model_loader import load_hf_config, resolve_model_p
 from folovllm.outputs import RequestOutput
 from folovllm.sampling_params import SEED_LIMIT, SamplingParams
 from folovllm.structured_output import StructuredOutputManager
+from folovllm.spec_decode import get_proposer
+from folovllm.spec_decode.metrics import SpecDecodingStats
+from folovllm.spec_decode.proposer import Drafter
+from folovllm.spec_decode.rejection_sampler import RejectionSampler
 from folovllm.worker.input_batch import InputBatch
 from folovllm.worker.model_runner import ModelRunner
 from folovllm.worker.sampler import LogprobsLists, Sampler, gather_logprobs, num_logprobs
@@ -80,6 +84,13 @@ class LLMEngine:
         # asks for structured output.
         self.structured_output_manager = StructuredOutputManager(
             self.config, self.tokenizer, self.vocab_size, self.eos_token_ids)
+        # Stage 09: the proposer drafts between steps, the rejection sampler verifies them.
+        # Off: a `NullProposer` that drafts nothing, so every step takes the plain sampler.
+        spec_config = self.config.speculative_config
+        self.drafter = Drafter(get_proposer(spec_config, self.config, self.vocab_size),
+                               spec_config.num_speculative_tokens if spec_config else 0,
+                               self.config.max_model_len)
+        self.rejection_sampler = RejectionSampler(self.sampler)
         self.stats = EngineStats(bytes_per_token=spec.bytes_per_token)
         # The subscribers of the step's record: each is called with the step's `SchedulerStats`
         # after every step (server metrics, the step trace, benchmarks). The engine knows none.
@@ -200,6 +211,12 @@ class LLMEngine:
                 f"keep every token, got {params.top_k}"
             )
         params.verify_with_model(self.vocab_size, self.config.max_logprobs)  # logprobs, biases
+        if params.logprobs is not None and self.config.speculative_config is not None:
+            raise ValueError(
+                "logprobs are not supported with speculative decoding (speculative_config is "
+                "set) yet: leave logprobs unset, or run the engine without speculative_config "
+                "(prompt_logprobs are fine)"
+            )
         params.update_from_tokenizer(self.tokenizer, self.vocab_size)  # bad_words -> token ids
         self.structured_output_manager.validate_request(params)  # stage 10: the spec compiles
         return ProcessedPrompt(text, ids)
@@ -215,6 +232,7 @@ class LLMEngine:
             [c.request_id for c in children if not c.is_finished], RequestStatus.FINISHED_ABORTED
         )
         self.scheduler.free_finished_requests()  # a static batch whose last member this was
+        self.drafter.free({c.request_id for c in children})  # stage 09: the proposer's state
         return self.output_processor.abort(request_id)
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
@@ -247,14 +265,15 @@ class LLMEngine:
         advanced = self.scheduler.update_from_output(scheduler_output, sampled)
         outputs = self.output_processor.process(advanced, failed)
         self.scheduler.free_finished_requests()
-        self._publish_stats(scheduler_output, advanced, start)
+        self.drafter.propose(self.scheduler.running)  # stage 09: drafts for the next step
+        self._publish_stats(scheduler_output, advanced, start, sampled)
         return outputs
     # --8<-- [end:step]
 
     # --8<-- [start:execute_model_guard]
-    def _execute_model(self, output: SchedulerOutput) -> tuple[dict[str, int], list[Request]]:
-        """Run the model on one step and sample -> (sampled token by request id, requests that
-        failed).
+    def _execute_model(self, output: SchedulerOutput) -> tuple[dict[str, list[int]], list[Request]]:
+        """Run the model on one step and sample -> (sampled tokens by request id: one, or with
+        drafts the ones the rejection sampler keeps; requests that failed).
 
         Defence in depth: `validate_request` lets no request through that can make a step
         raise. If one still does, the rows are run again one at a time; a row that raises on
@@ -270,7 +289,7 @@ class LLMEngine:
         except Exception:
             logger.warning("a step of %d rows failed; running them one at a time", output.num_rows,
                            exc_info=True)
-        sampled: dict[str, int] = {}
+        sampled: dict[str, list[int]] = {}
         failed: list[Request] = []
         for row, request in enumerate(output.requests):
             try:
@@ -287,24 +306,30 @@ class LLMEngine:
     # --8<-- [end:execute_model_guard]
 
     # --8<-- [start:execute_and_sample]
-    def _execute_and_sample(self, output: SchedulerOutput) -> dict[str, int]:
+    def _execute_and_sample(self, output: SchedulerOutput) -> dict[str, list[int]]:
         """The executor runs the model wherever it lives and returns the logits of the rows
         that sample (then of the prompt positions whose log-probabilities are asked for); the
         engine samples them with its one sampler, where the requests and their seeded
         generators are, and hands the log-probabilities asked for to the output processor.
-        -> {request id: token} of the rows that caught up."""
+        A row with drafts (stage 09) has logits at 1 + k positions, which the rejection
+        sampler verifies. -> {request id: tokens} of the rows that caught up."""
         batch = self.make_input_batch(output)
         self.lora_manager.assign_slots(batch, output.requests)  # stage 11: each row's slot
         logits = self.model_executor.execute_model(batch)  # [S + P, vocab] or None
         if logits is None:
             return {}
         requests = [output.requests[row] for row in output.sampling_rows]
-        logits, prompt_logits = logits[: len(requests)], logits[len(requests):]  # [S, V], [P, V]
-        self.structured_output_manager.apply_grammar_bitmask(logits, requests)  # stage 10
-        tokens = self.sampler(logits, requests) if requests else []
-        sampled = None  # log-probabilities are computed only when someone asks
+        num_sampled = len(requests) + sum(batch.num_draft_tokens.values())
+        logits, prompt_logits = logits[:num_sampled], logits[num_sampled:]  # [S, V], [P, V]
+        if output.scheduled_spec_decode_tokens:  # stage 09 (refused with structured outputs)
+            drafts = [output.scheduled_spec_decode_tokens.get(r.request_id, []) for r in requests]
+            tokens = self.rejection_sampler(logits, requests, drafts)
+        else:
+            self.structured_output_manager.apply_grammar_bitmask(logits, requests)  # stage 10
+            tokens = [[t] for t in self.sampler(logits, requests)] if requests else []
+        sampled = None  # log-probabilities are computed only when someone asks (no drafts then)
         if any(r.sampling_params.logprobs is not None for r in requests):
-            sampled = self.sampler.compute_logprobs(logits, requests, tokens)
+            sampled = self.sampler.compute_logprobs(logits, requests, [t[0] for t in tokens])
         prompts = self.score_prompts(output, batch.prompt_logits, prompt_logits)
         self.output_processor.add_logprobs(requests, sampled, prompts)
         return {r.request_id: t for r, t in zip(requests, tokens)}
@@ -318,15 +343,17 @@ class LLMEngine:
         prompt positions whose logits are asked for."""
         starts = output.num_computed_tokens
         query_lens = [output.query_len(i) for i in range(output.num_rows)]
+        drafts = [output.spec_token_ids(i) for i in range(output.num_rows)]  # stage 09
         return InputBatch(
             req_ids=[r.request_id for r in output.requests],
-            token_ids=[r.all_token_ids[start : start + n]
-                       for r, start, n in zip(output.requests, starts, query_lens)],
+            token_ids=[r.all_token_ids[start : start + n] + d
+                       for r, start, n, d in zip(output.requests, starts, query_lens, drafts)],
             num_computed_tokens=list(starts),
             query_lens=query_lens,
             block_tables=output.block_tables,
             sampling_rows=output.sampling_rows,
             prompt_logits=LLMEngine.prompt_logits_rows(output),
+            num_draft_tokens={row: len(d) for row, d in enumerate(drafts) if d},
         )
     # --8<-- [end:make_input_batch]
 
@@ -385,7 +412,8 @@ class LLMEngine:
             if request.metrics.first_scheduled_time is None:
                 request.metrics.first_scheduled_time = now
 
-    def _publish_stats(self, output: SchedulerOutput, advanced: list[Request], start: float) -> None:
+    def _publish_stats(self, output: SchedulerOutput, advanced: list[Request], start: float,
+                       sampled: dict[str, list[int]]) -> None:
         """Build the step's one record, count it into `self.stats`, and hand it to every
         subscriber in `stat_loggers`."""
         scheduler, kv = self.scheduler, self.kv_cache_manager
@@ -406,18 +434,42 @@ class LLMEngine:
             num_scheduled_tokens=output.total_num_scheduled_tokens,
             num_prefill_tokens=output.num_prefill_tokens,
             num_decode_tokens=output.num_decode_tokens,
-            num_generated_tokens=len(advanced),
+            num_generated_tokens=num_generated_tokens(output, advanced),
             kv_blocks_used=kv.num_used_blocks,
             kv_tokens_reserved=kv.num_reserved_tokens,
             # a slot shared by several requests (stage 06) holds one live token, not several
             kv_tokens_used=scheduler.live_kv_tokens() - kv.num_shared_tokens,
             num_preemptions=scheduler.num_preemptions,
             prefix_cache=kv.make_prefix_cache_stats(),
+            spec_decoding_stats=self.spec_decoding_stats(output, sampled),
         )
         self.stats.add(step)
         self.last_scheduler_stats = step
         for stat_logger in self.stat_loggers:
             stat_logger(step)
+
+
+    def spec_decoding_stats(self, output: SchedulerOutput,
+                            sampled: dict[str, list[int]]) -> Optional[SpecDecodingStats]:
+        """Stage 09: drafts verified and accepted in the step (None without speculation)."""
+        if self.config.speculative_config is None:
+            return None
+        stats = SpecDecodingStats.new(self.config.speculative_config.num_speculative_tokens)
+        for request_id, drafts in output.scheduled_spec_decode_tokens.items():
+            if request_id in sampled:  # a row that failed verified nothing
+                stats.observe_draft(len(drafts), len(sampled[request_id]) - 1)
+        return stats
+
+
+def num_generated_tokens(output: SchedulerOutput, advanced: list[Request]) -> int:
+    """Tokens the step's rows added to their requests, after stops cut them: one per row that
+    caught up, or with drafts (stage 09) up to 1 + k. A row's request had `num_computed_tokens
+    + num_new_tokens - drafts` tokens before the step."""
+    rows = {r.request_id: i for i, r in enumerate(output.requests)}
+    return sum(
+        r.num_tokens - (output.num_computed_tokens[i] + output.num_new_tokens[i] - len(output.spec_token_ids(i)))
+        for r in advanced for i in [rows[r.request_id]]
+    )
 
 
 def replace_params(params: SamplingParams, **changes: object) -> SamplingParams:

@@ -12,6 +12,10 @@
                   folovllm:prompt_tokens_total           counter
                   folovllm:generation_tokens_total       counter
                   folovllm:request_success_total{finished_reason}  counter (stop, length, abort)
+    stage 09      folovllm:spec_decode_num_drafts_total           counter  rows that verified drafts
+                  folovllm:spec_decode_num_draft_tokens_total     counter  drafts verified
+                  folovllm:spec_decode_num_accepted_tokens_total  counter  drafts accepted
+                  folovllm:spec_decode_num_accepted_tokens_per_pos_total{position}  counter
 
 The per-step values come from the engine's per-step record: `record` is one of its
 `stat_loggers`, called with the step's `SchedulerStats` (in the engine thread; prometheus_client
@@ -71,6 +75,13 @@ class PrometheusMetrics:
         self._success = Counter("folovllm:request_success", "Finished requests by finish reason.",
                                 labelnames=["model_name", "finished_reason"], registry=self.registry)
         self._model_name = model_name
+        # stage 09 (vLLM's names); they stay at 0 without speculative decoding
+        self.spec_num_drafts = counter("spec_decode_num_drafts", "Rows that verified draft tokens.")
+        self.spec_num_draft_tokens = counter("spec_decode_num_draft_tokens", "Draft tokens verified.")
+        self.spec_num_accepted_tokens = counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.")
+        self._spec_per_pos = Counter("folovllm:spec_decode_num_accepted_tokens_per_pos",
+                                     "Draft tokens accepted, by position in the draft (0 = first).",
+                                     labelnames=["model_name", "position"], registry=self.registry)
         if engine_info:
             info = Gauge("folovllm:engine_info", "What the engine runs: stage, axes, kernels (value 1).",
                          labelnames=["model_name", *engine_info], registry=self.registry)
@@ -84,6 +95,13 @@ class PrometheusMetrics:
         if stats.num_preemptions > self._num_preemptions:
             self.num_preemptions.inc(stats.num_preemptions - self._num_preemptions)
             self._num_preemptions = stats.num_preemptions
+        spec = stats.spec_decoding_stats
+        if spec is not None and spec.num_drafts:
+            self.spec_num_drafts.inc(spec.num_drafts)
+            self.spec_num_draft_tokens.inc(spec.num_draft_tokens)
+            self.spec_num_accepted_tokens.inc(spec.num_accepted_tokens)
+            for position, count in enumerate(spec.num_accepted_tokens_per_pos):
+                self._spec_per_pos.labels(self._model_name, str(position)).inc(count)
 
     def record_kv_cache(self, kv_tokens_reserved: int) -> None:
         self.kv_cache_usage.set(kv_tokens_reserved / max(1, self.kv_cache_capacity_tokens))

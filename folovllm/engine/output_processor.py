@@ -119,30 +119,47 @@ class OutputProcessor:
 
     def update_text(self, request: Request) -> None:
         """Decode the new tokens (incrementally, `detokenizer.py`); a stop string finishes the
-        request and cuts the text before it."""
+        request and cuts the text before it.
+
+        A step can append several tokens (accepted drafts, stage 09): with stop strings they
+        are read one at a time, so a stop string ends the output at the token that completes
+        it, and the tokens after it are dropped, as if they had never been generated."""
         params = request.sampling_params
         ids = request.output_token_ids
         if request.status == RequestStatus.FINISHED_STOPPED and request.stop_reason is not None:
             ids = ids[:-1]  # a stop token id is in token_ids but not in the text
         detokenizer = self.detokenizers[request.request_id]
-        detokenizer.add_tokens(ids[len(detokenizer.token_ids):])
-        text = detokenizer.text
-        if request.is_finished:  # nothing more will come: a character cut short shows as U+FFFD
-            text += detokenizer.pending_text()
+        new_ids = ids[len(detokenizer.token_ids):]
         matcher = self.parents[self.parent_of[request.request_id]].stop_matcher
-        # A stop string can still end a request its last token ended for length.
-        if matcher is not None and (not request.is_finished or request.status == RequestStatus.FINISHED_LENGTH):
+        several = matcher is not None and len(new_ids) > 1
+        chunks = [new_ids[i : i + 1] for i in range(len(new_ids))] if several else [new_ids]
+        for i, chunk in enumerate(chunks):
+            detokenizer.add_tokens(chunk)
+            last = i == len(chunks) - 1
+            text = detokenizer.text
+            if request.is_finished and last:  # nothing more will come: a character cut short shows as U+FFFD
+                text += detokenizer.pending_text()
+            # A stop string can still end a request its last token ended for length (or, with
+            # several new tokens, any token before the one that ended it).
+            if matcher is None or not (not request.is_finished or not last
+                                       or request.status == RequestStatus.FINISHED_LENGTH):
+                continue
             # Only the characters not read yet: the detokenizer's text only grows (it waits
             # while a character is incomplete), and the automaton's node carries any stop
             # string begun earlier. Before min_tokens, matches are passed over.
             node, read = self.stop_scans.get(request.request_id, (0, 0))
-            node, end = matcher.scan(text, read, node, report=request.num_output_tokens >= params.min_tokens)
+            node, end = matcher.scan(text, read, node, report=len(detokenizer.token_ids) >= params.min_tokens)
             self.stop_scans[request.request_id] = (node, len(text))
             if end != -1:
                 start = end - matcher.match_len[node]
                 request.status = RequestStatus.FINISHED_STOPPED
                 request.stop_reason = text[start:end]
                 text = text[:start]
+                if not last:  # stage 09: the accepted tokens after the stop string are not output
+                    kept = len(detokenizer.token_ids)
+                    del request.output_token_ids[kept:]
+                    del request.all_token_ids[request.num_prompt_tokens + kept:]
+                break
         request.output_text = text
 
     def make_output(self, parent: _Parent) -> Optional[RequestOutput]:

@@ -32,6 +32,7 @@ so tests assert on them and the benchmarks report them next to the times:
     kv_tokens_reserved/used     summed over steps: cache slots reserved vs holding live tokens
     prefix_cache                stage 06: tokens looked up and found at admission, blocks taken
                                 by reference, cached blocks evicted, hash collisions caught
+    spec_decoding               stage 09: drafts verified, accepted, per position
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 from folovllm.core.prefix_cache import PrefixCacheStats
+from folovllm.spec_decode.metrics import SpecDecodingStats
 
 if TYPE_CHECKING:
     from folovllm.core.scheduler_output import SchedulerOutput
@@ -55,6 +57,8 @@ class RowStats:
     num_new_tokens: int
     num_blocks: int  # blocks (stage 01/02: slots) the request holds during the step
     finish_reason: Optional[str] = None  # it finished in this step ("stop", "length", "error")
+    num_draft_tokens: int = 0  # stage 09: drafts the row verified (within num_new_tokens)
+    num_accepted_tokens: int = 0  # stage 09: of those, kept (a stop inside the run cuts it)
 
 
 def make_rows(output: "SchedulerOutput") -> list[RowStats]:
@@ -70,7 +74,10 @@ def make_rows(output: "SchedulerOutput") -> list[RowStats]:
         else:
             kind = "prefill" if request.num_tokens == computed + new + 1 else "chunk"
         finish_reason = request.status.finish_reason if new and request.is_finished else None
-        rows.append(RowStats(request.request_id, kind, computed, new, len(table), finish_reason))
+        drafts = len(output.spec_token_ids(i))
+        accepted = max(0, request.num_tokens - (computed + new - drafts) - 1) if drafts else 0
+        rows.append(RowStats(request.request_id, kind, computed, new, len(table), finish_reason,
+                             drafts, accepted))
     return rows
 
 
@@ -97,6 +104,8 @@ class SchedulerStats:
         kv_tokens_used: of those, slots holding a live token.
         num_preemptions: requests preempted so far (cumulative).
         prefix_cache: what the prefix cache did in the step (stage 06; zeros without it).
+        spec_decoding_stats: drafts verified and accepted in the step (stage 09; None without
+            speculation).
     """
 
     step: int
@@ -116,6 +125,7 @@ class SchedulerStats:
     kv_tokens_used: int
     num_preemptions: int
     prefix_cache: PrefixCacheStats = field(default_factory=PrefixCacheStats)
+    spec_decoding_stats: Optional[SpecDecodingStats] = None
 
     @property
     def num_waiting_reqs(self) -> int:
@@ -144,6 +154,8 @@ class EngineStats:
 
     # stage 06: what the prefix cache did (all zero when it is off); see `PrefixCacheStats`
     prefix_cache: PrefixCacheStats = field(default_factory=PrefixCacheStats)
+    # stage 09: drafts verified and accepted (all zero without speculation); see `SpecDecodingStats`
+    spec_decoding: SpecDecodingStats = field(default_factory=SpecDecodingStats)
 
     def add(self, step: SchedulerStats) -> None:
         """Count one step's record in (the engine does, before any subscriber sees it)."""
@@ -158,6 +170,8 @@ class EngineStats:
         self.kv_tokens_used += step.kv_tokens_used
         self.peak_kv_tokens_reserved = max(self.peak_kv_tokens_reserved, step.kv_tokens_reserved)
         self.prefix_cache += step.prefix_cache
+        if step.spec_decoding_stats is not None:
+            self.spec_decoding += step.spec_decoding_stats
 
     @property
     def kv_utilization(self) -> float:
@@ -180,4 +194,6 @@ class EngineStats:
             wasted_row_fraction=round(self.wasted_row_fraction, 4),
         )
         d["prefix_cache"]["hit_rate"] = round(self.prefix_cache.hit_rate, 4)
+        d["spec_decoding"].update(acceptance_rate=round(self.spec_decoding.acceptance_rate, 4),
+                                  mean_accepted_length=round(self.spec_decoding.mean_accepted_length, 4))
         return d

@@ -60,6 +60,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    action=argparse.BooleanOptionalAction, default=None, help="stage 06")
     p.add_argument("--tensor-parallel-size", type=int, default=None,
                    help="stage 08: split the model over this many worker processes (default 1)")
+    p.add_argument("--speculative-config", type=_parse_json_object, default=None, metavar="JSON",
+                   help="stage 09: speculative decoding, e.g. '{\"method\": \"ngram\", "
+                        "\"num_speculative_tokens\": 3}' (or method draft_model with \"model\")")
     p.add_argument("--enable-lora", dest="enable_lora", action=argparse.BooleanOptionalAction,
                    default=None, help="stage 11: serve LoRA adapters over the base model")
     p.add_argument("--max-loras", type=int, default=None,
@@ -73,7 +76,20 @@ _ENGINE_FLAGS = ("max_num_batched_tokens", "kv_cache_memory", "gpu_memory_utiliz
                  "block_size", "enable_continuous_batching", "enable_paged_kv", "attention_backend",
                  "enable_chunked_prefill", "long_prefill_token_threshold", "enable_prefix_caching",
                  "tensor_parallel_size", "custom_ops", "enable_lora", "max_loras", "max_lora_rank",
-                 "max_cpu_loras")
+                 "max_cpu_loras", "speculative_config")
+
+
+def _parse_json_object(text: str) -> dict:
+    """--speculative-config: a JSON object (its fields are checked by `SpeculativeConfig`)."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({e})")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def _parse_bytes(text: str) -> int:

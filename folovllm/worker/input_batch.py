@@ -53,6 +53,9 @@ class InputBatch:
         sampling_rows: the rows that sample, in order: the first rows of the logits returned.
         prompt_logits: row -> how many of its first tokens also return their logits (prompt
             log-probabilities), after the sampling rows', in row order.
+        num_draft_tokens: stage 09: sampling row -> the draft tokens that end its `token_ids`.
+            Such a row returns the logits of its last 1 + k tokens (the last committed one and
+            each draft), not of its last token alone. No entry: one.
         lora_slots: stage 11: the LoRA slot each row's tokens read (-1: the base model); empty
             when no row has an adapter (or LoRA is off).
         lora_requests: stage 11: slot -> the adapter that must be in it for this step.
@@ -65,8 +68,13 @@ class InputBatch:
     block_tables: list[list[int]]
     sampling_rows: list[int]
     prompt_logits: dict[int, int] = field(default_factory=dict)
+    num_draft_tokens: dict[int, int] = field(default_factory=dict)
     lora_slots: list[int] = field(default_factory=list)
     lora_requests: dict[int, "LoRARequest"] = field(default_factory=dict)
+
+    def num_logits(self, row: int) -> int:
+        """How many of a sampling row's last tokens return logits: 1, or 1 + its drafts."""
+        return 1 + self.num_draft_tokens.get(row, 0)
 
     @property
     def num_rows(self) -> int:

@@ -11,6 +11,12 @@ to, then packs all rows into one flat batch of T tokens::
     query_start_loc [0, 3, 4]   seq_lens [3, 9]
     logits rows   [2, 3]        (the last new token of each row that caught up)
 
+A row verifying k drafts (stage 09) feeds its last committed token and the drafts, and returns
+the logits of all 1 + k of them, in order (`InputBatch.num_draft_tokens`)::
+
+    row b: decode with drafts d1 d2       input_ids [a0 a1 a2 b8 d1 d2]
+    logits rows   [2, 3, 4, 5]            b's 3 positions: after b8, after d1, after d2
+
 Only the rows that sample (`InputBatch.sampling_rows`, which is `SchedulerOutput.sampling_rows`)
 go through the LM head; the engine samples their logits. A row that computes part of a prompt
 has no next token yet and draws no random numbers. A request that asks for prompt
@@ -132,8 +138,9 @@ class ModelRunner:
     def prepare_inputs(self, batch: InputBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> input_ids [T], positions [T], logits_indices [S + P]: where the last token of
         each row that samples sits in the flat batch (a row that samples ends at its request's
-        last token; stage 01's padding comes after it), then the first tokens of the rows in
-        `batch.prompt_logits` (real tokens only: padding never reaches the LM head)."""
+        last token; stage 01's padding comes after it; with drafts, stage 09, its last 1 + k
+        tokens), then the first tokens of the rows in `batch.prompt_logits` (real tokens only:
+        padding never reaches the LM head)."""
         input_ids: list[int] = []
         positions: list[int] = []
         first_token: list[int] = []  # flat index of each row's first token
@@ -141,7 +148,10 @@ class ModelRunner:
             first_token.append(len(input_ids))
             input_ids += tokens + [PAD_TOKEN_ID] * (query_len - len(tokens))
             positions += range(start, start + query_len)
-        logits_indices = [first_token[row] + len(batch.token_ids[row]) - 1 for row in batch.sampling_rows]
+        logits_indices = []
+        for row in batch.sampling_rows:
+            end = first_token[row] + len(batch.token_ids[row])  # one past the row's last real token
+            logits_indices += range(end - batch.num_logits(row), end)
         for row, count in sorted(batch.prompt_logits.items()):
             logits_indices += range(first_token[row], first_token[row] + count)
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
