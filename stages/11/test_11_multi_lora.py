@@ -8,7 +8,6 @@ checked against a per-token loop written here, on random layouts (hypothesis).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 from pathlib import Path
@@ -24,7 +23,7 @@ from folovllm.lora.punica_wrapper import (PunicaWrapper, SGMVSegments, add_lora_
                                           bgmv_add_lora, sgmv_add_lora)
 from folovllm.lora.request import LoRARequest
 from lora_cases import make_peft_adapter, reference_tokens
-from tests.helpers import ARCHS, hf_greedy, mixed_prompts
+from tests.helpers import ARCHS
 
 # One mixed batch: the base model and three adapters, interleaved, with max_loras=2 so the
 # adapters must take turns in the slots.
@@ -292,12 +291,9 @@ def test_lora_settings_are_checked(tiny_qwen3, adapters):
     with pytest.raises(ValueError, match="tensor_parallel_size > 1 is not supported"):
         EngineConfig.for_stage(4, enable_lora=True, tensor_parallel_size=2)
 
-    @dataclasses.dataclass(frozen=True)
-    class WithSpeculation(EngineConfig):  # the field speculative decoding adds (built elsewhere)
-        speculative_config: Any = None
-
     with pytest.raises(ValueError, match="speculative_config is not supported"):
-        WithSpeculation(enable_continuous_batching=True, enable_lora=True, speculative_config={"k": 2})
+        EngineConfig.for_stage(4, enable_lora=True,
+                               speculative_config={"method": "ngram", "num_speculative_tokens": 2})
     with pytest.raises(ValueError, match="stage 11 .* enable_lora=True"):
         EngineConfig.for_stage(11)
 
