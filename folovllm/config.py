@@ -42,6 +42,7 @@ from typing import Any, Optional
 
 import torch
 
+from folovllm import envs
 from folovllm.model_executor.attention_backends import ATTENTION_BACKENDS, default_backend
 
 # The top of the ladder of cumulative stage flags: `for_stage(1..LATEST_STAGE)`, the default of
@@ -141,6 +142,11 @@ class EngineConfig:
     # from), or the logits themselves ("raw_logits", "processed_logits")
     max_logprobs: int = 20
     logprobs_mode: str = "raw_logprobs"
+    # batch-invariant mode (folovllm/batch_invariant.py, docs/logprobs.md): a request's logits
+    # and log-probabilities do not depend, bitwise, on the rest of the batch, the chunking, the
+    # prefix cache or the thread count. CPU, our kernels (cpu_attn), one rank. Default: the
+    # FOLOVLLM_BATCH_INVARIANT environment variable (vLLM's VLLM_BATCH_INVARIANT), else off.
+    batch_invariant: bool = dataclasses.field(default_factory=envs.batch_invariant)
 
     def __post_init__(self) -> None:
         self._validate()
@@ -281,6 +287,10 @@ class EngineConfig:
             raise ValueError(f"max_logprobs must be an integer >= 0, or -1 for no limit, got {self.max_logprobs!r}")
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}")
+        if self.batch_invariant:
+            from folovllm.batch_invariant import verify_batch_invariant_config
+
+            verify_batch_invariant_config(self)
         if self.quantization not in (None, "gptq", "compressed-tensors"):
             raise ValueError(
                 "quantization must be None (the checkpoint's own), 'gptq' or 'compressed-tensors', "
@@ -319,8 +329,8 @@ class EngineConfig:
         be built), wanted by "auto" on a CPU (a warning and the torch code if they cannot)."""
         from folovllm._custom_ops import load_ops
 
-        required = self.custom_ops == "all" or self.attention_backend == "cpu_attn"
-        wanted = self.custom_ops == "all" or (
+        required = self.custom_ops == "all" or self.attention_backend == "cpu_attn" or self.batch_invariant
+        wanted = self.custom_ops == "all" or self.batch_invariant or (
             self.custom_ops == "auto" and torch.device(self.device).type == "cpu")
         if not (required or wanted):
             return "none"
@@ -370,11 +380,12 @@ def describe_engine(config: "EngineConfig", hf_config: Any, dtype: torch.dtype) 
         parts[0] += f" + {quantization}"
     if config.tensor_parallel_size > 1:
         parts[0] += f" + tensor parallel x{config.tensor_parallel_size}"
-    parts += [f"attention {config.attention_backend}",
+    parts += [f"attention {config.attention_backend}" + (" (batch-invariant)" if config.batch_invariant else ""),
               f"CPU kernels ({kernels})" if kernels != "off" else "CPU kernels off", dtype_name]
     return dict(stage=stage, stage_name=STAGE_NAMES[stage], stages_off=off,
                 quantization=quantization, tensor_parallel_size=config.tensor_parallel_size,
                 attention_backend=config.attention_backend, cpu_kernels=kernels, dtype=dtype_name,
+                batch_invariant=config.batch_invariant,
                 summary=", ".join(parts))
 # --8<-- [end:describe_engine]
 
