@@ -67,6 +67,7 @@ def main() -> None:
     chunked = engine(max_num_batched_tokens=13, max_num_seqs=13)
     runs["chunked, budget 13 (13+13+3)"] = alone(chunked)
     runs["chunked, budget 13, in a batch of 13"] = in_batch(chunked, 12)
+    runs["chunked, budget 14 (14+14+1: a 1-token chunk)"] = alone(engine(max_num_batched_tokens=14, max_num_seqs=14))
     two = engine(threads=2)
     runs["2 threads"] = alone(two)
     runs["2 threads, in a batch of 16"] = in_batch(two)
@@ -75,11 +76,11 @@ def main() -> None:
     again = llm.generate([target + tokens], SamplingParams(max_tokens=1, prompt_logprobs=5), use_tqdm=False)[0]
     runs["RL: prompt + output scored as a prompt"] = (
         tokens, [sorted((t, lp.logprob) for t, lp in d.items()) for d in again.prompt_logprobs[len(target):]])
-    print(f"{'situation':42s} tokens  bitwise  max |difference|")
+    print(f"{'situation':46s} tokens  bitwise  max |difference|")
     for name, (run_tokens, run_logprobs) in runs.items():
         diffs = [abs(a[1] - b[1]) for ra, rb in zip(run_logprobs, reference[1]) for a, b in zip(ra, rb) if a[0] == b[0]]
         same = run_tokens == reference[0]
-        print(f"{name:42s} {'same' if same else 'DIFF':6s}  {str(same and run_logprobs == reference[1]):7s}  "
+        print(f"{name:46s} {'same' if same else 'DIFF':6s}  {str(same and run_logprobs == reference[1]):7s}  "
               f"{max(diffs, default=0.0):.2g}")
 
 
