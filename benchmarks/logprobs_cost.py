@@ -2,7 +2,7 @@
 
     python -m benchmarks.logprobs_cost                 # all three parts, 1 thread, bench model
     python -m benchmarks.logprobs_cost --parts invariant --dtypes float32 --repeats 5
-    python -m benchmarks.logprobs_cost --quick --no-write   # smoke run
+    python -m benchmarks.logprobs_cost --quick         # the workloads' quick sizes (the published run)
 
 Three comparisons, each run interleaved (A, B, A, B, ...) in one process at one thread, medians
 of the CPU time of the process (not stretched by waiting for a core on a shared machine) and of
@@ -92,7 +92,7 @@ def part_logprobs(path: str, quick: bool, repeats: int) -> dict[str, Any]:
     from folovllm import SamplingParams
 
     rng = random.Random(0)
-    n, out_len = (8, 16) if quick else (16, 64)
+    n, out_len = 16, 64  # the same with --quick: two short runs
     prompts = [[rng.randrange(3, 512) for _ in range(32)] for _ in range(n)]
 
     def make(k: Optional[int]) -> Callable[[], Any]:
@@ -111,7 +111,7 @@ def part_prompt_logprobs(path: str, quick: bool, repeats: int) -> dict[str, Any]
     from folovllm import SamplingParams
 
     rng = random.Random(1)
-    length = 256 if quick else 1024
+    length = 1024  # the same with --quick: one prefill
     prompt = [rng.randrange(3, 512) for _ in range(length)]
 
     def make(k: Optional[int]) -> Callable[[], Any]:
