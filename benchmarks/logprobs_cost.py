@@ -66,12 +66,13 @@ def llm(path: str, dtype: str, **kw: Any) -> Any:
     return LLM(path, dtype=dtype, max_model_len=2048, max_num_seqs=16, **kw)
 
 
-def part_invariant(path: str, dtypes: list[str], quick: bool, repeats: int) -> list[dict[str, Any]]:
+def part_invariant(path: str, dtypes: list[str], quick: bool, repeats: int,
+                   workloads: tuple[str, ...] = WORKLOADS) -> list[dict[str, Any]]:
     from folovllm import SamplingParams
 
     rows = []
     for dtype in dtypes:
-        for name in WORKLOADS:
+        for name in workloads:
             wl = get_workload(name, vocab_size=512, quick=quick)
             prompts = [r.prompt_token_ids for r in wl.requests]
             params = [SamplingParams(temperature=wl.temperature, max_tokens=r.max_tokens, ignore_eos=True, seed=i)
@@ -176,6 +177,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--parts", nargs="+", default=["invariant", "logprobs", "prompt_logprobs", "logprobs_vocab"])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), help="for the invariant part")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
@@ -187,7 +189,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     result = result_record("benchmarks.logprobs_cost", argv, threads=args.threads, model=bench_model_info(path),
                            quick=args.quick, repeats=args.repeats)
     if "invariant" in args.parts:
-        result["invariant"] = part_invariant(path, args.dtypes, args.quick, args.repeats)
+        result["invariant"] = part_invariant(path, args.dtypes, args.quick, args.repeats, tuple(args.workloads))
     if "logprobs" in args.parts:
         result["logprobs"] = part_logprobs(path, args.quick, args.repeats)
     if "prompt_logprobs" in args.parts:
