@@ -134,15 +134,17 @@ def test_the_switch_from_the_environment_and_the_cli(monkeypatch):
     assert "batch_invariant" not in _engine_kwargs(args)
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (dict(attention_backend="sdpa"), "attention_backend"),
-    (dict(custom_ops="none"), "custom_ops"),
-    (dict(stage=3), "attention_backend"),
+@pytest.mark.parametrize("overrides, message", [
+    (dict(attention_backend="sdpa"), "needs attention_backend 'auto' or 'cpu_attn'"),
+    (dict(custom_ops="none"), "needs custom_ops 'auto' or 'all'"),
+    (dict(stage=3), "needs attention_backend 'auto' or 'cpu_attn'"),  # stages 01-03: naive attention
+    (dict(tensor_parallel_size=2), "tensor_parallel_size=1 only"),
 ])
-def test_the_mode_refuses_kernels_it_has_not_checked(overrides, field):
+def test_the_mode_refuses_kernels_it_has_not_checked(overrides, message):
     stage = overrides.pop("stage", 6)
-    with pytest.raises(ValueError, match=f"batch_invariant=True needs {field}"):
+    with pytest.raises(ValueError, match=f"batch_invariant=True .*{message}"):
         EngineConfig.for_stage(stage, batch_invariant=True, **overrides)
+    EngineConfig.for_stage(stage, batch_invariant=False, **overrides)  # fine without the mode
 
 
 def test_the_worker_picks_the_backend_once(tiny_qwen3):
