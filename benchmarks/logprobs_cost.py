@@ -16,6 +16,8 @@ wall time, and their ratio:
                      32-token prompts, 64 tokens each, temperature 0.8, seeded). Goal <= 3%.
     prompt_logprobs  prompt_logprobs=5 on a 1,024-token prompt vs none (max_tokens=1: the
                      prefill). Goal <= 10%.
+    attention        (`--parts attention`) the kernels alone: 16 decodes by the decode kernel
+                     vs one prefill-kernel call each (the mode), at contexts 256 and 1,024.
 
 The bench model (benchmarks/bench_model.py) has a 512-token vocabulary, so the vocabulary-wide
 work of log-probabilities (log_softmax, top-k, ranks) is nearly free on it; `logprobs_vocab`
@@ -140,6 +142,41 @@ def part_logprobs_vocab(repeats: int) -> dict[str, Any]:
     return dict(rows=16, vocab_size=151936, **summarize(ts))
 
 
+def part_attention(repeats: int) -> list[dict[str, Any]]:
+    """Where the mode's cost goes: the attention of 16 decoding sequences (the bench model's 8
+    query / 4 KV heads of 64) by the decode kernel in one call, and by the prefill kernel in one
+    call per sequence (what `BatchInvariantCPUAttentionBackend` does), per context length."""
+    from folovllm._custom_ops import load_ops
+
+    ops = load_ops()
+    B, Hq, Hkv, D, bs = 16, 8, 4, 64, 16
+    rows = []
+    for L in (256, 1024):
+        nb = L // bs
+        torch.manual_seed(0)
+        kc = torch.randn(B * nb + 1, bs, Hkv, D)
+        vc = torch.randn_like(kc)
+        q, out = torch.randn(B, Hq, D), torch.empty(B, Hq, D)
+        tables = torch.arange(B * nb).view(B, nb)
+        each = [tables[b].contiguous() for b in range(B)]
+        lens, decode_rows = torch.full((B,), L), torch.arange(B)
+
+        def decode() -> None:
+            ops.paged_attention_decode(out, q, kc, vc, decode_rows, tables, lens, 0.125)
+
+        def prefill() -> None:
+            for b in range(B):
+                ops.paged_attention_prefill(out[b:b + 1], q[b:b + 1], kc, vc, each[b], L, 0.125)
+
+        runs = interleave({"decode": lambda: timed(decode), "prefill": lambda: timed(prefill)},
+                          max(repeats, 40), warmup={"decode": decode, "prefill": prefill})
+        r = {name: summarize(ts) for name, ts in runs.items()}
+        rows.append(dict(context=L, sequences=B, decode_ms=round(r["decode"]["median_cpu_seconds"] * 1e3, 3),
+                         prefill_ms=round(r["prefill"]["median_cpu_seconds"] * 1e3, 3),
+                         ratio=round(r["prefill"]["median_cpu_seconds"] / r["decode"]["median_cpu_seconds"], 2)))
+    return rows
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"# What log-probabilities and the batch-invariant mode cost ({machine_short(result['machine'])}, "
              f"{result['threads']} thread)", "", f"`{result['command']}` at {result['git_commit']}, {result['date']}.",
@@ -165,6 +202,12 @@ def markdown(result: dict[str, Any]) -> str:
                   f"| {r[a]['median_cpu_seconds']:.3f} ({r[a]['median_seconds']:.3f}) | "
                   f"{r[b]['median_cpu_seconds']:.3f} ({r[b]['median_seconds']:.3f}) | "
                   f"**{r['cost_percent']:+.1f}%** ({(r['wall_ratio'] - 1) * 100:+.1f}%) |", ""]
+    if result.get("attention"):
+        lines += ["## Where the mode's cost goes: decode attention, 16 sequences, 8/4 heads of 64", "",
+                  "| context | decode kernel, 1 call | prefill kernel, 1 call per sequence | ratio |", "|---|---|---|---|"]
+        lines += [f"| {r['context']} | {r['decode_ms']:.3f} ms | {r['prefill_ms']:.3f} ms | {r['ratio']:.1f}x |"
+                  for r in result["attention"]]
+        lines.append("")
     v = result.get("logprobs_vocab")
     if v:
         lines += ["## The log-probability work alone on a Qwen3-sized vocabulary", "",
@@ -194,6 +237,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         result["logprobs"] = part_logprobs(path, args.quick, args.repeats)
     if "prompt_logprobs" in args.parts:
         result["prompt_logprobs"] = part_prompt_logprobs(path, args.quick, args.repeats)
+    if "attention" in args.parts:
+        result["attention"] = part_attention(args.repeats)
     if "logprobs_vocab" in args.parts:
         result["logprobs_vocab"] = part_logprobs_vocab(args.repeats)
     loads = [x for x in [loadavg()] if x is not None]
