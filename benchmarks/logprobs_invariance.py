@@ -2,7 +2,7 @@
 
     python -m benchmarks.logprobs_invariance                          # our kernels, float32
     python -m benchmarks.logprobs_invariance --custom-ops none        # the torch code (sdpa)
-    python -m benchmarks.logprobs_invariance --decode-via-prefill     # the fix, tried
+    python -m benchmarks.logprobs_invariance --batch-invariant        # the mode (batch_invariant=True)
     FOLOVLLM_CPU_ISA=avx2 python -m benchmarks.logprobs_invariance    # the AVX2 path
 
 A seeded request (29-token prompt, temperature 0.8, `logprobs=5`, 24 tokens) runs alone on the
@@ -10,9 +10,8 @@ tiny Qwen3 of the tests, then in each situation below; each line says whether it
 log-probabilities (sampled token and top 5 at every position) are bitwise those of the run alone,
 and the largest difference. The last line is the RL check: prompt + output fed back as a prompt
 with `prompt_logprobs`, whose scores of the output positions should equal the sampled ones.
-`--decode-via-prefill` sends every decode row through the prefill attention kernel (a probe of
-what a batch-invariant mode would change; the engine does not have the mode). docs/logprobs.md
-quotes the output.
+`--batch-invariant` runs every engine in the batch-invariant mode (folovllm/batch_invariant.py).
+docs/logprobs.md quotes the output.
 """
 
 from __future__ import annotations
@@ -29,33 +28,13 @@ from folovllm import LLM, SamplingParams
 from folovllm.testing.tiny_model import build_tiny_checkpoint
 
 
-def route_decodes_through_prefill() -> None:
-    """Make `cpu_attn` run each decode row as a prefill of one query (its prefill kernel)."""
-    import folovllm.model_executor.attention_backends.cpu_attn as cpu_attn
-    from folovllm.model_executor.layers.attention import PrefillRow, split_prefills_decodes
-
-    def no_decodes(md: Any, block_size: int) -> tuple[list, list]:
-        prefills, decodes = split_prefills_decodes(md, block_size)
-        for b in decodes:
-            seq_len, start = md.seq_lens_cpu[b], md.query_start_loc_cpu[b]
-            nb = -(-seq_len // block_size)
-            ids = md.block_tables_cpu[b][:nb]
-            first = ids[0] if ids == list(range(ids[0], ids[0] + nb)) else None
-            prefills.append(PrefillRow(start, start + 1, seq_len, md.block_tables[b, :nb], first))
-        return prefills, []
-
-    cpu_attn.split_prefills_decodes = no_decodes
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--custom-ops", default="auto")
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--decode-via-prefill", action="store_true")
+    parser.add_argument("--batch-invariant", action="store_true", help="the engine's batch-invariant mode")
     args = parser.parse_args()
-    if args.decode_via_prefill:
-        route_decodes_through_prefill()
     path = str(build_tiny_checkpoint(Path(tempfile.mkdtemp()) / "qwen3", arch="qwen3"))
     rng = random.Random(0)
     target = [rng.randrange(500) for _ in range(29)]
@@ -69,7 +48,7 @@ def main() -> None:
         torch.set_num_threads(threads)
         kw.setdefault("max_num_seqs", 16)
         return LLM(path, dtype=args.dtype, max_model_len=256, custom_ops=args.custom_ops,
-                   attention_backend=args.attention_backend, **kw)
+                   attention_backend=args.attention_backend, batch_invariant=args.batch_invariant, **kw)
 
     def scored(completion: Any) -> tuple[list[int], list[list[tuple[int, float]]]]:
         return completion.token_ids, [sorted((t, lp.logprob) for t, lp in d.items()) for d in completion.logprobs]
@@ -88,6 +67,7 @@ def main() -> None:
     chunked = engine(max_num_batched_tokens=13, max_num_seqs=13)
     runs["chunked, budget 13 (13+13+3)"] = alone(chunked)
     runs["chunked, budget 13, in a batch of 13"] = in_batch(chunked, 12)
+    runs["chunked, budget 14 (14+14+1: a 1-token chunk)"] = alone(engine(max_num_batched_tokens=14, max_num_seqs=14))
     two = engine(threads=2)
     runs["2 threads"] = alone(two)
     runs["2 threads, in a batch of 16"] = in_batch(two)
@@ -96,11 +76,11 @@ def main() -> None:
     again = llm.generate([target + tokens], SamplingParams(max_tokens=1, prompt_logprobs=5), use_tqdm=False)[0]
     runs["RL: prompt + output scored as a prompt"] = (
         tokens, [sorted((t, lp.logprob) for t, lp in d.items()) for d in again.prompt_logprobs[len(target):]])
-    print(f"{'situation':42s} tokens  bitwise  max |difference|")
+    print(f"{'situation':46s} tokens  bitwise  max |difference|")
     for name, (run_tokens, run_logprobs) in runs.items():
         diffs = [abs(a[1] - b[1]) for ra, rb in zip(run_logprobs, reference[1]) for a, b in zip(ra, rb) if a[0] == b[0]]
         same = run_tokens == reference[0]
-        print(f"{name:42s} {'same' if same else 'DIFF':6s}  {str(same and run_logprobs == reference[1]):7s}  "
+        print(f"{name:46s} {'same' if same else 'DIFF':6s}  {str(same and run_logprobs == reference[1]):7s}  "
               f"{max(diffs, default=0.0):.2g}")
 
 

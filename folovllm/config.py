@@ -47,6 +47,7 @@ from typing import Any, Optional
 
 import torch
 
+from folovllm import envs
 from folovllm.model_executor.attention_backends import ATTENTION_BACKENDS, default_backend
 from folovllm.spec_decode.config import SpeculativeConfig
 
@@ -175,6 +176,11 @@ class EngineConfig:
     # subset); "xgrammar": the xgrammar package (everything); "auto": ours for what it
     # supports, xgrammar for the rest when installed
     structured_outputs_backend: str = "auto"
+    # batch-invariant mode (folovllm/batch_invariant.py, docs/logprobs.md): a request's logits
+    # and log-probabilities do not depend, bitwise, on the rest of the batch, the chunking, the
+    # prefix cache or the thread count. CPU, our kernels (cpu_attn), one rank. Default: the
+    # FOLOVLLM_BATCH_INVARIANT environment variable (vLLM's VLLM_BATCH_INVARIANT), else off.
+    batch_invariant: bool = dataclasses.field(default_factory=envs.batch_invariant)
 
     def __post_init__(self) -> None:
         if self.speculative_config is not None:  # the dict form users write
@@ -331,6 +337,10 @@ class EngineConfig:
         if self.structured_outputs_backend not in ("auto", "folovllm", "xgrammar"):
             raise ValueError("structured_outputs_backend must be 'auto', 'folovllm' or 'xgrammar', "
                              f"got {self.structured_outputs_backend!r}")
+        if self.batch_invariant:
+            from folovllm.batch_invariant import verify_batch_invariant_config
+
+            verify_batch_invariant_config(self)
         if self.quantization not in (None, "gptq", "compressed-tensors"):
             raise ValueError(
                 "quantization must be None (the checkpoint's own), 'gptq' or 'compressed-tensors', "
@@ -391,8 +401,8 @@ class EngineConfig:
         be built), wanted by "auto" on a CPU (a warning and the torch code if they cannot)."""
         from folovllm._custom_ops import load_ops
 
-        required = self.custom_ops == "all" or self.attention_backend == "cpu_attn"
-        wanted = self.custom_ops == "all" or (
+        required = self.custom_ops == "all" or self.attention_backend == "cpu_attn" or self.batch_invariant
+        wanted = self.custom_ops == "all" or self.batch_invariant or (
             self.custom_ops == "auto" and torch.device(self.device).type == "cpu")
         if not (required or wanted):
             return "none"
@@ -447,12 +457,13 @@ def describe_engine(config: "EngineConfig", hf_config: Any, dtype: torch.dtype) 
     spec = config.speculative_config
     if spec is not None:
         parts[0] += f" + {spec.describe()}"
-    parts += [f"attention {config.attention_backend}",
+    parts += [f"attention {config.attention_backend}" + (" (batch-invariant)" if config.batch_invariant else ""),
               f"CPU kernels ({kernels})" if kernels != "off" else "CPU kernels off", dtype_name]
     return dict(stage=stage, stage_name=STAGE_NAMES[stage], stages_off=off,
                 quantization=quantization, tensor_parallel_size=config.tensor_parallel_size,
                 attention_backend=config.attention_backend, cpu_kernels=kernels, dtype=dtype_name,
-                speculative=None if spec is None else spec.describe(), summary=", ".join(parts))
+                speculative=None if spec is None else spec.describe(),
+                batch_invariant=config.batch_invariant, summary=", ".join(parts))
 # --8<-- [end:describe_engine]
 
 

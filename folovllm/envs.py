@@ -27,6 +27,10 @@
                                      given (vLLM's `VLLM_API_KEY` is read too, after it): a
                                      key in argv is visible to every user in `ps`, one in the
                                      environment is not. `--api-key` wins over both.
+    FOLOVLLM_BATCH_INVARIANT         "1": engines start in batch-invariant mode unless told
+                                     otherwise (`EngineConfig.batch_invariant`'s default, as
+                                     vLLM's `VLLM_BATCH_INVARIANT`); "0" (default): not.
+                                     Read when an EngineConfig is made.
 
 This module imports nothing heavy: `folovllm/__init__.py` applies `FOLOVLLM_CPU_ISA` and
 `FOLOVLLM_ONEDNN_CACHE_CAPACITY` before torch runs anything (oneDNN and ATen read their caps
@@ -63,6 +67,14 @@ def kernel_build_timeout() -> float:
         return float(value)
     except ValueError:
         raise ValueError(f"FOLOVLLM_KERNEL_BUILD_TIMEOUT must be a number of seconds, got {value!r}") from None
+
+
+def batch_invariant() -> bool:
+    """The `FOLOVLLM_BATCH_INVARIANT` switch, checked: "1" or "0" (unset = "0")."""
+    value = os.environ.get("FOLOVLLM_BATCH_INVARIANT", "0").strip() or "0"
+    if value not in ("0", "1"):
+        raise ValueError(f"FOLOVLLM_BATCH_INVARIANT must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def configure_logging() -> bool:

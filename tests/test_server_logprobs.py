@@ -217,3 +217,31 @@ def test_chat_bad_logprobs_are_400_and_a_bad_prompt_in_a_list_adds_nothing(serve
     while engine.has_unfinished_requests():
         assert time.monotonic() < deadline, "the first prompt of a refused list kept running"
         time.sleep(0.02)
+
+
+def test_vllm_prompt_logprobs_field(server, offline):
+    """vLLM's extra `prompt_logprobs: k` on completions: `choices[].prompt_logprobs` in vLLM's
+    shape (None first, then {token id: {logprob, rank, decoded_token}} with the prompt's token
+    and the top k), the offline engine's numbers; without echo, and refused with stream."""
+    ref = offline.generate(PROMPT, SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3, ignore_eos=True),
+                           use_tqdm=False)[0]
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2, "temperature": 0, "ignore_eos": True,
+            "prompt_logprobs": 3}
+    r = httpx.post(f"{server.root}/v1/completions", json=body, headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["text"] == ref.outputs[0].text and choice["logprobs"] is None
+    got = choice["prompt_logprobs"]
+    assert len(got) == len(ref.prompt_token_ids) and got[0] is None
+    for position, want in zip(got[1:], ref.prompt_logprobs[1:]):
+        assert {int(t): (v["logprob"], v["rank"], v["decoded_token"]) for t, v in position.items()} == \
+            {t: (lp.logprob, lp.rank, lp.decoded_token) for t, lp in want.items()}
+    # a request that does not name it gets no such field (OpenAI's shape unchanged)
+    plain = httpx.post(f"{server.root}/v1/completions", json={**body, "prompt_logprobs": None},
+                       headers=AUTH, timeout=60).json()["choices"][0]
+    assert "prompt_logprobs" not in plain
+    bad = httpx.post(f"{server.root}/v1/completions", json={**body, "stream": True}, headers=AUTH, timeout=60)
+    assert bad.status_code == 400 and "prompt_logprobs" in bad.text
+    too_many = httpx.post(f"{server.root}/v1/completions", json={**body, "prompt_logprobs": 10_000},
+                          headers=AUTH, timeout=60)
+    assert too_many.status_code == 400 and "prompt_logprobs" in too_many.text

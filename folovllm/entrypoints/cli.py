@@ -58,6 +58,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "is --attention-backend's choice)")
     p.add_argument("--prefix-caching", dest="enable_prefix_caching",
                    action=argparse.BooleanOptionalAction, default=None, help="stage 06")
+    p.add_argument("--batch-invariant", dest="batch_invariant", action=argparse.BooleanOptionalAction,
+                   default=None, help="a request's logits do not depend on the batch, chunking, "
+                   "prefix cache or thread count, bitwise (docs/logprobs.md; default: "
+                   "FOLOVLLM_BATCH_INVARIANT, else off)")
     p.add_argument("--tensor-parallel-size", type=int, default=None,
                    help="stage 08: split the model over this many worker processes (default 1)")
     p.add_argument("--speculative-config", type=_parse_json_object, default=None, metavar="JSON",
@@ -76,7 +80,8 @@ _ENGINE_FLAGS = ("max_num_batched_tokens", "kv_cache_memory", "gpu_memory_utiliz
                  "block_size", "enable_continuous_batching", "enable_paged_kv", "attention_backend",
                  "enable_chunked_prefill", "long_prefill_token_threshold", "enable_prefix_caching",
                  "tensor_parallel_size", "custom_ops", "enable_lora", "max_loras", "max_lora_rank",
-                 "max_cpu_loras", "speculative_config")
+                 "max_cpu_loras", "speculative_config",
+                 "batch_invariant")
 
 
 def _parse_json_object(text: str) -> dict:

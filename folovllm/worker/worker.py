@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from folovllm.batch_invariant import batch_invariance
 from folovllm.config import EngineConfig
 from folovllm.distributed import parallel_state
 from folovllm.kv_cache_interface import KVCacheConfig, KVCacheSpec
@@ -47,7 +48,9 @@ class Worker:
         if torch.device(config.device).type == "cpu" and parallel_state.get_tensor_model_parallel_rank() == 0:
             cpu_platform.check_isa_override()
             logger.info("%s; custom_ops=%s", cpu_platform.describe(), config.custom_ops)
-        self.model_runner = ModelRunner(self.model, config.device, get_attn_backend(config.attention_backend))
+        # batch_invariant=True swaps in the kernels whose order ignores the batch (batch_invariant.py)
+        backend = batch_invariance(config).attention_backend(get_attn_backend(config.attention_backend))
+        self.model_runner = ModelRunner(self.model, config.device, backend)
         if config.enable_lora:  # stage 11: the LoRA wrappers go around the projections
             from folovllm.lora.worker_manager import WorkerLoRAManager
 

@@ -38,34 +38,37 @@ constexpr int64_t TILE_KEYS = 32;   // keys per tile: two AVX-512 vectors of flo
 constexpr int64_t QK_ROWS = 8;      // query rows per S = Q.Kt micro-kernel call (16 accumulators)
 constexpr int64_t PV_ROWS = 4;      // query rows per O += P.V micro-kernel call (16 accumulators)
 constexpr int64_t TILE_ROWS = 128;  // query rows (g heads x positions) per work item
+constexpr int64_t SMALL_ROWS = 2;   // rows of the micro-kernels for an item of 1-2 rows
 
 // S[r, c] = sum_d q[r, d] * kt[d, c] for QK_ROWS rows: QK_ROWS x TILE_KEYS accumulators.
 #if defined(__AVX512F__)
 // With AVX-512 the same loops spelled out in intrinsics, so that each K vector is loaded once per
 // d and reused by every row (the compiler's version reloads it per row from memory).
+template <int64_t NR = QK_ROWS>
 inline void qk_tile(const float* q, int64_t ldq, const float* kt, int64_t D, float* s) {
   constexpr int64_t V = TILE_KEYS / 16;  // vectors per row
-  __m512 acc[QK_ROWS][V];
-  for (int64_t r = 0; r < QK_ROWS; ++r)
+  __m512 acc[NR][V];
+  for (int64_t r = 0; r < NR; ++r)
     for (int64_t j = 0; j < V; ++j) acc[r][j] = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; ++d) {
     __m512 k[V];
     for (int64_t j = 0; j < V; ++j) k[j] = _mm512_loadu_ps(kt + d * TILE_KEYS + 16 * j);
-    for (int64_t r = 0; r < QK_ROWS; ++r) {
+    for (int64_t r = 0; r < NR; ++r) {
       const __m512 qv = _mm512_set1_ps(q[r * ldq + d]);
       for (int64_t j = 0; j < V; ++j) acc[r][j] = _mm512_fmadd_ps(qv, k[j], acc[r][j]);
     }
   }
-  for (int64_t r = 0; r < QK_ROWS; ++r)
+  for (int64_t r = 0; r < NR; ++r)
     for (int64_t j = 0; j < V; ++j) _mm512_storeu_ps(s + r * TILE_KEYS + 16 * j, acc[r][j]);
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 // AVX2 has 16 vector registers of 8 floats, a quarter of AVX-512's 32 x 16: the QK_ROWS x
 // TILE_KEYS accumulators (32 vectors) do not fit, so the rows go two at a time (8 accumulators
 // + 4 K vectors + a broadcast). Each K vector is loaded QK_ROWS / 2 times instead of once, from L1.
+template <int64_t NR = QK_ROWS>
 inline void qk_tile(const float* q, int64_t ldq, const float* kt, int64_t D, float* s) {
   constexpr int64_t V = TILE_KEYS / 8, R = 2;
-  for (int64_t r0 = 0; r0 < QK_ROWS; r0 += R) {
+  for (int64_t r0 = 0; r0 < NR; r0 += R) {
     __m256 acc[R][V];
     for (int64_t r = 0; r < R; ++r)
       for (int64_t j = 0; j < V; ++j) acc[r][j] = _mm256_setzero_ps();
@@ -82,17 +85,18 @@ inline void qk_tile(const float* q, int64_t ldq, const float* kt, int64_t D, flo
   }
 }
 #else
+template <int64_t NR = QK_ROWS>
 inline void qk_tile(const float* q, int64_t ldq, const float* kt, int64_t D, float* s) {
-  float acc[QK_ROWS][TILE_KEYS] = {};
+  float acc[NR][TILE_KEYS] = {};
   for (int64_t d = 0; d < D; ++d) {
     const float* k = kt + d * TILE_KEYS;
-    for (int64_t r = 0; r < QK_ROWS; ++r) {
+    for (int64_t r = 0; r < NR; ++r) {
       const float qv = q[r * ldq + d];
 #pragma omp simd
       for (int64_t c = 0; c < TILE_KEYS; ++c) acc[r][c] += qv * k[c];
     }
   }
-  for (int64_t r = 0; r < QK_ROWS; ++r)
+  for (int64_t r = 0; r < NR; ++r)
     for (int64_t c = 0; c < TILE_KEYS; ++c) s[r * TILE_KEYS + c] = acc[r][c];
 }
 #endif
@@ -101,29 +105,30 @@ inline void qk_tile(const float* q, int64_t ldq, const float* kt, int64_t D, flo
 // registers (PV_ROWS x D_CHUNK accumulators) while the tile's keys stream past.
 constexpr int64_t D_CHUNK = 64;
 
+template <int64_t NR = PV_ROWS>
 inline void pv_tile(const float* p, const float* v, int64_t n, int64_t D, float* o) {
   if (D % D_CHUNK == 0) {
     for (int64_t d0 = 0; d0 < D; d0 += D_CHUNK) {
 #if defined(__AVX512F__)
       constexpr int64_t V = D_CHUNK / 16;
-      __m512 acc[PV_ROWS][V];
-      for (int64_t r = 0; r < PV_ROWS; ++r)
+      __m512 acc[NR][V];
+      for (int64_t r = 0; r < NR; ++r)
         for (int64_t j = 0; j < V; ++j) acc[r][j] = _mm512_loadu_ps(o + r * D + d0 + 16 * j);
       for (int64_t c = 0; c < n; ++c) {
         __m512 vc[V];
         for (int64_t j = 0; j < V; ++j) vc[j] = _mm512_loadu_ps(v + c * D + d0 + 16 * j);
-        for (int64_t r = 0; r < PV_ROWS; ++r) {
+        for (int64_t r = 0; r < NR; ++r) {
           const __m512 pr = _mm512_set1_ps(p[r * TILE_KEYS + c]);
           for (int64_t j = 0; j < V; ++j) acc[r][j] = _mm512_fmadd_ps(pr, vc[j], acc[r][j]);
         }
       }
-      for (int64_t r = 0; r < PV_ROWS; ++r)
+      for (int64_t r = 0; r < NR; ++r)
         for (int64_t j = 0; j < V; ++j) _mm512_storeu_ps(o + r * D + d0 + 16 * j, acc[r][j]);
 #elif defined(__AVX2__) && defined(__FMA__)
       // AVX2: PV_ROWS x D_CHUNK accumulators are 32 vectors; take two rows x 32 columns at a
       // time (8 accumulators + 4 V vectors + a broadcast), each V vector loaded twice, from L1.
       constexpr int64_t V = 4, R = 2;
-      for (int64_t r0 = 0; r0 < PV_ROWS; r0 += R) {
+      for (int64_t r0 = 0; r0 < NR; r0 += R) {
         for (int64_t d1 = d0; d1 < d0 + D_CHUNK; d1 += 8 * V) {
           __m256 acc[R][V];
           for (int64_t r = 0; r < R; ++r)
@@ -141,18 +146,18 @@ inline void pv_tile(const float* p, const float* v, int64_t n, int64_t D, float*
         }
       }
 #else
-      float acc[PV_ROWS][D_CHUNK];
-      for (int64_t r = 0; r < PV_ROWS; ++r)
+      float acc[NR][D_CHUNK];
+      for (int64_t r = 0; r < NR; ++r)
         for (int64_t d = 0; d < D_CHUNK; ++d) acc[r][d] = o[r * D + d0 + d];
       for (int64_t c = 0; c < n; ++c) {
         const float* vc = v + c * D + d0;
-        for (int64_t r = 0; r < PV_ROWS; ++r) {
+        for (int64_t r = 0; r < NR; ++r) {
           const float pr = p[r * TILE_KEYS + c];
 #pragma omp simd
           for (int64_t d = 0; d < D_CHUNK; ++d) acc[r][d] += pr * vc[d];
         }
       }
-      for (int64_t r = 0; r < PV_ROWS; ++r)
+      for (int64_t r = 0; r < NR; ++r)
         for (int64_t d = 0; d < D_CHUNK; ++d) o[r * D + d0 + d] = acc[r][d];
 #endif
     }
@@ -160,7 +165,7 @@ inline void pv_tile(const float* p, const float* v, int64_t n, int64_t D, float*
   }
   for (int64_t c = 0; c < n; ++c) {  // any other head size: the same sum, through memory
     const float* vc = v + c * D;
-    for (int64_t r = 0; r < PV_ROWS; ++r) {
+    for (int64_t r = 0; r < NR; ++r) {
       const float pr = p[r * TILE_KEYS + c];
       float* orow = o + r * D;
 #pragma omp simd
@@ -178,7 +183,12 @@ void prefill_tile(scalar_t* out, const scalar_t* query, const scalar_t* key_cach
   // Rows of this item: positions [q_begin, q_end) of the prompt's queries x the g heads of the
   // group, row = (position - q_begin) * g + i, padded to a multiple of QK_ROWS (and of PV_ROWS).
   const int64_t group = num_heads / num_kv_heads, token_stride = num_kv_heads * D;
-  const int64_t rows = (q_end - q_begin) * group, padded = (rows + QK_ROWS - 1) / QK_ROWS * QK_ROWS;
+  const int64_t rows = (q_end - q_begin) * group;
+  // A row's sums are the same sequence of FMAs in a micro-kernel of 2 rows as of 8, so an item
+  // of 1-2 rows (one position of a 1- or 2-head group: the batch-invariant mode's decodes) takes
+  // the 2-row kernels and computes no padding rows; bitwise the same results either way.
+  const bool narrow = rows <= SMALL_ROWS;
+  const int64_t padded = narrow ? SMALL_ROWS : (rows + QK_ROWS - 1) / QK_ROWS * QK_ROWS;
   const int64_t first_pos = seq_len - num_queries;  // position of query 0
   std::vector<float> qf(padded * D, 0.f), o(padded * D, 0.f), m(padded, std::numeric_limits<float>::lowest()),
       l(padded, 0.f), s(padded * TILE_KEYS), kt(D * TILE_KEYS), v(TILE_KEYS * D);
@@ -205,8 +215,12 @@ void prefill_tile(scalar_t* out, const scalar_t* query, const scalar_t* key_cach
         for (int64_t d = 0; d < D; ++d) kt[d * TILE_KEYS + c] = 0.f;
       }
     }
-    for (int64_t r0 = 0; r0 < padded; r0 += QK_ROWS)
-      qk_tile(qf.data() + r0 * D, D, kt.data(), D, s.data() + r0 * TILE_KEYS);
+    if (narrow) {
+      qk_tile<SMALL_ROWS>(qf.data(), D, kt.data(), D, s.data());
+    } else {
+      for (int64_t r0 = 0; r0 < padded; r0 += QK_ROWS)
+        qk_tile(qf.data() + r0 * D, D, kt.data(), D, s.data() + r0 * TILE_KEYS);
+    }
     // mask, online softmax: S becomes P = exp(S - m_new); O and l are rescaled to m_new
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t pos = first_pos + q_begin + r / group;
@@ -237,8 +251,12 @@ void prefill_tile(scalar_t* out, const scalar_t* query, const scalar_t* key_cach
       }
       l[r] = l[r] * correction + sum;
     }
-    for (int64_t r0 = 0; r0 < padded; r0 += PV_ROWS)
-      pv_tile(s.data() + r0 * TILE_KEYS, v.data(), n, D, o.data() + r0 * D);
+    if (narrow) {
+      pv_tile<SMALL_ROWS>(s.data(), v.data(), n, D, o.data());
+    } else {
+      for (int64_t r0 = 0; r0 < padded; r0 += PV_ROWS)
+        pv_tile(s.data() + r0 * TILE_KEYS, v.data(), n, D, o.data() + r0 * D);
+    }
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t = q_begin + r / group, h = kv_head * group + r % group;

@@ -187,6 +187,10 @@ class CompletionRequest(SamplingRequest):
     # vLLM up to its max_logprobs, as here); with echo, the prompt's positions too.
     logprobs: Optional[int] = Field(default=None, ge=0)
     echo: bool = False  # the answer's text (and logprobs) start with the prompt's
+    # vLLM's extra: the prompt's log-probabilities in vLLM's own shape, `choices[].prompt_logprobs`
+    # (per prompt position {token id: {logprob, rank, decoded_token}}, None first), with the
+    # prompt's token and the k most likely; -1 = the whole vocabulary. Not with stream (vLLM).
+    prompt_logprobs: Optional[int] = None
 
     @property
     def prompt_only(self) -> bool:
@@ -274,9 +278,19 @@ class _Choice(OpenAIBaseModel):
     stop_reason: Union[int, str, None] = None  # vLLM's extra: the stop string or token id hit
 
 
+class PromptLogprob(OpenAIBaseModel):
+    """vLLM's `Logprob` as its server sends it in `prompt_logprobs`."""
+
+    logprob: float
+    rank: Optional[int] = None
+    decoded_token: Optional[str] = None
+
+
 class CompletionChoice(_Choice):
     text: str
     logprobs: Optional[CompletionLogprobs] = None
+    # vLLM's extra, only when the request asked for `prompt_logprobs` (JSON keys: token ids)
+    prompt_logprobs: Optional[list[Optional[dict[int, PromptLogprob]]]] = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class CompletionResponse(_Response):

@@ -12,6 +12,9 @@ for the prompt's log-probabilities too (`prompt_logprobs=k`), and the choice's l
 prompt + completion (the prompt's first token: null). `echo` with `max_tokens: 0` is
 lm-evaluation-harness's likelihood request: only the prompt's text and scores (see
 `CompletionRequest.prompt_only`). Streamed, the echo comes in each choice's first chunk.
+vLLM's extra `prompt_logprobs: k` returns the engine's prompt scores in vLLM's shape as
+`choices[].prompt_logprobs` (not streamed, as in vLLM); with echo and no `prompt_logprobs`,
+echo's `logprobs` sets how many the engine computes, as before.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ from folovllm.engine.async_llm import RequestStream
 from folovllm.engine.llm_engine import PromptType
 from folovllm.entrypoints.openai.logprobs import Decode, completion_logprobs
 from folovllm.entrypoints.openai.protocol import (CompletionChoice, CompletionLogprobs,
-                                                  CompletionRequest, CompletionResponse, UsageInfo,
-                                                  usage)
+                                                  CompletionRequest, CompletionResponse, PromptLogprob,
+                                                  UsageInfo, usage)
 from folovllm.entrypoints.openai.serving_engine import APIError, OpenAIServing
 from folovllm.outputs import CompletionOutput, PromptLogprobs, RequestOutput
 
@@ -40,9 +43,16 @@ class OpenAIServingCompletion(OpenAIServing):
         for prompt in prompts:
             if isinstance(prompt, str):
                 self.check_prompt_chars(len(prompt), "prompt")
-        echo_scores = request.logprobs if request.echo else None
+        if request.stream and request.prompt_logprobs is not None:
+            raise APIError(400, "prompt_logprobs is not available when stream is true (as vLLM); "
+                                "use echo with logprobs to stream the prompt's scores",
+                           param="prompt_logprobs")
+        # vLLM's rule: prompt_logprobs when given, else echo's logprobs
+        prompt_scores_k = request.prompt_logprobs
+        if prompt_scores_k is None and request.echo:
+            prompt_scores_k = request.logprobs
         params = self.sampling_params(request, 1 if request.prompt_only else request.max_tokens,
-                                      logprobs=request.logprobs, prompt_logprobs=echo_scores)
+                                      logprobs=request.logprobs, prompt_logprobs=prompt_scores_k)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         self.check_capacity()  # once for all the prompts: none of a list is queued for a 503
         streams: list[RequestStream] = []
@@ -92,7 +102,8 @@ class OpenAIServingCompletion(OpenAIServing):
         if outputs is None:
             return Response(status_code=499)  # client closed the request (nginx's code)
         choices = [_choice(request, i * params.n + c.index, c,
-                           echo(output, output.prompt_logprobs) if request.echo else None, decode)
+                           echo(output, output.prompt_logprobs) if request.echo else None, decode,
+                           prompt_logprobs=output.prompt_logprobs)
                    for i, output in enumerate(outputs) for c in output.outputs]
         generated = 0 if request.prompt_only else sum(len(c.token_ids) for o in outputs for c in o.outputs)
         return JSONResponse(response(choices, usage(sum(len(o.prompt_token_ids) for o in outputs),
@@ -108,9 +119,11 @@ class Echo(NamedTuple):
 
 
 def _choice(request: CompletionRequest, index: int, completion: CompletionOutput,
-            echo: Optional[Echo], decode: Decode, text_offset: int = 0) -> CompletionChoice:
+            echo: Optional[Echo], decode: Decode, text_offset: int = 0,
+            prompt_logprobs: Optional[PromptLogprobs] = None) -> CompletionChoice:
     """One choice, or one streamed chunk of it (from `text_offset` in the choice's text);
-    `echo` goes in front (streamed: in a choice's first chunk only)."""
+    `echo` goes in front (streamed: in a choice's first chunk only). `prompt_logprobs`: the
+    engine's, sent as vLLM's extra field when the request named `prompt_logprobs`."""
     text, token_ids = completion.text, list(completion.token_ids)
     scores: list = list(completion.logprobs or [])
     if request.prompt_only:  # the one token sampled for the engine's sake is not an answer
@@ -121,8 +134,15 @@ def _choice(request: CompletionRequest, index: int, completion: CompletionOutput
     logprobs: Optional[CompletionLogprobs] = None
     if request.logprobs is not None:
         logprobs = completion_logprobs(token_ids, scores, decode, text_offset)
+    vllm_prompt_logprobs = None
+    if request.prompt_logprobs is not None and prompt_logprobs is not None:
+        vllm_prompt_logprobs = [None if d is None else {
+            t: PromptLogprob(logprob=lp.logprob, rank=lp.rank,
+                             decoded_token=lp.decoded_token if lp.decoded_token is not None else decode(t))
+            for t, lp in d.items()} for d in prompt_logprobs]
     return CompletionChoice(index=index, text=text, logprobs=logprobs,
-                            finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)
+                            finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
+                            prompt_logprobs=vllm_prompt_logprobs)
 
 
 def _prompts(prompt: object) -> list[PromptType]:

@@ -196,15 +196,17 @@ class PrefillRow:
 
 
 def split_prefills_decodes(
-    md: AttentionMetadata, block_size: int
+    md: AttentionMetadata, block_size: int, one_query_is_decode: bool = True
 ) -> tuple[list[PrefillRow], list[int]]:
     """The step's prefills (query_len > 1) and the indices of its decodes (query_len = 1), from
-    the host lists: backends that handle the two kinds apart (`sdpa`, `cpu_attn`) start here."""
+    the host lists: backends that handle the two kinds apart (`sdpa`, `cpu_attn`) start here.
+    `one_query_is_decode=False` makes every sequence a prefill (the batch-invariant mode's
+    attention, attention_backends/cpu_attn_invariant.py)."""
     qsl = md.query_start_loc_cpu
     prefills, decodes = [], []
     for b, seq_len in enumerate(md.seq_lens_cpu):
         start, end = qsl[b], qsl[b + 1]
-        if end - start == 1:
+        if end - start == 1 and one_query_is_decode:
             decodes.append(b)
         elif end > start:
             nb = -(-seq_len // block_size)  # ceil division
