@@ -214,6 +214,16 @@ def qzeros_v1_to_v2(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
 # --8<-- [end:v1_to_v2]
 
 
+def qzeros_v2_to_v1(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """v2 qzeros -> v1, as GPTQModel writes them: subtract 1 from every packed zero as ONE
+    32-bit subtraction (wrapping), so a zero of 0 borrows from its neighbour. The exact inverse
+    of `qzeros_v1_to_v2`; a writer that subtracted nibble by nibble could not store a zero of 0."""
+    ones = sum(1 << (bits * j) for j in range(32 // bits))  # 0x11111111 / 0x01010101
+    words = (qzeros.to(torch.int64) - ones) & 0xFFFFFFFF  # mod 2^32
+    words = torch.where(words >= 2**31, words - 2**32, words)  # the same 32 bits as int32
+    return words.to(torch.int32)
+
+
 # --8<-- [start:dequantize]
 def dequantize_gptq(
     qweight: torch.Tensor,  # int32 [K / P, N]
