@@ -22,6 +22,17 @@ against 1. A markdown table goes to stdout (and to
 weight differs. Finished checkpoints in OUT are reused.
 
 Each variant takes some 5 minutes of GPTQ on a 2-core machine.
+
+`--fixtures` makes the committed test fixtures instead (`FIXTURE_VARIANTS`, about a minute
+each): the tiny Qwen3 cut to one decoder layer, its float tensors rounded to bfloat16 values so
+that they equal GPTQModel's fixture base (`tests/fixtures/gptqmodel/base-qwen3.safetensors`,
+checked), quantized with groups of 32 (sym, asym) and channel-wise (asym); each checkpoint's
+compressed tensors, config.json, the sha256 of the tool's dense float32 weights, its greedy tokens
+and the logits of the first 4 prompt positions go to `tests/fixtures/llmcompressor/`, which
+`stages/07/test_07_llmcompressor_fixtures.py` checks with no llm-compressor::
+
+    python tools/llmcompressor_checkpoint.py /tmp/ct_fixtures --fixtures \
+        --table benchmarks/results/stage07_llmcompressor_fixtures_cpu.md
 """
 
 from __future__ import annotations
@@ -40,6 +51,18 @@ VARIANTS = {
     "w4a16-asym-channel": {"weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "channel"}},
 }
 TOKENS = 48  # the fixed prompt the logits are compared on
+# Test fixtures (--fixtures): the tiny Qwen3 cut to one layer, groups of 32 (it has 64 inputs)
+FIXTURE_VARIANTS = {
+    "w4a16-sym-g32": {"weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
+                                  "group_size": 32}},
+    "w4a16-asym-g32": {"weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group",
+                                   "group_size": 32}},
+    "w4a16-asym-channel": {"weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "channel"}},
+}
+FIXTURE_PROMPT = 8  # a fixture keeps the first 8 prompt tokens, 8 greedy tokens after them and
+FIXTURE_LOGIT_ROWS = 4  # the logits of the first 4 positions
+GREEDY_TOKENS = 8
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 
 
 # -- the child: runs in the llm-compressor venv, imports nothing of folovllm --------------------
@@ -75,8 +98,12 @@ def _child(src: str, out: str, spec_json: str) -> None:  # pragma: no cover - ru
     prompt = torch.arange(3, 3 + TOKENS).unsqueeze(0)
     with torch.no_grad():
         logits = dense(input_ids=prompt).logits[0].float()  # [TOKENS, vocab]
+        seq = prompt[0, :FIXTURE_PROMPT].tolist()
+        for _ in range(GREEDY_TOKENS):  # greedy, recomputing the whole sequence: no cache involved
+            seq.append(int(dense(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
     weights = {n: p.detach().clone() for n, p in dense.state_dict().items() if n.endswith("_proj.weight")}
-    save_file({**weights, "logits": logits, "input_ids": prompt[0]}, f"{out}.reference.safetensors")
+    save_file({**weights, "logits": logits, "input_ids": prompt[0], "greedy": torch.tensor(seq[FIXTURE_PROMPT:])},
+              f"{out}.reference.safetensors")
 
 
 # -- the parent: folovllm's venv ------------------------------------------------------------------
@@ -134,6 +161,68 @@ def _tp2_tokens_equal_tp1(path: Path) -> bool:
     return outs[0] == outs[1]
 
 
+# -- test fixtures: tiny checkpoints committed to tests/fixtures/llmcompressor/ --------------------
+
+
+def _fixture_float_model(root: Path) -> Path:
+    """The tiny random Qwen3 cut to one decoder layer, its float tensors other than the linear
+    weights rounded to bfloat16 values (kept in a float32 file): then what llm-compressor writes
+    for them equals, value for value, GPTQModel's `tests/fixtures/gptqmodel/base-qwen3.safetensors`
+    (bfloat16), and the fixtures share that file."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from folovllm.testing.tiny_model import build_tiny_checkpoint
+
+    full = build_tiny_checkpoint(root / "float-qwen3", arch="qwen3")
+    dst = root / "float-qwen3-1layer-bf16"
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(full, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["num_hidden_layers"] = 1
+    config["layer_types"] = config["layer_types"][:1]
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    tensors = {k: v if k.endswith("_proj.weight") else v.bfloat16().float()
+               for k, v in load_file(str(dst / "model.safetensors")).items() if ".layers.1." not in k}
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def _pack_fixture(name: str, out: Path, fixtures: Path, command: str) -> None:
+    """Split llm-compressor's checkpoint `out` into the committed fixture files: NAME.safetensors
+    (the compressed tensors), NAME.json (its config.json and the reference: sha256 of the tool's
+    own dense float32 weights, its greedy tokens), NAME.reference.safetensors (its logits)."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(out / "model.safetensors"))
+    quant = {k: v for k, v in tensors.items() if ".weight_" in k}
+    base = load_file(str(fixtures / "gptqmodel" / "base-qwen3.safetensors"))
+    rest = {k: v for k, v in tensors.items() if k not in quant}
+    assert rest.keys() == base.keys() and all(rest[k].equal(base[k].to(rest[k].dtype)) for k in base), \
+        f"{name}: llm-compressor's float tensors are not gptqmodel/base-qwen3's values"
+    dst = fixtures / "llmcompressor"
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(quant, str(dst / f"{name}.safetensors"), metadata={"format": "pt"})
+    ref = load_file(f"{out}.reference.safetensors")
+    save_file({"logits": ref["logits"][:FIXTURE_LOGIT_ROWS].contiguous(),
+               "input_ids": ref["input_ids"][:FIXTURE_PROMPT].contiguous()},
+              str(dst / f"{name}.reference.safetensors"))
+    digests = {k[: -len(".weight")]: hashlib.sha256(v.to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
+               for k, v in ref.items() if k.endswith("_proj.weight")}
+    config = json.loads((out / "config.json").read_text())
+    meta = {"arch": "qwen3", "base": "gptqmodel/base-qwen3.safetensors", "variant": FIXTURE_VARIANTS[name],
+            "command": command, "config": config,
+            "reference": {"weights": digests, "greedy_tokens": ref["greedy"].tolist(),
+                          "dtypes": {k: str(v.dtype) for k, v in rest.items()}}}
+    (dst / f"{name}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    # the tests take the tiny models' one tokenizer from gptqmodel/
+    assert (out / "tokenizer.json").read_bytes() == (fixtures / "gptqmodel" / "tokenizer.json").read_bytes()
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         _child(*sys.argv[2:5])
@@ -142,21 +231,34 @@ def main() -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--ct-python", default="/work/wt/ct-venv/bin/python",
                         help="the python of a venv with llmcompressor installed")
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", help="default: every variant of the mode")
+    parser.add_argument("--fixtures", action="store_true",
+                        help="make the tiny test fixtures (FIXTURE_VARIANTS) into tests/fixtures/llmcompressor/ "
+                             "instead of the bench-size checkpoints")
     parser.add_argument("--table", type=Path, help="also write the markdown table to this file")
     args = parser.parse_args()
 
     from folovllm.testing.tiny_model import build_tiny_checkpoint
 
+    variants = FIXTURE_VARIANTS if args.fixtures else VARIANTS
+    names = args.variants or list(variants)
+    unknown = sorted(set(names) - set(variants))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {sorted(variants)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    src = build_tiny_checkpoint(args.out / "float", arch="qwen3", size="bench")
+    if args.fixtures:
+        src = _fixture_float_model(args.out)
+    else:
+        src = build_tiny_checkpoint(args.out / "float", arch="qwen3", size="bench")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of ours in their venv
     rows = []
-    for name in args.variants:
+    for name in names:
         dst = args.out / name
         if not (dst / "config.json").is_file():
-            subprocess.run([args.ct_python, __file__, "--child", str(src), str(dst), json.dumps(VARIANTS[name])],
+            subprocess.run([args.ct_python, __file__, "--child", str(src), str(dst), json.dumps(variants[name])],
                            check=True, env=env)
+        if args.fixtures:
+            _pack_fixture(name, dst, FIXTURES, "python tools/llmcompressor_checkpoint.py " + " ".join(sys.argv[1:]))
         rows.append(_compare(dst))
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]

@@ -47,7 +47,13 @@ from torch import nn
 from folovllm.model_executor.layers.attention import Attention, AttentionMetadata
 from folovllm.model_executor.layers.linear import LinearBase
 from folovllm.model_executor.layers.quantization import get_quant_config
-from folovllm.model_executor.layers.quantization.gptq import GPTQConfig, dequantize_gptq, pack_int32, qzeros_v1_to_v2
+from folovllm.model_executor.layers.quantization.gptq import (
+    GPTQConfig,
+    dequantize_gptq,
+    pack_int32,
+    qzeros_v1_to_v2,
+    qzeros_v2_to_v1,
+)
 from folovllm.model_executor.model_loader import iterate_checkpoint, load_model, resolve_model_path
 
 
@@ -63,7 +69,7 @@ class QuantizedWeight:
 
 
 # --8<-- [start:minmax]
-def minmax_params(w: torch.Tensor, bits: int, sym: bool, min_zero: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def minmax_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (scale, zero) of the grid that spans w's [min, max] (and 0): w [N, G] ->
     scale float32 [N] (already rounded to float16, as stored), zero int64 [N]."""
     maxq = 2**bits - 1
@@ -78,7 +84,7 @@ def minmax_params(w: torch.Tensor, bits: int, sym: bool, min_zero: int = 0) -> t
     if sym:
         zero = torch.full_like(scale, (maxq + 1) // 2, dtype=torch.int64)
     else:
-        zero = torch.round(-lo / scale).clamp(min_zero, maxq).long()
+        zero = torch.round(-lo / scale).clamp(0, maxq).long()
     return scale, zero
 
 
@@ -110,7 +116,7 @@ class GPTQ:
     # --8<-- [start:gptq_quantize]
     def quantize(
         self, bits: int, group_size: int, sym: bool, desc_act: bool,
-        damp: float = 0.01, block_size: int = 128, min_zero: int = 0,
+        damp: float = 0.01, block_size: int = 128,
     ) -> QuantizedWeight:
         W = self.weight.clone()  # [N, K], rounded column by column in place
         N, K = W.shape
@@ -138,7 +144,7 @@ class GPTQ:
                 q = b0 + i
                 if q % group == 0:  # a new group: its grid from the weights as they are now
                     ahead = torch.cat([W1[:, i:], W[:, b1:]], 1)[:, :group]
-                    scale, zero = minmax_params(ahead, bits, sym, min_zero)
+                    scale, zero = minmax_params(ahead, bits, sym)
                     scales.append(scale)
                     zeros.append(zero)
                 c, deq = quantize_column(W1[:, i], scale, zero, bits)
@@ -177,13 +183,16 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool) ->
 
 
 def to_checkpoint_tensors(q: QuantizedWeight, config: GPTQConfig) -> dict[str, torch.Tensor]:
-    """GPTQModel's four tensors for one layer, in `config.checkpoint_format`."""
-    stored_zeros = q.zeros - config.zero_offset  # v1 stores zero - 1
-    if (stored_zeros < 0).any():
-        raise ValueError("checkpoint_format='gptq' (v1) cannot store a zero of 0; use 'gptq_v2'")
+    """GPTQModel's four tensors for one layer, in `config.checkpoint_format`. v1 is written the
+    way GPTQModel writes it: the packed real zeros minus 1 as one 32-bit subtraction per word, so
+    an asymmetric group whose zero is 0 borrows from its neighbour and the loader's word-level
+    +1 (`qzeros_v1_to_v2`) gives every zero back."""
+    qzeros = pack_int32(q.zeros, config.bits, dim=1)  # [groups, N / P], real zeros (v2)
+    if config.checkpoint_format == "gptq":
+        qzeros = qzeros_v2_to_v1(qzeros, config.bits)
     return {
         "qweight": pack_int32(q.codes, config.bits, dim=0),  # [K / P, N]
-        "qzeros": pack_int32(stored_zeros, config.bits, dim=1),  # [groups, N / P]
+        "qzeros": qzeros,
         "scales": q.scales,
         "g_idx": q.g_idx,
     }
@@ -248,7 +257,6 @@ def quantize_model(
     Returns the GPTQ checkpoint tensors, under the HF names (`...q_proj.qweight`, ...)."""
     from tqdm import tqdm
 
-    min_zero = 1 if config.zero_offset and not config.sym else 0  # v1 cannot store zero 0
     out: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         if isinstance(module, LinearBase):
@@ -284,8 +292,7 @@ def quantize_model(
                 # Each checkpoint matrix (q, k, v, ...) on its own, with the shared Hessian.
                 part_state = GPTQ(m.weight[row0 : row0 + rows])
                 part_state.H, part_state.num_samples = state.H, state.num_samples
-                q = part_state.quantize(config.bits, config.group_size, config.sym, config.desc_act,
-                                        damp=damp, min_zero=min_zero)
+                q = part_state.quantize(config.bits, config.group_size, config.sym, config.desc_act, damp=damp)
                 m.weight[row0 : row0 + rows] = q.dequantized.to(m.weight.dtype)
                 prefix = m.prefix.rsplit(".", 1)[0] + "." + part
                 for key, tensor in to_checkpoint_tensors(q, config).items():
@@ -388,7 +395,10 @@ def quantize_checkpoint(
     """`folovllm quantize`: load the float checkpoint `model` in float32, quantize it on
     `calibration` token sequences (default: random tokens), write the GPTQ checkpoint to `out`.
     `checkpoint_format` defaults to v1 ("gptq", read by every GPTQ loader) for symmetric grids
-    and "gptq_v2" for asymmetric ones (v1 cannot store a zero of 0)."""
+    and "gptq_v2" for asymmetric ones. An asymmetric v1 file is written exactly as GPTQModel
+    writes one (a zero of 0 borrows from its neighbour word-level) and folovllm and GPTQModel read
+    it back exactly, but a reader that adds the 1 back field by field gets such a group wrong;
+    v2 stores the real zeros, which every v2 reader takes as they are."""
     fmt = checkpoint_format or ("gptq" if sym else "gptq_v2")
     config = GPTQConfig(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, checkpoint_format=fmt)
     net, _, path = load_model(model, torch.float32)

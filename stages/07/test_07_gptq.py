@@ -42,6 +42,7 @@ from folovllm.tools.gptq_quantizer import (
     perplexity,
     quantize_checkpoint,
     rtn_quantize,
+    to_checkpoint_tensors,
 )
 from tests.helpers import ARCHS, mixed_prompts
 
@@ -211,6 +212,56 @@ def test_gptq_beats_round_to_nearest_on_layer_output_error(sym, desc_act):
     again = dequantize_gptq(pack_int32(q.codes, 4, 0), zeros, q.scales.float(), q.g_idx, 4)
     assert torch.equal(again.t(), q.dequantized)
     assert torch.equal(torch.sort(torch.bincount(q.g_idx.long())).values, torch.full((K // 32,), 32))
+
+
+def test_quantizer_writes_asymmetric_v1_with_zero_points_of_0_as_gptqmodel_does():
+    """Our quantizer writes v1 the way GPTQModel does: the packed real zeros minus 0x11111111 as
+    one 32-bit subtraction, so a group whose asymmetric zero is 0 (every weight of the group >= 0)
+    is stored, borrowing from its neighbour, and reads back exactly. (It used to refuse such a
+    group, or clamp its zero to 1 and lose a grid step.)"""
+    g = torch.Generator().manual_seed(1)
+    K, N = 64, 32
+    W = torch.randn(N, K, generator=g)
+    W[::3] = W[::3].abs() + 0.05  # rows that never go below 0: min-max puts their zero at 0
+    state = GPTQ(W)
+    state.add_batch(torch.randn(256, K, generator=g))
+    q = state.quantize(bits=4, group_size=32, sym=False, desc_act=False)
+    assert int((q.zeros == 0).sum()) > 0
+    config = GPTQConfig(bits=4, group_size=32, sym=False, checkpoint_format="gptq")
+    stored = to_checkpoint_tensors(q, config)
+    # GPTQModel's rule, written here as plain int32 arithmetic: word - 0x11111111, wrapping.
+    assert torch.equal(stored["qzeros"], as_v1(pack_int32(q.zeros, 4, 1)))
+    # Read back at word level (what the loader does), the weights are the quantizer's own.
+    again = dequantize_gptq(stored["qweight"], qzeros_v1_to_v2(stored["qzeros"], 4), stored["scales"].float(),
+                            stored["g_idx"], 4)
+    assert torch.equal(again.t(), q.dequantized)
+
+
+def test_quantize_checkpoint_v1_asymmetric_round_trip(tiny_qwen3, tmp_path, monkeypatch):
+    """End to end: `quantize_checkpoint(..., sym=False, checkpoint_format="gptq")` on a model
+    whose q_proj rows are all positive (so zero points of 0 occur) loads to exactly the layers
+    of the same quantization written as v2."""
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv(KERNEL_ENV, "reference")
+    src = tmp_path / "float"
+    shutil.copytree(tiny_qwen3, src)
+    tensors = load_file(str(src / "model.safetensors"))
+    for name in [n for n in tensors if n.endswith("q_proj.weight")]:
+        tensors[name][::2] = tensors[name][::2].abs() + 0.05
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    loaded = {}
+    for fmt in ("gptq_v2", "gptq"):
+        out = quantize_checkpoint(str(src), str(tmp_path / fmt), group_size=GROUP, sym=False,
+                                  checkpoint_format=fmt, num_samples=4, seq_len=32, progress=False)
+        loaded[fmt] = load_model(str(out), torch.float32)[0]
+    stored = load_file(str(tmp_path / "gptq_v2" / "model.safetensors"))
+    zeros = unpack_int32(stored["model.layers.0.self_attn.q_proj.qzeros"], 4, 1)
+    assert int((zeros == 0).sum()) > 0
+    for (name, a), (_, b) in zip(loaded["gptq_v2"].named_buffers(), loaded["gptq"].named_buffers()):
+        assert torch.equal(a, b), name
+    for (name, a), (_, b) in zip(loaded["gptq_v2"].named_parameters(), loaded["gptq"].named_parameters()):
+        assert torch.equal(a, b), name
 
 
 @pytest.fixture(scope="module")

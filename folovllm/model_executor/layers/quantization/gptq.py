@@ -214,6 +214,16 @@ def qzeros_v1_to_v2(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
 # --8<-- [end:v1_to_v2]
 
 
+def qzeros_v2_to_v1(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """v2 qzeros -> v1, as GPTQModel writes them: subtract 1 from every packed zero as ONE
+    32-bit subtraction (wrapping), so a zero of 0 borrows from its neighbour. The exact inverse
+    of `qzeros_v1_to_v2`; a writer that subtracted nibble by nibble could not store a zero of 0."""
+    ones = sum(1 << (bits * j) for j in range(32 // bits))  # 0x11111111 / 0x01010101
+    words = (qzeros.to(torch.int64) - ones) & 0xFFFFFFFF  # mod 2^32
+    words = torch.where(words >= 2**31, words - 2**32, words)  # the same 32 bits as int32
+    return words.to(torch.int32)
+
+
 # --8<-- [start:dequantize]
 def dequantize_gptq(
     qweight: torch.Tensor,  # int32 [K / P, N]
@@ -460,7 +470,8 @@ class RankGroups:
         act-order: rank 1's inputs 64..127 may belong to any group, so every rank keeps all
             4 rows and the global g_idx (the scales and zeros are replicated, qweight still split)
         groups of 128, in order: the one group would straddle the two ranks: refused
-        group_size -1: one group, replicated
+        group_size -1: one group, replicated (so is a group larger than the layer's inputs, as
+            GPTQModel writes it for a small layer: one row of scales, g_idx all 0)
 
     `first_group` is subtracted from g_idx so that it indexes this rank's rows.
     """
@@ -481,6 +492,8 @@ class RankGroups:
         full = getattr(layer, "input_size", input_size)
         rank = getattr(layer, "tp_rank", 0)
         group_size, act_order, pf = config.group_size, config.desc_act, config.pack_factor
+        if group_size > full:  # GPTQModel writes one group (one row of scales, g_idx all 0): as -1
+            group_size = -1
         if input_size % pf or any(size % pf for size in output_partition_sizes):
             raise ValueError(
                 f"{fmt} at bits={config.bits} packs {pf} values per int32: {layer_name(layer)} with "
