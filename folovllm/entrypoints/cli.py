@@ -10,6 +10,7 @@ compares the stages, or `quantize` a float checkpoint with GPTQ (stage 07).
     folovllm trace --serve --stage 5                 # a live page of the running engine
     folovllm quantize Qwen/Qwen3-0.6B qwen3-gptq --bits 4 --group-size 128 --desc-act
     folovllm build-kernels                           # compile the CPU kernels ahead of time
+    folovllm train-pair                              # train the stage-09 target/draft pair (cached)
 """
 
 from __future__ import annotations
@@ -184,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
         "build-kernels",
         help="compile folovllm's CPU kernels now (the first engine start would), e.g. in a Dockerfile or CI")
     build.set_defaults(threads=None)
+
+    from folovllm.tools import train_pair
+
+    train_pair.add_parser(sub)
     return parser
 
 
@@ -248,6 +253,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_quantize(args)
         if args.command == "build-kernels":
             return run_build_kernels(args)
+        if args.command == "train-pair":
+            from folovllm.tools import train_pair
+
+            return train_pair.run(args)
         return run_demo(args)
     except ValueError as e:
         print(f"folovllm: error: {e}", file=sys.stderr)
