@@ -70,8 +70,8 @@ class TrainRecipe:
     batch_size: int = 4
     target: ModelShape = ModelShape(6, 256, 768, 4, 2, 64)
     draft: ModelShape = ModelShape(1, 192, 512, 3, 1, 64)
-    target_steps: int = 500
-    draft_steps: int = 600
+    target_steps: int = 300
+    draft_steps: int = 400
     lr: float = 3e-3
     warmup_steps: int = 30
     weight_decay: float = 0.01
