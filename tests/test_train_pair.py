@@ -77,3 +77,25 @@ def test_cli_refuses_bad_steps(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
     assert main(["train-pair", "--tiny", "--out", str(tmp_path), "--target-steps", "0"]) == 2
     assert "--target-steps must be a positive integer" in capsys.readouterr().err
+
+
+def test_demo_trained_uses_the_pair_and_shows_text(tiny_pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`folovllm demo --trained` runs the trained target (built by train_pair, here the tiny
+    run's) and prints its greedy completion of the demo's Python prompt."""
+    import transformers
+
+    from folovllm.entrypoints import cli
+
+    monkeypatch.setattr(tp, "train_pair", lambda *a, **k: tiny_pair)
+    assert cli.main(["demo", "--trained", "--stages", "6", "--num-requests", "2", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert f"model: {tiny_pair[0]}" in out
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_pair[0])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_pair[0], dtype=torch.float32).eval()
+    ids = tokenizer.encode(cli.DEMO_CODE_PROMPT, add_special_tokens=False)
+    tokens = hf_greedy_ignore_eos(hf, ids, 96)
+    if tokenizer.eos_token_id in tokens:  # the demo stops there (and prints no special token)
+        tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
+    expected = tokenizer.decode(tokens)
+    assert cli.DEMO_CODE_PROMPT + expected in out

@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--stages", type=int, nargs="*", default=None,
                       help=f"stages to run (default: all built, 1..{LATEST_STAGE})")
     demo.add_argument("--num-requests", type=int, default=DEMO_NUM_REQUESTS)
+    demo.add_argument("--trained", action="store_true",
+                      help="use the trained stage-09 target (`folovllm train-pair`, built once) "
+                           "and show a sample of the Python it writes")
 
     from folovllm.trace.workloads import WORKLOADS
 
@@ -357,10 +360,20 @@ def demo_workload(vocab_size: int, num_requests: int, seed: int = 0) -> list[tup
     return work
 
 
+# What `folovllm demo --trained` asks the trained target to complete.
+DEMO_CODE_PROMPT = 'def read_lines(path, encoding="utf-8"):\n    """Return the lines of the file at *path*."""\n'
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from folovllm import LLM, SamplingParams
 
     stages = args.stages or list(range(1, LATEST_STAGE + 1))
+    if args.trained:
+        if args.model:
+            raise ValueError("give either --model or --trained, not both")
+        from folovllm.tools.train_pair import train_pair
+
+        args.model = str(train_pair()[0])  # trained once (minutes, with a progress bar), cached
     model = _model_or_demo(args)
     rows = []
     for stage in stages:
@@ -387,6 +400,9 @@ def run_demo(args: argparse.Namespace) -> int:
                "prompt tokens computed/real", "KV utilization"]
     print(f"\n{len(work)} requests, greedy, ignore_eos; model: {model}\n")
     print(_markdown_table(headers, rows))
+    if args.trained:
+        out = llm.generate([DEMO_CODE_PROMPT], SamplingParams(temperature=0, max_tokens=96), use_tqdm=False)
+        print(f"\nThe trained target completes a prompt (greedy):\n\n{DEMO_CODE_PROMPT}{out[0].outputs[0].text}")
     return 0
 
 
