@@ -124,3 +124,19 @@ def test_refuses_another_vocabulary(tmp_path: Path, tiny_checkpoints: dict[str, 
         _proposer(tmp_path, k=2)
     with pytest.raises(ValueError, match=r"speculative_config\.model='.*nowhere'"):
         _proposer(tmp_path / "nowhere", k=2)
+
+
+def test_longest_common_prefix_matches_a_plain_loop() -> None:
+    from folovllm.spec_decode.draft_model import longest_common_prefix
+
+    def plain(a: list[int], b: list[int]) -> int:
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    rng = random.Random(0)
+    for _ in range(500):
+        a = [rng.randrange(3) for _ in range(rng.randrange(12))]
+        b = a[: rng.randrange(len(a) + 1)] + [rng.randrange(3) for _ in range(rng.randrange(5))]
+        assert longest_common_prefix(a, b) == plain(a, b), (a, b)
