@@ -372,8 +372,11 @@ def render_markdown(result: dict[str, Any]) -> str:
 
 
 def plot_sweep(result: dict[str, Any], out: Path) -> Optional[Path]:
-    """Output tok/s (× none) and acceptance rate against k, one line per proposer."""
-    if not result["sweep"]:
+    """Left: output tok/s (× none) against k, one line per proposer (the engine's sweep).
+    Right: acceptance rate against k: the engine's sweep, and the draft model's offline
+    measurement on each workload (dashed), which needs no stage-09 engine."""
+    offline = result.get("draft_acceptance_offline") or {}
+    if not result["sweep"] and not offline:
         return None
     from benchmarks.plots import _plt, _save
 
@@ -383,6 +386,12 @@ def plot_sweep(result: dict[str, Any], out: Path) -> Optional[Path]:
         ks = [p["k"] for p in s["points"]]
         ax1.plot(ks, [p["speedup"] for p in s["points"]], marker="o", color=f"C{i}", label=f"{name} ({s['workload']})")
         ax2.plot(ks, [p["acceptance_rate"] or 0 for p in s["points"]], marker="o", color=f"C{i}", label=name)
+    for j, (wname, rows) in enumerate(offline.items()):
+        ax2.plot([o["k"] for o in rows], [o["acceptance_rate"] for o in rows], marker="s", ls="--",
+                 color=f"C{j + 3}", label=f"draft, offline: {wname}")
+    if not result["sweep"]:
+        ax1.text(0.5, 0.5, "no stage-09 engine in this build:\nspeed not measured", ha="center",
+                 va="center", transform=ax1.transAxes, color="gray")
     ax1.axhline(1.0, color="gray", lw=0.8, ls=":")
     ax1.set_xlabel("k (drafted tokens per step)")
     ax1.set_ylabel("output tok/s, × no speculation")
@@ -393,8 +402,10 @@ def plot_sweep(result: dict[str, Any], out: Path) -> Optional[Path]:
     ax2.set_title("acceptance rate")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(f"stage 09 on the trained pair, {machine_short(result['machine'])}", fontsize=9)
+    fig.tight_layout()
     return _save(fig, out)
 
 
