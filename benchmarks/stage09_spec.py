@@ -13,7 +13,8 @@ files (never trained on), tokenized with its tokenizer.
 Three workloads, greedy, `ignore_eos`, a fixed `max_tokens`; at batch 1 (the requests one
 after another) and batch 8 (eight at once):
 
-    editing     copy-heavy: the prompt holds a held-out function, a comment asking for it
+    editing     copy-heavy: the prompt holds a held-out function (40..110 tokens, so prompt
+                and output stay within the 256 positions the pair was trained on), a comment asking for it
                 again, and its `def` line; the target goes on to rewrite it (its own greedy
                 output is the reference every system must reproduce): n-gram's case
     completion  the first lines of a held-out function; the target completes it: the draft
@@ -85,14 +86,14 @@ def make_workload(name: str, num: int, tokenizer: Any, recipe: Any, max_tokens: 
     encode = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
     rng = random.Random(seed)
     if name == "editing":
-        funcs = held_out_functions(recipe, tokenizer, 60, 400)
+        funcs = held_out_functions(recipe, tokenizer, 40, 110)
         picks = rng.sample(funcs, min(num, len(funcs)))
         prompts = [encode(f"{f}\n\n\n# The same function again, rewritten:\n{f.splitlines()[0]}\n")
                    for f in picks]
         params: dict[str, Any] = {}
         desc = "a held-out function, then its def line again: the target rewrites it"
     elif name == "completion":
-        funcs = held_out_functions(recipe, tokenizer, 60, 400)
+        funcs = held_out_functions(recipe, tokenizer, 40, 110)
         picks = rng.sample(funcs, min(num, len(funcs)))
         prompts = [encode("\n".join(f.splitlines()[: max(2, len(f.splitlines()) // 3)]) + "\n")
                    for f in picks]

@@ -67,12 +67,12 @@ class TrainRecipe:
     """Everything that decides the weights; the cache is keyed by it."""
 
     vocab_size: int = 4096
-    seq_len: int = 512
-    batch_size: int = 4
-    target: ModelShape = ModelShape(6, 256, 768, 4, 2, 64)
-    draft: ModelShape = ModelShape(1, 192, 512, 3, 1, 64)
-    target_steps: int = 300
-    draft_steps: int = 400
+    seq_len: int = 256
+    batch_size: int = 8
+    target: ModelShape = ModelShape(4, 256, 768, 4, 2, 64)
+    draft: ModelShape = ModelShape(1, 128, 384, 2, 1, 64)
+    target_steps: int = 600
+    draft_steps: int = 600
     lr: float = 3e-3
     warmup_steps: int = 30
     weight_decay: float = 0.01
