@@ -265,12 +265,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import json
     import tempfile
 
-    from folovllm.tools.train_pair import TINY_RECIPE, TrainRecipe, train_pair
+    from folovllm.tools.train_pair import TINY_RECIPE, ModelShape, TrainRecipe, train_pair
 
     recipe = TINY_RECIPE if args.quick else TrainRecipe()
-    out = Path(tempfile.mkdtemp(prefix="stage09_")) / "pair" if args.quick else None
-    target, draft = train_pair(out, recipe)
-    pair = json.loads((target.parent / "train_pair.json").read_text())
+    if args.pair is not None:  # a pair built earlier (another recipe): its own held-out split
+        target, draft = args.pair / "target", args.pair / "draft"
+        pair = json.loads((args.pair / "train_pair.json").read_text())
+        fields = dict(pair["stamp"]["recipe"])
+        recipe = TrainRecipe(**{**fields, "target": ModelShape(**fields["target"]),
+                                "draft": ModelShape(**fields["draft"])})
+    else:
+        out = Path(tempfile.mkdtemp(prefix="stage09_")) / "pair" if args.quick else None
+        target, draft = train_pair(out, recipe)
+        pair = json.loads((target.parent / "train_pair.json").read_text())
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(target)
@@ -418,6 +425,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-requests", type=int, default=8, help="requests per workload (at least the batch)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--no-sweep", action="store_true", help="skip the sweep over k")
+    p.add_argument("--pair", type=Path, default=None,
+                   help="a pair folder (target/, draft/, train_pair.json) instead of the cached one")
 
 
 def _written(args: argparse.Namespace, result: dict[str, Any], name: str) -> None:
