@@ -1,9 +1,9 @@
 """Stage 09 on CPU: speculative decoding (n-gram and draft model) against no speculation, on
 the trained target/draft pair (`folovllm train-pair`), side by side in one process, one thread.
 
-    python -m benchmarks.stage09_spec                 # full run (builds the pair once if missing)
-    python -m benchmarks.stage09_spec --quick         # smoke run on a tiny pair, printed only
-    python -m benchmarks.stage09_spec --systems none  # only the baseline (no speculation)
+    python -m benchmarks.stage09_trained_pair                 # full run (builds the pair once if missing)
+    python -m benchmarks.stage09_trained_pair --quick         # smoke run on a tiny pair, printed only
+    python -m benchmarks.stage09_trained_pair --systems none  # only the baseline (no speculation)
 
 Why a trained pair: random weights accept drafts for the wrong reasons (a random model repeats
 a few tokens, which n-gram lookup then "predicts"; a random draft never agrees with a random
@@ -31,7 +31,7 @@ accepted length is accepted tokens per drafting step of a request; both come fro
 speculative-decoding counters (`llm.stats`), and tokens per target decode row-step (1 + the
 mean accepted length when every step drafts) from the counters every stage has.
 
-Writes `benchmarks/results/stage09_spec_cpu.json` and `.md`, and `docs/assets/stage09_k_sweep.png`.
+Writes `benchmarks/results/stage09_trained_pair_cpu.json` and `.md`, and `docs/assets/stage09_trained_pair_k_sweep.png`.
 The speculative systems need stage 09's `LLM(..., speculative_config=...)`; where this build
 has none, they are recorded as unavailable and only `none` runs.
 """
@@ -430,13 +430,13 @@ def add_options(p: argparse.ArgumentParser) -> None:
 
 
 def _written(args: argparse.Namespace, result: dict[str, Any], name: str) -> None:
-    path = plot_sweep(result, ASSETS_DIR / "stage09_k_sweep.png")
+    path = plot_sweep(result, ASSETS_DIR / "stage09_trained_pair_k_sweep.png")
     if path is not None:
         print(f"wrote {path}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    bench_main("benchmarks.stage09_spec", __doc__, argv, run, render_markdown, name="stage09_spec_cpu",
+    bench_main("benchmarks.stage09_trained_pair", __doc__, argv, run, render_markdown, name="stage09_trained_pair_cpu",
                options=add_options, written=_written)
 
 
