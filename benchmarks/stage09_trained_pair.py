@@ -147,10 +147,10 @@ def available(target: Path, spec: Optional[dict[str, Any]]) -> Optional[str]:
 
 
 def spec_counters(stats: Any) -> dict[str, Any]:
-    """The engine's speculative-decoding counters, read by vLLM's names wherever stage 09 keeps
-    them (`stats.spec_decode` or flat fields); {} when there are none."""
+    """The engine's speculative-decoding counters, by vLLM's names (`EngineStats.spec_decoding`,
+    a `SpecDecodingStats`, on main); {} when there are none."""
     d = stats.as_dict()
-    src = d.get("spec_decode") if isinstance(d.get("spec_decode"), dict) else d
+    src = next((d[k] for k in ("spec_decoding", "spec_decode") if isinstance(d.get(k), dict)), d)
     names = ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "num_accepted_tokens_per_pos")
     return {n: src[n] for n in names if n in src}
 
