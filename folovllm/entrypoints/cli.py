@@ -10,6 +10,7 @@ compares the stages, or `quantize` a float checkpoint with GPTQ (stage 07).
     folovllm trace --serve --stage 5                 # a live page of the running engine
     folovllm quantize Qwen/Qwen3-0.6B qwen3-gptq --bits 4 --group-size 128 --desc-act
     folovllm build-kernels                           # compile the CPU kernels ahead of time
+    folovllm train-pair                              # train the stage-09 target/draft pair (cached)
 """
 
 from __future__ import annotations
@@ -185,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--stages", type=int, nargs="*", default=None,
                       help=f"stages to run (default: all built, 1..{LATEST_STAGE})")
     demo.add_argument("--num-requests", type=int, default=DEMO_NUM_REQUESTS)
+    demo.add_argument("--trained", action="store_true",
+                      help="use the trained stage-09 target (`folovllm train-pair`, built once) "
+                           "and show a sample of the Python it writes")
 
     from folovllm.trace.workloads import WORKLOADS
 
@@ -226,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
         "build-kernels",
         help="compile folovllm's CPU kernels now (the first engine start would), e.g. in a Dockerfile or CI")
     build.set_defaults(threads=None)
+
+    from folovllm.tools import train_pair
+
+    train_pair.add_parser(sub)
     return parser
 
 
@@ -290,6 +298,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_quantize(args)
         if args.command == "build-kernels":
             return run_build_kernels(args)
+        if args.command == "train-pair":
+            from folovllm.tools import train_pair
+
+            return train_pair.run(args)
         return run_demo(args)
     except ValueError as e:
         print(f"folovllm: error: {e}", file=sys.stderr)
@@ -398,10 +410,20 @@ def demo_workload(vocab_size: int, num_requests: int, seed: int = 0) -> list[tup
     return work
 
 
+# What `folovllm demo --trained` asks the trained target to complete.
+DEMO_CODE_PROMPT = 'def read_lines(path, encoding="utf-8"):\n    """Return the lines of the file at *path*."""\n'
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from folovllm import LLM, SamplingParams
 
     stages = args.stages or list(range(1, LATEST_STAGE + 1))
+    if args.trained:
+        if args.model:
+            raise ValueError("give either --model or --trained, not both")
+        from folovllm.tools.train_pair import train_pair
+
+        args.model = str(train_pair()[0])  # trained once (minutes, with a progress bar), cached
     model = _model_or_demo(args)
     rows = []
     for stage in stages:
@@ -428,6 +450,9 @@ def run_demo(args: argparse.Namespace) -> int:
                "prompt tokens computed/real", "KV utilization"]
     print(f"\n{len(work)} requests, greedy, ignore_eos; model: {model}\n")
     print(_markdown_table(headers, rows))
+    if args.trained:
+        out = llm.generate([DEMO_CODE_PROMPT], SamplingParams(temperature=0, max_tokens=96), use_tqdm=False)
+        print(f"\nThe trained target completes a prompt (greedy):\n\n{DEMO_CODE_PROMPT}{out[0].outputs[0].text}")
     return 0
 
 
