@@ -9,7 +9,6 @@ gain by the exact count of forward passes on a model whose output repeats.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import random
 
@@ -21,8 +20,7 @@ from hypothesis import strategies as st
 from folovllm import LLM, EngineConfig, SamplingParams
 from folovllm.core.request import Request
 from folovllm.engine.llm_engine import LLMEngine
-from folovllm.spec_decode import get_proposer, rejection_sampler
-from folovllm.spec_decode.config import SpeculativeConfig
+from folovllm.spec_decode import rejection_sampler
 from folovllm.spec_decode.ngram_proposer import ngram_lookup
 from folovllm.spec_decode.proposer import Proposer
 from folovllm.spec_decode.rejection_sampler import RejectionSampler, rejection_sample
@@ -455,12 +453,36 @@ def test_logprobs_refused_prompt_logprobs_fine(tiny_qwen3):
     assert "+ speculative ngram k=2" in llm.llm_engine.description["summary"]
 
 
-def test_draft_model_without_its_module_is_a_clear_error():
-    config = SpeculativeConfig.from_dict({"method": "draft_model", "model": "x", "num_speculative_tokens": 2})
-    if importlib.util.find_spec("folovllm.spec_decode.draft_model") is not None:
-        pytest.skip("the draft-model proposer is built; its own tests cover it")
-    with pytest.raises(ValueError, match="draft_model"):
-        get_proposer(config, EngineConfig.for_stage(6), 100)
+@pytest.mark.parametrize("draft_arch", ["qwen3", "llama"], ids=["same_model", "other_model"])
+def test_draft_model_speculation_matches_hf(greedy_reference, tiny_checkpoints, draft_arch):
+    """The draft-model proposer through the engine: the target's greedy tokens are HF's whatever
+    the draft proposes. With the target as its own draft every draft is accepted (the drafts are
+    the target's own greedy tokens), so the run commits k + 1 tokens per step; with another
+    model of the same vocabulary most are rejected, and the tokens still do not change."""
+    ref = greedy_reference("qwen3")
+    spec = {"method": "draft_model", "model": str(tiny_checkpoints[draft_arch]), "num_speculative_tokens": 3}
+    llm = LLM(str(ref.path), stage=6, dtype="float32", max_model_len=256, speculative_config=spec)
+    params = [SamplingParams(temperature=0, max_tokens=m) for m in ref.max_tokens]
+    assert token_ids(llm.generate(ref.prompts, params, use_tqdm=False)) == ref.outputs
+    s = llm.stats.spec_decoding
+    assert s.num_draft_tokens > 0
+    if draft_arch == "qwen3":
+        assert s.num_accepted_tokens == s.num_draft_tokens
+    else:
+        assert s.num_accepted_tokens < s.num_draft_tokens
+    assert llm.llm_engine.kv_cache_manager.num_used_blocks == 0
+
+
+def test_draft_model_with_another_vocabulary_is_refused(tiny_qwen3, tmp_path):
+    import json
+    import shutil
+
+    draft = shutil.copytree(tiny_qwen3, tmp_path / "draft")  # the same model, another vocabulary
+    config = json.loads((draft / "config.json").read_text())
+    (draft / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 128}))
+    with pytest.raises(ValueError, match="speculative_config.model"):
+        LLM(str(tiny_qwen3), stage=6, dtype="float32", max_model_len=128,
+            speculative_config={"method": "draft_model", "model": str(draft), "num_speculative_tokens": 2})
 
 
 def test_cli_speculative_config(tiny_qwen3, capsys):
