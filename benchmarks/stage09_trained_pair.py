@@ -307,7 +307,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 + (f", accept {r['acceptance_rate']:.2f}" if "acceptance_rate" in r else "") + ")"
                 for n, r in rows.items()), flush=True)
     offline: dict[str, Any] = {}
-    if "draft" in args.systems:  # the draft model's acceptance, with or without stage 09's engine
+    if "draft" in args.systems and args.offline:  # the draft's acceptance without stage 09's engine
         for wname in args.workloads:
             work = make_workload(wname, num, tokenizer, recipe, max_tokens, seed=0)
             llm = build(target, None, 1)
@@ -425,6 +425,9 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-requests", type=int, default=8, help="requests per workload (at least the batch)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--no-sweep", action="store_true", help="skip the sweep over k")
+    p.add_argument("--offline", action="store_true",
+                   help="also measure the draft's acceptance offline, without the engine (k = 1..5 per "
+                        "workload; slow: the engine's own counters give the same rates)")
     p.add_argument("--pair", type=Path, default=None,
                    help="a pair folder (target/, draft/, train_pair.json) instead of the cached one")
 
