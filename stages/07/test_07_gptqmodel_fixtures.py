@@ -17,45 +17,21 @@ points of 0 really tells the word-level reading from the field-by-field one.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from tool_fixtures import ROOT, check_against_the_tool, checkpoint, fixture_names
+from tool_fixtures import meta as tool_meta
 
-from folovllm import LLM, SamplingParams
-from folovllm.model_executor.layers.linear import LinearBase
-from folovllm.model_executor.layers.quantization.gptq import KERNEL_ENV, dequantize_gptq
-from folovllm.model_executor.model_loader import load_model
-from folovllm.tools.gptq_quantizer import forward_sequences
+from folovllm.model_executor.layers.quantization.gptq import KERNEL_ENV
 
-FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "gptqmodel"
-NAMES = sorted(p.name[: -len(".reference.safetensors")] for p in FIXTURES.glob("*.reference.safetensors"))
-PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+TOOL = "gptqmodel"
+FIXTURES = ROOT / TOOL
+NAMES = fixture_names(TOOL)
 
 
 def meta(name: str) -> dict:
-    return json.loads((FIXTURES / f"{name}.json").read_text())
-
-
-def checkpoint(name: str, dst: Path) -> Path:
-    """The checkpoint folder GPTQModel wrote, put back together from the fixture's files."""
-    m = meta(name)
-    tensors = load_file(str(FIXTURES / f"base-{m['arch']}.safetensors"))
-    tensors.update(load_file(str(FIXTURES / f"{name}.safetensors")))
-    dst.mkdir(parents=True)
-    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    (dst / "config.json").write_text(json.dumps(m["config"]))
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(FIXTURES / f, dst / f)
-    return dst
-
-
-def digest(w: torch.Tensor) -> str:
-    return hashlib.sha256(w.to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
+    return tool_meta(TOOL, name)
 
 
 def test_the_fixtures_cover_the_eight_variants():
@@ -81,33 +57,8 @@ def test_gptqmodel_checkpoint_loads_with_its_exact_weights_and_logits(name, tmp_
     its greedy tokens."""
     monkeypatch.setenv(KERNEL_ENV, "reference")
     m = meta(name)
-    ref = m["reference"]
-    path = checkpoint(name, tmp_path / name)
-    model = load_model(str(path), torch.float32)[0]
-    seen = {}
-    for prefix, layer in model.named_modules():
-        if isinstance(layer, LinearBase):
-            w = dequantize_gptq(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, model.quant_config.bits)
-            parent, own = prefix.rsplit(".", 1)
-            for part, rows in zip(PARTS.get(own, (own,)), w.t().split(layer.output_sizes)):  # [N_part, K]
-                seen[f"{parent}.{part}"] = digest(rows)
-    assert seen.keys() == ref["weights"].keys()
-    wrong = [n for n in seen if seen[n] != ref["weights"][n]["sha256"]]
-    assert not wrong, f"dequantized weights differ from GPTQModel's in {wrong}"
-
-    want = load_file(str(FIXTURES / f"{name}.reference.safetensors"))
-    prompt = want["input_ids"].tolist()
-    logits = model.compute_logits(forward_sequences(model, [prompt]))  # [T, vocab] float32
-    logits = logits[: len(want["logits"])]  # GPTQModel's logits of the prompt's first positions
-    torch.testing.assert_close(logits, want["logits"], rtol=0, atol=1e-4)
-
-    llm = LLM(str(path), dtype="float32", max_model_len=64, max_num_seqs=2)
-    try:
-        [res] = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=len(ref["greedy_tokens"]),
-                                                      ignore_eos=True), use_tqdm=False)
-    finally:
-        llm.llm_engine.shutdown()
-    assert list(res.outputs[0].token_ids) == ref["greedy_tokens"]
+    path = checkpoint(TOOL, name, FIXTURES / f"base-{m['arch']}.safetensors", tmp_path / name)
+    check_against_the_tool(TOOL, name, path, {n: w["sha256"] for n, w in m["reference"]["weights"].items()})
 
 
 def test_the_zero_point_0_fixture_tells_word_level_from_field_by_field():

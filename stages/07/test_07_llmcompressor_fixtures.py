@@ -21,46 +21,18 @@ of its forward, greedy tokens through the engine equal its greedy tokens.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
-from pathlib import Path
-
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
+from tool_fixtures import ROOT, check_against_the_tool, checkpoint, fixture_names
+from tool_fixtures import meta as tool_meta
 
-from folovllm import LLM, SamplingParams
-from folovllm.model_executor.layers.linear import LinearBase
-from folovllm.model_executor.layers.quantization.gptq import KERNEL_ENV, dequantize_gptq
-from folovllm.model_executor.model_loader import load_model
-from folovllm.tools.gptq_quantizer import forward_sequences
+from folovllm.model_executor.layers.quantization.gptq import KERNEL_ENV
 
-ROOT = Path(__file__).resolve().parents[2] / "tests" / "fixtures"
-FIXTURES = ROOT / "llmcompressor"
-NAMES = sorted(p.name[: -len(".reference.safetensors")] for p in FIXTURES.glob("*.reference.safetensors"))
-PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+TOOL = "llmcompressor"
+NAMES = fixture_names(TOOL)
 
 
 def meta(name: str) -> dict:
-    return json.loads((FIXTURES / f"{name}.json").read_text())
-
-
-def checkpoint(name: str, dst: Path) -> Path:
-    """The checkpoint folder llm-compressor wrote, put back together from the fixture's files."""
-    m = meta(name)
-    tensors = load_file(str(ROOT / m["base"]))
-    tensors.update(load_file(str(FIXTURES / f"{name}.safetensors")))
-    dst.mkdir(parents=True)
-    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    (dst / "config.json").write_text(json.dumps(m["config"]))
-    for f in ("tokenizer.json", "tokenizer_config.json"):  # the tiny models' one tokenizer
-        shutil.copy(ROOT / "gptqmodel" / f, dst / f)
-    return dst
-
-
-def digest(w: torch.Tensor) -> str:
-    return hashlib.sha256(w.to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
+    return tool_meta(TOOL, name)
 
 
 def test_the_fixtures_cover_sym_asym_group_channel():
@@ -74,30 +46,6 @@ def test_llmcompressor_checkpoint_loads_with_its_exact_weights_and_logits(name, 
     """Every layer dequantizes to the tool's dense float32 weight bit for bit; float32 logits
     within 1e-4 of its forward; greedy tokens through the engine equal its greedy tokens."""
     monkeypatch.setenv(KERNEL_ENV, "reference")
-    ref = meta(name)["reference"]
-    path = checkpoint(name, tmp_path / name)
-    model = load_model(str(path), torch.float32)[0]
-    seen = {}
-    for prefix, layer in model.named_modules():
-        if isinstance(layer, LinearBase):
-            w = dequantize_gptq(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, model.quant_config.bits)
-            parent, own = prefix.rsplit(".", 1)
-            for part, rows in zip(PARTS.get(own, (own,)), w.t().split(layer.output_sizes)):  # [N_part, K]
-                seen[f"{parent}.{part}"] = digest(rows)
-    assert seen.keys() == ref["weights"].keys()
-    wrong = [n for n in seen if seen[n] != ref["weights"][n]]
-    assert not wrong, f"dequantized weights differ from llm-compressor's in {wrong}"
-
-    want = load_file(str(FIXTURES / f"{name}.reference.safetensors"))
-    prompt = want["input_ids"].tolist()
-    logits = model.compute_logits(forward_sequences(model, [prompt]))  # [T, vocab] float32
-    logits = logits[: len(want["logits"])]  # the tool's logits of the prompt's first positions
-    torch.testing.assert_close(logits, want["logits"], rtol=0, atol=1e-4)
-
-    llm = LLM(str(path), dtype="float32", max_model_len=64, max_num_seqs=2)
-    try:
-        [res] = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=len(ref["greedy_tokens"]),
-                                                      ignore_eos=True), use_tqdm=False)
-    finally:
-        llm.llm_engine.shutdown()
-    assert list(res.outputs[0].token_ids) == ref["greedy_tokens"]
+    m = meta(name)
+    path = checkpoint(TOOL, name, ROOT / m["base"], tmp_path / name)
+    check_against_the_tool(TOOL, name, path, m["reference"]["weights"])
