@@ -69,10 +69,14 @@ class VLLMPeer:
             [vllm_python(), os.path.abspath(__file__), "--serve"], env=env, text=True,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, bufsize=1,
         )
-        self.info = self._call(dict(cmd="load", model=model, dtype=dtype, eager=eager,
-                                    threads=threads, max_num_seqs=max_num_seqs,
-                                    max_model_len=max_model_len, seed=seed,
-                                    prefix_caching=prefix_caching))
+        try:
+            self.info = self._call(dict(cmd="load", model=model, dtype=dtype, eager=eager,
+                                        threads=threads, max_num_seqs=max_num_seqs,
+                                        max_model_len=max_model_len, seed=seed,
+                                        prefix_caching=prefix_caching))
+        except BaseException:  # a refused load: nobody else holds the child, so end it here
+            self.close()
+            raise
 
     def _call(self, msg: dict[str, Any]) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
