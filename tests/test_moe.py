@@ -300,3 +300,69 @@ def test_expert_parallelism_is_refused_clearly(moe_reference_outputs):
     path = moe_reference_outputs("top2-renorm-dense0")["path"]
     with pytest.raises(ValueError, match=r"enable_expert_parallel=True: expert parallelism is not built"):
         LLM(str(path), enable_expert_parallel=True)
+
+
+# -- routing counts: the engine's record, /metrics, the trace ----------------------------------
+
+
+def hf_routing_counts(hf, token_ids: list[int]) -> torch.Tensor:
+    """[L, E]: tokens HF's routers send to each expert of each MoE layer, from its gate logits
+    (softmax, top-k: the choice does not depend on renormalisation)."""
+    with torch.no_grad():
+        out = hf(torch.tensor([token_ids]), output_router_logits=True)
+    k, E = hf.config.num_experts_per_tok, hf.config.num_experts
+    return torch.stack([torch.bincount(logits.reshape(-1, E).topk(k, -1).indices.reshape(-1), minlength=E)
+                        for logits in out.router_logits])
+
+
+@pytest.mark.parametrize("name", ["top1-untied", "top3-step2"])
+def test_routing_counts_equal_hf_router_choices(name, moe_reference_outputs):
+    """Every step's record carries the tokens routed to each expert; over a run they add up to
+    what HF's routers pick for the same tokens (each request's prompt and the outputs it fed
+    back), the first step's (the prompts' prefill) to HF's on the prompts alone; /metrics and
+    the trace show the same counts."""
+    from folovllm.engine.metrics import PrometheusMetrics
+    from folovllm.trace.recorder import StepTracer
+
+    ref = moe_reference_outputs(name)
+    hf, prompts, max_tokens = ref["hf"], ref["prompts"][:3], ref["max_tokens"][:3]
+    llm = LLM(str(ref["path"]), stage=6, dtype="float32", max_num_seqs=3, max_model_len=256)
+    engine = llm.llm_engine
+    metrics = PrometheusMetrics("m", engine.kv_cache_capacity_tokens)
+    engine.stat_loggers.append(metrics.record)
+    tracer = StepTracer.attach(engine)
+    outputs = llm.generate(prompts, [SamplingParams(temperature=0.0, max_tokens=m) for m in max_tokens],
+                           use_tqdm=False)
+    steps = list(tracer.steps)
+    want_first = sum(hf_routing_counts(hf, p) for p in prompts)  # [L, E]
+    first = steps[0].expert_load
+    assert steps[0].num_prefill_tokens == sum(map(len, prompts))  # the three prompts at once
+    assert first.num_tokens_per_expert == want_first.sum(0).tolist()
+    assert first.num_experts_touched == (want_first > 0).sum(1).tolist()
+    computed = [p + o.outputs[0].token_ids[:-1] for p, o in zip(prompts, outputs)]  # the last is never fed
+    want = sum(hf_routing_counts(hf, ids) for ids in computed).sum(0)  # [E]
+    got = torch.tensor([s.expert_load.num_tokens_per_expert for s in steps]).sum(0)
+    assert got.tolist() == want.tolist() and engine.stats.expert_load == want.tolist()
+    num_layers = len(hf_routing_counts(hf, [1]))
+    assert int(want.sum()) == sum(map(len, computed)) * hf.config.num_experts_per_tok * num_layers
+    text = metrics.render().decode()
+    for e, count in enumerate(want.tolist()):
+        if count:
+            assert f'folovllm:moe_expert_tokens_total{{expert="{e}",model_name="m"}} {float(count)}' in text
+    step_event = next(e for e in tracer.perfetto_events() if e.get("name") == "step 1")
+    assert step_event["args"]["experts"].startswith(f"touched {first.mean_experts_touched:.1f}/")
+
+
+def test_dense_model_records_no_routing(tiny_qwen3):
+    """A dense model has no recorder to fill: no bincount, no record, no metric series."""
+    from folovllm.engine.metrics import PrometheusMetrics
+    from folovllm.model_executor.layers.fused_moe import NoExpertLoadRecorder
+
+    llm = LLM(str(tiny_qwen3), stage=6, dtype="float32", max_model_len=64)
+    engine = llm.llm_engine
+    assert isinstance(engine.model_executor.worker.expert_load, NoExpertLoadRecorder)
+    metrics = PrometheusMetrics("m", engine.kv_cache_capacity_tokens)
+    engine.stat_loggers.append(metrics.record)
+    llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert engine.last_scheduler_stats.expert_load is None and engine.stats.expert_load == []
+    assert "moe_expert_tokens_total{" not in metrics.render().decode()

@@ -101,6 +101,8 @@ def worker_main(
                 value = getattr(worker, method)(*args)
                 if isinstance(value, torch.Tensor):  # rank 0's logits cross the pipe from the CPU
                     value = value.cpu()
+                elif isinstance(value, tuple):  # (logits, expert load) of `Worker.execute_model`
+                    value = tuple(v.cpu() if isinstance(v, torch.Tensor) else v for v in value)
                 reply = ("ok", value)
             except Exception:
                 reply = ("error", traceback.format_exc())

@@ -249,6 +249,9 @@ class FusedMoE(nn.Module):
         # Each expert's weights in oneDNN's layout, when the engine packs weights (after loading).
         self.w13_packed: Optional[list[torch.Tensor]] = None
         self.w2_packed: Optional[list[torch.Tensor]] = None
+        # This layer's row [E] of the model's routing counts (`ExpertLoadRecorder`), or None:
+        # nobody counts, nothing is computed (vLLM's `expert_load_view`).
+        self.expert_load_view: Optional[torch.Tensor] = None
 
     def process_weights_after_loading(self) -> None:
         """With weight packing on (custom_ops="all" on CPU, `cpu_gemm.weight_packing`), re-lay
@@ -313,6 +316,8 @@ class FusedMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """hidden_states [T, H], router_logits [T, E] -> [T, H] (summed over ranks)."""
         topk_weights, topk_ids = fused_topk(router_logits, self.top_k, self.renormalize)
+        if self.expert_load_view is not None:  # tokens routed to each expert, this step
+            self.expert_load_view += torch.bincount(topk_ids.reshape(-1), minlength=self.num_experts)
         w13 = self.w13_weight if self.w13_packed is None else self.w13_packed
         w2 = self.w2_weight if self.w2_packed is None else self.w2_packed
         out = fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, act=self.act_fn)
@@ -322,3 +327,45 @@ class FusedMoE(nn.Module):
         return (f"num_experts={self.num_experts}, top_k={self.top_k}, hidden_size={self.hidden_size}, "
                 f"intermediate_size={self.intermediate_size}, renormalize={self.renormalize}, "
                 f"tp_size={self.tp_size}")
+
+
+# --8<-- [start:expert_load_recorder]
+class ExpertLoadRecorder:
+    """Counts the tokens routed to each expert of each MoE layer (vLLM's EPLB
+    `expert_load_pass`), for the engine's per-step record (`SchedulerStats.expert_load`)::
+
+        expert_load_pass  [L, E] int64    L = the model's FusedMoE layers, in order
+        layer i's FusedMoE.expert_load_view = expert_load_pass[i]   (a view: += writes here)
+
+    Each layer adds one `bincount` of its top-k ids per forward pass (T*k ints: nothing next
+    to its GEMMs); `take()` hands the counts since the last take to the executor once per
+    call and starts again from zero. A dense model gets `NoExpertLoadRecorder`: no buffer, no
+    bincount, `take()` is None. Every rank routes every token (the router is replicated, under
+    TP and EP alike), so rank 0's counts are the whole batch's.
+    """
+
+    def __init__(self, layers: list[FusedMoE]) -> None:
+        device = layers[0].w13_weight.device
+        self.expert_load_pass = torch.zeros(len(layers), layers[0].num_experts, dtype=torch.int64,
+                                            device=device)  # [L, E]
+        for i, layer in enumerate(layers):
+            layer.expert_load_view = self.expert_load_pass[i]
+
+    @staticmethod
+    def for_model(model: nn.Module) -> "ExpertLoadRecorder | NoExpertLoadRecorder":
+        layers = [m for m in model.modules() if isinstance(m, FusedMoE)]
+        return ExpertLoadRecorder(layers) if layers else NoExpertLoadRecorder()
+
+    def take(self) -> Optional[torch.Tensor]:
+        """-> [L, E] int64 on the CPU: tokens routed to each expert since the last take."""
+        counts = self.expert_load_pass.cpu().clone()
+        self.expert_load_pass.zero_()
+        return counts
+# --8<-- [end:expert_load_recorder]
+
+
+class NoExpertLoadRecorder:
+    """A dense model's recorder: nothing to count."""
+
+    def take(self) -> None:
+        return None
