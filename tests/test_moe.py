@@ -20,6 +20,7 @@ Guards:
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -149,6 +150,38 @@ def test_tp_slices_of_the_experts_sum_to_the_unsplit_layer(monkeypatch):
     torch.testing.assert_close(total, want)
 
 
+def test_ep_ranks_hold_whole_experts_and_sum_to_the_unsplit_layer(monkeypatch):
+    """Expert parallelism: rank r keeps experts [r*E/ep, (r+1)*E/ep) whole (not a slice of
+    each), computes only the pairs routed to them (an expert with no local pair costs
+    nothing), and the ranks' outputs add up to the whole layer (the all-reduce)."""
+    monkeypatch.setattr(fused_moe, "tensor_model_parallel_all_reduce", lambda x: x)
+    E, k, H, inter, ep = 6, 2, 8, 6, 3
+    gen = torch.Generator().manual_seed(1)
+    gate, up = torch.randn(E, inter, H, generator=gen), torch.randn(E, inter, H, generator=gen)
+    down = torch.randn(E, H, inter, generator=gen)
+    x, logits = torch.randn(7, H, generator=gen), torch.randn(7, E, generator=gen)
+    logits[:, 4:] -= 100.0  # experts 4 and 5 (the last rank's) get no token: it adds zeros
+    weights, ids = fused_topk(logits, k, False)
+    want = per_pair_formula(x, torch.cat([gate, up], 1), down, weights, ids)
+    total = torch.zeros_like(want)
+    monkeypatch.setattr(parallel_state, "_WORLD_SIZE", ep)
+    for rank in range(ep):
+        monkeypatch.setattr(parallel_state, "_RANK", rank)
+        with parallel_state.expert_parallel(True):
+            layer = FusedMoE(E, k, H, inter, renormalize=False)
+        for e in range(E):  # every rank is offered every expert; it keeps its own
+            layer.weight_loader(layer.w13_weight, gate[e], "w1", e)
+            layer.weight_loader(layer.w13_weight, up[e], "w3", e)
+            layer.weight_loader(layer.w2_weight, down[e], "w2", e)
+        mine = slice(rank * E // ep, (rank + 1) * E // ep)
+        assert torch.equal(layer.w13_weight, torch.cat([gate[mine], up[mine]], 1))  # whole experts
+        assert torch.equal(layer.w2_weight, down[mine])
+        part = layer(x, logits)
+        assert rank < ep - 1 or torch.count_nonzero(part) == 0
+        total += part
+    torch.testing.assert_close(total, want)
+
+
 # -- the model against HF transformers ---------------------------------------------------------
 
 
@@ -220,6 +253,32 @@ def test_greedy_tokens_equal_hf_with_tensor_parallel_2(moe_reference_outputs):
     finally:
         llm.llm_engine.shutdown()
     assert [o.outputs[0].token_ids for o in outputs] == ref["outputs"]
+
+
+def test_greedy_tokens_equal_hf_with_expert_parallel_2(moe_reference_outputs):
+    """enable_expert_parallel with two worker processes (gloo): each rank holds 3 of the 6
+    experts whole, so half the expert bytes; HF's tokens; the routing counts still cover every
+    expert (each rank routes every token)."""
+    ref = moe_reference_outputs("top3-step2")
+    hf_cfg = ref["hf"].config
+    E, H, I = hf_cfg.num_experts, hf_cfg.hidden_size, hf_cfg.moe_intermediate_size
+    llm = LLM(str(ref["path"]), stage=6, dtype="float32", max_num_seqs=3, max_model_len=256,
+              tensor_parallel_size=2, enable_expert_parallel=True, custom_ops="none")
+    try:
+        shapes = llm.llm_engine.model_executor.collective_rpc("param_shapes")
+        params = [SamplingParams(temperature=0.0, max_tokens=m) for m in ref["max_tokens"]]
+        outputs = llm.generate(ref["prompts"], params, use_tqdm=False)
+        expert_load = llm.llm_engine.stats.expert_load
+    finally:
+        llm.llm_engine.shutdown()
+    assert [o.outputs[0].token_ids for o in outputs] == ref["outputs"]
+    for rank_shapes in shapes:
+        experts = {n: s for n, s in rank_shapes.items() if ".mlp.experts." in n}
+        assert experts == {"model.layers.1.mlp.experts.w13_weight": (E // 2, 2 * I, H),
+                           "model.layers.1.mlp.experts.w2_weight": (E // 2, H, I)}
+        # 1/2 of the experts' bytes: E/2 whole experts, against E halves under plain TP
+        assert sum(math.prod(s) for s in experts.values()) * 2 == E * 3 * H * I
+    assert len(expert_load) == E and sum(expert_load) > 0
 
 
 # -- refusals ---------------------------------------------------------------------------------
@@ -296,10 +355,14 @@ def test_gptq_experts_are_refused(moe_reference_outputs):
         Qwen3MoeForCausalLM(config, AnyQuant())
 
 
-def test_expert_parallelism_is_refused_clearly(moe_reference_outputs):
-    path = moe_reference_outputs("top2-renorm-dense0")["path"]
-    with pytest.raises(ValueError, match=r"enable_expert_parallel=True: expert parallelism is not built"):
-        LLM(str(path), enable_expert_parallel=True)
+def test_expert_parallel_needs_experts_divisible_by_the_ranks(moe_reference_outputs):
+    config = moe_reference_outputs("top3-step2")["hf"].config  # 6 experts
+    verify_tensor_parallel(config, 2, enable_expert_parallel=True)
+    with pytest.raises(ValueError, match=r"enable_expert_parallel=True with tensor_parallel_size=4: .*"
+                                         r"num_experts=6 does not divide by 4"):
+        verify_tensor_parallel(config, 4, enable_expert_parallel=True)
+    with pytest.raises(ValueError, match=r"enable_expert_parallel must be true or false"):
+        LLM(str(moe_reference_outputs("top3-step2")["path"]), enable_expert_parallel="yes")
 
 
 # -- routing counts: the engine's record, /metrics, the trace ----------------------------------

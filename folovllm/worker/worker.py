@@ -42,7 +42,8 @@ class Worker:
         self.config = config
         # custom_ops="all" (the CPU fast path) also stores the plain linear weights in oneDNN's
         # layout, as each layer finishes loading (layers/cpu_gemm.py)
-        with weight_packing(config.custom_ops == "all"):
+        # enable_expert_parallel: each rank builds num_experts / tp whole experts (layers/fused_moe.py)
+        with weight_packing(config.custom_ops == "all"), parallel_state.expert_parallel(config.enable_expert_parallel):
             self.model, self.hf_config, _ = load_model(str(model_path), config.torch_dtype, config.device,
                                                         quantization=config.quantization)
         set_custom_ops(self.model, config.custom_ops)  # resolved: "all" or "none"

@@ -32,10 +32,13 @@ Weights, stacked at load into one tensor per projection (vLLM's names), gate and
 With tensor parallelism (stage 08) each rank keeps a 1/tp slice of every expert's intermediate
 dimension, as vLLM does by default: w13 is column-parallel (rows [r*I/tp, (r+1)*I/tp) of gate
 and of up), w2 row-parallel (the same columns), and the partial outputs are summed by one
-all-reduce per layer. The router is replicated.
+all-reduce per layer. The router is replicated. With expert parallelism
+(`enable_expert_parallel`) rank r keeps experts [r*E/tp, (r+1)*E/tp) whole instead, computes
+only the pairs routed to them, and the same all-reduce sums the ranks' outputs: every rank
+already holds every token (attention is tensor-parallel), so no token has to travel.
 
 Left out (docs/moe.md): a C++ kernel (both paths are torch; the GEMMs are oneDNN/MKL's),
-expert parallelism (whole experts per rank, tokens exchanged by all-to-all), GPTQ/int4 experts,
+all-to-all dispatch/combine (EP here rides the TP all-reduce), GPTQ/int4 experts,
 shared experts (Qwen2-MoE, DeepSeek), grouped top-k (DeepSeek-V3), and vLLM's padding of each
 segment to a block size (a GPU kernel's tile; our GEMMs take any segment length).
 """
@@ -51,6 +54,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from folovllm.distributed.parallel_state import (
+    get_expert_parallel_rank,
+    get_expert_parallel_world_size,
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
     tensor_model_parallel_all_reduce,
@@ -170,6 +175,7 @@ def fused_experts(
     topk_weights: torch.Tensor,  # [T, k]
     topk_ids: torch.Tensor,  # [T, k]
     act: Callable[[torch.Tensor], torch.Tensor] = silu_and_mul_native,
+    expert_map: Optional[torch.Tensor] = None,  # [E] global id -> local id, -1 elsewhere (EP)
 ) -> torch.Tensor:
     """The grouped fast path, step by step:
 
@@ -182,21 +188,38 @@ def fused_experts(
         5. combine  out.index_add_(0, sorted_token_ids, y_sorted)   back in token order: each
                     token's k rows are summed into its row
 
+    With expert parallelism (`expert_map`), step 1 first maps each pair's expert to this rank's
+    slot; another rank's pairs sort after every local segment and are never gathered, so the
+    rank computes only its experts' rows and the all-reduce adds the other ranks' in.
+
     Python loops over touched experts only (at most min(E, T*k)); each iteration is two GEMMs,
     oneDNN's (`dense_linear`), on each expert's weights packed in oneDNN's layout when the engine
     packs weights (`FusedMoE.process_weights_after_loading`): at one or two rows per expert, a
     decode step's case, that halves the GEMM's time (benchmarks/moe_layer.py).
     """
-    groups = moe_align(topk_ids, topk_weights, len(w13))
-    x_sorted = hidden_states[groups.sorted_token_ids]  # [T*k, H]
-    y_sorted = torch.empty_like(x_sorted)  # [T*k, H]
+    num_local = len(w13)
+    if expert_map is not None:
+        # Expert parallelism: this rank holds `num_local` of the E experts. A pair routed to
+        # another rank's expert gets id `num_local`, one past the last local expert, so the
+        # sort puts it after every local segment; only the local pairs are gathered and run.
+        local_ids = expert_map[topk_ids]  # [T, k]
+        topk_ids = torch.where(local_ids < 0, num_local, local_ids)
+    groups = moe_align(topk_ids, topk_weights, num_local + 1 if expert_map is not None else num_local)
+    num_pairs = groups.offsets[-1]  # the pairs this rank computes: [0, num_pairs)
+    if groups.expert_ids and groups.expert_ids[-1] == num_local:
+        num_pairs = groups.offsets[-2]  # EP: the other ranks' pairs, sorted last, are left out
+    token_ids = groups.sorted_token_ids[:num_pairs]
+    x_sorted = hidden_states[token_ids]  # [pairs, H]
+    y_sorted = torch.empty_like(x_sorted)  # [pairs, H]
     for i, e in enumerate(groups.expert_ids):
+        if e == num_local:
+            break  # other ranks' experts (EP)
         start, end = groups.offsets[i], groups.offsets[i + 1]
         h = act(dense_linear(x_sorted[start:end], w13[e]))  # [n, 2I] -> [n, I]
         y_sorted[start:end] = dense_linear(h, w2[e])  # [n, H]
-    y_sorted.mul_(groups.sorted_weights.to(y_sorted.dtype)[:, None])
+    y_sorted.mul_(groups.sorted_weights[:num_pairs].to(y_sorted.dtype)[:, None])
     out = torch.zeros_like(hidden_states)  # [T, H]
-    out.index_add_(0, groups.sorted_token_ids, y_sorted)
+    out.index_add_(0, token_ids, y_sorted)
     return out
 # --8<-- [end:fused_experts]
 
@@ -228,21 +251,39 @@ class FusedMoE(nn.Module):
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.renormalize = renormalize
-        self.tp_size = get_tensor_model_parallel_world_size()
-        self.tp_rank = get_tensor_model_parallel_rank()
+        # --8<-- [start:moe_partition]
+        # Expert parallelism (vLLM's `enable_expert_parallel`): rank r holds experts
+        # [r*E/ep, (r+1)*E/ep) whole, and the experts are not sliced (tp 1 for them). Otherwise
+        # every rank holds its 1/tp slice of every expert's intermediate dimension.
+        self.ep_size, self.ep_rank = get_expert_parallel_world_size(), get_expert_parallel_rank()
+        self.use_ep = self.ep_size > 1
+        self.tp_size = 1 if self.use_ep else get_tensor_model_parallel_world_size()
+        self.tp_rank = 0 if self.use_ep else get_tensor_model_parallel_rank()
+        if num_experts % self.ep_size:
+            raise ValueError(f"{prefix}: enable_expert_parallel=True with tensor_parallel_size={self.ep_size} "
+                             f"must divide num_experts={num_experts}: each rank holds whole experts")
         if intermediate_size % self.tp_size:
             raise ValueError(f"{prefix}: tensor_parallel_size={self.tp_size} must divide the experts' "
                              f"moe_intermediate_size={intermediate_size}")
+        self.num_local_experts = num_experts // self.ep_size
+        self.first_local_expert = self.ep_rank * self.num_local_experts
+        # [E] global expert id -> local id on this rank, -1 for another rank's (vLLM's expert_map)
+        self.expert_map: Optional[torch.Tensor] = None
+        if self.use_ep:
+            self.expert_map = torch.full((num_experts,), -1, dtype=torch.long)
+            self.expert_map[self.first_local_expert:self.first_local_expert + self.num_local_experts] = \
+                torch.arange(self.num_local_experts)
         self.intermediate_size_per_partition = intermediate_size // self.tp_size
         inter = self.intermediate_size_per_partition
         params_dtype = params_dtype or torch.get_default_dtype()
         # torch.empty: the checkpoint overwrites every element.
         self.w13_weight = nn.Parameter(
-            torch.empty(num_experts, 2 * inter, hidden_size, dtype=params_dtype), requires_grad=False
-        )  # [E, 2I/tp, H]
+            torch.empty(self.num_local_experts, 2 * inter, hidden_size, dtype=params_dtype), requires_grad=False
+        )  # [E/ep, 2I/tp, H]
         self.w2_weight = nn.Parameter(
-            torch.empty(num_experts, hidden_size, inter, dtype=params_dtype), requires_grad=False
-        )  # [E, H, I/tp]
+            torch.empty(self.num_local_experts, hidden_size, inter, dtype=params_dtype), requires_grad=False
+        )  # [E/ep, H, I/tp]
+        # --8<-- [end:moe_partition]
         for param in (self.w13_weight, self.w2_weight):
             set_weight_attrs(param, weight_loader=self.weight_loader)
         self.act_fn = SiluAndMul()  # a CustomOp: our C++ kernel when custom_ops="all"
@@ -257,11 +298,11 @@ class FusedMoE(nn.Module):
         """With weight packing on (custom_ops="all" on CPU, `cpu_gemm.weight_packing`), re-lay
         each expert's w13 and w2 in oneDNN's blocked layout, one tensor per expert, and drop the
         stacked copies (same bytes, not twice). A no-op otherwise."""
-        w13 = [pack_weight(self.w13_weight[e]) for e in range(self.num_experts)]
+        w13 = [pack_weight(self.w13_weight[e]) for e in range(self.num_local_experts)]
         if any(w is None for w in w13):
             return
         self.w13_packed = w13
-        self.w2_packed = [pack_weight(self.w2_weight[e]) for e in range(self.num_experts)]
+        self.w2_packed = [pack_weight(self.w2_weight[e]) for e in range(self.num_local_experts)]
         for name in ("w13_weight", "w2_weight"):  # an empty stand-in keeps the parameter's name
             setattr(self, name, nn.Parameter(torch.empty(0, dtype=self.w13_packed[0].dtype), requires_grad=False))
 
@@ -279,11 +320,15 @@ class FusedMoE(nn.Module):
             mlp.experts.{e}.down_proj.weight [H, I]  (w2) -> w2_weight[e]              rank's columns
 
         Rank r keeps intermediate features [r * I/tp, (r+1) * I/tp) of each expert: rows of
-        gate and up (column-parallel), columns of down (row-parallel).
+        gate and up (column-parallel), columns of down (row-parallel). With expert parallelism
+        it keeps its own experts whole and skips the others' tensors.
         """
         if not 0 <= expert_id < self.num_experts:
             raise ValueError(f"{self.prefix}: expert {expert_id} is out of range: the config has "
                              f"num_experts={self.num_experts}")
+        expert_id -= self.first_local_expert  # global -> this rank's slot (EP; 0 offset otherwise)
+        if not 0 <= expert_id < self.num_local_experts:
+            return  # another rank's expert
         inter, full = self.intermediate_size_per_partition, self.intermediate_size
         start = self.tp_rank * inter
         if shard_id in ("w1", "w3"):
@@ -320,13 +365,16 @@ class FusedMoE(nn.Module):
             self.expert_load_view += torch.bincount(topk_ids.reshape(-1), minlength=self.num_experts)
         w13 = self.w13_weight if self.w13_packed is None else self.w13_packed
         w2 = self.w2_weight if self.w2_packed is None else self.w2_packed
-        out = fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, act=self.act_fn)
+        # TP: partial sums of every expert's slice; EP: whole results of this rank's experts.
+        # Either way each token's output is the sum over ranks: one all-reduce.
+        out = fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, act=self.act_fn,
+                            expert_map=self.expert_map)
         return tensor_model_parallel_all_reduce(out)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, top_k={self.top_k}, hidden_size={self.hidden_size}, "
                 f"intermediate_size={self.intermediate_size}, renormalize={self.renormalize}, "
-                f"tp_size={self.tp_size}")
+                f"tp_size={self.tp_size}, ep_size={self.ep_size}")
 
 
 # --8<-- [start:expert_load_recorder]
