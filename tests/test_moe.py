@@ -344,15 +344,102 @@ def test_tensor_parallel_must_divide_the_experts(moe_reference_outputs):
         verify_tensor_parallel(config, 2)
 
 
-def test_gptq_experts_are_refused(moe_reference_outputs):
+def test_quantized_experts_other_than_gptq_are_refused(moe_reference_outputs):
     from folovllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
 
-    class AnyQuant:  # stands for a GPTQ config: the model refuses any quantization
+    class AnyQuant:  # stands for compressed-tensors or any format but GPTQ's
         pass
 
     config = moe_reference_outputs("top2-renorm-dense0")["hf"].config
-    with pytest.raises(ValueError, match=r"GPTQ experts are not supported"):
+    with pytest.raises(ValueError, match=r"AnyQuant Qwen3-MoE checkpoint: quantized experts are read in GPTQ's format only"):
         Qwen3MoeForCausalLM(config, AnyQuant())
+
+
+def test_gptq_experts_sliced_by_tensor_parallel_are_refused(monkeypatch):
+    from folovllm.model_executor.layers.quantization.gptq import GPTQConfig
+
+    monkeypatch.setattr(parallel_state, "_WORLD_SIZE", 2)
+    with pytest.raises(ValueError, match=r"GPTQ experts with tensor_parallel_size=2 need enable_expert_parallel=True"):
+        FusedMoE(4, 2, 64, 32, renormalize=True, quant_config=GPTQConfig(group_size=32))
+    with parallel_state.expert_parallel(True):  # whole experts: 2 of the 4 on this rank
+        layer = FusedMoE(4, 2, 64, 32, renormalize=True, quant_config=GPTQConfig(group_size=32))
+    assert layer.w13_qweight.shape == (2, 2, 64 // 8, 32) and layer.w2_qweight.shape == (2, 32 // 8, 64)
+
+
+# -- GPTQ experts: `folovllm quantize` on a MoE checkpoint, then loaded back --------------------
+
+
+@pytest.fixture(scope="module")
+def gptq_moe(moe_reference_outputs, tmp_path_factory) -> dict[str, Path]:
+    """The top-2 tiny MoE quantized by our tool (4 bits, groups of 32, act-order so gate and up
+    keep different g_idx), and the float checkpoint it dequantizes to."""
+    from folovllm.tools.gptq_quantizer import dequantize_checkpoint, quantize_checkpoint
+
+    root = tmp_path_factory.mktemp("gptq_moe")
+    src = moe_reference_outputs("top2-renorm-dense0")["path"]
+    quantized = quantize_checkpoint(str(src), str(root / "gptq"), bits=4, group_size=32, desc_act=True,
+                                    num_samples=8, seq_len=32, progress=False)
+    return {"float": src, "gptq": quantized, "dequantized": dequantize_checkpoint(str(quantized), str(root / "deq"))}
+
+
+def test_quantized_moe_has_gptqmodel_tensor_names(gptq_moe):
+    """GPTQModel's layout for Qwen3-MoE: each expert's gate/up/down is a quantized linear
+    (qweight, qzeros, scales, g_idx); the router (`mlp.gate`) and the dense layer's norms stay
+    float; no float expert weight is left."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(gptq_moe["gptq"] / "model.safetensors")
+    config = json.loads((gptq_moe["gptq"] / "config.json").read_text())
+    E, H, inter = config.get("num_experts", config.get("num_local_experts")), config["hidden_size"], config["moe_intermediate_size"]
+    assert config["quantization_config"]["quant_method"] == "gptq"
+    expert_names = {n for n in tensors if ".mlp.experts." in n}
+    assert expert_names == {f"model.layers.1.mlp.experts.{e}.{p}.{k}" for e in range(E)
+                            for p in ("gate_proj", "up_proj", "down_proj")
+                            for k in ("qweight", "qzeros", "scales", "g_idx")}
+    assert tensors["model.layers.1.mlp.experts.0.gate_proj.qweight"].shape == (H // 8, inter)
+    assert tensors["model.layers.1.mlp.experts.0.down_proj.qweight"].shape == (inter // 8, H)
+    assert tensors["model.layers.1.mlp.gate.weight"].dtype == torch.float32  # the router: float
+    assert "model.layers.1.mlp.gate.qweight" not in tensors
+    assert "model.layers.0.mlp.gate_proj.qweight" in tensors  # the dense layer is quantized too
+
+
+def test_gptq_experts_equal_the_model_on_its_dequantized_weights(gptq_moe, moe_reference_outputs):
+    """Our 4-bit experts (reference kernel: dequantize per expert, the same grouped path) give
+    the logits of the float model run on the dequantized weights, and its greedy tokens."""
+    ref = moe_reference_outputs("top2-renorm-dense0")
+    model, _, _ = load_model(str(gptq_moe["gptq"]), dtype=torch.float32)
+    layers = [m for m in model.modules() if isinstance(m, FusedMoE)]
+    assert layers and all(type(m.quant_method).__name__ == "GPTQFusedMoEMethod" for m in layers)
+    float_model, _, _ = load_model(str(gptq_moe["dequantized"]), dtype=torch.float32)
+    prompts = [p for p in ref["prompts"] if len(p) <= 64][:3]
+    starts = [max(1, len(p) // 2) for p in prompts]
+    for got, want in zip(our_decode_logits(model, prompts, starts), our_decode_logits(float_model, prompts, starts)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    params = [SamplingParams(temperature=0.0, max_tokens=m) for m in ref["max_tokens"]]
+    tokens = {}
+    for name in ("gptq", "dequantized"):
+        llm = LLM(str(gptq_moe[name]), stage=6, dtype="float32", max_num_seqs=3, max_model_len=256)
+        tokens[name] = [o.outputs[0].token_ids for o in llm.generate(ref["prompts"], params, use_tqdm=False)]
+    assert tokens["gptq"] == tokens["dequantized"]
+    assert num_distinct(tokens["gptq"]) > GREEDY_MIN_DISTINCT
+
+
+def test_gptq_experts_on_the_int4_kernel_match_the_reference(gptq_moe, monkeypatch):
+    """Each expert segment through torch's int4 CPU kernel (stage 07's cpu_int4, bfloat16
+    activations) against the reference dequantize-then-matmul, on the same checkpoint."""
+    from folovllm.model_executor.layers.quantization.gptq import cpu_int4_available
+
+    if not cpu_int4_available():
+        pytest.skip("this torch has no int4 CPU kernel")
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [300, 4, 17]]
+    logits = {}
+    for kernel in ("reference", "cpu_int4"):
+        monkeypatch.setenv("FOLOVLLM_GPTQ_KERNEL", kernel)
+        model, _, _ = load_model(str(gptq_moe["gptq"]), dtype=torch.float32)
+        assert all(m.quant_method.kernels == {"w13": kernel, "w2": kernel}
+                   for m in model.modules() if isinstance(m, FusedMoE))
+        logits[kernel] = torch.cat(our_decode_logits(model, prompts, [3, 1]))
+    torch.testing.assert_close(logits["cpu_int4"], logits["reference"], atol=0.1, rtol=0.05)
 
 
 def test_expert_parallel_needs_experts_divisible_by_the_ranks(moe_reference_outputs):
