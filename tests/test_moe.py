@@ -99,6 +99,13 @@ def test_fused_and_reference_equal_the_formula(tokens, num_experts, k_frac, skew
     want = per_pair_formula(x, w13, w2, topk_weights, topk_ids)
     torch.testing.assert_close(moe_reference(x, w13, w2, topk_weights, topk_ids), want)
     torch.testing.assert_close(fused_experts(x, w13, w2, topk_weights, topk_ids), want)
+    if num_experts % 2 == 0:  # expert parallelism over 2 ranks: each its half, the sums add up
+        half, total = num_experts // 2, torch.zeros_like(want)
+        for mine in (slice(0, half), slice(half, num_experts)):
+            expert_map = torch.full((num_experts,), -1, dtype=torch.long)
+            expert_map[mine] = torch.arange(half)
+            total += fused_experts(x, w13[mine], w2[mine], topk_weights, topk_ids, expert_map=expert_map)
+        torch.testing.assert_close(total, want)
     groups = moe_align(topk_ids, topk_weights, num_experts)
     assert groups.num_experts_touched == len(set(topk_ids.flatten().tolist()))
 
