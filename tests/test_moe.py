@@ -13,8 +13,16 @@ Guards:
 - the engine packs each expert's weights for oneDNN with custom_ops="all" and not with "none",
   with HF's tokens either way;
 - each rank's slice of the experts (TP) sums to the unsplit layer;
-- bad configs and checkpoints, GPTQ experts and expert parallelism are refused with a ValueError
-  naming the field or tensor.
+- expert parallelism: each rank holds whole experts (E/N of them, 1/N of the bytes), their
+  outputs add up to the layer, greedy = HF over two worker processes;
+- routing counts in the step record, /metrics and the trace equal HF's router top-k; a dense
+  model records nothing;
+- GPTQ experts: `folovllm quantize` writes GPTQModel's layout (router float), the 4-bit experts
+  equal the model on their dequantized weights (logits, greedy), the int4 kernel matches the
+  reference, and they run over two expert-parallel ranks;
+- bad configs and checkpoints, quantized experts other than GPTQ, GPTQ experts sliced by TP,
+  and expert counts that do not divide by the ranks are refused with a ValueError naming the
+  field or tensor.
 """
 
 from __future__ import annotations
@@ -523,3 +531,22 @@ def test_dense_model_records_no_routing(tiny_qwen3):
     llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False)
     assert engine.last_scheduler_stats.expert_load is None and engine.stats.expert_load == []
     assert "moe_expert_tokens_total{" not in metrics.render().decode()
+
+
+def test_gptq_experts_with_expert_parallel_2(gptq_moe, moe_reference_outputs):
+    """GPTQ experts over two ranks: each holds half the experts' 4-bit tensors, whole; the
+    tokens equal the one-process run of the same checkpoint."""
+    ref = moe_reference_outputs("top2-renorm-dense0")
+    prompts, params = ref["prompts"][:3], SamplingParams(temperature=0.0, max_tokens=8)
+    one = LLM(str(gptq_moe["gptq"]), stage=6, dtype="float32", max_model_len=256)
+    want = [o.outputs[0].token_ids for o in one.generate(prompts, params, use_tqdm=False)]
+    llm = LLM(str(gptq_moe["gptq"]), stage=6, dtype="float32", max_model_len=256,
+              tensor_parallel_size=2, enable_expert_parallel=True)
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        shapes = llm.llm_engine.model_executor.collective_rpc("param_shapes")
+    finally:
+        llm.llm_engine.shutdown()
+    assert got == want
+    E = ref["hf"].config.num_experts
+    assert all(s["model.layers.1.mlp.experts.w13_qweight"][0] == E // 2 for s in shapes)
