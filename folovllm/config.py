@@ -143,7 +143,7 @@ class EngineConfig:
     quantization: Optional[str] = None
     tensor_parallel_size: int = 1  # stage 08, an axis
     # mixture of experts (docs/moe.md): vLLM's switch from slicing every expert across the
-    # tensor-parallel ranks to giving each rank whole experts. Not built: True is refused.
+    # tensor-parallel ranks to giving each rank num_experts / tensor_parallel_size whole experts.
     enable_expert_parallel: bool = False
     # stage 09, an axis: draft tokens (n-gram lookup or a draft model) verified by the target,
     # `1 + k` tokens per decoding request per step. None = off. A dict is checked and turned
@@ -273,10 +273,8 @@ class EngineConfig:
                 "kernels in Triton's CPU interpreter, slowly, as the tests do)"
             )
         _positive_int("tensor_parallel_size", self.tensor_parallel_size)
-        if self.enable_expert_parallel is not False:
-            raise ValueError(
-                f"enable_expert_parallel={self.enable_expert_parallel!r}: expert parallelism is not built; "
-                "with tensor_parallel_size > 1 each rank holds a slice of every expert (vLLM's default)")
+        if not isinstance(self.enable_expert_parallel, bool):
+            raise ValueError(f"enable_expert_parallel must be true or false, got {self.enable_expert_parallel!r}")
         if on_cuda and self.tensor_parallel_size > torch.cuda.device_count():
             raise ValueError(
                 f"tensor_parallel_size={self.tensor_parallel_size} needs one GPU per rank, but "
@@ -452,6 +450,8 @@ def describe_engine(config: "EngineConfig", hf_config: Any, dtype: torch.dtype) 
         parts[0] += f" + {quantization}"
     if config.tensor_parallel_size > 1:
         parts[0] += f" + tensor parallel x{config.tensor_parallel_size}"
+        if config.enable_expert_parallel:
+            parts[0] += " (experts: expert parallel)"
     if config.enable_lora:
         parts[0] += f" + LoRA (max_loras={config.max_loras})"
     spec = config.speculative_config
@@ -472,10 +472,12 @@ def _positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def verify_tensor_parallel(hf_config: Any, tensor_parallel_size: int) -> None:
+def verify_tensor_parallel(hf_config: Any, tensor_parallel_size: int, enable_expert_parallel: bool = False) -> None:
     """Refuse a split the model's shapes do not allow (vLLM's `verify_with_parallel_config`):
     every rank needs whole query heads and an equal share of the MLP; key/value heads are split
-    when there are at least as many as ranks and replicated when there are fewer."""
+    when there are at least as many as ranks and replicated when there are fewer. A MoE's
+    experts are split by their intermediate dimension, or with `enable_expert_parallel` handed
+    out whole, the same number to each rank."""
     tp = tensor_parallel_size
     heads, kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
     if heads % tp:
@@ -492,6 +494,15 @@ def verify_tensor_parallel(hf_config: Any, tensor_parallel_size: int) -> None:
             f"tensor_parallel_size={tp} must divide the model's intermediate_size "
             f"({hf_config.intermediate_size})"
         )
+    num_experts = getattr(hf_config, "num_experts", None)
+    if enable_expert_parallel and num_experts:  # MoE with EP: whole experts per rank
+        if num_experts % tp:
+            raise ValueError(
+                f"enable_expert_parallel=True with tensor_parallel_size={tp}: each rank holds "
+                f"num_experts / {tp} whole experts, but the model's num_experts={num_experts} does "
+                f"not divide by {tp}; pick a tensor_parallel_size that divides it, or leave "
+                "enable_expert_parallel off (each rank then holds a slice of every expert)")
+        return
     moe_inter = getattr(hf_config, "moe_intermediate_size", None)  # MoE: each expert is split
     if moe_inter and moe_inter % tp:
         raise ValueError(f"tensor_parallel_size={tp} must divide the model's moe_intermediate_size ({moe_inter})")

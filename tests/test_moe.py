@@ -13,13 +13,22 @@ Guards:
 - the engine packs each expert's weights for oneDNN with custom_ops="all" and not with "none",
   with HF's tokens either way;
 - each rank's slice of the experts (TP) sums to the unsplit layer;
-- bad configs and checkpoints, GPTQ experts and expert parallelism are refused with a ValueError
-  naming the field or tensor.
+- expert parallelism: each rank holds whole experts (E/N of them, 1/N of the bytes), their
+  outputs add up to the layer, greedy = HF over two worker processes;
+- routing counts in the step record, /metrics and the trace equal HF's router top-k; a dense
+  model records nothing;
+- GPTQ experts: `folovllm quantize` writes GPTQModel's layout (router float), the 4-bit experts
+  equal the model on their dequantized weights (logits, greedy), the int4 kernel matches the
+  reference, and they run over two expert-parallel ranks;
+- bad configs and checkpoints, quantized experts other than GPTQ, GPTQ experts sliced by TP,
+  and expert counts that do not divide by the ranks are refused with a ValueError naming the
+  field or tensor.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -98,6 +107,13 @@ def test_fused_and_reference_equal_the_formula(tokens, num_experts, k_frac, skew
     want = per_pair_formula(x, w13, w2, topk_weights, topk_ids)
     torch.testing.assert_close(moe_reference(x, w13, w2, topk_weights, topk_ids), want)
     torch.testing.assert_close(fused_experts(x, w13, w2, topk_weights, topk_ids), want)
+    if num_experts % 2 == 0:  # expert parallelism over 2 ranks: each its half, the sums add up
+        half, total = num_experts // 2, torch.zeros_like(want)
+        for mine in (slice(0, half), slice(half, num_experts)):
+            expert_map = torch.full((num_experts,), -1, dtype=torch.long)
+            expert_map[mine] = torch.arange(half)
+            total += fused_experts(x, w13[mine], w2[mine], topk_weights, topk_ids, expert_map=expert_map)
+        torch.testing.assert_close(total, want)
     groups = moe_align(topk_ids, topk_weights, num_experts)
     assert groups.num_experts_touched == len(set(topk_ids.flatten().tolist()))
 
@@ -146,6 +162,38 @@ def test_tp_slices_of_the_experts_sum_to_the_unsplit_layer(monkeypatch):
             layer.weight_loader(layer.w2_weight, down[e], "w2", e)
         assert layer.w13_weight.shape == (E, 2 * inter // tp, H) and layer.w2_weight.shape == (E, H, inter // tp)
         total += layer(x, logits)
+    torch.testing.assert_close(total, want)
+
+
+def test_ep_ranks_hold_whole_experts_and_sum_to_the_unsplit_layer(monkeypatch):
+    """Expert parallelism: rank r keeps experts [r*E/ep, (r+1)*E/ep) whole (not a slice of
+    each), computes only the pairs routed to them (an expert with no local pair costs
+    nothing), and the ranks' outputs add up to the whole layer (the all-reduce)."""
+    monkeypatch.setattr(fused_moe, "tensor_model_parallel_all_reduce", lambda x: x)
+    E, k, H, inter, ep = 6, 2, 8, 6, 3
+    gen = torch.Generator().manual_seed(1)
+    gate, up = torch.randn(E, inter, H, generator=gen), torch.randn(E, inter, H, generator=gen)
+    down = torch.randn(E, H, inter, generator=gen)
+    x, logits = torch.randn(7, H, generator=gen), torch.randn(7, E, generator=gen)
+    logits[:, 4:] -= 100.0  # experts 4 and 5 (the last rank's) get no token: it adds zeros
+    weights, ids = fused_topk(logits, k, False)
+    want = per_pair_formula(x, torch.cat([gate, up], 1), down, weights, ids)
+    total = torch.zeros_like(want)
+    monkeypatch.setattr(parallel_state, "_WORLD_SIZE", ep)
+    for rank in range(ep):
+        monkeypatch.setattr(parallel_state, "_RANK", rank)
+        with parallel_state.expert_parallel(True):
+            layer = FusedMoE(E, k, H, inter, renormalize=False)
+        for e in range(E):  # every rank is offered every expert; it keeps its own
+            layer.weight_loader(layer.w13_weight, gate[e], "w1", e)
+            layer.weight_loader(layer.w13_weight, up[e], "w3", e)
+            layer.weight_loader(layer.w2_weight, down[e], "w2", e)
+        mine = slice(rank * E // ep, (rank + 1) * E // ep)
+        assert torch.equal(layer.w13_weight, torch.cat([gate[mine], up[mine]], 1))  # whole experts
+        assert torch.equal(layer.w2_weight, down[mine])
+        part = layer(x, logits)
+        assert rank < ep - 1 or torch.count_nonzero(part) == 0
+        total += part
     torch.testing.assert_close(total, want)
 
 
@@ -222,6 +270,32 @@ def test_greedy_tokens_equal_hf_with_tensor_parallel_2(moe_reference_outputs):
     assert [o.outputs[0].token_ids for o in outputs] == ref["outputs"]
 
 
+def test_greedy_tokens_equal_hf_with_expert_parallel_2(moe_reference_outputs):
+    """enable_expert_parallel with two worker processes (gloo): each rank holds 3 of the 6
+    experts whole, so half the expert bytes; HF's tokens; the routing counts still cover every
+    expert (each rank routes every token)."""
+    ref = moe_reference_outputs("top3-step2")
+    hf_cfg = ref["hf"].config
+    E, H, I = hf_cfg.num_experts, hf_cfg.hidden_size, hf_cfg.moe_intermediate_size
+    llm = LLM(str(ref["path"]), stage=6, dtype="float32", max_num_seqs=3, max_model_len=256,
+              tensor_parallel_size=2, enable_expert_parallel=True, custom_ops="none")
+    try:
+        shapes = llm.llm_engine.model_executor.collective_rpc("param_shapes")
+        params = [SamplingParams(temperature=0.0, max_tokens=m) for m in ref["max_tokens"]]
+        outputs = llm.generate(ref["prompts"], params, use_tqdm=False)
+        expert_load = llm.llm_engine.stats.expert_load
+    finally:
+        llm.llm_engine.shutdown()
+    assert [o.outputs[0].token_ids for o in outputs] == ref["outputs"]
+    for rank_shapes in shapes:
+        experts = {n: s for n, s in rank_shapes.items() if ".mlp.experts." in n}
+        assert experts == {"model.layers.1.mlp.experts.w13_weight": (E // 2, 2 * I, H),
+                           "model.layers.1.mlp.experts.w2_weight": (E // 2, H, I)}
+        # 1/2 of the experts' bytes: E/2 whole experts, against E halves under plain TP
+        assert sum(math.prod(s) for s in experts.values()) * 2 == E * 3 * H * I
+    assert len(expert_load) == E and sum(expert_load) > 0
+
+
 # -- refusals ---------------------------------------------------------------------------------
 
 
@@ -285,18 +359,194 @@ def test_tensor_parallel_must_divide_the_experts(moe_reference_outputs):
         verify_tensor_parallel(config, 2)
 
 
-def test_gptq_experts_are_refused(moe_reference_outputs):
+def test_quantized_experts_other_than_gptq_are_refused(moe_reference_outputs):
     from folovllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
 
-    class AnyQuant:  # stands for a GPTQ config: the model refuses any quantization
+    class AnyQuant:  # stands for compressed-tensors or any format but GPTQ's
         pass
 
     config = moe_reference_outputs("top2-renorm-dense0")["hf"].config
-    with pytest.raises(ValueError, match=r"GPTQ experts are not supported"):
+    with pytest.raises(ValueError, match=r"AnyQuant Qwen3-MoE checkpoint: quantized experts are read in GPTQ's format only"):
         Qwen3MoeForCausalLM(config, AnyQuant())
 
 
-def test_expert_parallelism_is_refused_clearly(moe_reference_outputs):
-    path = moe_reference_outputs("top2-renorm-dense0")["path"]
-    with pytest.raises(ValueError, match=r"enable_expert_parallel=True: expert parallelism is not built"):
-        LLM(str(path), enable_expert_parallel=True)
+def test_gptq_experts_sliced_by_tensor_parallel_are_refused(monkeypatch):
+    from folovllm.model_executor.layers.quantization.gptq import GPTQConfig
+
+    monkeypatch.setattr(parallel_state, "_WORLD_SIZE", 2)
+    with pytest.raises(ValueError, match=r"GPTQ experts with tensor_parallel_size=2 need enable_expert_parallel=True"):
+        FusedMoE(4, 2, 64, 32, renormalize=True, quant_config=GPTQConfig(group_size=32))
+    with parallel_state.expert_parallel(True):  # whole experts: 2 of the 4 on this rank
+        layer = FusedMoE(4, 2, 64, 32, renormalize=True, quant_config=GPTQConfig(group_size=32))
+    assert layer.w13_qweight.shape == (2, 2, 64 // 8, 32) and layer.w2_qweight.shape == (2, 32 // 8, 64)
+
+
+# -- GPTQ experts: `folovllm quantize` on a MoE checkpoint, then loaded back --------------------
+
+
+@pytest.fixture(scope="module")
+def gptq_moe(moe_reference_outputs, tmp_path_factory) -> dict[str, Path]:
+    """The top-2 tiny MoE quantized by our tool (4 bits, groups of 32, act-order so gate and up
+    keep different g_idx), and the float checkpoint it dequantizes to."""
+    from folovllm.tools.gptq_quantizer import dequantize_checkpoint, quantize_checkpoint
+
+    root = tmp_path_factory.mktemp("gptq_moe")
+    src = moe_reference_outputs("top2-renorm-dense0")["path"]
+    quantized = quantize_checkpoint(str(src), str(root / "gptq"), bits=4, group_size=32, desc_act=True,
+                                    num_samples=8, seq_len=32, progress=False)
+    return {"float": src, "gptq": quantized, "dequantized": dequantize_checkpoint(str(quantized), str(root / "deq"))}
+
+
+def test_quantized_moe_has_gptqmodel_tensor_names(gptq_moe):
+    """GPTQModel's layout for Qwen3-MoE: each expert's gate/up/down is a quantized linear
+    (qweight, qzeros, scales, g_idx); the router (`mlp.gate`) and the dense layer's norms stay
+    float; no float expert weight is left."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(gptq_moe["gptq"] / "model.safetensors")
+    config = json.loads((gptq_moe["gptq"] / "config.json").read_text())
+    E, H, inter = config.get("num_experts", config.get("num_local_experts")), config["hidden_size"], config["moe_intermediate_size"]
+    assert config["quantization_config"]["quant_method"] == "gptq"
+    expert_names = {n for n in tensors if ".mlp.experts." in n}
+    assert expert_names == {f"model.layers.1.mlp.experts.{e}.{p}.{k}" for e in range(E)
+                            for p in ("gate_proj", "up_proj", "down_proj")
+                            for k in ("qweight", "qzeros", "scales", "g_idx")}
+    assert tensors["model.layers.1.mlp.experts.0.gate_proj.qweight"].shape == (H // 8, inter)
+    assert tensors["model.layers.1.mlp.experts.0.down_proj.qweight"].shape == (inter // 8, H)
+    assert tensors["model.layers.1.mlp.gate.weight"].dtype == torch.float32  # the router: float
+    assert "model.layers.1.mlp.gate.qweight" not in tensors
+    assert "model.layers.0.mlp.gate_proj.qweight" in tensors  # the dense layer is quantized too
+
+
+def test_gptq_experts_equal_the_model_on_its_dequantized_weights(gptq_moe, moe_reference_outputs):
+    """Our 4-bit experts (reference kernel: dequantize per expert, the same grouped path) give
+    the logits of the float model run on the dequantized weights, and its greedy tokens."""
+    ref = moe_reference_outputs("top2-renorm-dense0")
+    model, _, _ = load_model(str(gptq_moe["gptq"]), dtype=torch.float32)
+    layers = [m for m in model.modules() if isinstance(m, FusedMoE)]
+    assert layers and all(type(m.quant_method).__name__ == "GPTQFusedMoEMethod" for m in layers)
+    float_model, _, _ = load_model(str(gptq_moe["dequantized"]), dtype=torch.float32)
+    prompts = [p for p in ref["prompts"] if len(p) <= 64][:3]
+    starts = [max(1, len(p) // 2) for p in prompts]
+    for got, want in zip(our_decode_logits(model, prompts, starts), our_decode_logits(float_model, prompts, starts)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    params = [SamplingParams(temperature=0.0, max_tokens=m) for m in ref["max_tokens"]]
+    tokens = {}
+    for name in ("gptq", "dequantized"):
+        llm = LLM(str(gptq_moe[name]), stage=6, dtype="float32", max_num_seqs=3, max_model_len=256)
+        tokens[name] = [o.outputs[0].token_ids for o in llm.generate(ref["prompts"], params, use_tqdm=False)]
+    assert tokens["gptq"] == tokens["dequantized"]
+    assert num_distinct(tokens["gptq"]) > GREEDY_MIN_DISTINCT
+
+
+def test_gptq_experts_on_the_int4_kernel_match_the_reference(gptq_moe, monkeypatch):
+    """Each expert segment through torch's int4 CPU kernel (stage 07's cpu_int4, bfloat16
+    activations) against the reference dequantize-then-matmul, on the same checkpoint."""
+    from folovllm.model_executor.layers.quantization.gptq import cpu_int4_available
+
+    if not cpu_int4_available():
+        pytest.skip("this torch has no int4 CPU kernel")
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [300, 4, 17]]
+    logits = {}
+    for kernel in ("reference", "cpu_int4"):
+        monkeypatch.setenv("FOLOVLLM_GPTQ_KERNEL", kernel)
+        model, _, _ = load_model(str(gptq_moe["gptq"]), dtype=torch.float32)
+        assert all(m.quant_method.kernels == {"w13": kernel, "w2": kernel}
+                   for m in model.modules() if isinstance(m, FusedMoE))
+        logits[kernel] = torch.cat(our_decode_logits(model, prompts, [3, 1]))
+    torch.testing.assert_close(logits["cpu_int4"], logits["reference"], atol=0.1, rtol=0.05)
+
+
+def test_expert_parallel_needs_experts_divisible_by_the_ranks(moe_reference_outputs):
+    config = moe_reference_outputs("top3-step2")["hf"].config  # 6 experts
+    verify_tensor_parallel(config, 2, enable_expert_parallel=True)
+    with pytest.raises(ValueError, match=r"enable_expert_parallel=True with tensor_parallel_size=4: .*"
+                                         r"num_experts=6 does not divide by 4"):
+        verify_tensor_parallel(config, 4, enable_expert_parallel=True)
+    with pytest.raises(ValueError, match=r"enable_expert_parallel must be true or false"):
+        LLM(str(moe_reference_outputs("top3-step2")["path"]), enable_expert_parallel="yes")
+
+
+# -- routing counts: the engine's record, /metrics, the trace ----------------------------------
+
+
+def hf_routing_counts(hf, token_ids: list[int]) -> torch.Tensor:
+    """[L, E]: tokens HF's routers send to each expert of each MoE layer, from its gate logits
+    (softmax, top-k: the choice does not depend on renormalisation)."""
+    with torch.no_grad():
+        out = hf(torch.tensor([token_ids]), output_router_logits=True)
+    k, E = hf.config.num_experts_per_tok, hf.config.num_experts
+    return torch.stack([torch.bincount(logits.reshape(-1, E).topk(k, -1).indices.reshape(-1), minlength=E)
+                        for logits in out.router_logits])
+
+
+@pytest.mark.parametrize("name", ["top1-untied", "top3-step2"])
+def test_routing_counts_equal_hf_router_choices(name, moe_reference_outputs):
+    """Every step's record carries the tokens routed to each expert; over a run they add up to
+    what HF's routers pick for the same tokens (each request's prompt and the outputs it fed
+    back), the first step's (the prompts' prefill) to HF's on the prompts alone; /metrics and
+    the trace show the same counts."""
+    from folovllm.engine.metrics import PrometheusMetrics
+    from folovllm.trace.recorder import StepTracer
+
+    ref = moe_reference_outputs(name)
+    hf, prompts, max_tokens = ref["hf"], ref["prompts"][:3], ref["max_tokens"][:3]
+    llm = LLM(str(ref["path"]), stage=6, dtype="float32", max_num_seqs=3, max_model_len=256)
+    engine = llm.llm_engine
+    metrics = PrometheusMetrics("m", engine.kv_cache_capacity_tokens)
+    engine.stat_loggers.append(metrics.record)
+    tracer = StepTracer.attach(engine)
+    outputs = llm.generate(prompts, [SamplingParams(temperature=0.0, max_tokens=m) for m in max_tokens],
+                           use_tqdm=False)
+    steps = list(tracer.steps)
+    want_first = sum(hf_routing_counts(hf, p) for p in prompts)  # [L, E]
+    first = steps[0].expert_load
+    assert steps[0].num_prefill_tokens == sum(map(len, prompts))  # the three prompts at once
+    assert first.num_tokens_per_expert == want_first.sum(0).tolist()
+    assert first.num_experts_touched == (want_first > 0).sum(1).tolist()
+    computed = [p + o.outputs[0].token_ids[:-1] for p, o in zip(prompts, outputs)]  # the last is never fed
+    want = sum(hf_routing_counts(hf, ids) for ids in computed).sum(0)  # [E]
+    got = torch.tensor([s.expert_load.num_tokens_per_expert for s in steps]).sum(0)
+    assert got.tolist() == want.tolist() and engine.stats.expert_load == want.tolist()
+    num_layers = len(hf_routing_counts(hf, [1]))
+    assert int(want.sum()) == sum(map(len, computed)) * hf.config.num_experts_per_tok * num_layers
+    text = metrics.render().decode()
+    for e, count in enumerate(want.tolist()):
+        if count:
+            assert f'folovllm:moe_expert_tokens_total{{expert="{e}",model_name="m"}} {float(count)}' in text
+    step_event = next(e for e in tracer.perfetto_events() if e.get("name") == "step 1")
+    assert step_event["args"]["experts"].startswith(f"touched {first.mean_experts_touched:.1f}/")
+
+
+def test_dense_model_records_no_routing(tiny_qwen3):
+    """A dense model has no recorder to fill: no bincount, no record, no metric series."""
+    from folovllm.engine.metrics import PrometheusMetrics
+    from folovllm.model_executor.layers.fused_moe import NoExpertLoadRecorder
+
+    llm = LLM(str(tiny_qwen3), stage=6, dtype="float32", max_model_len=64)
+    engine = llm.llm_engine
+    assert isinstance(engine.model_executor.worker.expert_load, NoExpertLoadRecorder)
+    metrics = PrometheusMetrics("m", engine.kv_cache_capacity_tokens)
+    engine.stat_loggers.append(metrics.record)
+    llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert engine.last_scheduler_stats.expert_load is None and engine.stats.expert_load == []
+    assert "moe_expert_tokens_total{" not in metrics.render().decode()
+
+
+def test_gptq_experts_with_expert_parallel_2(gptq_moe, moe_reference_outputs):
+    """GPTQ experts over two ranks: each holds half the experts' 4-bit tensors, whole; the
+    tokens equal the one-process run of the same checkpoint."""
+    ref = moe_reference_outputs("top2-renorm-dense0")
+    prompts, params = ref["prompts"][:3], SamplingParams(temperature=0.0, max_tokens=8)
+    one = LLM(str(gptq_moe["gptq"]), stage=6, dtype="float32", max_model_len=256)
+    want = [o.outputs[0].token_ids for o in one.generate(prompts, params, use_tqdm=False)]
+    llm = LLM(str(gptq_moe["gptq"]), stage=6, dtype="float32", max_model_len=256,
+              tensor_parallel_size=2, enable_expert_parallel=True)
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        shapes = llm.llm_engine.model_executor.collective_rpc("param_shapes")
+    finally:
+        llm.llm_engine.shutdown()
+    assert got == want
+    E = ref["hf"].config.num_experts
+    assert all(s["model.layers.1.mlp.experts.w13_qweight"][0] == E // 2 for s in shapes)

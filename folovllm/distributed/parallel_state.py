@@ -9,6 +9,9 @@ to tensor parallelism only::
     tensor_model_parallel_all_reduce(x)   sum over ranks: after each row-parallel layer
                                           (o_proj, down_proj) and the vocab-parallel embedding
     tensor_model_parallel_gather(x, dim)  concatenation on rank 0: the LM head's logits
+    expert_parallel(enabled)              while a MoE model is built: its experts are split
+                                          whole across the ranks (vLLM's enable_expert_parallel)
+    get_expert_parallel_world_size() / _rank()   the EP group: the TP ranks when it is on, else 1 / 0
 
 One process is one rank: the tensor-parallel group is the whole world (no pipeline or data
 parallel groups to carve out of it, see docs/stages/08-tensor-parallel.md "What is left out").
@@ -19,12 +22,13 @@ assert the count per step, and the benchmark reports the bytes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -46,6 +50,7 @@ class CommStats:
 _WORLD_SIZE = 1
 _RANK = 0
 _STATS = CommStats()
+_EXPERT_PARALLEL = False  # set only while a model is built (`expert_parallel`)
 
 
 def init_distributed_environment(
@@ -89,6 +94,31 @@ def get_tensor_model_parallel_world_size() -> int:
 
 def get_tensor_model_parallel_rank() -> int:
     return _RANK
+
+
+# --8<-- [start:expert_parallel]
+@contextlib.contextmanager
+def expert_parallel(enabled: bool) -> Iterator[None]:
+    """While a model is built: give each rank whole experts (`FusedMoE` reads it once, in its
+    constructor), as `cpu_gemm.weight_packing` does for the linear layers' layout. vLLM's EP
+    group spans data x tensor parallel ranks; with no data parallelism here it is the TP group,
+    so the experts' all-reduce is the one tensor parallelism already does."""
+    global _EXPERT_PARALLEL
+    previous, _EXPERT_PARALLEL = _EXPERT_PARALLEL, enabled
+    try:
+        yield
+    finally:
+        _EXPERT_PARALLEL = previous
+
+
+def get_expert_parallel_world_size() -> int:
+    """Ranks the experts are divided among: the TP ranks under `expert_parallel`, else 1."""
+    return _WORLD_SIZE if _EXPERT_PARALLEL else 1
+
+
+def get_expert_parallel_rank() -> int:
+    return _RANK if _EXPERT_PARALLEL else 0
+# --8<-- [end:expert_parallel]
 
 
 def divide(numerator: int, denominator: int) -> int:

@@ -27,7 +27,7 @@ from folovllm.core.scheduler import Scheduler, SchedulerBase
 from folovllm.core.scheduler_output import SchedulerOutput
 from folovllm.core.static_batch_scheduler import StaticBatchScheduler
 from folovllm.engine.output_processor import OutputProcessor
-from folovllm.engine.stats import EngineStats, SchedulerStats, make_rows
+from folovllm.engine.stats import EngineStats, ExpertLoadStats, SchedulerStats, make_rows
 from folovllm.executor import WorkerDiedError, get_executor_cls
 from folovllm.inputs import ProcessedPrompt, PromptType, is_token_id, parse_prompt
 from folovllm.kv_cache_interface import KVCacheSpec
@@ -442,6 +442,7 @@ class LLMEngine:
             num_preemptions=scheduler.num_preemptions,
             prefix_cache=kv.make_prefix_cache_stats(),
             spec_decoding_stats=self.spec_decoding_stats(output, sampled),
+            expert_load=ExpertLoadStats.from_counts(self.model_executor.take_expert_load()),  # MoE
         )
         self.stats.add(step)
         self.last_scheduler_stats = step

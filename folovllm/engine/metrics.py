@@ -16,6 +16,10 @@
                   folovllm:spec_decode_num_draft_tokens_total     counter  drafts verified
                   folovllm:spec_decode_num_accepted_tokens_total  counter  drafts accepted
                   folovllm:spec_decode_num_accepted_tokens_per_pos_total{position}  counter
+    MoE           folovllm:moe_expert_tokens_total{expert}  counter  tokens routed to each
+                                                              expert, summed over MoE layers
+                  folovllm:moe_experts_touched       gauge    experts with a token in the last
+                                                              step, mean over MoE layers
 
 The per-step values come from the engine's per-step record: `record` is one of its
 `stat_loggers`, called with the step's `SchedulerStats` (in the engine thread; prometheus_client
@@ -27,12 +31,12 @@ instance has its own registry: several servers in one process (the tests) do not
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from folovllm.engine.stats import SchedulerStats
+from folovllm.engine.stats import ExpertLoadStats, SchedulerStats
 from folovllm.outputs import RequestOutput
 
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
@@ -82,6 +86,15 @@ class PrometheusMetrics:
         self._spec_per_pos = Counter("folovllm:spec_decode_num_accepted_tokens_per_pos",
                                      "Draft tokens accepted, by position in the draft (0 = first).",
                                      labelnames=["model_name", "position"], registry=self.registry)
+        # MoE (docs/moe.md "Routing counts"): series appear with the first MoE step; a dense
+        # model never creates them
+        self._expert_tokens = Counter("folovllm:moe_expert_tokens",
+                                      "Tokens routed to each expert, summed over the MoE layers.",
+                                      labelnames=["model_name", "expert"], registry=self.registry)
+        self._expert_token_children: list[Any] = []
+        self._experts_touched = Gauge("folovllm:moe_experts_touched",
+                                      "Experts with at least one token in the last step, mean over MoE layers.",
+                                      labelnames=["model_name"], registry=self.registry)
         if engine_info:
             info = Gauge("folovllm:engine_info", "What the engine runs: stage, axes, kernels (value 1).",
                          labelnames=["model_name", *engine_info], registry=self.registry)
@@ -102,6 +115,18 @@ class PrometheusMetrics:
             self.spec_num_accepted_tokens.inc(spec.num_accepted_tokens)
             for position, count in enumerate(spec.num_accepted_tokens_per_pos):
                 self._spec_per_pos.labels(self._model_name, str(position)).inc(count)
+        if stats.expert_load is not None:
+            self.record_expert_load(stats.expert_load)
+
+    def record_expert_load(self, load: ExpertLoadStats) -> None:
+        """MoE: add one step's routing counts (the label children are made once, not per step)."""
+        if not self._expert_token_children:
+            self._expert_token_children = [self._expert_tokens.labels(self._model_name, str(e))
+                                           for e in range(len(load.num_tokens_per_expert))]
+        for child, count in zip(self._expert_token_children, load.num_tokens_per_expert):
+            if count:
+                child.inc(count)
+        self._experts_touched.labels(self._model_name).set(load.mean_experts_touched)
 
     def record_kv_cache(self, kv_tokens_reserved: int) -> None:
         self.kv_cache_usage.set(kv_tokens_reserved / max(1, self.kv_cache_capacity_tokens))

@@ -33,17 +33,21 @@ so tests assert on them and the benchmarks report them next to the times:
     prefix_cache                stage 06: tokens looked up and found at admission, blocks taken
                                 by reference, cached blocks evicted, hash collisions caught
     spec_decoding               stage 09: drafts verified, accepted, per position
+    expert_load                 MoE: tokens routed to each expert, summed over steps and MoE
+                                layers (empty for a dense model)
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from folovllm.core.prefix_cache import PrefixCacheStats
 from folovllm.spec_decode.metrics import SpecDecodingStats
 
 if TYPE_CHECKING:
+    import torch
+
     from folovllm.core.scheduler_output import SchedulerOutput
 
 
@@ -81,6 +85,34 @@ def make_rows(output: "SchedulerOutput") -> list[RowStats]:
     return rows
 
 
+# --8<-- [start:expert_load_stats]
+@dataclass(frozen=True)
+class ExpertLoadStats:
+    """MoE: where one step's tokens went (docs/moe.md "Routing counts"). Each MoE layer routes
+    each of the step's T tokens to k experts, so the counts sum to T * k * L::
+
+        num_tokens_per_expert  [E]  tokens routed to expert e, summed over the L MoE layers
+        num_experts_touched    [L]  experts that got at least one token, per MoE layer: what
+                                    a decode step reads (each touched expert's weights once)
+    """
+
+    num_tokens_per_expert: list[int]
+    num_experts_touched: list[int]
+
+    @classmethod
+    def from_counts(cls, counts: Optional["torch.Tensor"]) -> Optional["ExpertLoadStats"]:
+        """[L, E] counts of one step (`Executor.take_expert_load`) -> the step's record; None
+        (a dense model) stays None."""
+        if counts is None:
+            return None
+        return cls(counts.sum(0).tolist(), (counts > 0).sum(1).tolist())
+
+    @property
+    def mean_experts_touched(self) -> float:
+        return sum(self.num_experts_touched) / max(1, len(self.num_experts_touched))
+# --8<-- [end:expert_load_stats]
+
+
 @dataclass(frozen=True)
 class SchedulerStats:
     """What one engine step did and left behind (vLLM's `SchedulerStats`, with the step's rows).
@@ -106,6 +138,8 @@ class SchedulerStats:
         prefix_cache: what the prefix cache did in the step (stage 06; zeros without it).
         spec_decoding_stats: drafts verified and accepted in the step (stage 09; None without
             speculation).
+        expert_load: tokens routed to each expert in the step (a MoE model; None for a dense
+            one).
     """
 
     step: int
@@ -126,6 +160,7 @@ class SchedulerStats:
     num_preemptions: int
     prefix_cache: PrefixCacheStats = field(default_factory=PrefixCacheStats)
     spec_decoding_stats: Optional[SpecDecodingStats] = None
+    expert_load: Optional[ExpertLoadStats] = None
 
     @property
     def num_waiting_reqs(self) -> int:
@@ -156,6 +191,8 @@ class EngineStats:
     prefix_cache: PrefixCacheStats = field(default_factory=PrefixCacheStats)
     # stage 09: drafts verified and accepted (all zero without speculation); see `SpecDecodingStats`
     spec_decoding: SpecDecodingStats = field(default_factory=SpecDecodingStats)
+    # MoE: tokens routed to each expert, summed over steps and MoE layers (dense: empty)
+    expert_load: list[int] = field(default_factory=list)
 
     def add(self, step: SchedulerStats) -> None:
         """Count one step's record in (the engine does, before any subscriber sees it)."""
@@ -172,6 +209,8 @@ class EngineStats:
         self.prefix_cache += step.prefix_cache
         if step.spec_decoding_stats is not None:
             self.spec_decoding += step.spec_decoding_stats
+        if step.expert_load is not None:
+            self.expert_load = _add_counts(self.expert_load, step.expert_load.num_tokens_per_expert)
 
     @property
     def kv_utilization(self) -> float:
@@ -197,3 +236,7 @@ class EngineStats:
         d["spec_decoding"].update(acceptance_rate=round(self.spec_decoding.acceptance_rate, 4),
                                   mean_accepted_length=round(self.spec_decoding.mean_accepted_length, 4))
         return d
+
+
+def _add_counts(total: list[int], counts: Sequence[int]) -> list[int]:
+    return [a + b for a, b in zip(total, counts)] if total else list(counts)

@@ -65,6 +65,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    "FOLOVLLM_BATCH_INVARIANT, else off)")
     p.add_argument("--tensor-parallel-size", type=int, default=None,
                    help="stage 08: split the model over this many worker processes (default 1)")
+    p.add_argument("--enable-expert-parallel", dest="enable_expert_parallel",
+                   action=argparse.BooleanOptionalAction, default=None,
+                   help="MoE with --tensor-parallel-size N: each rank holds num_experts/N whole "
+                        "experts instead of a slice of every expert (docs/moe.md)")
     p.add_argument("--speculative-config", type=_parse_json_object, default=None, metavar="JSON",
                    help="stage 09: speculative decoding, e.g. '{\"method\": \"ngram\", "
                         "\"num_speculative_tokens\": 3}' (or method draft_model with \"model\")")
@@ -82,7 +86,7 @@ _ENGINE_FLAGS = ("max_num_batched_tokens", "kv_cache_memory", "gpu_memory_utiliz
                  "enable_chunked_prefill", "long_prefill_token_threshold", "enable_prefix_caching",
                  "tensor_parallel_size", "custom_ops", "enable_lora", "max_loras", "max_lora_rank",
                  "max_cpu_loras", "speculative_config",
-                 "batch_invariant")
+                 "batch_invariant", "enable_expert_parallel")
 
 
 def _parse_json_object(text: str) -> dict:

@@ -36,6 +36,7 @@ class Executor(ABC):
         self.config = config
         self.model_path = model_path
         self.hf_config = hf_config
+        self._expert_load: Optional[torch.Tensor] = None  # [L, E] since the last take (MoE)
 
     @abstractmethod
     def collective_rpc(self, method: str, *args: Any) -> list[Any]:
@@ -45,10 +46,20 @@ class Executor(ABC):
     def execute_model(self, batch: InputBatch) -> Optional[torch.Tensor]:
         """Run one step on every rank -> float32 logits [S, vocab] of the S rows that sample
         (`batch.sampling_rows`), on the engine's device; None when no row samples. Only rank 0
-        has them: the LM head gathers the vocabulary there."""
-        logits = self.collective_rpc("execute_model", batch)[0]  # rank 0's
+        has them: the LM head gathers the vocabulary there. A MoE model's routing counts come
+        back with them and wait for `take_expert_load`."""
+        logits, expert_load = self.collective_rpc("execute_model", batch)[0]  # rank 0's
+        if expert_load is not None:
+            self._expert_load = expert_load if self._expert_load is None else self._expert_load + expert_load
         return None if logits is None else logits.to(self.config.device)
     # --8<-- [end:executor_execute_model]
+
+    def take_expert_load(self) -> Optional[torch.Tensor]:
+        """MoE: tokens routed to each expert of each MoE layer ([L, E] int64) by the calls
+        since the last take (a step, or a failed step's rows run again one at a time); None
+        for a dense model."""
+        expert_load, self._expert_load = self._expert_load, None
+        return expert_load
 
     def kv_cache_spec(self) -> KVCacheSpec:
         return self.collective_rpc("kv_cache_spec")[0]

@@ -101,6 +101,8 @@ def worker_main(
                 value = getattr(worker, method)(*args)
                 if isinstance(value, torch.Tensor):  # rank 0's logits cross the pipe from the CPU
                     value = value.cpu()
+                elif isinstance(value, tuple):  # (logits, expert load) of `Worker.execute_model`
+                    value = tuple(v.cpu() if isinstance(v, torch.Tensor) else v for v in value)
                 reply = ("ok", value)
             except Exception:
                 reply = ("error", traceback.format_exc())
@@ -120,7 +122,7 @@ class MultiprocExecutor(Executor):
     def __init__(self, config: EngineConfig, model_path: Path, hf_config: Any) -> None:
         super().__init__(config, model_path, hf_config)
         self.world_size = config.tensor_parallel_size
-        verify_tensor_parallel(hf_config, self.world_size)
+        verify_tensor_parallel(hf_config, self.world_size, config.enable_expert_parallel)
         self._failure: Optional[str] = None
         ctx = mp.get_context("spawn")  # fork would copy the driver's threads and CUDA state
         init_method = f"tcp://127.0.0.1:{_free_port()}"

@@ -29,7 +29,9 @@ Groups: a group's scale and zero are chosen (min-max) when the sweep reaches its
 from the weights *as updated so far*. Layers are quantized decoder block by decoder block: the
 calibration inputs of block l come from blocks < l already quantized (GPTQ's sequential order).
 Within a block, all four matmuls see the float block's inputs (GPTQModel's `true_sequential`,
-which re-runs the block after each matmul, is left out). The LM head and embeddings stay float.
+which re-runs the block after each matmul, is left out). The LM head and embeddings stay float,
+and so does a MoE router; each expert is calibrated on the tokens routed to it
+(`ExpertCalibration`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import torch
 from torch import nn
 
 from folovllm.model_executor.layers.attention import Attention, AttentionMetadata
+from folovllm.model_executor.layers.fused_moe import FusedMoE, fused_topk
 from folovllm.model_executor.layers.linear import LinearBase
 from folovllm.model_executor.layers.quantization import get_quant_config
 from folovllm.model_executor.layers.quantization.gptq import (
@@ -259,6 +262,12 @@ def quantize_model(
 
     out: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
+        if isinstance(module, FusedMoE):
+            module.prefix = name
+            for size in (module.hidden_size, module.intermediate_size):
+                if config.group_size != -1 and size % config.group_size:
+                    raise ValueError(f"group_size={config.group_size} does not divide the experts' "
+                                     f"{size} inputs in {name}; use a divisor of it or -1")
         if isinstance(module, LinearBase):
             module.prefix = name
             if config.group_size != -1 and module.input_size % config.group_size:
@@ -268,16 +277,23 @@ def quantize_model(
                 )
     blocks = model.model.layers
     for block in tqdm(blocks, desc="GPTQ layers", disable=not progress):
-        linears = [m for m in block.modules() if isinstance(m, LinearBase)]
+        # A MoE router (`mlp.gate`) stays float, as GPTQModel leaves it; its experts are
+        # calibrated on the tokens routed to each (`ExpertCalibration`).
+        linears = [m for m in block.modules() if isinstance(m, LinearBase) and not m.prefix.endswith(".mlp.gate")]
         states = {m: GPTQ(m.weight) for m in linears}
-        last = linears[-1]  # down_proj: once its input is seen, the rest of the model is not needed
+        experts = [ExpertCalibration(m) for m in block.modules() if isinstance(m, FusedMoE)]
+        # down_proj (or the experts): once its input is seen, the rest of the model is not needed
+        last = experts[-1].layer if experts else linears[-1]
 
         def hook(module: nn.Module, args: tuple) -> None:
-            states[module].add_batch(args[0])
+            if isinstance(module, FusedMoE):
+                next(c for c in experts if c.layer is module).add_batch(*args)
+            else:
+                states[module].add_batch(args[0])
             if module is last:
                 raise _StopForward
 
-        handles = [m.register_forward_pre_hook(hook) for m in linears]
+        handles = [m.register_forward_pre_hook(hook) for m in [*linears, *(c.layer for c in experts)]]
         try:
             for b in range(0, len(calibration), 8):
                 try:
@@ -299,8 +315,63 @@ def quantize_model(
                     out[f"{prefix}.{key}"] = tensor
                 if m.bias is not None:
                     out[f"{prefix}.bias"] = m.bias[row0 : row0 + rows].clone()
+        for calibration_state in experts:
+            out.update(calibration_state.quantize(config, damp))
     return out
 # --8<-- [end:quantize_model]
+
+
+# --8<-- [start:expert_calibration]
+class ExpertCalibration:
+    """GPTQ for a `FusedMoE`'s experts: each expert's Hessians from the calibration tokens the
+    router sends it (what GPTQModel's hooks on each expert's nn.Linear see)::
+
+        X_e = hidden states of the tokens whose top-k holds e      -> H of gate_proj and up_proj
+        h_e = silu(X_e gate_e^T) * (X_e up_e^T)  (float weights)   -> H of down_proj
+
+    An expert no calibration token chose gets H = I (GPTQ then rounds like RTN) rather than
+    H = 0, which would read every input as dead and zero the expert. The results go back into
+    the float layer (dequantized), so the next block is calibrated on what this one computes.
+    """
+
+    def __init__(self, layer: FusedMoE) -> None:
+        self.layer = layer
+        inter = layer.intermediate_size
+        self.w13 = [GPTQ(layer.w13_weight[e]) for e in range(layer.num_experts)]  # [2I, H]: gate | up
+        self.w2 = [GPTQ(layer.w2_weight[e]) for e in range(layer.num_experts)]  # [H, I]
+        self.inter = inter
+
+    def add_batch(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> None:
+        layer, inter = self.layer, self.inter
+        _, topk_ids = fused_topk(router_logits, layer.top_k, layer.renormalize)
+        for e in range(layer.num_experts):
+            tokens = (topk_ids == e).any(-1).nonzero().flatten()
+            if tokens.numel() == 0:
+                continue
+            x = hidden_states[tokens].float()  # [n, H]
+            self.w13[e].add_batch(x)
+            w13 = layer.w13_weight[e].float()
+            self.w2[e].add_batch(torch.nn.functional.silu(x @ w13[:inter].T) * (x @ w13[inter:].T))
+
+    def quantize(self, config: GPTQConfig, damp: float) -> dict[str, torch.Tensor]:
+        """-> GPTQModel's tensors of every expert (`{prefix}.{e}.gate_proj.qweight`, ...)."""
+        layer, inter, out = self.layer, self.inter, {}
+        for e in range(layer.num_experts):
+            for state in (self.w13[e], self.w2[e]):
+                if state.num_samples == 0:
+                    state.H, state.num_samples = torch.eye(state.H.shape[0], dtype=torch.float64), 1
+            parts = [("gate_proj", self.w13[e], layer.w13_weight[e], slice(0, inter)),
+                     ("up_proj", self.w13[e], layer.w13_weight[e], slice(inter, 2 * inter)),
+                     ("down_proj", self.w2[e], layer.w2_weight[e], slice(None))]
+            for proj, state, weight, rows in parts:
+                part_state = GPTQ(weight[rows])
+                part_state.H, part_state.num_samples = state.H, state.num_samples
+                q = part_state.quantize(config.bits, config.group_size, config.sym, config.desc_act, damp=damp)
+                weight[rows] = q.dequantized.to(weight.dtype)
+                for key, tensor in to_checkpoint_tensors(q, config).items():
+                    out[f"{layer.prefix}.{e}.{proj}.{key}"] = tensor
+        return out
+# --8<-- [end:expert_calibration]
 
 
 def calibration_from_tokenizer(path: Path, num_samples: int, seq_len: int, seed: int = 0) -> list[list[int]]:

@@ -12,7 +12,8 @@ times), and reads everything else from them afterwards: each request's state per
 (`request_lanes`, for the pictures in plot.py and the live page in page.py), a JSON file
 (`save_json`) and a Chrome Trace Event file that https://ui.perfetto.dev opens
 (`save_perfetto`: one track per request with waiting / prefill / decode / preempted slices,
-counters for KV blocks and tokens per step).
+counters for KV blocks and tokens per step; a MoE model's step also says which experts its
+tokens went to, `expert_load_label`, and draws the experts it touched).
 
 A running request that gets no row in a step is "stalled" (stages 02-04 never mix prompts and
 decodes, so decodes wait while a prompt runs). A request admitted with `num_computed_tokens`
@@ -32,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 
-from folovllm.engine.stats import SchedulerStats
+from folovllm.engine.stats import ExpertLoadStats, SchedulerStats
 
 if TYPE_CHECKING:
     from folovllm.engine.llm_engine import LLMEngine
@@ -206,15 +207,19 @@ def perfetto_events(steps: list[SchedulerStats], config: dict[str, Any], t0: flo
             "ph": "X", "name": f"step {s.step}", "cat": "step", "pid": _PID, "tid": 0,
             "ts": ts, "dur": us(s.end_time - s.start_time),
             "args": {"rows": [f"{r.request_id}: {r.kind} {r.num_new_tokens}" for r in s.rows],
-                     "waiting": s.waiting, "tokens": s.num_scheduled_tokens},
+                     "waiting": s.waiting, "tokens": s.num_scheduled_tokens,
+                     **({"experts": expert_load_label(s.expert_load)} if s.expert_load else {})},
         })
         prompt, decode = step_tokens(s)
-        for name, args in (
+        counters = [
             ("KV blocks in use", {"used": s.kv_blocks_used, "free": config["num_blocks"] - s.kv_blocks_used}),
             ("tokens per step", {"prefill": prompt, "decode": decode}),
             ("token budget", {"budget": config["max_num_batched_tokens"]}),
             ("requests", {"running": len(s.rows), "waiting": len(s.waiting)}),
-        ):
+        ]
+        if s.expert_load is not None:  # MoE: what the step's experts read
+            counters.append(("experts touched", {"mean per MoE layer": round(s.expert_load.mean_experts_touched, 2)}))
+        for name, args in counters:
             events.append({"ph": "C", "name": name, "pid": _PID, "tid": 0, "ts": ts, "args": args})
     for tid, ln in enumerate(request_lanes(steps).values(), start=1):
         events += [meta("thread_name", tid, {"name": f"request {ln.request_id}"}),
@@ -231,6 +236,18 @@ def perfetto_events(steps: list[SchedulerStats], config: dict[str, Any], t0: flo
             events.append({"ph": "i", "s": "t", "name": name, "pid": _PID, "tid": tid,
                            "ts": us(by_step[n].end_time - t0)})
     return events
+
+
+# --8<-- [start:expert_load_label]
+def expert_load_label(load: ExpertLoadStats) -> str:
+    """A MoE step in one line: experts touched per layer (mean of E) and the busiest experts'
+    share, e.g. "touched 5.5/8 per layer; top experts e3 12, e0 9, e6 7 (of 48 routed)"."""
+    counts = load.num_tokens_per_expert
+    top = sorted(range(len(counts)), key=lambda e: -counts[e])[:3]
+    busiest = ", ".join(f"e{e} {counts[e]}" for e in top if counts[e])
+    return (f"touched {load.mean_experts_touched:.1f}/{len(counts)} per layer; top experts {busiest} "
+            f"(of {sum(counts)} routed)")
+# --8<-- [end:expert_load_label]
 
 
 def _runs(states: dict[int, str]) -> list[tuple[str, int, int]]:

@@ -24,6 +24,7 @@ from folovllm.distributed import parallel_state
 from folovllm.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from folovllm.model_executor.attention_backends import get_attn_backend
 from folovllm.model_executor.custom_op import set_custom_ops
+from folovllm.model_executor.layers.fused_moe import ExpertLoadRecorder
 from folovllm.model_executor.layers.cpu_gemm import weight_packing
 from folovllm.model_executor.model_loader import load_model
 from folovllm.platforms import cpu as cpu_platform
@@ -41,7 +42,8 @@ class Worker:
         self.config = config
         # custom_ops="all" (the CPU fast path) also stores the plain linear weights in oneDNN's
         # layout, as each layer finishes loading (layers/cpu_gemm.py)
-        with weight_packing(config.custom_ops == "all"):
+        # enable_expert_parallel: each rank builds num_experts / tp whole experts (layers/fused_moe.py)
+        with weight_packing(config.custom_ops == "all"), parallel_state.expert_parallel(config.enable_expert_parallel):
             self.model, self.hf_config, _ = load_model(str(model_path), config.torch_dtype, config.device,
                                                         quantization=config.quantization)
         set_custom_ops(self.model, config.custom_ops)  # resolved: "all" or "none"
@@ -51,6 +53,8 @@ class Worker:
         # batch_invariant=True swaps in the kernels whose order ignores the batch (batch_invariant.py)
         backend = batch_invariance(config).attention_backend(get_attn_backend(config.attention_backend))
         self.model_runner = ModelRunner(self.model, config.device, backend)
+        # MoE: tokens routed to each expert, returned with each step's logits (dense: nothing)
+        self.expert_load = ExpertLoadRecorder.for_model(self.model)
         if config.enable_lora:  # stage 11: the LoRA wrappers go around the projections
             from folovllm.lora.worker_manager import WorkerLoRAManager
 
@@ -68,15 +72,20 @@ class Worker:
         )
 
     def determine_available_memory(self, spec: KVCacheSpec) -> int:
-        return self.model_runner.determine_available_memory(self.config, spec)
+        budget = self.model_runner.determine_available_memory(self.config, spec)
+        self.expert_load.take()  # CUDA's profiling pass routed dummy tokens: not a step's
+        return budget
 
     def initialize_kv_cache(self, spec: KVCacheSpec, kv_cache_config: KVCacheConfig) -> None:
         self.model_runner.initialize_kv_cache(spec, kv_cache_config)
 
-    def execute_model(self, batch: InputBatch) -> Optional[torch.Tensor]:
-        """Run the step on this rank's shard; rank 0 returns the logits of the rows that sample
-        (the engine samples them), the other ranks None."""
-        return self.model_runner.execute_model(batch)
+    def execute_model(self, batch: InputBatch) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Run the step on this rank's shard -> (logits, expert load): rank 0 returns the logits
+        of the rows that sample (the engine samples them), the other ranks None; a MoE model
+        also the tokens routed to each expert of each MoE layer ([L, E] int64, CPU), a dense
+        one None."""
+        logits = self.model_runner.execute_model(batch)
+        return logits, self.expert_load.take()
 
     def add_lora(self, lora_request: "LoRARequest") -> None:
         """Stage 11: read and check an adapter into the CPU cache (ValueError if it is bad)."""

@@ -21,8 +21,10 @@ how HF's per-expert tensors land in `FusedMoE`'s stacked ones::
 
 The config is checked before anything is allocated (`check_moe_config`): top-k within the
 experts, the sparse-layer fields well formed, and what we do not implement refused by name:
-shared experts (Qwen2-MoE's `shared_expert_intermediate_size`), GPTQ experts, a sliding window.
-Tensor parallelism splits each expert's intermediate dimension (`layers/fused_moe.py`).
+shared experts (Qwen2-MoE's `shared_expert_intermediate_size`), quantized experts in a format
+other than GPTQ's, a sliding window. Tensor parallelism splits each expert's intermediate
+dimension, expert parallelism hands out whole experts (`layers/fused_moe.py`); GPTQ experts
+(GPTQModel's per-expert `qweight`/`qzeros`/`scales`/`g_idx`) load into the same stacked layer.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from torch import nn
 
 from folovllm.model_executor.layers.fused_moe import FusedMoE
 from folovllm.model_executor.layers.linear import QuantizationConfig, ReplicatedLinear, WeightShapeError
+from folovllm.model_executor.layers.quantization.gptq import GPTQConfig
 from folovllm.model_executor.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM, Qwen3MLP
 
 # Far above any real MoE (Qwen3-235B: 128 experts of 1,536; DeepSeek-V3: 256 experts), low enough
@@ -77,10 +80,10 @@ def check_moe_config(config: Any, quant_config: Optional[QuantizationConfig]) ->
         raise ValueError(f"hidden_act={config.hidden_act!r}: Qwen3-MoE's experts use 'silu'")
     if getattr(config, "use_sliding_window", False):
         raise ValueError("use_sliding_window=true: sliding-window attention is not supported")
-    if quant_config is not None:
+    if quant_config is not None and not isinstance(quant_config, GPTQConfig):
         raise ValueError(
-            f"a quantized ({type(quant_config).__name__}) Qwen3-MoE checkpoint: GPTQ experts are "
-            "not supported yet; load the float checkpoint")
+            f"a {type(quant_config).__name__} Qwen3-MoE checkpoint: quantized experts are read in "
+            "GPTQ's format only (GPTQModel's layout); load a GPTQ or a float checkpoint")
 
 
 def is_sparse_layer(config: Any, layer_idx: int) -> bool:
@@ -97,9 +100,10 @@ def layer_index(prefix: str) -> int:
 
 
 class Qwen3MoeSparseMoeBlock(nn.Module):
-    def __init__(self, config: Any, prefix: str = "") -> None:
+    def __init__(self, config: Any, quant_config: Optional[QuantizationConfig] = None, prefix: str = "") -> None:
         super().__init__()
-        # The router: tiny ([E, H]) and replicated on every rank; never quantized.
+        # The router: tiny ([E, H]) and replicated on every rank; never quantized (GPTQModel
+        # leaves it float too: a rounding error there changes which experts run).
         self.gate = ReplicatedLinear(config.hidden_size, config.num_experts, bias=False, prefix=f"{prefix}.gate")
         self.experts = FusedMoE(
             num_experts=config.num_experts,
@@ -108,6 +112,7 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
             intermediate_size=config.moe_intermediate_size,
             renormalize=config.norm_topk_prob,
             prefix=f"{prefix}.experts",
+            quant_config=quant_config,
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -122,7 +127,7 @@ class Qwen3MoeDecoderLayer(Qwen3DecoderLayer):
         self, config: Any, variant: dict[str, bool], quant_config: Optional[QuantizationConfig], prefix: str
     ) -> nn.Module:
         if is_sparse_layer(config, layer_index(prefix)):
-            return Qwen3MoeSparseMoeBlock(config, prefix=prefix)
+            return Qwen3MoeSparseMoeBlock(config, quant_config, prefix=prefix)
         return Qwen3MLP(config, bias=False, quant_config=quant_config, prefix=prefix)
 
 
@@ -150,12 +155,13 @@ class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
                 if match is None:
                     yield name, tensor
                     continue
-                prefix, expert_id, proj = match.group(1), int(match.group(2)), match.group(3)
+                prefix, expert_id, proj, key = match.group(1), int(match.group(2)), match.group(3), match.group(4)
                 shard_id = FusedMoE.CKPT_SHARDS[proj]
-                target = f"{prefix}.{'w2' if shard_id == 'w2' else 'w13'}_weight"
+                target = f"{prefix}.{'w2' if shard_id == 'w2' else 'w13'}_{key}"
                 if target not in params:
                     raise ValueError(f"checkpoint tensor {name!r} has no matching parameter in "
-                                     f"{type(self).__name__} (is this layer in mlp_only_layers?)")
+                                     f"{type(self).__name__} (is this layer in mlp_only_layers? a "
+                                     "GPTQ tensor in a float checkpoint, or the reverse?)")
                 param = params[target]
                 try:
                     param.weight_loader(param, tensor, shard_id, expert_id)
@@ -173,7 +179,7 @@ class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
         names = super().expected_weights()
         for module_name, module in self.named_modules():
             if isinstance(module, FusedMoE):
-                for stacked, parts in FusedMoE.checkpoint_names(module_name, module.num_experts).items():
+                for stacked, parts in module.checkpoint_names(module_name).items():
                     names.discard(stacked)
                     names |= set(parts)
         return names

