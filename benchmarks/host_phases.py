@@ -13,8 +13,10 @@ calls::
 
     schedule        Scheduler.schedule
     input_batch     LLMEngine.make_input_batch            SchedulerOutput -> InputBatch (lists)
-    prepare_inputs  ModelRunner.prepare_inputs            token ids, positions, logits indices
-    metadata        ModelRunner.build_metadata            attention metadata, backend's plan
+    prepare_inputs  InputBuffers.prepare_inputs           token ids, positions, logits indices,
+                    (ModelRunner.prepare_inputs before)   the common attention metadata
+    metadata        AttentionBackend.build_metadata       the backend's plan of the step
+                    (ModelRunner.build_metadata before: the common metadata too)
     runner_other    the executor's and runner's glue      (execute_model minus the above)
     sample          LLMEngine._execute_and_sample         sampler, grammar, log-probs, LoRA slots
     update          Scheduler.update_from_output          tokens appended, stops checked
@@ -86,8 +88,10 @@ def phase_spans(engine: Any, clock: PhaseClock) -> Iterator[None]:
         (engine, "make_input_batch", "input_batch"),
         (engine, "_execute_and_sample", "sample"),
         (engine.model_executor, "execute_model", "runner_other"),
-        (runner, "prepare_inputs", "prepare_inputs"),
+        (runner, "prepare_inputs", "prepare_inputs"),  # the plain reference (before the buffers)
         (runner, "build_metadata", "metadata"),
+        (runner.input_buffers, "prepare_inputs", "prepare_inputs"),  # the bulk one
+        (runner.attn_backend, "build_metadata", "metadata"),
         (runner.model, "compute_logits", "forward"),
         (engine.scheduler, "update_from_output", "update"),
         (engine.output_processor, "process", "output"),
