@@ -62,6 +62,8 @@ def assert_same(buffers: InputBuffers, batch: InputBatch) -> None:
     assert torch.equal(got.input_ids, input_ids)
     assert torch.equal(got.positions, positions)
     assert torch.equal(got.logits_indices, logits_indices)
+    if got.logits_of_every_token:  # the runner skips the gather: it must be the identity
+        assert logits_indices.tolist() == list(range(input_ids.shape[0]))
     ours = got.attn_metadata
     for name in ("slot_mapping", "query_start_loc", "seq_lens", "block_tables"):
         assert torch.equal(getattr(ours, name), getattr(md, name)), name

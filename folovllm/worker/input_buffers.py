@@ -83,6 +83,9 @@ class StepInputs:
     positions: torch.Tensor  # [T]
     logits_indices: torch.Tensor  # [S + P]
     attn_metadata: AttentionMetadata
+    # logits_indices is every token in order (a decode step where every row samples): the
+    # hidden states need no gather before the LM head
+    logits_of_every_token: bool = False
 
 
 def ragged_arange(starts: np.ndarray, counts: np.ndarray, arange: np.ndarray) -> np.ndarray:
@@ -174,7 +177,7 @@ class InputBuffers:
         slot_mapping = self.slot_mapping.ensure(num_tokens)  # [T]
         np.add(flat_tables[row_of_token * width + positions // bs] * bs, positions % bs, out=slot_mapping)
 
-        num_logits = self._logits_indices(batch, qsl, real_lens, decode_only)
+        num_logits, every_token = self._logits_indices(batch, qsl, real_lens, decode_only)
         seq_lens_cpu = seq_lens.tolist()
         attn_metadata = AttentionMetadata(
             slot_mapping=self.slot_mapping.tensor(num_tokens),
@@ -188,27 +191,28 @@ class InputBuffers:
             block_tables_cpu=batch.block_tables,
         )
         return StepInputs(self.input_ids.tensor(num_tokens), self.positions.tensor(num_tokens),
-                          self.logits_indices.tensor(num_logits), attn_metadata)
+                          self.logits_indices.tensor(num_logits), attn_metadata, every_token)
     # --8<-- [end:bulk_prepare_inputs]
 
     def _logits_indices(self, batch: InputBatch, qsl: np.ndarray, real_lens: np.ndarray | None,
-                        decode_only: bool) -> int:
+                        decode_only: bool) -> tuple[int, bool]:
         """Fill the logits indices (the last 1 + drafts real tokens of each sampling row, then
-        the prompt positions of `batch.prompt_logits`); -> how many."""
+        the prompt positions of `batch.prompt_logits`); -> how many, and whether they are every
+        token of the step in order."""
         num_sampling = len(batch.sampling_rows)
         if decode_only and num_sampling == batch.num_rows and not batch.num_draft_tokens and not batch.prompt_logits:
             self.logits_indices.ensure(num_sampling)[:] = self._arange[:num_sampling]  # token b is row b
-            return num_sampling
+            return num_sampling, True
         rows = np.array(batch.sampling_rows, dtype=np.int64)  # [S]
         # one past each sampling row's last real token
         ends = qsl[rows + 1] if real_lens is None else qsl[rows] + real_lens[rows]
         if not batch.num_draft_tokens and not batch.prompt_logits:  # one each
             np.subtract(ends, 1, out=self.logits_indices.ensure(num_sampling))
-            return num_sampling
+            return num_sampling, False
         counts = np.array([batch.num_logits(r) for r in batch.sampling_rows], dtype=np.int64)
         prompt_rows = sorted(batch.prompt_logits)
         starts = np.concatenate([ends - counts, qsl[prompt_rows]])
         counts = np.concatenate([counts, np.array([batch.prompt_logits[r] for r in prompt_rows], dtype=np.int64)])
         total = int(counts.sum())
         self.logits_indices.ensure(total)[:] = ragged_arange(starts, counts, self.arange(total))
-        return total
+        return total, False

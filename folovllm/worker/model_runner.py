@@ -96,7 +96,9 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, md)  # [T, hidden]
         if logits_indices.shape[0] == 0:  # the same on every rank: all skip the LM head's gather
             return None
-        return self.model.compute_logits(hidden[logits_indices])  # [S + P, vocab]
+        if not inputs.logits_of_every_token:
+            hidden = hidden[logits_indices]  # [S + P, hidden]
+        return self.model.compute_logits(hidden)  # [S + P, vocab]
     # --8<-- [end:execute_model]
 
     # --8<-- [start:determine_available_memory]
