@@ -90,7 +90,7 @@ def phase_spans(engine: Any, clock: PhaseClock) -> Iterator[None]:
         (engine.model_executor, "execute_model", "runner_other"),
         (runner, "prepare_inputs", "prepare_inputs"),  # the plain reference (before the buffers)
         (runner, "build_metadata", "metadata"),
-        (runner.input_buffers, "prepare_inputs", "prepare_inputs"),  # the bulk one
+        (getattr(runner, "input_buffers", None), "prepare_inputs", "prepare_inputs"),  # the bulk one
         (runner.attn_backend, "build_metadata", "metadata"),
         (runner.model, "compute_logits", "forward"),
         (engine.scheduler, "update_from_output", "update"),
@@ -99,7 +99,7 @@ def phase_spans(engine: Any, clock: PhaseClock) -> Iterator[None]:
     ]
     wrapped = []
     for obj, attr, phase in targets:
-        if hasattr(obj, attr):
+        if obj is not None and hasattr(obj, attr):
             setattr(obj, attr, clock.wrap(getattr(obj, attr), phase))
             wrapped.append((obj, attr))
     hooks = [runner.model.register_forward_pre_hook(lambda module, args: clock.enter("forward")),
@@ -177,3 +177,59 @@ def render_host_markdown(result: dict[str, Any], caption: str) -> str:
     lines.append("| step, no phase clocks | " + " | ".join(f"{r['untimed_step_ms']:.3f}" for r in rs) + " |")
     lines.append("| 1-minute load | " + " | ".join(f"{r['loadavg']}" for r in rs) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _command(result: dict[str, Any]) -> str:
+    """The command without where it wrote its files."""
+    import re
+
+    return re.sub(r" --(out|name) \S+", "", result["command"])
+
+
+def render_before_after(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """One table from two `profile_step --host` results files (the same command run at two
+    commits): each phase before -> after, per case."""
+    pairs = [(b, a) for b in before["results"] for a in after["results"]
+             if (b["rows"], b["output_kind"]) == (a["rows"], a["output_kind"])]
+    label = lambda r: f"{r['rows']} rows, {r['output_kind']}"  # noqa: E731
+    loads = [r["loadavg"] for b, a in pairs for r in (b, a) if r["loadavg"] is not None]
+    lines = [f"The host side of one decode step by phase, before (commit {before['git_commit'][:7]}) -> "
+             f"after (commit {after['git_commit'][:7]}), model `{after['model']}`, context "
+             f"{after['results'][0]['context']}, median ms of process CPU time over "
+             f"{after['results'][0]['steps']} steps: `{_command(after)}` at each commit; 1-minute "
+             f"load average {min(loads, default=0):.1f}-{max(loads, default=0):.1f} on 2 cores.", "",
+             "| ms per decode step | " + " | ".join(label(a) for _, a in pairs) + " |",
+             "|:--|" + "--:|" * len(pairs)]
+
+    def cell(b: float, a: float) -> str:
+        return f"{b:.3f} → {a:.3f}"
+
+    merged = lambda r: r["phases_ms_per_step"]["prepare_inputs"] + r["phases_ms_per_step"]["metadata"]  # noqa: E731
+    for phase in HOST_PHASES:
+        if phase == "metadata":
+            continue
+        name = "prepare_inputs + metadata" if phase == "prepare_inputs" else phase
+        get = merged if phase == "prepare_inputs" else (lambda r, p=phase: r["phases_ms_per_step"][p])
+        lines.append(f"| {name} | " + " | ".join(cell(get(b), get(a)) for b, a in pairs) + " |")
+    lines.append("| **host (step minus forward)** | " + " | ".join(
+        f"**{b['host_ms_per_step']:.3f} → {a['host_ms_per_step']:.3f}** "
+        f"({b['host_ms_per_step'] / a['host_ms_per_step']:.2f}x)" for b, a in pairs) + " |")
+    lines.append("| forward (model + logits) | " + " | ".join(
+        cell(b["phases_ms_per_step"]["forward"], a["phases_ms_per_step"]["forward"]) for b, a in pairs) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    """python -m benchmarks.host_phases BEFORE.json AFTER.json OUT.md"""
+    import json
+    import sys
+    from pathlib import Path
+
+    before, after, out = sys.argv[1:4]
+    md = render_before_after(json.loads(Path(before).read_text()), json.loads(Path(after).read_text()))
+    Path(out).write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
