@@ -119,9 +119,11 @@ class InputBuffers:
 
     @property
     def buffers(self) -> dict[str, CpuGpuBuffer]:
+        """Every buffer by name (tests read their `grow_count`)."""
         return {name: b for name, b in vars(self).items() if isinstance(b, CpuGpuBuffer)}
 
     def arange(self, n: int) -> np.ndarray:
+        """0, 1, 2, ... at least n long (kept: the ragged layouts all start from it)."""
         if n > self._arange.shape[0]:
             self._arange = np.arange(max(n, 2 * self._arange.shape[0]), dtype=np.int64)
         return self._arange
