@@ -5,6 +5,7 @@ counts and for a prefill, on the bench model or a Qwen3-0.6B-shaped one.
     python -m benchmarks.profile_step --model qwen3-0.6b --rows 1 4 16 --context 512
     python -m benchmarks.profile_step --engine-arg custom_ops=none  # the torch path
     python -m benchmarks.profile_step --quick                       # smoke run: 1 row, 2 steps
+    python -m benchmarks.profile_step --host                        # the host side only, by phase
 
 How: a fresh engine (the latest stage) gets B requests of `--context` prompt tokens; the prompts
 are computed untimed, then `--steps` decode steps are run twice: once plain, timed by
@@ -24,7 +25,10 @@ only, so the engine runs its own code unchanged the rest of the time; nothing is
 Phases are ms per step of the profiled steps (the profiler's clock, its own overhead included:
 compare `profiled_ms_per_step` with `cpu_ms_per_step`); `top_ops` lists the aten ops with the
 most self time. The prefill row is one request of `--prefill` tokens, computed in one step.
-bfloat16's tokens against float32's: `python -m benchmarks.run --systems folovllm-stage6
+`--host` measures the engine's own Python instead (`host_phases.py`: scheduler, input batch,
+inputs and metadata, sampling, output processing, stats; the forward pass excluded), on the
+tiny model by default, rows 1 8 16 64, for a streaming (`delta`) and an offline
+(`final_only`) request. bfloat16's tokens against float32's: `python -m benchmarks.run --systems folovllm-stage6
 'folovllm-stage6[dtype=bfloat16]' --quick` (the agreement column).
 """
 
@@ -47,12 +51,15 @@ PHASES = ("linear", "attention", "norm_rope_act", "other_model", "lm_head", "res
 
 
 def model_path(name: str) -> str:
-    """'bench' (25.4M), 'qwen3-0.6b' (Qwen3-0.6B shapes, random weights) or a folder."""
+    """'tiny' (the tests' model), 'bench' (25.4M), 'qwen3-0.6b' (Qwen3-0.6B shapes, random
+    weights) or a folder."""
     from benchmarks.bench_model import bench_model_path
     from folovllm.testing.tiny_model import build_tiny_checkpoint, default_cache_dir
 
     if name == "bench":
         return str(bench_model_path())
+    if name == "tiny":
+        return str(build_tiny_checkpoint(default_cache_dir() / "tiny-qwen3-host", size="tiny"))
     if name == "qwen3-0.6b":
         return str(build_tiny_checkpoint(default_cache_dir() / "qwen3-0.6b-shaped", size="qwen3-0.6b"))
     return name
@@ -160,17 +167,26 @@ def measure(model: str, rows: int, context: int, steps: int, prefill: int, engin
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="bench", help="bench | qwen3-0.6b | a checkpoint folder")
-    p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--model", default=None,
+                   help="tiny | bench | qwen3-0.6b | a checkpoint folder (default: bench; tiny with --host)")
+    p.add_argument("--rows", type=int, nargs="+", default=None,
+                   help="decode rows (default 1 4 16; with --host 1 8 16 64)")
     p.add_argument("--context", type=int, default=256, help="prompt tokens of each decoding row")
     p.add_argument("--prefill", type=int, default=512, help="tokens of the prefill measured (0: none)")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=None, help="timed decode steps (default 10; 40 with --host)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra EngineConfig field (e.g. attention_backend=naive)")
+    p.add_argument("--host", action="store_true",
+                   help="the host side of decode steps by phase (host_phases.py), not the model's")
+    p.add_argument("--output-kind", nargs="+", default=["delta", "final_only"],
+                   choices=["delta", "cumulative", "final_only"], help="with --host: the requests' output_kind")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    args.model = args.model or ("tiny" if args.host else "bench")
+    args.rows = args.rows or ([1, 8, 16, 64] if args.host else [1, 4, 16])
+    args.steps = args.steps or (40 if args.host else 10)
     if args.quick:
         args.rows, args.context, args.prefill, args.steps = [1], 32, 64, 2
     engine_args: dict[str, Any] = {}
@@ -178,6 +194,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         k, v = kv.split("=", 1)
         engine_args[k] = {"true": True, "false": False}.get(v.lower(), int(v) if v.isdigit() else v)
     model = model_path(args.model)
+    if args.host:
+        return run_host(args, model, engine_args)
     cases = [(r, args.context) for r in args.rows if r] + ([(0, 0)] if args.prefill else [])
     results = []
     for rows, context in cases:
@@ -188,12 +206,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return dict(model=args.model, dtype=args.dtype, engine_args=engine_args, results=results)
 
 
+def run_host(args: argparse.Namespace, model: str, engine_args: dict[str, Any]) -> dict[str, Any]:
+    from benchmarks.host_phases import measure_host
+
+    results = []
+    for rows in args.rows:
+        for kind in args.output_kind:
+            r = measure_host(model, rows, args.context, args.steps, kind, dict(engine_args, dtype=args.dtype))
+            results.append(r)
+            print(f"{args.model} host, {rows} rows, {kind}: {r['host_ms_per_step']} ms host/step "
+                  f"(step {r['untimed_step_ms']} ms unclocked, load {r['loadavg']}) "
+                  f"{r['phases_ms_per_step']}", flush=True)
+    return dict(model=args.model, dtype=args.dtype, engine_args=engine_args, host=True, results=results)
+
+
 def case_label(r: dict[str, Any]) -> str:
     return f"decode {r['rows']} rows x {r['context']}" if r["kind"] == "decode" else f"prefill {r['context']}"
 
 
 def render_markdown(result: dict[str, Any]) -> str:
     rs = result["results"]
+    if result.get("host"):
+        from benchmarks.host_phases import render_host_markdown
+
+        return render_host_markdown(result, (
+            f"The host side of one decode step by phase, model `{result['model']}`, {result['dtype']}, "
+            f"{result['engine_args'] or 'default engine'}, context {rs[0]['context']}, median ms of "
+            f"process CPU time over {rs[0]['steps']} steps: `{result['command']}` on "
+            f"{machine_short(result['machine'])}, {result['date'][:10]}, commit {result['git_commit'][:12]}."))
     lines = [f"One engine step by phase, model `{result['model']}`, {result['dtype']}, "
              f"{result['engine_args'] or 'default engine'}, ms per step under torch.profiler "
              f"(`record_function` spans): `{result['command']}` on "
@@ -209,7 +249,8 @@ def render_markdown(result: dict[str, Any]) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     bench_main("benchmarks.profile_step", __doc__, argv, run, render_markdown, repeats=1,
-               name=lambda args, result: f"perf_profile_{args.model}", options=add_options)
+               name=lambda args, result: f"perf_{'host' if args.host else 'profile'}_{args.model}",
+               options=add_options)
     return 0
 
 

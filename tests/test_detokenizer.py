@@ -13,7 +13,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from folovllm import LLM, SamplingParams
-from folovllm.engine.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
+from folovllm.engine.detokenizer import (
+    REPLACEMENT_CHAR, FastIncrementalDetokenizer, IncrementalDetokenizer, make_detokenizer)
 
 PIECES = ["héllo ", "长城 ", "😀", " the engine", "ñ", "data.", "日本語", "<|im_end|>"]
 
@@ -45,6 +46,62 @@ def test_token_by_token_text_equals_one_decode_of_everything(tokenizer, skip_spe
         assert detok.text + detok.pending_text() == whole
         assert whole.startswith(detok.text)
     assert split_characters > 10  # the case the windows exist for did happen
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_the_rust_detokenizer_gives_the_plain_ones_text_at_every_step(tokenizer, skip_special_tokens):
+    """`FastIncrementalDetokenizer` (DecodeStream) against the plain windows: the same text
+    emitted after every token, the same offsets, the same pending text at the end; ids past the
+    tokenizer's vocabulary too (a model's vocabulary can be larger: Qwen3-0.6B's shapes here)."""
+    assert isinstance(make_detokenizer(tokenizer, skip_special_tokens), FastIncrementalDetokenizer)
+    rng = random.Random(1)
+    for ids in sequences(tokenizer, 60):
+        ids = ids + [len(tokenizer) + rng.randrange(100)] + ids[:5]
+        fast = make_detokenizer(tokenizer, skip_special_tokens)
+        plain = IncrementalDetokenizer(tokenizer, skip_special_tokens)
+        for token in ids:
+            assert fast.add_tokens([token]) == plain.add_tokens([token])
+            assert (fast.text, fast.prefix_offset, fast.read_offset) == (plain.text, plain.prefix_offset, plain.read_offset)
+        assert fast.stream is not None  # never fell back
+        assert fast.pending_text() == plain.pending_text()
+
+
+def test_the_rust_detokenizer_falls_back_to_the_plain_windows(tokenizer):
+    """A stream that refuses a window (its text does not start with the text before it) hands
+    the request to the plain path, which goes on from the same offsets."""
+    ids = tokenizer.encode("héllo 长城 data. the engine 日本語" * 3, add_special_tokens=False)
+    detok = make_detokenizer(tokenizer, True)
+    steps = 0
+
+    class Refusing:
+        def step(self, backend, token):
+            nonlocal steps
+            steps += 1
+            if steps > len(ids) // 2:
+                raise Exception("Invalid prefix encountered")
+            return stream.step(backend, token)
+
+    stream, detok.stream = detok.stream, Refusing()
+    detok.add_tokens(ids[:10])
+    for token in ids[10:]:
+        detok.add_tokens([token])
+    assert detok.stream is None
+    assert detok.text + detok.pending_text() == tokenizer.decode(ids)
+
+
+def test_the_plain_detokenizer_where_the_stream_would_differ(tokenizer):
+    """No Rust backend, or a tokenizer that cleans up spaces after decoding (DecodeStream
+    does not): the plain windows."""
+    class NoBackend:
+        def decode(self, token_ids, skip_special_tokens):
+            return tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    assert type(make_detokenizer(NoBackend(), True)) is IncrementalDetokenizer
+    tokenizer.clean_up_tokenization_spaces = True
+    try:
+        assert type(make_detokenizer(tokenizer, True)) is IncrementalDetokenizer
+    finally:
+        tokenizer.clean_up_tokenization_spaces = False
 
 
 def test_each_step_decodes_a_window_not_the_whole_output(tokenizer):

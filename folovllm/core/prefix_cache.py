@@ -72,11 +72,16 @@ class PrefixCacheStats:
     def hit_rate(self) -> float:
         return self.hits / self.queries if self.queries else 0.0
 
+    # Field by field, not `dataclasses.astuple` (which deep-copies every value through a
+    # recursive walk): the engine adds one of these up every step.
     def __add__(self, other: "PrefixCacheStats") -> "PrefixCacheStats":
-        return PrefixCacheStats(*map(operator.add, dataclasses.astuple(self), dataclasses.astuple(other)))
+        return PrefixCacheStats(*map(operator.add, self._values(), other._values()))
 
     def __sub__(self, other: "PrefixCacheStats") -> "PrefixCacheStats":
-        return PrefixCacheStats(*map(operator.sub, dataclasses.astuple(self), dataclasses.astuple(other)))
+        return PrefixCacheStats(*map(operator.sub, self._values(), other._values()))
+
+    def _values(self) -> tuple[int, ...]:
+        return (self.requests, self.queries, self.hits, self.blocks_saved, self.evictions, self.collisions)
 
 
 class NullPrefixCache:

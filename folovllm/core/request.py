@@ -45,7 +45,9 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self in _FINISHED
+        # by value: a str's hash is cached, an Enum member's is computed in Python (read for
+        # every row several times a step)
+        return self._value_ in _FINISHED_VALUES
 
     @property
     def finish_reason(self) -> Optional[str]:
@@ -58,6 +60,7 @@ _FINISHED = {
     RequestStatus.FINISHED_ABORTED,
     RequestStatus.FINISHED_ERROR,
 }
+_FINISHED_VALUES = frozenset(status.value for status in _FINISHED)
 _FINISH_REASON = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",

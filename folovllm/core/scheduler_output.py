@@ -83,6 +83,8 @@ class SchedulerOutput:
 
     def spec_token_ids(self, row: int) -> list[int]:
         """The drafts row `row` verifies (stage 09; [] for most rows)."""
+        if not self.scheduled_spec_decode_tokens:  # no drafts this step: every row, several times a step
+            return []
         return self.scheduled_spec_decode_tokens.get(self.requests[row].request_id, [])
 
     def query_len(self, row: int) -> int:
@@ -91,7 +93,7 @@ class SchedulerOutput:
     @property
     def total_num_scheduled_tokens(self) -> int:
         """Tokens the model computes this step, padding included."""
-        return sum(self.query_len(i) for i in range(self.num_rows))
+        return sum(self.num_new_tokens if self.query_lens is None else self.query_lens)
 
     def catches_up(self, row: int) -> bool:
         """Does this row compute its request's last missing token (so it samples the next)?"""

@@ -18,13 +18,34 @@ keeps the difference::
 After emitting, the window slides: prefix_offset = read_offset, read_offset = all tokens. Both
 decodes start at the same token, so whatever the tokenizer does at a window's start cancels out.
 `tests/test_sampling.py` checks the result equals one decode of the whole output.
+
+That is two calls of the tokenizer's Python `decode` per token: about 6 us a token on the tiny
+BPE, most of a streaming step's output processing at 16 rows. `FastIncrementalDetokenizer` runs
+the same windows in Rust (the `tokenizers` library's `DecodeStream`, whose `step` is this
+algorithm; vLLM's `FastIncrementalDetokenizer` too): under 1 us a token. `make_detokenizer`
+picks it when the tokenizer has a Rust backend and decodes without `clean_up_tokenization_spaces`
+(which `DecodeStream` does not apply); `tests/test_detokenizer.py` checks both give the same
+text, step by step.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+try:  # tokenizers >= 0.21
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # pragma: no cover - an older tokenizers: the plain path everywhere
+    DecodeStream = None
+
 REPLACEMENT_CHAR = "\ufffd"  # what an incomplete UTF-8 sequence decodes to
+
+
+def make_detokenizer(tokenizer: Any, skip_special_tokens: bool) -> "IncrementalDetokenizer":
+    """The Rust-backed detokenizer where it gives the same text, else the plain one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if DecodeStream is not None and backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return FastIncrementalDetokenizer(tokenizer, skip_special_tokens)
+    return IncrementalDetokenizer(tokenizer, skip_special_tokens)
 
 
 class IncrementalDetokenizer:
@@ -60,3 +81,34 @@ class IncrementalDetokenizer:
         if start >= end:
             return ""
         return self.tokenizer.decode(self.token_ids[start:end], skip_special_tokens=self.skip_special_tokens)
+
+
+class FastIncrementalDetokenizer(IncrementalDetokenizer):
+    """The same windows, each token stepped through `DecodeStream` (Rust). The offsets are
+    kept in step with the stream's (after each emission: prefix_offset = read_offset, read_offset
+    = all tokens), so `pending_text` and a fall-back to the plain path read the same state. The
+    stream refuses a window whose text does not start with the text before it (the plain path
+    takes the difference anyway); then this request goes on on the plain path."""
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool) -> None:
+        super().__init__(tokenizer, skip_special_tokens)
+        self.backend = tokenizer.backend_tokenizer
+        self.stream: Any = DecodeStream(skip_special_tokens=skip_special_tokens)
+
+    def add_tokens(self, new_token_ids: list[int]) -> str:
+        if self.stream is None:
+            return super().add_tokens(new_token_ids)
+        emitted = []
+        for i, token in enumerate(new_token_ids):
+            try:
+                piece = self.stream.step(self.backend, token)
+            except Exception:
+                self.stream = None
+                emitted.append(super().add_tokens(new_token_ids[i:]))
+                break
+            self.token_ids.append(token)
+            if piece is not None:
+                self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+                self.text += piece
+                emitted.append(piece)
+        return "".join(emitted)

@@ -318,7 +318,7 @@ class LLMEngine:
         logits = self.model_executor.execute_model(batch)  # [S + P, vocab] or None
         if logits is None:
             return {}
-        requests = [output.requests[row] for row in output.sampling_rows]
+        requests = [output.requests[row] for row in batch.sampling_rows]  # output.sampling_rows
         num_sampled = len(requests) + sum(batch.num_draft_tokens.values())
         logits, prompt_logits = logits[:num_sampled], logits[num_sampled:]  # [S, V], [P, V]
         if output.scheduled_spec_decode_tokens:  # stage 09 (refused with structured outputs)
@@ -342,7 +342,7 @@ class LLMEngine:
         (a decode row: one), where they start, the block tables, the rows that sample, and the
         prompt positions whose logits are asked for."""
         starts = output.num_computed_tokens
-        query_lens = [output.query_len(i) for i in range(output.num_rows)]
+        query_lens = list(output.num_new_tokens if output.query_lens is None else output.query_lens)
         drafts = [output.spec_token_ids(i) for i in range(output.num_rows)]  # stage 09
         return InputBatch(
             req_ids=[r.request_id for r in output.requests],

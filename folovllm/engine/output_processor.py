@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from folovllm.core.request import Request, RequestStatus
-from folovllm.engine.detokenizer import IncrementalDetokenizer
+from folovllm.engine.detokenizer import IncrementalDetokenizer, make_detokenizer
 from folovllm.engine.stop_strings import StopStringMatcher, get_stop_matcher
 from folovllm.engine.logprobs import LogprobsProcessor
 from folovllm.outputs import CompletionOutput, RequestOutput
@@ -61,7 +61,7 @@ class OutputProcessor:
         self.parents[request_id] = _Parent(request_id, prompt, prompt_token_ids, children, matcher)
         for child in children:
             self.parent_of[child.request_id] = request_id
-            self.detokenizers[child.request_id] = IncrementalDetokenizer(
+            self.detokenizers[child.request_id] = make_detokenizer(
                 self.tokenizer, child.sampling_params.skip_special_tokens)
             params = child.sampling_params
             if params.logprobs is not None or params.prompt_logprobs is not None:

@@ -29,6 +29,12 @@ them::
 A row with `query_lens` longer than its tokens (stage 01 pads every prompt to the longest of its
 batch) is filled with dummy tokens at the following positions: the model computes them and
 nobody reads them.
+
+`prepare_inputs` and `build_metadata` below are the plain version, row by row. Each step runs
+the same numbers in bulk instead: `InputBuffers.prepare_inputs` (input_buffers.py) fills
+preallocated host tensors in place with numpy, with no Python loop over tokens and no tensor
+allocated per step (the Python floor of a decode step, docs/performance.md); tests compare the
+two on random batches.
 """
 
 from __future__ import annotations
@@ -44,9 +50,8 @@ from folovllm.model_executor.layers.attention import (
 from folovllm.config import EngineConfig
 from folovllm.lora.worker_manager import NoWorkerLoRAManager
 from folovllm.worker.input_batch import InputBatch
+from folovllm.worker.input_buffers import PAD_TOKEN_ID, InputBuffers
 from folovllm.worker.kv_cache import KVCache, cpu_default_kv_cache_memory
-
-PAD_TOKEN_ID = 0  # any valid id: padded tokens are computed and thrown away
 
 
 class ModelRunner:
@@ -59,6 +64,8 @@ class ModelRunner:
             layer.backend = self.attn_backend
 
         self.kv_cache: KVCache | None = None
+        # the host tensors each step's inputs are written into (sized by the KV cache's blocks)
+        self.input_buffers: InputBuffers | None = None
         # stage 11: fills LoRA slots and lays out each step's adapters (the worker installs the
         # real one with enable_lora; this one does nothing)
         self.lora_manager = NoWorkerLoRAManager()
@@ -67,6 +74,7 @@ class ModelRunner:
         """Allocate the KV tensors once and give each attention layer its layer of them."""
         self.kv_cache = KVCache(spec, kv_cache_config)
         self._bind(self.kv_cache)
+        self.input_buffers = InputBuffers(kv_cache_config.block_size, self.device)
 
     def _bind(self, kv_cache: KVCache) -> None:
         for layer, k, v in zip(self.attn_layers, kv_cache.key_caches, kv_cache.value_caches):
@@ -79,14 +87,18 @@ class ModelRunner:
         in `batch.sampling_rows` order, then the P prompt positions of `batch.prompt_logits`;
         None when there are none, and on tensor-parallel ranks other than 0 (the LM head
         gathers the vocabulary on rank 0)."""
-        assert self.kv_cache is not None, "initialize_kv_cache() first"
-        input_ids, positions, logits_indices = self.prepare_inputs(batch)
+        assert self.kv_cache is not None and self.input_buffers is not None, "initialize_kv_cache() first"
+        # prepare_inputs + build_metadata below, in bulk into preallocated tensors
+        inputs = self.input_buffers.prepare_inputs(batch)
+        input_ids, positions, logits_indices = inputs.input_ids, inputs.positions, inputs.logits_indices
         self.lora_manager.set_active_adapters(batch)
-        md = self.build_metadata(batch, positions, self.kv_cache.block_size)
+        md = self.attn_backend.build_metadata(inputs.attn_metadata, self.kv_cache.key_caches[0])
         hidden = self.model(input_ids, positions, md)  # [T, hidden]
-        if logits_indices.numel() == 0:  # the same on every rank: all skip the LM head's gather
+        if logits_indices.shape[0] == 0:  # the same on every rank: all skip the LM head's gather
             return None
-        return self.model.compute_logits(hidden[logits_indices])  # [S + P, vocab]
+        if not inputs.logits_of_every_token:
+            hidden = hidden[logits_indices]  # [S + P, hidden]
+        return self.model.compute_logits(hidden)  # [S + P, vocab]
     # --8<-- [end:execute_model]
 
     # --8<-- [start:determine_available_memory]

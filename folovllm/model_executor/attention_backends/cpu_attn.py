@@ -71,7 +71,10 @@ class CPUAttentionBackend(AttentionBackend):
     def build_metadata(self, common: AttentionMetadata, key_cache: torch.Tensor) -> CPUAttnMetadata:
         prefills, decodes = split_prefills_decodes(common, key_cache.shape[1])
         rows = tables = lens = None
-        if decodes:
+        if len(decodes) == common.num_seqs:  # a decode-only step: the common tensors as they are
+            rows = common.query_start_loc[:-1]  # [B] one query each: row b starts at b
+            tables, lens = common.block_tables, common.seq_lens
+        elif decodes:
             seqs = torch.tensor(decodes, device=common.seq_lens.device)
             rows = common.query_start_loc[seqs].long()
             tables = common.block_tables[seqs].long().contiguous()
