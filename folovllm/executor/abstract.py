@@ -64,8 +64,13 @@ class Executor(ABC):
 
 
 def get_executor_cls(config: EngineConfig) -> type[Executor]:
-    """Stage 08's switch: an in-process worker, or one process per tensor-parallel rank."""
-    if config.tensor_parallel_size == 1:
+    """Stage 08's switch: an in-process worker, one spawned process per tensor-parallel rank, or
+    the ranks torchrun started (`distributed_executor_backend="external_launcher"`)."""
+    if config.distributed_executor_backend == "external_launcher":
+        from folovllm.executor.external_launcher import ExecutorWithExternalLauncher
+
+        return ExecutorWithExternalLauncher
+    if config.tensor_parallel_size == 1 and config.distributed_executor_backend != "mp":
         from folovllm.executor.uniproc_executor import UniProcExecutor
 
         return UniProcExecutor
