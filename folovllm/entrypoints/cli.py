@@ -343,14 +343,9 @@ def _run_external_launcher_worker(args: argparse.Namespace) -> Optional[int]:
 
     if args.distributed_executor_backend != "external_launcher" or is_driver():
         return None
-    import logging
-
     from folovllm.config import EngineConfig
 
-    env = TorchrunEnv.from_environ()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s folovllm worker %(levelname)s %(message)s")
-    return run_worker(EngineConfig.for_stage(args.stage, **_engine_kwargs(args)), env)
+    return run_worker(EngineConfig.for_stage(args.stage, **_engine_kwargs(args)), TorchrunEnv.from_environ())
 
 
 def run_generate(args: argparse.Namespace) -> int:
