@@ -183,6 +183,7 @@ def test_killed_worker_node_fails_rank0_clearly_and_leaves_no_process(tiny_qwen3
     node0, node1 = two_nodes(_generate_args(tiny_qwen3, 1000))
     pid = int(_wait_for(node1, r"shard loaded \(pid (\d+)\)").group(1))
     _wait_for(node1, r"first step done")
+    assert pid in _session_pids(node1.sid)  # the check below sees the ranks torchrun started
     os.kill(pid, signal.SIGKILL)
     rc0, rc1 = node0.wait(), node1.wait()
     assert rc0 != 0 and rc1 != 0
