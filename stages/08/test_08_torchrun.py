@@ -31,6 +31,8 @@ import pytest
 from folovllm import LLM, SamplingParams
 from folovllm.config import EngineConfig
 from folovllm.entrypoints import cli
+from folovllm.executor import get_executor_cls
+from folovllm.executor.multiproc_executor import MultiprocExecutor
 from folovllm.executor.external_launcher import ExecutorWithExternalLauncher, TorchrunEnv, verify_world_size
 from tests.helpers import hf_greedy_ignore_eos
 
@@ -215,6 +217,8 @@ def test_external_launcher_refusals(tiny_qwen3, hf_qwen3, monkeypatch, capsys):
     with pytest.raises(ValueError, match=r"WORLD_SIZE=2 processes but tensor_parallel_size=4: .* must be equal"):
         verify_world_size(env, 4)
     config = EngineConfig(tensor_parallel_size=2, distributed_executor_backend="external_launcher")
+    assert get_executor_cls(config) is ExecutorWithExternalLauncher
+    assert get_executor_cls(EngineConfig(distributed_executor_backend="mp")) is MultiprocExecutor  # even at TP=1
     for name, value in dict(TORCHRUN_ENV, RANK="1").items():
         monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match="the engine runs on rank 0 only; this process is rank 1"):
