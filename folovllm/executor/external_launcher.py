@@ -162,6 +162,9 @@ def _join(env: TorchrunEnv, device: str) -> _World:
     timeout bounding every collective) and the gloo control group."""
     cuda = device.startswith("cuda")
     if cuda:
+        if env.local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK={env.local_rank} on node {env.node_rank}, but {torch.cuda.device_count()} "
+                             "GPUs are visible there: start at most one process per GPU (--nproc-per-node)")
         torch.cuda.set_device(env.local_rank)  # one GPU per process, by its rank on the node
     parallel_state.init_distributed_environment(env.world_size, env.rank, "env://",
                                                 backend="nccl" if cuda else "gloo")
@@ -279,6 +282,10 @@ class ExecutorWithExternalLauncher(Executor):
         raise WorkerDiedError(self._failure) from error
 
     def _report(self, error: Exception) -> str:
+        if not _raised_by_torch_distributed(error):
+            # Rank 0's own code failed (not a collective): the other ranks are alive, waiting
+            # for it in a collective, and leave when this process exits.
+            return f"tensor-parallel rank 0 failed: {type(error).__name__}: {error}"
         deadline = time.monotonic() + self.exit_reason_wait_s
         reasons: dict[int, str] = {}
         while True:
@@ -299,6 +306,13 @@ class ExecutorWithExternalLauncher(Executor):
         if not lines:
             lines = [f"tensor-parallel rank 0 failed: {error}"]
         return "; ".join(lines) + f" (rank 0 saw: {type(error).__name__}: {str(error).strip()[:300]})"
+
+
+def _raised_by_torch_distributed(error: BaseException) -> bool:
+    """Whether the innermost frame is torch.distributed's (a collective that failed or timed
+    out: a peer is the cause) rather than our own code's."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and "torch/distributed" in frames[-1].filename.replace(os.sep, "/")
 
 
 def _stop_workers(world: _World) -> None:

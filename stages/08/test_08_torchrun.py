@@ -8,9 +8,10 @@ fail with an error naming the rank, its node and pid, and neither node keeps a p
 refusals (no torchrun, WORLD_SIZE != tensor_parallel_size, an engine on rank 1, unknown backend)
 say what was wrong.
 
-Each torchrun invocation starts in a session of its own: the test finds every process of a node
-by its session id, asserts none is left when the run is over, and kills whatever is left at the
-end, pass or fail. Every wait has a timeout. Start-up is most of the cost (four processes
+Each torchrun invocation starts in a session of its own (and torchrun starts each rank in
+another): the test finds a node's processes by its agent's session id and the ranks' pids that
+rank 0 logs, asserts none is left when the run is over, and kills whatever is left at the end,
+pass or fail. Every wait has a timeout. Start-up is most of the cost (four processes
 importing torch on two cores): ~20-30 s per run on a loaded machine.
 """
 
@@ -52,8 +53,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _alive(pid: int) -> bool:
+    """Running (not reaped, not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 def _session_pids(sid: int) -> list[int]:
-    """Every live process of session `sid` (a torchrun agent and the ranks it started)."""
+    """Every live process of session `sid`: a torchrun agent (its ranks get sessions of their own)."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -65,6 +75,11 @@ def _session_pids(sid: int) -> list[int]:
             if int(fields[3]) == sid and fields[0] not in ("Z", "X"):  # fields[3]: the session
                 pids.append(int(entry))
     return pids
+
+
+def _rank_pids(node0: "Node") -> list[int]:
+    """The pids of the ranks, as rank 0 logs them ("rank 1 (node 1, host h, pid 123)")."""
+    return [int(p) for p in re.findall(r"rank \d+ \(node \d+, host \S+, pid (\d+)\)", node0.stderr)]
 
 
 class Node:
@@ -93,15 +108,19 @@ class Node:
     def wait(self, timeout_s: float = RUN_TIMEOUT_S) -> int:
         return self.process.wait(timeout=timeout_s)
 
-    def leftover(self, grace_s: float = 10.0) -> list[int]:
-        """The session's processes still alive after `grace_s`."""
+    def leftover(self, ranks: list[int], grace_s: float = 10.0) -> list[int]:
+        """This node's processes still alive after `grace_s`: its torchrun agent's session, and
+        those of `ranks` that were its (torchrun starts each rank in a session of its own)."""
+        self.ranks = set(ranks) | getattr(self, "ranks", set())
         deadline = time.monotonic() + grace_s
-        while (pids := _session_pids(self.sid)) and time.monotonic() < deadline:
+        while True:
+            pids = _session_pids(self.sid) + [p for p in self.ranks if _alive(p) and _is_ours(p)]
+            if not pids or time.monotonic() > deadline:
+                return pids
             time.sleep(0.2)
-        return pids
 
     def kill(self) -> None:
-        for pid in _session_pids(self.sid):
+        for pid in _session_pids(self.sid) + [p for p in getattr(self, "ranks", ()) if _alive(p) and _is_ours(p)]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -110,6 +129,15 @@ class Node:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
+
+
+def _is_ours(pid: int) -> bool:
+    """A process running our CLI (a pid may have been reused by the time we look)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"folovllm.entrypoints.cli" in f.read()
+    except OSError:
+        return False
 
 
 @pytest.fixture
@@ -126,8 +154,11 @@ def two_nodes(tmp_path) -> Iterator:
     try:
         yield start
     finally:
-        for node in nodes:
-            node.kill()
+        for node0, node1 in zip(nodes[::2], nodes[1::2]):
+            ranks = _rank_pids(node0)
+            for node in (node0, node1):
+                node.ranks = set(ranks) | getattr(node, "ranks", set())
+                node.kill()
 
 
 def _generate_args(model: Path, max_tokens: int) -> list[str]:
@@ -163,7 +194,9 @@ def test_two_nodes_tp2_equal_tp1_and_hf(tiny_qwen3, hf_qwen3, two_nodes):
     # Node 1 runs the worker loop: no output of its own, and it leaves on the stop message.
     assert node1.stdout == ""
     assert re.search(r"rank 1 \(node 1\): stop received after \d+ steps", node1.stderr)
-    assert node0.leftover() == [] and node1.leftover() == []
+    ranks = _rank_pids(node0)
+    assert len(ranks) == 2
+    assert node0.leftover(ranks) == [] and node1.leftover(ranks) == []
 
 
 # -- faults -------------------------------------------------------------------------------------
@@ -185,7 +218,8 @@ def test_killed_worker_node_fails_rank0_clearly_and_leaves_no_process(tiny_qwen3
     node0, node1 = two_nodes(_generate_args(tiny_qwen3, 1000))
     pid = int(_wait_for(node1, r"shard loaded \(pid (\d+)\)").group(1))
     _wait_for(node1, r"first step done")
-    assert pid in _session_pids(node1.sid)  # the check below sees the ranks torchrun started
+    ranks = _rank_pids(node0)
+    assert pid in ranks and all(_alive(p) and _is_ours(p) for p in ranks)  # what the check below watches
     os.kill(pid, signal.SIGKILL)
     rc0, rc1 = node0.wait(), node1.wait()
     assert rc0 != 0 and rc1 != 0
@@ -194,7 +228,7 @@ def test_killed_worker_node_fails_rank0_clearly_and_leaves_no_process(tiny_qwen3
     assert error, node0.stderr[-3000:]
     assert re.search(rf"tensor-parallel rank 1 \(node 1, host \S+, pid {pid}\) is gone without a word", error.group(1))
     assert "the engine cannot continue" in error.group(1)
-    assert node0.leftover() == [] and node1.leftover() == []
+    assert node0.leftover(ranks) == [] and node1.leftover(ranks) == []
 
 
 # -- refusals (no process started) ---------------------------------------------------------------
