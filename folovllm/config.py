@@ -93,6 +93,7 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
 }
 LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs", "raw_logits", "processed_logits")
+DISTRIBUTED_EXECUTOR_BACKENDS = (None, "uni", "mp", "external_launcher")
 # "auto" is stage 04's default, resolved per device by `attention_backends.default_backend`.
 _ATTENTION_BACKEND_CHOICES = ("auto", *ATTENTION_BACKENDS)
 
@@ -117,6 +118,9 @@ class EngineConfig:
         tensor_parallel_size: stage 08: ranks (worker processes) the model is split across;
             1 = the model runs in the engine's process. Not part of `for_stage`: it goes on top
             of any stage. `kv_cache_memory` is then per rank.
+        distributed_executor_backend: stage 08: None/"mp" (spawned worker processes), "uni"
+            (one rank, in process), "external_launcher" (ranks started by `torchrun`, on one
+            node or several; rank 0 runs the engine).
     """
 
     # model
@@ -142,6 +146,10 @@ class EngineConfig:
     # "gptq" refuses a checkpoint that is not GPTQ (the worker passes it to `load_model`).
     quantization: Optional[str] = None
     tensor_parallel_size: int = 1  # stage 08, an axis
+    # stage 08: who starts the ranks (vLLM's names). None: "uni" at tensor_parallel_size=1,
+    # else "mp" (MultiprocExecutor spawns them on this machine); "external_launcher": torchrun
+    # started them, on one machine or several (executor/external_launcher.py)
+    distributed_executor_backend: Optional[str] = None
     # mixture of experts (docs/moe.md): vLLM's switch from slicing every expert across the
     # tensor-parallel ranks to giving each rank num_experts / tensor_parallel_size whole experts.
     enable_expert_parallel: bool = False
@@ -275,7 +283,17 @@ class EngineConfig:
         _positive_int("tensor_parallel_size", self.tensor_parallel_size)
         if not isinstance(self.enable_expert_parallel, bool):
             raise ValueError(f"enable_expert_parallel must be true or false, got {self.enable_expert_parallel!r}")
-        if on_cuda and self.tensor_parallel_size > torch.cuda.device_count():
+        if self.distributed_executor_backend not in DISTRIBUTED_EXECUTOR_BACKENDS:
+            raise ValueError(
+                f"distributed_executor_backend must be one of {DISTRIBUTED_EXECUTOR_BACKENDS}, "
+                f"got {self.distributed_executor_backend!r}")
+        if self.distributed_executor_backend == "uni" and self.tensor_parallel_size > 1:
+            raise ValueError(
+                f"distributed_executor_backend='uni' runs the model in this process only, but "
+                f"tensor_parallel_size={self.tensor_parallel_size}: use 'mp' or 'external_launcher'")
+        # Under torchrun the ranks span nodes: each node's GPUs are checked there (LOCAL_RANK).
+        if on_cuda and self.distributed_executor_backend != "external_launcher" and \
+                self.tensor_parallel_size > torch.cuda.device_count():
             raise ValueError(
                 f"tensor_parallel_size={self.tensor_parallel_size} needs one GPU per rank, but "
                 f"{torch.cuda.device_count()} are visible"

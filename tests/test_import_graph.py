@@ -23,6 +23,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent / "folovllm"
 ALLOWED_CYCLE_EDGES = {
     ("executor.abstract", "executor.uniproc_executor"): "the executor factory",
     ("executor.abstract", "executor.multiproc_executor"): "the executor factory",
+    ("executor.abstract", "executor.external_launcher"): "the executor factory",
 }
 # Imported only by the tests, the benchmarks and the CLI: never by the engine.
 OFFLINE_PACKAGES = ("folovllm.testing", "folovllm.tools")

@@ -69,6 +69,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    action=argparse.BooleanOptionalAction, default=None,
                    help="MoE with --tensor-parallel-size N: each rank holds num_experts/N whole "
                         "experts instead of a slice of every expert (docs/moe.md)")
+    p.add_argument("--distributed-executor-backend", default=None, choices=["uni", "mp", "external_launcher"],
+                   help="stage 08: who starts the ranks: mp (default above 1: spawned here), or "
+                        "external_launcher: torchrun did, on one node or several; rank 0 runs the "
+                        "engine, the others their shard (docs/stages/08-tensor-parallel.md)")
     p.add_argument("--speculative-config", type=_parse_json_object, default=None, metavar="JSON",
                    help="stage 09: speculative decoding, e.g. '{\"method\": \"ngram\", "
                         "\"num_speculative_tokens\": 3}' (or method draft_model with \"model\")")
@@ -86,7 +90,7 @@ _ENGINE_FLAGS = ("max_num_batched_tokens", "kv_cache_memory", "gpu_memory_utiliz
                  "enable_chunked_prefill", "long_prefill_token_threshold", "enable_prefix_caching",
                  "tensor_parallel_size", "custom_ops", "enable_lora", "max_loras", "max_lora_rank",
                  "max_cpu_loras", "speculative_config",
-                 "batch_invariant", "enable_expert_parallel")
+                 "batch_invariant", "enable_expert_parallel", "distributed_executor_backend")
 
 
 def _parse_json_object(text: str) -> dict:
@@ -310,6 +314,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         print(f"folovllm: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from folovllm.executor import WorkerDiedError
+
+        if not isinstance(e, WorkerDiedError):
+            raise
+        print(f"folovllm: error: {e}", file=sys.stderr)
+        return 1
 
 
 def _model_or_demo(args: argparse.Namespace) -> str:
@@ -328,8 +339,25 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
+def _run_external_launcher_worker(args: argparse.Namespace) -> Optional[int]:
+    """Under torchrun with --distributed-executor-backend external_launcher, every process runs
+    this same command: rank 0 goes on to run the engine (None), every other rank serves its
+    shard until rank 0 says stop, printing nothing but its log, and returns its exit code."""
+    from folovllm.executor.external_launcher import TorchrunEnv, is_driver, run_worker
+
+    if args.distributed_executor_backend != "external_launcher" or is_driver():
+        return None
+    from folovllm.config import EngineConfig
+
+    return run_worker(EngineConfig.for_stage(args.stage, **_engine_kwargs(args)), TorchrunEnv.from_environ())
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from folovllm import LLM, SamplingParams
+
+    worker_exit = _run_external_launcher_worker(args)
+    if worker_exit is not None:
+        return worker_exit
 
     prompts = list(args.prompt)
     if args.prompts_file:
@@ -378,6 +406,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from folovllm.entrypoints.openai.serving_engine import ServerOptions
     from folovllm.entrypoints.openai.serving_models import parse_lora_modules
 
+    worker_exit = _run_external_launcher_worker(args)
+    if worker_exit is not None:
+        return worker_exit
     if args.model_tag and args.model and args.model_tag != args.model:
         raise ValueError(f"two models given: {args.model_tag!r} and --model {args.model!r}")
     args.model = args.model_tag or args.model

@@ -2,6 +2,8 @@
 
     UniProcExecutor    tensor_parallel_size = 1: one `Worker` in the engine's own process
     MultiprocExecutor  tensor_parallel_size > 1: one worker process per rank (stage 08)
+    ExecutorWithExternalLauncher  the ranks torchrun started, on one node or several; rank 0
+                       runs the engine, the others `run_worker` (executor/external_launcher.py)
 
 The engine only calls the `Executor` interface, so its step reads the same either way.
 """

@@ -48,11 +48,17 @@ class Executor(ABC):
         (`batch.sampling_rows`), on the engine's device; None when no row samples. Only rank 0
         has them: the LM head gathers the vocabulary there. A MoE model's routing counts come
         back with them and wait for `take_expert_load`."""
-        logits, expert_load = self.collective_rpc("execute_model", batch)[0]  # rank 0's
+        return self._step_result(self.collective_rpc("execute_model", batch)[0])  # rank 0's
+    # --8<-- [end:executor_execute_model]
+
+    def _step_result(self, result: tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
+                     ) -> Optional[torch.Tensor]:
+        """Rank 0's `Worker.execute_model` answer (logits, MoE routing counts) -> the logits on
+        the engine's device; the counts are kept for `take_expert_load`."""
+        logits, expert_load = result
         if expert_load is not None:
             self._expert_load = expert_load if self._expert_load is None else self._expert_load + expert_load
         return None if logits is None else logits.to(self.config.device)
-    # --8<-- [end:executor_execute_model]
 
     def take_expert_load(self) -> Optional[torch.Tensor]:
         """MoE: tokens routed to each expert of each MoE layer ([L, E] int64) by the calls
@@ -75,8 +81,13 @@ class Executor(ABC):
 
 
 def get_executor_cls(config: EngineConfig) -> type[Executor]:
-    """Stage 08's switch: an in-process worker, or one process per tensor-parallel rank."""
-    if config.tensor_parallel_size == 1:
+    """Stage 08's switch: an in-process worker, one spawned process per tensor-parallel rank, or
+    the ranks torchrun started (`distributed_executor_backend="external_launcher"`)."""
+    if config.distributed_executor_backend == "external_launcher":
+        from folovllm.executor.external_launcher import ExecutorWithExternalLauncher
+
+        return ExecutorWithExternalLauncher
+    if config.tensor_parallel_size == 1 and config.distributed_executor_backend != "mp":
         from folovllm.executor.uniproc_executor import UniProcExecutor
 
         return UniProcExecutor

@@ -22,7 +22,8 @@ rank (a rank that is alive but stopped, whose peers wait for it, is the one name
 the driver's pipe closes, so none outlives the engine; `shutdown()` (also run when the executor
 is garbage collected or the interpreter exits) stops them in order.
 
-Multi-node is `torchrun`'s job, not this class's: see docs/stages/08-tensor-parallel.md.
+Ranks on several machines are `torchrun`'s to start: see `external_launcher.py` and
+docs/stages/08-tensor-parallel.md, "Beyond one machine".
 """
 
 from __future__ import annotations
