@@ -318,7 +318,9 @@ class DPAsyncLLM:
             self.abort(request_id)
         for replica in self.replicas:
             replica.send(("shutdown",))
+        start = time.monotonic()
         await asyncio.get_running_loop().run_in_executor(None, self._stop_processes, SHUTDOWN_TIMEOUT_S)
+        logger.info("data parallel: %d replicas stopped in %.1f s", len(self.replicas), time.monotonic() - start)
         self._input_executor.shutdown(wait=False, cancel_futures=True)
 
     def _stop_processes(self, timeout_s: float) -> None:

@@ -99,17 +99,18 @@ class LeastLoadedPolicy(RoutingPolicy):
     name = "least_loaded"
 
     def __init__(self) -> None:
-        self._counter = itertools.count()
+        self._turn = 0  # requests placed by load so far: who wins a full tie next
 
     def select(self, request: RoutingRequest, loads: Sequence[ReplicaLoad]) -> int:
-        return self.least_loaded(loads)
+        chosen = self.least_loaded(loads)
+        self._turn += 1
+        return chosen
 
     def least_loaded(self, loads: Sequence[ReplicaLoad]) -> int:
         """Fewest requests, then least KV in use; a tie left after both rotates (else an idle
         server would send every lone request to replica 0, and warm only its cache)."""
-        turn = next(self._counter)
         best = min(range(len(loads)), key=lambda i: (loads[i].num_requests, loads[i].kv_cache_usage,
-                                                      (i - turn) % len(loads)))
+                                                      (i - self._turn) % len(loads)))
         return loads[best].index
 
 
@@ -142,10 +143,12 @@ class PrefixAwarePolicy(LeastLoadedPolicy):
         by_index = {load.index: load for load in loads}
         matched, _ = self.longest_match(request, set(by_index))
         least = self.least_loaded(loads)
-        chosen = least
         if matched is not None and \
                 by_index[matched].num_requests - by_index[least].num_requests <= self.max_load_imbalance:
             chosen = matched
+        else:  # placed by load: the next full tie goes to the next replica
+            chosen = least
+            self._turn += 1
         for block_hash in request.block_hashes:  # the chosen replica will hold these blocks now
             self.owner[block_hash] = chosen
             self.owner.move_to_end(block_hash)
