@@ -347,6 +347,7 @@ class DPAsyncLLM:
         """`/health`'s body: each replica, alive or not, and why it stopped."""
         return {"data_parallel_size": len(self.replicas), "routing": self.policy.name, "replicas": [
             {"replica": r.index, "alive": r.alive, "pid": r.process.pid, "num_requests": r.num_requests,
+             "num_routed": r.num_routed,
              **({} if r.exit_reason is None else {"error": r.exit_reason})} for r in self.replicas]}
 
     @property
