@@ -63,8 +63,8 @@ def turn_prompt(chat: dict[str, Any], turn: int) -> list[int]:
     return prompt + chat["users"][turn]
 
 
-async def run_chats(base: str, chats: list[dict[str, Any]], max_tokens: int, arrivals: list[float]
-                    ) -> list[dict[str, Any]]:
+async def run_chats(base: str, chats: list[dict[str, Any]], max_tokens: int, arrivals: list[float],
+                    think_time: float = 0.0, seed: int = 0) -> list[dict[str, Any]]:
     import openai
 
     async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=600) as client:
@@ -73,7 +73,10 @@ async def run_chats(base: str, chats: list[dict[str, Any]], max_tokens: int, arr
         async def chat(i: int) -> list[dict[str, Any]]:
             await asyncio.sleep(arrivals[i])
             records = []
+            rng = random.Random(seed * 1000 + i)  # the same pauses for every configuration
             for turn in range(len(chats[i]["users"])):
+                if turn and think_time:  # the user reads, then types: other chats move meanwhile
+                    await asyncio.sleep(rng.expovariate(1 / think_time))
                 sent = time.perf_counter()
                 first: Optional[float] = None
                 text, num_tokens = "", 0
@@ -155,7 +158,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             pids = [proc.pid, *before["pids"]]
             cpu_before = [cpu_seconds(p) for p in pids]
             load = loadavg()
-            records = asyncio.run(run_chats(base, chats, args.max_tokens, arrivals))
+            records = asyncio.run(run_chats(base, chats, args.max_tokens, arrivals, args.think_time, args.seed))
             after = scrape(base)
             cpu = sum(cpu_seconds(p) for p in pids) - sum(cpu_before)
             summary = summarize(records, before, after)
@@ -172,6 +175,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for run in runs:
         run["same_text_as_first"] = [r["text"] for r in run["requests"]] == texts[0]
     return dict(model=info, seed=args.seed, max_num_seqs=args.max_num_seqs, rate=args.rate,
+                think_time=args.think_time,
                 workload={"conversations": args.conversations, "turns": args.turns,
                           "system_tokens": args.system_tokens, "user_tokens": args.user_tokens,
                           "max_tokens": args.max_tokens},
@@ -185,7 +189,10 @@ def render(result: dict[str, Any]) -> str:
         f"{result['date'][:10]}, commit {result['git_commit'] or '?'}; {w['conversations']} chats x "
         f"{w['turns']} turns (system prompt {w['system_tokens']} tokens, own per chat; user "
         f"{w['user_tokens']}, answer {w['max_tokens']} tokens, greedy, ignore_eos), chats started "
-        f"by Poisson arrivals at {result['rate']:g}/s (seed {result['seed']}), model "
+        f"by Poisson arrivals at {result['rate']:g}/s (seed {result['seed']}), "
+        + (f"a pause of {result['think_time']:g} s on average (exponential) before each next turn, "
+           if result.get("think_time") else "each next turn sent when the answer is complete, ")
+        + f"model "
         f"{result['model']['name']}, stage 06 (prefix caching), float32, one torch thread per "
         f"replica, max_num_seqs {result['max_num_seqs']}; the `openai` client streams on the same "
         f"machine. TTFT in seconds; hit rate = prompt tokens found in the replicas' prefix caches "
@@ -220,6 +227,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--user-tokens", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--rate", type=float, default=2.0, help="chats started per second (Poisson)")
+    p.add_argument("--think-time", type=float, default=0.0,
+                   help="mean seconds (exponential) between an answer and the chat's next turn")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=1024)
