@@ -242,7 +242,7 @@ class DPAsyncLLM:
     replica that fails to start stops them all and raises `ValueError` with its message)."""
 
     def __init__(self, model: str, config: EngineConfig, data_parallel_size: int,
-                 routing: str = "round_robin", model_name: str = "folovllm",
+                 routing: str = "least_loaded", model_name: str = "folovllm",
                  num_threads_per_replica: int = 1, max_load_imbalance: Optional[int] = None) -> None:
         if not isinstance(data_parallel_size, int) or data_parallel_size < 1:
             raise ValueError(f"--data-parallel-size must be a positive integer, got {data_parallel_size!r}")

@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run this many engine replicas, each in its own process, behind this "
                             "server (docs/serving.md#data-parallel-replicas; default 1: one engine, "
                             "in this process)")
-    serve.add_argument("--data-parallel-routing", default="round_robin",
+    serve.add_argument("--data-parallel-routing", default="least_loaded",
                        choices=["round_robin", "least_loaded", "prefix_aware"],
                        help="with --data-parallel-size > 1: how a request picks its replica "
                             "(engine/dp_routing.py; prefix_aware: the replica that holds its prefix)")
