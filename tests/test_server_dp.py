@@ -172,6 +172,19 @@ def test_disconnect_aborts_on_the_replica_and_frees_its_kv(dp_server):
     assert all(r.num_requests == 0 for r in dp_server.dp.replicas)
 
 
+def test_bad_input_is_refused_by_the_replicas_engine_as_a_400(dp_server):
+    """The front only routes; the replica's engine checks, and its message comes back as it
+    would from one engine. Nothing is left in flight."""
+    client = dp_server.client()
+    for prompt, message in (([5] * 600, "prompt has 600 tokens, more than max_model_len=512"),
+                            ([10**6], "prompt token ids must be integers in [0,")):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=4)
+        assert info.value.param == "prompt" and message in info.value.message
+    assert all(r.num_requests == 0 for r in dp_server.dp.replicas)
+    assert client.completions.create(model=MODEL, prompt="x", max_tokens=2).usage.completion_tokens == 2
+
+
 def test_metrics_and_health_show_each_replica(dp_server):
     text = dp_server.metrics()
     assert text.count("# TYPE folovllm:num_requests_running gauge") == 1

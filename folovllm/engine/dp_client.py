@@ -105,6 +105,7 @@ class _ReplicaServer:
         self.async_llm = AsyncLLM(engine, model_name)
         self.conn = conn
         self.streams: dict[str, RequestStream] = {}
+        self.tasks: dict[str, asyncio.Task] = {}  # each request's `_serve`, cancelled on an abort
         self.adding: set[str] = set()  # "add" received, the engine has not taken it yet
         self.aborted_while_adding: set[str] = set()
         self.stop = asyncio.Event()
@@ -142,13 +143,16 @@ class _ReplicaServer:
         if kind == "add":
             _, request_id, prompt, params = message
             self.adding.add(request_id)
-            asyncio.get_running_loop().create_task(self._serve(request_id, prompt, params))
+            self.tasks[request_id] = asyncio.get_running_loop().create_task(self._serve(request_id, prompt, params))
         elif kind == "abort":
             request_id = message[1]
             if request_id in self.adding:
                 self.aborted_while_adding.add(request_id)
             elif request_id in self.streams:
+                # Close (the engine frees it before its next step), and end the task reading it:
+                # an aborted stream gets no more outputs, so it would wait for ever.
                 self.streams.pop(request_id).close()
+                self.tasks[request_id].cancel()
         elif kind == "shutdown":
             self.stop.set()
 
@@ -157,12 +161,14 @@ class _ReplicaServer:
             stream = await self.async_llm.add_request(request_id, prompt, params)
         except Exception as e:  # ValueError: the engine's refusal, sent back as it is
             self._send(("add_error", request_id, type(e).__name__, str(e)))
+            self.tasks.pop(request_id, None)
             return
         finally:
             self.adding.discard(request_id)
         self._send(("added", request_id))
         if request_id in self.aborted_while_adding:
             self.aborted_while_adding.discard(request_id)
+            self.tasks.pop(request_id, None)
             stream.close()
             return
         self.streams[request_id] = stream
@@ -176,6 +182,7 @@ class _ReplicaServer:
                 self.stop.set()  # this engine cannot serve any more: exit, the front sees EOF
         finally:
             self.streams.pop(request_id, None)
+            self.tasks.pop(request_id, None)
 
     async def _report_stats(self) -> None:
         last: Optional[tuple] = None
