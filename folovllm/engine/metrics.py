@@ -12,6 +12,8 @@
                   folovllm:prompt_tokens_total           counter
                   folovllm:generation_tokens_total       counter
                   folovllm:request_success_total{finished_reason}  counter (stop, length, abort)
+    stage 06      folovllm:prefix_cache_queries_total   counter  prompt tokens looked up at admission
+                  folovllm:prefix_cache_hits_total      counter  of those, tokens found cached
     stage 09      folovllm:spec_decode_num_drafts_total           counter  rows that verified drafts
                   folovllm:spec_decode_num_draft_tokens_total     counter  drafts verified
                   folovllm:spec_decode_num_accepted_tokens_total  counter  drafts accepted
@@ -79,6 +81,10 @@ class PrometheusMetrics:
         self._success = Counter("folovllm:request_success", "Finished requests by finish reason.",
                                 labelnames=["model_name", "finished_reason"], registry=self.registry)
         self._model_name = model_name
+        # stage 06 (vLLM's names): prompt tokens looked up at admission and found cached; their
+        # ratio is the hit rate that prefix-aware routing of data-parallel replicas raises
+        self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         # stage 09 (vLLM's names); they stay at 0 without speculative decoding
         self.spec_num_drafts = counter("spec_decode_num_drafts", "Rows that verified draft tokens.")
         self.spec_num_draft_tokens = counter("spec_decode_num_draft_tokens", "Draft tokens verified.")
@@ -108,6 +114,9 @@ class PrometheusMetrics:
         if stats.num_preemptions > self._num_preemptions:
             self.num_preemptions.inc(stats.num_preemptions - self._num_preemptions)
             self._num_preemptions = stats.num_preemptions
+        if stats.prefix_cache.queries:
+            self.prefix_cache_queries.inc(stats.prefix_cache.queries)
+            self.prefix_cache_hits.inc(stats.prefix_cache.hits)
         spec = stats.spec_decoding_stats
         if spec is not None and spec.num_drafts:
             self.spec_num_drafts.inc(spec.num_drafts)

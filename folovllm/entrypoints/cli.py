@@ -165,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
                        help="stage 11 (with --enable-lora): LoRA adapters served from the start; "
                             "a request names one as its model")
+    serve.add_argument("--data-parallel-size", type=int, default=1,
+                       help="run this many engine replicas, each in its own process, behind this "
+                            "server (docs/serving.md#data-parallel-replicas; default 1: one engine, "
+                            "in this process)")
+    serve.add_argument("--data-parallel-routing", default="least_loaded",
+                       choices=["round_robin", "least_loaded", "prefix_aware"],
+                       help="with --data-parallel-size > 1: how a request picks its replica "
+                            "(engine/dp_routing.py; prefix_aware: the replica that holds its prefix)")
     serve.add_argument("--trace", action="store_true",
                        help="also serve a live page of the engine's steps at /trace/ (docs/trace.md)")
     # The limits on one request (ServerOptions; None: its default, given in the help).
@@ -420,11 +428,34 @@ def run_serve(args: argparse.Namespace) -> int:
     if lora_modules and not args.enable_lora:
         raise ValueError("--lora-modules needs --enable-lora")
     model = _model_or_demo(args)
-    engine = LLMEngine(model, EngineConfig.for_stage(args.stage, trace=args.trace, **_engine_kwargs(args)))
+    config = EngineConfig.for_stage(args.stage, trace=args.trace, **_engine_kwargs(args))
+    if args.data_parallel_size > 1:
+        engine = _dp_engine(args, model, config)
+    elif args.data_parallel_size < 1:
+        raise ValueError(f"--data-parallel-size must be a positive integer, got {args.data_parallel_size}")
+    else:
+        engine = LLMEngine(model, config)
     api_key = args.api_key if args.api_key is not None else envs.api_key()
     lora = {"lora_modules": lora_modules} if lora_modules else {}  # stage 11
     run_server(engine, args.served_model_name or model, args.host, args.port, api_key, options, **lora)
     return 0
+
+
+def _dp_engine(args: argparse.Namespace, model: str, config: object) -> object:
+    """`--data-parallel-size N`: N replicas in their own processes (engine/dp_client.py), each
+    with the CPU threads divided between them unless `--threads` says how many."""
+    import os
+
+    from folovllm.engine.dp_client import DPAsyncLLM
+
+    for flag, value in (("--trace", args.trace), ("--enable-lora", args.enable_lora),
+                        ("--tensor-parallel-size > 1", (args.tensor_parallel_size or 1) > 1)):
+        if value:
+            raise ValueError(f"--data-parallel-size > 1 does not combine with {flag} yet; "
+                             "run one replica, or leave that option out")
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.data_parallel_size)
+    return DPAsyncLLM(model, config, args.data_parallel_size, args.data_parallel_routing,  # type: ignore[arg-type]
+                      model_name=args.served_model_name or model, num_threads_per_replica=threads)
 
 
 def _format_stats(stats: dict) -> str:

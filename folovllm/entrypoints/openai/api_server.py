@@ -6,7 +6,8 @@
     POST /v1/load_lora_adapter   stage 11: vLLM's runtime adapter loading (serving_models.py)
     POST /v1/unload_lora_adapter
     POST /tokenize, /detokenize  vLLM's: text <-> token ids, as the engine tokenizes a prompt
-    GET  /health                 200 while the engine loop is alive, else 503
+    GET  /health                 200 while the engine loop is alive, else 503 (data parallel:
+                                 while one replica is; the body says which are, engine/dp_client.py)
     GET  /metrics                Prometheus text (engine/metrics.py)
     GET  /trace/                 with `--trace`: the live step page (trace/page.py)
 
@@ -34,7 +35,7 @@ import secrets
 import signal
 from functools import partial
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Optional, Sequence
+from typing import AsyncIterator, Optional, Sequence, Union
 
 import h11
 import uvicorn
@@ -46,6 +47,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from folovllm.engine.async_llm import AsyncLLM, EngineDeadError, RequestAbortedError
+from folovllm.engine.dp_client import DPAsyncLLM
 from folovllm.engine.llm_engine import LLMEngine
 from folovllm.engine.metrics import CONTENT_TYPE
 from folovllm.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest,
@@ -130,7 +132,10 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: Optional[str] = Non
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200 if async_llm.is_running else 503)
+        status_code = 200 if async_llm.is_running else 503
+        if isinstance(async_llm, DPAsyncLLM):  # which replicas serve, which stopped and why
+            return JSONResponse(async_llm.health_detail(), status_code=status_code)
+        return Response(status_code=status_code)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -352,13 +357,14 @@ class GracefulServer(uvicorn.Server):
             end_streams.cancel()
 
 
-def run_server(engine: LLMEngine, model_name: str, host: str = "127.0.0.1", port: int = 8000,
+def run_server(engine: Union[LLMEngine, DPAsyncLLM], model_name: str, host: str = "127.0.0.1", port: int = 8000,
                api_key: Optional[str] = None, options: ServerOptions = ServerOptions(),
                shutdown_grace_s: float = 10.0, lora_modules: Sequence[tuple[str, str]] = ()) -> None:
     """Serve until SIGINT/SIGTERM. The server then stops accepting connections, lets open
     requests finish (up to `shutdown_grace_s`, then ends them: `GracefulServer`), and runs the
-    app's lifespan exit, which stops the engine loop. The process then exits with status 0."""
-    async_llm = AsyncLLM(engine, model_name)
+    app's lifespan exit, which stops the engine loop. The process then exits with status 0.
+    `engine` may be a `DPAsyncLLM` (`--data-parallel-size` > 1): its replicas are stopped there."""
+    async_llm = engine if isinstance(engine, DPAsyncLLM) else AsyncLLM(engine, model_name)
     app = build_app(async_llm, model_name, api_key, options, lora_modules)
     config = uvicorn_config(app, options, host=host, port=port, log_level="info")
     # uvicorn catches the signal, shuts down gracefully, then raises the signal again with the
