@@ -11,9 +11,12 @@ in PEFT's format (`folovllm.testing.lora_adapter`), rank 16 on all seven project
 runs under adapter i % 4.
 
     base          the same 16 requests on the base model, no adapter, enable_lora off
-    multi-lora    enable_lora, max_loras=4: all 16 requests in one batch, each with its adapter
-    multi-lora    the same engine with BGMV for decode steps (the per-token gather layout)
-      (bgmv)
+    multi-lora    enable_lora, max_loras=4: all 16 requests in one batch, each with its adapter;
+                  the C++ SGMV kernel (csrc/cpu/lora.cpp) for every step (custom_ops="all")
+    multi-lora    the same engine with the C++ BGMV kernel for decode steps (per token)
+      (C++ bgmv decode)
+    multi-lora    the same engine with the torch ops (the padded-bmm SGMV): before the kernel
+      (torch ops)
     merge-swap    the base engine; for each adapter: merge it into the weights (W += s B A, the
                   fused layers' rows, repacked for oneDNN), run its 4 requests, restore the
                   weights. Adapters are read from disk once, untimed (as the LRU keeps them).
@@ -160,21 +163,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     multi = engine(path, enable_lora=True, max_loras=NUM_ADAPTERS, max_lora_rank=RANK)
     multi_bgmv = engine(path, enable_lora=True, max_loras=NUM_ADAPTERS, max_lora_rank=RANK)
     multi_bgmv.llm_engine.model_runner.lora_manager.punica.decode_kernel = "bgmv"
+    multi_torch = engine(path, enable_lora=True, max_loras=NUM_ADAPTERS, max_lora_rank=RANK)
+    multi_torch.llm_engine.model_runner.lora_manager.punica.use_kernel = False
+    kernels = multi.llm_engine.model_runner.lora_manager.punica.use_kernel
     swap = MergeSwap(engine(path), per_request)
     trials: dict[str, Callable[[], Timing]] = {
         "base": lambda: timed(lambda: generate(base, prompts, None)),
         "multi-lora": lambda: timed(lambda: generate(multi, prompts, per_request)),
-        "multi-lora (bgmv decode)": lambda: timed(lambda: generate(multi_bgmv, prompts, per_request)),
+        "multi-lora (C++ bgmv decode)": lambda: timed(lambda: generate(multi_bgmv, prompts, per_request)),
+        "multi-lora (torch ops)": lambda: timed(lambda: generate(multi_torch, prompts, per_request)),
         "merge-swap": lambda: timed(lambda: swap.run(prompts, per_request)),
     }
     runs = interleave(trials, args.repeats, warmup=trials,
                       log=lambda n, i, t: print(f"  {n} #{i}: {tok_per_s(t):.1f} tok/s", flush=True))
     tokens = {name: ts[0].value for name, ts in runs.items()}
     agree = sum(a == b for a, b in zip(tokens["multi-lora"], tokens["merge-swap"]))
-    agree_bgmv = sum(a == b for a, b in zip(tokens["multi-lora"], tokens["multi-lora (bgmv decode)"]))
+    agree_bgmv = sum(a == b for a, b in zip(tokens["multi-lora"], tokens["multi-lora (C++ bgmv decode)"]))
+    agree_torch = sum(a == b for a, b in zip(tokens["multi-lora"], tokens["multi-lora (torch ops)"]))
     main = {name: dict(**summarize(ts), median_tok_per_s=round(median_tps(ts), 2))
             for name, ts in runs.items()}
-    del base, multi, multi_bgmv, swap
+    del base, multi, multi_bgmv, multi_torch, swap
 
     # -- cost by rank and by distinct adapters ------------------------------------------------
     sweeps: dict[str, list[dict[str, Any]]] = {"rank": [], "distinct": []}
@@ -201,6 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 num_adapters=NUM_ADAPTERS, rank=RANK, systems=main,
                 same_tokens_multi_lora_vs_merge_swap=f"{agree}/{NUM_REQUESTS}",
                 same_tokens_sgmv_vs_bgmv=f"{agree_bgmv}/{NUM_REQUESTS}",
+                same_tokens_kernel_vs_torch_ops=f"{agree_torch}/{NUM_REQUESTS}", lora_kernels=kernels,
                 sweep_base=dict(median_tok_per_s=round(base_tps, 2), **summarize(sweep_runs["base"])),
                 sweeps=sweeps, peak_loadavg_1m=peak_loadavg(loads))
 
@@ -225,7 +234,8 @@ def render_markdown(result: dict[str, Any]) -> str:
                      f"({r['median_cpu_seconds'] / ml_cpu:.2f}) | {r['median_seconds']:.2f} s "
                      f"({r['median_cpu_seconds']:.2f} s) |")
     lines += ["", f"Same tokens, multi-lora vs merge-swap: {result['same_tokens_multi_lora_vs_merge_swap']} "
-              f"requests; SGMV vs BGMV decode: {result['same_tokens_sgmv_vs_bgmv']}.", "",
+              f"requests; SGMV vs BGMV decode: {result['same_tokens_sgmv_vs_bgmv']}; C++ kernels vs "
+              f"torch ops: {result.get('same_tokens_kernel_vs_torch_ops', 'n/a')}.", "",
               f"Cost by rank (4 adapters, max_lora_rank = rank) and by distinct adapters (rank "
               f"{result['rank']}, max_loras = adapters), against the base model in the same rounds "
               f"({result['sweep_base']['median_tok_per_s']:.1f} tok/s):", "",

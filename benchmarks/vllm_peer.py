@@ -57,7 +57,8 @@ class VLLMPeer:
     def __init__(self, model: str, *, dtype: str = "float32", eager: bool = False,
                  threads: int = 1, max_num_seqs: int = 16, max_model_len: int = 2048,
                  kv_cache_gib: Optional[int] = None, seed: int = 0, prefix_caching: bool = False,
-                 log: Optional[str] = None) -> None:
+                 log: Optional[str] = None, lora: Optional[dict[str, int]] = None) -> None:
+        """`lora`: {"max_loras": n, "max_lora_rank": r} turns on vLLM's enable_lora."""
         if kv_cache_gib is None:  # GiB of KV cache (VLLM_CPU_KVCACHE_SPACE); 4 unless set
             kv_cache_gib = int(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"))
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS=str(threads),
@@ -73,7 +74,7 @@ class VLLMPeer:
             self.info = self._call(dict(cmd="load", model=model, dtype=dtype, eager=eager,
                                         threads=threads, max_num_seqs=max_num_seqs,
                                         max_model_len=max_model_len, seed=seed,
-                                        prefix_caching=prefix_caching))
+                                        prefix_caching=prefix_caching, lora=lora))
         except BaseException:  # a refused load: nobody else holds the child, so end it here
             self.close()
             raise
@@ -90,9 +91,11 @@ class VLLMPeer:
                 return reply
         raise RuntimeError(f"vLLM peer exited (code {self.proc.wait()}); see its log")
 
-    def generate(self, prompts: list[list[int]], max_tokens: list[int]) -> dict[str, Any]:
-        """-> {"outputs": token ids per prompt, "seconds": wall, "cpu_seconds": process CPU}."""
-        return self._call(dict(cmd="generate", prompts=prompts, max_tokens=max_tokens))
+    def generate(self, prompts: list[list[int]], max_tokens: list[int],
+                 loras: Optional[list[Optional[tuple[str, int, str]]]] = None) -> dict[str, Any]:
+        """-> {"outputs": token ids per prompt, "seconds": wall, "cpu_seconds": process CPU}.
+        `loras`: per prompt, (lora_name, lora_int_id, lora_path) of vLLM's LoRARequest or None."""
+        return self._call(dict(cmd="generate", prompts=prompts, max_tokens=max_tokens, loras=loras))
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -142,10 +145,12 @@ def _serve() -> None:  # pragma: no cover - runs in the vLLM venv
                 from vllm import LLM
 
                 t0 = time.perf_counter()
+                lora = msg.get("lora") or {}
                 llm = LLM(model=msg["model"], dtype=msg["dtype"], enforce_eager=msg["eager"],
                           max_num_seqs=msg["max_num_seqs"], max_model_len=msg["max_model_len"],
                           enable_prefix_caching=msg["prefix_caching"], seed=msg["seed"],
-                          skip_tokenizer_init=True)  # ids in, ids out
+                          skip_tokenizer_init=True,  # ids in, ids out
+                          **(dict(enable_lora=True, **lora) if lora else {}))
                 reply = {"ok": True, "load_seconds": round(time.perf_counter() - t0, 2),
                          "version": vllm.__version__, "torch": torch.__version__,
                          "threads": torch.get_num_threads()}
@@ -156,8 +161,13 @@ def _serve() -> None:  # pragma: no cover - runs in the vLLM venv
                 prompts = [TokensPrompt(prompt_token_ids=p) for p in msg["prompts"]]
                 params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False)
                           for n in msg["max_tokens"]]
+                loras = None
+                if msg.get("loras"):
+                    from vllm.lora.request import LoRARequest
+
+                    loras = [None if r is None else LoRARequest(*r) for r in msg["loras"]]
                 c0, t0 = time.process_time(), time.perf_counter()
-                results = llm.generate(prompts, params, use_tqdm=False)
+                results = llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
                 seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
                 reply = {"outputs": [list(r.outputs[0].token_ids) for r in results],
                          "seconds": seconds, "cpu_seconds": cpu}

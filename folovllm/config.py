@@ -378,9 +378,6 @@ class EngineConfig:
         if not self.enable_continuous_batching:
             raise ValueError("enable_lora=True needs enable_continuous_batching=True (stage 02 or "
                              "later): the adapters of a static batch cannot change as it runs")
-        if self.tensor_parallel_size > 1:
-            raise ValueError("enable_lora=True with tensor_parallel_size > 1 is not supported yet: "
-                             "the LoRA slots are not split across ranks; use tensor_parallel_size=1")
         if getattr(self, "speculative_config", None) is not None:
             raise ValueError("enable_lora=True with a speculative_config is not supported: the "
                              "draft model would run without the target's adapters")

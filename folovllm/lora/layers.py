@@ -15,6 +15,21 @@ one B per part, whose expand lands in that part's columns of y, the columns
 
 An adapter that does not target a part (k_proj only, say) leaves that part's rows of A zero.
 
+Tensor parallelism (stage 08) splits A and B the way their base layer splits W (vLLM's
+`ColumnParallelLinearWithLoRA`, `RowParallelLinearWithLoRA`)::
+
+    column-parallel (qkv, gate_up)   y_r = x W_rᵀ            A whole, B_r = B's rows of rank r
+                                     += (x Aᵀ) B_rᵀ          (each fused part's own slice)
+    row-parallel (o, down)           y = all_reduce(x_r W_rᵀ + (x_r A_rᵀ) Bᵀ)
+                                     A_r = A's input columns of rank r, B whole
+
+In the row-parallel layer each rank's shrink `x_r A_rᵀ` is a partial sum of `x Aᵀ`; expanded by
+the whole B, the partials still add up to `(x Aᵀ) Bᵀ` (the expand is linear), so the layer's own
+all-reduce carries the LoRA term: no second collective. vLLM does the same; the other choice,
+all-reducing the [T, P*R] shrink result and expanding once, costs an extra collective per layer
+to save each rank an expand of `R · out` multiply-adds per token, a bad trade on a CPU (and on a
+GPU, where a collective's latency dwarfs so small a matmul).
+
 The wrappers are installed by `install_lora_layers` only when `enable_lora` is on; otherwise
 the model keeps its plain layers and the forward pass has not one extra operation.
 """
@@ -29,7 +44,8 @@ from torch import nn
 from folovllm.lora.lora_model import LoRALayerWeights
 from folovllm.lora.peft_helper import SUPPORTED_TARGETS
 from folovllm.lora.punica_wrapper import PunicaWrapper
-from folovllm.model_executor.layers.linear import LinearBase
+from folovllm.distributed.parallel_state import tensor_model_parallel_all_reduce
+from folovllm.model_executor.layers.linear import ColumnParallelLinear, LinearBase, RowParallelLinear
 
 
 class LinearWithLoRA(nn.Module):
@@ -62,22 +78,68 @@ class LinearWithLoRA(nn.Module):
 
     def set_lora(self, slot: int, weights: list[Optional[LoRALayerWeights]]) -> None:
         """Fill `slot` with one adapter's A/B per part (None: the adapter leaves that part
-        alone), zero-padded to the slot's rank."""
+        alone), this rank's slice of them, zero-padded to the slot's rank."""
         self.lora_a_stacked[slot].zero_()
         R = self.rank
         for p, (w, b_stacked) in enumerate(zip(weights, self.lora_b_stacked)):
             b_stacked[slot].zero_()
             if w is None:
                 continue
-            self.lora_a_stacked[slot, p * R:p * R + w.rank].copy_(w.lora_a)  # [r, in]
-            b_stacked[slot, :, :w.rank].copy_(w.lora_b)  # [out_p, r]
+            self.lora_a_stacked[slot, p * R:p * R + w.rank].copy_(self.slice_lora_a(w.lora_a))  # [r, in]
+            b_stacked[slot, :, :w.rank].copy_(self.slice_lora_b(w.lora_b, p))  # [out_p, r]
+
+    def slice_lora_a(self, lora_a: torch.Tensor) -> torch.Tensor:
+        """This rank's part of an adapter's A [r, in] (whole here: the input is not split)."""
+        return lora_a
+
+    def slice_lora_b(self, lora_b: torch.Tensor, part: int) -> torch.Tensor:
+        """This rank's part of fused part `part`'s B [out, r] (whole here)."""
+        return lora_b
 
     def expected_shapes(self) -> dict[str, tuple[int, int]]:
-        """Checkpoint module name -> (in, out) of each part (what an adapter must match)."""
-        return {m: (self.input_size, out) for m, out in zip(self.slice_modules, self.output_slices)}
+        """Checkpoint module name -> (in, out) of each part (what an adapter must match): the
+        whole layer's, whatever this rank holds of it."""
+        base = self.base_layer
+        return {m: (base.input_size, out) for m, out in zip(self.slice_modules, base.output_sizes)}
 
     def extra_repr(self) -> str:
         return f"slots={self.lora_a_stacked.shape[0]}, max_lora_rank={self.rank}, parts={self.slice_modules}"
+
+
+class ColumnParallelLinearWithLoRA(LinearWithLoRA):
+    """qkv_proj, gate_up_proj: rank r computes its output columns, so it keeps those rows of
+    each part's B, cut as the base layer cuts W (q by query heads, k/v by kv heads, replicated
+    ones included: `shard_rank`)."""
+
+    def slice_lora_b(self, lora_b: torch.Tensor, part: int) -> torch.Tensor:
+        base = self.base_layer
+        if base.tp_size == 1:
+            return lora_b
+        size = self.output_slices[part]  # this part's rows on this rank
+        shard = base.shard_ids[part] if base.shard_ids else None
+        return lora_b[base.shard_rank(shard) * size:(base.shard_rank(shard) + 1) * size]  # [out_p / tp, r]
+
+
+class RowParallelLinearWithLoRA(LinearWithLoRA):
+    """o_proj, down_proj: rank r sees input features [r * in/tp, (r+1) * in/tp), so it keeps
+    those columns of A and all of B; the LoRA term joins the partial sum before the layer's
+    all-reduce (see the module docstring)."""
+
+    def slice_lora_a(self, lora_a: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        size = base.input_size_per_partition
+        return lora_a[:, base.tp_rank * size:(base.tp_rank + 1) * size]  # [r, in / tp]
+
+    # --8<-- [start:row_lora_forward]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x_r [T, in / tp] -> [T, out], the same on every rank (RowParallelLinear.forward with
+        the LoRA term added to this rank's partial sum)."""
+        base = self.base_layer
+        bias = base.bias if base.tp_rank == 0 else None  # added once, not tp times
+        partial = base.quant_method.apply(base, x, bias)  # [T, out]: this rank's share
+        self.punica.add_lora_linear(partial, x, self.lora_a_stacked, self.lora_b_stacked)  # += (x_r A_rᵀ) Bᵀ
+        return tensor_model_parallel_all_reduce(partial)
+    # --8<-- [end:row_lora_forward]
 
 
 def _device_of(layer: nn.Module) -> torch.device:
@@ -106,7 +168,10 @@ def install_lora_layers(model: nn.Module, max_loras: int, max_lora_rank: int,
             slices = [leaf]
         if not all(s in SUPPORTED_TARGETS for s in slices):
             continue
-        wrapper = LinearWithLoRA(module, slices, max_loras, max_lora_rank, punica, dtype)
+        kind = (RowParallelLinearWithLoRA if isinstance(module, RowParallelLinear)
+                else ColumnParallelLinearWithLoRA if isinstance(module, ColumnParallelLinear)
+                else LinearWithLoRA)
+        wrapper = kind(module, slices, max_loras, max_lora_rank, punica, dtype)
         parent = model.get_submodule(name.rsplit(".", 1)[0])
         setattr(parent, leaf, wrapper)
         wrappers.append(wrapper)

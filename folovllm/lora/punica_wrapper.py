@@ -98,6 +98,11 @@ class SGMVSegments:
     order: Optional[torch.Tensor]
     padded: Optional[PaddedSegments] = None
 
+    def table(self) -> torch.Tensor:
+        """[K, 3] int64 (slot, start, end) per segment: the C++ kernel's form of the layout."""
+        rows = list(zip(self.slots, self.starts, self.ends))
+        return torch.tensor(rows, dtype=torch.long).view(-1, 3)
+
     @classmethod
     def from_token_slots(cls, token_slots: list[int], device: torch.device,
                          num_slots: Optional[int] = None) -> "SGMVSegments":
@@ -215,6 +220,30 @@ def bgmv_add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
 # --8<-- [end:bgmv]
 
 
+# --8<-- [start:kernels]
+def sgmv_add_lora_cpu(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
+                      lora_b: Sequence[torch.Tensor], segment_table: torch.Tensor,
+                      order: Optional[torch.Tensor], scales: Optional[torch.Tensor] = None) -> None:
+    """`sgmv_add_lora` in one C++ call (folovllm/csrc/cpu/lora.cpp): blocks of a segment's
+    tokens share each row of A and each tile of B; no gather, no temporaries, one call per layer
+    whatever the number of adapters. `segment_table` is `SGMVSegments.table()`."""
+    from folovllm._custom_ops import load_ops
+
+    load_ops().sgmv_add_lora(y, x, lora_a, list(lora_b), segment_table, order, scales)
+
+
+def bgmv_add_lora_cpu(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
+                      lora_b: Sequence[torch.Tensor], token_slots: torch.Tensor,
+                      scales: Optional[torch.Tensor] = None) -> None:
+    """`bgmv_add_lora` in one C++ call: each token [T] reads its slot's A and B in place (no
+    [T, out, R] gather, which is what made BGMV in torch slow on a CPU); slot -1 rows are
+    skipped. `token_slots` covers every token, base ones included."""
+    from folovllm._custom_ops import load_ops
+
+    load_ops().bgmv_add_lora(y, x, lora_a, list(lora_b), token_slots, scales)
+# --8<-- [end:kernels]
+
+
 class PunicaWrapper:
     """One step's token -> slot layout, shared by every LoRA layer of the model (set once per
     step by the worker's LoRA manager, read by each layer's `add_lora_linear`).
@@ -222,20 +251,26 @@ class PunicaWrapper:
     A step with a prompt or a chunk in it takes SGMV, whose per-adapter blocks are the efficient
     shape when an adapter has many tokens. A decode step (every row one token) is where vLLM's
     GPU path takes BGMV: one kernel for any mix of adapters. On a CPU it is the slower of the
-    two, measured (docs/stages/11-multi-lora.md: gathering each token's B copies out x R floats
-    per token per layer, where SGMV reads each slot's B once), so `decode_kernel` defaults to
-    "sgmv"; "bgmv" runs the Punica layout, for the lesson and for comparison."""
+    two, measured both in torch ops (gathering each token's B copies out x R floats per token
+    per layer, where SGMV reads each slot's B once) and in our C++ kernels (a token on its own
+    re-reads its slot's A and B and cannot share them with the slot's other tokens: 8x the
+    time of the C++ SGMV on a decode step; docs/stages/11-multi-lora.md), so `decode_kernel`
+    defaults to "sgmv"; "bgmv" runs the Punica layout, for the lesson and for comparison.
+    `use_kernel` (on when `custom_ops` resolves to "all") runs both as C++ calls
+    (`csrc/cpu/lora.cpp`), one per layer whatever the number of adapters."""
 
     def __init__(self, device: torch.device, decode_kernel: str = "sgmv",
-                 num_slots: Optional[int] = None) -> None:
+                 num_slots: Optional[int] = None, use_kernel: bool = False) -> None:
         if decode_kernel not in ("sgmv", "bgmv"):
             raise ValueError(f"decode_kernel must be 'sgmv' or 'bgmv', got {decode_kernel!r}")
         self.device = device
         self.decode_kernel = decode_kernel
         self.num_slots = num_slots  # max_loras: lets short segments run as one padded bmm
+        self.use_kernel = use_kernel
         self.no_lora = True
         self.use_bgmv = False
         self.segments: Optional[SGMVSegments] = None
+        self.segment_table: Optional[torch.Tensor] = None  # the kernel's [K, 3] layout
         self.token_idx: Optional[torch.Tensor] = None
         self.token_slots: Optional[torch.Tensor] = None
 
@@ -245,10 +280,19 @@ class PunicaWrapper:
         self.no_lora = all(slot < 0 for slot in row_slots)
         if self.no_lora:
             return
-        self.use_bgmv = self.decode_kernel == "bgmv" and all(q == 1 for q in query_lens)
+        as_long = lambda v: torch.tensor(v, dtype=torch.long, device=self.device)  # noqa: E731
+        decode = all(q == 1 for q in query_lens)
+        self.use_bgmv = self.decode_kernel == "bgmv" and decode
+        if self.use_kernel:  # the C++ kernels skip base tokens themselves
+            if self.use_bgmv:
+                self.token_slots = as_long(list(row_slots))
+            else:
+                token_slots = [slot for slot, q in zip(row_slots, query_lens) for _ in range(q)]
+                self.segments = SGMVSegments.from_token_slots(token_slots, self.device)
+                self.segment_table = self.segments.table()
+            return
         if self.use_bgmv:  # one token per row: the row's slot is the token's
             adapted = [t for t, slot in enumerate(row_slots) if slot >= 0]
-            as_long = lambda v: torch.tensor(v, dtype=torch.long, device=self.device)  # noqa: E731
             self.token_idx = None if len(adapted) == len(row_slots) else as_long(adapted)
             self.token_slots = as_long([row_slots[t] for t in adapted])
         else:
@@ -260,7 +304,12 @@ class PunicaWrapper:
                         lora_b: Sequence[torch.Tensor]) -> None:
         if self.no_lora:
             return
-        if self.use_bgmv:
+        if self.use_kernel:
+            if self.use_bgmv:
+                bgmv_add_lora_cpu(y, x, lora_a, lora_b, self.token_slots)
+            else:
+                sgmv_add_lora_cpu(y, x, lora_a, lora_b, self.segment_table, self.segments.order)
+        elif self.use_bgmv:
             bgmv_add_lora(y, x, lora_a, lora_b, self.token_idx, self.token_slots)
         else:
             sgmv_add_lora(y, x, lora_a, lora_b, self.segments)

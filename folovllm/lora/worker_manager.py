@@ -42,7 +42,9 @@ class WorkerLoRAManager(NoWorkerLoRAManager):
         self.max_lora_rank = config.max_lora_rank
         self.capacity = config.max_cpu_loras or config.max_loras
         self.dtype = model.model.embed_tokens.weight.dtype
-        self.punica = PunicaWrapper(torch.device(config.device), num_slots=self.max_loras)
+        # the C++ shrink/expand kernels come with the other CPU kernels (custom_ops="all")
+        self.punica = PunicaWrapper(torch.device(config.device), num_slots=self.max_loras,
+                                    use_kernel=config.custom_ops == "all")
         self.layers: list[LinearWithLoRA] = install_lora_layers(
             model, self.max_loras, self.max_lora_rank, self.punica, self.dtype)
         self.expected: dict[str, tuple[int, int]] = {}

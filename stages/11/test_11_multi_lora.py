@@ -19,8 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from folovllm import LLM, EngineConfig, SamplingParams
+from folovllm import _custom_ops
 from folovllm.lora.punica_wrapper import (PunicaWrapper, SGMVSegments, add_lora_reference,
-                                          bgmv_add_lora, sgmv_add_lora)
+                                          bgmv_add_lora, bgmv_add_lora_cpu, sgmv_add_lora,
+                                          sgmv_add_lora_cpu)
 from folovllm.lora.request import LoRARequest
 from lora_cases import make_peft_adapter, reference_tokens
 from tests.helpers import ARCHS
@@ -116,6 +118,22 @@ def test_preemption_and_n_samples(greedy_reference, hf_models, adapters):
     assert llm.stats.num_preemptions > 0
 
 
+def test_tensor_parallel_2(greedy_reference, hf_models, adapters):
+    """Stage 08 at TP=2: base rows and two adapters in one batch (B: all seven projections,
+    rsLoRA; C: rank 16 on k, o, gate, down), A and B sliced like their base layer on each rank
+    (column-parallel B by output rows, row-parallel A by input columns, the LoRA term inside
+    the row-parallel layer's all-reduce): every row equals HF + PEFT."""
+    ref, ad = greedy_reference("qwen3"), adapters("qwen3")
+    names = [None, "B", "C", None, "C", "B", "B", None, "C", "B"][:len(ref.prompts)]
+    expected = reference_tokens(hf_models("qwen3"), ad, ref.prompts, ref.max_tokens, names)
+    llm = lora_llm(ref.path, stage=5, tensor_parallel_size=2, kv_cache_memory=512 * 1024)
+    try:
+        got = run(llm, ref.prompts, ref.max_tokens, names, ad)
+    finally:
+        llm.llm_engine.shutdown()
+    assert got == expected
+
+
 # -- the batched op against a per-token loop ---------------------------------------------------
 
 def per_token_loop(y, x, a_list, b_list, scales, token_slots, part_sizes):
@@ -190,16 +208,84 @@ def test_batched_op_matches_per_token_loop(data):
         bgmv_add_lora(y, x, lora_a, lora_b, torch.tensor(adapted), torch.tensor([token_slots[t] for t in adapted]), scales)
     torch.testing.assert_close(y, expected)
 
+    kernels = _custom_ops.ops_available()  # the C++ ones (csrc/cpu/lora.cpp): float32 math
+    if kernels:
+        f32 = dict(atol=1e-5, rtol=1e-5)
+        xf, af, bf, sf = x.float(), lora_a.float(), [b.float() for b in lora_b], scales.float()
+        y = y0.float()
+        segments = SGMVSegments.from_token_slots(token_slots, x.device)
+        sgmv_add_lora_cpu(y, xf, af, bf, segments.table(), segments.order, sf)
+        torch.testing.assert_close(y.double(), expected, **f32)
+        y = y0.float()
+        bgmv_add_lora_cpu(y, xf, af, bf, torch.tensor(token_slots, dtype=torch.long), sf)
+        torch.testing.assert_close(y.double(), expected, **f32)
+
     # the wrapper's own dispatch, with the scales folded into B as the loader does
     folded_b = [b * scales.view(-1, 1, 1) for b in lora_b]
-    for decode_kernel in ("sgmv", "bgmv"):
-        punica = PunicaWrapper(x.device, decode_kernel, num_slots)
+    for decode_kernel, use_kernel in (("sgmv", False), ("bgmv", False), ("sgmv", True), ("bgmv", True)):
+        if use_kernel and not kernels:
+            continue
+        punica = PunicaWrapper(x.device, decode_kernel, num_slots, use_kernel=use_kernel)
         punica.update_metadata(row_slots, query_lens)
-        y = y0.clone()
-        punica.add_lora_linear(y, x, lora_a, folded_b)
-        torch.testing.assert_close(y, expected)
+        y = y0.float() if use_kernel else y0.clone()
+        if use_kernel:
+            punica.add_lora_linear(y, x.float(), lora_a.float(), [b.float() for b in folded_b])
+            torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
+            if all(s < 0 for s in token_slots):
+                assert torch.equal(y, y0.float())  # an all-base batch is not touched
+            continue
+        else:
+            punica.add_lora_linear(y, x, lora_a, folded_b)
+            torch.testing.assert_close(y, expected)
         if all(s < 0 for s in token_slots):
             assert torch.equal(y, y0)  # an all-base batch is not touched
+
+
+@pytest.mark.skipif(not _custom_ops.ops_available(), reason="the CPU kernels cannot be built here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_lora_kernels_at_layer_shapes(dtype, num_threads):
+    """The C++ SGMV and BGMV against the torch reference at a real layer's shapes (qkv: three
+    parts, widths not multiples of the kernel's 64-wide tiles; segments longer than its 8-row
+    blocks; scattered slots that need `order`; base rows; rank-padded slots), in the engine's
+    dtypes, on one and two threads. CI runs it on both ISA paths (FOLOVLLM_CPU_ISA=avx2)."""
+    g = torch.Generator().manual_seed(7)
+    num_slots, rank, dim_in, parts = 3, 16, 200, [136, 40, 40]
+    lora_a = torch.randn(num_slots, 3 * rank, dim_in, generator=g).to(dtype)
+    lora_b = [torch.randn(num_slots, out, rank, generator=g).to(dtype) for out in parts]
+    lora_a[1, 8:16].zero_()  # slot 1 holds a rank-8 adapter in its q part: zero padding
+    lora_b[0][1, :, 8:].zero_()
+    # a 19-token prompt of slot 2, base decodes, a scattered slot 0, a chunk of slot 1
+    token_slots = [2] * 19 + [-1, 0, -1, 1, 0] + [1] * 9 + [0]
+    T = len(token_slots)
+    x = torch.randn(T, dim_in, generator=g).to(dtype)
+    y0 = torch.randn(T, sum(parts), generator=g).to(dtype)
+    slots = torch.tensor(token_slots)
+    expected = y0.double()
+    add_lora_reference(expected, x.double(), lora_a.double(), [b.double() for b in lora_b], slots)
+    tol = dict(atol=1e-3, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.5, rtol=2e-2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        segments = SGMVSegments.from_token_slots(token_slots, x.device)
+        assert segments.order is not None  # slots 0 and 1 are split: the gathered layout
+        y = y0.clone()
+        sgmv_add_lora_cpu(y, x, lora_a, lora_b, segments.table(), segments.order)
+        torch.testing.assert_close(y.double(), expected, **tol)
+        assert torch.equal(y[19], y0[19])  # a base row is never written
+        y = y0.clone()
+        bgmv_add_lora_cpu(y, x, lora_a, lora_b, slots)
+        torch.testing.assert_close(y.double(), expected, **tol)
+        # one contiguous run per slot: the segments index x in place (no `order`)
+        runs = SGMVSegments.from_token_slots(token_slots[:19], x.device)
+        assert runs.order is None
+        y = y0[:19].clone()
+        sgmv_add_lora_cpu(y, x[:19], lora_a, lora_b, runs.table(), None)
+        torch.testing.assert_close(y.double(), expected[:19], **tol)
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(RuntimeError, match="reads slot 3"):  # checked, not read out of bounds
+        bgmv_add_lora_cpu(y0.clone(), x, lora_a, lora_b, torch.full((T,), 3, dtype=torch.long))
 
 
 # -- bad adapters: refused by name at add_request; nothing leaks; others keep running ----------
@@ -288,9 +374,6 @@ def test_lora_settings_are_checked(tiny_qwen3, adapters):
         EngineConfig.for_stage(4, enable_lora=True, max_lora_rank=0)
     with pytest.raises(ValueError, match="enable_lora=True needs enable_continuous_batching"):
         EngineConfig.for_stage(1, enable_lora=True)
-    with pytest.raises(ValueError, match="tensor_parallel_size > 1 is not supported"):
-        EngineConfig.for_stage(4, enable_lora=True, tensor_parallel_size=2)
-
     with pytest.raises(ValueError, match="speculative_config is not supported"):
         EngineConfig.for_stage(4, enable_lora=True,
                                speculative_config={"method": "ngram", "num_speculative_tokens": 2})

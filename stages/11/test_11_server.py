@@ -87,6 +87,25 @@ def test_adapters_and_base_through_openai(base_url, offline, lora_adapters):
         completions(client, "C")
 
 
+def test_response_names_the_adapter(base_url):
+    """Every response says which model answered: the adapter the request chose, as vLLM does
+    (completions and chat, whole and each streamed chunk); the base model's name otherwise."""
+    client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0)
+    messages = [{"role": "user", "content": "hi"}]
+    for model in (MODEL, "A", "B"):
+        out = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=3, temperature=0)
+        assert out.model == model
+        chat = client.chat.completions.create(model=model, messages=messages, max_tokens=3, temperature=0)
+        assert chat.model == model
+        chunks = list(client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=3,
+                                                temperature=0, stream=True,
+                                                stream_options={"include_usage": True}))
+        assert len(chunks) > 1 and {c.model for c in chunks} == {model}
+        chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=3,
+                                                     temperature=0, stream=True))
+        assert len(chunks) > 1 and {c.model for c in chunks} == {model}
+
+
 def test_load_and_unload_at_run_time(base_url, offline, lora_adapters, tmp_path):
     client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0)
     http = httpx.Client(base_url=base_url)

@@ -32,3 +32,11 @@ void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tenso
 void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
                       const at::Tensor& cos_sin_cache);
 void silu_and_mul(at::Tensor& out, const at::Tensor& input);
+
+// lora.cpp (stage 11): y += each token's adapter update, A and B read in their slots
+void bgmv_add_lora(at::Tensor& y, const at::Tensor& x, const at::Tensor& lora_a,
+                   const std::vector<at::Tensor>& lora_b, const at::Tensor& token_slots,
+                   const c10::optional<at::Tensor>& scales);
+void sgmv_add_lora(at::Tensor& y, const at::Tensor& x, const at::Tensor& lora_a,
+                   const std::vector<at::Tensor>& lora_b, const at::Tensor& segments,
+                   const c10::optional<at::Tensor>& order, const c10::optional<at::Tensor>& scales);

@@ -14,4 +14,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "residual += input; input = weight * residual / rms(residual), both in place");
   m.def("rotary_embedding", &rotary_embedding, "RoPE (rotate-half layout), in place on q and k");
   m.def("silu_and_mul", &silu_and_mul, "out = silu(x[:, :I]) * x[:, I:]");
+  m.def("bgmv_add_lora", &bgmv_add_lora,
+        "y += each token's (x A_slot^T) B_slot^T, token by token (decode rows; slot -1: none)");
+  m.def("sgmv_add_lora", &sgmv_add_lora,
+        "y += (x A_slot^T) B_slot^T for segments (slot, start, end) of tokens, optionally via order");
 }

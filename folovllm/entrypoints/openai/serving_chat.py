@@ -42,6 +42,7 @@ class OpenAIServingChat(OpenAIServing):
         self.check_capacity()  # before the template is rendered: a full queue costs nothing
         prompt = await self.render(request)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        model_name = self.response_model(request)  # the adapter's name when it chose one
         stream = await self.add_request(request, request_id, prompt, params, prompt_field="messages")
 
         def logprobs(completion: CompletionOutput) -> Optional[ChatLogprobs]:
@@ -55,11 +56,11 @@ class OpenAIServingChat(OpenAIServing):
                 choices = [] if index is None or completion is None else [ChatStreamChoice(
                     index=index, delta=DeltaMessage(content=completion.text), logprobs=logprobs(completion),
                     finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)]
-                return ChatCompletionChunk(id=request_id, model=self.model_name, choices=choices, usage=usage)
+                return ChatCompletionChunk(id=request_id, model=model_name, choices=choices, usage=usage)
 
             # OpenAI's first chunk of each choice carries the role and no text.
             role_chunks = tuple(
-                ChatCompletionChunk(id=request_id, model=self.model_name, choices=[ChatStreamChoice(
+                ChatCompletionChunk(id=request_id, model=model_name, choices=[ChatStreamChoice(
                     index=i, delta=DeltaMessage(role="assistant", content=""))])
                 for i in range(params.n)
             )
@@ -71,7 +72,7 @@ class OpenAIServingChat(OpenAIServing):
         choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text), logprobs=logprobs(c),
                               finish_reason=c.finish_reason, stop_reason=c.stop_reason)
                    for c in output.outputs]
-        return JSONResponse(ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices,
+        return JSONResponse(ChatCompletionResponse(id=request_id, model=model_name, choices=choices,
                                                    usage=usage_of(output)).model_dump())
 
     async def render(self, request: ChatCompletionRequest) -> str:

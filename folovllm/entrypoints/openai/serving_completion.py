@@ -54,6 +54,7 @@ class OpenAIServingCompletion(OpenAIServing):
         params = self.sampling_params(request, 1 if request.prompt_only else request.max_tokens,
                                       logprobs=request.logprobs, prompt_logprobs=prompt_scores_k)
         request_id = f"cmpl-{uuid.uuid4().hex}"
+        model_name = self.response_model(request)  # the adapter's name when it chose one
         self.check_capacity()  # once for all the prompts: none of a list is queued for a 503
         streams: list[RequestStream] = []
         try:
@@ -73,7 +74,7 @@ class OpenAIServingCompletion(OpenAIServing):
             return Echo(text, output.prompt_token_ids, scores)
 
         def response(choices: list[CompletionChoice], usage: Optional[UsageInfo]) -> CompletionResponse:
-            return CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage)
+            return CompletionResponse(id=request_id, model=model_name, choices=choices, usage=usage)
 
         if request.stream:
             # choice index -> text_offset of its next token: the token texts so far, as not

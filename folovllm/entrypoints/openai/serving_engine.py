@@ -155,6 +155,12 @@ class OpenAIServing:
             raise APIError(404, f"The model `{model}` does not exist; this server serves "
                                 f"`{self.model_name}`", param="model", code="model_not_found")
 
+    def response_model(self, request: SamplingRequest) -> str:
+        """The `model` a response names: the adapter the request chose (stage 11), as vLLM
+        answers, else the model served."""
+        lora = self.models.lora_request(request.model) if self.models else None
+        return self.models.model_name(lora) if self.models else self.model_name
+
     def decode_one(self, token_id: int) -> str:
         """One token's text alone (a position the engine gave no text for: the prompt's first)."""
         return self.async_llm.engine.tokenizer.decode([token_id])

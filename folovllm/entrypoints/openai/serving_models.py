@@ -39,6 +39,11 @@ class OpenAIServingModels:
         """The adapter a request's `model` names (None: the base model, or no model given)."""
         return self.lora_requests.get(model) if model is not None else None
 
+    def model_name(self, lora_request: Optional[LoRARequest]) -> str:
+        """What a response's `model` says: the adapter the request ran under, else the base
+        model (vLLM's `OpenAIServingModels.model_name`)."""
+        return lora_request.lora_name if lora_request is not None else self.base_model_name
+
     def is_served(self, model: str) -> bool:
         return model == self.base_model_name or model in self.lora_requests
 
