@@ -14,7 +14,8 @@ is the engine's one entry point::
 
     backends      folovllm  regex / choice / a JSON-schema subset -> DFA over bytes -> masks
                   xgrammar  everything, when installed (backend_xgrammar.py)
-                  "auto"    ours for what it supports, xgrammar for the rest
+                  "auto"    ours for what it supports, xgrammar for the rest (and for
+                            json_object, which ours bounds at nesting depth 4)
 
 A request without structured output pays nothing: no bitmask is built, no logits copied; the
 check is one attribute per sampling row. Left out (docs/stages/10-*): jump-forward decoding,
@@ -147,7 +148,10 @@ class StructuredOutputManager:
         if params.structured_outputs is None:
             return None
         kind, spec = structured_output_key(params.structured_outputs)
-        if self.backend_choice in ("auto", "folovllm"):
+        # json_object: ours is bounded (nesting depth 4) and compiles in about a second;
+        # xgrammar's has no bound and compiles in milliseconds, so "auto" prefers it
+        prefer_xgrammar = kind == StructuredOutputOptions.JSON_OBJECT and xgrammar_available()
+        if self.backend_choice == "folovllm" or (self.backend_choice == "auto" and not prefer_xgrammar):
             try:
                 backend = self.backend("folovllm")
                 backend.validate(kind, spec)

@@ -26,10 +26,10 @@ from folovllm.structured_output import StructuredOutputManager
 from folovllm.structured_output.backend_folovllm import FolovllmBackend, FolovllmGrammar
 from folovllm.structured_output.backend_types import StructuredOutputOptions as Options
 from folovllm.structured_output.backend_xgrammar import xgrammar_available
-from folovllm.structured_output.json_schema import schema_to_regex
+from folovllm.structured_output.json_schema import JSON_OBJECT_MAX_DEPTH, json_object_regex, schema_to_regex
 from folovllm.structured_output.regex_dfa import DEAD, regex_to_dfa
 from folovllm.structured_output.token_index import (
-    TokenIndex, Vocabulary, pack_bits, token_bytes, unpack_bits)
+    MAX_TRIE_DEPTH, TokenIndex, Vocabulary, pack_bits, token_bytes, unpack_bits)
 from tests.helpers import hf_greedy
 
 needs_xgrammar = pytest.mark.skipif(not xgrammar_available(), reason="xgrammar is not installed")
@@ -196,6 +196,37 @@ def test_token_masks_match_brute_force(vocab, pattern):
         assert torch.equal(unpack_bits(index.mask(state), vocab.vocab_size), expected), (pattern, state)
 
 
+# random vocabularies: short tokens over a few bytes (so prefixes are shared and the trie has
+# depth), duplicates, special tokens (None), multi-byte UTF-8, and tokens longer than the trie
+TOKEN_BYTES = st.one_of(
+    st.binary(min_size=1, max_size=5).map(lambda b: bytes(c % 4 + ord("a") for c in b)),
+    st.sampled_from([b"0", b"a0", b"-", b".", b" ", b"\xc3", b"\xa9", "é".encode(), b"\n", b"\"", b"aa-"]),
+    st.integers(MAX_TRIE_DEPTH + 1, MAX_TRIE_DEPTH + 6).map(lambda n: b"ab" * (n // 2) + b"a" * (n % 2)),
+    st.none())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(regexes(), st.lists(TOKEN_BYTES, min_size=1, max_size=60))
+def test_trie_walk_equals_the_per_token_walk(pattern, tokens):
+    """The trie walk (`allowed`) against its plain reference (`allowed_per_token`), bit for
+    bit, in every DFA state of random regexes over random vocabularies."""
+    vocab = Vocabulary(tokens, eos_token_ids=[0])
+    index = TokenIndex(regex_to_dfa(pattern), vocab)
+    for state in range(index.dfa.num_states):
+        assert torch.equal(index.allowed(state), index.allowed_per_token(state)), (pattern, tokens, state)
+
+
+def test_trie_shares_prefixes_and_prunes(vocab):
+    """On the tiny BPE the trie has fewer nodes than the vocabulary has bytes (shared prefixes
+    are walked once), and in a digit state the walk marks only nodes under a digit."""
+    trie = vocab.trie
+    assert trie.num_nodes < sum(len(b) for b in vocab.token_bytes if b and len(b) <= MAX_TRIE_DEPTH)
+    index = TokenIndex(regex_to_dfa("[0-9]+"), vocab)
+    alive = trie.walk(index.table, 0, index.dfa.num_states)
+    assert 0 < int(alive.sum()) <= sum(1 for b in vocab.token_bytes if b and b[:1].isdigit())
+    assert torch.equal(index.allowed(0), index.allowed_per_token(0))
+
+
 def test_pack_bits_by_hand():
     """The worked five-token example of the stage page: bits 0, 1, 4 -> 0b10011 = 19."""
     assert pack_bits(torch.tensor([True, True, False, False, True])).tolist() == [19]
@@ -293,7 +324,7 @@ def test_compile_errors_are_clear(engine6, spec, message):
 
 def test_folovllm_backend_names_xgrammar_for_what_it_cannot_do(tiny_qwen3):
     only_ours = llm(tiny_qwen3, structured_outputs_backend="folovllm")
-    for spec in (dict(json_object=True), dict(grammar='root ::= "a"'),
+    for spec in (dict(grammar='root ::= "a"'),
                  dict(json={"type": "string", "format": "date"}),
                  dict(json={"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]})):
         with pytest.raises(ValueError, match="xgrammar"):
@@ -578,6 +609,56 @@ def test_no_mask_for_free_batches(engine6, monkeypatch):
     assert manager is not fresh
 
 
+def json_depth(value) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(json_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(json_depth, value), default=0)
+    return 0
+
+
+def test_json_object_regex_bounds_the_depth():
+    """Our json_object pattern takes any JSON object as json.dumps writes it, up to nesting
+    depth 4, and nothing that is not one."""
+    dfa = regex_to_dfa(json_object_regex())
+    accepted = [{}, {"a": 1}, {"a": [1, 2.5e-3, "x\\y\"", None, True]}, {"a": {"b": {"c": [1]}}},
+                {"k": [], "l": {}, "m": [[], {}]}, {"é": "中文 \u2028"}]
+    for value in accepted:
+        for separators in ((", ", ": "), (",", ":")):
+            text = json.dumps(value, separators=separators, ensure_ascii=False)
+            assert dfa.fullmatch(text.encode()), text
+    refused = ['{"a": {"b": {"c": {"d": [1]}}}}', '[1]', '"x"', '{"a": 1,}', '{"a"}', '{a: 1}',
+               '{"a": 01}', '{"a": [1}', '{"a": 1]', '{"a":  1}', ' {}', '{"a": "\x01"}']
+    for text in refused:
+        assert not dfa.fullmatch(text.encode()), text
+
+
+def test_json_object_in_our_backend(tiny_qwen3, vocab):
+    """json_object on the folovllm backend: every output that stops is a JSON object (nesting
+    at most 4 deep); one that runs out of max_tokens is a prefix the grammar can complete."""
+    engine = llm(tiny_qwen3, structured_outputs_backend="folovllm")
+    tokenizer = engine.llm_engine.tokenizer
+    # the random model writes long strings; a bias toward JSON's punctuation makes it nest and close
+    bias = {tokenizer.convert_tokens_to_ids(c): 6.0 for c in "{[\"}]:,1"}
+    params = [SamplingParams(max_tokens=64, temperature=1.0, seed=i, logit_bias=bias,
+                             structured_outputs=StructuredOutputsParams(json_object=True)) for i in range(10)]
+    outs = engine.generate(["the"] * 10, params, use_tqdm=False)
+    dfa = regex_to_dfa(json_object_regex())
+    stopped = 0
+    for out in outs:
+        c = out.outputs[0]
+        if c.finish_reason == "stop":
+            value = json.loads(c.text)
+            assert isinstance(value, dict) and json_depth(value) <= JSON_OBJECT_MAX_DEPTH, c.text
+            stopped += 1
+        else:
+            assert c.finish_reason == "length"
+            assert dfa.walk(0, b"".join(vocab.token_bytes[t] for t in c.token_ids)) != DEAD, c.text
+    assert stopped >= 3
+    backend = engine.llm_engine.structured_output_manager.validate_request(structured(json_object=True))
+    assert backend.name == "folovllm"
+
+
 @needs_xgrammar
 def test_xgrammar_backend_in_the_engine(tiny_qwen3):
     """json_object and a schema beyond our subset go to xgrammar under "auto"; "xgrammar"
@@ -588,6 +669,8 @@ def test_xgrammar_backend_in_the_engine(tiny_qwen3):
                            use_tqdm=False)
     texts = [o.outputs[0] for o in outs]
     assert all(c.finish_reason == "stop" for c in texts), texts
+    manager = engine.llm_engine.structured_output_manager
+    assert manager.validate_request(structured(json_object=True)).name == "xgrammar"  # unbounded
     assert isinstance(json.loads(texts[0].text), dict)
     assert json.loads(texts[1].text) >= 5
     xgr = llm(tiny_qwen3, structured_outputs_backend="xgrammar")
