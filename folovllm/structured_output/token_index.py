@@ -291,7 +291,8 @@ class TokenIndex:
     # --8<-- [start:allowed]
     def allowed(self, state: int) -> torch.Tensor:
         """bool [vocab_size]: the tokens whose every byte keeps the DFA alive from `state`,
-        plus EOS when `state` accepts. The trie walk, and the few long tokens one by one."""
+        plus EOS when `state` accepts."""
+        # the trie walk, and the few tokens longer than the trie one by one
         vocab, dead = self.vocab, self.dfa.num_states
         trie, long_tokens = vocab.trie, vocab.long_tokens
         allowed = torch.zeros(vocab.vocab_size, dtype=torch.bool)
