@@ -74,18 +74,19 @@ def fill_bitmask_with_drafts(grammar: StructuredOutputGrammar, bitmask: torch.Te
     mask: nothing there is committed (the request stops at the EOS), and xgrammar refuses to
     fill a terminated matcher's mask."""
     advanced = 0
-    for j, token in enumerate([*drafts, None]):
-        if grammar.is_terminated():
-            bitmask[first + j].fill_(FULL_MASK)
-        else:
-            grammar.fill_bitmask(bitmask, first + j)
-        if token is not None and not grammar.is_terminated():
-            if not grammar.accept_tokens([token]):
-                grammar.rollback(advanced)
-                raise RuntimeError(f"draft token {token} is not allowed by the grammar: the drafts "
-                                   "were not validated (validate_drafts)")
-            advanced += 1
-    grammar.rollback(advanced)
+    try:
+        for j, token in enumerate([*drafts, None]):
+            if grammar.is_terminated():
+                bitmask[first + j].fill_(FULL_MASK)
+            else:
+                grammar.fill_bitmask(bitmask, first + j)
+            if token is not None and not grammar.is_terminated():
+                if not grammar.accept_tokens([token]):
+                    raise RuntimeError(f"draft token {token} is not allowed by the grammar: the "
+                                       "drafts were not validated (validate_drafts)")
+                advanced += 1
+    finally:  # whatever happened, the grammar is back where the committed tokens left it
+        grammar.rollback(advanced)
 # --8<-- [end:fill_bitmask_with_drafts]
 
 
