@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 import threading
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from hypothesis import strategies as st
 from folovllm import LLM, SamplingParams, StructuredOutputsParams
 from folovllm.core.request import RequestStatus
 from folovllm.structured_output import StructuredOutputManager
-from folovllm.structured_output.backend_folovllm import FolovllmBackend, FolovllmGrammar
+from folovllm.structured_output.backend_folovllm import FolovllmBackend, FolovllmGrammar, cached_dfa
 from folovllm.structured_output.backend_types import StructuredOutputOptions as Options
 from folovllm.structured_output.backend_xgrammar import xgrammar_available
 from folovllm.structured_output.json_schema import JSON_OBJECT_MAX_DEPTH, json_object_regex, schema_to_regex
@@ -620,7 +619,7 @@ def json_depth(value) -> int:
 def test_json_object_regex_bounds_the_depth():
     """Our json_object pattern takes any JSON object as json.dumps writes it, up to nesting
     depth 4, and nothing that is not one."""
-    dfa = regex_to_dfa(json_object_regex())
+    dfa = cached_dfa(json_object_regex())
     accepted = [{}, {"a": 1}, {"a": [1, 2.5e-3, "x\\y\"", None, True]}, {"a": {"b": {"c": [1]}}},
                 {"k": [], "l": {}, "m": [[], {}]}, {"é": "中文 \u2028"}]
     for value in accepted:
@@ -643,7 +642,7 @@ def test_json_object_in_our_backend(tiny_qwen3, vocab):
     params = [SamplingParams(max_tokens=64, temperature=1.0, seed=i, logit_bias=bias,
                              structured_outputs=StructuredOutputsParams(json_object=True)) for i in range(10)]
     outs = engine.generate(["the"] * 10, params, use_tqdm=False)
-    dfa = regex_to_dfa(json_object_regex())
+    dfa = cached_dfa(json_object_regex())
     stopped = 0
     for out in outs:
         c = out.outputs[0]
