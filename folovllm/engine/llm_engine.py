@@ -266,6 +266,7 @@ class LLMEngine:
         outputs = self.output_processor.process(advanced, failed)
         self.scheduler.free_finished_requests()
         self.drafter.propose(self.scheduler.running)  # stage 09: drafts for the next step
+        self.structured_output_manager.validate_drafts(self.scheduler.running)  # cut by grammar
         self._publish_stats(scheduler_output, advanced, start, sampled)
         return outputs
     # --8<-- [end:step]
@@ -321,11 +322,14 @@ class LLMEngine:
         requests = [output.requests[row] for row in batch.sampling_rows]  # output.sampling_rows
         num_sampled = len(requests) + sum(batch.num_draft_tokens.values())
         logits, prompt_logits = logits[:num_sampled], logits[num_sampled:]  # [S, V], [P, V]
-        if output.scheduled_spec_decode_tokens:  # stage 09 (refused with structured outputs)
+        drafts = None
+        if output.scheduled_spec_decode_tokens:  # stage 09
             drafts = [output.scheduled_spec_decode_tokens.get(r.request_id, []) for r in requests]
+        # stage 10: -inf outside each grammar's mask, one mask row per position a row verifies
+        self.structured_output_manager.apply_grammar_bitmask(logits, requests, drafts)
+        if drafts is not None:
             tokens = self.rejection_sampler(logits, requests, drafts)
         else:
-            self.structured_output_manager.apply_grammar_bitmask(logits, requests)  # stage 10
             tokens = [[t] for t in self.sampler(logits, requests)] if requests else []
         sampled = None  # log-probabilities are computed only when someone asks (no drafts then)
         if any(r.sampling_params.logprobs is not None for r in requests):

@@ -4,8 +4,10 @@ DFA a per-state token mask over the vocabulary (`token_index.py`)::
     choice ["yes", "no"]     -> (yes|no)                  (each choice escaped)
     regex                    -> itself
     json schema              -> a regex (`json_schema.py`, a documented subset)
-    json_object, grammar     -> refused: neither is regular (nesting of any depth); the
-                                backend says to use xgrammar ("auto" does so when installed)
+    json_object              -> any JSON object nested at most 4 deep (`json_object_regex`:
+                                any depth is not regular); "auto" prefers xgrammar for it
+    grammar                  -> refused: not regular; the backend says to use xgrammar
+                                ("auto" does so when installed)
 
 A request's grammar is one integer, the DFA state, plus the states it came through (for
 `rollback`): advancing over a token walks its bytes through the DFA.
@@ -13,14 +15,15 @@ A request's grammar is one integer, the DFA state, plus the states it came throu
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, Sequence
 
 import torch
 
 from folovllm.structured_output.backend_types import (
     StructuredOutputBackend, StructuredOutputGrammar, StructuredOutputOptions)
-from folovllm.structured_output.json_schema import schema_to_regex
-from folovllm.structured_output.regex_dfa import DEAD, UnsupportedRegex, escape, parse_regex, regex_to_dfa
+from folovllm.structured_output.json_schema import json_object_regex, schema_to_regex
+from folovllm.structured_output.regex_dfa import DEAD, DFA, UnsupportedRegex, escape, parse_regex, regex_to_dfa
 from folovllm.structured_output.token_index import TokenIndex, Vocabulary, token_bytes
 
 Options = StructuredOutputOptions
@@ -36,9 +39,18 @@ def spec_to_regex(kind: StructuredOutputOptions, spec: str) -> str:
         return "(" + "|".join(escape(c) for c in json.loads(spec)) + ")"
     if kind == Options.JSON:
         return schema_to_regex(spec)
-    raise UnsupportedRegex(f"{kind.value}: the folovllm backend compiles regex, choice and json "
-                           "(a schema subset) only; use structured_outputs_backend='xgrammar' "
+    if kind == Options.JSON_OBJECT:
+        return json_object_regex()
+    raise UnsupportedRegex(f"{kind.value}: the folovllm backend compiles regex, choice, json "
+                           "(a schema subset) and json_object (nested at most 4 deep) only; use structured_outputs_backend='xgrammar' "
                            "(or 'auto' with xgrammar installed)")
+
+
+@lru_cache(maxsize=16)
+def cached_dfa(pattern: str) -> DFA:
+    """A DFA depends on the pattern only, not on the vocabulary: built once per process for
+    each recent pattern (json_object's takes about a second: every engine shares it)."""
+    return regex_to_dfa(pattern)
 
 
 class FolovllmBackend(StructuredOutputBackend):
@@ -48,6 +60,8 @@ class FolovllmBackend(StructuredOutputBackend):
         self.vocab = Vocabulary(token_bytes(tokenizer, vocab_size), eos_token_ids)
 
     def validate(self, kind: StructuredOutputOptions, spec: str) -> None:
+        if kind == Options.JSON_OBJECT:
+            return  # no spec to check: the pattern is ours
         try:
             parse_regex(spec_to_regex(kind, spec))
         except ValueError as e:  # say which field: "regex: invalid regex ..."
@@ -56,7 +70,9 @@ class FolovllmBackend(StructuredOutputBackend):
             raise type(e)(f"{kind.value}: {e}") from e
 
     def compile(self, kind: StructuredOutputOptions, spec: str) -> TokenIndex:
-        return TokenIndex(regex_to_dfa(spec_to_regex(kind, spec)), self.vocab)
+        index = TokenIndex(cached_dfa(spec_to_regex(kind, spec)), self.vocab)
+        index.mask(0)  # the start state's mask (and the vocabulary's trie, once) off the step
+        return index
 
     def new_grammar(self, compiled: TokenIndex) -> "FolovllmGrammar":
         return FolovllmGrammar(compiled)

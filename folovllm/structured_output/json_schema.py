@@ -20,6 +20,11 @@ Whitespace rule: one optional space after every ':' and ',' and none anywhere el
 `json.dumps(value)` and `json.dumps(value, separators=(",", ":"))` both match. (Unbounded
 whitespace lets a weak model pad forever; xgrammar's `any_whitespace` is the other choice.)
 
+`json_object` (any JSON object, vLLM's `response_format={"type": "json_object"}`) is not
+regular: objects nest to any depth, and matching brackets needs a stack. `json_object_regex`
+bounds the nesting at JSON_OBJECT_MAX_DEPTH containers, which makes it regular (the DFA's
+state then remembers the open brackets, at most 2^depth stacks of objects and arrays).
+
 Anything else (`pattern`, `format`, `minimum`, `$ref`, `oneOf`, `additionalProperties` as a
 schema, ...) raises `UnsupportedSchema` naming the keyword: with structured_outputs_backend
 "auto" such a schema goes to xgrammar. Keywords that constrain nothing we write (`title`,
@@ -50,6 +55,39 @@ KNOWN = {
     "array": {"type", "items", "minItems", "maxItems"},
     "integer": {"type"}, "number": {"type"}, "boolean": {"type"}, "null": {"type"},
 }
+
+
+JSON_OBJECT_MAX_DEPTH = 4  # {"a": {"b": {"c": [1]}}} is depth 4; deeper is xgrammar's
+
+
+# --8<-- [start:json_object_regex]
+def json_object_regex(max_depth: int = JSON_OBJECT_MAX_DEPTH) -> str:
+    """Any JSON object whose containers nest at most `max_depth` deep (the object itself is
+    depth 1), with the schema subset's whitespace rule::
+
+        value(0) = string | number | true | false | null
+        value(d) = value(0) | object(value(d - 1)) | array(value(d - 1))
+        object(v) = { (string: v (, string: v)*)? }      array(v) = [ (v (, v)*)? ]
+        json_object = object(value(max_depth - 1))
+
+    Each depth writes the one below four times (twice in object, twice in array), so the
+    pattern grows as 4^depth: 26 KB at depth 4, and its minimal DFA has 640 states (52 at
+    depth 1, doubling with each depth: the open brackets are a stack of objects and arrays).
+    Depth 5 passes the subset construction's state limit, which is why the bound is 4."""
+    scalar = "(" + "|".join([REGEX_FOR_TYPE["string"], REGEX_FOR_TYPE["number"], "true", "false", "null"]) + ")"
+
+    def obj(inner: str) -> str:
+        member = REGEX_FOR_TYPE["string"] + ":" + WS + inner
+        return r"\{(" + member + "(," + WS + member + ")*)?\}"
+
+    def arr(inner: str) -> str:
+        return r"\[(" + inner + "(," + WS + inner + ")*)?\]"
+
+    value = scalar
+    for _ in range(max_depth - 1):
+        value = "(" + scalar + "|" + obj(value) + "|" + arr(value) + ")"
+    return obj(value)
+# --8<-- [end:json_object_regex]
 
 
 class UnsupportedSchema(UnsupportedRegex):

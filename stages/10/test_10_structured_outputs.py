@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 import threading
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,10 +22,10 @@ from hypothesis import strategies as st
 from folovllm import LLM, SamplingParams, StructuredOutputsParams
 from folovllm.core.request import RequestStatus
 from folovllm.structured_output import StructuredOutputManager
-from folovllm.structured_output.backend_folovllm import FolovllmBackend, FolovllmGrammar
+from folovllm.structured_output.backend_folovllm import FolovllmBackend, FolovllmGrammar, cached_dfa
 from folovllm.structured_output.backend_types import StructuredOutputOptions as Options
 from folovllm.structured_output.backend_xgrammar import xgrammar_available
-from folovllm.structured_output.json_schema import schema_to_regex
+from folovllm.structured_output.json_schema import JSON_OBJECT_MAX_DEPTH, json_object_regex, schema_to_regex
 from folovllm.structured_output.regex_dfa import DEAD, regex_to_dfa
 from folovllm.structured_output.token_index import (
     TokenIndex, Vocabulary, pack_bits, token_bytes, unpack_bits)
@@ -196,6 +195,37 @@ def test_token_masks_match_brute_force(vocab, pattern):
         assert torch.equal(unpack_bits(index.mask(state), vocab.vocab_size), expected), (pattern, state)
 
 
+# random vocabularies: short tokens over a few bytes (so prefixes are shared and the trie has
+# depth), duplicates, special tokens (None), multi-byte UTF-8, and long tokens
+TOKEN_BYTES = st.one_of(
+    st.binary(min_size=1, max_size=5).map(lambda b: bytes(c % 4 + ord("a") for c in b)),
+    st.sampled_from([b"0", b"a0", b"-", b".", b" ", b"\xc3", b"\xa9", "é".encode(), b"\n", b"\"", b"aa-"]),
+    st.integers(12, 40).map(lambda n: b"ab" * (n // 2) + b"a" * (n % 2)),
+    st.none())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(regexes(), st.lists(TOKEN_BYTES, min_size=1, max_size=60))
+def test_trie_walk_equals_the_per_token_walk(pattern, tokens):
+    """The trie walk (`allowed`) against its plain reference (`allowed_per_token`), bit for
+    bit, in every DFA state of random regexes over random vocabularies."""
+    vocab = Vocabulary(tokens, eos_token_ids=[0])
+    index = TokenIndex(regex_to_dfa(pattern), vocab)
+    for state in range(index.dfa.num_states):
+        assert torch.equal(index.allowed(state), index.allowed_per_token(state)), (pattern, tokens, state)
+
+
+def test_trie_shares_prefixes_and_prunes(vocab):
+    """On the tiny BPE the trie has fewer nodes than the vocabulary has bytes (shared prefixes
+    are walked once), and in a digit state the walk marks only nodes under a digit."""
+    trie = vocab.trie
+    assert trie.num_nodes < sum(len(b) for b in vocab.token_bytes if b)
+    index = TokenIndex(regex_to_dfa("[0-9]+"), vocab)
+    alive = trie.walk(index.table, 0, index.dfa.num_states)
+    assert 0 < int(alive.sum()) <= sum(1 for b in vocab.token_bytes if b and b[:1].isdigit())
+    assert torch.equal(index.allowed(0), index.allowed_per_token(0))
+
+
 def test_pack_bits_by_hand():
     """The worked five-token example of the stage page: bits 0, 1, 4 -> 0b10011 = 19."""
     assert pack_bits(torch.tensor([True, True, False, False, True])).tolist() == [19]
@@ -293,7 +323,7 @@ def test_compile_errors_are_clear(engine6, spec, message):
 
 def test_folovllm_backend_names_xgrammar_for_what_it_cannot_do(tiny_qwen3):
     only_ours = llm(tiny_qwen3, structured_outputs_backend="folovllm")
-    for spec in (dict(json_object=True), dict(grammar='root ::= "a"'),
+    for spec in (dict(grammar='root ::= "a"'),
                  dict(json={"type": "string", "format": "date"}),
                  dict(json={"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]})):
         with pytest.raises(ValueError, match="xgrammar"):
@@ -302,17 +332,94 @@ def test_folovllm_backend_names_xgrammar_for_what_it_cannot_do(tiny_qwen3):
         llm(tiny_qwen3, structured_outputs_backend="outlines")
 
 
-def test_structured_outputs_refused_with_speculative_decoding():
-    config = SimpleNamespace(structured_outputs_backend="auto", speculative_config=object())
-    manager = StructuredOutputManager(config, tokenizer=None, vocab_size=8, eos_token_ids=[0])
-    with pytest.raises(ValueError, match="speculative"):
-        manager.validate_request(structured(regex="a"))
+# -- with speculative decoding (stage 09) ----------------------------------------------------
+
+SPEC_SPECS = [dict(regex=r"[a-z ]{1,40}"), dict(regex=r"(ab|cd|the ){1,12}"), dict(choice=CHOICES),
+              dict(json={"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                                          "tags": {"type": "array", "maxItems": 4, "items": {
+                                                              "type": "string", "maxLength": 6}}},
+                         "required": ["name", "tags"]})]
+# repeated text, so the n-gram proposer finds matches; punctuation and digits the grammars refuse
+SPEC_PROMPTS = ["the engine the engine the engine 12, 34, 12, 34, 12", "ab cd ab cd ab! cd! ab",
+                "a model predicts a model predicts", '{"name": "x", "name": "x", 1 2 3']
+PROPOSERS = {"ngram": lambda path: ngram_config(3),
+             "draft_model": lambda path: {"method": "draft_model", "model": str(path), "num_speculative_tokens": 3}}
+
+
+def ngram_config(k: int) -> dict:
+    return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+
+
+def spec_decoding_run(path, backend: str, speculative_config=None):
+    """The structured requests greedy and sampled (seeded), two free ones between them."""
+    engine = llm(path, structured_outputs_backend=backend, speculative_config=speculative_config)
+    greedy = [structured(max_tokens=40, temperature=0, **s) for s in SPEC_SPECS]
+    sampled = [structured(max_tokens=40, seed=i, **s) for i, s in enumerate(SPEC_SPECS)]
+    free = [SamplingParams(max_tokens=20, temperature=0), SamplingParams(max_tokens=20, seed=7)]
+    prompts = SPEC_PROMPTS * 2 + ["the engine the engine", "a model predicts a model"]
+    outputs = engine.generate(prompts, greedy + sampled + free, use_tqdm=False)
+    return engine, outputs
+
+
+@pytest.fixture(scope="module")
+def without_speculation(tiny_qwen3):
+    cache = {}
+
+    def run(backend):
+        if backend not in cache:
+            cache[backend] = [list(o.outputs[0].token_ids) for o in spec_decoding_run(tiny_qwen3, backend)[1]]
+        return cache[backend]
+    return run
+
+
+@pytest.mark.parametrize("backend", ["folovllm", pytest.param("xgrammar", marks=needs_xgrammar)])
+@pytest.mark.parametrize("proposer", list(PROPOSERS))
+def test_structured_outputs_with_speculative_decoding(tiny_qwen3, without_speculation, proposer, backend):
+    """Structured requests (regexes, a choice, a schema; greedy and sampled) beside free ones,
+    with n-gram drafts and with a draft model (the target itself: its drafts are its own
+    unmasked greedy tokens, which the grammar often refuses). Every output is valid, the greedy
+    and free ones are token for token the run without speculation, drafts were verified and
+    accepted, the grammar cut some of them, and no KV block is left."""
+    engine, outputs = spec_decoding_run(tiny_qwen3, backend, PROPOSERS[proposer](tiny_qwen3))
+    n = len(SPEC_SPECS)
+    check_outputs(outputs[: 2 * n], SPEC_SPECS * 2, strict_json=backend == "folovllm")
+    tokens = [list(o.outputs[0].token_ids) for o in outputs]
+    reference = without_speculation(backend)
+    assert tokens[:n] == reference[:n]  # greedy: speculation changes no token
+    assert tokens[2 * n] == reference[2 * n]  # the free greedy request beside them
+    stats, manager = engine.stats.spec_decoding, engine.llm_engine.structured_output_manager
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens > 0
+    assert 0 < manager.num_draft_tokens_refused < manager.num_draft_tokens_validated
+    assert engine.llm_engine.kv_cache_manager.num_used_blocks == 0
+
+
+def test_one_mask_row_per_verified_position(vocab, tokenizer):
+    """`fill_bitmask_with_drafts` writes the grammar's mask after each draft prefix, and leaves
+    the grammar where it was (the drafts were only tentatively accepted)."""
+    from folovllm.structured_output import fill_bitmask_with_drafts
+
+    index = TokenIndex(regex_to_dfa(r"[0-9]{2}-[a-z]+"), vocab)
+    grammar = FolovllmGrammar(index)
+    ids = tokenizer.encode("12-ab", add_special_tokens=False)
+    grammar.accept_tokens(ids[:1])
+    drafts = grammar.validate_tokens(ids[1:] + ids[:1])  # the trailing digit is refused
+    assert drafts == ids[1:]
+    bitmask = torch.zeros(len(drafts) + 1, vocab.num_words, dtype=torch.int32)
+    fill_bitmask_with_drafts(grammar, bitmask, 0, drafts)
+    state = grammar.state
+    for j in range(len(drafts) + 1):
+        assert torch.equal(bitmask[j], index.mask(state))
+        if j < len(drafts):
+            state = index.next_state(state, drafts[j])
+    assert grammar.state == index.next_state(0, ids[0]) and len(grammar.history) == 1
 
 
 # -- the engine ------------------------------------------------------------------------------
 
-def check_outputs(outputs, specs):
-    """Every completion of every output obeys its spec (100%)."""
+def check_outputs(outputs, specs, strict_json: bool = True):
+    """Every completion of every output obeys its spec (100%). `strict_json=False` for
+    xgrammar, whose JSON strings admit raw control characters (all but CR and LF), which
+    `json.loads` refuses by default."""
     for output, spec in zip(outputs, specs):
         for completion in output.outputs:
             text = completion.text
@@ -322,7 +429,7 @@ def check_outputs(outputs, specs):
             elif "choice" in spec:
                 assert text in spec["choice"], (spec, text)
             else:
-                assert validates(json.loads(text), spec["json"]), (spec, text)
+                assert validates(json.loads(text, strict=strict_json), spec["json"]), (spec, text)
 
 
 def all_specs():
@@ -501,6 +608,56 @@ def test_no_mask_for_free_batches(engine6, monkeypatch):
     assert manager is not fresh
 
 
+def json_depth(value) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(json_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(json_depth, value), default=0)
+    return 0
+
+
+def test_json_object_regex_bounds_the_depth():
+    """Our json_object pattern takes any JSON object as json.dumps writes it, up to nesting
+    depth 4, and nothing that is not one."""
+    dfa = cached_dfa(json_object_regex())
+    accepted = [{}, {"a": 1}, {"a": [1, 2.5e-3, "x\\y\"", None, True]}, {"a": {"b": {"c": [1]}}},
+                {"k": [], "l": {}, "m": [[], {}]}, {"é": "中文 \u2028"}]
+    for value in accepted:
+        for separators in ((", ", ": "), (",", ":")):
+            text = json.dumps(value, separators=separators, ensure_ascii=False)
+            assert dfa.fullmatch(text.encode()), text
+    refused = ['{"a": {"b": {"c": {"d": [1]}}}}', '[1]', '"x"', '{"a": 1,}', '{"a"}', '{a: 1}',
+               '{"a": 01}', '{"a": [1}', '{"a": 1]', '{"a":  1}', ' {}', '{"a": "\x01"}']
+    for text in refused:
+        assert not dfa.fullmatch(text.encode()), text
+
+
+def test_json_object_in_our_backend(tiny_qwen3, vocab):
+    """json_object on the folovllm backend: every output that stops is a JSON object (nesting
+    at most 4 deep); one that runs out of max_tokens is a prefix the grammar can complete."""
+    engine = llm(tiny_qwen3, structured_outputs_backend="folovllm")
+    tokenizer = engine.llm_engine.tokenizer
+    # the random model writes long strings; a bias toward JSON's punctuation makes it nest and close
+    bias = {tokenizer.convert_tokens_to_ids(c): 6.0 for c in "{[\"}]:,1"}
+    params = [SamplingParams(max_tokens=64, temperature=1.0, seed=i, logit_bias=bias,
+                             structured_outputs=StructuredOutputsParams(json_object=True)) for i in range(10)]
+    outs = engine.generate(["the"] * 10, params, use_tqdm=False)
+    dfa = cached_dfa(json_object_regex())
+    stopped = 0
+    for out in outs:
+        c = out.outputs[0]
+        if c.finish_reason == "stop":
+            value = json.loads(c.text)
+            assert isinstance(value, dict) and json_depth(value) <= JSON_OBJECT_MAX_DEPTH, c.text
+            stopped += 1
+        else:
+            assert c.finish_reason == "length"
+            assert dfa.walk(0, b"".join(vocab.token_bytes[t] for t in c.token_ids)) != DEAD, c.text
+    assert stopped >= 3
+    backend = engine.llm_engine.structured_output_manager.validate_request(structured(json_object=True))
+    assert backend.name == "folovllm"
+
+
 @needs_xgrammar
 def test_xgrammar_backend_in_the_engine(tiny_qwen3):
     """json_object and a schema beyond our subset go to xgrammar under "auto"; "xgrammar"
@@ -511,6 +668,8 @@ def test_xgrammar_backend_in_the_engine(tiny_qwen3):
                            use_tqdm=False)
     texts = [o.outputs[0] for o in outs]
     assert all(c.finish_reason == "stop" for c in texts), texts
+    manager = engine.llm_engine.structured_output_manager
+    assert manager.validate_request(structured(json_object=True)).name == "xgrammar"  # unbounded
     assert isinstance(json.loads(texts[0].text), dict)
     assert json.loads(texts[1].text) >= 5
     xgr = llm(tiny_qwen3, structured_outputs_backend="xgrammar")
