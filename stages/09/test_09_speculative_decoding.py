@@ -25,7 +25,7 @@ from folovllm.spec_decode.ngram_proposer import ngram_lookup
 from folovllm.spec_decode.proposer import Proposer
 from folovllm.spec_decode.rejection_sampler import RejectionSampler, rejection_sample
 from folovllm.worker.sampler import Sampler
-from tests.helpers import ARCHS, hf_greedy
+from tests.helpers import ARCHS, hf_greedy, hf_logits
 
 
 def ngram(k: int, lo: int = 1, hi: int = 4) -> dict:
@@ -443,14 +443,116 @@ def test_stage_01_and_for_stage_9_refused():
         EngineConfig.for_stage(9)
 
 
-def test_logprobs_refused_prompt_logprobs_fine(tiny_qwen3):
+def test_prompt_logprobs_with_speculation(tiny_qwen3):
     llm = LLM(str(tiny_qwen3), stage=6, dtype="float32", max_model_len=128, speculative_config=ngram(2))
-    with pytest.raises(ValueError, match="logprobs are not supported with speculative decoding"):
-        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, logprobs=2), use_tqdm=False)
     out = llm.generate([[1, 2, 3, 1, 2]], SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=1),
                        use_tqdm=False)
     assert len(out[0].prompt_logprobs) == 5
     assert "+ speculative ngram k=2" in llm.llm_engine.description["summary"]
+
+
+# -- log-probabilities with speculation: the target's, at each committed token's position ---------------
+
+LOGPROB_PROMPTS = [[5, 6, 7, 8, 9, 10, 11] * 6, [20, 30, 40] * 10, list(range(3, 40))]
+
+
+def logprobs_run(path, spec, params: SamplingParams, **engine_args) -> tuple[list, LLM]:
+    llm = LLM(str(path), stage=6, dtype="float32", max_model_len=256, speculative_config=spec, **engine_args)
+    return [o.outputs[0] for o in llm.generate(LOGPROB_PROMPTS, params, use_tqdm=False)], llm
+
+
+def assert_same_logprobs(plain: list, spec: list, atol: float) -> None:
+    """The same tokens, the same ids and ranks at every position, log-probabilities within
+    `atol` (0: bitwise), the same cumulative log-probability."""
+    for a, b in zip(plain, spec):
+        assert list(b.token_ids) == list(a.token_ids)
+        assert len(b.logprobs) == len(b.token_ids)
+        for i, (x, y) in enumerate(zip(a.logprobs, b.logprobs)):
+            assert list(y) == list(x) and [lp.rank for lp in y.values()] == [lp.rank for lp in x.values()], i
+            for t in x:
+                assert y[t].logprob == pytest.approx(x[t].logprob, abs=atol, rel=0), (i, t)
+        assert b.cumulative_logprob == pytest.approx(a.cumulative_logprob, abs=max(atol * len(a.logprobs), 1e-12))
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_logprobs_with_speculation_equal_the_plain_run_and_hf(tiny_checkpoints, hf_qwen3, method):
+    """Greedy with logprobs=3, drafts accepted and rejected in the run: every committed token's
+    position holds the target's log-probabilities there, as the run without speculation returns
+    them (fp32 tolerance: a verify row of 1 + k tokens is computed by another attention path than
+    a one-token decode), and as HF's log_softmax of its logits."""
+    spec = ngram(3) if method == "ngram" else {
+        "method": "draft_model", "model": str(tiny_checkpoints["llama"]), "num_speculative_tokens": 3}
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
+    plain, _ = logprobs_run(tiny_checkpoints["qwen3"], None, params)
+    got, llm = logprobs_run(tiny_checkpoints["qwen3"], spec, params)
+    s = llm.stats.spec_decoding
+    assert 0 < s.num_accepted_tokens < s.num_draft_tokens  # accepted and rejected drafts both
+    assert_same_logprobs(plain, got, atol=1e-5)
+    for prompt, out in zip(LOGPROB_PROMPTS, got):
+        ref = torch.log_softmax(hf_logits(hf_qwen3, prompt + list(out.token_ids)), dim=-1)[len(prompt) - 1 : -1]
+        for i, (token, position) in enumerate(zip(out.token_ids, out.logprobs)):
+            top = ref[i].topk(3).indices.tolist()
+            assert set(position) == {token, *top}, i
+            for t, lp in position.items():
+                assert lp.logprob == pytest.approx(ref[i, t].item(), abs=1e-4), (i, t)
+
+
+@pytest.mark.parametrize("mode", ["processed_logprobs", "processed_logits"])
+def test_processed_logprobs_count_the_drafts_before_as_output(tiny_qwen3, mode):
+    """The processed modes score each committed token after the penalties of the tokens before
+    it, drafts included (`SpeculatedRequest`): the same numbers as the plain run."""
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3, repetition_penalty=1.3)
+    plain, _ = logprobs_run(tiny_qwen3, None, params, logprobs_mode=mode)
+    got, llm = logprobs_run(tiny_qwen3, ngram(3), params, logprobs_mode=mode)
+    assert llm.stats.spec_decoding.num_accepted_tokens > 0
+    assert_same_logprobs(plain, got, atol=1e-5)
+
+
+def test_batch_invariant_logprobs_are_bitwise_with_speculation(tiny_qwen3):
+    """In the batch-invariant mode every query goes through one attention kernel, so a verify
+    row's positions are bitwise the one-token decodes': the same log-probabilities exactly."""
+    from folovllm._custom_ops import ops_available
+
+    if not ops_available():
+        pytest.skip("the CPU kernels cannot be built here")
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
+    plain, _ = logprobs_run(tiny_qwen3, None, params, batch_invariant=True)
+    got, llm = logprobs_run(tiny_qwen3, ngram(3), params, batch_invariant=True)
+    assert 0 < llm.stats.spec_decoding.num_accepted_tokens < llm.stats.spec_decoding.num_draft_tokens
+    assert_same_logprobs(plain, got, atol=0.0)
+    assert [o.logprobs for o in got] == [o.logprobs for o in plain]
+
+
+def test_sampled_logprobs_with_speculation_equal_hf(tiny_qwen3, hf_qwen3):
+    """Random sampling (seeded, temperature 0.8): the tokens differ from a run without drafts
+    (other random numbers), but each one's raw log-probabilities are HF's at its position."""
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=24, ignore_eos=True, logprobs=2)
+    got, llm = logprobs_run(tiny_qwen3, ngram(3), params)
+    assert llm.stats.spec_decoding.num_accepted_tokens > 0
+    for prompt, out in zip(LOGPROB_PROMPTS, got):
+        ref = torch.log_softmax(hf_logits(hf_qwen3, prompt + list(out.token_ids)), dim=-1)[len(prompt) - 1 : -1]
+        assert len(out.logprobs) == len(out.token_ids) == 24
+        for i, (token, position) in enumerate(zip(out.token_ids, out.logprobs)):
+            assert set(position) == {token, *ref[i].topk(2).indices.tolist()}
+            assert position[token].logprob == pytest.approx(ref[i, token].item(), abs=1e-4)
+        assert out.cumulative_logprob == pytest.approx(sum(p[t].logprob for t, p in zip(out.token_ids, out.logprobs)),
+                                                       abs=1e-4)
+
+
+def test_logprobs_stop_inside_an_accepted_run(oracle_case):
+    """A stop token, a stop string or max_tokens inside an accepted run: the positions scored
+    after the cut are dropped, the cumulative log-probability is the plain run's."""
+    path, prompt, full = oracle_case
+    plain = LLM(str(path), stage=6, dtype="float32", max_model_len=256)
+    spec = oracle_llm(path, prompt, full)
+    text = plain.get_tokenizer().decode(full[:12])
+    cases = [dict(stop_token_ids=[full[7]]), dict(max_tokens=9), dict(stop=[text[len(text) // 2 :][:2]])]
+    for case in cases:
+        params = SamplingParams(temperature=0, logprobs=1, **{"max_tokens": len(full), **case})
+        a = plain.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+        b = spec.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+        assert len(a.token_ids) < len(full) and list(b.token_ids) == list(a.token_ids), case
+        assert_same_logprobs([a], [b], atol=1e-5)
 
 
 @pytest.mark.parametrize("draft_arch", ["qwen3", "llama"], ids=["same_model", "other_model"])
