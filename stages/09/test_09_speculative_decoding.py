@@ -501,7 +501,8 @@ def test_logprobs_with_speculation_equal_the_plain_run_and_hf(tiny_checkpoints, 
 def test_processed_logprobs_count_the_drafts_before_as_output(tiny_qwen3, mode):
     """The processed modes score each committed token after the penalties of the tokens before
     it, drafts included (`SpeculatedRequest`): the same numbers as the plain run."""
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3, repetition_penalty=1.3)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3, repetition_penalty=1.3,
+                            frequency_penalty=0.05)
     plain, _ = logprobs_run(tiny_qwen3, None, params, logprobs_mode=mode)
     got, llm = logprobs_run(tiny_qwen3, ngram(3), params, logprobs_mode=mode)
     assert llm.stats.spec_decoding.num_accepted_tokens > 0
