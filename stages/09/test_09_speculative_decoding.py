@@ -616,3 +616,40 @@ def test_metrics_use_vllms_names():
     assert 'folovllm:spec_decode_num_draft_tokens_total{model_name="m"} 5.0' in text
     assert 'folovllm:spec_decode_num_accepted_tokens_total{model_name="m"} 2.0' in text
     assert 'folovllm:spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="1"} 1.0' in text
+
+
+def test_server_logprobs_with_speculation(repeating_model):
+    """`folovllm serve --speculative-config`: completions with logprobs, streamed and not, give
+    the tokens and log-probabilities of the engine without speculation (fp32 tolerance); a
+    streamed chunk may carry several tokens (an accepted run) and their positions."""
+    from folovllm.entrypoints.openai.serving_engine import ServerOptions
+    from tests.test_server_hardening import ENGINE_ARGS, MODEL, STAGE, running_server
+    from tests.test_server_logprobs import as_dict, expected_logprobs
+
+    path = repeating_model[0]  # its greedy output loops: drafts are accepted
+    prompt = "a b c a b c a b c a b c a b"
+    offline = LLM(str(path), stage=STAGE, **ENGINE_ARGS)
+    ref = offline.generate(prompt, SamplingParams(temperature=0, max_tokens=16, logprobs=2, ignore_eos=True),
+                           use_tqdm=False)[0].outputs[0]
+    expected = expected_logprobs(ref.logprobs, ref.token_ids, lambda t: offline.get_tokenizer().decode([t]))
+    body = dict(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, logprobs=2, ignore_eos=True)
+
+    def close(got: dict) -> None:
+        assert {k: got[k] for k in ("tokens", "text_offset")} == {k: expected[k] for k in ("tokens", "text_offset")}
+        assert got["token_logprobs"] == pytest.approx(expected["token_logprobs"], abs=1e-5)
+        for g, e in zip(got["top_logprobs"], expected["top_logprobs"]):
+            assert g.keys() == e.keys() and list(g.values()) == pytest.approx(list(e.values()), abs=1e-5)
+
+    with running_server(path, options=ServerOptions(), speculative_config=ngram(3)) as server:
+        out = server.post("/v1/completions", body).json()
+        assert out["choices"][0]["text"] == ref.text
+        close(as_dict(out["choices"][0]["logprobs"]))
+        events = [e for e in server.events("/v1/completions", {**body, "stream": True}) if e != "[DONE]"]
+        joined: dict[str, list] = {k: [] for k in expected}
+        for event in events:
+            for choice in event["choices"]:
+                for k, v in as_dict(choice["logprobs"] or {k: [] for k in expected}).items():
+                    joined[k] += v
+        close(joined)
+        assert max(len(e["choices"][0]["logprobs"]["tokens"]) for e in events if e["choices"] and e["choices"][0]["logprobs"]) > 1
+        assert server.engine.stats.spec_decoding.num_accepted_tokens > 0
