@@ -89,7 +89,8 @@ class LLMEngine:
         spec_config = self.config.speculative_config
         self.drafter = Drafter(get_proposer(spec_config, self.config, self.vocab_size),
                                spec_config.num_speculative_tokens if spec_config else 0,
-                               self.config.max_model_len)
+                               self.config.max_model_len,
+                               spec_config.disable_by_batch_size if spec_config else None)
         self.rejection_sampler = RejectionSampler(self.sampler)
         self.stats = EngineStats(bytes_per_token=spec.bytes_per_token)
         # The subscribers of the step's record: each is called with the step's `SchedulerStats`

@@ -418,6 +418,29 @@ def run_stress_example(engine, references, hf, requests, abort_steps, rnd, ids) 
 
 # -- configuration and bad input -----------------------------------------------------------------------------
 
+# -- disable_by_batch_size: no drafts while the batch is large ----------------------------------------
+
+def test_disable_by_batch_size_drafts_only_below_it(repeating_model):
+    """With disable_by_batch_size=2, the steps that run two or three requests verify no drafts
+    (the threshold was reached when they were proposed), the steps of the last request alone
+    do; without it the three-row steps draft too. The tokens are HF's either way."""
+    path, hf = repeating_model
+    max_tokens = [8, 16, 40]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+    expected = [hf_greedy(hf, p, m, min_new_tokens=m) for p, m in zip(REPEATING_PROMPTS, max_tokens)]
+    drafted_rows = {}
+    for threshold in (None, 2):
+        spec = {**ngram(3), "disable_by_batch_size": threshold}
+        llm = LLM(str(path), stage=6, dtype="float32", max_model_len=256, speculative_config=spec)
+        records = spec_steps(llm)
+        assert token_ids(llm.generate(REPEATING_PROMPTS, params, use_tqdm=False)) == expected
+        drafted_rows[threshold] = {len(r.rows) for r in records if any(row.num_draft_tokens for row in r.rows)}
+        assert llm.stats.spec_decoding.num_accepted_tokens > 0
+    assert drafted_rows[None] == {1, 2, 3}
+    assert drafted_rows[2] == {1}
+    assert "off from batch 2" in llm.llm_engine.description["summary"]
+
+
 @pytest.mark.parametrize("bad, field", [
     (dict(method="ngram", num_speculative_tokens=0), "num_speculative_tokens"),
     (dict(method="ngram", num_speculative_tokens=17), "num_speculative_tokens"),
@@ -429,6 +452,10 @@ def run_stress_example(engine, references, hf, requests, abort_steps, rnd, ids) 
     (dict(method="ngram", num_speculative_tokens=2, model="x"), "model"),
     (dict(method="ngram"), "num_speculative_tokens"),
     (dict(method="ngram", num_speculative_tokens=2, k=3), "unknown"),
+    (dict(method="ngram", num_speculative_tokens=2, disable_by_batch_size=1), "disable_by_batch_size"),
+    (dict(method="ngram", num_speculative_tokens=2, disable_by_batch_size=0), "disable_by_batch_size"),
+    (dict(method="ngram", num_speculative_tokens=2, disable_by_batch_size="4"), "disable_by_batch_size"),
+    (dict(method="ngram", num_speculative_tokens=2, disable_by_batch_size=True), "disable_by_batch_size"),
     ("ngram", "dict"),
 ])
 def test_bad_speculative_config_names_the_field(bad, field):
