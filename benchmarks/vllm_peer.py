@@ -57,6 +57,7 @@ class VLLMPeer:
     def __init__(self, model: str, *, dtype: str = "float32", eager: bool = False,
                  threads: int = 1, max_num_seqs: int = 16, max_model_len: int = 2048,
                  kv_cache_gib: Optional[int] = None, seed: int = 0, prefix_caching: bool = False,
+                 speculative_config: Optional[dict[str, Any]] = None,
                  log: Optional[str] = None) -> None:
         if kv_cache_gib is None:  # GiB of KV cache (VLLM_CPU_KVCACHE_SPACE); 4 unless set
             kv_cache_gib = int(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"))
@@ -72,7 +73,8 @@ class VLLMPeer:
         self.info = self._call(dict(cmd="load", model=model, dtype=dtype, eager=eager,
                                     threads=threads, max_num_seqs=max_num_seqs,
                                     max_model_len=max_model_len, seed=seed,
-                                    prefix_caching=prefix_caching))
+                                    prefix_caching=prefix_caching,
+                                    speculative_config=speculative_config))
 
     def _call(self, msg: dict[str, Any]) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -141,7 +143,10 @@ def _serve() -> None:  # pragma: no cover - runs in the vLLM venv
                 llm = LLM(model=msg["model"], dtype=msg["dtype"], enforce_eager=msg["eager"],
                           max_num_seqs=msg["max_num_seqs"], max_model_len=msg["max_model_len"],
                           enable_prefix_caching=msg["prefix_caching"], seed=msg["seed"],
-                          skip_tokenizer_init=True)  # ids in, ids out
+                          skip_tokenizer_init=True,  # ids in, ids out
+                          # stage 09: e.g. {"method": "ngram", ...}; None leaves it off
+                          speculative_config=msg.get("speculative_config"),
+                          disable_log_stats=msg.get("speculative_config") is None)
                 reply = {"ok": True, "load_seconds": round(time.perf_counter() - t0, 2),
                          "version": vllm.__version__, "torch": torch.__version__,
                          "threads": torch.get_num_threads()}
@@ -156,7 +161,7 @@ def _serve() -> None:  # pragma: no cover - runs in the vLLM venv
                 results = llm.generate(prompts, params, use_tqdm=False)
                 seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
                 reply = {"outputs": [list(r.outputs[0].token_ids) for r in results],
-                         "seconds": seconds, "cpu_seconds": cpu}
+                         "seconds": seconds, "cpu_seconds": cpu, "spec_decode": _spec_counters(llm)}
             else:
                 reply = {"error": f"unknown command {msg['cmd']!r}"}
         except Exception as e:  # report, keep serving
@@ -168,6 +173,17 @@ def _serve() -> None:  # pragma: no cover - runs in the vLLM venv
         out.flush()
         if msg.get("cmd") == "quit":
             return
+
+
+def _spec_counters(llm: Any) -> dict[str, float]:  # pragma: no cover - runs in the vLLM venv
+    """vLLM's speculative-decoding counters so far (`LLM.get_metrics`; empty without
+    speculation, or if this vLLM does not report them)."""
+    try:
+        metrics = llm.get_metrics()
+    except Exception:
+        return {}
+    return {m.name: m.value for m in metrics
+            if m.name.startswith("vllm:spec_decode") and hasattr(m, "value")}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
