@@ -316,15 +316,17 @@ class LLMEngine:
         requests = [output.requests[row] for row in output.sampling_rows]
         num_sampled = len(requests) + sum(batch.num_draft_tokens.values())
         logits, prompt_logits = logits[:num_sampled], logits[num_sampled:]  # [S, V], [P, V]
-        # log-probabilities (None unless a row asks): one position per committed token
+        drafts: list[list[int]] = []
         if output.scheduled_spec_decode_tokens:  # stage 09 (refused with structured outputs)
             drafts = [output.scheduled_spec_decode_tokens.get(r.request_id, []) for r in requests]
             tokens = self.rejection_sampler(logits, requests, drafts)
-            sampled = self.rejection_sampler.compute_logprobs(logits, requests, drafts, tokens)
         else:
             self.structured_output_manager.apply_grammar_bitmask(logits, requests)  # stage 10
             tokens = [[t] for t in self.sampler(logits, requests)] if requests else []
-            sampled = self.sampler.compute_logprobs(logits, requests, [t[0] for t in tokens])
+        sampled = None  # log-probabilities are computed only when someone asks
+        if any(r.sampling_params.logprobs is not None for r in requests):  # one per committed token
+            sampled = (self.rejection_sampler.compute_logprobs(logits, requests, drafts, tokens) if drafts
+                       else self.sampler.compute_logprobs(logits, requests, [t[0] for t in tokens]))
         prompts = self.score_prompts(output, batch.prompt_logits, prompt_logits)
         self.output_processor.add_logprobs(requests, sampled, prompts, [len(t) for t in tokens])
         return {r.request_id: t for r, t in zip(requests, tokens)}
