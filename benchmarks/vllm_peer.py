@@ -58,13 +58,15 @@ class VLLMPeer:
                  threads: int = 1, max_num_seqs: int = 16, max_model_len: int = 2048,
                  kv_cache_gib: Optional[int] = None, seed: int = 0, prefix_caching: bool = False,
                  speculative_config: Optional[dict[str, Any]] = None,
-                 log: Optional[str] = None) -> None:
+                 ld_preload: Optional[str] = None, log: Optional[str] = None) -> None:
         if kv_cache_gib is None:  # GiB of KV cache (VLLM_CPU_KVCACHE_SPACE); 4 unless set
             kv_cache_gib = int(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"))
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS=str(threads),
                    VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib),
                    VLLM_TARGET_DEVICE="cpu", TOKENIZERS_PARALLELISM="false")
         env.pop("PYTHONPATH", None)  # nothing of folovllm's venv leaks into vLLM's
+        if ld_preload:  # e.g. the venv's libiomp5.so, which vLLM-CPU asks for with speculation
+            env["LD_PRELOAD"] = ld_preload
         self._log = open(log, "a") if log else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [vllm_python(), os.path.abspath(__file__), "--serve"], env=env, text=True,
