@@ -7,7 +7,8 @@ side in one process, on one thread.
 The bench model (`benchmarks.bench_model`: Qwen3 architecture, 8 layers, random weights),
 float32, greedy, `ignore_eos`, stage 06 with its defaults; the systems differ only by
 `speculative_config={"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": n}`
-(n = 1, the default, and 2: a single repeated token is common in any text). Two workloads, each at
+(n = 1, the default, and 2: a single repeated token is common in any text), and n = 1 with
+`"disable_by_batch_size": 4` (no drafts while 4 or more requests run). Two workloads, each at
 batch 1 and batch 8 (every request submitted at once):
 
     copy       a 64-token random block repeated 4 times (256 tokens), 128 output tokens: the
@@ -64,10 +65,12 @@ class OracleProposer:
         pass
 
 
-def build(model: str, k: int, oracle: Optional[dict] = None, lookup_min: int = 1) -> Any:
+def build(model: str, k: int, oracle: Optional[dict] = None, lookup_min: int = 1,
+          disable_by_batch_size: Optional[int] = None) -> Any:
     from folovllm import LLM, SamplingParams
 
-    spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": lookup_min} if k else None
+    spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": lookup_min,
+            "disable_by_batch_size": disable_by_batch_size} if k else None
     llm = LLM(model, stage=6, max_model_len=2048, speculative_config=spec)
     if oracle is not None:
         llm.llm_engine.drafter.proposer = OracleProposer(oracle)
@@ -78,10 +81,11 @@ def build(model: str, k: int, oracle: Optional[dict] = None, lookup_min: int = 1
 
 
 def measure(model: str, k: int, prompts: list[list[int]], max_tokens: int,
-            oracle: Optional[dict] = None, lookup_min: int = 1) -> dict[str, Any]:
+            oracle: Optional[dict] = None, lookup_min: int = 1,
+            disable_by_batch_size: Optional[int] = None) -> dict[str, Any]:
     from folovllm import SamplingParams
 
-    llm = build(model, k, oracle, lookup_min)
+    llm = build(model, k, oracle, lookup_min, disable_by_batch_size)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     t = timed(lambda: [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)])
     s = llm.stats
@@ -97,20 +101,28 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookup-min", type=int, nargs="*", default=[1, 2],
                    help="prompt_lookup_min values to run (default 1 2; prompt_lookup_max stays 4)")
     p.add_argument("--batches", type=int, nargs="*", default=[1, 8])
+    p.add_argument("--disable-by-batch-size", type=int, nargs="*", default=[4], metavar="N",
+                   help="also run n=1 with speculative_config.disable_by_batch_size=N: no drafts "
+                        "while N or more requests run (default 4; none: leave it out)")
+    p.add_argument("--workloads", nargs="*", default=["copy", "no_repeat"], choices=["copy", "no_repeat"])
+    p.add_argument("--no-oracle", action="store_true", help="leave out the oracle upper bound")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     model = str(bench_model_path())
     max_tokens = 32 if args.quick else 128
-    systems = {"stage 06": (0, 1), **{f"stage 06 + ngram k={k} n={lo}..4": (k, lo)
-                                      for k in args.k for lo in args.lookup_min}}
+    systems = {"stage 06": (0, 1, None), **{f"stage 06 + ngram k={k} n={lo}..4": (k, lo, None)
+                                            for k in args.k for lo in args.lookup_min},
+               **{f"stage 06 + ngram k={k} n=1..4, off from batch {n}": (k, 1, n)
+                  for k in args.k for n in args.disable_by_batch_size}}
     cases, loads = [], []
-    for name in ("copy", "no_repeat"):
+    for name in args.workloads:
         for batch in args.batches:
             prompts = workload(name, batch, args.quick)
-            trials = {s: (lambda k=k, lo=lo: measure(model, k, prompts, max_tokens, lookup_min=lo))
-                      for s, (k, lo) in systems.items()}
-            if name == "copy":  # the oracle needs the continuation: one untimed baseline run
+            trials = {s: (lambda k=k, lo=lo, n=n: measure(model, k, prompts, max_tokens, lookup_min=lo,
+                                                          disable_by_batch_size=n))
+                      for s, (k, lo, n) in systems.items()}
+            if name == "copy" and not args.no_oracle:  # the oracle needs the continuation: one untimed baseline run
                 answers = measure(model, 0, prompts, max_tokens)["timing"].value
                 oracle = {tuple(p): a for p, a in zip(prompts, answers)}
                 trials["oracle k=5 (upper bound)"] = lambda: measure(model, 5, prompts, max_tokens, oracle)

@@ -57,14 +57,19 @@ class VLLMPeer:
     def __init__(self, model: str, *, dtype: str = "float32", eager: bool = False,
                  threads: int = 1, max_num_seqs: int = 16, max_model_len: int = 2048,
                  kv_cache_gib: Optional[int] = None, seed: int = 0, prefix_caching: bool = False,
-                 log: Optional[str] = None, lora: Optional[dict[str, int]] = None) -> None:
-        """`lora`: {"max_loras": n, "max_lora_rank": r} turns on vLLM's enable_lora."""
+                 speculative_config: Optional[dict[str, Any]] = None,
+                 ld_preload: Optional[str] = None, log: Optional[str] = None,
+                 lora: Optional[dict[str, int]] = None) -> None:
+        """`lora`: {"max_loras": n, "max_lora_rank": r} turns on vLLM's enable_lora;
+        `speculative_config`: vLLM's, e.g. {"method": "ngram", ...}."""
         if kv_cache_gib is None:  # GiB of KV cache (VLLM_CPU_KVCACHE_SPACE); 4 unless set
             kv_cache_gib = int(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"))
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS=str(threads),
                    VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib),
                    VLLM_TARGET_DEVICE="cpu", TOKENIZERS_PARALLELISM="false")
         env.pop("PYTHONPATH", None)  # nothing of folovllm's venv leaks into vLLM's
+        if ld_preload:  # e.g. the venv's libiomp5.so, which vLLM-CPU asks for with speculation
+            env["LD_PRELOAD"] = ld_preload
         self._log = open(log, "a") if log else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [vllm_python(), os.path.abspath(__file__), "--serve"], env=env, text=True,
@@ -74,7 +79,8 @@ class VLLMPeer:
             self.info = self._call(dict(cmd="load", model=model, dtype=dtype, eager=eager,
                                         threads=threads, max_num_seqs=max_num_seqs,
                                         max_model_len=max_model_len, seed=seed,
-                                        prefix_caching=prefix_caching, lora=lora))
+                                        prefix_caching=prefix_caching, lora=lora,
+                                        speculative_config=speculative_config))
         except BaseException:  # a refused load: nobody else holds the child, so end it here
             self.close()
             raise
@@ -150,6 +156,9 @@ def _serve() -> None:  # pragma: no cover - runs in the vLLM venv
                           max_num_seqs=msg["max_num_seqs"], max_model_len=msg["max_model_len"],
                           enable_prefix_caching=msg["prefix_caching"], seed=msg["seed"],
                           skip_tokenizer_init=True,  # ids in, ids out
+                          # stage 09: e.g. {"method": "ngram", ...}; None leaves it off
+                          speculative_config=msg.get("speculative_config"),
+                          disable_log_stats=msg.get("speculative_config") is None,
                           **(dict(enable_lora=True, **lora) if lora else {}))
                 reply = {"ok": True, "load_seconds": round(time.perf_counter() - t0, 2),
                          "version": vllm.__version__, "torch": torch.__version__,
@@ -170,7 +179,7 @@ def _serve() -> None:  # pragma: no cover - runs in the vLLM venv
                 results = llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
                 seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
                 reply = {"outputs": [list(r.outputs[0].token_ids) for r in results],
-                         "seconds": seconds, "cpu_seconds": cpu}
+                         "seconds": seconds, "cpu_seconds": cpu, "spec_decode": _spec_counters(llm)}
             else:
                 reply = {"error": f"unknown command {msg['cmd']!r}"}
         except Exception as e:  # report, keep serving
@@ -182,6 +191,17 @@ def _serve() -> None:  # pragma: no cover - runs in the vLLM venv
         out.flush()
         if msg.get("cmd") == "quit":
             return
+
+
+def _spec_counters(llm: Any) -> dict[str, float]:  # pragma: no cover - runs in the vLLM venv
+    """vLLM's speculative-decoding counters so far (`LLM.get_metrics`; empty without
+    speculation, or if this vLLM does not report them)."""
+    try:
+        metrics = llm.get_metrics()
+    except Exception:
+        return {}
+    return {m.name: m.value for m in metrics
+            if m.name.startswith("vllm:spec_decode") and hasattr(m, "value")}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -182,3 +182,54 @@ def test_replay_adds_each_request_at_its_step_with_the_shared_prefix(tiny_qwen3)
     assert [n for n, _ in added] == [r.arrival_step - 1 for r in workload]
     assert [len(p) for _, p in added] == [r.prompt_len for r in workload]
     assert len({tuple(p[:64]) for _, p in added}) == 1 and len({tuple(p[64:]) for _, p in added}) == 6
+
+
+def test_speculative_rows_carry_their_drafts_into_the_trace(tiny_qwen3):
+    """Stage 09: each row's drafts verified and accepted (its `RowStats`) reach every view of the
+    trace: the lanes, the pictures (an "accepted/verified" label in the cell), the Perfetto file
+    (the step's rows, a counter, the request's slices) and the live page's snapshot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from folovllm.trace.page import LiveView
+    from folovllm.trace.plot import _lanes
+    from folovllm.trace.recorder import engine_summary
+
+    llm = LLM(str(tiny_qwen3), stage=6, dtype="float32", max_model_len=256,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    tracer = StepTracer.attach(llm.llm_engine)
+    view = LiveView(StepTracer(engine_summary(llm.llm_engine)))
+    llm.llm_engine.stat_loggers.append(view.record)
+    prompts = [[5, 6, 7, 8, 9, 10, 11] * 6, [20, 30, 40] * 10]
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    expected = {(s.step, r.request_id): (r.num_draft_tokens, r.num_accepted_tokens)
+                for s in tracer.steps for r in s.rows if r.num_draft_tokens}
+    stats = llm.stats.spec_decoding
+    assert sum(a for _, a in expected.values()) == stats.num_accepted_tokens > 0
+    assert sum(d for d, _ in expected.values()) == stats.num_draft_tokens > stats.num_accepted_tokens
+
+    lanes = request_lanes(tracer.steps)
+    assert {(n, rid): c for rid, ln in lanes.items() for n, c in ln.drafts.items()} == expected
+
+    fig, ax = plt.subplots()
+    _lanes(ax, list(tracer.steps), tracer.config)
+    labels = sorted(t.get_text() for t in ax.texts)
+    plt.close(fig)
+    assert labels == sorted(f"{a}/{d}" for d, a in expected.values())
+
+    events = tracer.perfetto_events()
+    rows = [row for e in events if e.get("cat") == "step" for row in e["args"]["rows"]]
+    assert sorted(r for r in rows if ", drafts " in r) == sorted(
+        f"{rid}: decode {1 + d}, drafts {a}/{d}" for (_, rid), (d, a) in expected.items())
+    counters = [e["args"] for e in events if e["ph"] == "C" and e["name"] == "speculative drafts"]
+    assert sum(c["verified"] for c in counters) == stats.num_draft_tokens
+    assert sum(c["accepted"] for c in counters) == stats.num_accepted_tokens
+    slices = [d for e in events if e.get("cat") == "request" for d in e["args"].get("drafts accepted/verified", [])]
+    assert len(slices) == len(expected)
+
+    snapshot = json.loads(view.snapshot)["timeline"]
+    drawn = {(n, lane["id"]): tuple(c) for lane in snapshot["lanes"]
+             for n, c in zip(snapshot["steps"], lane["drafts"]) if c}
+    assert drawn == expected

@@ -89,7 +89,8 @@ class LLMEngine:
         spec_config = self.config.speculative_config
         self.drafter = Drafter(get_proposer(spec_config, self.config, self.vocab_size),
                                spec_config.num_speculative_tokens if spec_config else 0,
-                               self.config.max_model_len)
+                               self.config.max_model_len,
+                               spec_config.disable_by_batch_size if spec_config else None)
         self.rejection_sampler = RejectionSampler(self.sampler)
         self.stats = EngineStats(bytes_per_token=spec.bytes_per_token)
         # The subscribers of the step's record: each is called with the step's `SchedulerStats`
@@ -211,12 +212,6 @@ class LLMEngine:
                 f"keep every token, got {params.top_k}"
             )
         params.verify_with_model(self.vocab_size, self.config.max_logprobs)  # logprobs, biases
-        if params.logprobs is not None and self.config.speculative_config is not None:
-            raise ValueError(
-                "logprobs are not supported with speculative decoding (speculative_config is "
-                "set) yet: leave logprobs unset, or run the engine without speculative_config "
-                "(prompt_logprobs are fine)"
-            )
         params.update_from_tokenizer(self.tokenizer, self.vocab_size)  # bad_words -> token ids
         self.structured_output_manager.validate_request(params)  # stage 10: the spec compiles
         return ProcessedPrompt(text, ids)
@@ -331,11 +326,12 @@ class LLMEngine:
             tokens = self.rejection_sampler(logits, requests, drafts)
         else:
             tokens = [[t] for t in self.sampler(logits, requests)] if requests else []
-        sampled = None  # log-probabilities are computed only when someone asks (no drafts then)
-        if any(r.sampling_params.logprobs is not None for r in requests):
-            sampled = self.sampler.compute_logprobs(logits, requests, [t[0] for t in tokens])
+        sampled = None  # log-probabilities are computed only when someone asks
+        if any(r.sampling_params.logprobs is not None for r in requests):  # one per committed token
+            sampled = (self.rejection_sampler.compute_logprobs(logits, requests, drafts, tokens) if drafts
+                       else self.sampler.compute_logprobs(logits, requests, [t[0] for t in tokens]))
         prompts = self.score_prompts(output, batch.prompt_logits, prompt_logits)
-        self.output_processor.add_logprobs(requests, sampled, prompts)
+        self.output_processor.add_logprobs(requests, sampled, prompts, [len(t) for t in tokens])
         return {r.request_id: t for r, t in zip(requests, tokens)}
     # --8<-- [end:execute_and_sample]
 

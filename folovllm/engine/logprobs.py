@@ -34,13 +34,30 @@ class LogprobsProcessor:
         self.decode = decode
         self.logprobs: Optional[SampleLogprobs] = None if params.logprobs is None else []
         self.cumulative_logprob: Optional[float] = None if params.logprobs is None else 0.0
+        self.sampled_logprobs: list[float] = []  # each generated token's own, for `trim`
         self.prompt_logprobs: Optional[PromptLogprobs] = None if params.prompt_logprobs is None else [None]
 
     def add_sampled(self, lists: LogprobsLists) -> None:
-        """One generated token's position (`lists` holds one)."""
+        """The positions of the tokens a step generated: one, or with drafts (stage 09) one per
+        committed token, in order."""
         assert self.logprobs is not None and self.cumulative_logprob is not None
         self.logprobs += self._dicts(lists, self.num_logprobs)
-        self.cumulative_logprob += lists.logprobs[0][0]
+        for position in lists.logprobs:  # one addition per token, as one token a step adds
+            self.cumulative_logprob += position[0]
+        self.sampled_logprobs += [position[0] for position in lists.logprobs]
+
+    def trim(self, num_output_tokens: int) -> None:
+        """Keep the first `num_output_tokens` positions. Stage 09: a stop inside an accepted
+        run (a stop token, a stop string, max_tokens) cuts tokens that were already scored;
+        the cumulative log-probability is summed again over the kept ones, in the same order,
+        so it is the number a run without drafts gives."""
+        if self.logprobs is None or len(self.logprobs) <= num_output_tokens:
+            return
+        del self.logprobs[num_output_tokens:]
+        del self.sampled_logprobs[num_output_tokens:]
+        self.cumulative_logprob = 0.0
+        for logprob in self.sampled_logprobs:
+            self.cumulative_logprob += logprob
 
     def add_prompt(self, first_position: int, lists: LogprobsLists) -> None:
         """Prompt positions first_position, first_position + 1, ...: they score prompt tokens

@@ -68,14 +68,20 @@ class OutputProcessor:
                 self.logprobs[child.request_id] = LogprobsProcessor(params, self.decode_tokens)
 
     def add_logprobs(self, requests: Sequence[Request], sampled: Optional[LogprobsLists],
-                     prompts: Sequence[tuple[str, int, LogprobsLists]]) -> None:
-        """One step's log-probabilities (`LLMEngine._execute_and_sample`): `sampled` holds one
-        position per request of `requests` that asks for `logprobs`, in order; `prompts` (child
-        request id, first prompt position, its positions) those of the prompt rows."""
-        asking = [r for r in requests if r.sampling_params.logprobs is not None]
-        for i, request in enumerate(asking):
+                     prompts: Sequence[tuple[str, int, LogprobsLists]],
+                     num_tokens: Optional[Sequence[int]] = None) -> None:
+        """One step's log-probabilities (`LLMEngine._execute_and_sample`): `sampled` holds
+        `num_tokens[i]` positions (one each without drafts; stage 09: one per committed token)
+        per request of `requests` that asks for `logprobs`, in order; `prompts` (child request
+        id, first prompt position, its positions) those of the prompt rows."""
+        offset = 0
+        for i, request in enumerate(requests):
+            if request.sampling_params.logprobs is None:
+                continue
             assert sampled is not None
-            self.logprobs[request.request_id].add_sampled(sampled[i : i + 1])
+            count = 1 if num_tokens is None else num_tokens[i]
+            self.logprobs[request.request_id].add_sampled(sampled[offset : offset + count])
+            offset += count
         for request_id, first_position, lists in prompts:
             self.logprobs[request_id].add_prompt(first_position, lists)
 
@@ -103,6 +109,8 @@ class OutputProcessor:
             params = request.sampling_params
             if params.stop_strings or params.output_kind != RequestOutputKind.FINAL_ONLY or request.is_finished:
                 self.update_text(request)  # FINAL_ONLY without stop strings decodes once, at the end
+            if request.request_id in self.logprobs:  # stage 09: a stop inside an accepted run
+                self.logprobs[request.request_id].trim(request.num_output_tokens)
             if request.is_finished and request.metrics.finished_time is None:
                 request.metrics.finished_time = now
             touched[self.parent_of[request.request_id]] = self.parents[self.parent_of[request.request_id]]

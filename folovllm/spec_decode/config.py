@@ -4,6 +4,7 @@ vLLM's `SpeculativeConfig` (vllm/config/speculative.py) in the two methods folov
 
     {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 4}
     {"method": "draft_model", "model": "path/or/hub-id", "num_speculative_tokens": 3}
+    {..., "disable_by_batch_size": 4}       no drafts in a step while 4 or more requests run
 
 It is an axis beside the ladder, like tensor parallelism: `EngineConfig.speculative_config`
 turns it on at any stage from 02 on (stage 01's static batch cannot verify drafts: a batch
@@ -29,6 +30,10 @@ class SpeculativeConfig:
         prompt_lookup_min, prompt_lookup_max: ngram only: the n-gram lengths looked up (the
             longest found wins), 1 <= min <= max.
         model: draft_model only: a local checkpoint folder or a hub id.
+        disable_by_batch_size: no drafts are proposed for a step while this many requests or
+            more are running (None: always draft). At a large batch a step is no longer bound
+            by reading the weights, and every rejected draft is a row of real work
+            (docs/stages/09: batch 8 loses here). vLLM's field; like vLLM, at least 2.
     """
 
     method: str
@@ -36,6 +41,7 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 4
     model: Optional[str] = None
+    disable_by_batch_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -54,6 +60,13 @@ class SpeculativeConfig:
             raise ValueError(
                 f"speculative_config.prompt_lookup_min ({self.prompt_lookup_min}) must be <= "
                 f"prompt_lookup_max ({self.prompt_lookup_max})"
+            )
+        if self.disable_by_batch_size is not None and (
+                not _is_int(self.disable_by_batch_size) or self.disable_by_batch_size < 2):
+            raise ValueError(
+                "speculative_config.disable_by_batch_size must be an integer >= 2 (the number of "
+                "running requests from which no drafts are proposed), or None to always draft, "
+                f"got {self.disable_by_batch_size!r}"
             )
         if self.method == "draft_model" and not (isinstance(self.model, str) and self.model):
             raise ValueError(
@@ -83,8 +96,9 @@ class SpeculativeConfig:
         return cls(**d)
 
     def describe(self) -> str:
-        """For `describe_engine`: "speculative ngram k=3"."""
-        return f"speculative {self.method} k={self.num_speculative_tokens}"
+        """For `describe_engine`: "speculative ngram k=3" (", off from batch 4")."""
+        off = "" if self.disable_by_batch_size is None else f", off from batch {self.disable_by_batch_size}"
+        return f"speculative {self.method} k={self.num_speculative_tokens}{off}"
 
 
 def _is_int(value: Any) -> bool:

@@ -22,7 +22,7 @@ vLLM v1 keeps these in vllm/v1/spec_decode/ (`NgramProposer`, `EagleProposer`, .
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Sequence
+from typing import Optional, Sequence
 
 from folovllm.core.request import Request
 
@@ -58,12 +58,18 @@ class Drafter:
 
         max_drafts = min(k, max_tokens - num_output_tokens - 1, max_model_len - num_tokens - 1)
 
-    (The scheduler trims them further to the step's token budget and KV room.)"""
+    (The scheduler trims them further to the step's token budget and KV room.)
 
-    def __init__(self, proposer: Proposer, num_speculative_tokens: int, max_model_len: int) -> None:
+    `disable_by_batch_size` (vLLM's field): while that many requests or more are running, the
+    next step drafts nothing and runs as plain decoding (the proposer is not called; a draft
+    model catches up on the tokens it missed when drafting resumes)."""
+
+    def __init__(self, proposer: Proposer, num_speculative_tokens: int, max_model_len: int,
+                 disable_by_batch_size: Optional[int] = None) -> None:
         self.proposer = proposer
         self.k = num_speculative_tokens
         self.max_model_len = max_model_len
+        self.disable_by_batch_size = disable_by_batch_size
         self.known: set[str] = set()  # requests the proposer has seen and not been told to free
 
     def propose(self, running: Sequence[Request]) -> None:
@@ -73,12 +79,17 @@ class Drafter:
             if not request.is_finished and request.num_tokens - request.num_computed_tokens == 1:
                 decoding.append(request)
         self.free(self.known - {r.request_id for r in running})
-        if not decoding:
+        if not decoding or self.disabled(running):
             return
         limits = [self.max_drafts(r) for r in decoding]
         for request, drafts, limit in zip(decoding, self.proposer.propose(decoding, limits), limits):
             request.spec_token_ids = [int(t) for t in drafts[:limit]]
         self.known.update(r.request_id for r in decoding)
+
+    def disabled(self, running: Sequence[Request]) -> bool:
+        """No drafts for the next step: the batch has reached `disable_by_batch_size`."""
+        live = sum(not r.is_finished for r in running)
+        return self.disable_by_batch_size is not None and live >= self.disable_by_batch_size
 
     def max_drafts(self, request: Request) -> int:
         left = self.max_model_len - request.num_tokens - 1

@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 import torch
 
 from folovllm.core.request import Request
-from folovllm.worker.sampler import Sampler, below_min_p
+from folovllm.worker.sampler import LogprobsLists, Sampler, below_min_p
 
 
 class SpeculatedRequest:
@@ -87,6 +87,36 @@ class RejectionSampler:
             padded, drafts, torch.tensor(num_drafts, device=logits.device), uniform, noise)
         return [row[:n] for row, n in zip(tokens.tolist(), num_tokens.tolist())]
     # --8<-- [end:rejection_sampler_call]
+
+    # --8<-- [start:spec_logprobs]
+    def compute_logprobs(self, logits: torch.Tensor, requests: Sequence[Request],
+                         draft_token_ids: Sequence[Sequence[int]],
+                         token_ids: Sequence[Sequence[int]]) -> Optional[LogprobsLists]:
+        """The log-probabilities of every committed token, for the rows whose request asks
+        (in order; None when none does): row r's committed tokens t_0 .. t_m are scored at its
+        first m + 1 positions, each by the plain sampler's `compute_logprobs` on a view of the
+        request with t_0 .. t_(j-1) counted as output (what a run without drafts would have
+        had when it sampled t_j, so the processed modes see the same penalties and bans)::
+
+            fed         t7   d1   d2   d3        logits rows offset_r .. offset_r + 3
+            committed   d1   d2   x              scored at rows offset_r + 0, 1, 2
+                                                 (the rejected d3's row is not read)
+
+        A stop that cuts the run later drops the extra positions (`LogprobsProcessor.trim`)."""
+        rows: list[int] = []  # [C] logits rows of the committed tokens of the rows that ask
+        views: list[Request | SpeculatedRequest] = []
+        committed: list[int] = []
+        offset = 0
+        for request, drafts, tokens in zip(requests, draft_token_ids, token_ids):
+            if request.sampling_params.logprobs is not None:
+                rows += range(offset, offset + len(tokens))
+                views += [request] + [SpeculatedRequest(request, tokens[:j]) for j in range(1, len(tokens))]
+                committed += tokens
+            offset += len(drafts) + 1
+        if not rows:
+            return None
+        return self.sampler.compute_logprobs(logits[rows], views, committed)  # [C] positions
+    # --8<-- [end:spec_logprobs]
 
     def target_probs(self, logits: torch.Tensor, requests: Sequence[SpeculatedRequest]) -> torch.Tensor:
         """Processed logits [T, V] -> the distribution each position's token is drawn from:

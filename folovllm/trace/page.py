@@ -68,7 +68,8 @@ class LiveView:
                                          "computed": r.num_computed_tokens + r.num_new_tokens}
         steps, config = list(self.tracer.steps), self.tracer.config
         numbers = [s.step for s in steps]
-        lanes = [{"id": ln.request_id, "states": [ln.states.get(n) for n in numbers]}
+        lanes = [{"id": ln.request_id, "states": [ln.states.get(n) for n in numbers],
+                  "drafts": [ln.drafts.get(n) for n in numbers]}  # stage 09: [verified, accepted]
                  for ln in request_lanes(steps).values()]
         self.snapshot = json.dumps({
             "step": step.step,
@@ -226,7 +227,9 @@ function render(s) {
   $("timeline").innerHTML = s.timeline.lanes.map(l =>
     `<div class="lane" data-id="${l.id}"><span class="name">${l.id}</span>` +
     l.states.map((st, i) => `<span class="cell ${st ?? "none"}" data-state="${st ?? ""}" ` +
-      `title="step ${s.timeline.steps[i]}: ${st ?? "-"}"></span>`).join("") + `</div>`).join("");
+      `title="step ${s.timeline.steps[i]}: ${st ?? "-"}` +
+      `${l.drafts[i] ? `, drafts ${l.drafts[i][1]}/${l.drafts[i][0]} accepted` : ""}"></span>`).join("") +
+    `</div>`).join("");
   document.body.dataset.updates = Number(document.body.dataset.updates) + 1;
 }
 async function poll() {

@@ -3,7 +3,8 @@
 
     request lanes   one row per request, one cell per step:
                     waiting / prefill / chunk / decode / stalled / idle / preempted,
-                    x = preempted here, o = finished here, "hit N" = N prompt tokens cached
+                    x = preempted here, o = finished here, "hit N" = N prompt tokens cached,
+                    "a/d" in a cell = a of the d drafts it verified were accepted (stage 09)
     KV cache        tokens reserved (blocks x block size, filled) and holding a live token
                     (line), against the cache's capacity (dashed)
     tokens/step     prompt (blue), decode (green) and padding (grey) tokens; the budget (red)
@@ -89,6 +90,8 @@ def _lanes(ax: Any, steps: list[SchedulerStats], config: dict[str, Any]) -> None
             ax.plot(step + 0.5, y, marker="x", color="black", markersize=6)
         if lane.finished_at is not None:
             ax.plot(lane.finished_at + 0.5, y, marker="o", color="black", markersize=3.5)
+        for step, (drafted, accepted) in lane.drafts.items():  # stage 09
+            ax.text(step, y, f"{accepted}/{drafted}", fontsize=5, va="center", ha="center", color="white")
         if lane.cached_tokens:
             first = min(s for s, st in lane.states.items() if st != "waiting")
             ax.text(first - 0.5, y, f"hit {lane.cached_tokens}", fontsize=6, va="center", ha="right")

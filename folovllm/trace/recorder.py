@@ -134,6 +134,8 @@ class Lane:
     finished_at: Optional[int] = None
     finish_reason: Optional[str] = None
     cached_tokens: int = 0  # prefix hit when it was (last) admitted
+    # stage 09: step -> (drafts verified, accepted) for the steps whose row carried drafts
+    drafts: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 def request_lanes(steps: Iterable[SchedulerStats]) -> dict[str, Lane]:
@@ -142,6 +144,7 @@ def request_lanes(steps: Iterable[SchedulerStats]) -> dict[str, Lane]:
         step    1        2       3        4        5
         A       prefill  decode  (finished at 2)
         C       waiting  waiting prefill  decode   decode
+                                          2/3      0/3      drafts accepted / verified (stage 09)
 
     A request waiting after a preemption is "preempted" until it runs again. A row of a request
     that held no seat in the step before was admitted in this step: what it had computed already
@@ -163,6 +166,8 @@ def request_lanes(steps: Iterable[SchedulerStats]) -> dict[str, Lane]:
         for row in s.rows:
             ln = lane(row.request_id)
             ln.states[s.step] = row.kind
+            if row.num_draft_tokens:
+                ln.drafts[s.step] = (row.num_draft_tokens, row.num_accepted_tokens)
             preempted.discard(row.request_id)
             if seated is not None and row.request_id not in seated and row.num_computed_tokens:
                 ln.cached_tokens = row.num_computed_tokens
@@ -189,7 +194,8 @@ def perfetto_events(steps: list[SchedulerStats], config: dict[str, Any], t0: flo
                      preempted (consecutive steps in one state merged), instant events ("i")
                      for "preempted" and "finished"
         counters     ("C") KV blocks in use, tokens per step (prefill / decode) and the budget,
-                     requests running / waiting
+                     requests running / waiting; with speculation (stage 09) drafts verified /
+                     accepted per step, and each row's "drafts accepted/verified" in its args
     """
     def us(seconds: float) -> float:
         return round(seconds * 1e6, 1)
@@ -206,7 +212,7 @@ def perfetto_events(steps: list[SchedulerStats], config: dict[str, Any], t0: flo
         events.append({
             "ph": "X", "name": f"step {s.step}", "cat": "step", "pid": _PID, "tid": 0,
             "ts": ts, "dur": us(s.end_time - s.start_time),
-            "args": {"rows": [f"{r.request_id}: {r.kind} {r.num_new_tokens}" for r in s.rows],
+            "args": {"rows": [f"{r.request_id}: {r.kind} {r.num_new_tokens}" + _drafts_note(r) for r in s.rows],
                      "waiting": s.waiting, "tokens": s.num_scheduled_tokens,
                      **({"experts": expert_load_label(s.expert_load)} if s.expert_load else {})},
         })
@@ -219,6 +225,10 @@ def perfetto_events(steps: list[SchedulerStats], config: dict[str, Any], t0: flo
         ]
         if s.expert_load is not None:  # MoE: what the step's experts read
             counters.append(("experts touched", {"mean per MoE layer": round(s.expert_load.mean_experts_touched, 2)}))
+        if s.spec_decoding_stats is not None:  # stage 09
+            counters.append(("speculative drafts", {
+                "verified": sum(r.num_draft_tokens for r in s.rows),
+                "accepted": sum(r.num_accepted_tokens for r in s.rows)}))
         for name, args in counters:
             events.append({"ph": "C", "name": name, "pid": _PID, "tid": 0, "ts": ts, "args": args})
     for tid, ln in enumerate(request_lanes(steps).values(), start=1):
@@ -226,9 +236,12 @@ def perfetto_events(steps: list[SchedulerStats], config: dict[str, Any], t0: flo
                    meta("thread_sort_index", tid, {"sort_index": tid})]
         for state, first, last in _runs(ln.states):
             start, end = by_step[first].start_time, by_step[last].end_time
+            args: dict[str, Any] = {"steps": f"{first}..{last}"}
+            drafts = [f"step {n}: {a}/{d}" for n, (d, a) in ln.drafts.items() if first <= n <= last]
+            if drafts:  # stage 09: each step's drafts accepted/verified
+                args["drafts accepted/verified"] = drafts
             events.append({"ph": "X", "name": state, "cat": "request", "pid": _PID, "tid": tid,
-                           "ts": us(start - t0), "dur": us(end - start),
-                           "args": {"steps": f"{first}..{last}"}})
+                           "ts": us(start - t0), "dur": us(end - start), "args": args})
         marks = [(n, "preempted") for n in ln.preempted_at]
         if ln.finished_at is not None:
             marks.append((ln.finished_at, f"finished ({ln.finish_reason})"))
@@ -248,6 +261,11 @@ def expert_load_label(load: ExpertLoadStats) -> str:
     return (f"touched {load.mean_experts_touched:.1f}/{len(counts)} per layer; top experts {busiest} "
             f"(of {sum(counts)} routed)")
 # --8<-- [end:expert_load_label]
+
+
+def _drafts_note(row: Any) -> str:
+    """ ", drafts 2/3" (accepted/verified) for a row that verified drafts (stage 09)."""
+    return f", drafts {row.num_accepted_tokens}/{row.num_draft_tokens}" if row.num_draft_tokens else ""
 
 
 def _runs(states: dict[int, str]) -> list[tuple[str, int, int]]:

@@ -25,7 +25,7 @@ from folovllm.spec_decode.ngram_proposer import ngram_lookup
 from folovllm.spec_decode.proposer import Proposer
 from folovllm.spec_decode.rejection_sampler import RejectionSampler, rejection_sample
 from folovllm.worker.sampler import Sampler
-from tests.helpers import ARCHS, hf_greedy
+from tests.helpers import ARCHS, hf_greedy, hf_logits
 
 
 def ngram(k: int, lo: int = 1, hi: int = 4) -> dict:
@@ -418,6 +418,29 @@ def run_stress_example(engine, references, hf, requests, abort_steps, rnd, ids) 
 
 # -- configuration and bad input -----------------------------------------------------------------------------
 
+# -- disable_by_batch_size: no drafts while the batch is large ----------------------------------------
+
+def test_disable_by_batch_size_drafts_only_below_it(repeating_model):
+    """With disable_by_batch_size=2, the steps that run two or three requests verify no drafts
+    (the threshold was reached when they were proposed), the steps of the last request alone
+    do; without it the three-row steps draft too. The tokens are HF's either way."""
+    path, hf = repeating_model
+    max_tokens = [8, 16, 40]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+    expected = [hf_greedy(hf, p, m, min_new_tokens=m) for p, m in zip(REPEATING_PROMPTS, max_tokens)]
+    drafted_rows = {}
+    for threshold in (None, 2):
+        spec = {**ngram(3), "disable_by_batch_size": threshold}
+        llm = LLM(str(path), stage=6, dtype="float32", max_model_len=256, speculative_config=spec)
+        records = spec_steps(llm)
+        assert token_ids(llm.generate(REPEATING_PROMPTS, params, use_tqdm=False)) == expected
+        drafted_rows[threshold] = {len(r.rows) for r in records if any(row.num_draft_tokens for row in r.rows)}
+        assert llm.stats.spec_decoding.num_accepted_tokens > 0
+    assert drafted_rows[None] == {1, 2, 3}
+    assert drafted_rows[2] == {1}
+    assert "off from batch 2" in llm.llm_engine.description["summary"]
+
+
 @pytest.mark.parametrize("bad, field", [
     (dict(method="ngram", num_speculative_tokens=0), "num_speculative_tokens"),
     (dict(method="ngram", num_speculative_tokens=17), "num_speculative_tokens"),
@@ -429,6 +452,10 @@ def run_stress_example(engine, references, hf, requests, abort_steps, rnd, ids) 
     (dict(method="ngram", num_speculative_tokens=2, model="x"), "model"),
     (dict(method="ngram"), "num_speculative_tokens"),
     (dict(method="ngram", num_speculative_tokens=2, k=3), "unknown"),
+    (dict(method="ngram", num_speculative_tokens=2, disable_by_batch_size=1), "disable_by_batch_size"),
+    (dict(method="ngram", num_speculative_tokens=2, disable_by_batch_size=0), "disable_by_batch_size"),
+    (dict(method="ngram", num_speculative_tokens=2, disable_by_batch_size="4"), "disable_by_batch_size"),
+    (dict(method="ngram", num_speculative_tokens=2, disable_by_batch_size=True), "disable_by_batch_size"),
     ("ngram", "dict"),
 ])
 def test_bad_speculative_config_names_the_field(bad, field):
@@ -443,14 +470,117 @@ def test_stage_01_and_for_stage_9_refused():
         EngineConfig.for_stage(9)
 
 
-def test_logprobs_refused_prompt_logprobs_fine(tiny_qwen3):
+def test_prompt_logprobs_with_speculation(tiny_qwen3):
     llm = LLM(str(tiny_qwen3), stage=6, dtype="float32", max_model_len=128, speculative_config=ngram(2))
-    with pytest.raises(ValueError, match="logprobs are not supported with speculative decoding"):
-        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, logprobs=2), use_tqdm=False)
     out = llm.generate([[1, 2, 3, 1, 2]], SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=1),
                        use_tqdm=False)
     assert len(out[0].prompt_logprobs) == 5
     assert "+ speculative ngram k=2" in llm.llm_engine.description["summary"]
+
+
+# -- log-probabilities with speculation: the target's, at each committed token's position ---------------
+
+LOGPROB_PROMPTS = [[5, 6, 7, 8, 9, 10, 11] * 6, [20, 30, 40] * 10, list(range(3, 40))]
+
+
+def logprobs_run(path, spec, params: SamplingParams, **engine_args) -> tuple[list, LLM]:
+    llm = LLM(str(path), stage=6, dtype="float32", max_model_len=256, speculative_config=spec, **engine_args)
+    return [o.outputs[0] for o in llm.generate(LOGPROB_PROMPTS, params, use_tqdm=False)], llm
+
+
+def assert_same_logprobs(plain: list, spec: list, atol: float) -> None:
+    """The same tokens, the same ids and ranks at every position, log-probabilities within
+    `atol` (0: bitwise), the same cumulative log-probability."""
+    for a, b in zip(plain, spec):
+        assert list(b.token_ids) == list(a.token_ids)
+        assert len(b.logprobs) == len(b.token_ids)
+        for i, (x, y) in enumerate(zip(a.logprobs, b.logprobs)):
+            assert list(y) == list(x) and [lp.rank for lp in y.values()] == [lp.rank for lp in x.values()], i
+            for t in x:
+                assert y[t].logprob == pytest.approx(x[t].logprob, abs=atol, rel=0), (i, t)
+        assert b.cumulative_logprob == pytest.approx(a.cumulative_logprob, abs=max(atol * len(a.logprobs), 1e-12))
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_logprobs_with_speculation_equal_the_plain_run_and_hf(tiny_checkpoints, hf_qwen3, method):
+    """Greedy with logprobs=3, drafts accepted and rejected in the run: every committed token's
+    position holds the target's log-probabilities there, as the run without speculation returns
+    them (fp32 tolerance: a verify row of 1 + k tokens is computed by another attention path than
+    a one-token decode), and as HF's log_softmax of its logits."""
+    spec = ngram(3) if method == "ngram" else {
+        "method": "draft_model", "model": str(tiny_checkpoints["llama"]), "num_speculative_tokens": 3}
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
+    plain, _ = logprobs_run(tiny_checkpoints["qwen3"], None, params)
+    got, llm = logprobs_run(tiny_checkpoints["qwen3"], spec, params)
+    s = llm.stats.spec_decoding
+    assert 0 < s.num_accepted_tokens < s.num_draft_tokens  # accepted and rejected drafts both
+    assert_same_logprobs(plain, got, atol=1e-5)
+    for prompt, out in zip(LOGPROB_PROMPTS, got):
+        ref = torch.log_softmax(hf_logits(hf_qwen3, prompt + list(out.token_ids)), dim=-1)[len(prompt) - 1 : -1]
+        for i, (token, position) in enumerate(zip(out.token_ids, out.logprobs)):
+            top = ref[i].topk(3).indices.tolist()
+            assert set(position) == {token, *top}, i
+            for t, lp in position.items():
+                assert lp.logprob == pytest.approx(ref[i, t].item(), abs=1e-4), (i, t)
+
+
+@pytest.mark.parametrize("mode", ["processed_logprobs", "processed_logits"])
+def test_processed_logprobs_count_the_drafts_before_as_output(tiny_qwen3, mode):
+    """The processed modes score each committed token after the penalties of the tokens before
+    it, drafts included (`SpeculatedRequest`): the same numbers as the plain run."""
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3, repetition_penalty=1.3,
+                            frequency_penalty=0.05)
+    plain, _ = logprobs_run(tiny_qwen3, None, params, logprobs_mode=mode)
+    got, llm = logprobs_run(tiny_qwen3, ngram(3), params, logprobs_mode=mode)
+    assert llm.stats.spec_decoding.num_accepted_tokens > 0
+    assert_same_logprobs(plain, got, atol=1e-5)
+
+
+def test_batch_invariant_logprobs_are_bitwise_with_speculation(tiny_qwen3):
+    """In the batch-invariant mode every query goes through one attention kernel, so a verify
+    row's positions are bitwise the one-token decodes': the same log-probabilities exactly."""
+    from folovllm._custom_ops import ops_available
+
+    if not ops_available():
+        pytest.skip("the CPU kernels cannot be built here")
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
+    plain, _ = logprobs_run(tiny_qwen3, None, params, batch_invariant=True)
+    got, llm = logprobs_run(tiny_qwen3, ngram(3), params, batch_invariant=True)
+    assert 0 < llm.stats.spec_decoding.num_accepted_tokens < llm.stats.spec_decoding.num_draft_tokens
+    assert_same_logprobs(plain, got, atol=0.0)
+    assert [o.logprobs for o in got] == [o.logprobs for o in plain]
+
+
+def test_sampled_logprobs_with_speculation_equal_hf(tiny_qwen3, hf_qwen3):
+    """Random sampling (seeded, temperature 0.8): the tokens differ from a run without drafts
+    (other random numbers), but each one's raw log-probabilities are HF's at its position."""
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=24, ignore_eos=True, logprobs=2)
+    got, llm = logprobs_run(tiny_qwen3, ngram(3), params)
+    assert llm.stats.spec_decoding.num_accepted_tokens > 0
+    for prompt, out in zip(LOGPROB_PROMPTS, got):
+        ref = torch.log_softmax(hf_logits(hf_qwen3, prompt + list(out.token_ids)), dim=-1)[len(prompt) - 1 : -1]
+        assert len(out.logprobs) == len(out.token_ids) == 24
+        for i, (token, position) in enumerate(zip(out.token_ids, out.logprobs)):
+            assert set(position) == {token, *ref[i].topk(2).indices.tolist()}
+            assert position[token].logprob == pytest.approx(ref[i, token].item(), abs=1e-4)
+        assert out.cumulative_logprob == pytest.approx(sum(p[t].logprob for t, p in zip(out.token_ids, out.logprobs)),
+                                                       abs=1e-4)
+
+
+def test_logprobs_stop_inside_an_accepted_run(oracle_case):
+    """A stop token, a stop string or max_tokens inside an accepted run: the positions scored
+    after the cut are dropped, the cumulative log-probability is the plain run's."""
+    path, prompt, full = oracle_case
+    plain = LLM(str(path), stage=6, dtype="float32", max_model_len=256)
+    spec = oracle_llm(path, prompt, full)
+    text = plain.get_tokenizer().decode(full[:12])
+    cases = [dict(stop_token_ids=[full[7]]), dict(max_tokens=9), dict(stop=[text[len(text) // 2 :][:2]])]
+    for case in cases:
+        params = SamplingParams(temperature=0, logprobs=1, **{"max_tokens": len(full), **case})
+        a = plain.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+        b = spec.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+        assert len(a.token_ids) < len(full) and list(b.token_ids) == list(a.token_ids), case
+        assert_same_logprobs([a], [b], atol=1e-5)
 
 
 @pytest.mark.parametrize("draft_arch", ["qwen3", "llama"], ids=["same_model", "other_model"])
@@ -513,3 +643,40 @@ def test_metrics_use_vllms_names():
     assert 'folovllm:spec_decode_num_draft_tokens_total{model_name="m"} 5.0' in text
     assert 'folovllm:spec_decode_num_accepted_tokens_total{model_name="m"} 2.0' in text
     assert 'folovllm:spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="1"} 1.0' in text
+
+
+def test_server_logprobs_with_speculation(repeating_model):
+    """`folovllm serve --speculative-config`: completions with logprobs, streamed and not, give
+    the tokens and log-probabilities of the engine without speculation (fp32 tolerance); a
+    streamed chunk may carry several tokens (an accepted run) and their positions."""
+    from folovllm.entrypoints.openai.serving_engine import ServerOptions
+    from tests.test_server_hardening import ENGINE_ARGS, MODEL, STAGE, running_server
+    from tests.test_server_logprobs import as_dict, expected_logprobs
+
+    path = repeating_model[0]  # its greedy output loops: drafts are accepted
+    prompt = "a b c a b c a b c a b c a b"
+    offline = LLM(str(path), stage=STAGE, **ENGINE_ARGS)
+    ref = offline.generate(prompt, SamplingParams(temperature=0, max_tokens=16, logprobs=2, ignore_eos=True),
+                           use_tqdm=False)[0].outputs[0]
+    expected = expected_logprobs(ref.logprobs, ref.token_ids, lambda t: offline.get_tokenizer().decode([t]))
+    body = dict(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, logprobs=2, ignore_eos=True)
+
+    def close(got: dict) -> None:
+        assert {k: got[k] for k in ("tokens", "text_offset")} == {k: expected[k] for k in ("tokens", "text_offset")}
+        assert got["token_logprobs"] == pytest.approx(expected["token_logprobs"], abs=1e-5)
+        for g, e in zip(got["top_logprobs"], expected["top_logprobs"]):
+            assert g.keys() == e.keys() and list(g.values()) == pytest.approx(list(e.values()), abs=1e-5)
+
+    with running_server(path, options=ServerOptions(), speculative_config=ngram(3)) as server:
+        out = server.post("/v1/completions", body).json()
+        assert out["choices"][0]["text"] == ref.text
+        close(as_dict(out["choices"][0]["logprobs"]))
+        events = [e for e in server.events("/v1/completions", {**body, "stream": True}) if e != "[DONE]"]
+        joined: dict[str, list] = {k: [] for k in expected}
+        for event in events:
+            for choice in event["choices"]:
+                for k, v in as_dict(choice["logprobs"] or {k: [] for k in expected}).items():
+                    joined[k] += v
+        close(joined)
+        assert max(len(e["choices"][0]["logprobs"]["tokens"]) for e in events if e["choices"] and e["choices"][0]["logprobs"]) > 1
+        assert server.engine.stats.spec_decoding.num_accepted_tokens > 0
