@@ -122,6 +122,13 @@ def pack_linear_weight(module: nn.Module) -> bool:
     return True
 
 
+def logical_shape(weight: torch.Tensor) -> tuple[int, ...]:
+    """The shape a weight has in the checkpoint ([out, in] for panels [ceil(out / 32), in, 32])."""
+    if weight.dim() == 3 and hasattr(weight, "out_features"):
+        return (weight.out_features, weight.shape[1])
+    return tuple(weight.shape)
+
+
 def unpack_weight(weight: torch.Tensor) -> torch.Tensor:
     """The plain [out, in] values of a weight in any of the layouts here."""
     if weight.is_mkldnn:
