@@ -27,6 +27,10 @@
                                      given (vLLM's `VLLM_API_KEY` is read too, after it): a
                                      key in argv is visible to every user in `ps`, one in the
                                      environment is not. `--api-key` wins over both.
+    FOLOVLLM_CPU_GEMM                how plain float32 linears are stored and multiplied on CPU
+                                     with our kernels (layers/cpu_gemm.py): "auto" (default) as
+                                     the measured table says per shape, "decode" our streaming
+                                     kernel everywhere, "onednn" oneDNN's packed matmul everywhere
     FOLOVLLM_BATCH_INVARIANT         "1": engines start in batch-invariant mode unless told
                                      otherwise (`EngineConfig.batch_invariant`'s default, as
                                      vLLM's `VLLM_BATCH_INVARIANT`); "0" (default): not.
@@ -44,6 +48,7 @@ from pathlib import Path
 from typing import Optional
 
 CPU_ISAS = ("native", "avx2")
+CPU_GEMMS = ("auto", "decode", "onednn")
 # compiled matmuls kept: ~12 step sizes x 5 weight shapes (qkv, o, gate_up, down, LM head)
 ONEDNN_CACHE_CAPACITY = 64
 
@@ -53,6 +58,14 @@ def cpu_isa() -> str:
     value = os.environ.get("FOLOVLLM_CPU_ISA", "native").strip().lower() or "native"
     if value not in CPU_ISAS:
         raise ValueError(f"FOLOVLLM_CPU_ISA must be one of {', '.join(CPU_ISAS)}, got {value!r}")
+    return value
+
+
+def cpu_gemm() -> str:
+    """The `FOLOVLLM_CPU_GEMM` switch, checked."""
+    value = os.environ.get("FOLOVLLM_CPU_GEMM", "auto").strip().lower() or "auto"
+    if value not in CPU_GEMMS:
+        raise ValueError(f"FOLOVLLM_CPU_GEMM must be one of {', '.join(CPU_GEMMS)}, got {value!r}")
     return value
 
 

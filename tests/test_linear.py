@@ -69,11 +69,12 @@ def test_dense_linear_equals_f_linear(rows, bias, dtype, tol):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_packed_weights_give_f_linear_at_every_batch(dtype, tol):
+def test_packed_weights_give_f_linear_at_every_batch(dtype, tol, monkeypatch):
     """`pack_linear_weight` (run by `process_weights_after_loading` under `weight_packing`) swaps the plain weight for oneDNN's blocked copy of it (exactly the
     same numbers, `to_dense`), and the layer still computes `F.linear` at 1-2 rows (padded to
     MIN_ROWS) and beyond. bfloat16 on a CPU without oneDNN's bf16 kernels (AVX2 only, or
     FOLOVLLM_CPU_ISA=avx2) is left plain and takes `F.linear`: packing it would fail there."""
+    monkeypatch.setenv("FOLOVLLM_CPU_GEMM", "onednn")  # float32's other layout: test_decode_gemm.py
     layer = MergedColumnParallelLinear(80, [48, 48], bias=True, params_dtype=dtype)
     w, b = _rand(96, 80, seed=1).to(dtype), _rand(96, seed=2).to(dtype)
     with torch.no_grad():
@@ -94,7 +95,8 @@ def test_packed_weights_give_f_linear_at_every_batch(dtype, tol):
         torch.testing.assert_close(y.float(), F.linear(x, w, b).float(), rtol=tol, atol=tol)
 
 
-def test_a_tied_lm_head_gets_a_packed_copy_and_the_embedding_stays_plain(tiny_qwen3):
+def test_a_tied_lm_head_gets_a_packed_copy_and_the_embedding_stays_plain(tiny_qwen3, monkeypatch):
+    monkeypatch.setenv("FOLOVLLM_CPU_GEMM", "onednn")  # the kernel's panels: test_decode_gemm.py
     plain = load_model(str(tiny_qwen3), torch.float32)[0]
     assert plain.lm_head.weight is plain.model.embed_tokens.weight  # tied, as in Qwen3-0.6B
     with weight_packing(True):

@@ -40,7 +40,7 @@ CACHE_VARS = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY"
 def matmul_cache_outcomes(rows: list[int], **env: str) -> list[str]:
     """'hit' or 'miss' of oneDNN's primitive cache for each matmul, in a fresh process."""
     child_env = {k: v for k, v in os.environ.items() if k not in CACHE_VARS}  # pytest imported folovllm
-    child_env.update(env, ONEDNN_VERBOSE="profile_create")
+    child_env.update(env, ONEDNN_VERBOSE="profile_create", FOLOVLLM_CPU_GEMM="onednn")  # oneDNN's layout
     done = subprocess.run([sys.executable, "-c", SCRIPT, *map(str, rows)], env=child_env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

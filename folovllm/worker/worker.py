@@ -24,8 +24,9 @@ from folovllm.distributed import parallel_state
 from folovllm.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from folovllm.model_executor.attention_backends import get_attn_backend
 from folovllm.model_executor.custom_op import set_custom_ops
-from folovllm.model_executor.layers.fused_moe import ExpertLoadRecorder
+from folovllm.model_executor.layers import cpu_gemm
 from folovllm.model_executor.layers.cpu_gemm import weight_packing
+from folovllm.model_executor.layers.fused_moe import ExpertLoadRecorder
 from folovllm.model_executor.model_loader import load_model
 from folovllm.platforms import cpu as cpu_platform
 from folovllm.worker.input_batch import InputBatch
@@ -96,7 +97,7 @@ class Worker:
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """This rank's parameter shapes, by name (what the docs' shard table says)."""
-        return {name: tuple(p.shape) for name, p in self.model.named_parameters()}
+        return {name: cpu_gemm.logical_shape(p) for name, p in self.model.named_parameters()}  # not the panels
 
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())

@@ -40,3 +40,8 @@ void bgmv_add_lora(at::Tensor& y, const at::Tensor& x, const at::Tensor& lora_a,
 void sgmv_add_lora(at::Tensor& y, const at::Tensor& x, const at::Tensor& lora_a,
                    const std::vector<at::Tensor>& lora_b, const at::Tensor& segments,
                    const c10::optional<at::Tensor>& order, const c10::optional<at::Tensor>& scales);
+
+// decode_gemm.cpp
+at::Tensor pack_decode_weight(const at::Tensor& weight);
+at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
+                         const c10::optional<at::Tensor>& bias);

@@ -13,6 +13,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_add_rms_norm", &fused_add_rms_norm,
         "residual += input; input = weight * residual / rms(residual), both in place");
   m.def("rotary_embedding", &rotary_embedding, "RoPE (rotate-half layout), in place on q and k");
+  m.def("pack_decode_weight", &pack_decode_weight,
+        "weight [N, K] -> [ceil(N / 32), K, 32], the layout decode_linear streams");
+  m.def("decode_linear", &decode_linear, py::arg("x"), py::arg("packed"), py::arg("out_features"),
+        py::arg("bias") = py::none(),
+        "x [M, K] @ W^T (+ bias) on the packed weight: each weight read once per call");
   m.def("silu_and_mul", &silu_and_mul, "out = silu(x[:, :I]) * x[:, I:]");
   m.def("bgmv_add_lora", &bgmv_add_lora,
         "y += each token's (x A_slot^T) B_slot^T, token by token (decode rows; slot -1: none)");

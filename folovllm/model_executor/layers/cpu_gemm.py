@@ -7,24 +7,38 @@ this file is only how its `x @ W^T` runs on a CPU:
     dense_linear        every plain projection and the LM head call it: oneDNN's matmul where
                         it takes the dtype, `F.linear` (the reference) everywhere else
     pack_linear_weight  called once per layer after loading (`process_weights_after_loading`,
-                        and `ParallelLMHead`'s): stores the weight in oneDNN's blocked layout
-                        when weight packing is on
+                        and `ParallelLMHead`'s): stores the weight in the layout of the matmul
+                        the measured table picks for its shape (`choose_gemm`) when weight
+                        packing is on: oneDNN's blocked layout, or (float32) the panels our
+                        streaming kernel reads (`csrc/cpu/decode_gemm.cpp`, `decode_linear`)
 
 Weight packing is on when the engine runs our CPU kernels (`custom_ops="all"`, the CPU default):
 the worker loads the model inside `weight_packing(True)`. `custom_ops="none"` keeps every weight
 plain, the readable torch path.
+
+Why a kernel of our own for float32: a decode step multiplies 1-16 rows by every weight, so it
+is bound by how fast the weights stream from memory, not by arithmetic (docs/performance.md,
+"Decode at the bandwidth limit"). oneDNN pads 1-3 rows to 4 and reads its blocked layout at
+60-85% of what one sequential stream gets; `decode_linear` reads each weight once per call as
+one stream and applies it to all rows in registers, and on the same bytes ties oneDNN at prefill.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from folovllm.platforms.cpu import onednn_bf16_supported
+from folovllm import envs
+from folovllm._custom_ops import load_ops, ops_available
+from folovllm.platforms.cpu import kernel_isa, onednn_bf16_supported
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _packing = False  # set by `weight_packing` while a model loads
@@ -45,6 +59,8 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     """
     if weight.is_mkldnn:  # packed by `pack_linear_weight`: only oneDNN can read it
         return _packed_linear(x, weight, bias)
+    if weight.dim() == 3:  # our streaming kernel's panels (`pack_linear_weight`)
+        return _decode_linear(x, weight, bias)
     if (_ONEDNN and x.device.type == "cpu" and x.dim() == 2 and onednn_takes(x.dtype)
             and weight.dtype == x.dtype and not torch.is_grad_enabled()):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
@@ -81,19 +97,45 @@ MIN_ROWS = 4
 
 
 def pack_linear_weight(module: nn.Module) -> bool:
-    """Store `module.weight` in oneDNN's layout in place of the plain one (same bytes;
-    `weight.to_dense()` gives it back) when weight packing is on and oneDNN takes it (CPU,
-    float32, bfloat16 where oneDNN has bf16 kernels). A weight shared with another module (an LM
-    head tied to the embedding) is not touched: the module gets a packed copy of its own. Returns
-    whether it packed."""
+    """Store `module.weight` in the layout of the matmul `choose_gemm` picks for its shape, in
+    place of the plain one, when weight packing is on: our streaming kernel's panels
+    [ceil(out / 32), in, 32] (float32, the kernels built), else oneDNN's blocked layout (CPU,
+    float32, bfloat16 where oneDNN has bf16 kernels). Same values either way; `unpack_weight`
+    gives the plain [out, in] back. A weight shared with another module (an LM head tied to the
+    embedding) is not touched: the module gets a packed copy of its own. Returns whether it
+    packed."""
     weight = getattr(module, "weight", None)
-    if not (_packing and _ONEDNN and isinstance(weight, torch.Tensor) and not weight.is_mkldnn
-            and weight.device.type == "cpu" and onednn_takes(weight.dtype)):
+    if not (_packing and isinstance(weight, torch.Tensor) and not weight.is_mkldnn
+            and weight.dim() == 2 and weight.device.type == "cpu"):
+        return False
+    if weight.dtype == torch.float32 and choose_gemm(*weight.shape) == "decode":
+        with torch.inference_mode():
+            panels = load_ops().pack_decode_weight(weight.detach().contiguous())
+        module.weight = nn.Parameter(panels, requires_grad=False)
+        module.weight.out_features = weight.shape[0]  # the panels hold it rounded up to 32
+        return True
+    if not (_ONEDNN and onednn_takes(weight.dtype)):
         return False
     with torch.inference_mode():
         blocked = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH)
     module.weight = nn.Parameter(blocked, requires_grad=False)
     return True
+
+
+def logical_shape(weight: torch.Tensor) -> tuple[int, ...]:
+    """The shape a weight has in the checkpoint ([out, in] for panels [ceil(out / 32), in, 32])."""
+    if weight.dim() == 3 and hasattr(weight, "out_features"):
+        return (weight.out_features, weight.shape[1])
+    return tuple(weight.shape)
+
+
+def unpack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The plain [out, in] values of a weight in any of the layouts here."""
+    if weight.is_mkldnn:
+        return weight.to_dense()
+    if weight.dim() == 3:  # [panels, in, 32] -> [panels * 32, in] -> the first out rows
+        return weight.transpose(1, 2).reshape(-1, weight.shape[1])[: weight.out_features]
+    return weight
 
 
 def pack_weight(weight: torch.Tensor) -> Optional[torch.Tensor]:
@@ -117,3 +159,58 @@ def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
     return y[:rows].reshape(*x.shape[:-1], weight.shape[0])
 # --8<-- [end:pack_linear_weight]
+
+
+# --8<-- [start:choose_gemm]
+# The measured table: for each weight shape, our kernel and oneDNN's packed matmul timed side by
+# side at 1-16 rows (decode) and at 64 and 512 (prefill), one thread, per ISA path, written by
+# `python -m benchmarks.decode_linear --write-table`. Committed rather than timed at load: a
+# load-time timing on a busy machine would pick differently from one start to the next (and
+# change the last bits of the logits with it); the table makes the choice reviewable and
+# reproducible, and is re-measured with one command on a new machine.
+TABLE_PATH = Path(__file__).with_name("cpu_gemm_table.json")
+# The rule applied to each row of the table: the kernel where it is at least as fast as oneDNN at
+# every decode row count and at most PREFILL_SLACK slower at 512 rows (prefill shares the layout).
+PREFILL_SLACK = 1.10
+
+
+def choose_gemm(out_features: int, in_features: int) -> str:
+    """"decode" (our streaming kernel, `decode_linear`) or "onednn" for a float32 weight
+    [out, in]: `FOLOVLLM_CPU_GEMM` when it names one, else the measured table's choice for the
+    nearest measured shape on this ISA path (oneDNN where the table has no row for it, or the
+    kernels cannot be built)."""
+    forced = envs.cpu_gemm()
+    if forced == "onednn" or not ops_available():
+        return "onednn"
+    if forced == "decode":
+        return "decode"
+    rows = _table().get(kernel_isa(), [])
+    if not rows:
+        return "onednn"
+    # nearest in log-space: a shape twice as wide behaves like its neighbour, not like one 100x
+    dist = lambda r: abs(math.log2(r["out"] / out_features)) + abs(math.log2(r["in"] / in_features))  # noqa: E731
+    return min(rows, key=dist)["gemm"]
+
+
+def table_choice(row: dict[str, Any]) -> str:
+    """The rule above for one measured shape: {"1": [kernel_ms, onednn_ms], ..., "512": [...]}."""
+    times = row["ms"]
+    decode_ok = all(times[m][0] <= times[m][1] for m in times if int(m) <= 16)
+    prefill_ok = all(times[m][0] <= PREFILL_SLACK * times[m][1] for m in times if int(m) > 16)
+    return "decode" if decode_ok and prefill_ok else "onednn"
+
+
+@functools.cache
+def _table() -> dict[str, list[dict[str, Any]]]:
+    try:
+        return json.loads(TABLE_PATH.read_text())["shapes"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def _decode_linear(x: torch.Tensor, panels: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [..., in] @ W^T (+ bias) through our kernel, W in panels [ceil(out / 32), in, 32]."""
+    x2 = x.reshape(-1, x.shape[-1])  # [T, in]
+    y = load_ops().decode_linear(x2, panels, panels.out_features, bias)  # [T, out]
+    return y.reshape(*x.shape[:-1], panels.out_features)
+# --8<-- [end:choose_gemm]
