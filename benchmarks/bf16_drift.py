@@ -31,7 +31,7 @@ from typing import Any, Optional
 import torch
 
 from benchmarks.cli import bench_main
-from benchmarks.harness import agreement, loadavg
+from benchmarks.harness import agreement, greedy_token_ids, loadavg
 from benchmarks.results import machine_short
 from benchmarks.stage07_vllm_gptq import DEFAULT_MODEL, write_checkpoint
 
@@ -83,7 +83,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.vllm_peer import VLLMPeer, vllm_available
-    from folovllm import LLM, SamplingParams
+    from folovllm import LLM
 
     gptq = write_checkpoint(Path(args.model))
     dense = write_dense_copy(gptq)
@@ -91,13 +91,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     max_tokens = 4 if args.quick else args.max_tokens
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 500) for _ in range(args.prompt_len)] for _ in range(n)]
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     loads = [loadavg()]
 
     def ours(path: Path, dtype: str) -> list[list[int]]:
         llm = LLM(str(path), dtype=dtype, max_model_len=256, max_num_seqs=n)
         try:
-            return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+            return greedy_token_ids(llm)(prompts, max_tokens)
         finally:
             llm.llm_engine.shutdown()
 

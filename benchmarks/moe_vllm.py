@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from benchmarks.cli import bench_main
-from benchmarks.harness import agreement, loadavg, peak_loadavg, timed
+from benchmarks.harness import greedy_token_ids, versus_vllm
 from benchmarks.results import machine_short, shared_machine_note
 
 SIZES = dict(hidden_size=1024, intermediate_size=3072, moe_intermediate_size=384, num_hidden_layers=4,
@@ -56,7 +56,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.vllm_peer import VLLMPeer, vllm_python
-    from folovllm import LLM, SamplingParams
+    from folovllm import LLM
 
     path = write_checkpoint(Path(args.model))
     max_tokens = 4 if args.quick else args.max_tokens
@@ -74,49 +74,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     res["vllm"] = peer.info
     print("loading folovllm", flush=True)
     llm = LLM(str(path), dtype="float32", max_model_len=256, max_num_seqs=max(args.batches))
-    touched: list[tuple[int, float]] = []  # (decode rows, mean experts touched per layer)
-    llm.llm_engine.stat_loggers.append(
-        lambda s: touched.append((s.num_decode_tokens, s.expert_load.mean_experts_touched))
-        if s.expert_load is not None and s.num_prefill_tokens == 0 else None)
+    # decode steps of each batch: (rows, mean experts touched per layer), from the step records
+    touched: dict[int, list[tuple[int, float]]] = {}
+    batch = [0]  # the batch size being run (set by versus_vllm's before_batch)
 
-    def ours(prompts: list[list[int]], n: int) -> list[list[int]]:
-        params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-        return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+    def record(s: Any) -> None:
+        if s.expert_load is not None and s.num_prefill_tokens == 0:
+            touched.setdefault(batch[0], []).append((s.num_decode_tokens, s.expert_load.mean_experts_touched))
+
+    llm.llm_engine.stat_loggers.append(record)
+
+    ours = greedy_token_ids(llm)
 
     try:
-        warm = [p for prompts in workloads.values() for p in prompts][:2]
-        peer.generate(warm, [4] * len(warm))  # warm-ups, untimed
-        ours(warm, 4)
-        runs: dict[str, Any] = {}
-        loads = []
-        for b, prompts in workloads.items():
-            tokens = b * max_tokens
-            v_tps, f_tps, f_cpu, v_cpu = [], [], [], []
-            v_out = f_out = None
-            touched.clear()
-            for _ in range(repeats):
-                loads.append(loadavg())
-                r = peer.generate(prompts, [max_tokens] * b)
-                v_tps.append(tokens / r["seconds"])
-                v_cpu.append(tokens / r["cpu_seconds"])
-                v_out = r["outputs"]
-                t = timed(lambda: ours(prompts, max_tokens))
-                f_tps.append(tokens / t.seconds)
-                f_cpu.append(tokens / t.cpu_seconds)
-                f_out = t.value
-                loads.append(loadavg())
-            full = [m for rows, m in touched if rows == b]  # decode steps with the whole batch
-            runs[str(b)] = {"vllm_tok_s": [round(x, 2) for x in v_tps], "folovllm_tok_s": [round(x, 2) for x in f_tps],
-                            "vllm_tok_per_cpu_s": [round(x, 2) for x in v_cpu],
-                            "folovllm_tok_per_cpu_s": [round(x, 2) for x in f_cpu],
-                            "agreement": agreement(f_out, v_out),
-                            "distinct_tokens_per_output": sorted({len(set(o)) for o in f_out}),
-                            "experts_touched_per_layer": round(statistics.mean(full), 2) if full else None}
-            print(f"batch {b}: vLLM {statistics.median(v_tps):.1f} tok/s, folovllm {statistics.median(f_tps):.1f}"
-                  f" tok/s, {runs[str(b)]['agreement']}, experts touched {runs[str(b)]['experts_touched_per_layer']}",
-                  flush=True)
-        res["runs"] = runs
-        res["peak_loadavg_1m"] = peak_loadavg(loads)
+        compared = versus_vllm(peer, ours, workloads, max_tokens, repeats,
+                               before_batch=lambda b: batch.__setitem__(0, b))
+        for b, r in compared["runs"].items():  # the decode steps that ran the whole batch
+            full = [m for rows, m in touched.get(int(b), []) if rows == int(b)]
+            r["experts_touched_per_layer"] = round(statistics.mean(full), 2) if full else None
+        res["runs"] = compared["runs"]
+        res["peak_loadavg_1m"] = compared["peak_loadavg_1m"]
     finally:
         peer.close()
         llm.llm_engine.shutdown()

@@ -35,7 +35,7 @@ from typing import Any, Optional
 import torch
 
 from benchmarks.cli import bench_main
-from benchmarks.harness import agreement, loadavg, peak_loadavg, timed
+from benchmarks.harness import agreement, greedy_token_ids, versus_vllm
 from benchmarks.results import machine_short, shared_machine_note
 
 QWEN3_06B = dict(
@@ -112,7 +112,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.vllm_peer import VLLMPeer, vllm_python
-    from folovllm import LLM, SamplingParams
+    from folovllm import LLM
 
     path = write_checkpoint(Path(args.model))
     max_tokens = 4 if args.quick else args.max_tokens
@@ -135,42 +135,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print("loading folovllm", flush=True)
     llm = LLM(str(path), dtype="bfloat16", max_model_len=256, max_num_seqs=max(args.batches))
 
-    def ours(prompts: list[list[int]], n: int) -> list[list[int]]:
-        params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-        return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+    ours = greedy_token_ids(llm)
 
     try:
-        warm = [p for prompts in workloads.values() for p in prompts][:2]
-        peer.generate(warm, [4] * len(warm))  # warm-ups, untimed
-        ours(warm, 4)
-        runs: dict[str, Any] = {}
-        outputs: dict[int, tuple[list[list[int]], list[list[int]]]] = {}
-        loads = []
-        for b, prompts in workloads.items():
-            tokens = b * max_tokens
-            v_tps, f_tps, f_cpu, v_cpu = [], [], [], []
-            v_out = f_out = None
-            for _ in range(repeats):
-                loads.append(loadavg())
-                r = peer.generate(prompts, [max_tokens] * b)
-                v_tps.append(tokens / r["seconds"])
-                v_cpu.append(tokens / r["cpu_seconds"])
-                v_out = r["outputs"]
-                t = timed(lambda: ours(prompts, max_tokens))
-                f_tps.append(tokens / t.seconds)
-                f_cpu.append(tokens / t.cpu_seconds)
-                f_out = t.value
-                loads.append(loadavg())
-            distinct = sorted({len(set(o)) for o in f_out})
-            outputs[b] = (v_out, f_out)
-            runs[str(b)] = {"distinct_tokens_per_output": [distinct[0], distinct[-1]],"vllm_tok_s": [round(x, 2) for x in v_tps], "folovllm_tok_s": [round(x, 2) for x in f_tps],
-                            "vllm_tok_per_cpu_s": [round(x, 2) for x in v_cpu],
-                            "folovllm_tok_per_cpu_s": [round(x, 2) for x in f_cpu],
-                            "agreement": agreement(f_out, v_out)}
-            print(f"batch {b}: vLLM {statistics.median(v_tps):.1f} tok/s, folovllm {statistics.median(f_tps):.1f}"
-                  f" tok/s, {runs[str(b)]['agreement']}", flush=True)
+        compared = versus_vllm(peer, ours, workloads, max_tokens, repeats)
+        runs, outputs = compared["runs"], compared["outputs"]
         res["runs"] = runs
-        res["peak_loadavg_1m"] = peak_loadavg(loads)
+        res["peak_loadavg_1m"] = compared["peak_loadavg_1m"]
     finally:
         peer.close()
         llm.llm_engine.shutdown()
@@ -181,8 +152,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ref_llm = LLM(str(path), dtype="float32", max_model_len=256, max_num_seqs=max(args.batches))
     try:
         for b, (v_out, f_out) in outputs.items():
-            params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-            ref = [list(o.outputs[0].token_ids) for o in ref_llm.generate(workloads[b], params, use_tqdm=False)]
+            ref = greedy_token_ids(ref_llm)(workloads[b], max_tokens)
             runs[str(b)]["vllm_vs_float32"] = agreement(v_out, ref)
             runs[str(b)]["folovllm_vs_float32"] = agreement(f_out, ref)
             print(f"batch {b} against float32: vLLM {runs[str(b)]['vllm_vs_float32']}, "

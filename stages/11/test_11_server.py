@@ -5,21 +5,18 @@ errors as 400/404 naming the field."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from typing import Iterator
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from folovllm import LLM, SamplingParams
 from folovllm.config import EngineConfig
 from folovllm.engine.async_llm import AsyncLLM
 from folovllm.engine.llm_engine import LLMEngine
 from folovllm.entrypoints.openai.api_server import build_app
+from tests.helpers import uvicorn_in_thread
 
 MODEL = "tiny-qwen3"
 ENGINE_ARGS = dict(dtype="float32", max_model_len=256, enable_lora=True, max_loras=2, max_lora_rank=16)
@@ -36,21 +33,8 @@ def base_url(tiny_qwen3, lora_adapters) -> Iterator[str]:
     engine = LLMEngine(str(tiny_qwen3), EngineConfig.for_stage(6, **ENGINE_ARGS))
     modules = [(n, str(lora_adapters[n].path)) for n in ("A", "B")]
     app = build_app(AsyncLLM(engine, MODEL), MODEL, lora_modules=modules)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not uv.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
+    with uvicorn_in_thread(app) as (root, _):
+        yield f"{root}/v1"
 
 
 @pytest.fixture(scope="module")
