@@ -4,7 +4,8 @@ streamed and not. The server fixture is tests/test_server.py's (a real uvicorn s
 
 Here and not in stages/10: the lab switch (`FOLOVLLM_LAB=starter pytest stages/10`) replaces
 engine functions for every test under stages/10, and a starter's error in the server's engine
-loop leaves a client waiting for the lab timeout, test after test."""
+loop stops that shared server's engine: every later test of the module would fail on the same
+error, far from the lab's own tests (tests/test_async_llm_errors.py: the client gets the error)."""
 
 from __future__ import annotations
 

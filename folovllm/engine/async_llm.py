@@ -298,9 +298,13 @@ class AsyncLLM:
                     continue
                 try:
                     outputs = await loop.run_in_executor(self._executor, self.engine.step)
-                except Exception as e:  # a bug in the engine: fail every request, stop serving
+                except asyncio.CancelledError:
+                    raise  # shutdown: it ends the streams itself
+                except BaseException as e:  # a bug in the engine: fail every request, stop serving
                     self._fail_all(e)
-                    return
+                    if isinstance(e, Exception):
+                        return
+                    raise  # KeyboardInterrupt, a test's failure: after the clients have their answer
             for output in outputs:
                 stream = self._streams.get(output.request_id)
                 if stream is None:
@@ -322,7 +326,11 @@ class AsyncLLM:
                 self.metrics.record_idle()
         self._pending_aborts.clear()
 
-    def _fail_all(self, error: Exception) -> None:
+    def _fail_all(self, error: BaseException) -> None:
+        """End every stream with `EngineDeadError`: a client waiting for a token must get an
+        answer even when what stopped the engine is not an `Exception` (a `BaseException` from
+        the step thread, such as a lab's unwritten function, would otherwise end the loop task
+        and leave every stream waiting for ever)."""
         self.dead_error = error
         for stream in self._streams.values():
             stream.put(EngineDeadError(f"the engine stopped on an error: {error!r}"))
