@@ -51,6 +51,7 @@ from folovllm.config import EngineConfig
 from folovllm.lora.worker_manager import NoWorkerLoRAManager
 from folovllm.worker.input_batch import InputBatch
 from folovllm.worker.input_buffers import PAD_TOKEN_ID, InputBuffers
+from folovllm.worker.persistent_batch import InputBatchDiff, PersistentInputBatch, StepBatch
 from folovllm.worker.kv_cache import KVCache, cpu_default_kv_cache_memory
 
 
@@ -66,6 +67,8 @@ class ModelRunner:
         self.kv_cache: KVCache | None = None
         # the host tensors each step's inputs are written into (sized by the KV cache's blocks)
         self.input_buffers: InputBuffers | None = None
+        # the requests' tokens and block ids, patched by each step's InputBatchDiff
+        self.persistent_batch = PersistentInputBatch()
         # stage 11: fills LoRA slots and lays out each step's adapters (the worker installs the
         # real one with enable_lora; this one does nothing)
         self.lora_manager = NoWorkerLoRAManager()
@@ -82,14 +85,19 @@ class ModelRunner:
 
     # --8<-- [start:execute_model]
     @torch.inference_mode()
-    def execute_model(self, batch: InputBatch) -> Optional[torch.Tensor]:
+    def execute_model(self, batch: StepBatch) -> Optional[torch.Tensor]:
         """Run the model on one step -> float32 logits [S + P, vocab]: the S rows that sample,
         in `batch.sampling_rows` order, then the P prompt positions of `batch.prompt_logits`;
         None when there are none, and on tensor-parallel ranks other than 0 (the LM head
         gathers the vocabulary on rank 0)."""
         assert self.kv_cache is not None and self.input_buffers is not None, "initialize_kv_cache() first"
-        # prepare_inputs + build_metadata below, in bulk into preallocated tensors
-        inputs = self.input_buffers.prepare_inputs(batch)
+        # prepare_inputs + build_metadata below, in bulk into preallocated tensors; a diff
+        # (persistent_input_batch) patches this runner's table first and gathers from it
+        if isinstance(batch, InputBatchDiff):
+            self.persistent_batch.apply(batch)
+            inputs = self.input_buffers.prepare_inputs_from_table(self.persistent_batch, batch)
+        else:
+            inputs = self.input_buffers.prepare_inputs(batch)
         input_ids, positions, logits_indices = inputs.input_ids, inputs.positions, inputs.logits_indices
         self.lora_manager.set_active_adapters(batch)
         md = self.attn_backend.build_metadata(inputs.attn_metadata, self.kv_cache.key_caches[0])
