@@ -37,8 +37,8 @@ blocks were freed); a prefix hit is a new request's full block table. The draft 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -51,12 +51,20 @@ if TYPE_CHECKING:
     from folovllm.lora.request import LoRARequest
 
 
+class _PickledAsTuple:
+    """Pickled as its class and its field values, in order (no field names): the message is
+    pickled once per tensor-parallel rank every step, and a name costs as much as a number."""
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return type(self), tuple(getattr(self, f.name) for f in fields(self))  # type: ignore[arg-type]
+
+
 class StaleInputBatchError(RuntimeError):
     """A diff was built on a table this worker does not hold (it missed or failed a step)."""
 
 
 @dataclass
-class NewRequestData:
+class NewRequestData(_PickledAsTuple):
     """A request the worker has not seen (or must see again in full): its tokens up to the end
     of this step's real tokens (a prompt chunk's end, or the whole prompt) and all its block
     ids (a prefix hit's cached blocks included)."""
@@ -67,7 +75,7 @@ class NewRequestData:
 
 
 @dataclass
-class CachedRequestData:
+class CachedRequestData(_PickledAsTuple):
     """The rows of requests the worker holds, column by column (vLLM's layout): the tokens
     appended since it was last sent (a decode: the one token the engine sampled; the worker
     samples nothing, so it cannot know it) and the block ids allocated since; with
@@ -80,7 +88,7 @@ class CachedRequestData:
 
 
 @dataclass
-class InputBatchDiff:
+class InputBatchDiff(_PickledAsTuple):
     """One step for a worker holding a `PersistentInputBatch`: the per-row fields of
     `InputBatch` (O(rows)), with `token_ids` and `block_tables` replaced by what changed.
 
