@@ -187,11 +187,12 @@ class InputBuffers:
         rows = table.row_indices(diff.req_ids)  # [B] the table row of each step row
 
         # token t of the step is token positions[t] of its request's row of the table
-        seq_lens = self.seq_lens.np[:num_rows]
-        table._ensure(tokens=int(seq_lens.max()))  # stage 01's padding may reach past the tokens
+        if diff.unpadded_lens:  # stage 01's padding may reach past the tokens the table has room for
+            table._ensure(tokens=int(self.seq_lens.np[:num_rows].max()))
         token_table = table.token_ids_cpu  # [R, L]
         input_ids = self.input_ids.ensure(num_tokens)
-        np.take(token_table.reshape(-1), rows[row_of_token] * token_table.shape[1] + positions, out=input_ids)
+        token_rows = rows if decode_only else rows[row_of_token]  # [T] (decode: token b is row b)
+        np.take(token_table.reshape(-1), token_rows * token_table.shape[1] + positions, out=input_ids)
         real_lens: np.ndarray | None = None
         if diff.unpadded_lens:  # stage 01: a dummy id after each padded row's real tokens
             real_lens = np.array(diff.query_lens, dtype=np.int64)

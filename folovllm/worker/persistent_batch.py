@@ -187,20 +187,22 @@ class InputBatchSender(NoInputBatchSender):
         cached = CachedRequestData()
         spec: dict[int, list[int]] = {}
         unpadded: dict[int, int] = {}
+        drafts_of, query_lens, sent_of = batch.num_draft_tokens, batch.query_lens, self.sent
         for row, (request, tokens, start, table) in enumerate(
                 zip(requests, batch.token_ids, batch.num_computed_tokens, batch.block_tables)):
-            num_drafts = batch.num_draft_tokens.get(row, 0)
+            num_drafts = drafts_of.get(row, 0) if drafts_of else 0
             if num_drafts:
                 spec[row] = tokens[-num_drafts:]
-            if len(tokens) < batch.query_lens[row]:
-                unpadded[row] = len(tokens)  # stage 01's padding follows
-            end = start + len(tokens) - num_drafts  # one past the row's last real token
+            num_fed = len(tokens)
+            if num_fed < query_lens[row]:
+                unpadded[row] = num_fed  # stage 01's padding follows
+            end = start + num_fed - num_drafts  # one past the row's last real token
             rid = request.request_id
-            sent = self.sent.get(rid)
+            sent = sent_of.get(rid)
+            last_block = table[-1] if table else -1
             if sent is None or sent.request is not request:  # (a request id can be reused)
                 new_reqs.append(NewRequestData(rid, request.all_token_ids[:end], list(table)))
-                self.sent[rid] = _Sent(request, end, len(table), table[-1] if table else -1,
-                                       request.num_preemptions)
+                sent_of[rid] = _Sent(request, end, len(table), last_block, request.num_preemptions)
                 continue
             n = sent.num_blocks
             resumed = (request.num_preemptions != sent.num_preemptions or len(table) < n
@@ -209,9 +211,9 @@ class InputBatchSender(NoInputBatchSender):
             cached.new_token_ids.append(request.all_token_ids[sent.num_tokens:end] if end > sent.num_tokens else [])
             cached.new_block_ids.append(list(table) if resumed else table[n:])
             cached.resumed_from_preemption.append(resumed)
-            sent.num_tokens = max(sent.num_tokens, end)
-            sent.num_blocks, sent.num_preemptions = len(table), request.num_preemptions
-            sent.last_block = table[-1] if table else -1
+            if end > sent.num_tokens:
+                sent.num_tokens = end
+            sent.num_blocks, sent.num_preemptions, sent.last_block = len(table), request.num_preemptions, last_block
         base, self.generation, self.in_sync = (-1 if reset else self.generation), self.generation + 1, True
         return InputBatchDiff(
             req_ids=batch.req_ids, num_computed_tokens=batch.num_computed_tokens,
@@ -258,6 +260,7 @@ class PersistentInputBatch:
         self.req_id_to_index: dict[str, int] = {}
         self.num_reqs = 0  # rows in use: [0, num_reqs) after condense
         self.generation = -1  # of the last diff applied; -1: none (or one failed half-way)
+        self._rows_of: tuple[list[str], np.ndarray] | None = None  # row_indices' last answer
 
     @property
     def max_num_reqs(self) -> int:
@@ -277,6 +280,7 @@ class PersistentInputBatch:
             self.block_table_cpu_tensor, self.block_table_cpu = _grown(self.block_table_cpu, r, max(blocks, 2 * b) if blocks > b else b)
 
     def clear(self) -> None:
+        self._rows_of = None  # rows move
         self.token_ids_cpu[: self.num_reqs] = 0
         self.block_table_cpu[: self.num_reqs] = 0
         self.num_tokens[:] = 0
@@ -302,16 +306,29 @@ class PersistentInputBatch:
         for new in diff.scheduled_new_reqs:
             self.add_request(new)
         cached = diff.scheduled_cached_reqs
+        index = self.req_id_to_index
+        # a decode row's one new token, for all of them at once (the common case, every step)
+        one_rows: list[int] = []
+        one_tokens: list[int] = []
         for rid, tokens, blocks, resumed in zip(cached.req_ids, cached.new_token_ids, cached.new_block_ids,
                                                 cached.resumed_from_preemption):
-            row = self.req_id_to_index[rid]
-            if tokens:
+            row = index[rid]
+            if len(tokens) == 1:
+                one_rows.append(row)
+                one_tokens.append(tokens[0])
+            elif tokens:
                 self._append_tokens(row, tokens)
             if resumed:  # its old blocks were freed: a new table
                 self.block_table_cpu[row, : self.num_blocks[row]] = 0
                 self.num_blocks[row] = 0
             if blocks:
                 self._append_blocks(row, blocks)
+        if one_rows:
+            rows = np.array(one_rows, dtype=np.int64)  # [n] distinct rows
+            ends = self.num_tokens[rows]  # [n] where each token goes
+            self._ensure(tokens=int(ends.max()) + 1)
+            self.token_ids_cpu[rows, ends] = one_tokens
+            self.num_tokens[rows] = ends + 1
         for row, drafts in diff.spec_token_ids.items():  # after the row's real tokens, not kept
             end = diff.num_computed_tokens[row] + diff.query_lens[row]
             self._ensure(tokens=end)
@@ -320,6 +337,7 @@ class PersistentInputBatch:
     # --8<-- [end:apply]
 
     def add_request(self, new: NewRequestData) -> None:
+        self._rows_of = None  # rows move
         row = self.req_id_to_index.get(new.req_id)
         if row is None:  # a request sent in full again (after a reset) keeps its row
             row = self.num_reqs
@@ -349,6 +367,7 @@ class PersistentInputBatch:
         """Empty the request's row (zeroed: the invariant) -> its index, a hole until
         `condense`."""
         row = self.req_id_to_index.pop(req_id)
+        self._rows_of = None
         self.token_ids_cpu[row, : self.num_tokens[row]] = 0
         self.block_table_cpu[row, : self.num_blocks[row]] = 0
         self.num_tokens[row] = self.num_blocks[row] = 0
@@ -359,6 +378,7 @@ class PersistentInputBatch:
         """Move the last rows into the holes so the rows in use are [0, num_reqs) again
         (vLLM's `InputBatch.condense`): O(holes x row width), only when requests leave."""
         holes = sorted(empty_req_indices)
+        self._rows_of = None
         last = self.num_reqs - 1
         for hole in holes:
             while last >= 0 and self.req_ids[last] is None:
@@ -380,6 +400,11 @@ class PersistentInputBatch:
         self.num_reqs = len(self.req_id_to_index)
 
     def row_indices(self, req_ids: list[str]) -> np.ndarray:
-        """The table rows of a step's rows, in the step's order: [B]."""
+        """The table rows of a step's rows, in the step's order: [B]. Kept while the rows are
+        the same requests in the same order and no row moved (most decode steps)."""
+        if self._rows_of is not None and self._rows_of[0] == req_ids:
+            return self._rows_of[1]
         index = self.req_id_to_index
-        return np.fromiter((index[r] for r in req_ids), dtype=np.int64, count=len(req_ids))
+        rows = np.fromiter((index[r] for r in req_ids), dtype=np.int64, count=len(req_ids))
+        self._rows_of = (list(req_ids), rows)
+        return rows
