@@ -189,8 +189,8 @@ def step_message_bytes(engine: Any, steps: int = 3) -> dict[str, int]:
             engine.step()
     finally:
         del sender.make_message
-    return dict(message_bytes_per_step=statistics.median(s for s, _ in sizes),
-                whole_batch_bytes_per_step=statistics.median(w for _, w in sizes))
+    return dict(message_bytes_per_step=int(statistics.median(s for s, _ in sizes)),
+                whole_batch_bytes_per_step=int(statistics.median(w for _, w in sizes)))
 
 
 def render_host_markdown(result: dict[str, Any], caption: str) -> str:

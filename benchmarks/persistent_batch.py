@@ -98,7 +98,7 @@ def measure(rows: int, context: int, steps: int) -> dict[str, Any]:
                 persistent_us=round(persistent_us, 1),
                 whole_tp_us=round(whole_us + us["pickle_whole"], 1),
                 persistent_tp_us=round(persistent_us + us["pickle_diff"], 1),
-                whole_bytes=statistics.median(sizes["whole"]), diff_bytes=statistics.median(sizes["diff"]),
+                whole_bytes=int(statistics.median(sizes["whole"])), diff_bytes=int(statistics.median(sizes["diff"])),
                 loadavg=loadavg())
 
 
