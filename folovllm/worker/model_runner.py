@@ -34,7 +34,9 @@ nobody reads them.
 the same numbers in bulk instead: `InputBuffers.prepare_inputs` (input_buffers.py) fills
 preallocated host tensors in place with numpy, with no Python loop over tokens and no tensor
 allocated per step (the Python floor of a decode step, docs/performance.md); tests compare the
-two on random batches.
+two on random batches. With the persistent input batch (the default) a step arrives as an
+`InputBatchDiff`: the runner patches its `PersistentInputBatch` and gathers the step's token
+ids and block tables from it (`InputBuffers.prepare_inputs_from_table`, persistent_batch.py).
 """
 
 from __future__ import annotations
