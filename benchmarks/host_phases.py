@@ -86,11 +86,14 @@ def phase_spans(engine: Any, clock: PhaseClock) -> Iterator[None]:
     targets = [
         (engine.scheduler, "schedule", "schedule"),
         (engine, "make_input_batch", "input_batch"),
+        (getattr(engine, "input_batch_sender", None), "make_message", "input_batch"),  # the diff
         (engine, "_execute_and_sample", "sample"),
         (engine.model_executor, "execute_model", "runner_other"),
         (runner, "prepare_inputs", "prepare_inputs"),  # the plain reference (before the buffers)
         (runner, "build_metadata", "metadata"),
         (getattr(runner, "input_buffers", None), "prepare_inputs", "prepare_inputs"),  # the bulk one
+        (getattr(runner, "persistent_batch", None), "apply", "prepare_inputs"),  # the table's patch
+        (getattr(runner, "input_buffers", None), "prepare_inputs_from_table", "prepare_inputs"),  # its gather
         (runner.attn_backend, "build_metadata", "metadata"),
         (runner.model, "compute_logits", "forward"),
         (engine.scheduler, "update_from_output", "update"),
@@ -123,16 +126,18 @@ def measure_host(model: str, rows: int, context: int, steps: int, output_kind: s
     from folovllm.sampling_params import RequestOutputKind
 
     warmup = 5
+    # the first prompts decode while the last are computed (in chunks): room for those tokens
+    prompt_steps = rows * context // 1024 + 8
     cfg = BenchConfig(model=model, dtype=engine_args.pop("dtype", "float32"), max_num_seqs=rows,
-                      engine_args=dict(engine_args, max_model_len=-(-(context + 2 * steps + warmup + 16) // 64) * 64))
+                      engine_args=dict(engine_args, max_model_len=-(-(context + 2 * steps + warmup + 16 + prompt_steps) // 64) * 64))
     engine = FolovllmSystem(cfg, LATEST_STAGE).build().llm_engine
     rng = random.Random(rows)
     vocab = engine.vocab_size
-    params = SamplingParams(temperature=0.0, max_tokens=2 * steps + warmup + 8, ignore_eos=True,
+    params = SamplingParams(temperature=0.0, max_tokens=2 * steps + warmup + 8 + prompt_steps, ignore_eos=True,
                             output_kind=RequestOutputKind[output_kind.upper()])
     for i in range(rows):
         engine.add_request(str(i), [rng.randrange(3, min(vocab, 512)) for _ in range(context)], params)
-    while engine.stats.num_decode_row_steps == 0:  # the prompts, untimed
+    while engine.stats.num_prompt_tokens_computed < rows * context:  # the prompts, untimed
         engine.step()
     for _ in range(warmup):
         engine.step()
@@ -150,6 +155,7 @@ def measure_host(model: str, rows: int, context: int, steps: int, output_kind: s
         start = time.process_time_ns()
         engine.step()
         untimed.append(time.process_time_ns() - start)
+    message_bytes = step_message_bytes(engine)
     engine.abort_requests([str(i) for i in range(rows)])
 
     def median_ms(values: list[int]) -> float:
@@ -160,7 +166,31 @@ def measure_host(model: str, rows: int, context: int, steps: int, output_kind: s
     return dict(kind="host", rows=rows, context=context, steps=steps, output_kind=output_kind,
                 phases_ms_per_step=phases, host_ms_per_step=median_ms(host),
                 step_ms_per_step=median_ms([sum(s.values()) for s in per_step]),
-                untimed_step_ms=median_ms(untimed), loadavg=loadavg())
+                untimed_step_ms=median_ms(untimed), loadavg=loadavg(), **message_bytes)
+
+
+def step_message_bytes(engine: Any, steps: int = 3) -> dict[str, int]:
+    """The bytes one decode step sends each tensor-parallel rank (`MultiprocExecutor` pickles
+    `("execute_model", (message,))` once per rank), measured over a few more steps: what was
+    sent (the whole `InputBatch`, or its diff with persistent_input_batch), and the whole batch
+    for comparison. Deterministic: the same at any TP size and on any machine."""
+    from folovllm.executor.multiproc_executor import dumps
+
+    sender, sizes = engine.input_batch_sender, []
+
+    def make_message(batch: Any, requests: Any) -> Any:
+        message = type(sender).make_message(sender, batch, requests)
+        sizes.append((len(dumps(("execute_model", (message,)))), len(dumps(("execute_model", (batch,))))))
+        return message
+
+    sender.make_message = make_message
+    try:
+        for _ in range(steps):
+            engine.step()
+    finally:
+        del sender.make_message
+    return dict(message_bytes_per_step=int(statistics.median(s for s, _ in sizes)),
+                whole_batch_bytes_per_step=int(statistics.median(w for _, w in sizes)))
 
 
 def render_host_markdown(result: dict[str, Any], caption: str) -> str:
@@ -176,6 +206,9 @@ def render_host_markdown(result: dict[str, Any], caption: str) -> str:
                  + " | ".join(f"{r['phases_ms_per_step']['forward']:.3f}" for r in rs) + " |")
     lines.append("| step, no phase clocks | " + " | ".join(f"{r['untimed_step_ms']:.3f}" for r in rs) + " |")
     lines.append("| 1-minute load | " + " | ".join(f"{r['loadavg']}" for r in rs) + " |")
+    if all("message_bytes_per_step" in r for r in rs):
+        lines.append("| bytes sent to each TP rank per step | "
+                     + " | ".join(f"{r['message_bytes_per_step']:,}" for r in rs) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -188,15 +221,20 @@ def _command(result: dict[str, Any]) -> str:
 
 def render_before_after(before: dict[str, Any], after: dict[str, Any]) -> str:
     """One table from two `profile_step --host` results files (the same command run at two
-    commits): each phase before -> after, per case."""
+    commits, or at one commit with two engine settings): each phase before -> after, per case."""
     pairs = [(b, a) for b in before["results"] for a in after["results"]
              if (b["rows"], b["output_kind"]) == (a["rows"], a["output_kind"])]
     label = lambda r: f"{r['rows']} rows, {r['output_kind']}"  # noqa: E731
     loads = [r["loadavg"] for b, a in pairs for r in (b, a) if r["loadavg"] is not None]
-    lines = [f"The host side of one decode step by phase, before (commit {before['git_commit'][:7]}) -> "
-             f"after (commit {after['git_commit'][:7]}), model `{after['model']}`, context "
+    if before["git_commit"] == after["git_commit"]:  # one commit, two engine settings
+        sides = (f"`{_command(before)}` -> `{_command(after)}` (commit {after['git_commit'][:7]}), "
+                 f"model `{after['model']}`")
+    else:
+        sides = (f"before (commit {before['git_commit'][:7]}) -> after (commit {after['git_commit'][:7]}), "
+                 f"model `{after['model']}`: `{_command(after)}` at each commit")
+    lines = [f"The host side of one decode step by phase, {sides}, context "
              f"{after['results'][0]['context']}, median ms of process CPU time over "
-             f"{after['results'][0]['steps']} steps: `{_command(after)}` at each commit; 1-minute "
+             f"{after['results'][0]['steps']} steps; 1-minute "
              f"load average {min(loads, default=0):.1f}-{max(loads, default=0):.1f} on 2 cores.", "",
              "| ms per decode step | " + " | ".join(label(a) for _, a in pairs) + " |",
              "|:--|" + "--:|" * len(pairs)]
@@ -216,6 +254,9 @@ def render_before_after(before: dict[str, Any], after: dict[str, Any]) -> str:
         f"({b['host_ms_per_step'] / a['host_ms_per_step']:.2f}x)" for b, a in pairs) + " |")
     lines.append("| forward (model + logits) | " + " | ".join(
         cell(b["phases_ms_per_step"]["forward"], a["phases_ms_per_step"]["forward"]) for b, a in pairs) + " |")
+    if all("message_bytes_per_step" in r for p in pairs for r in p):
+        lines.append("| bytes sent to each TP rank per step | " + " | ".join(
+            f"{b['message_bytes_per_step']:,} → {a['message_bytes_per_step']:,}" for b, a in pairs) + " |")
     return "\n".join(lines) + "\n"
 
 

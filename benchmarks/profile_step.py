@@ -51,7 +51,7 @@ PHASES = ("linear", "attention", "norm_rope_act", "other_model", "lm_head", "res
 
 
 def model_path(name: str) -> str:
-    """'tiny' (the tests' model), 'bench' (25.4M), 'qwen3-0.6b' (Qwen3-0.6B shapes, random
+    """'tiny' (the tests' model; 'tiny-8k': with 8,192 positions), 'bench' (25.4M), 'qwen3-0.6b' (Qwen3-0.6B shapes, random
     weights) or a folder."""
     from benchmarks.bench_model import bench_model_path
     from folovllm.testing.tiny_model import build_tiny_checkpoint, default_cache_dir
@@ -60,6 +60,16 @@ def model_path(name: str) -> str:
         return str(bench_model_path())
     if name == "tiny":
         return str(build_tiny_checkpoint(default_cache_dir() / "tiny-qwen3-host", size="tiny"))
+    if name == "tiny-8k":  # the tiny model with positions for 4,096-token contexts (RoPE has no weights)
+        import json
+        import shutil
+
+        src = build_tiny_checkpoint(default_cache_dir() / "tiny-qwen3-host", size="tiny")
+        dst = default_cache_dir() / "tiny-qwen3-host-8k"
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+        config = json.loads((src / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps(dict(config, max_position_embeddings=8192), indent=2))
+        return str(dst)
     if name == "qwen3-0.6b":
         return str(build_tiny_checkpoint(default_cache_dir() / "qwen3-0.6b-shaped", size="qwen3-0.6b"))
     return name
@@ -168,7 +178,7 @@ def measure(model: str, rows: int, context: int, steps: int, prefill: int, engin
 
 def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="tiny | bench | qwen3-0.6b | a checkpoint folder (default: bench; tiny with --host)")
+                   help="tiny | tiny-8k | bench | qwen3-0.6b | a checkpoint folder (default: bench; tiny with --host)")
     p.add_argument("--rows", type=int, nargs="+", default=None,
                    help="decode rows (default 1 4 16; with --host 1 8 16 64)")
     p.add_argument("--context", type=int, default=256, help="prompt tokens of each decoding row")

@@ -165,6 +165,10 @@ class EngineConfig:
     # are built on first use), "none": the torch code only, "auto": "all" on a CPU where they
     # build, else "none". Every layer keeps its torch version as the reference.
     custom_ops: str = "auto"
+    # performance, not a stage: each request's tokens and block ids are kept on the workers
+    # and each step sends only what changed (worker/persistent_batch.py); False: the whole
+    # `InputBatch` every step, the plain reference
+    persistent_input_batch: bool = True
     # log-probabilities (docs/logprobs.md), vLLM's two settings: the most `logprobs` /
     # `prompt_logprobs` a request may ask for (-1 = no limit), and what they are computed from:
     # "raw_logprobs" (the model's, the default), "processed_logprobs" (after the sampler's

@@ -43,6 +43,7 @@ from folovllm.spec_decode.proposer import Drafter
 from folovllm.spec_decode.rejection_sampler import RejectionSampler
 from folovllm.worker.input_batch import InputBatch
 from folovllm.worker.model_runner import ModelRunner
+from folovllm.worker.persistent_batch import make_input_batch_sender
 from folovllm.worker.sampler import LogprobsLists, Sampler, gather_logprobs, num_logprobs
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class LLMEngine:
             raise
         # stage 11: adapters known by id and each step's slots (a do-nothing one without LoRA)
         self.lora_manager = make_lora_manager(self.config, self.model_executor)
+        # what each step sends the workers: a diff of their persistent tables, or the whole batch
+        self.input_batch_sender = make_input_batch_sender(self.config)
         self.description = describe_engine(self.config, self.hf_config, spec.dtype)
         logger.info("engine: %s", self.description["summary"])
         scheduler_cls = Scheduler if self.config.enable_continuous_batching else StaticBatchScheduler
@@ -311,7 +314,13 @@ class LLMEngine:
         sampler verifies. -> {request id: tokens} of the rows that caught up."""
         batch = self.make_input_batch(output)
         self.lora_manager.assign_slots(batch, output.requests)  # stage 11: each row's slot
-        logits = self.model_executor.execute_model(batch)  # [S + P, vocab] or None
+        # persistent_input_batch: only what the workers' tables lack (else the batch itself)
+        message = self.input_batch_sender.make_message(batch, output.requests)
+        try:
+            logits = self.model_executor.execute_model(message)  # [S + P, vocab] or None
+        except BaseException:
+            self.input_batch_sender.invalidate()  # a worker may hold half of it: resend all next time
+            raise
         if logits is None:
             return {}
         requests = [output.requests[row] for row in batch.sampling_rows]  # output.sampling_rows

@@ -23,7 +23,7 @@ import torch
 
 from folovllm.config import EngineConfig
 from folovllm.kv_cache_interface import KVCacheConfig, KVCacheSpec
-from folovllm.worker.input_batch import InputBatch
+from folovllm.worker.persistent_batch import StepBatch
 
 
 class WorkerDiedError(RuntimeError):
@@ -43,7 +43,7 @@ class Executor(ABC):
         """`Worker.method(*args)` on every rank, results in rank order."""
 
     # --8<-- [start:executor_execute_model]
-    def execute_model(self, batch: InputBatch) -> Optional[torch.Tensor]:
+    def execute_model(self, batch: StepBatch) -> Optional[torch.Tensor]:
         """Run one step on every rank -> float32 logits [S, vocab] of the S rows that sample
         (`batch.sampling_rows`), on the engine's device; None when no row samples. Only rank 0
         has them: the LM head gathers the vocabulary there. A MoE model's routing counts come

@@ -17,7 +17,7 @@ on its shard and meets the others in the collectives, exactly as stage 08's work
 
 How a step reaches the other ranks. Over torch.distributed itself, on a gloo group of its own:
 `broadcast_object_list` pickles the call (an `InputBatch`: plain lists, a few hundred bytes for a
-decode step) and sends it from rank 0 to every rank. No transport of our own, and it crosses
+decode step plus the block tables; by default its `InputBatchDiff`, without them) and sends it from rank 0 to every rank. No transport of our own, and it crosses
 nodes wherever the collectives do. A separate gloo group because the model's group may be NCCL
 (GPU tensors only) and because its timeout differs: a worker waits for the next step as long as
 the server is idle. vLLM does it differently in both of its launchers:
@@ -64,7 +64,7 @@ import torch.distributed as dist
 from folovllm.config import EngineConfig, verify_tensor_parallel
 from folovllm.distributed import parallel_state
 from folovllm.executor.abstract import Executor, WorkerDiedError
-from folovllm.worker.input_batch import InputBatch
+from folovllm.worker.persistent_batch import StepBatch
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ class ExecutorWithExternalLauncher(Executor):
         """`Worker.method(*args)` on every rank; every rank's answer, in rank order."""
         return self._call(method, args, reply=True)
 
-    def execute_model(self, batch: InputBatch) -> Optional[torch.Tensor]:
+    def execute_model(self, batch: StepBatch) -> Optional[torch.Tensor]:
         """One step: the batch to every rank, rank 0's logits back; the others reply nothing."""
         return self._step_result(self._call("execute_model", (batch,), reply=False)[0])
 

@@ -9,7 +9,9 @@
         v  sample, update requests
 
 Each step the driver sends the same `InputBatch` to every rank (a broadcast over one pipe per
-rank): plain lists, a few bytes per decode row plus its block table, never a `Request`. The
+rank): plain lists, a few bytes per decode row plus its block table, never a `Request`; with
+`persistent_input_batch` (the default) its diff instead (`InputBatchDiff`, worker/
+persistent_batch.py): each rank keeps the block tables and patches them identically. The
 ranks run the forward pass together, meeting in `parallel_state`'s collectives, and rank 0
 sends back the logits of the rows that sample. The engine samples them (`Executor.execute_model`
 is the same call at every TP size): the requests and their seeded generators live in its

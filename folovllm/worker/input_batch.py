@@ -24,8 +24,10 @@ runner knows which hidden states reach the LM head).
 
 vLLM's `InputBatch` (`v1/worker/gpu_input_batch.py`) is the same table kept *on* the worker and
 patched each step by the scheduler's diffs (`NewRequestData` once per request, then only new
-token and block ids); ours is rebuilt and sent whole every step, so no worker keeps any state
-about requests. The block tables are the part that grows with context (one id per block).
+token and block ids). Ours is built whole every step, and is what the workers get with
+`persistent_input_batch=False` (the reference); by default the engine sends its diff instead
+(`InputBatchDiff`, persistent_batch.py), so the block tables, the part that grows with context
+(one id per block), are sent once per block.
 """
 
 from __future__ import annotations

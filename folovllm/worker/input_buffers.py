@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from folovllm.model_executor.layers.attention import AttentionMetadata
 from folovllm.worker.input_batch import InputBatch
+from folovllm.worker.persistent_batch import InputBatchDiff, PersistentInputBatch
 
 PAD_TOKEN_ID = 0  # any valid id: padded tokens are computed and thrown away (stage 01)
 
@@ -88,6 +90,21 @@ class StepInputs:
     logits_of_every_token: bool = False
 
 
+class BlockTableRows(Sequence[list[int]]):
+    """`AttentionMetadata.block_tables_cpu` of a step prepared from the persistent table: row b
+    as a list only when asked (the prefill rows' attention asks; decode rows never do), so a
+    decode step converts no block ids to Python ints. Each row is zero-padded to the width."""
+
+    def __init__(self, tables: np.ndarray) -> None:
+        self.tables = tables  # [B, W]
+
+    def __len__(self) -> int:
+        return self.tables.shape[0]
+
+    def __getitem__(self, b):  # type: ignore[override]
+        return self.tables[b].tolist()
+
+
 def ragged_arange(starts: np.ndarray, counts: np.ndarray, arange: np.ndarray) -> np.ndarray:
     """The concatenation of range(starts[i], starts[i] + counts[i]) for every i, in bulk::
 
@@ -132,7 +149,69 @@ class InputBuffers:
     def prepare_inputs(self, batch: InputBatch) -> StepInputs:
         """The step's input ids, positions, logits indices and common attention metadata: the
         numbers of `ModelRunner.prepare_inputs` and `AttentionMetadata.from_lists`, in bulk."""
-        num_rows, bs = batch.num_rows, self.block_size
+        num_rows = batch.num_rows
+        num_tokens, qsl, positions, row_of_token, decode_only = self._layout(batch)
+
+        input_ids = self.input_ids.ensure(num_tokens)
+        flat_ids = list(itertools.chain.from_iterable(batch.token_ids))
+        real_lens: np.ndarray | None = None  # None: every row's tokens fill its query_len
+        if len(flat_ids) == num_tokens:
+            input_ids[:] = flat_ids
+        else:  # stage 01 pads rows to the longest prompt: fill each row's tail with a dummy id
+            real_lens = np.array([len(t) for t in batch.token_ids], dtype=np.int64)
+            input_ids[:] = PAD_TOKEN_ID
+            input_ids[ragged_arange(qsl[:-1], real_lens, self.arange(num_tokens))] = flat_ids
+
+        # block tables [B, W], zero-padded: rows of one length in one copy, else one scatter
+        table_lens = [len(t) for t in batch.block_tables]
+        width = max(table_lens)
+        flat_tables = self.block_tables.ensure(num_rows * width)
+        flat_blocks = list(itertools.chain.from_iterable(batch.block_tables))
+        if len(flat_blocks) == num_rows * width:
+            flat_tables[:] = flat_blocks
+        else:
+            flat_tables[:] = 0
+            arange = self.arange(num_rows * width)
+            flat_tables[ragged_arange(arange[:num_rows] * width, np.array(table_lens), arange)] = flat_blocks
+        return self._finish(batch, num_tokens, qsl, positions, row_of_token, decode_only, real_lens,
+                            width, batch.block_tables)
+    # --8<-- [end:bulk_prepare_inputs]
+
+    # --8<-- [start:prepare_inputs_from_table]
+    def prepare_inputs_from_table(self, table: PersistentInputBatch, diff: InputBatchDiff) -> StepInputs:
+        """The same as `prepare_inputs`, the token ids and block tables gathered from the
+        worker's persistent table (`diff` applied to it already) instead of converted from
+        the step's lists: a few numpy gathers, O(tokens + rows x width) in C."""
+        num_rows = diff.num_rows
+        num_tokens, qsl, positions, row_of_token, decode_only = self._layout(diff)
+        rows = table.row_indices(diff.req_ids)  # [B] the table row of each step row
+
+        # token t of the step is token positions[t] of its request's row of the table
+        if diff.unpadded_lens:  # stage 01's padding may reach past the tokens the table has room for
+            table._ensure(tokens=int(self.seq_lens.np[:num_rows].max()))
+        token_table = table.token_ids_cpu  # [R, L]
+        input_ids = self.input_ids.ensure(num_tokens)
+        token_rows = rows if decode_only else rows[row_of_token]  # [T] (decode: token b is row b)
+        np.take(token_table.reshape(-1), token_rows * token_table.shape[1] + positions, out=input_ids)
+        real_lens: np.ndarray | None = None
+        if diff.unpadded_lens:  # stage 01: a dummy id after each padded row's real tokens
+            real_lens = np.array(diff.query_lens, dtype=np.int64)
+            for row, n in diff.unpadded_lens.items():
+                real_lens[row] = n
+                input_ids[qsl[row] + n : qsl[row + 1]] = PAD_TOKEN_ID
+
+        # block tables [B, W]: the rows' table rows, their first W ids (zero past each row's own)
+        width = int(table.num_blocks[rows].max())
+        flat_tables = self.block_tables.ensure(num_rows * width)
+        np.take(table.block_table_cpu[:, :width], rows, axis=0, out=flat_tables.reshape(num_rows, width))
+        return self._finish(diff, num_tokens, qsl, positions, row_of_token, decode_only, real_lens, width,
+                            BlockTableRows(flat_tables.reshape(num_rows, width)))
+    # --8<-- [end:prepare_inputs_from_table]
+
+    def _layout(self, batch: "InputBatch | InputBatchDiff") -> tuple[int, np.ndarray, np.ndarray, np.ndarray, bool]:
+        """Fill the query starts, sequence lengths and positions -> (T, query_start_loc [B+1],
+        positions [T], the row of each token [T], whether every row feeds one token)."""
+        num_rows = batch.num_rows
         num_tokens = sum(batch.query_lens)
         arange = self.arange(max(num_tokens, num_rows + 1))
         starts = np.array(batch.num_computed_tokens, dtype=np.int64)  # [B] first positions
@@ -153,34 +232,19 @@ class InputBuffers:
             # each token's row, then its position: the row's start + its offset in the row
             row_of_token = np.repeat(arange[:num_rows], query_lens)  # [T]
             np.add(starts[row_of_token], arange[:num_tokens] - qsl[row_of_token], out=positions)
+        return num_tokens, qsl, positions, row_of_token, decode_only
 
-        input_ids = self.input_ids.ensure(num_tokens)
-        flat_ids = list(itertools.chain.from_iterable(batch.token_ids))
-        real_lens: np.ndarray | None = None  # None: every row's tokens fill its query_len
-        if len(flat_ids) == num_tokens:
-            input_ids[:] = flat_ids
-        else:  # stage 01 pads rows to the longest prompt: fill each row's tail with a dummy id
-            real_lens = np.array([len(t) for t in batch.token_ids], dtype=np.int64)
-            input_ids[:] = PAD_TOKEN_ID
-            input_ids[ragged_arange(qsl[:-1], real_lens, arange)] = flat_ids
-
-        # block tables [B, W], zero-padded: rows of one length in one copy, else one scatter
-        table_lens = [len(t) for t in batch.block_tables]
-        width = max(table_lens)
-        flat_tables = self.block_tables.ensure(num_rows * width)
-        flat_blocks = list(itertools.chain.from_iterable(batch.block_tables))
-        if len(flat_blocks) == num_rows * width:
-            flat_tables[:] = flat_blocks
-        else:
-            flat_tables[:] = 0
-            arange = self.arange(num_rows * width)
-            flat_tables[ragged_arange(arange[:num_rows] * width, np.array(table_lens), arange)] = flat_blocks
-
+    def _finish(self, batch: "InputBatch | InputBatchDiff", num_tokens: int, qsl: np.ndarray,
+                positions: np.ndarray, row_of_token: np.ndarray, decode_only: bool,
+                real_lens: np.ndarray | None, width: int, block_tables_cpu: Sequence[Sequence[int]]) -> StepInputs:
+        """The slot mapping and logits indices from the filled buffers, and the step's views."""
+        num_rows, bs = batch.num_rows, self.block_size
+        flat_tables = self.block_tables.np[: num_rows * width]
         slot_mapping = self.slot_mapping.ensure(num_tokens)  # [T]
         np.add(flat_tables[row_of_token * width + positions // bs] * bs, positions % bs, out=slot_mapping)
 
         num_logits, every_token = self._logits_indices(batch, qsl, real_lens, decode_only)
-        seq_lens_cpu = seq_lens.tolist()
+        seq_lens_cpu = self.seq_lens.np[:num_rows].tolist()
         attn_metadata = AttentionMetadata(
             slot_mapping=self.slot_mapping.tensor(num_tokens),
             query_start_loc=self.query_start_loc.tensor(num_rows + 1),
@@ -190,13 +254,12 @@ class InputBuffers:
             max_seq_len=max(seq_lens_cpu),
             query_start_loc_cpu=qsl.tolist(),
             seq_lens_cpu=seq_lens_cpu,
-            block_tables_cpu=batch.block_tables,
+            block_tables_cpu=block_tables_cpu,  # type: ignore[arg-type]  (a Sequence of rows)
         )
         return StepInputs(self.input_ids.tensor(num_tokens), self.positions.tensor(num_tokens),
                           self.logits_indices.tensor(num_logits), attn_metadata, every_token)
-    # --8<-- [end:bulk_prepare_inputs]
 
-    def _logits_indices(self, batch: InputBatch, qsl: np.ndarray, real_lens: np.ndarray | None,
+    def _logits_indices(self, batch: "InputBatch | InputBatchDiff", qsl: np.ndarray, real_lens: np.ndarray | None,
                         decode_only: bool) -> tuple[int, bool]:
         """Fill the logits indices (the last 1 + drafts real tokens of each sampling row, then
         the prompt positions of `batch.prompt_logits`); -> how many, and whether they are every

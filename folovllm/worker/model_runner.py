@@ -34,7 +34,9 @@ nobody reads them.
 the same numbers in bulk instead: `InputBuffers.prepare_inputs` (input_buffers.py) fills
 preallocated host tensors in place with numpy, with no Python loop over tokens and no tensor
 allocated per step (the Python floor of a decode step, docs/performance.md); tests compare the
-two on random batches.
+two on random batches. With the persistent input batch (the default) a step arrives as an
+`InputBatchDiff`: the runner patches its `PersistentInputBatch` and gathers the step's token
+ids and block tables from it (`InputBuffers.prepare_inputs_from_table`, persistent_batch.py).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from folovllm.config import EngineConfig
 from folovllm.lora.worker_manager import NoWorkerLoRAManager
 from folovllm.worker.input_batch import InputBatch
 from folovllm.worker.input_buffers import PAD_TOKEN_ID, InputBuffers
+from folovllm.worker.persistent_batch import InputBatchDiff, PersistentInputBatch, StepBatch
 from folovllm.worker.kv_cache import KVCache, cpu_default_kv_cache_memory
 
 
@@ -66,6 +69,8 @@ class ModelRunner:
         self.kv_cache: KVCache | None = None
         # the host tensors each step's inputs are written into (sized by the KV cache's blocks)
         self.input_buffers: InputBuffers | None = None
+        # the requests' tokens and block ids, patched by each step's InputBatchDiff
+        self.persistent_batch = PersistentInputBatch()
         # stage 11: fills LoRA slots and lays out each step's adapters (the worker installs the
         # real one with enable_lora; this one does nothing)
         self.lora_manager = NoWorkerLoRAManager()
@@ -82,14 +87,19 @@ class ModelRunner:
 
     # --8<-- [start:execute_model]
     @torch.inference_mode()
-    def execute_model(self, batch: InputBatch) -> Optional[torch.Tensor]:
+    def execute_model(self, batch: StepBatch) -> Optional[torch.Tensor]:
         """Run the model on one step -> float32 logits [S + P, vocab]: the S rows that sample,
         in `batch.sampling_rows` order, then the P prompt positions of `batch.prompt_logits`;
         None when there are none, and on tensor-parallel ranks other than 0 (the LM head
         gathers the vocabulary on rank 0)."""
         assert self.kv_cache is not None and self.input_buffers is not None, "initialize_kv_cache() first"
-        # prepare_inputs + build_metadata below, in bulk into preallocated tensors
-        inputs = self.input_buffers.prepare_inputs(batch)
+        # prepare_inputs + build_metadata below, in bulk into preallocated tensors; a diff
+        # (persistent_input_batch) patches this runner's table first and gathers from it
+        if isinstance(batch, InputBatchDiff):
+            self.persistent_batch.apply(batch)
+            inputs = self.input_buffers.prepare_inputs_from_table(self.persistent_batch, batch)
+        else:
+            inputs = self.input_buffers.prepare_inputs(batch)
         input_ids, positions, logits_indices = inputs.input_ids, inputs.positions, inputs.logits_indices
         self.lora_manager.set_active_adapters(batch)
         md = self.attn_backend.build_metadata(inputs.attn_metadata, self.kv_cache.key_caches[0])

@@ -29,7 +29,7 @@ from folovllm.model_executor.layers.cpu_gemm import weight_packing
 from folovllm.model_executor.layers.fused_moe import ExpertLoadRecorder
 from folovllm.model_executor.model_loader import load_model
 from folovllm.platforms import cpu as cpu_platform
-from folovllm.worker.input_batch import InputBatch
+from folovllm.worker.persistent_batch import StepBatch
 from folovllm.worker.model_runner import ModelRunner
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ class Worker:
     def initialize_kv_cache(self, spec: KVCacheSpec, kv_cache_config: KVCacheConfig) -> None:
         self.model_runner.initialize_kv_cache(spec, kv_cache_config)
 
-    def execute_model(self, batch: InputBatch) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    def execute_model(self, batch: StepBatch) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Run the step on this rank's shard -> (logits, expert load): rank 0 returns the logits
         of the rows that sample (the engine samples them), the other ranks None; a MoE model
         also the tokens routed to each expert of each MoE layer ([L, E] int64, CPU), a dense

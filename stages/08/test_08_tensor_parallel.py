@@ -187,13 +187,15 @@ class _ClassRecorder(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _decode_step_message(tiny_qwen3, prompt_len: int, num_rows: int = 8) -> tuple[bytes, bytes, list[int]]:
+def _decode_step_message(tiny_qwen3, prompt_len: int, num_rows: int = 8,
+                         persistent_input_batch: bool = False) -> tuple[bytes, bytes, list[int]]:
     """For the first step in which `num_rows` requests with `prompt_len`-token prompts all
     decode: (the bytes `collective_rpc` pipes to every rank, the bytes it piped before the
     workers got an `InputBatch`, the token each row computes). The message is built by the
     engine and is the same at every TP size, so a TP=1 engine (whose `collective_rpc` is a direct
     call) shows what MultiprocExecutor sends, without starting worker processes."""
-    args = dict(ENGINE_ARGS, max_num_seqs=num_rows, kv_cache_memory=4 * KV_CACHE_MEMORY)
+    args = dict(ENGINE_ARGS, max_num_seqs=num_rows, kv_cache_memory=4 * KV_CACHE_MEMORY,
+                persistent_input_batch=persistent_input_batch)  # False: the whole InputBatch
     engine = LLM(str(tiny_qwen3), **args).llm_engine
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     for i in range(num_rows):
@@ -238,6 +240,21 @@ def test_step_message_is_a_compact_batch_that_does_not_grow_with_context(tiny_qw
     assert long - long_tables <= short - short_tables + 8
     print(f"\nstep message, 8 decode rows: {short} B (20-token prompts), {long} B (200-token prompts); "
           f"the SchedulerOutput sent before: {short_old} B, {long_old} B")
+
+
+def test_with_the_persistent_batch_the_step_message_does_not_grow_at_all(tiny_qwen3):
+    """The default (`persistent_input_batch`): each rank keeps the block tables, and a decode
+    step's message carries each row's one new token, no block id unless one was just allocated
+    (docs/performance.md, "The persistent input batch")."""
+    sizes = {}
+    for prompt_len in (20, 200):
+        message, _, tokens = _decode_step_message(tiny_qwen3, prompt_len, persistent_input_batch=True)
+        method, (diff,) = pickle.loads(message)
+        assert method == "execute_model" and diff.scheduled_cached_reqs.new_token_ids == [[t] for t in tokens]
+        whole, _, _ = _decode_step_message(tiny_qwen3, prompt_len)
+        sizes[prompt_len] = (len(message), len(whole))
+    (short, short_whole), (long, long_whole) = sizes[20], sizes[200]
+    assert long <= short + 8 and long < long_whole - 8 * 10  # 13 block ids a row, gone
 
 
 def _old_message(output: SchedulerOutput) -> bytes:
