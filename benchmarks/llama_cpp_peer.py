@@ -62,6 +62,7 @@ DEFAULT_DIR = "/work/peers/llama.cpp"
 PREFILL_LENS = (128, 1024)
 DECODE_TOKENS = 64
 BATCH_PROMPT, BATCH_NEW = 128, 64
+OUR_DTYPE = {"f32": "float32", "bf16": "bfloat16"}  # GGUF type -> folovllm's dtype beside it
 PROMPT_VOCAB = (3, 500)  # random prompt ids: the local BPE's (specials below 3)
 # The converter's BPE pre-tokenizer lookup, answered for our locally trained tokenizers.
 CONVERT_WRAPPER = (
@@ -401,11 +402,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     n_parallel = tuple(int(x) for x in args.n_parallel.split(","))
     ggufs = {t: convert(llama, path, llama.root / "gguf", t) for t in args.types.split(",")}
 
-    llm = LLM(path, dtype="float32", max_model_len=2048)  # the default engine: our kernels, measured table
+    # the default engine (our kernels, the measured table) at the GGUF's precision, where we have one
+    llms = {typ: LLM(path, dtype=OUR_DTYPE[typ], max_model_len=2048) for typ in ggufs if typ in OUR_DTYPE}
+    llm = llms.get("f32") or LLM(path, dtype="float32", max_model_len=2048)
     nbytes = step_bytes(llm)
     limits = load_limits()
     out: dict[str, Any] = dict(model=model, model_path=path, llama_cpp_dir=str(llama.root), llama_cpp_build=args.build,
                                ggufs={t: str(p) for t, p in ggufs.items()}, bytes_per_step_folovllm=nbytes,
+                               folovllm_dtypes={t: OUR_DTYPE[t] for t in llms},
                                folovllm_isa=cpu_platform.kernel_isa(), bandwidth=limits["bandwidth"] if limits else None,
                                types={}, loads=[])
     if llama.bin.joinpath("llama-debug").exists():
@@ -415,17 +419,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         per_threads: dict[str, Any] = {}
         # warm-up, untimed: the GGUF into the page cache; our kernels' first calls
         run_tool(llama_bench_command(llama, gguf, threads_list[0], n_prompt=128), threads_list[0])
-        if typ == "f32":
+        if typ in llms:
             torch.set_num_threads(threads_list[0])
-            folovllm_prefill(llm, 128, seed=99)
+            folovllm_prefill(llms[typ], 128, seed=99)
         reps: dict[int, dict[str, list]] = {t: {"llama.cpp": [], "folovllm": []} for t in threads_list}
         for rep in range(args.repeats):
             for t in threads_list:
                 lr = measure_llama(llama, gguf, t, prefill_lens, n_parallel)
                 print(f"[{typ} t={t} rep {rep}] llama.cpp {_brief(lr)}", flush=True)
                 reps[t]["llama.cpp"].append(lr)
-                if typ == "f32":  # ours runs float32 here; other types are compared in their own rows
-                    fr = measure_folovllm(llm, t, prefill_lens, n_parallel, seed=rep)
+                if typ in llms:  # q8_0 / q4_0: llama.cpp alone (our int4 is stage 07's GPTQ)
+                    fr = measure_folovllm(llms[typ], t, prefill_lens, n_parallel, seed=rep)
                     print(f"[{typ} t={t} rep {rep}] folovllm  {_brief(fr)}", flush=True)
                     reps[t]["folovllm"].append(fr)
                 out["loads"].append(loadavg())
@@ -438,7 +442,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     r["decode_1"]["tokens"] == fr[0]["decode_1"]["tokens"] for r in fr)
             bw = (limits or {}).get("bandwidth", {}).get(str(t))
             if bw:
-                for eng, nb in (("llama.cpp", row["llama.cpp"]["decode_1"]["model_size"]), ("folovllm", nbytes)):
+                ours_bytes = nbytes * (2 if OUR_DTYPE.get(typ) == "bfloat16" else 4) // 4
+                for eng, nb in (("llama.cpp", row["llama.cpp"]["decode_1"]["model_size"]), ("folovllm", ours_bytes)):
                     if eng in row:
                         r = row[eng]
                         r["decode_1"]["of_ceiling"] = decode_fraction(r["decode_1"]["tok_s_cpu"], nb, bw, 1)
@@ -480,57 +485,48 @@ def _get(engine_rows: dict[str, Any], key: str, phase: str) -> dict[str, Any]:
 
 
 def render_markdown(result: dict[str, Any]) -> str:
-    lines = []
     threads = [str(t) for t in result["threads"]]
-    f32 = result["types"].get("f32", {})
-    caption = (f"folovllm (`LLM`, float32, our kernels: {result['folovllm_isa'].upper()} path) against llama.cpp "
+    first = next(iter(result["types"].values()))
+    caption = (f"folovllm (`LLM`, our kernels: {result['folovllm_isa'].upper()} path) against llama.cpp "
                f"(llama-cpp-python 0.3.36's sources, build `{result['llama_cpp_build']}`: "
-               f"{f32.get(threads[0], {}).get('llama.cpp', {}).get('isa', '?')} path; F32 GGUF by its own converter; "
+               f"{first[threads[0]]['llama.cpp'].get('isa', '?')} path; GGUF by its own converter; "
                f"`llama-bench`, `llama-batched-bench`), {result['model']} model, random weights, "
                f"median of {result['repeats']} interleaved repeats: `{result['command']}` on "
-               f"{machine_short(result['machine'])}, {result['date'][:10]}. tok/s from wall time; "
+               f"{machine_short(result['machine'])}, {result['date'][:10]}. tok/s from wall time "
                f"[from CPU time per thread]; ratio = folovllm / llama.cpp.")
-    lines += [caption + shared_machine_note(result), ""]
-    head = "| workload |" + "".join(f" llama.cpp {t}t | folovllm {t}t | ratio {t}t |" for t in threads)
-    lines += [head, "|---|" + "--:|--:|--:|" * len(threads)]
-    for label, key, phase in table_rows(result):
-        cells = []
-        for t in threads:
-            row = f32[t]
-            a, b = _get(row["llama.cpp"], key, phase), _get(row["folovllm"], key, phase)
-            ratio = b["tok_s_wall"] / a["tok_s_wall"]
-            ratio_cpu = b["tok_s_cpu"] / a["tok_s_cpu"]
-            cells.append(f" {a['tok_s_wall']:.1f} [{a['tok_s_cpu']:.1f}] | {b['tok_s_wall']:.1f} [{b['tok_s_cpu']:.1f}] | "
-                         f"**{ratio:.2f}x** [{ratio_cpu:.2f}x] |")
-        lines.append(f"| {label} |" + "".join(cells))
-    if result.get("bandwidth"):
-        lines += ["", "Decode rows as a fraction of the bandwidth ceiling (measured read bandwidth / weight bytes "
-                  f"per step; ours {result['bytes_per_step_folovllm'] / 1e6:.0f} MB, llama.cpp's model size), "
-                  "from the CPU-time rates:", "",
-                  "| decode row | threads | bandwidth | llama.cpp | folovllm |", "|---|--:|--:|--:|--:|"]
-        for t in threads:
-            row = f32[t]
-            for label, key, phase in table_rows(result):
-                if "decode" not in label:
-                    continue
-                a, b = _get(row["llama.cpp"], key, phase), _get(row["folovllm"], key, phase)
-                if "of_ceiling" in a:
-                    lines.append(f"| {label} | {t} | {result['bandwidth'][t] / 1e9:.1f} GB/s | "
-                                 f"{100 * a['of_ceiling']:.0f}% | {100 * b['of_ceiling']:.0f}% |")
-    step = []
-    for t in threads:
-        for b in result["n_parallel"]:
-            step.append(f"{t} thread{'s' if t != '1' else ''}, batch {b}: llama.cpp "
-                        f"{f32[t]['llama.cpp'][f'batch_{b}']['step_ms']:.0f} ms, folovllm "
-                        f"{f32[t]['folovllm'][f'batch_{b}']['step_ms']:.0f} ms")
-    lines += ["", "Decode step (wall): " + "; ".join(step) + "."]
+    lines = [caption + shared_machine_note(result)]
     for typ, per in result["types"].items():
-        if typ == "f32":
+        if "folovllm" not in per[threads[0]]:
+            lines += ["", f"llama.cpp {typ.upper()} alone: " + "; ".join(
+                f"{t} thread{'s' if t != '1' else ''}: " + ", ".join(
+                    f"{label} {_get(per[t]['llama.cpp'], key, phase)['tok_s_wall']:.1f}"
+                    for label, key, phase in table_rows(result) if phase in ("", "decode")) for t in threads) + " tok/s."]
             continue
-        lines += ["", f"llama.cpp {typ.upper()} (no folovllm row here): " + "; ".join(
-            f"{t} thread{'s' if t != '1' else ''}: " + ", ".join(
-                f"{key} {(_get(per[t]['llama.cpp'], key, phase))['tok_s_wall']:.1f}"
-                for _, key, phase in table_rows(result) if phase in ("", "decode")) for t in threads) + " tok/s."]
+        ours = result.get("folovllm_dtypes", {}).get(typ, "float32")
+        lines += ["", f"**{typ.upper()} GGUF against folovllm {ours}:**", ""]
+        lines += ["| workload |" + "".join(f" llama.cpp {t}t | folovllm {t}t | ratio {t}t |" for t in threads),
+                  "|---|" + "--:|--:|--:|" * len(threads)]
+        for label, key, phase in table_rows(result):
+            cells = []
+            for t in threads:
+                a, b = _get(per[t]["llama.cpp"], key, phase), _get(per[t]["folovllm"], key, phase)
+                cells.append(f" {a['tok_s_wall']:.1f} [{a['tok_s_cpu']:.1f}] | {b['tok_s_wall']:.1f} [{b['tok_s_cpu']:.1f}] | "
+                             f"**{b['tok_s_wall'] / a['tok_s_wall']:.2f}x** [{b['tok_s_cpu'] / a['tok_s_cpu']:.2f}x] |")
+            lines.append(f"| {label} |" + "".join(cells))
+        fractions = []
+        for t in threads:
+            for label, key, phase in table_rows(result):
+                a, b = _get(per[t]["llama.cpp"], key, phase), _get(per[t]["folovllm"], key, phase)
+                if "decode" in label and "of_ceiling" in a:
+                    fractions.append(f"{label.replace(': decode', '')}, {t}t: llama.cpp "
+                                     f"{100 * a['of_ceiling']:.0f}%, folovllm {100 * b['of_ceiling']:.0f}%")
+        if fractions:
+            lines += ["", "Decode as a fraction of the bandwidth ceiling (CPU-time rates; measured read bandwidth "
+                      + ", ".join(f"{result['bandwidth'][t] / 1e9:.1f} GB/s at {t}t" for t in threads)
+                      + " / weight bytes per step): " + "; ".join(fractions) + "."]
+        step = [f"{t}t batch {b}: llama.cpp {per[t]['llama.cpp'][f'batch_{b}']['step_ms']:.0f} ms, folovllm "
+                f"{per[t]['folovllm'][f'batch_{b}']['step_ms']:.0f} ms" for t in threads for b in result["n_parallel"]]
+        lines += ["", "Decode step (wall): " + "; ".join(step) + "."]
     chk = result.get("logits_check")
     if chk:
         lines += ["", f"Same model: on a {len(chk['prompt_token_ids'])}-token prompt llama.cpp's F32 GGUF "
