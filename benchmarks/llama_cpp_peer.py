@@ -225,8 +225,11 @@ def logits_check(llama: LlamaCpp, gguf: Path, llm: Any, prompt: str = "def main(
     from folovllm import SamplingParams
 
     outdir = gguf.parent / "logits"
-    run_tool([llama.tool("llama-debug"), "-m", str(gguf), "-p", prompt, "--save-logits",
-              "--logits-output-dir", str(outdir), "-t", "1", "-c", "512"], threads=1, timeout=600)
+    # a float32 KV cache here (llama.cpp's default is f16, kept in the benchmarks): the weights
+    # and the arithmetic are compared, not the cache's rounding
+    r = run_tool([llama.tool("llama-debug"), "-m", str(gguf), "-p", prompt, "--save-logits",
+                  "--logits-output-dir", str(outdir), "-t", "1", "-c", "512", "-ctk", "f32", "-ctv", "f32"],
+                 threads=1, timeout=600)
     base = outdir / f"llamacpp-{gguf.stem}"
     logits = np.fromfile(f"{base}.bin", dtype=np.float32)
     ids = np.fromfile(f"{base}-tokens.bin", dtype=np.int32).tolist()
@@ -238,7 +241,8 @@ def logits_check(llama: LlamaCpp, gguf: Path, llm: Any, prompt: str = "def main(
     top = out.logprobs[0]  # {token id: Logprob} of the first generated position
     gaps = [abs(lp.logprob - float(ref[tid])) for tid, lp in top.items()]
     return dict(prompt_token_ids=ids, llama_cpp_token=int(ref.argmax()), folovllm_token=int(ours_token),
-                same_token=int(ref.argmax()) == int(ours_token), max_abs_logprob_diff_top5=max(gaps))
+                same_token=int(ref.argmax()) == int(ours_token), max_abs_logprob_diff_top5=max(gaps),
+                llama_cpp_isa=system_info_isa(r["stdout"] + r["stderr"]))
 
 
 # -- folovllm on the same shapes --------------------------------------------------------------
@@ -312,11 +316,9 @@ def measure_llama(llama: LlamaCpp, gguf: Path, threads: int, prefill_lens: Seque
                   n_parallel: Sequence[int]) -> dict[str, Any]:
     """One repeat of every llama.cpp row at `threads`."""
     rows: dict[str, Any] = {}
-    isa = "unknown"
     for n in prefill_lens:
         r = run_tool(llama_bench_command(llama, gguf, threads, n_prompt=n), threads)
         rec = parse_llama_bench_json(r["stdout"])[0]
-        isa = system_info_isa(r["stderr"]) if isa == "unknown" else isa
         rows[f"prefill_{n}"] = dict(tok_s_wall=rec["tok_s"], tok_s_cpu=rec["tok_s"] / r["core_share"],
                                     core_share=r["core_share"], model_size=rec["model_size"], loadavg=r["loadavg"])
     r = run_tool(llama_bench_command(llama, gguf, threads, n_gen=DECODE_TOKENS), threads)
@@ -331,7 +333,6 @@ def measure_llama(llama: LlamaCpp, gguf: Path, threads: int, prefill_lens: Seque
             decode=dict(tok_s_wall=b["speed_tg"], tok_s_cpu=b["speed_tg"] / s),
             total=dict(tok_s_wall=b["speed"], tok_s_cpu=b["speed"] / s),
             step_ms=b["t_tg"] / b["tg"] * 1e3, core_share=s, loadavg=r["loadavg"])
-    rows["isa"] = isa
     return rows
 
 
@@ -415,6 +416,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if llama.bin.joinpath("llama-debug").exists():
         out["logits_check"] = logits_check(llama, ggufs["f32"], llm) if "f32" in ggufs else None
         print(f"logits check: {out['logits_check']}", flush=True)
+        out["llama_cpp_isa"] = out["logits_check"]["llama_cpp_isa"] if out["logits_check"] else "unknown"
     for typ, gguf in ggufs.items():
         per_threads: dict[str, Any] = {}
         # warm-up, untimed: the GGUF into the page cache; our kernels' first calls
@@ -489,7 +491,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     first = next(iter(result["types"].values()))
     caption = (f"folovllm (`LLM`, our kernels: {result['folovllm_isa'].upper()} path) against llama.cpp "
                f"(llama-cpp-python 0.3.36's sources, build `{result['llama_cpp_build']}`: "
-               f"{first[threads[0]]['llama.cpp'].get('isa', '?')} path; GGUF by its own converter; "
+               f"{result.get('llama_cpp_isa', '?')} path, its default f16 KV cache; GGUF by its own converter; "
                f"`llama-bench`, `llama-batched-bench`), {result['model']} model, random weights, "
                f"median of {result['repeats']} interleaved repeats: `{result['command']}` on "
                f"{machine_short(result['machine'])}, {result['date'][:10]}. tok/s from wall time "
