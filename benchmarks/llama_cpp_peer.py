@@ -225,10 +225,13 @@ def logits_check(llama: LlamaCpp, gguf: Path, llm: Any, prompt: str = "def main(
     from folovllm import SamplingParams
 
     outdir = gguf.parent / "logits"
-    # a float32 KV cache here (llama.cpp's default is f16, kept in the benchmarks): the weights
-    # and the arithmetic are compared, not the cache's rounding
+    # a float32 KV cache and flash attention off here (the benchmarks keep llama.cpp's defaults,
+    # an f16 cache and its CPU flash attention, which rounds through f16: logits 0.04 apart from
+    # its own non-flash path on the bench model): the weights and the float32 arithmetic are
+    # compared, not llama.cpp's f16 roundings
     r = run_tool([llama.tool("llama-debug"), "-m", str(gguf), "-p", prompt, "--save-logits",
-                  "--logits-output-dir", str(outdir), "-t", "1", "-c", "512", "-ctk", "f32", "-ctv", "f32"],
+                  "--logits-output-dir", str(outdir), "-t", "1", "-c", "512", "-ctk", "f32", "-ctv", "f32",
+                  "-fa", "off"],
                  threads=1, timeout=600)
     base = outdir / f"llamacpp-{gguf.stem}"
     logits = np.fromfile(f"{base}.bin", dtype=np.float32)
