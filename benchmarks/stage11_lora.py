@@ -109,7 +109,7 @@ class MergeSwap:
         import torch
         from torch import nn
 
-        from folovllm.model_executor.layers.cpu_gemm import PACK_BATCH
+        from folovllm.model_executor.layers.cpu_gemm import pack_linear_weight, unpack_weight, weight_packing
 
         saved: dict[Any, Any] = {}
         dense: dict[Any, torch.Tensor] = {}
@@ -117,12 +117,15 @@ class MergeSwap:
             layer, row = self._target(module)
             if layer not in dense:
                 saved[layer] = layer.weight
-                dense[layer] = layer.weight.to_dense() if layer.weight.is_mkldnn else layer.weight.clone()
+                dense[layer] = unpack_weight(layer.weight).clone()  # [out, in], whatever the layout
             dense[layer][row:row + w.lora_b.shape[0]] += w.lora_b @ w.lora_a  # [out, r] @ [r, in]
         for layer, weight in dense.items():
-            if saved[layer].is_mkldnn:
-                weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH)
             layer.weight = nn.Parameter(weight, requires_grad=False)
+            # re-laid out as the engine laid out the original (streaming panels or oneDNN's
+            # blocked layout, chosen by shape): the merged model runs the base model's kernels
+            packed = saved[layer].is_mkldnn or saved[layer].dim() == 3
+            with weight_packing(packed):
+                pack_linear_weight(layer)
         return saved
 
     def run(self, prompts: list[list[int]], loras: list[Any]) -> list[list[int]]:
