@@ -10,7 +10,8 @@ layer) is wrapped on that engine's instance by a timer, and forward hooks on eve
 runs in this thread); the base linears are the layers' time minus the op's. Merge-and-swap is split into
 its merges (`MergeSwap.merge_cpu_seconds`) and the same four batches of four requests run on
 engines that hold the merged weights already (`MergedCopies`). All numbers are CPU seconds of
-this process for the whole workload (16 requests, 32 output tokens each).
+this process for the whole workload (16 requests, 32 output tokens each); the prompts alone (one
+output token) are measured too, to split each run into prefill and decode.
 
 The cost model it checks: merge-swap = merges + k batches of n/k requests; multi-LoRA = one
 batch of n requests + the LoRA op. So however cheap the LoRA op gets,
@@ -40,14 +41,18 @@ def lora_op_timer(llm: Any) -> dict[str, float]:
     result); the linears by forward hooks on every `LinearWithLoRA`."""
     from folovllm.lora.layers import LinearWithLoRA
 
-    acc = {"lora_op": 0.0, "linear_with_lora": 0.0}
+    acc = {"lora_op": 0.0, "lora_op_decode": 0.0, "decode_calls": 0.0, "linear_with_lora": 0.0}
     punica = llm.llm_engine.model_runner.lora_manager.punica
     op = punica.add_lora_linear
 
     def timed_op(*args: Any, **kwargs: Any) -> None:
         start = time.thread_time()
         op(*args, **kwargs)
-        acc["lora_op"] += time.thread_time() - start
+        spent = time.thread_time() - start
+        acc["lora_op"] += spent
+        if args[1].shape[0] <= 16:  # x [T, in]: a step of at most 16 tokens, here a decode step
+            acc["lora_op_decode"] += spent
+            acc["decode_calls"] += 1
 
     punica.add_lora_linear = timed_op
     start: dict[int, float] = {}
@@ -83,6 +88,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     swap, copies = MergeSwap(engine(path), per_request), MergedCopies(path, per_request)
     acc = lora_op_timer(multi)
 
+    def prefill_only(llm: Any, batch: list[list[int]]) -> Any:
+        from folovllm import SamplingParams
+
+        return llm.generate(batch, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True), use_tqdm=False)
+
     def cpu(fn: Any) -> float:
         t = time.process_time()
         fn()
@@ -90,14 +100,21 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     rows: dict[str, list[float]] = {}
     for i in range(args.rounds + 1):  # round 0 warms up
-        acc.update(lora_op=0.0, linear_with_lora=0.0)
+        acc.update(lora_op=0.0, lora_op_decode=0.0, decode_calls=0.0, linear_with_lora=0.0)
         r = {"base (16 requests, one batch)": cpu(lambda: generate(base, prompts, None)),
              "multi-lora (one batch)": cpu(lambda: generate(multi, prompts, per_request))}
         r["  of which LoRA op"] = acc["lora_op"]
+        r["    of which in decode steps (<= 16 tokens)"] = acc["lora_op_decode"]
+        r["    decode calls"] = acc["decode_calls"]
         r["  of which base linears it adds to"] = acc["linear_with_lora"] - acc["lora_op"]
         r["merge-swap"] = cpu(lambda: swap.run(prompts, per_request))
         r["  of which merges"] = swap.merge_cpu_seconds
         r["merged copies (4 batches of 4)"] = cpu(lambda: copies.run(prompts, per_request))
+        # the prompts alone (one output token): what no system multiplies
+        r["base, prefill only"] = cpu(lambda: prefill_only(base, prompts))
+        r["merged copies, prefill only"] = cpu(lambda: [prefill_only(llm, [prompts[j] for j in range(NUM_REQUESTS)
+                                                                             if per_request[j].lora_int_id == i])
+                                                        for i, llm in copies.engines.items()])
         if i:
             for k, v in r.items():
                 rows.setdefault(k, []).append(v)
@@ -112,6 +129,10 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"   bound with a free LoRA op, (merges + 4 batches of 4) / one batch of 16: {bound:.2f}x"
           f"   batching gain of the base model alone, 4 batches of 4 / one of 16: "
           f"{med['merged copies (4 batches of 4)'] / base_s:.2f}x")
+    d16 = base_s - med["base, prefill only"]
+    d4 = med["merged copies (4 batches of 4)"] - med["merged copies, prefill only"]
+    print(f"decode alone: one batch of 16 {d16:.3f} s, 4 batches of 4 {d4:.3f} s ({d4 / d16:.2f}x); "
+          f"prefill {med['base, prefill only']:.3f} s of the base run's {base_s:.3f} s")
     return 0
 
 
