@@ -18,8 +18,13 @@ runs under adapter i % 4.
     multi-lora    the same engine with the torch ops (the padded-bmm SGMV): before the kernel
       (torch ops)
     merge-swap    the base engine; for each adapter: merge it into the weights (W += s B A, the
-                  fused layers' rows, repacked for oneDNN), run its 4 requests, restore the
-                  weights. Adapters are read from disk once, untimed (as the LRU keeps them).
+                  fused layers' rows, re-laid out as the engine lays out that shape: streaming
+                  panels or oneDNN's blocked layout), run its 4 requests, restore the weights.
+                  Adapters are read from disk once, untimed (as the LRU keeps them); the merge
+                  time is recorded apart as well.
+    merged copies one engine per adapter with it merged in for good, untimed (4 copies of the
+                  weights): each adapter's 4 requests as one batch on its engine. The strongest
+                  merge-based baseline: merge-swap without the merges.
 
 Then the cost of LoRA by rank (4, 8, 16, 64; max_lora_rank = rank) and by distinct adapters in
 the batch (1, 2, 4, 8, 16; max_loras = that many), each against the base run in the same
@@ -109,7 +114,7 @@ class MergeSwap:
         import torch
         from torch import nn
 
-        from folovllm.model_executor.layers.cpu_gemm import PACK_BATCH
+        from folovllm.model_executor.layers.cpu_gemm import pack_linear_weight, unpack_weight, weight_packing
 
         saved: dict[Any, Any] = {}
         dense: dict[Any, torch.Tensor] = {}
@@ -117,25 +122,55 @@ class MergeSwap:
             layer, row = self._target(module)
             if layer not in dense:
                 saved[layer] = layer.weight
-                dense[layer] = layer.weight.to_dense() if layer.weight.is_mkldnn else layer.weight.clone()
+                dense[layer] = unpack_weight(layer.weight).clone()  # [out, in], whatever the layout
             dense[layer][row:row + w.lora_b.shape[0]] += w.lora_b @ w.lora_a  # [out, r] @ [r, in]
         for layer, weight in dense.items():
-            if saved[layer].is_mkldnn:
-                weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH)
             layer.weight = nn.Parameter(weight, requires_grad=False)
+            # re-laid out as the engine laid out the original (streaming panels or oneDNN's
+            # blocked layout, chosen by shape): the merged model runs the base model's kernels
+            packed = saved[layer].is_mkldnn or saved[layer].dim() == 3
+            with weight_packing(packed):
+                pack_linear_weight(layer)
         return saved
 
     def run(self, prompts: list[list[int]], loras: list[Any]) -> list[list[int]]:
+        import time
+
         out: list[Optional[list[int]]] = [None] * len(prompts)
+        self.merge_cpu_seconds = 0.0  # of this run: the part of its cost that is merging
         for lora_id in dict.fromkeys(r.lora_int_id for r in loras):
             rows = [i for i, r in enumerate(loras) if r.lora_int_id == lora_id]
+            start = time.process_time()
             saved = self.merge(lora_id)
+            self.merge_cpu_seconds += time.process_time() - start
             try:
                 for i, tokens in zip(rows, generate(self.llm, [prompts[i] for i in rows], None)):
                     out[i] = tokens
             finally:
                 for layer, weight in saved.items():  # unmerge: the original weights back
                     layer.weight = weight
+        return out  # type: ignore[return-value]
+
+
+class MergedCopies:
+    """The strongest merge-based baseline: one engine per adapter with that adapter merged in
+    for good (what serving each fine-tune as its own model amounts to: k copies of the weights,
+    no merge at run time). Each adapter's requests run as one batch on its own engine; merging
+    happens once, here, untimed."""
+
+    def __init__(self, path: Path, loras: list[Any]) -> None:
+        self.engines = {}
+        for r in dict.fromkeys(loras):
+            llm = engine(path)
+            MergeSwap(llm, [r]).merge(r.lora_int_id)  # kept: never unmerged
+            self.engines[r.lora_int_id] = llm
+
+    def run(self, prompts: list[list[int]], loras: list[Any]) -> list[list[int]]:
+        out: list[Optional[list[int]]] = [None] * len(prompts)
+        for lora_id, llm in self.engines.items():
+            rows = [i for i, r in enumerate(loras) if r.lora_int_id == lora_id]
+            for i, tokens in zip(rows, generate(llm, [prompts[i] for i in rows], None)):
+                out[i] = tokens
         return out  # type: ignore[return-value]
 
 
@@ -167,12 +202,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     multi_torch.llm_engine.model_runner.lora_manager.punica.use_kernel = False
     kernels = multi.llm_engine.model_runner.lora_manager.punica.use_kernel
     swap = MergeSwap(engine(path), per_request)
+    copies = MergedCopies(path, per_request)
+    merge_seconds: list[float] = []
+
+    def swap_run() -> list[list[int]]:
+        tokens = swap.run(prompts, per_request)
+        merge_seconds.append(swap.merge_cpu_seconds)
+        return tokens
     trials: dict[str, Callable[[], Timing]] = {
         "base": lambda: timed(lambda: generate(base, prompts, None)),
         "multi-lora": lambda: timed(lambda: generate(multi, prompts, per_request)),
         "multi-lora (C++ bgmv decode)": lambda: timed(lambda: generate(multi_bgmv, prompts, per_request)),
         "multi-lora (torch ops)": lambda: timed(lambda: generate(multi_torch, prompts, per_request)),
-        "merge-swap": lambda: timed(lambda: swap.run(prompts, per_request)),
+        "merge-swap": lambda: timed(swap_run),
+        "merged copies (one engine per adapter)": lambda: timed(lambda: copies.run(prompts, per_request)),
     }
     runs = interleave(trials, args.repeats, warmup=trials,
                       log=lambda n, i, t: print(f"  {n} #{i}: {tok_per_s(t):.1f} tok/s", flush=True))
@@ -180,9 +223,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     agree = sum(a == b for a, b in zip(tokens["multi-lora"], tokens["merge-swap"]))
     agree_bgmv = sum(a == b for a, b in zip(tokens["multi-lora"], tokens["multi-lora (C++ bgmv decode)"]))
     agree_torch = sum(a == b for a, b in zip(tokens["multi-lora"], tokens["multi-lora (torch ops)"]))
+    agree_copies = sum(a == b for a, b in zip(tokens["merge-swap"], tokens["merged copies (one engine per adapter)"]))
     main = {name: dict(**summarize(ts), median_tok_per_s=round(median_tps(ts), 2))
             for name, ts in runs.items()}
-    del base, multi, multi_bgmv, multi_torch, swap
+    del base, multi, multi_bgmv, multi_torch, swap, copies
 
     # -- cost by rank and by distinct adapters ------------------------------------------------
     sweeps: dict[str, list[dict[str, Any]]] = {"rank": [], "distinct": []}
@@ -210,6 +254,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 same_tokens_multi_lora_vs_merge_swap=f"{agree}/{NUM_REQUESTS}",
                 same_tokens_sgmv_vs_bgmv=f"{agree_bgmv}/{NUM_REQUESTS}",
                 same_tokens_kernel_vs_torch_ops=f"{agree_torch}/{NUM_REQUESTS}", lora_kernels=kernels,
+                same_tokens_merge_swap_vs_merged_copies=f"{agree_copies}/{NUM_REQUESTS}",
+                merge_swap_merge_cpu_seconds=round(statistics.median(merge_seconds[1:] or merge_seconds), 3),
                 sweep_base=dict(median_tok_per_s=round(base_tps, 2), **summarize(sweep_runs["base"])),
                 sweeps=sweeps, peak_loadavg_1m=peak_loadavg(loads))
 
@@ -235,7 +281,10 @@ def render_markdown(result: dict[str, Any]) -> str:
                      f"({r['median_cpu_seconds']:.2f} s) |")
     lines += ["", f"Same tokens, multi-lora vs merge-swap: {result['same_tokens_multi_lora_vs_merge_swap']} "
               f"requests; SGMV vs BGMV decode: {result['same_tokens_sgmv_vs_bgmv']}; C++ kernels vs "
-              f"torch ops: {result.get('same_tokens_kernel_vs_torch_ops', 'n/a')}.", "",
+              f"torch ops: {result.get('same_tokens_kernel_vs_torch_ops', 'n/a')}; merge-swap vs merged "
+              f"copies: {result.get('same_tokens_merge_swap_vs_merged_copies', 'n/a')}. Of merge-swap's CPU "
+              f"time, merging and unmerging the 4 adapters took "
+              f"{result.get('merge_swap_merge_cpu_seconds', float('nan')):.2f} s (median).", "",
               f"Cost by rank (4 adapters, max_lora_rank = rank) and by distinct adapters (rank "
               f"{result['rank']}, max_loras = adapters), against the base model in the same rounds "
               f"({result['sweep_base']['median_tok_per_s']:.1f} tok/s):", "",

@@ -64,15 +64,23 @@ class LinearWithLoRA(nn.Module):
         self.output_slices = list(base_layer.output_partition_sizes)
         device = _device_of(base_layer)
         P, R = len(self.output_slices), max_lora_rank
-        # not registered as parameters or buffers: the model's weights stay what they were
-        self.lora_a_stacked = torch.zeros(max_loras, P * R, self.input_size, dtype=dtype, device=device)
-        self.lora_b_stacked = tuple(torch.zeros(max_loras, out, R, dtype=dtype, device=device)
-                                    for out in self.output_slices)
+        # not registered as parameters or buffers: the model's weights stay what they were.
+        # Stored k-major, as the C++ kernel reads them (csrc/cpu/lora.cpp): Aᵀ [slots, in, W]
+        # with each row padded to W (a multiple of 16 floats: whole vectors), Bᵀ [slots, R,
+        # out_p]; the torch ops and set_lora see vLLM's layout through transposed views.
+        W = -(-P * R // 16) * 16
+        self.lora_at_stacked = torch.zeros(max_loras, self.input_size, W, dtype=dtype, device=device)
+        self.lora_a_stacked = self.lora_at_stacked[:, :, :P * R].transpose(1, 2)  # [slots, P*R, in]
+        self.lora_b_stacked = tuple(torch.zeros(max_loras, R, out, dtype=dtype, device=device).transpose(1, 2)
+                                    for out in self.output_slices)  # P x [slots, out_p, R]
+        # each slot's true rank per part (0: the adapter leaves the part alone): the kernel
+        # computes those ranks only, not R
+        self.lora_ranks = torch.zeros(max_loras, P, dtype=torch.long)
 
     # --8<-- [start:lora_forward]
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)  # [T, out]
-        self.punica.add_lora_linear(y, x, self.lora_a_stacked, self.lora_b_stacked)
+        self.punica.add_lora_linear(y, x, self.lora_a_stacked, self.lora_b_stacked, self.lora_ranks)
         return y
     # --8<-- [end:lora_forward]
 
@@ -80,11 +88,13 @@ class LinearWithLoRA(nn.Module):
         """Fill `slot` with one adapter's A/B per part (None: the adapter leaves that part
         alone), this rank's slice of them, zero-padded to the slot's rank."""
         self.lora_a_stacked[slot].zero_()
+        self.lora_ranks[slot].zero_()
         R = self.rank
         for p, (w, b_stacked) in enumerate(zip(weights, self.lora_b_stacked)):
             b_stacked[slot].zero_()
             if w is None:
                 continue
+            self.lora_ranks[slot, p] = w.rank
             self.lora_a_stacked[slot, p * R:p * R + w.rank].copy_(self.slice_lora_a(w.lora_a))  # [r, in]
             b_stacked[slot, :, :w.rank].copy_(self.slice_lora_b(w.lora_b, p))  # [out_p, r]
 
@@ -137,7 +147,8 @@ class RowParallelLinearWithLoRA(LinearWithLoRA):
         base = self.base_layer
         bias = base.bias if base.tp_rank == 0 else None  # added once, not tp times
         partial = base.quant_method.apply(base, x, bias)  # [T, out]: this rank's share
-        self.punica.add_lora_linear(partial, x, self.lora_a_stacked, self.lora_b_stacked)  # += (x_r A_rᵀ) Bᵀ
+        self.punica.add_lora_linear(partial, x, self.lora_a_stacked, self.lora_b_stacked,  # += (x_r A_rᵀ) Bᵀ
+                                    self.lora_ranks)
         return tensor_model_parallel_all_reduce(partial)
     # --8<-- [end:row_lora_forward]
 

@@ -221,26 +221,49 @@ def bgmv_add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
 
 
 # --8<-- [start:kernels]
+def kernel_stacks(lora_a: torch.Tensor, lora_b: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The stacks as the C++ kernels read them, k-major: Aᵀ [S, in, P*R] (rows may be padded
+    in memory: each row's stride W >= P*R) and P x Bᵀ [S, R, out_p]. The layers store the slots
+    this way (`LinearWithLoRA`), so for them these are views, not copies."""
+    at = lora_a.transpose(1, 2)  # [S, in, P*R]
+    if not (at.stride(2) == 1 and at.stride(1) >= at.shape[2] and at.stride(0) == at.shape[1] * at.stride(1)):
+        at = torch.empty(at.shape, dtype=at.dtype, device=at.device).copy_(at)
+    bts = [b.transpose(1, 2) for b in lora_b]  # [S, R, out_p]
+    return at, [bt if bt.is_contiguous() else bt.contiguous() for bt in bts]
+
+
+def full_ranks(lora_b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[S, P] int64, every part of every slot at the stacks' rank R (the padded computation)."""
+    return torch.full((lora_b[0].shape[0], len(lora_b)), lora_b[0].shape[2], dtype=torch.long)
+
+
 def sgmv_add_lora_cpu(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
                       lora_b: Sequence[torch.Tensor], segment_table: torch.Tensor,
-                      order: Optional[torch.Tensor], scales: Optional[torch.Tensor] = None) -> None:
+                      order: Optional[torch.Tensor], scales: Optional[torch.Tensor] = None,
+                      ranks: Optional[torch.Tensor] = None) -> None:
     """`sgmv_add_lora` in one C++ call (folovllm/csrc/cpu/lora.cpp): blocks of a segment's
-    tokens share each row of A and each tile of B; no gather, no temporaries, one call per layer
-    whatever the number of adapters. `segment_table` is `SGMVSegments.table()`."""
+    tokens share each vector of Aᵀ and Bᵀ; no gather, no temporaries, one call per layer
+    whatever the number of adapters. `segment_table` is `SGMVSegments.table()`; `ranks` [S, P]
+    each slot's true rank per part (None: all R), the only ranks computed."""
     from folovllm._custom_ops import load_ops
 
-    load_ops().sgmv_add_lora(y, x, lora_a, list(lora_b), segment_table, order, scales)
+    at, bts = kernel_stacks(lora_a, lora_b)
+    load_ops().sgmv_add_lora(y, x, at, bts, full_ranks(lora_b) if ranks is None else ranks,
+                             segment_table, order, scales)
 
 
 def bgmv_add_lora_cpu(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
                       lora_b: Sequence[torch.Tensor], token_slots: torch.Tensor,
-                      scales: Optional[torch.Tensor] = None) -> None:
-    """`bgmv_add_lora` in one C++ call: each token [T] reads its slot's A and B in place (no
+                      scales: Optional[torch.Tensor] = None, ranks: Optional[torch.Tensor] = None) -> None:
+    """`bgmv_add_lora` in one C++ call: each token [T] reads its slot's Aᵀ and Bᵀ in place (no
     [T, out, R] gather, which is what made BGMV in torch slow on a CPU); slot -1 rows are
-    skipped. `token_slots` covers every token, base ones included."""
+    skipped. `token_slots` covers every token, base ones included. The same sums in the same
+    order as `sgmv_add_lora_cpu`: bitwise the same y."""
     from folovllm._custom_ops import load_ops
 
-    load_ops().bgmv_add_lora(y, x, lora_a, list(lora_b), token_slots, scales)
+    at, bts = kernel_stacks(lora_a, lora_b)
+    load_ops().bgmv_add_lora(y, x, at, bts, full_ranks(lora_b) if ranks is None else ranks,
+                             token_slots, scales)
 # --8<-- [end:kernels]
 
 
@@ -301,14 +324,16 @@ class PunicaWrapper:
     # --8<-- [end:update_metadata]
 
     def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
-                        lora_b: Sequence[torch.Tensor]) -> None:
+                        lora_b: Sequence[torch.Tensor], ranks: Optional[torch.Tensor] = None) -> None:
+        """y [T, out] += each token's adapter term; `ranks` [S, P] each slot's true rank per part
+        (the C++ kernels compute only those; the torch ops compute R and add the padding's zeros)."""
         if self.no_lora:
             return
         if self.use_kernel:
             if self.use_bgmv:
-                bgmv_add_lora_cpu(y, x, lora_a, lora_b, self.token_slots)
+                bgmv_add_lora_cpu(y, x, lora_a, lora_b, self.token_slots, ranks=ranks)
             else:
-                sgmv_add_lora_cpu(y, x, lora_a, lora_b, self.segment_table, self.segments.order)
+                sgmv_add_lora_cpu(y, x, lora_a, lora_b, self.segment_table, self.segments.order, ranks=ranks)
         elif self.use_bgmv:
             bgmv_add_lora(y, x, lora_a, lora_b, self.token_idx, self.token_slots)
         else:

@@ -219,6 +219,26 @@ def test_batched_op_matches_per_token_loop(data):
         y = y0.float()
         bgmv_add_lora_cpu(y, xf, af, bf, torch.tensor(token_slots, dtype=torch.long), sf)
         torch.testing.assert_close(y.double(), expected, **f32)
+        # each slot's true rank per part (0: a part the adapter leaves alone), with garbage in
+        # the padding the kernel must not read; an empty segment per slot in the table too
+        true_ranks = torch.tensor([[ranks[s]] * len(part_sizes) for s in range(num_slots)])
+        skipped = data.draw(st.lists(st.booleans(), min_size=num_slots, max_size=num_slots))
+        dirty_a, dirty_b = af.clone(), [b.clone() for b in bf]
+        for slot in range(num_slots):
+            for p in range(len(part_sizes)):
+                r = 0 if skipped[slot] and p == 0 else ranks[slot]
+                true_ranks[slot, p] = r
+                dirty_a[slot, p * rank + r:(p + 1) * rank] = 1e3  # never read
+                dirty_b[p][slot, :, r:] = 1e3
+        skip_expected = per_token_loop(y0, x, [[a * (not (skipped[s] and p == 0)) for p, a in enumerate(a_s)]
+                                                for s, a_s in enumerate(a_list)], b_list, scales, token_slots, part_sizes)
+        table = torch.cat([segments.table(), torch.tensor([[slot, 0, 0] for slot in range(num_slots)]).view(-1, 3)])
+        y_sgmv = y0.float()
+        sgmv_add_lora_cpu(y_sgmv, xf, dirty_a, dirty_b, table, segments.order, sf, true_ranks)
+        torch.testing.assert_close(y_sgmv.double(), skip_expected, **f32)
+        y_bgmv = y0.float()
+        bgmv_add_lora_cpu(y_bgmv, xf, dirty_a, dirty_b, torch.tensor(token_slots, dtype=torch.long), sf, true_ranks)
+        assert torch.equal(y_bgmv, y_sgmv)  # the same sums in the same order, token alone or in a block
 
     # the wrapper's own dispatch, with the scales folded into B as the loader does
     folded_b = [b * scales.view(-1, 1, 1) for b in lora_b]
@@ -286,6 +306,62 @@ def test_lora_kernels_at_layer_shapes(dtype, num_threads):
         torch.set_num_threads(before)
     with pytest.raises(RuntimeError, match="reads slot 3"):  # checked, not read out of bounds
         bgmv_add_lora_cpu(y0.clone(), x, lora_a, lora_b, torch.full((T,), 3, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="allowed 0..16"):
+        bgmv_add_lora_cpu(y0.clone(), x, lora_a, lora_b, slots, ranks=torch.full((3, 3), 17))
+
+
+@pytest.mark.skipif(not _custom_ops.ops_available(), reason="the CPU kernels cannot be built here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lora_kernels_read_true_ranks_in_layer_layout(dtype):
+    """The layer's own stacks (Aᵀ rows padded to 16, Bᵀ, transposed views for torch) at
+    max_lora_rank 64 holding adapters of ranks 16, 8 and 4 (one leaving k_proj alone), garbage
+    in every padded rank: the kernels compute the true ranks only and equal the reference on the
+    clean stacks; BGMV equals SGMV bitwise; an all-base batch is untouched."""
+    from folovllm.lora.layers import LinearWithLoRA
+    from folovllm.lora.lora_model import LoRALayerWeights
+    from folovllm.model_executor.layers.linear import QKVParallelLinear
+
+    g = torch.Generator().manual_seed(3)
+    base = QKVParallelLinear(96, 16, 4, 2, bias=False, prefix="model.layers.0.self_attn.qkv_proj")
+    layer = LinearWithLoRA(base, ["q_proj", "k_proj", "v_proj"], 3, 64, PunicaWrapper(torch.device("cpu")), dtype)
+    assert layer.lora_at_stacked.shape == (3, 96, 192) and layer.lora_a_stacked.shape == (3, 192, 96)
+    clean_a, clean_b = torch.zeros(3, 192, 96), [torch.zeros(3, out, 64) for out in layer.output_slices]
+    for slot, r in enumerate((16, 8, 4)):
+        weights = []
+        for p, out in enumerate(layer.output_slices):
+            if slot == 2 and p == 1:
+                weights.append(None)  # this adapter does not target k_proj
+                continue
+            w = LoRALayerWeights(f"p{p}", r, torch.randn(r, 96, generator=g).to(dtype),
+                                 torch.randn(out, r, generator=g).to(dtype))
+            weights.append(w)
+            clean_a[slot, p * 64:p * 64 + r], clean_b[p][slot, :, :r] = w.lora_a.float(), w.lora_b.float()
+        layer.set_lora(slot, weights)
+    assert layer.lora_ranks.tolist() == [[16, 16, 16], [8, 8, 8], [4, 0, 4]]
+    for p, b in enumerate(layer.lora_b_stacked):  # garbage wherever a slot's rank does not reach
+        for slot in range(3):
+            r = int(layer.lora_ranks[slot, p])
+            layer.lora_a_stacked[slot, p * 64 + r:(p + 1) * 64] = 1e4
+            b[slot, :, r:] = 1e4
+    token_slots = [0] * 5 + [-1, 2, 1, -1, 2, 2, 0] + [1] * 18
+    T = len(token_slots)
+    x = torch.randn(T, 96, generator=g).to(dtype)
+    y0 = torch.randn(T, sum(layer.output_slices), generator=g).to(dtype)
+    expected = y0.double()
+    add_lora_reference(expected, x.double(), clean_a.double(), [b.double() for b in clean_b], torch.tensor(token_slots))
+    tol = dict(atol=1e-3, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.5, rtol=2e-2)
+    segments = SGMVSegments.from_token_slots(token_slots, x.device)
+    y_sgmv = y0.clone()
+    sgmv_add_lora_cpu(y_sgmv, x, layer.lora_a_stacked, layer.lora_b_stacked, segments.table(), segments.order,
+                      ranks=layer.lora_ranks)
+    torch.testing.assert_close(y_sgmv.double(), expected, **tol)
+    y_bgmv = y0.clone()
+    bgmv_add_lora_cpu(y_bgmv, x, layer.lora_a_stacked, layer.lora_b_stacked, torch.tensor(token_slots),
+                      ranks=layer.lora_ranks)
+    assert torch.equal(y_bgmv, y_sgmv)
+    y = y0.clone()
+    bgmv_add_lora_cpu(y, x, layer.lora_a_stacked, layer.lora_b_stacked, torch.full((T,), -1), ranks=layer.lora_ranks)
+    assert torch.equal(y, y0)
 
 
 # -- bad adapters: refused by name at add_request; nothing leaks; others keep running ----------

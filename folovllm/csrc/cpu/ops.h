@@ -33,13 +33,15 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor
                       const at::Tensor& cos_sin_cache);
 void silu_and_mul(at::Tensor& out, const at::Tensor& input);
 
-// lora.cpp (stage 11): y += each token's adapter update, A and B read in their slots
-void bgmv_add_lora(at::Tensor& y, const at::Tensor& x, const at::Tensor& lora_a,
-                   const std::vector<at::Tensor>& lora_b, const at::Tensor& token_slots,
+// lora.cpp (stage 11): y += each token's adapter update, Aᵀ and Bᵀ read in their slots, each
+// slot's true rank per part
+void bgmv_add_lora(at::Tensor& y, const at::Tensor& x, const at::Tensor& lora_at,
+                   const std::vector<at::Tensor>& lora_bt, const at::Tensor& ranks,
+                   const at::Tensor& token_slots, const c10::optional<at::Tensor>& scales);
+void sgmv_add_lora(at::Tensor& y, const at::Tensor& x, const at::Tensor& lora_at,
+                   const std::vector<at::Tensor>& lora_bt, const at::Tensor& ranks,
+                   const at::Tensor& segments, const c10::optional<at::Tensor>& order,
                    const c10::optional<at::Tensor>& scales);
-void sgmv_add_lora(at::Tensor& y, const at::Tensor& x, const at::Tensor& lora_a,
-                   const std::vector<at::Tensor>& lora_b, const at::Tensor& segments,
-                   const c10::optional<at::Tensor>& order, const c10::optional<at::Tensor>& scales);
 
 // decode_gemm.cpp
 at::Tensor pack_decode_weight(const at::Tensor& weight);

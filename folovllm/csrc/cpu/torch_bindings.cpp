@@ -20,7 +20,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x [M, K] @ W^T (+ bias) on the packed weight: each weight read once per call");
   m.def("silu_and_mul", &silu_and_mul, "out = silu(x[:, :I]) * x[:, I:]");
   m.def("bgmv_add_lora", &bgmv_add_lora,
-        "y += each token's (x A_slot^T) B_slot^T, token by token (decode rows; slot -1: none)");
+        "y += each token's (x A_slot^T) B_slot^T, token by token (decode rows; slot -1: none); "
+        "A^T [S, in, W], B^T P x [S, R, out_p], ranks [S, P]");
   m.def("sgmv_add_lora", &sgmv_add_lora,
         "y += (x A_slot^T) B_slot^T for segments (slot, start, end) of tokens, optionally via order");
 }
