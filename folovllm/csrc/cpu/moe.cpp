@@ -1,3 +1,4 @@
+// --8<-- [start:header]
 // One call per MoE layer: the experts of a batch, grouped, fused and combined (vLLM's CPU
 // `fused_experts_cpu`, in plain loops). The torch versions beside it, in
 // model_executor/layers/fused_moe.py: `moe_reference` (the lesson) and `fused_experts` (the same
@@ -29,9 +30,14 @@
 // The layout (`prepack_moe_weight`, once per layer in process_weights_after_loading), weights
 // float32 or bfloat16 (read as they are stored, widened to float32 in registers):
 //
-//   w13 [E, 2I, H]  ->  w13p [E, Ipad/16, H, 32]   panel p, row k = gate_{16p..16p+15}[k],
-//                                                  up_{16p..16p+15}[k]: 32 values, one line pair
-//   w2  [E, H, I]   ->  w2p  [E, ceil(H/32), Ipad, 32]   panel p, row k = down_{32p..32p+31}[k]
+//   w13 [E, 2I, H]  ->  w13p [E, Ipad/16, H, 32]   panel p, row k = A | B with A = gate, B = up
+//                                                  of features 16p .. 16p+15, at input k
+//   w2  [E, H, I]   ->  w2p  [E, ceil(H/32), Ipad, 32]   panel p, row k = A | B with A = down
+//                                                  of outputs 32p .. 32p+15, B = 32p+16 .. 32p+31
+//
+//   float32 rows are A0..A15 B0..B15; bfloat16 rows interleave them, A0 B0 A1 B1 ... A15 B15, so
+//   that one load of 32 bf16 gives A (each 32-bit lane's low half shifted up) and B (its high
+//   half, masked): two plain integer ops, no cross-lane widening.
 //
 //   Ipad = I rounded up to 16; padded features have zero gate and up (silu(0) * 0 = 0) and zero
 //   down columns, padded outputs past H are never stored.
@@ -42,6 +48,7 @@
 // Qwen3-30B-A3B's shapes). Tiles: AVX-512, 8 rows x (1 gate + 1 up vector) or 8 rows x 2
 // vectors = 16 accumulators; AVX2 (FOLOVLLM_CPU_ISA=avx2), half a panel at a time, 6 rows x 2
 // vectors = 12 accumulators of its 16 registers.
+// --8<-- [end:header]
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
@@ -70,11 +77,13 @@ inline vec vzero() { return _mm512_setzero_ps(); }
 inline vec vbroadcast(const float* p) { return _mm512_set1_ps(*p); }
 inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
-inline vec wload(const float* p) { return _mm512_loadu_ps(p); }
-// bf16 -> f32 is the 16 bits moved to the top of a 32-bit word: widen, shift, reinterpret
-inline vec wload(const uint16_t* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+// bf16 -> f32 is the 16 bits moved to the top of a 32-bit word: 2L interleaved bf16 A0 B0 A1 B1..
+// are L 32-bit lanes; A is each lane shifted left by 16, B each lane with its low half cleared
+inline void vload_bf16_pair(const uint16_t* p, vec& a, vec& b) {
+  const __m512i raw = _mm512_loadu_si512(p);
+  a = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+  b = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int64_t L = 8;
@@ -84,10 +93,11 @@ inline vec vzero() { return _mm256_setzero_ps(); }
 inline vec vbroadcast(const float* p) { return _mm256_broadcast_ss(p); }
 inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
-inline vec wload(const float* p) { return _mm256_loadu_ps(p); }
-inline vec wload(const uint16_t* p) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vload_bf16_pair(const uint16_t* p, vec& a, vec& b) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  a = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+  b = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 #else  // no AVX2 (x86-64 builds have it; kept for other compilers): one float is a "vector"
 constexpr int64_t L = 1;
@@ -97,23 +107,37 @@ inline vec vzero() { return 0.f; }
 inline vec vbroadcast(const float* p) { return *p; }
 inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
 inline void vstore(float* p, vec v) { *p = v; }
-inline vec wload(const float* p) { return *p; }
-inline vec wload(const uint16_t* p) {
-  const uint32_t bits = static_cast<uint32_t>(*p) << 16;
+inline vec vload(const float* p) { return *p; }
+inline float bf16_to_float(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
   float f;
   std::memcpy(&f, &bits, sizeof(f));
   return f;
 }
+inline void vload_bf16_pair(const uint16_t* p, vec& a, vec& b) {
+  a = bf16_to_float(p[0]);
+  b = bf16_to_float(p[1]);
+}
 #endif
 
-// Pass 3 for R rows and L features: w points at the panel's gate column g of row k = 0 (its up
-// column is 16 further on); h[r, 0 .. L) = silu(x[r] . gate) * (x[r] . up).
+// Columns q*L .. q*L+L-1 of halves A and B of one panel row (module comment: the layouts).
+inline void load_pair(const float* row, int64_t q, vec& a, vec& b) {
+  a = vload(row + q * L);
+  b = vload(row + HALF + q * L);
+}
+inline void load_pair(const uint16_t* row, int64_t q, vec& a, vec& b) { vload_bf16_pair(row + 2 * q * L, a, b); }
+
+// --8<-- [start:tile_gate_up]
+// Pass 3 for R rows and the L features q*L .. q*L+L-1 of a panel (w: its row k = 0):
+// h[r, 0 .. L) = silu(x[r] . gate) * (x[r] . up).
 template <int64_t R, typename W>
-inline void tile_gate_up(const W* w, int64_t K, const float* x, int64_t ldx, float* h, int64_t ldh) {
+inline void tile_gate_up(const W* w, int64_t q, int64_t K, const float* x, int64_t ldx, float* h,
+                         int64_t ldh) {
   vec g[R], u[R];
   for (int64_t r = 0; r < R; ++r) g[r] = u[r] = vzero();
   for (int64_t k = 0; k < K; ++k) {
-    const vec wg = wload(w + k * MOE_PANEL), wu = wload(w + k * MOE_PANEL + HALF);
+    vec wg, wu;
+    load_pair(w + k * MOE_PANEL, q, wg, wu);
     for (int64_t r = 0; r < R; ++r) {
       const vec xv = vbroadcast(x + r * ldx + k);
       g[r] = vfma(xv, wg, g[r]);
@@ -128,15 +152,19 @@ inline void tile_gate_up(const W* w, int64_t K, const float* x, int64_t ldx, flo
     for (int64_t j = 0; j < L; ++j) o[j] = gs[j] / (1.f + std::exp(-gs[j])) * us[j];  // silu(g) * u
   }
 }
+// --8<-- [end:tile_gate_up]
 
-// Pass 4 for R rows and 2 vectors of outputs: y[r, 0 .. cols) = scale[r] * (h[r] . down).
+// Pass 4 for R rows and the outputs q*L .. q*L+L-1 of halves A and B of a panel (w: its row
+// k = 0; y: the panel's first output): y[r, o] = scale[r] * (h[r] . down_o), the first cols_a
+// of A's and cols_b of B's (the last panel may end before H).
 template <int64_t R, typename W>
-inline void tile_down(const W* w, int64_t K, const float* h, int64_t ldh, float* y, int64_t ldy,
-                      const float* scale, int64_t cols) {
+inline void tile_down(const W* w, int64_t q, int64_t K, const float* h, int64_t ldh, float* y,
+                      int64_t ldy, const float* scale, int64_t cols_a, int64_t cols_b) {
   vec acc[R][2];
   for (int64_t r = 0; r < R; ++r) acc[r][0] = acc[r][1] = vzero();
   for (int64_t k = 0; k < K; ++k) {
-    const vec w0 = wload(w + k * MOE_PANEL), w1 = wload(w + k * MOE_PANEL + L);
+    vec w0, w1;
+    load_pair(w + k * MOE_PANEL, q, w0, w1);
     for (int64_t r = 0; r < R; ++r) {
       const vec hv = vbroadcast(h + r * ldh + k);
       acc[r][0] = vfma(hv, w0, acc[r][0]);
@@ -144,11 +172,12 @@ inline void tile_down(const W* w, int64_t K, const float* h, int64_t ldh, float*
     }
   }
   for (int64_t r = 0; r < R; ++r) {
-    alignas(64) float row[2 * L];
-    vstore(row, acc[r][0]);
-    vstore(row + L, acc[r][1]);
-    float* o = y + r * ldy;
-    for (int64_t j = 0; j < cols; ++j) o[j] = row[j] * scale[r];
+    alignas(64) float a[L], b[L];
+    vstore(a, acc[r][0]);
+    vstore(b, acc[r][1]);
+    float* o = y + r * ldy + q * L;
+    for (int64_t j = 0; j < cols_a; ++j) o[j] = a[j] * scale[r];
+    for (int64_t j = 0; j < cols_b; ++j) o[HALF + j] = b[j] * scale[r];
   }
 }
 
@@ -172,20 +201,21 @@ inline void tile_down(const W* w, int64_t K, const float* h, int64_t ldh, float*
   }
 
 template <typename W>
-void rows_gate_up(const W* w, int64_t K, const float* x, int64_t n, float* h, int64_t ldh) {
-#define FOLO_CALL(R) tile_gate_up<R>(w, K, x + r * K, K, h + r * ldh, ldh)
+void rows_gate_up(const W* w, int64_t q, int64_t K, const float* x, int64_t n, float* h, int64_t ldh) {
+#define FOLO_CALL(R) tile_gate_up<R>(w, q, K, x + r * K, K, h + r * ldh, ldh)
   FOLO_MOE_ROWS(FOLO_CALL)
 #undef FOLO_CALL
 }
 
 template <typename W>
-void rows_down(const W* w, int64_t K, const float* h, int64_t n, float* y, int64_t ldy,
-               const float* scale, int64_t cols) {
-#define FOLO_CALL(R) tile_down<R>(w, K, h + r * K, K, y + r * ldy, ldy, scale + r, cols)
+void rows_down(const W* w, int64_t q, int64_t K, const float* h, int64_t n, float* y, int64_t ldy,
+               const float* scale, int64_t cols_a, int64_t cols_b) {
+#define FOLO_CALL(R) tile_down<R>(w, q, K, h + r * K, K, y + r * ldy, ldy, scale + r, cols_a, cols_b)
   FOLO_MOE_ROWS(FOLO_CALL)
 #undef FOLO_CALL
 }
 
+// --8<-- [start:run_experts]
 template <typename W>
 void run_experts(const W* w13, const W* w2, const float* xs, float* h, float* ys,
                  const float* sorted_w, const std::vector<int64_t>& touched,
@@ -197,8 +227,8 @@ void run_experts(const W* w13, const W* w2, const float* xs, float* h, float* ys
     for (int64_t item = begin; item < end; ++item) {
       const int64_t e = touched[item / P13], p = item % P13, s0 = start[e];
       const W* panel = w13 + (e * P13 + p) * H * MOE_PANEL;
-      for (int64_t g = 0; g < HALF; g += L)
-        rows_gate_up(panel + g, H, xs + s0 * H, count[e], h + s0 * Ipad + p * HALF + g, Ipad);
+      for (int64_t q = 0; q < HALF / L; ++q)
+        rows_gate_up(panel, q, H, xs + s0 * H, count[e], h + s0 * Ipad + p * HALF + q * L, Ipad);
     }
   });
   // Pass 4: (expert, panel of 32 outputs) items; each streams Ipad x 32 weights once.
@@ -206,14 +236,17 @@ void run_experts(const W* w13, const W* w2, const float* xs, float* h, float* ys
     for (int64_t item = begin; item < end; ++item) {
       const int64_t e = touched[item / P2], p = item % P2, s0 = start[e];
       const W* panel = w2 + (e * P2 + p) * Ipad * MOE_PANEL;
-      for (int64_t g = 0; g < MOE_PANEL; g += 2 * L) {
-        const int64_t o0 = p * MOE_PANEL + g, cols = std::min<int64_t>(2 * L, H - o0);
-        if (cols <= 0) break;
-        rows_down(panel + g, Ipad, h + s0 * Ipad, count[e], ys + s0 * H + o0, H, sorted_w + s0, cols);
+      for (int64_t q = 0; q < HALF / L; ++q) {
+        const int64_t a0 = p * MOE_PANEL + q * L, b0 = a0 + HALF;  // first output of A's, B's part
+        const int64_t cols_a = std::clamp<int64_t>(H - a0, 0, L), cols_b = std::clamp<int64_t>(H - b0, 0, L);
+        if (cols_a == 0) break;
+        rows_down(panel, q, Ipad, h + s0 * Ipad, count[e], ys + s0 * H + p * MOE_PANEL, H, sorted_w + s0,
+                  cols_a, cols_b);
       }
     }
   });
 }
+// --8<-- [end:run_experts]
 
 }  // namespace
 
@@ -236,10 +269,14 @@ std::vector<at::Tensor> prepack_moe_weight(const at::Tensor& w13, const at::Tens
   at::Tensor w13p = at::cat({gate.view({E, P13, HALF, H}), up.view({E, P13, HALF, H})}, 2)
                         .transpose(2, 3)
                         .contiguous();
+  const bool bf16 = w13.scalar_type() == at::kBFloat16;
+  // bfloat16: each row A0..A15 B0..B15 -> A0 B0 A1 B1 .. (view [.., 2, 16], swap, flatten)
+  if (bf16) w13p = w13p.view({E, P13, H, 2, HALF}).transpose(3, 4).contiguous().view({E, P13, H, MOE_PANEL});
   // down zero-padded to [E, P2 * 32, Ipad] -> [E, P2, 32, Ipad] -> k-major [E, P2, Ipad, 32]
   at::Tensor down = at::zeros({E, P2 * MOE_PANEL, Ipad}, w2.options());
   down.narrow(1, 0, H).narrow(2, 0, I).copy_(w2);
   at::Tensor w2p = down.view({E, P2, MOE_PANEL, Ipad}).transpose(2, 3).contiguous();
+  if (bf16) w2p = w2p.view({E, P2, Ipad, 2, HALF}).transpose(3, 4).contiguous().view({E, P2, Ipad, MOE_PANEL});
   return {w13p, w2p};
 }
 
