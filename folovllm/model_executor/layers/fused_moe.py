@@ -274,6 +274,8 @@ def prepack_moe_weight(w13: torch.Tensor, w2: torch.Tensor) -> Optional[tuple[to
 
         w13p [E, Ipad/16, H, 32]        panel p, row k: gate_{16p..16p+15}[k] | up_{16p..16p+15}[k]
         w2p  [E, ceil(H/32), Ipad, 32]  panel p, row k: down_{32p..32p+31}[k]     (Ipad = I up to 16)
+
+    (bfloat16 rows interleave their two halves of 16, so one load yields both: csrc/cpu/moe.cpp.)
     """
     if not (weight_packing_enabled() and w13.device.type == "cpu"
             and w13.dtype in (torch.float32, torch.bfloat16) and ops_available()):
