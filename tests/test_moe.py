@@ -10,7 +10,10 @@ Guards:
   checkpoints: top-2 renormalised with a dense first layer (`mlp_only_layers`), top-1 not
   renormalised with untied embeddings, top-3 with a dense layer from `decoder_sparse_step`;
   and at tensor_parallel_size=2;
-- the engine packs each expert's weights for oneDNN with custom_ops="all" and not with "none",
+- the C++ kernel (`fused_experts_cpu`) equals the reference loop on random routings (hypothesis:
+  empty experts, one expert, one token, partial panels, top-1..3, float32 and bfloat16, expert
+  parallelism's skipped ids); out-of-range ids are refused;
+- the engine lays the experts out for the kernel with custom_ops="all" and not with "none",
   with HF's tokens either way;
 - each rank's slice of the experts (TP) sums to the unsplit layer;
 - expert parallelism: each rank holds whole experts (E/N of them, 1/N of the bytes), their
@@ -43,6 +46,7 @@ from folovllm import LLM, SamplingParams
 from folovllm.config import LATEST_STAGE, verify_tensor_parallel
 from folovllm.distributed import parallel_state
 from folovllm.model_executor.layers import fused_moe
+from folovllm.model_executor.layers.cpu_gemm import weight_packing
 from folovllm.model_executor.layers.fused_moe import FusedMoE, fused_experts, fused_topk, moe_align, moe_reference
 from folovllm.model_executor.model_loader import load_model
 from folovllm.testing.tiny_moe import MoeRecipe, build_tiny_moe_checkpoint
@@ -116,6 +120,64 @@ def test_fused_and_reference_equal_the_formula(tokens, num_experts, k_frac, skew
         torch.testing.assert_close(total, want)
     groups = moe_align(topk_ids, topk_weights, num_experts)
     assert groups.num_experts_touched == len(set(topk_ids.flatten().tolist()))
+
+
+# --8<-- [start:kernel_test]
+@settings(max_examples=30, deadline=None)
+@given(
+    tokens=st.sampled_from([1, 2, 3, 9, 17, 64, 150]),
+    num_experts=st.integers(1, 10),
+    k_frac=st.floats(0.0, 1.0),
+    skew=st.sampled_from(["uniform", "one", "few"]),
+    shape=st.sampled_from([(8, 6), (33, 16), (64, 20), (100, 40)]),  # (hidden, intermediate)
+    renormalize=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_equals_the_reference_loop(tokens, num_experts, k_frac, skew, shape, renormalize, dtype, seed):
+    """`fused_experts_cpu` (csrc/cpu/moe.cpp, built for this process's FOLOVLLM_CPU_ISA: the CI
+    runs the suite under both) against `moe_reference` in float64 on the same values: experts
+    with no tokens, every token on one expert, one token, batches past a row tile, hidden and
+    intermediate sizes that leave partial panels, top-1..3 renormalised or not, float32 and
+    bfloat16 (fp32 accumulation, one rounding to bf16 at the end)."""
+    if not fused_moe.ops_available():
+        pytest.skip("the CPU kernels cannot be built here")
+    top_k = 1 + int(k_frac * (min(num_experts, 3) - 1))
+    hidden, inter = shape
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    w13 = (torch.randn(num_experts, 2 * inter, hidden, generator=gen) / hidden ** 0.5).to(dtype)
+    w2 = (torch.randn(num_experts, hidden, inter, generator=gen) / inter ** 0.5).to(dtype)
+    topk_ids = random_topk_ids(gen, tokens, num_experts, top_k, skew)
+    topk_weights = torch.rand(tokens, top_k, generator=gen)
+    if renormalize:
+        topk_weights /= topk_weights.sum(-1, keepdim=True)
+    want = moe_reference(x.double(), w13.double(), w2.double(), topk_weights.double(), topk_ids)
+    with weight_packing(True):
+        w13p, w2p = fused_moe.prepack_moe_weight(w13, w2)
+    got = fused_moe.fused_experts_cpu(x, w13p, w2p, topk_weights, topk_ids, inter)
+    assert got.dtype == dtype and got.shape == want.shape
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got.double(), want, **tol)
+    if num_experts % 2 == 0:  # expert parallelism: each rank's half, ids -1 skipped, sums add up
+        half, total = num_experts // 2, torch.zeros_like(want)
+        for mine in (slice(0, half), slice(half, num_experts)):
+            expert_map = torch.full((num_experts,), -1, dtype=torch.long)
+            expert_map[mine] = torch.arange(half)
+            with weight_packing(True):
+                p13, p2 = fused_moe.prepack_moe_weight(w13[mine], w2[mine])
+            total += fused_moe.fused_experts_cpu(x, p13, p2, topk_weights, topk_ids, inter, expert_map).double()
+        torch.testing.assert_close(total, want, **tol)
+# --8<-- [end:kernel_test]
+
+
+def test_kernel_refuses_ids_outside_the_experts():
+    if not fused_moe.ops_available():
+        pytest.skip("the CPU kernels cannot be built here")
+    with weight_packing(True):
+        w13p, w2p = fused_moe.prepack_moe_weight(torch.randn(4, 32, 16), torch.randn(4, 16, 16))
+    with pytest.raises(RuntimeError, match="expert id 4 is not in 0..3"):
+        fused_moe.fused_experts_cpu(torch.randn(2, 16), w13p, w2p, torch.ones(2, 1), torch.tensor([[0], [4]]), 16)
 
 
 def test_moe_align_is_the_docstring_picture():
@@ -245,13 +307,16 @@ def test_greedy_tokens_equal_hf_at_every_stage(name, stage, moe_reference_output
 
 @pytest.mark.parametrize("custom_ops", ["all", "none"])
 def test_engine_packs_the_experts_only_with_custom_ops(custom_ops, moe_reference_outputs):
-    """custom_ops="all" (the CPU default): each expert's weights in oneDNN's layout, our
-    SiLU·mul kernel; "none": the stacked torch weights. Both give HF's tokens."""
+    """custom_ops="all" (the CPU default): each layer's weights in the panels of our C++ MoE
+    kernel (`fused_experts_cpu`), one call per layer; "none": the stacked torch weights and the
+    torch grouped path. Both give HF's tokens (so every HF-equality test here runs the kernel)."""
     ref = moe_reference_outputs("top1-untied")
     llm = LLM(str(ref["path"]), stage=6, dtype="float32", max_num_seqs=3, max_model_len=256,
               custom_ops=custom_ops)
     layers = [m for m in llm.llm_engine.model_executor.model_runner.model.modules() if isinstance(m, FusedMoE)]
-    assert layers and all((m.w13_packed is not None) == (custom_ops == "all") for m in layers)
+    assert layers and all((m.w13_kernel is not None) == (custom_ops == "all") for m in layers)
+    if custom_ops == "all":  # one copy of the weights, in the kernel's layout only
+        assert all(m.w13_packed is None and m.w13_weight.numel() == m.w2_weight.numel() == 0 for m in layers)
     params = [SamplingParams(temperature=0.0, max_tokens=m) for m in ref["max_tokens"]]
     outputs = llm.generate(ref["prompts"], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == ref["outputs"]

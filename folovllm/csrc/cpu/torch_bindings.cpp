@@ -24,4 +24,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "A^T [S, in, W], B^T P x [S, R, out_p], ranks [S, P]");
   m.def("sgmv_add_lora", &sgmv_add_lora,
         "y += (x A_slot^T) B_slot^T for segments (slot, start, end) of tokens, optionally via order");
+  m.def("prepack_moe_weight", &prepack_moe_weight,
+        "w13 [E, 2I, H], w2 [E, H, I] -> [w13p [E, Ipad/16, H, 32], w2p [E, ceil(H/32), Ipad, 32]]");
+  m.def("fused_experts_cpu", &fused_experts_cpu,
+        "One MoE layer: pairs grouped by expert, gate|up + SiLU*mul, down, weighted combine");
 }

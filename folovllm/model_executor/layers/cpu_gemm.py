@@ -74,6 +74,11 @@ def onednn_takes(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and onednn_bf16_supported())
 
 
+def weight_packing_enabled() -> bool:
+    """Whether the layers loading now should re-lay their weights for our kernels."""
+    return _packing
+
+
 @contextlib.contextmanager
 def weight_packing(enabled: bool) -> Iterator[None]:
     """Pack the plain weights of the layers loaded inside this block (or not)."""

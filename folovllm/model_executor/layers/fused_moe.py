@@ -37,8 +37,12 @@ all-reduce per layer. The router is replicated. With expert parallelism
 only the pairs routed to them, and the same all-reduce sums the ranks' outputs: every rank
 already holds every token (attention is tensor-parallel), so no token has to travel.
 
-Left out (docs/moe.md): a C++ kernel (both paths are torch; the GEMMs are oneDNN/MKL's),
-all-to-all dispatch/combine (EP here rides the TP all-reduce), GPTQ/int4 experts,
+A third, the engine's on CPU with custom_ops="all": `fused_experts_cpu`, the same five steps in
+ONE C++ call per layer (csrc/cpu/moe.cpp), on each layer's weights re-laid at load into the
+panels it streams (gate and up side by side, so SiLU·mul happens in registers). The two torch
+versions stay: the lesson, and the portable fallback that tests compare the kernel against.
+
+Left out (docs/moe.md): all-to-all dispatch/combine (EP here rides the TP all-reduce), GPTQ/int4 experts,
 shared experts (Qwen2-MoE, DeepSeek), grouped top-k (DeepSeek-V3), and vLLM's padding of each
 segment to a block size (a GPU kernel's tile; our GEMMs take any segment length).
 """
@@ -61,7 +65,8 @@ from folovllm.distributed.parallel_state import (
     tensor_model_parallel_all_reduce,
 )
 from folovllm.model_executor.layers.activation import SiluAndMul
-from folovllm.model_executor.layers.cpu_gemm import dense_linear, pack_weight
+from folovllm._custom_ops import load_ops, ops_available
+from folovllm.model_executor.layers.cpu_gemm import dense_linear, pack_weight, weight_packing_enabled
 from folovllm.model_executor.layers.linear import QuantizationConfig, WeightShapeError, set_weight_attrs
 from folovllm.model_executor.layers.quantization.gptq import (
     CpuInt4Weight,
@@ -261,6 +266,45 @@ def fused_experts(
 # --8<-- [end:fused_experts]
 
 
+# --8<-- [start:fused_experts_cpu]
+def prepack_moe_weight(w13: torch.Tensor, w2: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """w13 [E, 2I, H], w2 [E, H, I] -> the panels `fused_experts_cpu` streams, or None where the
+    kernel does not run (weight packing off, i.e. custom_ops="none"; not CPU; a dtype other than
+    float32 / bfloat16; kernels that cannot be built here)::
+
+        w13p [E, Ipad/16, H, 32]        panel p, row k: gate_{16p..16p+15}[k] | up_{16p..16p+15}[k]
+        w2p  [E, ceil(H/32), Ipad, 32]  panel p, row k: down_{32p..32p+31}[k]     (Ipad = I up to 16)
+
+    (bfloat16 rows interleave their two halves of 16, so one load yields both: csrc/cpu/moe.cpp.)
+    """
+    if not (weight_packing_enabled() and w13.device.type == "cpu"
+            and w13.dtype in (torch.float32, torch.bfloat16) and ops_available()):
+        return None
+    with torch.inference_mode():
+        w13p, w2p = load_ops().prepack_moe_weight(w13.detach().contiguous(), w2.detach().contiguous())
+    return w13p, w2p
+
+
+def fused_experts_cpu(
+    hidden_states: torch.Tensor,  # [T, H] float32 or bfloat16
+    w13p: torch.Tensor,  # [E, Ipad/16, H, 32] (prepack_moe_weight)
+    w2p: torch.Tensor,  # [E, ceil(H/32), Ipad, 32]
+    topk_weights: torch.Tensor,  # [T, k]
+    topk_ids: torch.Tensor,  # [T, k]
+    intermediate_size: int,  # I (this rank's)
+    expert_map: Optional[torch.Tensor] = None,  # [E] global id -> local id, -1 elsewhere (EP)
+) -> torch.Tensor:
+    """`fused_experts` in one C++ call (csrc/cpu/moe.cpp): counting sort of the pairs by expert,
+    gather, gate|up with SiLU·mul in the same pass, down scaled by the routing weight, combine in
+    token order; float32 accumulation whatever the dtype. With expert parallelism a pair whose
+    expert is another rank's gets id -1, which the kernel skips."""
+    if expert_map is not None:
+        topk_ids = expert_map[topk_ids]  # [T, k] local ids, -1: another rank's expert
+    return load_ops().fused_experts_cpu(hidden_states, w13p, w2p, topk_weights.float(), topk_ids.long(),
+                                        intermediate_size)
+# --8<-- [end:fused_experts_cpu]
+
+
 class FusedMoE(nn.Module):
     """The experts of one sparse MoE block (vLLM's `FusedMoE`): stacked weights, the router's
     top-k, the grouped computation, and (stage 08) the all-reduce of the split experts.
@@ -334,6 +378,10 @@ class FusedMoE(nn.Module):
         # GPTQ's kernel's), set after loading; None: the stacked float tensors.
         self.w13_packed: Optional[list] = None
         self.w2_packed: Optional[list] = None
+        # Or the whole layer's weights in `fused_experts_cpu`'s panels (float experts with
+        # custom_ops="all"): one C++ call per layer instead of the Python loop over experts.
+        self.w13_kernel: Optional[torch.Tensor] = None
+        self.w2_kernel: Optional[torch.Tensor] = None
         # This layer's row [E] of the model's routing counts (`ExpertLoadRecorder`), or None:
         # nobody counts, nothing is computed (vLLM's `expert_load_view`).
         self.expert_load_view: Optional[torch.Tensor] = None
@@ -408,6 +456,10 @@ class FusedMoE(nn.Module):
         topk_weights, topk_ids = fused_topk(router_logits, self.top_k, self.renormalize)
         if self.expert_load_view is not None:  # tokens routed to each expert, this step
             self.expert_load_view += torch.bincount(topk_ids.reshape(-1), minlength=self.num_experts)
+        if self.w13_kernel is not None:  # the whole layer in one C++ call
+            out = fused_experts_cpu(hidden_states, self.w13_kernel, self.w2_kernel, topk_weights, topk_ids,
+                                    self.intermediate_size_per_partition, expert_map=self.expert_map)
+            return tensor_model_parallel_all_reduce(out)
         w13 = self.w13_weight if self.w13_packed is None else self.w13_packed
         w2 = self.w2_weight if self.w2_packed is None else self.w2_packed
         # TP: partial sums of every expert's slice; EP: whole results of this rank's experts.
@@ -488,8 +540,15 @@ class UnquantizedFusedMoEMethod(FusedMoEMethodBase):
 
     def process_weights_after_loading(self, layer: FusedMoE) -> None:
         """With weight packing on (custom_ops="all" on CPU, `cpu_gemm.weight_packing`), re-lay
-        each expert's w13 and w2 in oneDNN's blocked layout, one tensor per expert, and drop the
-        stacked copies (same bytes, not twice). A no-op otherwise."""
+        the layer's w13 and w2 in the panels of `fused_experts_cpu` (float32, bfloat16), else
+        each expert's in oneDNN's blocked layout, one tensor per expert; then drop the stacked
+        copies (same bytes, not twice). A no-op otherwise."""
+        packed = prepack_moe_weight(layer.w13_weight, layer.w2_weight)
+        if packed is not None:
+            layer.w13_kernel, layer.w2_kernel = packed
+            for name in ("w13_weight", "w2_weight"):
+                setattr(layer, name, nn.Parameter(torch.empty(0, dtype=packed[0].dtype), requires_grad=False))
+            return
         w13 = [pack_weight(layer.w13_weight[e]) for e in range(layer.num_local_experts)]
         if any(w is None for w in w13):
             return
