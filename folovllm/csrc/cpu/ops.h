@@ -45,3 +45,8 @@ void sgmv_add_lora(at::Tensor& y, const at::Tensor& x, const at::Tensor& lora_a,
 at::Tensor pack_decode_weight(const at::Tensor& weight);
 at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
                          const c10::optional<at::Tensor>& bias);
+
+// int4_gemm.cpp (stage 07): x [M, K] @ W^T for a GPTQ 4-bit weight in panels of 32 outputs
+at::Tensor int4_decode_linear(const at::Tensor& x, const at::Tensor& packed,
+                              const c10::optional<at::Tensor>& perm, int64_t group_size,
+                              int64_t out_features);
