@@ -13,12 +13,23 @@
 //   panel p:  | group 0 codes | group 0 meta | group 1 codes | group 1 meta | ...
 //   codes:    G / 4 blocks of 16 int32 words (64 bytes, one cache line, one AVX-512 load);
 //             block b, word i, nibble j (bits 4j .. 4j+3) = code of
-//                 input  k = 4b + j / 2        (of the group)
 //                 output n = 32p + 16 (j % 2) + i
+//                 input  k = 4b + kk(j),  kk(j) = 2 ((j >> 1) & 1) + (j >> 2)   (of the group)
+//
+//             word i:  | k+1,hi | k+1,lo | k+3,hi | k+3,lo | k,hi | k,lo | k+2,hi | k+2,lo |
+//                      bit 31   (nibbles 7 .. 4: odd k)     (nibbles 3 .. 0: even k)   bit 0
+//             (lo / hi: output 32p + i / 32p + 16 + i;  k = 4b)
 //   meta:     32 float scales, then 32 float zeros (outputs 32p .. 32p + 31; 0 past N)
 //
-// so `(word >> 4j) & 15` of a vector of words is 16 (AVX-512) or 8 (AVX2) consecutive outputs'
-// codes for one input: no shuffles, one shift, one and, one convert, then one FMA per row.
+// Two ways to read a block, no shuffles either way:
+//   float32  `(word >> 4j) & 15` of a vector of words is 16 (AVX-512) or 8 (AVX2) consecutive
+//            outputs' codes for one input: shift, and, convert, then one FMA per row
+//   bf16     (AVX512-BF16, bfloat16 activations) `(word >> 4q) & 0x000F000F` puts input k's code
+//            in each lane's low 16 bits and input k+1's in its high 16 bits; or-ing 0x4300 into
+//            both makes them the bfloat16 numbers 128 + code (exact), and one `vdpbf16ps` adds
+//            x[k] (128 + c[k]) + x[k+1] (128 + c[k+1]) into each float32 accumulator: half the
+//            instructions per code of the float32 way, exact products. The 128s are taken back
+//            once per group with the zero: (z + 128) * xsum.
 //
 // The arithmetic: W[n, k] = (code - z) * s per group, so a group's contribution to a row is
 //
@@ -91,16 +102,27 @@ struct Problem {
   int64_t groups, G;    // groups along K, inputs per group
   const float* x;       // [M, K] float32, permuted
   const float* xsum;    // [M, groups]: each row's sum over each group
+  const uint16_t* xb;   // [M, K] the same x as bfloat16 bits, when the bf16 way is taken; else null
   int64_t M, K, N;
   float* out;           // [M, N] float32
 };
+
+#if defined(__AVX512BF16__)
+constexpr bool HAS_BF16_DOT = true;
+#else
+constexpr bool HAS_BF16_DOT = false;
+#endif
+constexpr float BF16_BIAS = 128.f, ONE = 1.f;  // bfloat16 0x4300 = 128: the codes' offset
 
 #ifdef FOLO_INT4_VECTOR
 constexpr int64_t NH = BLOCK_WORDS / L;  // loads per block: 1 (AVX-512) or 2 (AVX2)
 constexpr int64_t NV = PANEL / L;        // vectors of outputs per row: 2 or 4
 
-// Rows r0 .. r0 + R - 1 against panel p: out[r, 32p .. 32p + cols).
-template <int64_t R>
+// Input offset (in its block of 4) of nibble j; see the layout above.
+constexpr int kk_of(int j) { return 2 * ((j >> 1) & 1) + (j >> 2); }
+
+// Rows r0 .. r0 + R - 1 against panel p: out[r, 32p .. 32p + cols). BF16: the vdpbf16ps way.
+template <int64_t R, bool BF16>
 void tile(const Problem& P, int64_t p, int64_t r0, int64_t cols) {
   const int32_t* panel = P.w + p * P.panel_words;
   const int64_t blocks = P.G / BLOCK_K, group_words = blocks * BLOCK_WORDS + META_WORDS;
@@ -110,26 +132,48 @@ void tile(const Problem& P, int64_t p, int64_t r0, int64_t cols) {
   for (int64_t g = 0; g < P.groups; ++g) {
     const int32_t* codes = panel + g * group_words;
     const float* meta = reinterpret_cast<const float*>(codes + blocks * BLOCK_WORDS);
-    const float* xg = P.x + r0 * P.K + g * P.G;
     vf acc[R][NV];
     for (int64_t r = 0; r < R; ++r)
       for (int64_t a = 0; a < NV; ++a) acc[r][a] = vzero();
-    for (int64_t b = 0; b < blocks; ++b) {
+    if constexpr (BF16) {
+#if defined(__AVX512BF16__)
+      const uint16_t* xg = P.xb + r0 * P.K + g * P.G;
+      const vi mask = _mm512_set1_epi32(0x000F000F), bias = _mm512_set1_epi32(0x43004300);
+      for (int64_t b = 0; b < blocks; ++b) {
+        const vi w = iload(codes + b * BLOCK_WORDS);
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) {  // inputs 4b + 2 (q >> 1) and the next, outputs half q & 1
+          const vi c = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(w, 4 * q), mask), bias);
+          const int64_t k = b * BLOCK_K + 2 * (q >> 1);
+          for (int64_t r = 0; r < R; ++r) {
+            int32_t pair;  // x[k], x[k + 1] as one 32-bit lane
+            std::memcpy(&pair, xg + r * P.K + k, sizeof(pair));
+            acc[r][q & 1] = _mm512_dpbf16_ps(acc[r][q & 1], (__m512bh)c, (__m512bh)_mm512_set1_epi32(pair));
+          }
+        }
+      }
+#endif
+    } else {
+      const float* xg = P.x + r0 * P.K + g * P.G;
+      for (int64_t b = 0; b < blocks; ++b) {
 #pragma GCC unroll 2
-      for (int64_t h = 0; h < NH; ++h) {
-        const vi w = iload(codes + b * BLOCK_WORDS + h * L);
+        for (int64_t h = 0; h < NH; ++h) {
+          const vi w = iload(codes + b * BLOCK_WORDS + h * L);
 #pragma GCC unroll 8
-        for (int j = 0; j < 8; ++j) {
-          const vf c = nibble(w, 4 * j);  // outputs 16 (j % 2) + h L + [0, L), input 4b + j / 2
-          const int64_t a = (j & 1) * NH + h;
-          for (int64_t r = 0; r < R; ++r)
-            acc[r][a] = vfma(vbroadcast(xg + r * P.K + b * BLOCK_K + j / 2), c, acc[r][a]);
+          for (int j = 0; j < 8; ++j) {
+            const vf c = nibble(w, 4 * j);  // outputs 16 (j % 2) + h L + [0, L), input 4b + kk(j)
+            const int64_t a = (j & 1) * NH + h;
+            for (int64_t r = 0; r < R; ++r)
+              acc[r][a] = vfma(vbroadcast(xg + r * P.K + b * BLOCK_K + kk_of(j)), c, acc[r][a]);
+          }
         }
       }
     }
-    // total += s * (acc - z * xsum), once per group
+    // total += s * (acc - z * xsum), once per group (the bf16 way: z + 128)
     for (int64_t a = 0; a < NV; ++a) {
-      const vf s = vload(meta + a * L), z = vload(meta + PANEL + a * L);
+      vf z = vload(meta + PANEL + a * L);
+      if constexpr (BF16) z = vfma(vbroadcast(&BF16_BIAS), vbroadcast(&ONE), z);
+      const vf s = vload(meta + a * L);
       for (int64_t r = 0; r < R; ++r) {
         const vf xs = vbroadcast(P.xsum + (r0 + r) * P.groups + g);
         vstore(total[r] + a * L, vfma(s, vfnma(z, xs, acc[r][a]), vload(total[r] + a * L)));
@@ -140,21 +184,29 @@ void tile(const Problem& P, int64_t p, int64_t r0, int64_t cols) {
     std::memcpy(P.out + (r0 + r) * P.N + p * PANEL, total[r], cols * sizeof(float));
 }
 
-void panel_rows(const Problem& P, int64_t p, int64_t cols) {
+template <bool BF16>
+void panel_rows_as(const Problem& P, int64_t p, int64_t cols) {
   int64_t r = 0;
-  for (; r + ROWS <= P.M; r += ROWS) tile<ROWS>(P, p, r, cols);
+  for (; r + ROWS <= P.M; r += ROWS) tile<ROWS, BF16>(P, p, r, cols);
   switch (P.M - r) {
 #if defined(__AVX512F__)
-    case 7: tile<7>(P, p, r, cols); break;
-    case 6: tile<6>(P, p, r, cols); break;
-    case 5: tile<5>(P, p, r, cols); break;
-    case 4: tile<4>(P, p, r, cols); break;
-    case 3: tile<3>(P, p, r, cols); break;
+    case 7: tile<7, BF16>(P, p, r, cols); break;
+    case 6: tile<6, BF16>(P, p, r, cols); break;
+    case 5: tile<5, BF16>(P, p, r, cols); break;
+    case 4: tile<4, BF16>(P, p, r, cols); break;
+    case 3: tile<3, BF16>(P, p, r, cols); break;
 #endif
-    case 2: tile<2>(P, p, r, cols); break;
-    case 1: tile<1>(P, p, r, cols); break;
+    case 2: tile<2, BF16>(P, p, r, cols); break;
+    case 1: tile<1, BF16>(P, p, r, cols); break;
     default: break;
   }
+}
+
+void panel_rows(const Problem& P, int64_t p, int64_t cols) {
+  if (P.xb)
+    panel_rows_as<true>(P, p, cols);
+  else
+    panel_rows_as<false>(P, p, cols);
 }
 #else  // no AVX2 (x86-64 builds need it; kept for other compilers): the same sums, plain loops
 void panel_rows(const Problem& P, int64_t p, int64_t cols) {
@@ -170,7 +222,8 @@ void panel_rows(const Problem& P, int64_t p, int64_t cols) {
         float acc = 0.f;
         for (int64_t k = 0; k < P.G; ++k) {
           const uint32_t word = static_cast<uint32_t>(codes[(k / BLOCK_K) * BLOCK_WORDS + i]);
-          acc += P.x[r * P.K + g * P.G + k] * float((word >> (4 * (2 * (k % BLOCK_K) + j0))) & 15);
+          const int64_t kk = k % BLOCK_K, j = 4 * (kk & 1) + 2 * (kk >> 1) + j0;  // kk(j) inverted
+          acc += P.x[r * P.K + g * P.G + k] * float((word >> (4 * j)) & 15);
         }
         total += meta[n] * (acc - meta[PANEL + n] * P.xsum[r * P.groups + g]);
       }
@@ -212,6 +265,9 @@ at::Tensor int4_decode_linear(const at::Tensor& x, const at::Tensor& packed,
   const at::Tensor xc = x.contiguous();
   at::Tensor xf = at::empty({M, K}, xc.options().dtype(at::kFloat));
   at::Tensor xsum = at::empty({M, groups}, xf.options());
+  // The bf16 way where the CPU has vdpbf16ps and x is bfloat16 (exact: no rounding of x).
+  const bool bf16_dot = HAS_BF16_DOT && xc.scalar_type() == at::kBFloat16;
+  at::Tensor xb = bf16_dot ? at::empty({M, K}, xc.options()) : at::Tensor();
   float* xfp = xf.data_ptr<float>();
   float* xsp = xsum.data_ptr<float>();
   for (int64_t r = 0; r < M; ++r) {
@@ -225,6 +281,10 @@ at::Tensor int4_decode_linear(const at::Tensor& x, const at::Tensor& packed,
     } else {
       const at::BFloat16* src = xc.data_ptr<at::BFloat16>() + r * K;
       for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<float>(src[pp ? pp[k] : k]);
+      if (bf16_dot) {
+        at::BFloat16* bdst = xb.data_ptr<at::BFloat16>() + r * K;
+        for (int64_t k = 0; k < K; ++k) bdst[k] = src[pp ? pp[k] : k];
+      }
     }
     for (int64_t g = 0; g < groups; ++g) {
       float s = 0.f;
@@ -235,7 +295,9 @@ at::Tensor int4_decode_linear(const at::Tensor& x, const at::Tensor& packed,
   at::Tensor out = at::empty({M, N}, xf.options());
   if (M == 0 || N == 0) return out.to(x.scalar_type());
   const Problem P{packed.data_ptr<int32_t>(), panel_words, groups, G, xf.data_ptr<float>(),
-                  xsum.data_ptr<float>(), M, K, N, out.data_ptr<float>()};
+                  xsum.data_ptr<float>(),
+                  bf16_dot ? reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()) : nullptr,
+                  M, K, N, out.data_ptr<float>()};
   // At least ~64 KB of codes per chunk of work: smaller ones cost more to hand out than they save.
   const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(panel_words * 4, 1));
   at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {

@@ -353,6 +353,9 @@ def cpu_int4_supported(config: GPTQConfig, input_size: int, output_size: int,
 
 INT4_PANEL = 32  # outputs per panel of csrc/cpu/int4_gemm.cpp
 INT4_BLOCK_K = 4  # inputs per 64-byte block of codes (16 words x 8 nibbles / 32 outputs)
+# Nibble j of a word holds input 4b + INT4_NIBBLE_K[j] of output half j % 2: inputs k and k + 1
+# sit 16 bits apart (nibbles q and q + 4), the pair one bfloat16 dot product takes.
+INT4_NIBBLE_K = tuple(2 * ((j >> 1) & 1) + (j >> 2) for j in range(8))  # (0, 0, 2, 2, 1, 1, 3, 3)
 
 
 # --8<-- [start:int4_panel]
@@ -364,11 +367,13 @@ class Int4PanelWeight:
         packed int32 [panels, groups * (G / 4 * 16 + 64)]
           panel p, group g:  G / 4 blocks of 16 words, then 32 float scales, 32 float zeros
           block b, word i, nibble j (bits 4j .. 4j+3): the code of
-              input  g * G + 4b + j // 2     (inputs sorted by group: `perm`)
+              input  g * G + 4b + INT4_NIBBLE_K[j]     (inputs sorted by group: `perm`)
               output 32p + 16 (j % 2) + i
 
     One 64-byte block is one AVX-512 load (two AVX2 loads) of words whose nibble j, shifted down
-    and masked, is a vector of consecutive outputs' codes for one input: no shuffles. Act-order
+    and masked, is a vector of consecutive outputs' codes for one input: no shuffles. Nibbles
+    q and q + 4 are inputs k and k + 1 of the same output, 16 bits apart: masked together they
+    are the two halves of a bfloat16 pair, what `vdpbf16ps` multiplies with (x[k], x[k + 1]). Act-order
     is undone as for `CpuInt4Weight`: the inputs sorted by `g_idx`, x gathered the same way at
     each call (inside the kernel).
     """
@@ -387,10 +392,11 @@ class Int4PanelWeight:
         perm, group = _sorted_groups(g_idx, scales.shape[0])
         P = -(-N // INT4_PANEL)
         pad = P * INT4_PANEL - N
-        # codes [K, N] -> padded [groups, G / 4, 4 (kk), P, 2 (half), 16 (i)]; nibble j = 2 kk + half
+        # codes [K, N] -> padded [groups, G / 4, 4 (kk), P, 2 (half), 16 (i)]
         c = torch.nn.functional.pad(codes[perm] if perm is not None else codes, (0, pad)).to(torch.int64)
         c = c.view(K // group, group // INT4_BLOCK_K, INT4_BLOCK_K, P, 2, 16)
-        c = c.permute(3, 0, 1, 5, 2, 4).reshape(P, K // group, group // INT4_BLOCK_K, 16, 8)
+        c = c.permute(3, 0, 1, 5, 2, 4)  # [P, groups, G / 4, 16 (i), 4 (kk), 2 (half)]
+        c = torch.stack([c[..., kk, j % 2] for j, kk in enumerate(INT4_NIBBLE_K)], -1)  # [..., 16, 8 (j)]
         words = (c << (4 * torch.arange(8))).sum(-1)  # [P, groups, G / 4, 16], in [0, 2^32)
         words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # same 32 bits
         words = words.reshape(P, K // group, -1)  # [P, groups, G / 4 * 16]
