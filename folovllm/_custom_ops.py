@@ -13,6 +13,7 @@ minute on two cores) or ahead of time with `folovllm build-kernels`, and keep th
     decode_linear                   layers/cpu_gemm.py:dense_linear (1-16 rows, float32)
     prepack_moe_weight,             layers/fused_moe.py:FusedMoE (one call per MoE layer)
     fused_experts_cpu
+    int4_decode_linear              layers/quantization/gptq.py:Int4PanelWeight (GPTQ 4-bit)
 
 Every layer keeps its readable torch version (`forward_native`); `EngineConfig.custom_ops`
 chooses between the two (see `model_executor/custom_op.py`), and tests/test_custom_ops.py
@@ -65,7 +66,7 @@ logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc" / "cpu"
 _SOURCES = ("torch_bindings.cpp", "attention.cpp", "prefill_attention.cpp", "elementwise.cpp",
-            "lora.cpp", "decode_gemm.cpp", "moe.cpp")
+            "lora.cpp", "decode_gemm.cpp", "moe.cpp", "int4_gemm.cpp")
 _HEADERS = ("ops.h",)
 _ops: Optional[ModuleType] = None
 _build_error: Optional[str] = None

@@ -506,20 +506,26 @@ def test_gptq_experts_equal_the_model_on_its_dequantized_weights(gptq_moe, moe_r
 
 def test_gptq_experts_on_the_int4_kernel_match_the_reference(gptq_moe, monkeypatch):
     """Each expert segment through torch's int4 CPU kernel (stage 07's cpu_int4, bfloat16
-    activations) against the reference dequantize-then-matmul, on the same checkpoint."""
+    activations) and our int4 decode kernel (cpu_int4_panel) against the reference
+    dequantize-then-matmul, on the same checkpoint."""
     from folovllm.model_executor.layers.quantization.gptq import cpu_int4_available
 
     if not cpu_int4_available():
         pytest.skip("this torch has no int4 CPU kernel")
+    from folovllm.model_executor.layers.quantization.gptq import GPTQConfig, int4_panel_supported
+
     prompts = [[5, 6, 7, 8, 9, 10, 11], [300, 4, 17]]
     logits = {}
-    for kernel in ("reference", "cpu_int4"):
+    panel = int4_panel_supported(GPTQConfig(), 64, torch.float32) is None  # our kernels build here
+    for kernel in ("reference", "cpu_int4") + (("cpu_int4_panel",) if panel else ()):
         monkeypatch.setenv("FOLOVLLM_GPTQ_KERNEL", kernel)
         model, _, _ = load_model(str(gptq_moe["gptq"]), dtype=torch.float32)
         assert all(m.quant_method.kernels == {"w13": kernel, "w2": kernel}
                    for m in model.modules() if isinstance(m, FusedMoE))
         logits[kernel] = torch.cat(our_decode_logits(model, prompts, [3, 1]))
     torch.testing.assert_close(logits["cpu_int4"], logits["reference"], atol=0.1, rtol=0.05)
+    if panel:  # our kernel, float32 activations and accumulation: float32 rounding only
+        torch.testing.assert_close(logits["cpu_int4_panel"], logits["reference"], atol=1e-4, rtol=1e-4)
 
 
 def test_expert_parallel_needs_experts_divisible_by_the_ranks(moe_reference_outputs):

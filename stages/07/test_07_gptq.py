@@ -1,8 +1,9 @@
 """Stage 07: GPTQ checkpoints (`layers/quantization/gptq.py`), their kernels and our quantizer
 (`tools/gptq_quantizer.py`).
 
-Guards: packing and the v1/v2 zero conventions; every fast kernel (cpu_int4, Triton) against the
-plain-torch reference on random shapes, group sizes and act-order permutations; our quantizer
+Guards: packing and the v1/v2 zero conventions; every fast kernel (cpu_int4, our cpu_int4_panel,
+Triton) against the
+plain-torch / float64 reference on random shapes, group sizes and act-order permutations; our quantizer
 beats round-to-nearest on the layer's output error; its checkpoints load, and the quantized
 model equals the same model run on its dequantized float weights (logits and greedy tokens, on
 all three architectures); weight bytes; the loader's refusals.
@@ -27,9 +28,11 @@ from folovllm.model_executor.layers.quantization.gptq import (
     KERNEL_ENV,
     CpuInt4Weight,
     GPTQConfig,
+    Int4PanelWeight,
     cpu_int4_available,
     dequantize_gptq,
     gptq_matmul_reference,
+    int4_panel_supported,
     pack_int32,
     qzeros_v1_to_v2,
     unpack_int32,
@@ -171,6 +174,68 @@ def test_cpu_int4_matches_reference(K, N, group, act_order, v1):
     got = w.matmul(x)
     err = (got - want).abs().max() / want.abs().max()
     assert err < 2e-2, f"relative error {err:.3g}"
+
+
+_panel_ok = int4_panel_supported(GPTQConfig(), 64, torch.float32) is None
+
+
+@pytest.mark.skipif(not _panel_ok, reason="folovllm's CPU kernels cannot be built here")
+@pytest.mark.parametrize("K,N,group,act_order", [
+    (128, 40, 32, False), (256, 72, 64, True), (256, 104, 128, False), (384, 96, 128, True),
+    (96, 8, -1, False),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_int4_panel_matches_float64_reference(K, N, group, act_order, dtype):
+    """Our int4 decode kernel (csrc/cpu/int4_gemm.cpp) against the dequantize-matmul reference in
+    float64, for every decode row count 1-16 and a tile remainder past them (23), output counts
+    that are not a multiple of the 32-output panel, act-order on and off, group sizes 32-128 and
+    one group. Float32 activations: within float32 rounding; bfloat16: within the one rounding of
+    the output to bfloat16 (the sum is float32). On both ISA paths (CI runs FOLOVLLM_CPU_ISA=avx2)."""
+    codes, zeros, scales, g_idx = _random_gptq(K, N, K if group == -1 else group, act_order, seed=K + N)
+    qweight, qzeros = pack_int32(codes, 4, 0), pack_int32(zeros, 4, 1)
+    w = Int4PanelWeight.from_gptq(qweight, qzeros, scales, g_idx)
+    assert (w.perm is not None) == act_order
+    W = dequantize_gptq(qweight, qzeros, scales.double(), g_idx, 4)  # [K, N] float64
+    g = torch.Generator().manual_seed(1)
+    for rows in (*range(1, 17), 23):
+        x = torch.randn(rows, K, generator=g).to(dtype)
+        got = w.matmul(x)
+        want = x.double() @ W
+        assert got.dtype == dtype and got.shape == (rows, N)
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-5 * K**0.5)
+        else:
+            torch.testing.assert_close(got.double(), want, rtol=8e-3, atol=1e-3)
+
+
+@pytest.mark.skipif(not _panel_ok, reason="folovllm's CPU kernels cannot be built here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_int4_panel_row_is_bitwise_the_same_in_any_batch(dtype):
+    """Each output's sum is taken in one order whatever the rows around it (batch invariance)."""
+    codes, zeros, scales, g_idx = _random_gptq(256, 96, 64, True, seed=3)
+    w = Int4PanelWeight.from_gptq(pack_int32(codes, 4, 0), pack_int32(zeros, 4, 1), scales, g_idx)
+    x = torch.randn(20, 256, generator=torch.Generator().manual_seed(2)).to(dtype)
+    alone = torch.cat([w.matmul(x[i:i + 1]) for i in range(len(x))])
+    for m in (2, 3, 8, 9, 16, 20):
+        assert torch.equal(w.matmul(x[:m]), alone[:m]), m
+
+
+@pytest.mark.skipif(not _panel_ok, reason="folovllm's CPU kernels cannot be built here")
+def test_cpu_int4_panel_refuses_bad_input_with_a_reason():
+    from folovllm._custom_ops import load_ops
+
+    codes, zeros, scales, g_idx = _random_gptq(64, 32, 32, False)
+    w = Int4PanelWeight.from_gptq(pack_int32(codes, 4, 0), pack_int32(zeros, 4, 1), scales, g_idx)
+    ops = load_ops()
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        ops.int4_decode_linear(torch.randn(2, 64, dtype=torch.float64), w.packed, None, 32, 32)
+    with pytest.raises(RuntimeError, match="packed weight must be"):
+        ops.int4_decode_linear(torch.randn(2, 64), w.packed, None, 32, 40)  # 40 outputs: 2 panels
+    with pytest.raises(RuntimeError, match="perm holds"):
+        ops.int4_decode_linear(torch.randn(2, 64), w.packed, torch.full((64,), 64), 32, 32)
+    with pytest.raises(ValueError, match="groups of one size"):  # uneven act-order groups
+        Int4PanelWeight.from_gptq(pack_int32(codes, 4, 0), pack_int32(zeros, 4, 1), scales,
+                                  torch.tensor([0] * 40 + [1] * 24, dtype=torch.int32))
 
 
 def test_triton_kernel_matches_reference_interpreted():
@@ -336,6 +401,41 @@ def test_engine_greedy_tokens_equal_the_dequantized_model(arch, gptq_checkpoints
         outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
     assert outs[0] == outs[1]
     assert len({t for o in outs[0] for t in o}) > 8  # not a degenerate repetition
+
+
+@pytest.mark.skipif(not _panel_ok, reason="folovllm's CPU kernels cannot be built here")
+@pytest.mark.parametrize("name", ["sym", "act", "g-1"])
+def test_engine_greedy_tokens_on_cpu_int4_panel_equal_the_dequantized_model(name, gptq_checkpoints, monkeypatch):
+    """The stage-07 oracle with every GPTQ layer forced onto our int4 kernel (float32, so the
+    float model on the dequantized weights is the exact answer up to summation order)."""
+    monkeypatch.setenv(KERNEL_ENV, "cpu_int4_panel")
+    path, deq = gptq_checkpoints["qwen3", name]
+    prompts = mixed_prompts(512)[0][:4]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    outs = []
+    for p in (path, deq):
+        llm = LLM(str(p), dtype="float32", max_num_seqs=4, max_model_len=256)
+        if p == path:
+            layer = llm.llm_engine.model_runner.model.model.layers[0].self_attn.qkv_proj
+            assert layer.quant_method.kernel == "cpu_int4_panel" and hasattr(layer, "int4_panels")
+        outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+    assert outs[0] == outs[1]
+    assert len({t for o in outs[0] for t in o}) > 8  # not a degenerate repetition
+
+
+@pytest.mark.skipif(not _panel_ok, reason="folovllm's CPU kernels cannot be built here")
+def test_engine_picks_cpu_int4_panel_in_both_dtypes_only_with_our_kernels_on(gptq_checkpoints, monkeypatch):
+    """custom_ops="all" (the CPU default) loads the model with our kernels on: cpu_int4_panel for
+    float32 and bfloat16; custom_ops="none" keeps torch's paths (reference / cpu_int4)."""
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    path, _ = gptq_checkpoints["qwen3", "act"]
+    for dtype, custom_ops, want in (("float32", "all", "cpu_int4_panel"), ("bfloat16", "all", "cpu_int4_panel"),
+                                    ("float32", "none", "reference")):
+        llm = LLM(str(path), dtype=dtype, max_num_seqs=2, max_model_len=128, custom_ops=custom_ops)
+        layer = llm.llm_engine.model_runner.model.model.layers[0].mlp.down_proj
+        assert layer.quant_method.kernel == want, (dtype, custom_ops)
+        out = llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 4
 
 
 @pytest.mark.skipif(not cpu_int4_available(), reason="torch has no int4 CPU matmul")

@@ -53,3 +53,8 @@ std::vector<at::Tensor> prepack_moe_weight(const at::Tensor& w13, const at::Tens
 at::Tensor fused_experts_cpu(const at::Tensor& hidden_states, const at::Tensor& w13p,
                              const at::Tensor& w2p, const at::Tensor& topk_weights,
                              const at::Tensor& topk_ids, int64_t intermediate_size);
+
+// int4_gemm.cpp (stage 07): x [M, K] @ W^T for a GPTQ 4-bit weight in panels of 32 outputs
+at::Tensor int4_decode_linear(const at::Tensor& x, const at::Tensor& packed,
+                              const c10::optional<at::Tensor>& perm, int64_t group_size,
+                              int64_t out_features);

@@ -18,6 +18,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_linear", &decode_linear, py::arg("x"), py::arg("packed"), py::arg("out_features"),
         py::arg("bias") = py::none(),
         "x [M, K] @ W^T (+ bias) on the packed weight: each weight read once per call");
+  m.def("int4_decode_linear", &int4_decode_linear, py::arg("x"), py::arg("packed"), py::arg("perm"),
+        py::arg("group_size"), py::arg("out_features"),
+        "x [M, K] (float32 / bfloat16) @ W^T for a GPTQ 4-bit weight in int4 panels, in x's dtype");
   m.def("silu_and_mul", &silu_and_mul, "out = silu(x[:, :I]) * x[:, I:]");
   m.def("bgmv_add_lora", &bgmv_add_lora,
         "y += each token's (x A_slot^T) B_slot^T, token by token (decode rows; slot -1: none); "

@@ -70,6 +70,7 @@ from folovllm.model_executor.layers.cpu_gemm import dense_linear, pack_weight, w
 from folovllm.model_executor.layers.linear import QuantizationConfig, WeightShapeError, set_weight_attrs
 from folovllm.model_executor.layers.quantization.gptq import (
     CpuInt4Weight,
+    Int4PanelWeight,
     GPTQConfig,
     gptq_matmul_reference,
     qzeros_v1_to_v2,
@@ -188,15 +189,16 @@ class GPTQExpertWeight:
     up for w13 (each keeps its own g_idx: with act-order they differ), down alone for w2. Each
     part is GPTQ's four tensors (`reference`: dequantized on each call, then one matmul; it
     reads 4-bit codes from memory, and builds a float copy of the expert in the cache) or a
-    `CpuInt4Weight` (`cpu_int4`: torch's int4 CPU matmul, bfloat16 models), as stage 07's
-    linear layers choose (`select_kernel`).
+    `CpuInt4Weight` (`cpu_int4`: torch's int4 CPU matmul, bfloat16 models) or an
+    `Int4PanelWeight` (`cpu_int4_panel`: our int4 decode kernel), as stage 07's linear layers
+    choose (`select_kernel`).
     """
 
-    parts: list  # [(qweight, qzeros v2, scales, g_idx)] or [CpuInt4Weight]
+    parts: list  # [(qweight, qzeros v2, scales, g_idx)] or [CpuInt4Weight] or [Int4PanelWeight]
     bits: int
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        ys = [p.matmul(x) if isinstance(p, CpuInt4Weight) else gptq_matmul_reference(x, *p, self.bits)
+        ys = [p.matmul(x) if isinstance(p, (CpuInt4Weight, Int4PanelWeight)) else gptq_matmul_reference(x, *p, self.bits)
               for p in self.parts]
         y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)  # [n, N]
         return y.to(x.dtype)
@@ -632,6 +634,8 @@ class GPTQFusedMoEMethod(FusedMoEMethodBase):
                  kernel: str) -> Any:
             if kernel == "cpu_int4":
                 return CpuInt4Weight.from_gptq(qweight, qzeros, scales, g_idx)
+            if kernel == "cpu_int4_panel":
+                return Int4PanelWeight.from_gptq(qweight, qzeros, scales, g_idx)
             return (qweight, qzeros, scales, g_idx)  # reference (triton: not for experts yet)
 
         layer.w13_packed = [
@@ -643,7 +647,9 @@ class GPTQFusedMoEMethod(FusedMoEMethodBase):
                                    layer.w2_g_idx[e], kernels["w2"])], cfg.bits)
             for e in range(layer.num_local_experts)]
         self.kernels = kernels
-        if set(kernels.values()) == {"cpu_int4"}:  # the int4 layout replaces the checkpoint's
+        # the int4 layout replaces the checkpoint's (cpu_int4_panel's keeps them for now: the
+        # expert-parallel checks read each rank's checkpoint shapes; an eighth of float32 extra)
+        if set(kernels.values()) == {"cpu_int4"}:
             for name, _ in list(layer.named_parameters(recurse=False)):
                 setattr(layer, name, nn.Parameter(torch.empty(0, dtype=torch.int32), requires_grad=False))
 # --8<-- [end:gptq_fused_moe_method]

@@ -44,6 +44,10 @@ Kernels (`GPTQLinearMethod.apply`, picked once after loading, see `select_kernel
                  but it reads and writes a full float matrix every call (not a fast path)
     cpu_int4     torch's int4 weight-only CPU matmul (`_weight_int4pack_mm_for_cpu`): reads the
                  4-bit codes and dequantizes in registers; bfloat16 activations, 4 bits
+    cpu_int4_panel  our C++ decode kernel (`csrc/cpu/int4_gemm.cpp`, `Int4PanelWeight`): the
+                 codes re-laid in panels of 32 outputs and streamed once per call, float32
+                 accumulation, float32 or bfloat16 activations; the CPU default where our
+                 kernels run (custom_ops="all")
     triton       our fused dequant-matmul kernel (`gptq_triton.py`) on CUDA
 
 With tensor parallelism (stage 08) a column-parallel layer splits `qweight`, `qzeros` and
@@ -64,6 +68,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from folovllm._custom_ops import ops_available
+from folovllm.model_executor.layers import cpu_gemm
 from folovllm.model_executor.layers.linear import (
     LinearBase,
     LinearMethodBase,
@@ -77,7 +83,7 @@ from folovllm.model_executor.layers.linear import (
 SUPPORTED_BITS = (4, 8)
 # checkpoint_format -> what was subtracted from each zero before packing (v1's off-by-one)
 ZERO_OFFSETS = {"gptq": 1, "gptq_v2": 0}
-KERNELS = ("reference", "cpu_int4", "triton")
+KERNELS = ("reference", "cpu_int4", "cpu_int4_panel", "triton")
 KERNEL_ENV = "FOLOVLLM_GPTQ_KERNEL"  # force one kernel (tests, ablations); unset = select_kernel
 
 
@@ -343,14 +349,127 @@ def cpu_int4_supported(config: GPTQConfig, input_size: int, output_size: int,
     return None
 
 
+# -- our int4 decode kernel -------------------------------------------------------------------
+
+INT4_PANEL = 32  # outputs per panel of csrc/cpu/int4_gemm.cpp
+INT4_BLOCK_K = 4  # inputs per 64-byte block of codes (16 words x 8 nibbles / 32 outputs)
+# Nibble j of a word holds input 4b + INT4_NIBBLE_K[j] of output half j % 2: inputs k and k + 1
+# sit 16 bits apart (nibbles q and q + 4), the pair one bfloat16 dot product takes.
+INT4_NIBBLE_K = tuple(2 * ((j >> 1) & 1) + (j >> 2) for j in range(8))  # (0, 0, 2, 2, 1, 1, 3, 3)
+
+
+# --8<-- [start:int4_panel]
+@dataclass
+class Int4PanelWeight:
+    """A GPTQ matrix laid out for our decode kernel (`csrc/cpu/int4_gemm.cpp`), which reads it
+    as one stream per panel of 32 outputs, group after group::
+
+        packed int32 [panels, groups * (G / 4 * 16 + 64)]
+          panel p, group g:  G / 4 blocks of 16 words, then 32 float scales, 32 float zeros
+          block b, word i, nibble j (bits 4j .. 4j+3): the code of
+              input  g * G + 4b + INT4_NIBBLE_K[j]     (inputs sorted by group: `perm`)
+              output 32p + 16 (j % 2) + i
+
+    One 64-byte block is one AVX-512 load (two AVX2 loads) of words whose nibble j, shifted down
+    and masked, is a vector of consecutive outputs' codes for one input: no shuffles. Nibbles
+    q and q + 4 are inputs k and k + 1 of the same output, 16 bits apart: masked together they
+    are the two halves of a bfloat16 pair, what `vdpbf16ps` multiplies with (x[k], x[k + 1]). Act-order
+    is undone as for `CpuInt4Weight`: the inputs sorted by `g_idx`, x gathered the same way at
+    each call (inside the kernel).
+    """
+
+    packed: torch.Tensor  # int32 [ceil(N / 32), words per panel]
+    group_size: int
+    out_features: int
+    perm: Optional[torch.Tensor]  # [K] long, None when g_idx is already in order
+
+    @classmethod
+    def from_gptq(
+        cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+    ) -> "Int4PanelWeight":
+        codes = unpack_int32(qweight, 4, dim=0)  # [K, N]
+        K, N = codes.shape
+        perm, group = _sorted_groups(g_idx, scales.shape[0])
+        P = -(-N // INT4_PANEL)
+        pad = P * INT4_PANEL - N
+        # codes [K, N] -> padded [groups, G / 4, 4 (kk), P, 2 (half), 16 (i)]
+        c = torch.nn.functional.pad(codes[perm] if perm is not None else codes, (0, pad)).to(torch.int64)
+        c = c.view(K // group, group // INT4_BLOCK_K, INT4_BLOCK_K, P, 2, 16)
+        c = c.permute(3, 0, 1, 5, 2, 4)  # [P, groups, G / 4, 16 (i), 4 (kk), 2 (half)]
+        c = torch.stack([c[..., kk, j % 2] for j, kk in enumerate(INT4_NIBBLE_K)], -1)  # [..., 16, 8 (j)]
+        words = (c << (4 * torch.arange(8))).sum(-1)  # [P, groups, G / 4, 16], in [0, 2^32)
+        words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # same 32 bits
+        words = words.reshape(P, K // group, -1)  # [P, groups, G / 4 * 16]
+
+        def per_panel(t: torch.Tensor) -> torch.Tensor:  # [groups, N] -> [P, groups, 32] float32
+            t = torch.nn.functional.pad(t.float(), (0, pad))
+            return t.view(-1, P, INT4_PANEL).transpose(0, 1)
+
+        zeros = unpack_int32(qzeros, 4, dim=1)  # [groups, N], real zeros (v2)
+        meta = torch.cat([per_panel(scales), per_panel(zeros)], -1).contiguous().view(torch.int32)
+        return cls(
+            packed=torch.cat([words, meta], -1).reshape(P, -1).contiguous(),
+            group_size=group,
+            out_features=N,
+            perm=perm,
+        )
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """[M, K] (float32 or bfloat16) -> [M, N] in x's dtype, accumulated in float32."""
+        from folovllm._custom_ops import load_ops
+
+        return load_ops().int4_decode_linear(x, self.packed, self.perm, self.group_size, self.out_features)
+# --8<-- [end:int4_panel]
+
+
+def _sorted_groups(g_idx: torch.Tensor, num_groups: int) -> tuple[Optional[torch.Tensor], int]:
+    """(perm that sorts the inputs by group, None if already sorted; the common group size),
+    refusing groups of unequal size (the kernel's groups are equal blocks of inputs)."""
+    g = g_idx.long()
+    perm = torch.argsort(g, stable=True)
+    sizes = torch.bincount(g, minlength=num_groups)
+    group = int(sizes[0])
+    if not torch.all(sizes == group) or group % INT4_BLOCK_K:
+        raise ValueError(f"cpu_int4_panel needs groups of one size, a multiple of {INT4_BLOCK_K}, "
+                         f"got sizes {sizes.tolist()}")
+    return (None if torch.equal(perm, torch.arange(g.numel())) else perm), group
+
+
+def _our_kernels_on() -> bool:
+    """Whether the model is loading with our CPU kernels on: the worker loads it inside
+    `cpu_gemm.weight_packing(True)` when `custom_ops="all"`, the flag the float linears follow
+    too (read directly: cpu_gemm.py has no public accessor for it)."""
+    return cpu_gemm._packing
+
+
+def int4_panel_supported(config: GPTQConfig, input_size: int, dtype: torch.dtype,
+                         uneven_groups: bool = False) -> Optional[str]:
+    """None if cpu_int4_panel can run this layer (`input_size` inputs on this rank), else why not."""
+    if config.bits != 4:
+        return f"bits={config.bits} (it takes 4)"
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"a {dtype} model (it takes float32 and bfloat16)"
+    if uneven_groups:
+        return "an act-order layer split by input: this rank holds uneven parts of the groups"
+    group = input_size if config.group_size == -1 else min(config.group_size, input_size)
+    if group % INT4_BLOCK_K:
+        return f"group size {group} (it takes multiples of {INT4_BLOCK_K})"
+    if not ops_available():
+        return "folovllm's CPU kernels cannot be built here"
+    return None
+
+
 def select_kernel(config: GPTQConfig, device: torch.device, dtype: torch.dtype, input_size: int,
                   output_size: int, uneven_groups: bool = False) -> str:
     """The kernel a layer uses: `FOLOVLLM_GPTQ_KERNEL` if set, else the fastest that applies.
 
-    On CPU, cpu_int4 only for bfloat16 models: for one token torch's kernel beats a dense matmul
-    in bfloat16, but run in float32 or float16 it is some 20x slower than a dense float32 matmul
-    (the one-matmul table of `benchmarks/stage07_gptq.py`), so a float32 model keeps the exact
-    reference (float32 is the accuracy setting).
+    On CPU with our kernels on (the engine's `custom_ops="all"`, which loads the model inside
+    `cpu_gemm.weight_packing(True)`): cpu_int4_panel, for float32 and bfloat16 models alike; it
+    beats torch's int4 kernel at every measured row count and dtype, and dequantize-then-matmul
+    by far (the per-linear table of `benchmarks/stage07_int4.py`). Without them, cpu_int4 only
+    for bfloat16 models: for one token torch's kernel beats a dense matmul in bfloat16, but run
+    in float32 or float16 it is some 20x slower than a dense float32 matmul (the one-matmul table
+    of `benchmarks/stage07_gptq.py`), so a float32 model keeps the exact reference.
     """
     forced = os.environ.get(KERNEL_ENV)
     if forced:
@@ -358,9 +477,14 @@ def select_kernel(config: GPTQConfig, device: torch.device, dtype: torch.dtype, 
             raise ValueError(f"{KERNEL_ENV}={forced!r}; allowed: {KERNELS}")
         if forced == "cpu_int4" and (why := cpu_int4_supported(config, input_size, output_size, uneven_groups)):
             raise ValueError(f"{KERNEL_ENV}=cpu_int4 cannot run this layer: {why}")
+        if forced == "cpu_int4_panel" and (why := int4_panel_supported(config, input_size, dtype, uneven_groups)):
+            raise ValueError(f"{KERNEL_ENV}=cpu_int4_panel cannot run this layer: {why}")
         return forced
     if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
         return "triton"
+    if (device.type == "cpu" and _our_kernels_on()
+            and int4_panel_supported(config, input_size, dtype, uneven_groups) is None):
+        return "cpu_int4_panel"
     if dtype == torch.bfloat16 and cpu_int4_supported(config, input_size, output_size, uneven_groups) is None:
         return "cpu_int4"
     return "reference"
@@ -375,7 +499,7 @@ class GPTQLinearMethod(LinearMethodBase):
     def __init__(self, quant_config: GPTQConfig) -> None:
         self.quant_config = quant_config
         self.kernel = "reference"  # chosen in process_weights_after_loading
-        self.cpu_weight: Optional[CpuInt4Weight] = None
+        self.cpu_weight: Optional[CpuInt4Weight | Int4PanelWeight] = None
         self.groups: Optional[RankGroups] = None  # set in create_weights
 
     def create_weights(
@@ -426,12 +550,19 @@ class GPTQLinearMethod(LinearMethodBase):
             layer.register_buffer("int4_scales_and_zeros", w.scales_and_zeros, persistent=False)
             if w.perm is not None:
                 layer.register_buffer("int4_perm", w.perm, persistent=False)
+        elif self.kernel == "cpu_int4_panel":
+            self.cpu_weight = Int4PanelWeight.from_gptq(layer.qweight, layer.qzeros, layer.scales, layer.g_idx)
+            for name in ("qweight", "qzeros", "scales", "g_idx"):  # replaced, as for cpu_int4
+                delattr(layer, name)
+            layer.register_buffer("int4_panels", self.cpu_weight.packed, persistent=False)
+            if self.cpu_weight.perm is not None:
+                layer.register_buffer("int4_perm", self.cpu_weight.perm, persistent=False)
 
     # --8<-- [start:apply]
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         cfg = self.quant_config
         x2 = x.reshape(-1, x.shape[-1])  # [T, K]
-        if self.kernel == "cpu_int4":
+        if self.kernel in ("cpu_int4", "cpu_int4_panel"):
             y = self.cpu_weight.matmul(x2)
             y = y + bias if bias is not None else y
         elif self.kernel == "triton":
