@@ -54,6 +54,16 @@ WORKLOADS = ("editing", "completion", "random")
 SWEEP = {"ngram": "editing", "draft": "completion"}  # each proposer's sweep on its own case
 
 
+def pair_recipe(pair_dir: Path) -> Any:
+    """The `TrainRecipe` a pair folder was built with (its train_pair.json): its held-out split."""
+    import json
+
+    from folovllm.tools.train_pair import ModelShape, TrainRecipe
+
+    fields = dict(json.loads((pair_dir / "train_pair.json").read_text())["stamp"]["recipe"])
+    return TrainRecipe(**{**fields, "target": ModelShape(**fields["target"]), "draft": ModelShape(**fields["draft"])})
+
+
 # -- workloads ---------------------------------------------------------------------------------
 
 
@@ -265,15 +275,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import json
     import tempfile
 
-    from folovllm.tools.train_pair import TINY_RECIPE, ModelShape, TrainRecipe, train_pair
+    from folovllm.tools.train_pair import TINY_RECIPE, TrainRecipe, train_pair
 
     recipe = TINY_RECIPE if args.quick else TrainRecipe()
     if args.pair is not None:  # a pair built earlier (another recipe): its own held-out split
         target, draft = args.pair / "target", args.pair / "draft"
         pair = json.loads((args.pair / "train_pair.json").read_text())
-        fields = dict(pair["stamp"]["recipe"])
-        recipe = TrainRecipe(**{**fields, "target": ModelShape(**fields["target"]),
-                                "draft": ModelShape(**fields["draft"])})
+        recipe = pair_recipe(args.pair)
     else:
         out = Path(tempfile.mkdtemp(prefix="stage09_")) / "pair" if args.quick else None
         target, draft = train_pair(out, recipe)
