@@ -68,10 +68,12 @@ def _wrap(obj: Any, name: str, totals: dict[str, float], key: str) -> None:
     setattr(obj, name, timed_call)
 
 
-def measure(system: str, target: Path, draft: Path, k: int, work: dict[str, Any]) -> dict[str, Any]:
+def measure(system: str, target: Path, draft: Path, k: int, work: dict[str, Any],
+            confidence: Optional[float] = None) -> dict[str, Any]:
     from folovllm import LLM, SamplingParams
 
-    spec = None if system == "none" else {"method": "draft_model", "model": str(draft), "num_speculative_tokens": k}
+    spec = None if system == "none" else {"method": "draft_model", "model": str(draft), "num_speculative_tokens": k,
+                                          "draft_confidence_threshold": confidence}
     with unpacked_draft() if system == "draft-unpacked" else contextlib.nullcontext():
         llm = LLM(str(target), dtype="float32", max_num_seqs=1, speculative_config=spec)
     params = SamplingParams(temperature=0, max_tokens=work["max_tokens"], ignore_eos=True, **work["params"])
@@ -151,10 +153,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results, loads = [], []
     reference: Optional[list[list[int]]] = None
     for k in args.k:
-        for system in ("none", "draft-unpacked", "draft"):
+        for system in ["none", *[s for s in args.systems if s != "none"]]:
             if system == "none" and results:
                 continue
-            r = measure(system, target, draft, k, work)
+            r = measure(system, target, draft, k, work, args.draft_confidence)
             reference = reference or r["tokens"]
             assert r.pop("tokens") == reference, f"{system} k={k} gave other tokens than no speculation"
             r["k"] = 0 if system == "none" else k
@@ -166,7 +168,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for r in results:
         r["cpu_speedup"] = round(r["output_tok_per_cpu_s"] / base, 3)
     return dict(workload=args.workload, description=work["description"], num_requests=len(work["prompts"]),
-                max_tokens=args.max_tokens, draft=str(draft), results=results, peak_loadavg_1m=peak_loadavg(loads))
+                max_tokens=args.max_tokens, draft=str(draft), draft_confidence_threshold=args.draft_confidence,
+                results=results, peak_loadavg_1m=peak_loadavg(loads))
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -197,6 +200,9 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-requests", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--draft", type=Path, default=None, help="another draft folder (e.g. the distilled one)")
+    p.add_argument("--draft-confidence", type=float, default=None, help="draft_confidence_threshold")
+    p.add_argument("--systems", nargs="+", default=["none", "draft-unpacked", "draft"],
+                   choices=("none", "draft-unpacked", "draft"))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
