@@ -148,24 +148,30 @@ def test_confidence_threshold_stops_after_an_unsure_token(
         [t for t, _ in ref] for ref in refs]
 
 
-def test_draft_weights_packed_like_the_targets(tiny_checkpoints: dict[str, Path]) -> None:
-    """The draft's linear weights are stored in the layout the target's worker gives them with
-    the CPU kernels on (unpacked, oneDNN re-lays each weight at every call: a third of a target
-    step per draft pass on the trained pair), and stay plain with custom_ops="none"."""
+def test_draft_weights_packed_for_the_decode_kernel(tiny_checkpoints: dict[str, Path],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the CPU kernels on, every linear weight of the draft is stored in our decode
+    kernel's panels (unpacked, oneDNN re-lays each weight at every call; packed for oneDNN, its
+    fixed cost per call is several times the kernel's on small weights), and stays plain with
+    custom_ops="none"; the draft's proposals are HF's greedy tokens either way (other tests)."""
     import torch
 
-    from folovllm import LLM
+    from folovllm._custom_ops import ops_available
 
-    def layouts(model: torch.nn.Module) -> dict[str, str]:
-        return {name: "mkldnn" if m.weight.is_mkldnn else f"{m.weight.dim()}-d"
+    def layouts(model: torch.nn.Module) -> set[str]:
+        return {"mkldnn" if m.weight.is_mkldnn else f"{m.weight.dim()}-d"
                 for name, m in model.named_modules()
                 if isinstance(getattr(m, "weight", None), torch.Tensor) and name.endswith(("proj", "lm_head"))}
 
+    from folovllm.model_executor.layers import cpu_gemm
+
+    # a measured table that prefers oneDNN for every shape (the trained pair's gate_up shapes
+    # get "onednn" from their nearest measured neighbour): the draft still takes the kernel
+    monkeypatch.setattr(cpu_gemm, "choose_gemm", lambda out, in_: "onednn")
     path = tiny_checkpoints["qwen3"]
-    target = LLM(str(path), dtype="float32", max_model_len=256).llm_engine.model_runner.model
-    packed = layouts(_proposer(path, k=2).model)
-    assert packed == layouts(target) and any(v != "2-d" for v in packed.values())
-    assert set(layouts(_proposer(path, k=2, custom_ops="none").model).values()) == {"2-d"}
+    if ops_available():
+        assert layouts(_proposer(path, k=2).model) == {"3-d"}  # [ceil(out / 32), in, 32] panels
+    assert layouts(_proposer(path, k=2, custom_ops="none").model) == {"2-d"}
 
 
 def test_capped_by_max_model_len(tiny_checkpoints: dict[str, Path]) -> None:

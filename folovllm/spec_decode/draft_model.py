@@ -118,8 +118,10 @@ class DraftModelProposer(Proposer):
         self.device = config.device
         try:
             # Packed like the target's (worker.py): unpacked, oneDNN re-lays every weight on
-            # every call, which made each pass of the 1-layer draft cost a third of a target step.
-            with weight_packing(config.custom_ops == "all"):
+            # every call. And in our decode kernel's panels whatever the shape: every pass of
+            # the draft is a decode of a few rows (its prefill is once per request), where the
+            # kernel beats oneDNN's fixed cost per call several times on small weights.
+            with weight_packing(config.custom_ops == "all", gemm="decode"):
                 self.model, self.hf_config, _ = load_model(str(path), config.torch_dtype, config.device)
         except ValueError as e:
             raise ValueError(f"speculative_config.model={name!r}: {e}") from e
