@@ -19,10 +19,12 @@ it) into
     sampler           the rejection sampler (or the plain sampler without speculation)
     rest              scheduler, update, outputs, stats: the engine's step minus the above
 
-by wrapping those calls, for: `none` (no speculation), `draft` (the proposer as it is), and
-`draft-unpacked` (the draft's weights left in the checkpoint's layout, as the proposer loaded
-them before it used the target's weight packing: oneDNN then re-lays every weight at every
-call). Every system gives the same tokens (asserted).
+by wrapping those calls, for: `none` (no speculation), `draft-unpacked` (the draft's weights
+left in the checkpoint's layout, as the proposer first loaded them: oneDNN then re-lays every
+weight at every call), `draft-table` (packed as the target's are: per shape, the measured
+table's pick of oneDNN or our decode kernel) and `draft` (the proposer as it is: every weight in
+the decode kernel's panels, since every draft pass is a decode of a few rows). Every system
+gives the same tokens (asserted).
 """
 
 from __future__ import annotations
@@ -38,16 +40,22 @@ from benchmarks.cli import bench_main
 from benchmarks.harness import peak_loadavg, timed
 from benchmarks.results import machine_short, shared_machine_note
 
+SYSTEMS = ("none", "draft-unpacked", "draft-table", "draft")
 PHASES = ("draft prepare", "draft forward", "draft LM head", "draft bookkeeping", "target", "sampler", "rest")
 
 
 @contextlib.contextmanager
-def unpacked_draft() -> Iterator[None]:
-    """Inside: a draft model loads with weight packing off (its weights stay [out, in])."""
+def draft_layout(system: str) -> Iterator[None]:
+    """Inside: a draft model loads its weights as `system` says: "draft-unpacked" leaves them
+    [out, in]; "draft-table" packs them as the target's are (the measured table's pick per
+    shape); "draft" is the proposer as it is (every weight in the decode kernel's panels)."""
     from folovllm.model_executor.layers import cpu_gemm
 
     real = cpu_gemm.weight_packing
-    cpu_gemm.weight_packing = lambda enabled: real(False)
+    if system == "draft-unpacked":
+        cpu_gemm.weight_packing = lambda enabled, gemm=None: real(False)
+    elif system == "draft-table":
+        cpu_gemm.weight_packing = lambda enabled, gemm=None: real(enabled)
     try:
         yield
     finally:
@@ -74,7 +82,7 @@ def measure(system: str, target: Path, draft: Path, k: int, work: dict[str, Any]
 
     spec = None if system == "none" else {"method": "draft_model", "model": str(draft), "num_speculative_tokens": k,
                                           "draft_confidence_threshold": confidence}
-    with unpacked_draft() if system == "draft-unpacked" else contextlib.nullcontext():
+    with draft_layout(system):
         llm = LLM(str(target), dtype="float32", max_num_seqs=1, speculative_config=spec)
     params = SamplingParams(temperature=0, max_tokens=work["max_tokens"], ignore_eos=True, **work["params"])
     llm.generate([work["prompts"][0]], params, use_tqdm=False)  # warm-up
@@ -201,8 +209,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--draft", type=Path, default=None, help="another draft folder (e.g. the distilled one)")
     p.add_argument("--draft-confidence", type=float, default=None, help="draft_confidence_threshold")
-    p.add_argument("--systems", nargs="+", default=["none", "draft-unpacked", "draft"],
-                   choices=("none", "draft-unpacked", "draft"))
+    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
