@@ -49,9 +49,21 @@ from benchmarks.cli import bench_main
 from benchmarks.harness import interleave, peak_loadavg, summarize, timed
 from benchmarks.results import ASSETS_DIR, machine_short, shared_machine_note
 
-SYSTEMS = ("none", "ngram", "draft")
+SYSTEMS = ("none", "ngram", "draft", "distilled")
 WORKLOADS = ("editing", "completion", "random")
-SWEEP = {"ngram": "editing", "draft": "completion"}  # each proposer's sweep on its own case
+# each proposer's k sweep on its own case (systems on one workload share the baseline)
+SWEEP = {"ngram": "editing", "draft": "completion", "distilled": "completion"}
+DRAFTS = ("draft", "distilled")  # the systems that run a draft model
+
+
+def pair_recipe(pair_dir: Path) -> Any:
+    """The `TrainRecipe` a pair folder was built with (its train_pair.json): its held-out split."""
+    import json
+
+    from folovllm.tools.train_pair import ModelShape, TrainRecipe
+
+    fields = dict(json.loads((pair_dir / "train_pair.json").read_text())["stamp"]["recipe"])
+    return TrainRecipe(**{**fields, "target": ModelShape(**fields["target"]), "draft": ModelShape(**fields["draft"])})
 
 
 # -- workloads ---------------------------------------------------------------------------------
@@ -115,14 +127,19 @@ def make_workload(name: str, num: int, tokenizer: Any, recipe: Any, max_tokens: 
 # -- systems -----------------------------------------------------------------------------------
 
 
-def spec_dict(system: str, k: int, draft: Path) -> Optional[dict[str, Any]]:
+def spec_dict(system: str, k: int, drafts: dict[str, Path],
+              confidence: Optional[float] = None) -> Optional[dict[str, Any]]:
+    """The speculative_config of a system; `drafts` maps "draft" / "distilled" to their folders."""
     if system == "none":
         return None
     if system == "ngram":
         return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1,
                 "prompt_lookup_max": 4}
-    if system == "draft":
-        return {"method": "draft_model", "model": str(draft), "num_speculative_tokens": k}
+    if system in DRAFTS:
+        spec = {"method": "draft_model", "model": str(drafts[system]), "num_speculative_tokens": k}
+        if confidence is not None:
+            spec["draft_confidence_threshold"] = confidence
+        return spec
     raise ValueError(f"system must be one of {SYSTEMS}, got {system!r}")
 
 
@@ -177,10 +194,13 @@ def run_once(llm: Any, work: dict[str, Any], batch: int) -> dict[str, Any]:
                 spec=spec_counters(s))
 
 
-def measure(target: Path, draft: Path, systems: list[str], k: int, work: dict[str, Any], batch: int,
-            repeats: int) -> dict[str, Any]:
-    """Every system on one workload at one batch size, interleaved; medians and ratios."""
-    llms = {name: build(target, spec_dict(name, k, draft), batch) for name in systems}
+def measure(target: Path, drafts: dict[str, Path], systems: list[str], k: int, work: dict[str, Any], batch: int,
+            repeats: int, draft_k: Optional[int] = None, confidence: Optional[float] = None) -> dict[str, Any]:
+    """Every system on one workload at one batch size, interleaved; medians and ratios (of wall
+    time, and of this process's CPU time: other jobs on a shared machine do not stretch it).
+    The draft-model systems draft `draft_k` tokens a step (default k)."""
+    llms = {name: build(target, spec_dict(name, (draft_k or k) if name in DRAFTS else k, drafts, confidence), batch)
+            for name in systems}
     runs = interleave({n: (lambda n=n: run_once(llms[n], work, batch)) for n in systems}, repeats)
     rows, reference = {}, runs[systems[0]][0]["tokens"]
     for name, rs in runs.items():
@@ -188,8 +208,10 @@ def measure(target: Path, draft: Path, systems: list[str], k: int, work: dict[st
             assert r["tokens"] == reference, f"{name} gave other tokens than {systems[0]} (greedy)"
         r0 = rs[0]
         tok_s = [r["num_output_tokens"] / r["timing"].seconds for r in rs]
+        cpu_tok_s = [r["num_output_tokens"] / r["timing"].cpu_seconds for r in rs]
         row = dict(**summarize([r["timing"] for r in rs]), output_tok_s=[round(x, 1) for x in tok_s],
                    median_output_tok_s=round(statistics.median(tok_s), 1),
+                   median_output_tok_per_cpu_s=round(statistics.median(cpu_tok_s), 1),
                    num_output_tokens=r0["num_output_tokens"], num_forward_passes=r0["num_forward_passes"],
                    num_decode_row_steps=r0["num_decode_row_steps"], spec=r0["spec"])
         # Tokens per decode row-step: each request's first token comes from its prefill.
@@ -202,8 +224,10 @@ def measure(target: Path, draft: Path, systems: list[str], k: int, work: dict[st
             row["mean_accepted_length"] = round(sp["num_accepted_tokens"] / sp["num_drafts"], 3)
         rows[name] = row
     base = rows[systems[0]]["median_output_tok_s"]
+    cpu_base = rows[systems[0]]["median_output_tok_per_cpu_s"]
     for row in rows.values():
         row["speedup"] = round(row["median_output_tok_s"] / base, 3)
+        row["cpu_speedup"] = round(row["median_output_tok_per_cpu_s"] / cpu_base, 3)
     return rows
 
 
@@ -265,15 +289,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import json
     import tempfile
 
-    from folovllm.tools.train_pair import TINY_RECIPE, ModelShape, TrainRecipe, train_pair
+    from folovllm.tools.train_pair import TINY_DISTILL, TINY_RECIPE, DistillRecipe, TrainRecipe, distill_draft, train_pair
 
     recipe = TINY_RECIPE if args.quick else TrainRecipe()
     if args.pair is not None:  # a pair built earlier (another recipe): its own held-out split
         target, draft = args.pair / "target", args.pair / "draft"
         pair = json.loads((args.pair / "train_pair.json").read_text())
-        fields = dict(pair["stamp"]["recipe"])
-        recipe = TrainRecipe(**{**fields, "target": ModelShape(**fields["target"]),
-                                "draft": ModelShape(**fields["draft"])})
+        recipe = pair_recipe(args.pair)
     else:
         out = Path(tempfile.mkdtemp(prefix="stage09_")) / "pair" if args.quick else None
         target, draft = train_pair(out, recipe)
@@ -282,11 +304,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     tokenizer = AutoTokenizer.from_pretrained(target)
     num, max_tokens = (2, 16) if args.quick else (args.num_requests, args.max_tokens)
+    drafts = {"draft": draft}
+    distilled: dict[str, Any] = {}
+    if "distilled" in args.systems:  # the draft distilled from the target (built once, minutes)
+        drafts["distilled"] = distill_draft(target.parent, TINY_DISTILL if args.quick else DistillRecipe())
+        distilled = {k: v for k, v in json.loads((drafts["distilled"] / "distill.json").read_text()).items()
+                     if k != "stamp"}
+    dk, conf = args.draft_k, args.draft_confidence
     systems, unavailable = ["none"], {}
     for name in args.systems:
         if name == "none":
             continue
-        why = available(target, spec_dict(name, args.k, draft))
+        why = available(target, spec_dict(name, args.k, drafts))
         if why is None:
             systems.append(name)
         else:
@@ -296,7 +325,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for wname in args.workloads:
         for batch in args.batch_sizes:
             work = make_workload(wname, max(num, batch), tokenizer, recipe, max_tokens, seed=0)
-            rows = measure(target, draft, systems, args.k, work, batch, args.repeats)
+            rows = measure(target, drafts, systems, args.k, work, batch, args.repeats, dk, conf)
             results[f"{wname}/batch{batch}"] = dict(
                 workload=wname, batch=batch, description=work["description"],
                 num_requests=len(work["prompts"]), prompt_tokens=work["prompt_tokens"],
@@ -318,21 +347,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"k={o['k']} {o['acceptance_rate']:.2f}/{o['mean_accepted_length']:.2f}" for o in offline[wname]),
                 flush=True)
     sweep: dict[str, Any] = {}
-    for name in [s for s in SWEEP if s in systems and not args.no_sweep]:
-        wname = SWEEP[name]
+    for wname in dict.fromkeys(SWEEP.values()):  # per workload: its systems beside one baseline
+        names = [s for s in SWEEP if SWEEP[s] == wname and s in systems and not args.no_sweep]
+        if not names:
+            continue
         work = make_workload(wname, num, tokenizer, recipe, max_tokens, seed=0)
-        base = measure(target, draft, ["none"], 1, work, 1, args.repeats)["none"]
-        points = []
+        points: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+        bases = []
         for k in range(1, 6):
-            row = measure(target, draft, ["none", name], k, work, 1, args.repeats)[name]
-            points.append(dict(k=k, median_output_tok_s=row["median_output_tok_s"],
-                               speedup=round(row["median_output_tok_s"] / base["median_output_tok_s"], 3),
-                               acceptance_rate=row.get("acceptance_rate"),
-                               mean_accepted_length=row.get("mean_accepted_length")))
-            print(f"sweep {name} k={k}: {points[-1]}", flush=True)
-        sweep[name] = dict(workload=wname, batch=1, baseline_tok_s=base["median_output_tok_s"], points=points)
+            rows = measure(target, drafts, ["none", *names], k, work, 1, args.repeats, k, conf)
+            bases.append(rows["none"]["median_output_tok_s"])
+            for name in names:
+                row = rows[name]
+                points[name].append(dict(k=k, median_output_tok_s=row["median_output_tok_s"], speedup=row["speedup"],
+                                         cpu_speedup=row["cpu_speedup"], acceptance_rate=row.get("acceptance_rate"),
+                                         mean_accepted_length=row.get("mean_accepted_length")))
+                print(f"sweep {name} k={k}: {points[name][-1]}", flush=True)
+            loads += [x for r in rows.values() for x in r["loadavg_1m"]]
+        for name in names:
+            sweep[name] = dict(workload=wname, batch=1, baseline_tok_s=round(statistics.median(bases), 1),
+                               points=points[name])
+    batch_sweep: dict[str, Any] = {}
+    if args.batch_sweep:  # where speculation stops paying: one workload, growing batches
+        wname = args.batch_sweep_workload
+        for batch in args.batch_sweep:
+            work = make_workload(wname, max(num, batch), tokenizer, recipe, max_tokens, seed=0)
+            rows = measure(target, drafts, systems, args.k, work, batch, args.repeats, dk, conf)
+            batch_sweep[str(batch)] = {n: {key: r.get(key) for key in (
+                "median_output_tok_s", "speedup", "cpu_speedup", "acceptance_rate", "mean_accepted_length",
+                "tokens_per_row_step")} for n, r in rows.items()}
+            loads += [x for r in rows.values() for x in r["loadavg_1m"]]
+            print(f"batch sweep {wname} batch {batch}: " + ", ".join(
+                f"{n} {r['speedup']:.2f}x (CPU {r['cpu_speedup']:.2f}x)" for n, r in rows.items()), flush=True)
     return dict(pair={k: v for k, v in pair.items() if k != "stamp"}, recipe=pair["stamp"]["recipe"],
-                k=args.k, systems=systems, unavailable=unavailable, results=results, sweep=sweep,
+                k=args.k, draft_k=dk or args.k, draft_confidence_threshold=conf, distilled=distilled,
+                systems=systems, unavailable=unavailable, results=results, sweep=sweep,
+                batch_sweep=dict(workload=args.batch_sweep_workload, batches=batch_sweep) if batch_sweep else {},
                 draft_acceptance_offline=offline,
                 peak_loadavg_1m=peak_loadavg(loads))
 
@@ -345,16 +395,29 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{pair['target']['held_out_perplexity']:.2f}; draft {pair['draft']['parameters'] / 1e6:.2f}M, "
         f"{pair['draft']['held_out_perplexity']:.2f}), float32, greedy, ignore_eos, stage 06 engine; "
         f"median of {result['repeats']} interleaved runs: `{result['command']}` on "
-        f"{machine_short(result['machine'])}, {result['date'][:10]}." + shared_machine_note(result, cpu_ratios=False)
+        f"{machine_short(result['machine'])}, {result['date'][:10]}." + shared_machine_note(result)
     )
-    lines = [caption, "", "| workload | batch | system | output tok/s | × none | acceptance | mean accepted "
+    dk, conf = result.get("draft_k", result["k"]), result.get("draft_confidence_threshold")
+    if dk != result["k"] or conf is not None:
+        caption += (f" The draft-model systems draft k = {dk}"
+                    + (f", stopping after a token the draft gives less than {conf}" if conf is not None else "") + ".")
+    d = result.get("distilled") or {}
+    if d:
+        caption += (f" `distilled`: the same draft after {d['steps']} steps of distillation from the target "
+                    f"(`folovllm train-pair --distill`, {d['train_seconds']:.0f} s); on the held-out windows its "
+                    f"argmax equals the target's at {100 * d['before']['greedy_agreement']:.1f} % → "
+                    f"{100 * d['after']['greedy_agreement']:.1f} % of positions, KL to the target "
+                    f"{d['before']['held_out_kl']:.3f} → {d['after']['held_out_kl']:.3f}, loss on the text "
+                    f"{d['before']['held_out_loss']:.3f} → {d['after']['held_out_loss']:.3f}.")
+    lines = [caption, "", "| workload | batch | system | output tok/s | × none (CPU) | acceptance | mean accepted "
              "length | tokens per row-step | same tokens |", "|:--|--:|:--|--:|--:|--:|--:|--:|:-:|"]
     for m in result["results"].values():
         for name, r in m["systems"].items():
             acc = f"{100 * r['acceptance_rate']:.1f} %" if "acceptance_rate" in r else "-"
             mal = f"{r['mean_accepted_length']:.2f}" if "mean_accepted_length" in r else "-"
+            cpu = f" ({r['cpu_speedup']:.2f})" if "cpu_speedup" in r else ""
             lines.append(f"| {m['workload']} | {m['batch']} | {name} | {r['median_output_tok_s']:.1f} "
-                         f"| {r['speedup']:.2f} | {acc} | {mal} | {r['tokens_per_row_step']:.2f} | yes |")
+                         f"| {r['speedup']:.2f}{cpu} | {acc} | {mal} | {r['tokens_per_row_step']:.2f} | yes |")
     for name, why in result["unavailable"].items():
         lines.append(f"\n`{name}`: not run, this build has no stage 09 ({why.splitlines()[0]}).")
     offline = result.get("draft_acceptance_offline") or {}
@@ -370,12 +433,27 @@ def render_markdown(result: dict[str, Any]) -> str:
                 lines.append(f"| {wname} | {o['k']} | {100 * o['acceptance_rate']:.1f} % "
                              f"| {o['mean_accepted_length']:.2f} | {pos} | {o['draft_ms_per_step']:.2f} |")
     for name, s in result["sweep"].items():
-        lines += ["", f"k sweep, {name} on {s['workload']}, batch 1 (none: {s['baseline_tok_s']:.1f} tok/s):", "",
-                  "| k | output tok/s | × none | acceptance | mean accepted length |", "|--:|--:|--:|--:|--:|"]
+        lines += ["", f"k sweep, {name} on {s['workload']}, batch 1 (none: {s['baseline_tok_s']:.1f} tok/s; "
+                  "each k against none in the same interleaved run):", "",
+                  "| k | output tok/s | × none (CPU) | acceptance | mean accepted length |", "|--:|--:|--:|--:|--:|"]
         for p in s["points"]:
             acc = "-" if p["acceptance_rate"] is None else f"{100 * p['acceptance_rate']:.1f} %"
             mal = "-" if p["mean_accepted_length"] is None else f"{p['mean_accepted_length']:.2f}"
-            lines.append(f"| {p['k']} | {p['median_output_tok_s']:.1f} | {p['speedup']:.2f} | {acc} | {mal} |")
+            cpu = f" ({p['cpu_speedup']:.2f})" if p.get("cpu_speedup") is not None else ""
+            lines.append(f"| {p['k']} | {p['median_output_tok_s']:.1f} | {p['speedup']:.2f}{cpu} | {acc} | {mal} |")
+    bs = result.get("batch_sweep") or {}
+    if bs:
+        names = list(next(iter(bs["batches"].values())))
+        lines += ["", f"Batch sweep on {bs['workload']}: output tok/s × none (CPU time in brackets), "
+                  "acceptance in the second line of each cell:", "",
+                  "| batch | " + " | ".join(names) + " |", "|--:|" + "--:|" * len(names)]
+        for batch, rows in bs["batches"].items():
+            cells = []
+            for n in names:
+                r = rows[n]
+                acc = "" if r.get("acceptance_rate") is None else f"<br>{100 * r['acceptance_rate']:.0f} %"
+                cells.append(f"{r['speedup']:.2f} ({r['cpu_speedup']:.2f}){acc}")
+            lines.append(f"| {batch} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -422,6 +500,12 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=WORKLOADS)
     p.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 8])
     p.add_argument("--k", type=int, default=4, help="drafted tokens per step (the sweep runs 1..5)")
+    p.add_argument("--draft-k", type=int, default=None, help="k of the draft-model systems (default --k)")
+    p.add_argument("--draft-confidence", type=float, default=None,
+                   help="draft_confidence_threshold of the draft-model systems (default: none, k drafts)")
+    p.add_argument("--batch-sweep", type=int, nargs="*", default=[],
+                   help="batch sizes of a sweep on one workload: where speculation stops paying")
+    p.add_argument("--batch-sweep-workload", default="completion", choices=WORKLOADS)
     p.add_argument("--num-requests", type=int, default=8, help="requests per workload (at least the batch)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--no-sweep", action="store_true", help="skip the sweep over k")

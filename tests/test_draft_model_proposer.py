@@ -25,8 +25,10 @@ from tests.helpers import hf_greedy_ignore_eos, num_distinct
 VOCAB = 512  # the tiny checkpoints' (tests/fixtures.py)
 
 
-def _proposer(draft: Path, k: int, stage: int = 6, **overrides: Any) -> DraftModelProposer:
-    spec = SpeculativeConfig(method="draft_model", num_speculative_tokens=k, model=str(draft))
+def _proposer(draft: Path, k: int, stage: int = 6, threshold: float | None = None,
+              **overrides: Any) -> DraftModelProposer:
+    spec = SpeculativeConfig(method="draft_model", num_speculative_tokens=k, model=str(draft),
+                             draft_confidence_threshold=threshold)
     target = EngineConfig.for_stage(stage, dtype="float32", max_model_len=256, **overrides)
     return DraftModelProposer(spec, target, VOCAB)
 
@@ -104,6 +106,72 @@ def test_batch_of_requests(tiny_checkpoints: dict[str, Path], hf_models: Callabl
         proposer.free(r.request_id)
     proposer.free("never-seen")  # freeing an unknown request is a no-op
     assert proposer.num_free_blocks == free_at_start
+
+
+def _hf_greedy_with_probs(hf_model: Any, prompt: list[int], n: int) -> list[tuple[int, float]]:
+    """HF's greedy continuation, each token with the probability the model gave it."""
+    import torch
+
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            probs = hf_model(torch.tensor([ids])).logits[0, -1].float().softmax(-1)
+            token = int(probs.argmax())
+            out.append((token, float(probs[token])))
+            ids.append(token)
+    return out
+
+
+def test_confidence_threshold_stops_after_an_unsure_token(
+    tiny_checkpoints: dict[str, Path], hf_models: Callable[[str], Any]
+) -> None:
+    """With draft_confidence_threshold, a row's proposal is HF's greedy continuation up to and
+    including the first token whose probability is below the threshold; no pass is spent after
+    it, and a row that stops early does not stop the others."""
+    hf = hf_models("qwen3")
+    prompts = [_prompt(n, seed=20 + n) for n in (6, 23, 41)]
+    refs = [_hf_greedy_with_probs(hf, p, 5) for p in prompts]
+    probs = sorted(p for ref in refs for _, p in ref)
+    threshold = probs[len(probs) // 2]  # the median: some rows stop early, some do not
+    expected = []
+    for ref in refs:
+        cut = next((j + 1 for j, (_, p) in enumerate(ref) if p < threshold), len(ref))
+        expected.append([t for t, _ in ref[:cut]])
+    assert any(len(e) < 5 for e in expected) and any(len(e) > 1 for e in expected)
+    proposer = _proposer(tiny_checkpoints["qwen3"], k=5, threshold=threshold, block_size=4)
+    reqs = [_request(f"c{i}", p) for i, p in enumerate(prompts)]
+    assert proposer.propose(reqs, [5, 5, 5]) == expected
+    assert proposer.num_forward_passes == max(len(e) for e in expected)
+    # without a threshold: k drafts each, the same prefix
+    plain = _proposer(tiny_checkpoints["qwen3"], k=5, block_size=4)
+    assert plain.propose([_request(f"p{i}", p) for i, p in enumerate(prompts)], [5, 5, 5]) == [
+        [t for t, _ in ref] for ref in refs]
+
+
+def test_draft_weights_packed_for_the_decode_kernel(tiny_checkpoints: dict[str, Path],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the CPU kernels on, every linear weight of the draft is stored in our decode
+    kernel's panels (unpacked, oneDNN re-lays each weight at every call; packed for oneDNN, its
+    fixed cost per call is several times the kernel's on small weights), and stays plain with
+    custom_ops="none"; the draft's proposals are HF's greedy tokens either way (other tests)."""
+    import torch
+
+    from folovllm._custom_ops import ops_available
+
+    def layouts(model: torch.nn.Module) -> set[str]:
+        return {"mkldnn" if m.weight.is_mkldnn else f"{m.weight.dim()}-d"
+                for name, m in model.named_modules()
+                if isinstance(getattr(m, "weight", None), torch.Tensor) and name.endswith(("proj", "lm_head"))}
+
+    from folovllm.model_executor.layers import cpu_gemm
+
+    # a measured table that prefers oneDNN for every shape (the trained pair's gate_up shapes
+    # get "onednn" from their nearest measured neighbour): the draft still takes the kernel
+    monkeypatch.setattr(cpu_gemm, "choose_gemm", lambda out, in_: "onednn")
+    path = tiny_checkpoints["qwen3"]
+    if ops_available():
+        assert layouts(_proposer(path, k=2).model) == {"3-d"}  # [ceil(out / 32), in, 32] panels
+    assert layouts(_proposer(path, k=2, custom_ops="none").model) == {"2-d"}
 
 
 def test_capped_by_max_model_len(tiny_checkpoints: dict[str, Path]) -> None:

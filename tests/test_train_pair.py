@@ -99,3 +99,32 @@ def test_demo_trained_uses_the_pair_and_shows_text(tiny_pair: tuple[Path, Path],
         tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
     expected = tokenizer.decode(tokens)
     assert cli.DEMO_CODE_PROMPT + expected in out
+
+
+def test_distill_loss_is_the_kl_divergence_from_the_target() -> None:
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 3, 7), torch.randn(2, 3, 7)
+    for t in (1.0, 2.0):
+        p, q = (teacher / t).softmax(-1), (student / t).softmax(-1)
+        expected = (p * (p.log() - q.log())).sum(-1).mean() * t * t  # per position, averaged
+        assert torch.allclose(tp.distill_loss(student, teacher, t), expected, atol=1e-6)
+    assert float(tp.distill_loss(teacher, teacher)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distilled_draft_moves_toward_the_target(tiny_pair: tuple[Path, Path]) -> None:
+    """`distill_draft` trains only the draft, towards the target: its held-out KL to the target
+    falls; the target's and the plain draft's files are untouched; the result is cached."""
+    target, draft = tiny_pair
+    before = {p: p.stat().st_mtime_ns for p in (target / "model.safetensors", draft / "model.safetensors")}
+    recipe = tp.DistillRecipe(steps=6, lr=1e-2, warmup_steps=1)
+    out = tp.distill_draft(target.parent, recipe, progress=False)
+    report = json.loads((out / "distill.json").read_text())
+    assert report["after"]["held_out_kl"] < report["before"]["held_out_kl"]
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == tp.TINY_RECIPE.vocab_size
+    assert (out / "tokenizer.json").read_bytes() == (target / "tokenizer.json").read_bytes()
+    mtime = (out / "model.safetensors").stat().st_mtime_ns
+    assert tp.distill_draft(target.parent, recipe, progress=False) == out  # cached
+    assert (out / "model.safetensors").stat().st_mtime_ns == mtime
+    with pytest.raises(ValueError, match="no trained pair"):
+        tp.distill_draft(target.parent / "nowhere", recipe, progress=False)

@@ -5,6 +5,9 @@ vLLM's `SpeculativeConfig` (vllm/config/speculative.py) in the two methods folov
     {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 4}
     {"method": "draft_model", "model": "path/or/hub-id", "num_speculative_tokens": 3}
     {..., "disable_by_batch_size": 4}       no drafts in a step while 4 or more requests run
+    {"method": "draft_model", ..., "draft_confidence_threshold": 0.4}
+                                            a row stops drafting after a token the draft gives
+                                            less than 0.4 (HF's assistant_confidence_threshold)
 
 It is an axis beside the ladder, like tensor parallelism: `EngineConfig.speculative_config`
 turns it on at any stage from 02 on (stage 01's static batch cannot verify drafts: a batch
@@ -34,6 +37,11 @@ class SpeculativeConfig:
             more are running (None: always draft). At a large batch a step is no longer bound
             by reading the weights, and every rejected draft is a row of real work
             (docs/stages/09: batch 8 loses here). vLLM's field; like vLLM, at least 2.
+        draft_confidence_threshold: draft_model only: a request stops drafting for the step
+            after a token to which the draft gives a probability below this (the token is
+            still proposed), so an unsure draft spends no more forward passes on guesses the
+            target will likely reject. HF's `assistant_confidence_threshold`; None (the default,
+            as in vLLM): always k drafts. Changes which drafts are proposed, never the tokens.
     """
 
     method: str
@@ -42,6 +50,7 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4
     model: Optional[str] = None
     disable_by_batch_size: Optional[int] = None
+    draft_confidence_threshold: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -68,6 +77,14 @@ class SpeculativeConfig:
                 "running requests from which no drafts are proposed), or None to always draft, "
                 f"got {self.disable_by_batch_size!r}"
             )
+        c = self.draft_confidence_threshold
+        if c is not None:
+            if self.method != "draft_model":
+                raise ValueError("speculative_config.draft_confidence_threshold is for method "
+                                 "'draft_model' (a draft model's probabilities); n-gram drafts have none")
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 < c < 1.0:
+                raise ValueError("speculative_config.draft_confidence_threshold must be a number in "
+                                 f"(0, 1), or None to always draft k tokens, got {c!r}")
         if self.method == "draft_model" and not (isinstance(self.model, str) and self.model):
             raise ValueError(
                 "speculative_config.model is required with method 'draft_model': a checkpoint "
@@ -98,6 +115,8 @@ class SpeculativeConfig:
     def describe(self) -> str:
         """For `describe_engine`: "speculative ngram k=3" (", off from batch 4")."""
         off = "" if self.disable_by_batch_size is None else f", off from batch {self.disable_by_batch_size}"
+        if self.draft_confidence_threshold is not None:
+            off += f", stop below p={self.draft_confidence_threshold:g}"
         return f"speculative {self.method} k={self.num_speculative_tokens}{off}"
 
 

@@ -5,7 +5,9 @@ Each step the proposer is asked, for the requests that decode next, for at most 
 runs the draft greedily, one token per forward pass, all those requests in one batch: k passes
 of a model a fraction of the target's size, then the target checks the k guesses in one pass.
 Greedy drafts are one-hot proposals (q = 1 on the drafted token), so the rejection sampler
-treats them exactly like n-gram drafts.
+treats them exactly like n-gram drafts. With `draft_confidence_threshold` a row stops after a
+token the draft itself gives less than that probability (HF's assisted generation does the
+same): each draft costs a forward pass, and an unsure one is likely rejected.
 
 The draft keeps its own paged KV cache (its own `ModelRunner`, `KVCache` and `BlockPool`, block
 size the target's), so a request's context is computed once, not every step. What is in it is
@@ -88,10 +90,12 @@ class DraftModelProposer(Proposer):
     def __init__(self, spec_config: SpeculativeConfig, target_config: EngineConfig,
                  target_vocab_size: int) -> None:
         from folovllm.model_executor.attention_backends import get_attn_backend
+        from folovllm.model_executor.layers.cpu_gemm import weight_packing
         from folovllm.model_executor.custom_op import set_custom_ops
         from folovllm.model_executor.model_loader import load_hf_config, load_model, resolve_model_path
 
         self.k = spec_config.num_speculative_tokens
+        self.confidence_threshold = spec_config.draft_confidence_threshold
         name = spec_config.model
         if not name:
             raise ValueError("speculative_config.model is required for method 'draft_model'")
@@ -113,7 +117,12 @@ class DraftModelProposer(Proposer):
         config = target_config.replace(max_model_len=self.max_model_len).resolve(draft_len)
         self.device = config.device
         try:
-            self.model, self.hf_config, _ = load_model(str(path), config.torch_dtype, config.device)
+            # Packed like the target's (worker.py): unpacked, oneDNN re-lays every weight on
+            # every call. And in our decode kernel's panels whatever the shape: every pass of
+            # the draft is a decode of a few rows (its prefill is once per request), where the
+            # kernel beats oneDNN's fixed cost per call several times on small weights.
+            with weight_packing(config.custom_ops == "all", gemm="decode"):
+                self.model, self.hf_config, _ = load_model(str(path), config.torch_dtype, config.device)
         except ValueError as e:
             raise ValueError(f"speculative_config.model={name!r}: {e}") from e
         set_custom_ops(self.model, config.custom_ops)
@@ -159,11 +168,11 @@ class DraftModelProposer(Proposer):
             rows, feeds = self._reserve(requests, rows, feeds)
             if not rows:
                 break
-            tokens = self._forward([requests[i].request_id for i in rows], feeds)
+            tokens, sure = self._forward([requests[i].request_id for i in rows], feeds)
             next_rows, next_feeds = [], []
-            for i, token in zip(rows, tokens):
+            for i, token, go_on in zip(rows, tokens, sure):
                 drafts[i].append(token)
-                if len(drafts[i]) < want[i]:
+                if go_on and len(drafts[i]) < want[i]:
                     next_rows.append(i)
                     next_feeds.append([token])
             rows, feeds = next_rows, next_feeds
@@ -200,9 +209,11 @@ class DraftModelProposer(Proposer):
             kept_feeds.append(feed)
         return kept_rows, kept_feeds
 
-    def _forward(self, req_ids: list[str], feeds: list[list[int]]) -> list[int]:
+    def _forward(self, req_ids: list[str], feeds: list[list[int]]) -> tuple[list[int], list[bool]]:
         """One pass of the draft over the rows; each feeds its tokens after its valid K/V and
-        samples greedily from its last one. -> the argmax token of each row."""
+        samples greedily from its last one. -> the argmax token of each row, and whether the
+        row may draft on (its token's probability is at least `draft_confidence_threshold`;
+        always, without one)."""
         states = [self.states[r] for r in req_ids]
         batch = InputBatch(
             req_ids=req_ids,
@@ -218,4 +229,9 @@ class DraftModelProposer(Proposer):
             state.fed += feed
         self.num_computed_tokens += sum(len(f) for f in feeds)
         self.num_forward_passes += 1
-        return logits.argmax(dim=-1).tolist()
+        tokens = logits.argmax(dim=-1)  # [rows]
+        if self.confidence_threshold is None:
+            return tokens.tolist(), [True] * len(req_ids)
+        # the drafted token's probability: its logit against the log-sum-exp of the row
+        prob = (logits.gather(1, tokens[:, None])[:, 0] - logits.logsumexp(dim=-1)).exp()  # [rows]
+        return tokens.tolist(), (prob >= self.confidence_threshold).tolist()

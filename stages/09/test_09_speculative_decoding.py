@@ -456,6 +456,11 @@ def test_disable_by_batch_size_drafts_only_below_it(repeating_model):
     (dict(method="ngram", num_speculative_tokens=2, disable_by_batch_size=0), "disable_by_batch_size"),
     (dict(method="ngram", num_speculative_tokens=2, disable_by_batch_size="4"), "disable_by_batch_size"),
     (dict(method="ngram", num_speculative_tokens=2, disable_by_batch_size=True), "disable_by_batch_size"),
+    (dict(method="ngram", num_speculative_tokens=2, draft_confidence_threshold=0.5), "draft_confidence_threshold"),
+    (dict(method="draft_model", model="x", num_speculative_tokens=2, draft_confidence_threshold=1.0),
+     "draft_confidence_threshold"),
+    (dict(method="draft_model", model="x", num_speculative_tokens=2, draft_confidence_threshold=0),
+     "draft_confidence_threshold"),
     ("ngram", "dict"),
 ])
 def test_bad_speculative_config_names_the_field(bad, field):

@@ -42,6 +42,7 @@ from folovllm.platforms.cpu import kernel_isa, onednn_bf16_supported
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _packing = False  # set by `weight_packing` while a model loads
+_packing_gemm: Optional[str] = None  # "decode": `weight_packing(True, gemm="decode")` (a draft model)
 
 
 # --8<-- [start:dense_linear]
@@ -80,14 +81,19 @@ def weight_packing_enabled() -> bool:
 
 
 @contextlib.contextmanager
-def weight_packing(enabled: bool) -> Iterator[None]:
-    """Pack the plain weights of the layers loaded inside this block (or not)."""
-    global _packing
+def weight_packing(enabled: bool, gemm: Optional[str] = None) -> Iterator[None]:
+    """Pack the plain weights of the layers loaded inside this block (or not). `gemm="decode"`:
+    every float32 weight takes our streaming kernel where it is built (unless
+    `FOLOVLLM_CPU_GEMM=onednn`), whatever the measured table says for its shape: for a model
+    that only ever runs a few rows a pass (stage 09's draft model), where the table's rule also
+    weighs prefill at 512 rows."""
+    global _packing, _packing_gemm
     before, _packing = _packing, enabled
+    gemm_before, _packing_gemm = _packing_gemm, gemm
     try:
         yield
     finally:
-        _packing = before
+        _packing, _packing_gemm = before, gemm_before
 
 
 # --8<-- [start:pack_linear_weight]
@@ -113,7 +119,8 @@ def pack_linear_weight(module: nn.Module) -> bool:
     if not (_packing and isinstance(weight, torch.Tensor) and not weight.is_mkldnn
             and weight.dim() == 2 and weight.device.type == "cpu"):
         return False
-    if weight.dtype == torch.float32 and choose_gemm(*weight.shape) == "decode":
+    decode = (_packing_gemm == "decode" and ops_available() and envs.cpu_gemm() != "onednn")
+    if weight.dtype == torch.float32 and (decode or choose_gemm(*weight.shape) == "decode"):
         with torch.inference_mode():
             panels = load_ops().pack_decode_weight(weight.detach().contiguous())
         module.weight = nn.Parameter(panels, requires_grad=False)
