@@ -17,8 +17,8 @@ Weight packing is on when the engine runs our CPU kernels (`custom_ops="all"`, t
 the worker loads the model inside `weight_packing(True)`. `custom_ops="none"` keeps every weight
 plain, the readable torch path.
 
-Why a kernel of our own for float32 and bfloat16: a decode step multiplies 1-16 rows by every weight, so it
-is bound by how fast the weights stream from memory, not by arithmetic (docs/performance.md,
+Why a kernel of our own for float32 and bfloat16: a decode step multiplies 1-16 rows by every
+weight, so it is bound by how fast the weights stream from memory, not by arithmetic (docs/performance.md,
 "Decode at the bandwidth limit"). oneDNN pads 1-3 rows to 4 and reads its blocked layout at
 60-85% of what one sequential stream gets; `decode_linear` reads each weight once per call as
 one stream and applies it to all rows in registers, and on the same bytes ties oneDNN at prefill.
@@ -101,10 +101,10 @@ def pack_linear_weight(module: nn.Module) -> bool:
     """Store `module.weight` in the layout of the matmul `choose_gemm` picks for its shape and
     dtype, in place of the plain one, when weight packing is on: our streaming kernel's panels
     (the kernels built; float32 [ceil(out / 32), in, 32], bfloat16 [ceil(out / 32), ceil(in / 2),
-    64]), else oneDNN's blocked layout (CPU, float32, bfloat16 where oneDNN has bf16 kernels). Same values either way; `unpack_weight`
-    gives the plain [out, in] back. A weight shared with another module (an LM head tied to the
-    embedding) is not touched: the module gets a packed copy of its own. Returns whether it
-    packed."""
+    64]), else oneDNN's blocked layout (CPU, float32, bfloat16 where oneDNN has bf16 kernels).
+    Same values either way; `unpack_weight` gives the plain [out, in] back. A weight shared with
+    another module (an LM head tied to the embedding) is not touched: the module gets a packed
+    copy of its own. Returns whether it packed."""
     weight = getattr(module, "weight", None)
     if not (_packing and isinstance(weight, torch.Tensor) and not weight.is_mkldnn
             and weight.dim() == 2 and weight.device.type == "cpu"):
@@ -172,10 +172,11 @@ def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 # The measured table: for each weight shape, our kernel and oneDNN's packed matmul timed side by
 # side at 1-16 rows (decode) and at 64 and 512 (prefill), one thread, per ISA path and weight dtype
 # (float32 under "avx512"/"avx2", bfloat16 under "avx512-bf16"/"avx2-bf16"), written by
-# `python -m benchmarks.decode_linear --write-table` (`--dtype bfloat16` for the bf16 rows). Committed rather than timed at load: a
-# load-time timing on a busy machine would pick differently from one start to the next (and
-# change the last bits of the logits with it); the table makes the choice reviewable and
-# reproducible, and is re-measured with one command on a new machine.
+# `python -m benchmarks.decode_linear --write-table` (`--dtype bfloat16` for the bf16 rows).
+# Committed rather than timed at load: a load-time timing on a busy machine would pick
+# differently from one start to the next (and change the last bits of the logits with it); the
+# table makes the choice reviewable and reproducible, and is re-measured with one command on a
+# new machine.
 TABLE_PATH = Path(__file__).with_name("cpu_gemm_table.json")
 # The rule applied to each row of the table: the kernel where it is at least as fast as oneDNN at
 # every decode row count and at most PREFILL_SLACK slower at 512 rows (prefill shares the layout).
