@@ -5,6 +5,7 @@ packed weight (1-3 rows padded to 4) against `decode_linear` on its panels
     python -m benchmarks.decode_linear                  # ~3 minutes; decode_linear_cpu.{json,md}
     python -m benchmarks.decode_linear --write-table    # ... and the table cpu_gemm.py reads
     FOLOVLLM_CPU_ISA=avx2 python -m benchmarks.decode_linear --write-table   # the AVX2 rows
+    python -m benchmarks.decode_linear --dtype bfloat16 --write-table   # bf16 weights (and x)
 
 Shapes: Qwen3-0.6B's (qkv 1,024 -> 4,096, o 2,048 -> 1,024, gate_up 1,024 -> 6,144, down
 3,072 -> 1,024, LM head 1,024 -> 151,936) and the bench model's (hidden 512, intermediate
@@ -17,7 +18,9 @@ model's, qkv at 16 MB) can beat DRAM bandwidth when it is called back to back: o
 and gate_up of Qwen3-0.6B are honest DRAM numbers.
 
 `--write-table` writes folovllm/model_executor/layers/cpu_gemm_table.json for this ISA path
-(keeping the other's rows): each shape's times, and the rule's choice (`cpu_gemm.table_choice`).
+and dtype (keeping the other rows): each shape's times, and the rule's choice
+(`cpu_gemm.table_choice`). With `--dtype bfloat16` the "before" is what a bf16 weight gets
+without panels: oneDNN's packed bf16 matmul where oneDNN has bf16 kernels, else `F.linear`.
 """
 
 from __future__ import annotations
@@ -54,8 +57,17 @@ SHAPES = {  # name -> (in, out)
 ROWS = (1, 2, 4, 8, 16, 64, 512)
 
 
+def baseline_weight(w: torch.Tensor) -> torch.Tensor:
+    """The weight as the path before the panels holds it: oneDNN's packed layout where oneDNN
+    takes the dtype (float32 always; bf16 where it has bf16 kernels), else plain (`F.linear`)."""
+    if cpu_gemm.onednn_takes(w.dtype):
+        return torch.ops.mkldnn._reorder_linear_weight(w, cpu_gemm.PACK_BATCH)
+    return w
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     ops = load_ops()
+    dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     limits = load_limits()
     bw = limits["bandwidth"].get(str(args.threads)) if limits else None
@@ -64,16 +76,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     shapes = {k: v for k, v in SHAPES.items() if not args.quick or "bench" in k}
     with torch.inference_mode():
         for name, (k_in, n_out) in shapes.items():
-            w = torch.randn(n_out, k_in) / k_in**0.5
-            packed = torch.ops.mkldnn._reorder_linear_weight(w, cpu_gemm.PACK_BATCH)
+            w = (torch.randn(n_out, k_in) / k_in**0.5).to(dtype)
+            packed = baseline_weight(w)
             panels = ops.pack_decode_weight(w)
-            panels.out_features = n_out
+            panels.out_features, panels.in_features = n_out, k_in
             for m in rows_list:
                 if "lm_head" in name and m > 64:  # the LM head sees one row per sequence, not a prompt's
                     continue
-                x = torch.randn(m, k_in)
-                ref = F.linear(x.double(), w.double()).float()
-                diff = max((cpu_gemm.dense_linear(x, p) - ref).abs().max().item() for p in (packed, panels))
+                x = torch.randn(m, k_in).to(dtype)
+                ref = F.linear(x.double(), w.double())
+                diff = max((cpu_gemm.dense_linear(x, p).double() - ref).abs().max().item() for p in (packed, panels))
                 # calls per timing: ~50 ms of work, so the clock's resolution does not matter
                 probe = summarize(time_calls({"k": lambda: cpu_gemm.dense_linear(x, panels)}, 1)["k"])
                 n = max(1, min(200, int(0.05 / max(probe["median_cpu_seconds"], 1e-6))))
@@ -84,7 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 s = {key: summarize(ts) for key, ts in runs.items()}
                 ms = {key: s[key]["median_cpu_seconds"] / n * 1e3 for key in s}
                 wall = {key: s[key]["median_seconds"] / n * 1e3 for key in s}
-                nbytes = n_out * k_in * 4
+                nbytes = n_out * k_in * w.element_size()
                 case = dict(shape=name, rows=m, in_features=k_in, out_features=n_out, weight_bytes=nbytes,
                             onednn_ms=ms["onednn"], kernel_ms=ms["kernel"], speedup=ms["onednn"] / ms["kernel"],
                             onednn_wall_ms=wall["onednn"], kernel_wall_ms=wall["kernel"],
@@ -95,7 +107,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 cases[f"{name}, {m} rows"] = case
                 print(f"{name} {m} rows: oneDNN {ms['onednn']:.3f} ms ({case['onednn_gb_s']:.1f} GB/s) | kernel "
                       f"{ms['kernel']:.3f} ms ({case['kernel_gb_s']:.1f} GB/s) | {case['speedup']:.2f}x", flush=True)
-    return dict(repeats=args.repeats, isa=kernel_isa(), bandwidth_1t=bw, cases=cases,
+    return dict(repeats=args.repeats, isa=kernel_isa(), dtype=args.dtype,
+                table_key=cpu_gemm.table_key(dtype), bandwidth_1t=bw, cases=cases,
                 peak_loadavg_1m=peak_loadavg(loads))
 
 
@@ -119,15 +132,17 @@ def write_table(result: dict[str, Any]) -> None:
     table["about"] = ("Measured by `python -m benchmarks.decode_linear --write-table` (one thread, "
                       "median process CPU time per call): [decode_linear ms, oneDNN packed ms] per "
                       "row count; `gemm` is cpu_gemm.table_choice's pick. Read by cpu_gemm.choose_gemm.")
-    table.setdefault("machine", {})[result["isa"]] = dict(
+    key = result.get("table_key", result["isa"])
+    table.setdefault("machine", {})[key] = dict(
         cpu=machine_short(result["machine"]), date=result["date"][:10], peak_loadavg_1m=result["peak_loadavg_1m"])
-    table["shapes"][result["isa"]] = table_rows(result)
+    table["shapes"][key] = table_rows(result)
     cpu_gemm.TABLE_PATH.write_text(json.dumps(table, indent=1) + "\n")
     print(f"wrote {cpu_gemm.TABLE_PATH}")
 
 
 def render_markdown(result: dict[str, Any]) -> str:
-    caption = (f"Each linear alone, oneDNN on its packed weight (before) against `decode_linear` on its "
+    caption = (f"Each linear alone, {result.get('dtype', 'float32')} weights, oneDNN on its packed weight "
+               f"(before; bf16 without oneDNN bf16 kernels: `F.linear`) against `decode_linear` on its "
                f"panels (after), {result['isa']} path, process CPU time per call, median of {result['repeats']} "
                f"interleaved repeats: `{result['command']}` on {machine_short(result['machine'])}, "
                f"{result['date'][:10]}. GB/s = weight bytes / time")
@@ -147,10 +162,13 @@ def render_markdown(result: dict[str, Any]) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     def options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--write-table", action="store_true",
-                       help="also write cpu_gemm_table.json's rows for this ISA path")
+                       help="also write cpu_gemm_table.json's rows for this ISA path and dtype")
+        p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                       help="weight and activation dtype (default float32)")
 
     def name(args: argparse.Namespace, result: dict[str, Any]) -> str:
-        return "decode_linear_cpu" + ("_avx2" if envs.cpu_isa() == "avx2" else "")
+        return ("decode_linear_cpu" + ("_avx2" if envs.cpu_isa() == "avx2" else "")
+                + ("_bf16" if args.dtype == "bfloat16" else ""))
 
     def written(args: argparse.Namespace, result: dict[str, Any], out_name: str) -> None:
         if args.write_table:

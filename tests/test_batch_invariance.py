@@ -168,15 +168,17 @@ ROW_COUNTS = (1, 2, 3, 4, 5, 7, 16, 17, 33, 64, 300)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_rows_do_not_depend_on_the_row_count_or_threads(dtype):
-    """dense_linear as the engine runs it with our kernels: oneDNN on the packed weight where
-    oneDNN takes the dtype (1-3 rows padded to 4), else `F.linear` (bfloat16 on an AVX2-only
-    CPU). Row i is bitwise the same whatever the number of rows in the call, at 1 and 2
+    """dense_linear as the engine runs it with our kernels: `decode_linear` on panels where the
+    measured table picks it, else oneDNN on the packed weight where oneDNN takes the dtype (1-3
+    rows padded to 4), else `F.linear` (bfloat16 on an AVX2-only CPU). Row i is bitwise the same whatever the number of rows in the call, at 1 and 2
     threads. (oneDNN on an unpacked float32 weight is not: 1 row and 2 rows take different
     kernels. The engine never calls it: with our kernels every plain weight is packed.)"""
     torch.manual_seed(0)
     layer = nn.Linear(96, 200, bias=False).to(dtype)
     with cpu_gemm.weight_packing(True):
-        assert cpu_gemm.pack_linear_weight(layer) == cpu_gemm.onednn_takes(dtype)
+        # our kernel's panels where the measured table picks them (bf16 too), else oneDNN's layout
+        panels = cpu_gemm.choose_gemm(200, 96, dtype=dtype) == "decode"
+        assert cpu_gemm.pack_linear_weight(layer) == (panels or cpu_gemm.onednn_takes(dtype))
     x = torch.randn(max(ROW_COUNTS), 96).to(dtype)
     with torch.inference_mode(), num_threads(1):
         reference = torch.cat([cpu_gemm.dense_linear(x[i:i + 1], layer.weight) for i in range(len(x))])

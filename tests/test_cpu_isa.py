@@ -18,7 +18,7 @@ import sys
 import torch
 
 from folovllm import LLM, SamplingParams
-from folovllm.model_executor.layers.cpu_gemm import dense_linear
+from folovllm.model_executor.layers.cpu_gemm import choose_gemm, dense_linear, logical_shape
 from folovllm.model_executor.layers.linear import LinearBase
 from folovllm.platforms import cpu as cpu_platform
 
@@ -45,10 +45,15 @@ def test_bfloat16_generates_on_this_cpus_path(tiny_qwen3):
 
 
 def test_the_worker_packs_bf16_only_where_onednn_has_bf16_kernels(tiny_qwen3):
+    """A bf16 linear gets our kernel's pair panels where the measured table picks them (both ISA
+    paths), else oneDNN's layout only where oneDNN has bf16 kernels, else stays plain."""
     llm = LLM(str(tiny_qwen3), dtype="bfloat16", stage=6, custom_ops="all")
     model = llm.llm_engine.model_runner.model
     linears = [m for m in model.modules() if isinstance(m, LinearBase)]
-    assert {m.weight.is_mkldnn for m in linears} == {cpu_platform.onednn_bf16_supported()}
+    for m in linears:
+        panels = choose_gemm(*logical_shape(m.weight), dtype=torch.bfloat16) == "decode"
+        assert m.weight.dim() == (3 if panels else 2)
+        assert m.weight.is_mkldnn == (not panels and cpu_platform.onednn_bf16_supported())
 
 
 def test_avx2_switch_caps_onednn_and_aten_and_bf16_still_multiplies():
@@ -58,7 +63,7 @@ def test_avx2_switch_caps_onednn_and_aten_and_bf16_still_multiplies():
     script = (
         "import json, torch, folovllm\n"
         "from folovllm.platforms import cpu\n"
-        "from folovllm.model_executor.layers.cpu_gemm import dense_linear\n"
+        "from folovllm.model_executor.layers.cpu_gemm import choose_gemm, dense_linear, logical_shape\n"
         "x, w = torch.randn(5, 64).bfloat16(), torch.randn(32, 64).bfloat16()\n"
         "with torch.inference_mode():\n"
         "    same = torch.equal(dense_linear(x, w), torch.nn.functional.linear(x, w))\n"

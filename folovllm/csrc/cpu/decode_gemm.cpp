@@ -18,19 +18,44 @@
 //   for each tile of R rows of x (AVX-512: R = 8, 2 vectors of 16 outputs -> 16 accumulators)
 //     for k in 0 .. K-1:  2 weight loads (the panel's row k), R broadcasts of x[r, k], 2R FMAs
 //   the first tile streams the panel from memory (one sequential stream, which the hardware
-//   prefetcher follows: a software prefetch 1 KB ahead measured 2x slower at 1 row here); the
-//   next tiles find it in L2 (K x 128 bytes: 128-384 KB at Qwen3-0.6B's shapes)
+//   prefetcher follows); the next tiles find it in L2 (K x 128 bytes: 128-384 KB at Qwen3-0.6B's
+//   shapes)
 //
-// AVX2 (16 registers of 8 floats; FOLOVLLM_CPU_ISA=avx2): each panel in two halves of 16
-// outputs, 6 rows a tile (12 accumulators + 2 weights + 1 broadcast).
+// Prefetch: a tile of 2 or more rows asks for the weight 8 KB ahead into L2 (prefetcht1). At 8
+// rows a tile does 16 FMAs per 128 bytes of weight and is bound by the FMA units, not memory; the
+// hardware prefetcher alone then falls behind and the stream stalls (Qwen3-0.6B's linears at 8
+// rows: 124 -> 99 ms a step, one row 95 ms). At one row it only costs: the hardware prefetcher
+// keeps up by itself (a prefetch at 1 row measured up to 10% slower; 1 KB ahead into L1, 2x).
 //
-// An output's sum is always taken in the same order, k = 0, 1, ..., K-1 in its lane, whatever the
-// number of rows in the call, the tile the row falls in, or the thread count: a row's result is
-// bitwise the same alone or in a batch (what batch-invariant mode relies on).
+// AVX2 (16 registers of 8 floats; FOLOVLLM_CPU_ISA=avx2): the whole panel (4 vectors), 3 rows a
+// tile, the panel's two halves of 16 outputs in turn within each k (12 accumulators + 2 weights
+// + 1 broadcast): one pass over the panel's cache lines in order per tile. The loops over rows
+// and vectors are unrolled by pragma: without it GCC kept the accumulator array in memory and
+// stored it every k (the old 6 x 16 tile ran at 40 GFLOP/s from L2, this one at ~100).
+//
+// bfloat16 weights (a model loaded with dtype=bfloat16) use panels of k pairs:
+//
+//   weight [N, K] bf16  ->  packed [ceil(N / 32), ceil(K / 2), 64]: row kk of a panel holds, for
+//                           each of its 32 outputs n, (w[n, 2kk], w[n, 2kk + 1]) side by side
+//
+// which is the operand order of AVX512-BF16's `vdpbf16ps` (per fp32 lane: acc += a0 b0 + a1 b1):
+// one instruction multiplies 16 outputs by a pair of x's k (a 32-bit broadcast of x[r, 2kk..]),
+// 32 FMAs' worth, and reads half the bytes of float32. Without AVX512-BF16 (the portable path,
+// FOLOVLLM_CPU_ISA=avx2) each load of pairs is widened to two float32 vectors by 16-bit shifts
+// (a bf16 is the top half of a float32) and multiplied by FMAs in k order. Accumulation is float32
+// either way, rounded to bf16 once at the end (what F.linear does in bf16 on CPU).
+//
+// An output's sum is always taken in the same order, k = 0, 1, ..., K-1 in its lane (bf16 with
+// vdpbf16ps: pair by pair), whatever the number of rows in the call, the tile the row falls in, or
+// the thread count: a row's result is bitwise the same alone or in a batch (what batch-invariant
+// mode relies on).
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
@@ -40,146 +65,280 @@
 
 namespace {
 
-constexpr int64_t PANEL = 32;  // outputs per panel of the packed layout (both ISAs)
+using c10::BFloat16;
+
+constexpr int64_t PANEL = 32;      // outputs per panel of the packed layout (both ISAs, both dtypes)
+constexpr int64_t PF_BYTES = 8192;  // how far ahead a tile of >= 2 rows prefetches the weight
 
 #if defined(__AVX512F__)
 constexpr int64_t L = 16;       // floats per vector
-constexpr int64_t GROUP = 32;   // outputs a tile computes: 2 vectors
 constexpr int64_t ROWS = 8;     // x rows per tile: 16 accumulators + 2 weights + 1 broadcast
 using vec = __m512;
+using ivec = __m512i;
 inline vec vzero() { return _mm512_setzero_ps(); }
 inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline ivec vload_i(const void* p) { return _mm512_loadu_si512(p); }
 inline vec vbroadcast(const float* p) { return _mm512_set1_ps(*p); }
 inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+// L bf16 pairs -> the float32 of the even (first) and odd (second) element of each pair
+inline vec widen_even(ivec v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
+inline vec widen_odd(ivec v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_srli_epi32(v, 16), 16)); }
 #define FOLO_VECTOR 1
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int64_t L = 8;
-constexpr int64_t GROUP = 16;   // half a panel: 2 vectors
-constexpr int64_t ROWS = 6;     // 12 accumulators + 2 weights + 1 broadcast of 16 registers
+constexpr int64_t ROWS = 3;     // 3 rows x 4 vectors: 12 accumulators + 2 weights + 1 broadcast
 using vec = __m256;
+using ivec = __m256i;
 inline vec vzero() { return _mm256_setzero_ps(); }
 inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline ivec vload_i(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
 inline vec vbroadcast(const float* p) { return _mm256_broadcast_ss(p); }
 inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+inline vec widen_even(ivec v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+inline vec widen_odd(ivec v) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(v, 16), 16)); }
 #define FOLO_VECTOR 1
 #endif
 
-#ifdef FOLO_VECTOR
-constexpr int64_t V = GROUP / L;  // vectors per tile row
+inline float to_float(float v) { return v; }
+inline float to_float(BFloat16 v) { return static_cast<float>(v); }
 
-// out[r, 0 .. cols) = x[r, :] . w (+ bias) for R rows and one group of GROUP outputs, w pointing
-// at the group's first output of k = 0 in the packed panel (a row of the panel is PANEL floats).
-template <int64_t R>
-inline void tile(const float* w, int64_t K, const float* x, int64_t ldx, float* out, int64_t ldo,
-                 const float* bias, int64_t cols) {
-  vec acc[R][V];
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t v = 0; v < V; ++v) acc[r][v] = vzero();
-  for (int64_t k = 0; k < K; ++k) {
-    vec wv[V];
-    for (int64_t v = 0; v < V; ++v) wv[v] = vload(w + k * PANEL + v * L);
-    for (int64_t r = 0; r < R; ++r) {
-      const vec xv = vbroadcast(x + r * ldx + k);
-      for (int64_t v = 0; v < V; ++v) acc[r][v] = vfma(xv, wv[v], acc[r][v]);
-    }
-  }
-  for (int64_t r = 0; r < R; ++r) {
-    alignas(64) float row[GROUP];
-    for (int64_t v = 0; v < V; ++v) vstore(row + v * L, acc[r][v]);
-    float* o = out + r * ldo;
-    if (bias)
-      for (int64_t j = 0; j < cols; ++j) o[j] = row[j] + bias[j];
-    else
-      std::memcpy(o, row, cols * sizeof(float));
+#ifdef FOLO_VECTOR
+constexpr int64_t V = PANEL / L;  // vectors per panel row: 2 (AVX-512) or 4 (AVX2)
+
+inline void prefetch_ahead(const void* p) {
+  const char* c = static_cast<const char*>(p) + PF_BYTES;
+  _mm_prefetch(c, _MM_HINT_T1);
+  _mm_prefetch(c + 64, _MM_HINT_T1);
+}
+
+// out[r, 0 .. cols) = acc[r] (+ bias), in the output's dtype (bf16: rounded to nearest even once)
+template <int64_t R, typename T>
+inline void store_rows(vec (&acc)[R][V], T* out, int64_t ldo, const T* bias, int64_t cols) {
+  _Pragma("GCC unroll 16") for (int64_t r = 0; r < R; ++r) {
+    alignas(64) float row[PANEL];
+    _Pragma("GCC unroll 16") for (int64_t v = 0; v < V; ++v) vstore(row + v * L, acc[r][v]);
+    T* o = out + r * ldo;
+    for (int64_t j = 0; j < cols; ++j) o[j] = static_cast<T>(row[j] + (bias ? to_float(bias[j]) : 0.f));
   }
 }
 
-// All M rows against one group: tiles of ROWS rows, then the remainder (fewer accumulators).
-inline void group(const float* w, int64_t K, const float* x, int64_t M, float* out, int64_t N,
-                  const float* bias, int64_t cols) {
-  int64_t r = 0;
-  for (; r + ROWS <= M; r += ROWS) tile<ROWS>(w, K, x + r * K, K, out + r * N, N, bias, cols);
-  const float* xr = x + r * K;
-  float* o = out + r * N;
-  switch (M - r) {
-    case 7: tile<7>(w, K, xr, K, o, N, bias, cols); break;
-    case 6: tile<6>(w, K, xr, K, o, N, bias, cols); break;
-    case 5: tile<5>(w, K, xr, K, o, N, bias, cols); break;
-    case 4: tile<4>(w, K, xr, K, o, N, bias, cols); break;
-    case 3: tile<3>(w, K, xr, K, o, N, bias, cols); break;
-    case 2: tile<2>(w, K, xr, K, o, N, bias, cols); break;
-    case 1: tile<1>(w, K, xr, K, o, N, bias, cols); break;
-    default: break;
+// float32: out[r, 0 .. cols) = x[r, :] . w (+ bias) for R rows and one panel, w at its k = 0.
+template <int64_t R>
+inline void tile_f32(const float* w, int64_t K, const float* x, int64_t ldx, float* out, int64_t ldo,
+                     const float* bias, int64_t cols) {
+  vec acc[R][V];
+  _Pragma("GCC unroll 16") for (int64_t r = 0; r < R; ++r)
+    _Pragma("GCC unroll 16") for (int64_t v = 0; v < V; ++v) acc[r][v] = vzero();
+  for (int64_t k = 0; k < K; ++k) {
+    if constexpr (R >= 2) prefetch_ahead(w + k * PANEL);
+    // two vectors of the panel row at a time, each applied to every row (AVX2: 2 halves)
+    _Pragma("GCC unroll 16") for (int64_t h = 0; h < V; h += 2) {
+      const vec w0 = vload(w + k * PANEL + h * L), w1 = vload(w + k * PANEL + (h + 1) * L);
+      _Pragma("GCC unroll 16") for (int64_t r = 0; r < R; ++r) {
+        const vec xv = vbroadcast(x + r * ldx + k);
+        acc[r][h] = vfma(xv, w0, acc[r][h]);
+        acc[r][h + 1] = vfma(xv, w1, acc[r][h + 1]);
+      }
+    }
   }
+  store_rows<R>(acc, out, ldo, bias, cols);
+}
+
+#if defined(__AVX512BF16__)
+// bf16 with vdpbf16ps: w a panel of k pairs [Kp][32][2], x rows of bf16 (2 Kp of them, zero past K).
+template <int64_t R>
+inline void tile_bf16(const BFloat16* w, int64_t Kp, const BFloat16* x, int64_t ldx, const float*,
+                      BFloat16* out, int64_t ldo, const BFloat16* bias, int64_t cols) {
+  vec acc[R][V];
+  _Pragma("GCC unroll 16") for (int64_t r = 0; r < R; ++r)
+    _Pragma("GCC unroll 16") for (int64_t v = 0; v < V; ++v) acc[r][v] = vzero();
+  for (int64_t kk = 0; kk < Kp; ++kk) {
+    const BFloat16* wk = w + kk * 2 * PANEL;
+    if constexpr (R >= 2) prefetch_ahead(wk);
+    const __m512bh w0 = (__m512bh)vload_i(wk), w1 = (__m512bh)vload_i(wk + 2 * L);
+    _Pragma("GCC unroll 16") for (int64_t r = 0; r < R; ++r) {
+      int32_t pair;  // (x[r, 2kk], x[r, 2kk + 1]) as one 32-bit lane
+      std::memcpy(&pair, x + r * ldx + 2 * kk, sizeof(pair));
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xv, w0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xv, w1);
+    }
+  }
+  store_rows<R>(acc, out, ldo, bias, cols);
+}
+#else
+// bf16, portable: each load of L pairs widened to float32 (even k, then odd k), FMAs in k order;
+// xf is x in float32 ([rows, 2 Kp], zero past K).
+template <int64_t R>
+inline void tile_bf16(const BFloat16* w, int64_t Kp, const BFloat16*, int64_t ldx, const float* xf,
+                      BFloat16* out, int64_t ldo, const BFloat16* bias, int64_t cols) {
+  vec acc[R][V];
+  _Pragma("GCC unroll 16") for (int64_t r = 0; r < R; ++r)
+    _Pragma("GCC unroll 16") for (int64_t v = 0; v < V; ++v) acc[r][v] = vzero();
+  for (int64_t kk = 0; kk < Kp; ++kk) {
+    const BFloat16* wk = w + kk * 2 * PANEL;
+    if constexpr (R >= 2) prefetch_ahead(wk);
+    _Pragma("GCC unroll 16") for (int64_t v = 0; v < V; ++v) {
+      const ivec pairs = vload_i(wk + v * 2 * L);
+      const vec we = widen_even(pairs), wo = widen_odd(pairs);
+      _Pragma("GCC unroll 16") for (int64_t r = 0; r < R; ++r) {
+        acc[r][v] = vfma(vbroadcast(xf + r * ldx + 2 * kk), we, acc[r][v]);
+        acc[r][v] = vfma(vbroadcast(xf + r * ldx + 2 * kk + 1), wo, acc[r][v]);
+      }
+    }
+  }
+  store_rows<R>(acc, out, ldo, bias, cols);
 }
 #endif
 
-#ifdef FOLO_VECTOR
-constexpr int64_t GROUP_OR_PANEL = GROUP;
-#else
-constexpr int64_t GROUP_OR_PANEL = PANEL;
+// All M rows against one panel: tiles of ROWS rows, then the remainder (fewer accumulators).
+// x rows (and xf, the float32 copy bf16 uses without vdpbf16ps) are ldx apart.
+template <int64_t R>
+inline void rest_f32(const float* w, int64_t K, const float* x, int64_t ldx, float* o, int64_t N,
+                     const float* bias, int64_t cols, int64_t m) {
+  if constexpr (R > 0) {
+    if (m == R) tile_f32<R>(w, K, x, ldx, o, N, bias, cols);
+    else rest_f32<R - 1>(w, K, x, ldx, o, N, bias, cols, m);
+  }
+}
+
+inline void panel_rows(const float* w, int64_t K, const float* x, int64_t ldx, const float*, int64_t M,
+                       float* out, int64_t N, const float* bias, int64_t cols) {
+  int64_t r = 0;
+  for (; r + ROWS <= M; r += ROWS) tile_f32<ROWS>(w, K, x + r * ldx, ldx, out + r * N, N, bias, cols);
+  if (M > r) rest_f32<ROWS - 1>(w, K, x + r * ldx, ldx, out + r * N, N, bias, cols, M - r);
+}
+
+template <int64_t R>
+inline void rest_bf16(const BFloat16* w, int64_t Kp, const BFloat16* x, int64_t ldx, const float* xf,
+                      BFloat16* o, int64_t N, const BFloat16* bias, int64_t cols, int64_t m) {
+  if constexpr (R > 0) {
+    if (m == R) tile_bf16<R>(w, Kp, x, ldx, xf, o, N, bias, cols);
+    else rest_bf16<R - 1>(w, Kp, x, ldx, xf, o, N, bias, cols, m);
+  }
+}
+
+inline void panel_rows(const BFloat16* w, int64_t Kp, const BFloat16* x, int64_t ldx, const float* xf,
+                       int64_t M, BFloat16* out, int64_t N, const BFloat16* bias, int64_t cols) {
+  int64_t r = 0;
+  for (; r + ROWS <= M; r += ROWS)
+    tile_bf16<ROWS>(w, Kp, x + r * ldx, ldx, xf ? xf + r * ldx : nullptr, out + r * N, N, bias, cols);
+  if (M > r)
+    rest_bf16<ROWS - 1>(w, Kp, x + r * ldx, ldx, xf ? xf + r * ldx : nullptr, out + r * N, N, bias, cols, M - r);
+}
+#else  // no AVX2: plain loops (x86-64 builds need AVX2; kept for other compilers)
+inline void panel_rows(const float* w, int64_t K, const float* x, int64_t ldx, const float*, int64_t M,
+                       float* out, int64_t N, const float* bias, int64_t cols) {
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t j = 0; j < cols; ++j) {
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += x[r * ldx + k] * w[k * PANEL + j];
+      out[r * N + j] = s + (bias ? bias[j] : 0.f);
+    }
+}
+
+inline void panel_rows(const BFloat16* w, int64_t Kp, const BFloat16* x, int64_t ldx, const float*,
+                       int64_t M, BFloat16* out, int64_t N, const BFloat16* bias, int64_t cols) {
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t j = 0; j < cols; ++j) {
+      float s = 0.f;
+      for (int64_t k = 0; k < 2 * Kp; ++k)
+        s += static_cast<float>(x[r * ldx + k]) * static_cast<float>(w[(k / 2) * 2 * PANEL + 2 * j + k % 2]);
+      out[r * N + j] = static_cast<BFloat16>(s + (bias ? static_cast<float>(bias[j]) : 0.f));
+    }
+}
 #endif
 
 }  // namespace
 
 at::Tensor pack_decode_weight(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat,
-              "pack_decode_weight: expected a float32 [N, K] weight, got ", weight.scalar_type(),
+  TORCH_CHECK(weight.dim() == 2 && (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16),
+              "pack_decode_weight: expected a float32 or bfloat16 [N, K] weight, got ", weight.scalar_type(),
               " ", weight.sizes());
   const int64_t N = weight.size(0), K = weight.size(1), panels = (N + PANEL - 1) / PANEL;
-  // [N, K] -> zero-padded [panels * 32, K] -> [panels, 32, K] -> [panels, K, 32]
-  at::Tensor padded = at::zeros({panels * PANEL, K}, weight.options());
-  padded.narrow(0, 0, N).copy_(weight);
-  return padded.view({panels, PANEL, K}).transpose(1, 2).contiguous();
+  if (weight.scalar_type() == at::kFloat) {
+    // [N, K] -> zero-padded [panels * 32, K] -> [panels, 32, K] -> [panels, K, 32]
+    at::Tensor padded = at::zeros({panels * PANEL, K}, weight.options());
+    padded.narrow(0, 0, N).copy_(weight);
+    return padded.view({panels, PANEL, K}).transpose(1, 2).contiguous();
+  }
+  // bf16: [N, K] -> zero-padded [panels * 32, 2 Kp] -> [panels, 32, Kp, 2] -> [panels, Kp, 32, 2]
+  // -> [panels, Kp, 64]
+  const int64_t Kp = (K + 1) / 2;
+  at::Tensor padded = at::zeros({panels * PANEL, 2 * Kp}, weight.options());
+  padded.narrow(0, 0, N).narrow(1, 0, K).copy_(weight);
+  return padded.view({panels, PANEL, Kp, 2}).permute({0, 2, 1, 3}).contiguous().view({panels, Kp, 2 * PANEL});
 }
+
+namespace {
+
+// Threads split the panels; `rows(p, n0, cols)` computes every row of panel p.
+template <typename F>
+void for_each_panel(int64_t panels, int64_t N, int64_t panel_bytes, const F& rows) {
+  // At least ~256 KB of weight per chunk of work: smaller ones cost more to hand out than they save.
+  const int64_t grain = std::max<int64_t>(1, (256 * 1024) / std::max<int64_t>(panel_bytes, 1));
+  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n0 = p * PANEL, cols = std::min<int64_t>(PANEL, N - n0);
+      if (cols > 0) rows(p, n0, cols);
+    }
+  });
+}
+
+}  // namespace
 
 at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
                          const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.size(2) == PANEL &&
-                  x.size(1) == packed.size(1),
-              "decode_linear: x must be [M, K] and the packed weight [N / 32, K, 32], got ",
-              x.sizes(), " and ", packed.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat && packed.scalar_type() == at::kFloat,
-              "decode_linear: float32 only, got ", x.scalar_type(), " and ", packed.scalar_type());
+  const bool bf16 = packed.scalar_type() == at::kBFloat16;
+  const int64_t width = bf16 ? 2 * PANEL : PANEL;  // a panel row: 32 floats, or 32 pairs of bf16
+  TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.size(2) == width &&
+                  (bf16 ? (x.size(1) + 1) / 2 : x.size(1)) == packed.size(1),
+              "decode_linear: x must be [M, K] and the packed weight [N / 32, K, 32] (bfloat16: [N / 32, "
+              "K / 2, 64]), got ", x.sizes(), " and ", packed.sizes());
+  TORCH_CHECK((x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
+                  x.scalar_type() == packed.scalar_type(),
+              "decode_linear: float32 or bfloat16 only, x and weight alike, got ", x.scalar_type(), " and ",
+              packed.scalar_type());
   TORCH_CHECK(packed.is_contiguous(), "decode_linear: the packed weight must be contiguous");
   const int64_t N = out_features, panels = packed.size(0);
   TORCH_CHECK(N > (panels - 1) * PANEL && N <= panels * PANEL, "decode_linear: ", N,
               " outputs do not fit ", panels, " panels of ", PANEL);
-  const at::Tensor xc = x.contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1);
-  const float* b = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
-                "decode_linear: the bias must be contiguous float32 [N]");
-    b = bias->data_ptr<float>();
-  }
-  at::Tensor out = at::empty({M, N}, xc.options());
+  if (bias.has_value() && bias->defined())
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->is_contiguous() && bias->numel() == N,
+                "decode_linear: the bias must be contiguous [N] in x's dtype");
+  const bool has_bias = bias.has_value() && bias->defined();
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
-  const float* xp = xc.data_ptr<float>();
-  const float* wp = packed.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  // At least ~256 KB of weight per chunk of work: smaller ones cost more to hand out than they save.
-  const int64_t grain = std::max<int64_t>(1, (256 * 1024) / std::max<int64_t>(K * PANEL * 4, 1));
-  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      for (int64_t g = 0; g < PANEL; g += GROUP_OR_PANEL) {
-        const int64_t n0 = p * PANEL + g, cols = std::min<int64_t>(GROUP_OR_PANEL, N - n0);
-        if (cols <= 0) break;
-        const float* bb = b ? b + n0 : nullptr;
-#ifdef FOLO_VECTOR
-        group(wp + p * K * PANEL + g, K, xp, M, op + n0, N, bb, cols);
-#else  // no AVX2: plain loops (x86-64 builds need AVX2; kept for other compilers)
-        for (int64_t r = 0; r < M; ++r)
-          for (int64_t j = 0; j < cols; ++j) {
-            float s = 0.f;
-            for (int64_t k = 0; k < K; ++k) s += xp[r * K + k] * wp[(p * K + k) * PANEL + g + j];
-            op[r * N + n0 + j] = s + (bb ? bb[j] : 0.f);
-          }
+  if (!bf16) {
+    const at::Tensor xc = x.contiguous();
+    const float* xp = xc.data_ptr<float>();
+    const float* wp = packed.data_ptr<float>();
+    const float* b = has_bias ? bias->data_ptr<float>() : nullptr;
+    float* op = out.data_ptr<float>();
+    for_each_panel(panels, N, K * PANEL * 4, [&](int64_t p, int64_t n0, int64_t cols) {
+      panel_rows(wp + p * K * PANEL, K, xp, K, nullptr, M, op + n0, N, b ? b + n0 : nullptr, cols);
+    });
+    return out;
+  }
+  // bf16: x rows of an even length 2 Kp (a zero past an odd K), and in float32 where the tile widens
+  const int64_t Kp = packed.size(1), ldx = 2 * Kp;
+  at::Tensor xc = x.contiguous();
+  if (ldx != K) xc = at::constant_pad_nd(xc, {0, 1});
+#if defined(FOLO_VECTOR) && !defined(__AVX512BF16__)
+  const at::Tensor xf = xc.to(at::kFloat);
+  const float* xfp = xf.data_ptr<float>();
+#else
+  const float* xfp = nullptr;
 #endif
-      }
-    }
+  const BFloat16* xp = xc.data_ptr<BFloat16>();
+  const BFloat16* wp = packed.data_ptr<BFloat16>();
+  const BFloat16* b = has_bias ? bias->data_ptr<BFloat16>() : nullptr;
+  BFloat16* op = out.data_ptr<BFloat16>();
+  for_each_panel(panels, N, Kp * 2 * PANEL * 2, [&](int64_t p, int64_t n0, int64_t cols) {
+    panel_rows(wp + p * Kp * 2 * PANEL, Kp, xp, ldx, xfp, M, op + n0, N, b ? b + n0 : nullptr, cols);
   });
   return out;
 }

@@ -14,7 +14,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "residual += input; input = weight * residual / rms(residual), both in place");
   m.def("rotary_embedding", &rotary_embedding, "RoPE (rotate-half layout), in place on q and k");
   m.def("pack_decode_weight", &pack_decode_weight,
-        "weight [N, K] -> [ceil(N / 32), K, 32], the layout decode_linear streams");
+        "weight [N, K] -> [ceil(N / 32), K, 32] (bfloat16: [ceil(N / 32), ceil(K / 2), 64]), the layout decode_linear streams");
   m.def("decode_linear", &decode_linear, py::arg("x"), py::arg("packed"), py::arg("out_features"),
         py::arg("bias") = py::none(),
         "x [M, K] @ W^T (+ bias) on the packed weight: each weight read once per call");

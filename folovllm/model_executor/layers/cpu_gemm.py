@@ -9,15 +9,16 @@ this file is only how its `x @ W^T` runs on a CPU:
     pack_linear_weight  called once per layer after loading (`process_weights_after_loading`,
                         and `ParallelLMHead`'s): stores the weight in the layout of the matmul
                         the measured table picks for its shape (`choose_gemm`) when weight
-                        packing is on: oneDNN's blocked layout, or (float32) the panels our
-                        streaming kernel reads (`csrc/cpu/decode_gemm.cpp`, `decode_linear`)
+                        packing is on: oneDNN's blocked layout, or (float32, bfloat16) the
+                        panels our streaming kernel reads (`csrc/cpu/decode_gemm.cpp`,
+                        `decode_linear`)
 
 Weight packing is on when the engine runs our CPU kernels (`custom_ops="all"`, the CPU default):
 the worker loads the model inside `weight_packing(True)`. `custom_ops="none"` keeps every weight
 plain, the readable torch path.
 
-Why a kernel of our own for float32: a decode step multiplies 1-16 rows by every weight, so it
-is bound by how fast the weights stream from memory, not by arithmetic (docs/performance.md,
+Why a kernel of our own for float32 and bfloat16: a decode step multiplies 1-16 rows by every
+weight, so it is bound by how fast the weights stream from memory, not by arithmetic (docs/performance.md,
 "Decode at the bandwidth limit"). oneDNN pads 1-3 rows to 4 and reads its blocked layout at
 60-85% of what one sequential stream gets; `decode_linear` reads each weight once per call as
 one stream and applies it to all rows in registers, and on the same bytes ties oneDNN at prefill.
@@ -108,23 +109,24 @@ MIN_ROWS = 4
 
 
 def pack_linear_weight(module: nn.Module) -> bool:
-    """Store `module.weight` in the layout of the matmul `choose_gemm` picks for its shape, in
-    place of the plain one, when weight packing is on: our streaming kernel's panels
-    [ceil(out / 32), in, 32] (float32, the kernels built), else oneDNN's blocked layout (CPU,
-    float32, bfloat16 where oneDNN has bf16 kernels). Same values either way; `unpack_weight`
-    gives the plain [out, in] back. A weight shared with another module (an LM head tied to the
-    embedding) is not touched: the module gets a packed copy of its own. Returns whether it
-    packed."""
+    """Store `module.weight` in the layout of the matmul `choose_gemm` picks for its shape and
+    dtype, in place of the plain one, when weight packing is on: our streaming kernel's panels
+    (the kernels built; float32 [ceil(out / 32), in, 32], bfloat16 [ceil(out / 32), ceil(in / 2),
+    64]), else oneDNN's blocked layout (CPU, float32, bfloat16 where oneDNN has bf16 kernels).
+    Same values either way; `unpack_weight` gives the plain [out, in] back. A weight shared with
+    another module (an LM head tied to the embedding) is not touched: the module gets a packed
+    copy of its own. Returns whether it packed."""
     weight = getattr(module, "weight", None)
     if not (_packing and isinstance(weight, torch.Tensor) and not weight.is_mkldnn
             and weight.dim() == 2 and weight.device.type == "cpu"):
         return False
     decode = (_packing_gemm == "decode" and ops_available() and envs.cpu_gemm() != "onednn")
-    if weight.dtype == torch.float32 and (decode or choose_gemm(*weight.shape) == "decode"):
+    if weight.dtype in DECODE_DTYPES and (decode or choose_gemm(*weight.shape, dtype=weight.dtype) == "decode"):
         with torch.inference_mode():
             panels = load_ops().pack_decode_weight(weight.detach().contiguous())
         module.weight = nn.Parameter(panels, requires_grad=False)
-        module.weight.out_features = weight.shape[0]  # the panels hold it rounded up to 32
+        # the panels hold them rounded up (outputs to 32, bf16's inputs to pairs)
+        module.weight.out_features, module.weight.in_features = weight.shape
         return True
     if not (_ONEDNN and onednn_takes(weight.dtype)):
         return False
@@ -135,9 +137,9 @@ def pack_linear_weight(module: nn.Module) -> bool:
 
 
 def logical_shape(weight: torch.Tensor) -> tuple[int, ...]:
-    """The shape a weight has in the checkpoint ([out, in] for panels [ceil(out / 32), in, 32])."""
+    """The shape a weight has in the checkpoint ([out, in] for panels [ceil(out / 32), ..])."""
     if weight.dim() == 3 and hasattr(weight, "out_features"):
-        return (weight.out_features, weight.shape[1])
+        return (weight.out_features, getattr(weight, "in_features", weight.shape[1]))
     return tuple(weight.shape)
 
 
@@ -145,6 +147,11 @@ def unpack_weight(weight: torch.Tensor) -> torch.Tensor:
     """The plain [out, in] values of a weight in any of the layouts here."""
     if weight.is_mkldnn:
         return weight.to_dense()
+    if weight.dim() == 3 and weight.dtype == torch.bfloat16:
+        # [panels, in / 2, 64] -> [panels, in / 2, 32, 2] -> [panels, 32, in / 2, 2] -> [panels * 32, in]
+        panels, pairs = weight.shape[:2]
+        plain = weight.view(panels, pairs, 32, 2).permute(0, 2, 1, 3).reshape(panels * 32, 2 * pairs)
+        return plain[: weight.out_features, : weight.in_features]
     if weight.dim() == 3:  # [panels, in, 32] -> [panels * 32, in] -> the first out rows
         return weight.transpose(1, 2).reshape(-1, weight.shape[1])[: weight.out_features]
     return weight
@@ -175,33 +182,42 @@ def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 
 # --8<-- [start:choose_gemm]
 # The measured table: for each weight shape, our kernel and oneDNN's packed matmul timed side by
-# side at 1-16 rows (decode) and at 64 and 512 (prefill), one thread, per ISA path, written by
-# `python -m benchmarks.decode_linear --write-table`. Committed rather than timed at load: a
-# load-time timing on a busy machine would pick differently from one start to the next (and
-# change the last bits of the logits with it); the table makes the choice reviewable and
-# reproducible, and is re-measured with one command on a new machine.
+# side at 1-16 rows (decode) and at 64 and 512 (prefill), one thread, per ISA path and weight dtype
+# (float32 under "avx512"/"avx2", bfloat16 under "avx512-bf16"/"avx2-bf16"), written by
+# `python -m benchmarks.decode_linear --write-table` (`--dtype bfloat16` for the bf16 rows).
+# Committed rather than timed at load: a load-time timing on a busy machine would pick
+# differently from one start to the next (and change the last bits of the logits with it); the
+# table makes the choice reviewable and reproducible, and is re-measured with one command on a
+# new machine.
 TABLE_PATH = Path(__file__).with_name("cpu_gemm_table.json")
 # The rule applied to each row of the table: the kernel where it is at least as fast as oneDNN at
 # every decode row count and at most PREFILL_SLACK slower at 512 rows (prefill shares the layout).
 PREFILL_SLACK = 1.10
+DECODE_DTYPES = (torch.float32, torch.bfloat16)  # what `decode_linear` multiplies
 
 
-def choose_gemm(out_features: int, in_features: int) -> str:
-    """"decode" (our streaming kernel, `decode_linear`) or "onednn" for a float32 weight
-    [out, in]: `FOLOVLLM_CPU_GEMM` when it names one, else the measured table's choice for the
-    nearest measured shape on this ISA path (oneDNN where the table has no row for it, or the
-    kernels cannot be built)."""
+def choose_gemm(out_features: int, in_features: int, dtype: torch.dtype = torch.float32) -> str:
+    """"decode" (our streaming kernel, `decode_linear`) or "onednn" for a float32 or bfloat16
+    weight [out, in]: `FOLOVLLM_CPU_GEMM` when it names one, else the measured table's choice for
+    the nearest measured shape on this ISA path and dtype (oneDNN where the table has no row for
+    it, or the kernels cannot be built; for bfloat16 "onednn" means the path `dense_linear` takes
+    without panels: oneDNN where it has bf16 kernels, else `F.linear`)."""
     forced = envs.cpu_gemm()
     if forced == "onednn" or not ops_available():
         return "onednn"
     if forced == "decode":
         return "decode"
-    rows = _table().get(kernel_isa(), [])
+    rows = _table().get(table_key(dtype), [])
     if not rows:
         return "onednn"
     # nearest in log-space: a shape twice as wide behaves like its neighbour, not like one 100x
     dist = lambda r: abs(math.log2(r["out"] / out_features)) + abs(math.log2(r["in"] / in_features))  # noqa: E731
     return min(rows, key=dist)["gemm"]
+
+
+def table_key(dtype: torch.dtype) -> str:
+    """The table's section for this ISA path and weight dtype: "avx512", "avx2-bf16", ..."""
+    return kernel_isa() + ("-bf16" if dtype == torch.bfloat16 else "")
 
 
 def table_choice(row: dict[str, Any]) -> str:
