@@ -14,9 +14,9 @@
 //   out = O / l
 //
 // The g query heads that share one KV head are processed together (their rows are stacked), so
-// each K/V tile is read once per group. Two small matrix products per tile are written as
-// fixed-size loops (QK_ROWS x TILE_KEYS and PV_ROWS x D_CHUNK accumulators) that the compiler keeps in
-// vector registers: this is the "micro-kernel" of a GEMM, not a call to one.
+// each K/V tile is read once per group. The two small matrix products per tile are one
+// fixed-size register block (MR x NC accumulators, `micro_kernel`) that keeps its sums in vector
+// registers while the depth streams past: the "micro-kernel" of a GEMM, not a call to one.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
