@@ -14,9 +14,9 @@
 //   out = O / l
 //
 // The g query heads that share one KV head are processed together (their rows are stacked), so
-// each K/V tile is read once per group. Two small matrix products per tile are written as
-// fixed-size loops (QK_ROWS x TILE_KEYS and PV_ROWS x D_CHUNK accumulators) that the compiler keeps in
-// vector registers: this is the "micro-kernel" of a GEMM, not a call to one.
+// each K/V tile is read once per group. The two small matrix products per tile are one
+// fixed-size register block (MR x NC accumulators, `micro_kernel`) that keeps its sums in vector
+// registers while the depth streams past: the "micro-kernel" of a GEMM, not a call to one.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -35,132 +35,98 @@ namespace {
 // Measured on one AMD EPYC core (AVX-512), 8/4 heads of 64, 1,024-token prompt: 16 or 32 keys
 // per tile, 128 rows per item were the best of 16/32/64 keys and 64/128/256 rows.
 constexpr int64_t TILE_KEYS = 32;   // keys per tile: two AVX-512 vectors of float32
-constexpr int64_t QK_ROWS = 8;      // query rows per S = Q.Kt micro-kernel call (16 accumulators)
-constexpr int64_t PV_ROWS = 4;      // query rows per O += P.V micro-kernel call (16 accumulators)
+constexpr int64_t MR = 8;           // rows per micro-kernel call (8 x 32 = 16 accumulators)
+constexpr int64_t NC = 32;          // columns per micro-kernel call (= TILE_KEYS)
 constexpr int64_t TILE_ROWS = 128;  // query rows (g heads x positions) per work item
 constexpr int64_t SMALL_ROWS = 2;   // rows of the micro-kernels for an item of 1-2 rows
 
-// S[r, c] = sum_d q[r, d] * kt[d, c] for QK_ROWS rows: QK_ROWS x TILE_KEYS accumulators.
+// The one micro-kernel both tile products use, a GEMM's register block:
+//
+//   c[r, 0:NC] (+)= sum_k a[r, k] * b[k, 0:NC]      for NR rows r, k < depth
+//
+//   S  = Q . Kt:  a = Q rows (depth D),        b = Kt [D, TILE_KEYS],   c = S (set)
+//   O += P . V:   a = P rows (depth n keys),   b = V [n, D] at column d0, c = O at d0 (add)
+//
+// NR x NC accumulators stay in vector registers while the depth streams past: each b vector is
+// loaded once per k and reused by every row, each a element broadcast once. (Round 2 had a second
+// kernel for P.V, 4 rows x 64 columns, whose V loads GCC folded into every FMA, one load per row:
+// by perf it took 50% of the kernel's time against S = Q.Kt's 26% for the same FLOPs.)
 #if defined(__AVX512F__)
-// With AVX-512 the same loops spelled out in intrinsics, so that each K vector is loaded once per
-// d and reused by every row (the compiler's version reloads it per row from memory).
-template <int64_t NR = QK_ROWS>
-inline void qk_tile(const float* q, int64_t ldq, const float* kt, int64_t D, float* s) {
-  constexpr int64_t V = TILE_KEYS / 16;  // vectors per row
+template <int64_t NR, bool ACCUMULATE>
+inline void micro_kernel(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth,
+                         float* c, int64_t ldc) {
+  constexpr int64_t V = NC / 16;  // vectors per row
   __m512 acc[NR][V];
   for (int64_t r = 0; r < NR; ++r)
-    for (int64_t j = 0; j < V; ++j) acc[r][j] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; ++d) {
-    __m512 k[V];
-    for (int64_t j = 0; j < V; ++j) k[j] = _mm512_loadu_ps(kt + d * TILE_KEYS + 16 * j);
+    for (int64_t j = 0; j < V; ++j)
+      acc[r][j] = ACCUMULATE ? _mm512_loadu_ps(c + r * ldc + 16 * j) : _mm512_setzero_ps();
+  for (int64_t k = 0; k < depth; ++k) {
+    __m512 bk[V];
+    for (int64_t j = 0; j < V; ++j) bk[j] = _mm512_loadu_ps(b + k * ldb + 16 * j);
     for (int64_t r = 0; r < NR; ++r) {
-      const __m512 qv = _mm512_set1_ps(q[r * ldq + d]);
-      for (int64_t j = 0; j < V; ++j) acc[r][j] = _mm512_fmadd_ps(qv, k[j], acc[r][j]);
+      const __m512 ar = _mm512_set1_ps(a[r * lda + k]);
+      for (int64_t j = 0; j < V; ++j) acc[r][j] = _mm512_fmadd_ps(ar, bk[j], acc[r][j]);
     }
   }
   for (int64_t r = 0; r < NR; ++r)
-    for (int64_t j = 0; j < V; ++j) _mm512_storeu_ps(s + r * TILE_KEYS + 16 * j, acc[r][j]);
+    for (int64_t j = 0; j < V; ++j) _mm512_storeu_ps(c + r * ldc + 16 * j, acc[r][j]);
 }
 #elif defined(__AVX2__) && defined(__FMA__)
-// AVX2 has 16 vector registers of 8 floats, a quarter of AVX-512's 32 x 16: the QK_ROWS x
-// TILE_KEYS accumulators (32 vectors) do not fit, so the rows go two at a time (8 accumulators
-// + 4 K vectors + a broadcast). Each K vector is loaded QK_ROWS / 2 times instead of once, from L1.
-template <int64_t NR = QK_ROWS>
-inline void qk_tile(const float* q, int64_t ldq, const float* kt, int64_t D, float* s) {
-  constexpr int64_t V = TILE_KEYS / 8, R = 2;
+// AVX2 has 16 vector registers of 8 floats, a quarter of AVX-512's 32 x 16: the NR x NC
+// accumulators (32 vectors) do not fit, so the rows go two at a time (8 accumulators + 4 b
+// vectors + a broadcast). Each b vector is loaded NR / 2 times instead of once, from L1.
+template <int64_t NR, bool ACCUMULATE>
+inline void micro_kernel(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth,
+                         float* c, int64_t ldc) {
+  constexpr int64_t V = NC / 8, R = 2;
   for (int64_t r0 = 0; r0 < NR; r0 += R) {
     __m256 acc[R][V];
     for (int64_t r = 0; r < R; ++r)
-      for (int64_t j = 0; j < V; ++j) acc[r][j] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D; ++d) {
-      __m256 k[V];
-      for (int64_t j = 0; j < V; ++j) k[j] = _mm256_loadu_ps(kt + d * TILE_KEYS + 8 * j);
+      for (int64_t j = 0; j < V; ++j)
+        acc[r][j] = ACCUMULATE ? _mm256_loadu_ps(c + (r0 + r) * ldc + 8 * j) : _mm256_setzero_ps();
+    for (int64_t k = 0; k < depth; ++k) {
+      __m256 bk[V];
+      for (int64_t j = 0; j < V; ++j) bk[j] = _mm256_loadu_ps(b + k * ldb + 8 * j);
       for (int64_t r = 0; r < R; ++r) {
-        const __m256 qv = _mm256_set1_ps(q[(r0 + r) * ldq + d]);
-        for (int64_t j = 0; j < V; ++j) acc[r][j] = _mm256_fmadd_ps(qv, k[j], acc[r][j]);
+        const __m256 ar = _mm256_set1_ps(a[(r0 + r) * lda + k]);
+        for (int64_t j = 0; j < V; ++j) acc[r][j] = _mm256_fmadd_ps(ar, bk[j], acc[r][j]);
       }
     }
     for (int64_t r = 0; r < R; ++r)
-      for (int64_t j = 0; j < V; ++j) _mm256_storeu_ps(s + (r0 + r) * TILE_KEYS + 8 * j, acc[r][j]);
+      for (int64_t j = 0; j < V; ++j) _mm256_storeu_ps(c + (r0 + r) * ldc + 8 * j, acc[r][j]);
   }
 }
 #else
-template <int64_t NR = QK_ROWS>
-inline void qk_tile(const float* q, int64_t ldq, const float* kt, int64_t D, float* s) {
-  float acc[NR][TILE_KEYS] = {};
-  for (int64_t d = 0; d < D; ++d) {
-    const float* k = kt + d * TILE_KEYS;
+template <int64_t NR, bool ACCUMULATE>
+inline void micro_kernel(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth,
+                         float* c, int64_t ldc) {
+  float acc[NR][NC];
+  for (int64_t r = 0; r < NR; ++r)
+    for (int64_t j = 0; j < NC; ++j) acc[r][j] = ACCUMULATE ? c[r * ldc + j] : 0.f;
+  for (int64_t k = 0; k < depth; ++k) {
+    const float* bk = b + k * ldb;
     for (int64_t r = 0; r < NR; ++r) {
-      const float qv = q[r * ldq + d];
+      const float ar = a[r * lda + k];
 #pragma omp simd
-      for (int64_t c = 0; c < TILE_KEYS; ++c) acc[r][c] += qv * k[c];
+      for (int64_t j = 0; j < NC; ++j) acc[r][j] += ar * bk[j];
     }
   }
   for (int64_t r = 0; r < NR; ++r)
-    for (int64_t c = 0; c < TILE_KEYS; ++c) s[r * TILE_KEYS + c] = acc[r][c];
+    for (int64_t j = 0; j < NC; ++j) c[r * ldc + j] = acc[r][j];
 }
 #endif
 
-// o[r, :] += sum_c p[r, c] * v[c, :] for PV_ROWS rows, D_CHUNK columns at a time held in
-// registers (PV_ROWS x D_CHUNK accumulators) while the tile's keys stream past.
-constexpr int64_t D_CHUNK = 64;
+// S[r, :] = q[r, :] . Kt for NR rows.
+template <int64_t NR>
+inline void qk_tile(const float* q, const float* kt, int64_t D, float* s) {
+  micro_kernel<NR, false>(q, D, kt, TILE_KEYS, D, s, TILE_KEYS);
+}
 
-template <int64_t NR = PV_ROWS>
+// o[r, :] += sum_c p[r, c] * v[c, :] for NR rows, NC columns of O at a time.
+template <int64_t NR>
 inline void pv_tile(const float* p, const float* v, int64_t n, int64_t D, float* o) {
-  if (D % D_CHUNK == 0) {
-    for (int64_t d0 = 0; d0 < D; d0 += D_CHUNK) {
-#if defined(__AVX512F__)
-      constexpr int64_t V = D_CHUNK / 16;
-      __m512 acc[NR][V];
-      for (int64_t r = 0; r < NR; ++r)
-        for (int64_t j = 0; j < V; ++j) acc[r][j] = _mm512_loadu_ps(o + r * D + d0 + 16 * j);
-      for (int64_t c = 0; c < n; ++c) {
-        __m512 vc[V];
-        for (int64_t j = 0; j < V; ++j) vc[j] = _mm512_loadu_ps(v + c * D + d0 + 16 * j);
-        for (int64_t r = 0; r < NR; ++r) {
-          const __m512 pr = _mm512_set1_ps(p[r * TILE_KEYS + c]);
-          for (int64_t j = 0; j < V; ++j) acc[r][j] = _mm512_fmadd_ps(pr, vc[j], acc[r][j]);
-        }
-      }
-      for (int64_t r = 0; r < NR; ++r)
-        for (int64_t j = 0; j < V; ++j) _mm512_storeu_ps(o + r * D + d0 + 16 * j, acc[r][j]);
-#elif defined(__AVX2__) && defined(__FMA__)
-      // AVX2: PV_ROWS x D_CHUNK accumulators are 32 vectors; take two rows x 32 columns at a
-      // time (8 accumulators + 4 V vectors + a broadcast), each V vector loaded twice, from L1.
-      constexpr int64_t V = 4, R = 2;
-      for (int64_t r0 = 0; r0 < NR; r0 += R) {
-        for (int64_t d1 = d0; d1 < d0 + D_CHUNK; d1 += 8 * V) {
-          __m256 acc[R][V];
-          for (int64_t r = 0; r < R; ++r)
-            for (int64_t j = 0; j < V; ++j) acc[r][j] = _mm256_loadu_ps(o + (r0 + r) * D + d1 + 8 * j);
-          for (int64_t c = 0; c < n; ++c) {
-            __m256 vc[V];
-            for (int64_t j = 0; j < V; ++j) vc[j] = _mm256_loadu_ps(v + c * D + d1 + 8 * j);
-            for (int64_t r = 0; r < R; ++r) {
-              const __m256 pr = _mm256_set1_ps(p[(r0 + r) * TILE_KEYS + c]);
-              for (int64_t j = 0; j < V; ++j) acc[r][j] = _mm256_fmadd_ps(pr, vc[j], acc[r][j]);
-            }
-          }
-          for (int64_t r = 0; r < R; ++r)
-            for (int64_t j = 0; j < V; ++j) _mm256_storeu_ps(o + (r0 + r) * D + d1 + 8 * j, acc[r][j]);
-        }
-      }
-#else
-      float acc[NR][D_CHUNK];
-      for (int64_t r = 0; r < NR; ++r)
-        for (int64_t d = 0; d < D_CHUNK; ++d) acc[r][d] = o[r * D + d0 + d];
-      for (int64_t c = 0; c < n; ++c) {
-        const float* vc = v + c * D + d0;
-        for (int64_t r = 0; r < NR; ++r) {
-          const float pr = p[r * TILE_KEYS + c];
-#pragma omp simd
-          for (int64_t d = 0; d < D_CHUNK; ++d) acc[r][d] += pr * vc[d];
-        }
-      }
-      for (int64_t r = 0; r < NR; ++r)
-        for (int64_t d = 0; d < D_CHUNK; ++d) o[r * D + d0 + d] = acc[r][d];
-#endif
-    }
+  if (D % NC == 0) {
+    for (int64_t d0 = 0; d0 < D; d0 += NC) micro_kernel<NR, true>(p, TILE_KEYS, v + d0, D, n, o + d0, D);
     return;
   }
   for (int64_t c = 0; c < n; ++c) {  // any other head size: the same sum, through memory
@@ -181,14 +147,14 @@ void prefill_tile(scalar_t* out, const scalar_t* query, const scalar_t* key_cach
                   int64_t num_heads, int64_t num_kv_heads, int64_t block_size, int64_t D,
                   float scale) {
   // Rows of this item: positions [q_begin, q_end) of the prompt's queries x the g heads of the
-  // group, row = (position - q_begin) * g + i, padded to a multiple of QK_ROWS (and of PV_ROWS).
+  // group, row = (position - q_begin) * g + i, padded to a multiple of MR.
   const int64_t group = num_heads / num_kv_heads, token_stride = num_kv_heads * D;
   const int64_t rows = (q_end - q_begin) * group;
   // A row's sums are the same sequence of FMAs in a micro-kernel of 2 rows as of 8, so an item
   // of 1-2 rows (one position of a 1- or 2-head group: the batch-invariant mode's decodes) takes
   // the 2-row kernels and computes no padding rows; bitwise the same results either way.
   const bool narrow = rows <= SMALL_ROWS;
-  const int64_t padded = narrow ? SMALL_ROWS : (rows + QK_ROWS - 1) / QK_ROWS * QK_ROWS;
+  const int64_t padded = narrow ? SMALL_ROWS : (rows + MR - 1) / MR * MR;
   const int64_t first_pos = seq_len - num_queries;  // position of query 0
   std::vector<float> qf(padded * D, 0.f), o(padded * D, 0.f), m(padded, std::numeric_limits<float>::lowest()),
       l(padded, 0.f), s(padded * TILE_KEYS), kt(D * TILE_KEYS), v(TILE_KEYS * D);
@@ -215,11 +181,23 @@ void prefill_tile(scalar_t* out, const scalar_t* query, const scalar_t* key_cach
         for (int64_t d = 0; d < D; ++d) kt[d * TILE_KEYS + c] = 0.f;
       }
     }
+    // the next tile's K and V rows, while this tile's products run (its blocks are anywhere in
+    // the cache: without it the copy above waited on memory, 9% of the kernel by perf)
+    for (int64_t c = 0; c < TILE_KEYS && k0 + TILE_KEYS + c <= last_key; ++c) {
+      const int64_t t = k0 + TILE_KEYS + c;
+      const int64_t slot = block_table[t / block_size] * block_size + t % block_size;
+      const char* kp = reinterpret_cast<const char*>(key_cache + slot * token_stride + kv_head * D);
+      const char* vp = reinterpret_cast<const char*>(value_cache + slot * token_stride + kv_head * D);
+      for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(scalar_t)); b += 64) {
+        __builtin_prefetch(kp + b);
+        __builtin_prefetch(vp + b);
+      }
+    }
     if (narrow) {
-      qk_tile<SMALL_ROWS>(qf.data(), D, kt.data(), D, s.data());
+      qk_tile<SMALL_ROWS>(qf.data(), kt.data(), D, s.data());
     } else {
-      for (int64_t r0 = 0; r0 < padded; r0 += QK_ROWS)
-        qk_tile(qf.data() + r0 * D, D, kt.data(), D, s.data() + r0 * TILE_KEYS);
+      for (int64_t r0 = 0; r0 < padded; r0 += MR)
+        qk_tile<MR>(qf.data() + r0 * D, kt.data(), D, s.data() + r0 * TILE_KEYS);
     }
     // mask, online softmax: S becomes P = exp(S - m_new); O and l are rescaled to m_new
     for (int64_t r = 0; r < rows; ++r) {
@@ -254,8 +232,8 @@ void prefill_tile(scalar_t* out, const scalar_t* query, const scalar_t* key_cach
     if (narrow) {
       pv_tile<SMALL_ROWS>(s.data(), v.data(), n, D, o.data());
     } else {
-      for (int64_t r0 = 0; r0 < padded; r0 += PV_ROWS)
-        pv_tile(s.data() + r0 * TILE_KEYS, v.data(), n, D, o.data() + r0 * D);
+      for (int64_t r0 = 0; r0 < padded; r0 += MR)
+        pv_tile<MR>(s.data() + r0 * TILE_KEYS, v.data(), n, D, o.data() + r0 * D);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
