@@ -68,10 +68,12 @@ def _weight_bytes(m: torch.nn.Module) -> int:
     return out_features * in_features * w.element_size()
 
 
-def decode_run(llm: LLM, rows: int, vocab: int, seed: int) -> dict[str, Any]:
+def decode_run(llm: LLM, rows: int, vocab: int, seed: int, new_tokens: int = NEW_TOKENS) -> dict[str, Any]:
+    """`rows` requests of PROMPT_LEN random tokens; prefill untimed, then the decode steps timed
+    (also stage07_int4's and llama_cpp_peer's decode timing)."""
     engine = llm.llm_engine
     g = torch.Generator().manual_seed(seed)
-    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     for i in range(rows):
         ids = torch.randint(3, vocab, (PROMPT_LEN,), generator=g).tolist()
         engine.add_request(f"r{seed}-{i}", dict(prompt_token_ids=ids), params)

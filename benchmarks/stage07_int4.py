@@ -36,7 +36,6 @@ import gc
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -131,27 +130,11 @@ def build_llm(path: str, dtype: str, kernel: str) -> Any:
 
 
 def decode_run(llm: Any, rows: int, new_tokens: int, seed: int, vocab: int = 500) -> dict[str, Any]:
-    """`rows` requests of PROMPT_LEN random tokens; prefill untimed, then the decode steps timed."""
-    from folovllm import SamplingParams
+    """decode_e2e's decode timing (prefill untimed, then the decode steps) with this script's
+    argument order."""
+    from benchmarks.decode_e2e import decode_run as timed_decode
 
-    engine = llm.llm_engine
-    g = torch.Generator().manual_seed(seed)
-    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    for i in range(rows):
-        engine.add_request(f"r{seed}-{i}-{time.monotonic_ns()}",
-                           dict(prompt_token_ids=torch.randint(3, vocab, (PROMPT_LEN,), generator=g).tolist()), params)
-    tokens: dict[str, list[int]] = {}
-    while len(tokens) < rows or any(len(t) == 0 for t in tokens.values()):
-        for o in engine.step():
-            tokens[o.request_id] = list(o.outputs[0].token_ids)
-    steps, cpu0, wall0 = 0, time.process_time(), time.perf_counter()
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            tokens[o.request_id] = list(o.outputs[0].token_ids)
-        steps += 1
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    return dict(steps=steps, wall_seconds=wall, cpu_seconds=cpu, loadavg=loadavg(),
-                tokens=[tokens[k] for k in sorted(tokens)])
+    return timed_decode(llm, rows, vocab, seed, new_tokens=new_tokens)
 
 
 # --8<-- [start:gptq_decode]
