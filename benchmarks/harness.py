@@ -29,12 +29,15 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, TypeVar
 
 import torch
 
 from benchmarks.systems import BenchConfig, System, make_system, parse_folovllm_name
 from benchmarks.workloads import Request, Workload
+
+if TYPE_CHECKING:
+    import argparse
 
 T = TypeVar("T")
 
@@ -166,6 +169,16 @@ def greedy_token_ids(llm: Any) -> Callable[[list[list[int]], int], list[list[int
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
     return ours
+
+
+def add_versus_vllm_options(p: "argparse.ArgumentParser", default_model: str) -> None:
+    """The options every `versus_vllm` script shares: the checkpoint, the request shape, the
+    batches, and vLLM compiled or eager."""
+    p.add_argument("--model", default=default_model, help="where the checkpoint is written / read")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--eager", action="store_true", help="vLLM with enforce_eager (default: compiled)")
 
 
 def versus_vllm(peer: Any, ours: Callable[[list[list[int]], int], list[list[int]]],

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from benchmarks.cli import bench_main
-from benchmarks.harness import greedy_token_ids, versus_vllm
+from benchmarks.harness import add_versus_vllm_options, greedy_token_ids, versus_vllm
 from benchmarks.results import machine_short, shared_machine_note
 
 SIZES = dict(hidden_size=1024, intermediate_size=3072, moe_intermediate_size=384, num_hidden_layers=4,
@@ -58,11 +58,7 @@ def write_checkpoint(path: Path, shape: str = "bench-64x384", layers: Optional[i
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="where the checkpoint is written / read")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--eager", action="store_true", help="vLLM with enforce_eager (default: compiled)")
+    add_versus_vllm_options(p, DEFAULT_MODEL)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--shape", default="bench-64x384", choices=sorted(SHAPES))
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's 4)")

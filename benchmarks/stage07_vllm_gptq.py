@@ -35,7 +35,7 @@ from typing import Any, Optional
 import torch
 
 from benchmarks.cli import bench_main
-from benchmarks.harness import agreement, greedy_token_ids, versus_vllm
+from benchmarks.harness import add_versus_vllm_options, agreement, greedy_token_ids, versus_vllm
 from benchmarks.results import machine_short, shared_machine_note
 
 QWEN3_06B = dict(
@@ -103,11 +103,7 @@ def write_checkpoint(path: Path, group: int = GROUP, seed: int = 0) -> Path:
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="where the checkpoint is written / read")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--eager", action="store_true", help="vLLM with enforce_eager (default: compiled)")
+    add_versus_vllm_options(p, DEFAULT_MODEL)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
