@@ -435,13 +435,6 @@ def _sorted_groups(g_idx: torch.Tensor, num_groups: int) -> tuple[Optional[torch
     return (None if torch.equal(perm, torch.arange(g.numel())) else perm), group
 
 
-def _our_kernels_on() -> bool:
-    """Whether the model is loading with our CPU kernels on: the worker loads it inside
-    `cpu_gemm.weight_packing(True)` when `custom_ops="all"`, the flag the float linears follow
-    too (read directly: cpu_gemm.py has no public accessor for it)."""
-    return cpu_gemm._packing
-
-
 def int4_panel_supported(config: GPTQConfig, input_size: int, dtype: torch.dtype,
                          uneven_groups: bool = False) -> Optional[str]:
     """None if cpu_int4_panel can run this layer (`input_size` inputs on this rank), else why not."""
@@ -482,7 +475,7 @@ def select_kernel(config: GPTQConfig, device: torch.device, dtype: torch.dtype, 
         return forced
     if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
         return "triton"
-    if (device.type == "cpu" and _our_kernels_on()
+    if (device.type == "cpu" and cpu_gemm.weight_packing_enabled()
             and int4_panel_supported(config, input_size, dtype, uneven_groups) is None):
         return "cpu_int4_panel"
     if dtype == torch.bfloat16 and cpu_int4_supported(config, input_size, output_size, uneven_groups) is None:
