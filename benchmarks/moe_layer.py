@@ -2,9 +2,21 @@
 and the torch grouped path (`fused_experts`) against the reference loop (`moe_reference`), and
 against a per-(token, expert) loop.
 
-    python -m benchmarks.moe_layer             # ~3-5 minutes, 2.4 GB of weights; writes moe_layer_cpu.{json,md}
+    python -m benchmarks.moe_layer             # ~3-5 minutes; writes moe_layer_cpu.{json,md}
     python -m benchmarks.moe_layer --dtype bfloat16    # writes moe_layer_cpu_bf16.{json,md}
     python -m benchmarks.moe_layer --quick     # 16 experts, printed only
+    python -m benchmarks.moe_layer --paths kernel,reference --name moe_layer_avx2_cpu
+                                               # some paths only: one or two copies of the layer
+
+Memory: each path holds its own copy of the layer's weights (2.4 GB in float32, 1.2 GB in
+bfloat16): the kernel's panels, oneDNN's blocked experts ("fused"), the plain stacked tensors
+("fused-plain", "reference", "per-pair" share one). All five in float32 need about 7.5 GB;
+`--paths` keeps what a run times. oneDNN packs bfloat16 weights only where the CPU has
+AVX512-BF16: elsewhere (AVX2) "fused" is refused and "fused-plain" is the torch path.
+
+Before the weights, the run measures this machine's limits at its threads (`machine_limits`:
+a 1 GiB float32 sum for the read bandwidth, a 2,048^3 float32 matmul for the GEMM rate), and
+the table gives the kernel's GB/s (weights read / its CPU time) and GFLOP/s against them.
 
 Shapes: 128 experts, top-8, hidden 2,048, expert intermediate 768 (w13 [128, 1536, 2048], w2
 [128, 2048, 768]: 2.4 GB in float32), random weights and a random router (routing close to
@@ -36,13 +48,15 @@ path), and the ratios.
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable
+import statistics
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.cli import bench_main
-from benchmarks.harness import peak_loadavg, summarize, time_calls
+from benchmarks.harness import peak_loadavg, summarize, time_calls, timed
+from benchmarks.roofline import GEMM_N, GIB
 from benchmarks.results import machine_short, shared_machine_note
 from folovllm.model_executor.layers.activation import SiluAndMul
 from folovllm.model_executor.layers.cpu_gemm import pack_weight, weight_packing
@@ -74,54 +88,112 @@ def per_pair(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torc
     return out
 
 
+PATHS = ("kernel", "fused", "fused-plain", "reference", "per-pair")
+CASES = {1: "decode 1", 16: "decode 16", 64: "prefill 64", 1024: "prefill 1024"}
+
+
+def case_name(tokens: int) -> str:
+    return CASES.get(tokens, f"{'decode' if tokens <= 16 else 'prefill'} {tokens}")
+
+
+def machine_limits(repeats: int, threads: int, gib: float) -> dict[str, Any]:
+    """This machine's read bandwidth (a `gib` GiB float32 sum: one sequential pass) and float32
+    GEMM FLOP/s (a 2,048^3 matmul), at `threads`, from CPU time per thread (roofline.py's
+    measures, float32 only: a bfloat16 matmul without AVX512-BF16 takes minutes)."""
+    x = torch.ones(int(gib * GIB) // 4)
+    a, b = torch.randn(GEMM_N, GEMM_N), torch.randn(GEMM_N, GEMM_N)
+    with torch.inference_mode():
+        runs = {"sum": [timed(x.sum) for _ in range(repeats + 1)][1:],
+                "gemm": [timed(lambda: a @ b) for _ in range(repeats + 1)][1:]}
+    cpu = {name: statistics.median(t.cpu_seconds for t in r) / threads for name, r in runs.items()}
+    return dict(bandwidth={str(threads): x.numel() * 4 / cpu["sum"]},
+                gemm={"float32": {str(threads): 2 * GEMM_N**3 / cpu["gemm"]}},
+                peak_loadavg_1m=peak_loadavg(t.loadavg for r in runs.values() for t in r))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     shape = dict(QWEN3_30B_A3B)
     if args.quick:
         shape.update(num_experts=16)
     E, k, H, inter = shape["num_experts"], shape["top_k"], shape["hidden"], shape["inter"]
+    paths = [p.strip() for p in args.paths.split(",")]
+    if unknown := set(paths) - set(PATHS):
+        raise SystemExit(f"--paths: unknown {sorted(unknown)}; known: {', '.join(PATHS)}")
+    tokens_list = [int(t) for t in args.cases.split(",")]
+    # The machine's limits first, before the weights take the memory: read bandwidth (a 1 GiB
+    # sum) and a float32 GEMM's FLOP/s, at this run's threads (benchmarks/roofline.py).
+    limits = None if args.no_limits else machine_limits(args.repeats, args.threads, gib=0.25 if args.quick else 1.0)
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)
-    w13 = (torch.randn(E, 2 * inter, H, generator=gen) * 0.02).to(dtype)  # [E, 2I, H]
-    w2 = (torch.randn(E, H, inter, generator=gen) * 0.02).to(dtype)  # [E, H, I]
     router = torch.randn(E, H, generator=gen) * 0.02
+
+    def expert(e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's random w13 [2I, H] and w2 [H, I], the same whichever copies are built."""
+        g = torch.Generator().manual_seed(1 + e)
+        return ((torch.randn(2 * inter, H, generator=g) * 0.02).to(dtype),
+                (torch.randn(H, inter, generator=g) * 0.02).to(dtype))
+
+    # Each layout is built expert by expert, so the process holds only the copies its paths time
+    # (float32: 2.4 GB each): the kernel's panels, oneDNN's blocked experts, the plain stacked ones.
+    plain = bool({"fused-plain", "reference", "per-pair"} & set(paths))
+    w13 = torch.empty(E if plain else 0, 2 * inter, H, dtype=dtype)  # [E, 2I, H]
+    w2 = torch.empty(E if plain else 0, H, inter, dtype=dtype)  # [E, H, I]
+    w13p = w2p = None
+    w13_packed, w2_packed = [], []
     with weight_packing(True):
-        w13_packed = [pack_weight(w13[e]) for e in range(E)]
-        w2_packed = [pack_weight(w2[e]) for e in range(E)]
-        kernel_weights = prepack_moe_weight(w13, w2)
-    if any(w is None for w in w13_packed) or kernel_weights is None:
-        raise SystemExit(f"oneDNN cannot pack {dtype} weights here, or the kernels do not build: "
-                         "the rows would not be the engine's paths")
-    w13p, w2p = kernel_weights
+        for e in range(E):
+            a, b = expert(e)
+            if plain:
+                w13[e], w2[e] = a, b
+            if "kernel" in paths:
+                packed = prepack_moe_weight(a[None], b[None])
+                if packed is None:
+                    raise SystemExit("the kernels do not build here: the rows would not be the engine's paths")
+                if w13p is None:
+                    w13p = torch.empty((E,) + packed[0].shape[1:], dtype=dtype)
+                    w2p = torch.empty((E,) + packed[1].shape[1:], dtype=dtype)
+                w13p[e], w2p[e] = packed[0][0], packed[1][0]
+            if "fused" in paths:
+                w13_packed.append(pack_weight(a))
+                w2_packed.append(pack_weight(b))
+                if w13_packed[-1] is None:
+                    raise SystemExit(f"oneDNN cannot pack {dtype} weights here: the rows would not be the engine's")
+    expert_bytes = (2 * inter * H + H * inter) * torch.empty(0, dtype=dtype).element_size()
     act = SiluAndMul()
     act.use_kernel(True)
-    expert_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
-    cases: dict[str, int] = {"decode 1": 1, "decode 16": 16, "prefill 64": 64, "prefill 1024": 1024}
     rows = []
     loads = []
-    for case, tokens in cases.items():
+    for tokens in tokens_list:
+        case = case_name(tokens)
         x = torch.randn(tokens, H, generator=gen)
         weights, ids = fused_topk(x @ router.T, k, shape["norm_topk_prob"])
         x = x.to(dtype)
         touched = moe_align(ids, weights, E).num_experts_touched
-        calls: dict[str, Callable[[], Any]] = {
+        every: dict[str, Callable[[], Any]] = {
             "kernel": lambda: fused_experts_cpu(x, w13p, w2p, weights, ids, inter),
             "fused": lambda: fused_experts(x, w13_packed, w2_packed, weights, ids, act=act),
             "fused-plain": lambda: fused_experts(x, w13, w2, weights, ids),
+            "reference": lambda: moe_reference(x, w13, w2, weights, ids),
+            "per-pair": lambda: per_pair(x, w13, w2, weights, ids),
         }
-        if case != "prefill 64":  # that case is only there to time per-pair on a prefill
-            calls["reference"] = lambda: moe_reference(x, w13, w2, weights, ids)
-        if tokens <= 64:
-            calls["per-pair"] = lambda: per_pair(x, w13, w2, weights, ids)
+        # per-pair re-reads an expert for every pair: timed up to 64 tokens (at 1,024 it would
+        # read ~150 GB); the reference loop skips the 64-token case (there only for per-pair)
+        calls = {name: fn for name, fn in every.items() if name in paths
+                 and not (name == "per-pair" and tokens > 64)
+                 and not (name == "reference" and tokens == 64 and "per-pair" in paths)}
         outs = {name: fn() for name, fn in calls.items()}
-        err = max((outs[n].float() - outs["kernel"].float()).abs().max().item() for n in outs)
+        first = next(iter(outs.values()))
+        err = max((o.float() - first.float()).abs().max().item() for o in outs.values())
         timings = time_calls(calls, args.repeats)
         summary = {name: summarize(t) for name, t in timings.items()}
         loads += [x for t in timings.values() for x in (t_.loadavg for t_ in t)]
         rows.append(dict(case=case, tokens=tokens, pairs=tokens * k, experts_touched=touched,
-                         weight_bytes_touched=touched * expert_bytes, max_abs_diff=err, paths=summary))
-        print(f"{case}: " + ", ".join(f"{n} {s['median_seconds'] * 1e3:.1f} ms" for n, s in summary.items()),
-              flush=True)
-    return dict(shape=shape, dtype=args.dtype, expert_bytes=expert_bytes, rows=rows, peak_loadavg_1m=peak_loadavg(loads))
+                         weight_bytes_touched=touched * expert_bytes,
+                         flops=2 * 3 * H * inter * tokens * k, max_abs_diff=err, paths=summary))
+        print(f"{case}: " + ", ".join(f"{n} {s['median_seconds'] * 1e3:.1f} ms ({s['median_cpu_seconds'] * 1e3:.1f} cpu)"
+                                      for n, s in summary.items()), flush=True)
+    return dict(shape=shape, dtype=args.dtype, expert_bytes=expert_bytes, rows=rows, limits=limits,
+                peak_loadavg_1m=peak_loadavg(loads + [(limits or {}).get("peak_loadavg_1m")]))
 
 
 def _ms(s: float) -> str:
@@ -130,17 +202,31 @@ def _ms(s: float) -> str:
 
 def render_markdown(result: dict[str, Any]) -> str:
     shape = result["shape"]
+    limits = result.get("limits")
+    t = str(result["machine"].get("torch_threads", 1))
+    bw = limits["bandwidth"].get(t) if limits else None
+    peak = limits["gemm"]["float32"].get(t) if limits else None
     lines = [
         f"One MoE layer, {shape['num_experts']} experts, top-{shape['top_k']}, hidden {shape['hidden']:,}, "
         f"expert intermediate {shape['inter']}, {result.get('dtype', 'float32')}, "
         f"{result['machine'].get('torch_threads', 1)} thread, "
         f"median of {result['repeats']} interleaved repeats ({machine_short(result['machine'])}). "
         "Time in ms, wall (process CPU time in brackets)." + shared_machine_note(result),
+    ]
+    if bw and peak:
+        lines[-1] += (f" This machine, same run: read bandwidth {bw / 1e9:.1f} GB/s (a 1 GiB sum), float32 GEMM "
+                      f"{peak / 1e9:.0f} GFLOP/s (2,048^3 matmul); the kernel's rates below are from its CPU time.")
+    paths = [p for p in PATHS if any(p in row["paths"] for row in result["rows"])]
+    titles = {"kernel": "kernel", "fused": "fused (torch, oneDNN-packed)", "fused-plain": "fused, plain weights",
+              "reference": "reference loop", "per-pair": "per-pair loop"}
+    ratios = [(n, b) for n, b in (("reference", "kernel"), ("fused", "kernel"), ("reference", "fused"),
+                                  ("per-pair", "kernel")) if n in paths and b in paths]
+    lines += [
         "",
-        "| case | tokens | experts touched | weights read (GB) | kernel | fused (torch, oneDNN-packed) "
-        "| fused, plain weights | reference loop | per-pair loop | reference / kernel | fused / kernel "
-        "| reference / fused | per-pair / kernel |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| case | tokens | experts touched | weights read (GB) | " + " | ".join(titles[p] for p in paths)
+        + "".join(f" | {n} / {b}" for n, b in ratios)
+        + (" | kernel GB/s | kernel GFLOP/s" if "kernel" in paths else "") + " |",
+        "|---|---:|---:|---:|" + "---:|" * (len(paths) + len(ratios) + (2 if "kernel" in paths else 0)),
     ]
     for row in result["rows"]:
         p = row["paths"]
@@ -157,15 +243,29 @@ def render_markdown(result: dict[str, Any]) -> str:
             return (f"{p[name]['median_seconds'] / b['median_seconds']:.2f}x "
                     f"({p[name]['median_cpu_seconds'] / b['median_cpu_seconds']:.2f}x)")
 
+        def rate(value: float, limit: Optional[float]) -> str:
+            return f"{value / 1e9:.1f}" + (f" ({value / limit:.0%})" if limit else "")
+
+        rates = ""
+        if "kernel" in p:
+            cpu = p["kernel"]["median_cpu_seconds"]
+            flops = row.get("flops", 2 * 3 * shape["hidden"] * shape["inter"] * row["pairs"])
+            rates = f" | {rate(row['weight_bytes_touched'] / cpu, bw)} | {rate(flops / cpu, peak)}"
         lines.append(f"| {row['case']} | {row['tokens']:,} | {row['experts_touched']} | "
-                     f"{row['weight_bytes_touched'] / 1e9:.2f} | {cell('kernel')} | {cell('fused')} | "
-                     f"{cell('fused-plain')} | {cell('reference')} | {cell('per-pair')} | {ratio('reference')} | "
-                     f"{ratio('fused')} | {ratio('reference', 'fused')} | {ratio('per-pair')} |")
+                     f"{row['weight_bytes_touched'] / 1e9:.2f} | " + " | ".join(cell(n) for n in paths)
+                     + "".join(f" | {ratio(n, b)}" for n, b in ratios) + rates + " |")
     return "\n".join(lines) + "\n"
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--paths", default=",".join(PATHS),
+                   help=f"comma-separated, of {', '.join(PATHS)} (default all; float32 needs ~7.5 GB with "
+                        "all, ~2.5 GB per copy of the layer: kernel panels, oneDNN's, the plain stacked)")
+    p.add_argument("--cases", default=",".join(map(str, CASES)),
+                   help="comma-separated token counts (default 1,16,64,1024)")
+    p.add_argument("--no-limits", action="store_true",
+                   help="skip measuring the machine's read bandwidth and GEMM FLOP/s")
 
 
 def main(argv: list[str] | None = None) -> None:

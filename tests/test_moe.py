@@ -129,7 +129,8 @@ def test_fused_and_reference_equal_the_formula(tokens, num_experts, k_frac, skew
     num_experts=st.integers(1, 10),
     k_frac=st.floats(0.0, 1.0),
     skew=st.sampled_from(["uniform", "one", "few"]),
-    shape=st.sampled_from([(8, 6), (33, 16), (64, 20), (100, 40)]),  # (hidden, intermediate)
+    shape=st.sampled_from([(8, 6), (33, 16), (64, 20), (100, 40), (160, 136)]),  # (hidden, intermediate): 160
+    # and 144 (136 padded to 16) span two of the prefill path's k-blocks of 128
     renormalize=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     seed=st.integers(0, 2**16),
@@ -139,7 +140,8 @@ def test_kernel_equals_the_reference_loop(tokens, num_experts, k_frac, skew, sha
     runs the suite under both) against `moe_reference` in float64 on the same values: experts
     with no tokens, every token on one expert, one token, batches past a row tile, hidden and
     intermediate sizes that leave partial panels, top-1..3 renormalised or not, float32 and
-    bfloat16 (fp32 accumulation, one rounding to bf16 at the end)."""
+    bfloat16 (fp32 accumulation, one rounding to bf16 at the end); and a token alone gets
+    bitwise the result it gets in the batch."""
     if not fused_moe.ops_available():
         pytest.skip("the CPU kernels cannot be built here")
     top_k = 1 + int(k_frac * (min(num_experts, 3) - 1))
@@ -159,6 +161,11 @@ def test_kernel_equals_the_reference_loop(tokens, num_experts, k_frac, skew, sha
     assert got.dtype == dtype and got.shape == want.shape
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(got.double(), want, **tol)
+    # a token alone gets bitwise its row of the batch: each output is one FMA chain in k order
+    # whether its expert's rows took the decode tiles or the k-blocked prefill ones
+    for t in sorted({0, tokens // 2, tokens - 1}):
+        alone = fused_moe.fused_experts_cpu(x[t:t + 1], w13p, w2p, topk_weights[t:t + 1], topk_ids[t:t + 1], inter)
+        assert torch.equal(alone[0], got[t])
     if num_experts % 2 == 0:  # expert parallelism: each rank's half, ids -1 skipped, sums add up
         half, total = num_experts // 2, torch.zeros_like(want)
         for mine in (slice(0, half), slice(half, num_experts)):

@@ -42,12 +42,18 @@
 //   Ipad = I rounded up to 16; padded features have zero gate and up (silu(0) * 0 = 0) and zero
 //   down columns, padded outputs past H are never stored.
 //
-// Decode (1-2 rows per expert) and prefill (many) run the same loops: a tile of R rows walks
-// k = 0 .. K-1 with the panel's row k in registers, applied to all R rows; the first tile streams
-// the panel from memory, later tiles of the same expert find it in L2 (H x 32 x 4 = 256 KB at
-// Qwen3-30B-A3B's shapes). Tiles: AVX-512, 8 rows x (1 gate + 1 up vector) or 8 rows x 2
-// vectors = 16 accumulators; AVX2 (FOLOVLLM_CPU_ISA=avx2), half a panel at a time, 6 rows x 2
-// vectors = 12 accumulators of its 16 registers.
+// Decode and prefill share one inner loop (`tile`: R rows, the panel's row k in registers,
+// applied to every row) and differ in where the weights come from:
+//   decode   an expert with 1-2 rows (AVX2; up to 8 on AVX-512): each tile streams the panel
+//            straight from memory once, all 32 columns at a time (AVX2: 2 rows x 4 vectors),
+//            bfloat16 widened in registers
+//   prefill  more rows: k-blocked, as a GEMM is. A block of 128 panel rows (16 KB in float32) is
+//            read once and stays in L1 while every tile of rows (AVX2: 3 rows x 4 vectors = 12
+//            accumulators) goes over it; bfloat16 blocks are widened to float32 once, into a
+//            scratch block, not once per tile. Partial sums wait in a per-thread [n, 32] buffer
+//            between blocks.
+// Each output is one FMA chain over k in order in both, stored and reloaded exactly between
+// blocks: a token's result is bitwise the same whatever its expert's row count (tests).
 // --8<-- [end:header]
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -71,7 +77,6 @@ constexpr int64_t HALF = 16;       // w13: gate features per panel (then 16 up)
 
 #if defined(__AVX512F__)
 constexpr int64_t L = 16;    // floats per vector
-constexpr int64_t ROWS = 8;  // rows per tile: 16 accumulators + 2 weights + 1 broadcast
 using vec = __m512;
 inline vec vzero() { return _mm512_setzero_ps(); }
 inline vec vbroadcast(const float* p) { return _mm512_set1_ps(*p); }
@@ -87,7 +92,6 @@ inline void vload_bf16_pair(const uint16_t* p, vec& a, vec& b) {
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int64_t L = 8;
-constexpr int64_t ROWS = 6;  // 12 accumulators + 2 weights + 1 broadcast of 16 registers
 using vec = __m256;
 inline vec vzero() { return _mm256_setzero_ps(); }
 inline vec vbroadcast(const float* p) { return _mm256_broadcast_ss(p); }
@@ -101,7 +105,6 @@ inline void vload_bf16_pair(const uint16_t* p, vec& a, vec& b) {
 }
 #else  // no AVX2 (x86-64 builds have it; kept for other compilers): one float is a "vector"
 constexpr int64_t L = 1;
-constexpr int64_t ROWS = 4;
 using vec = float;
 inline vec vzero() { return 0.f; }
 inline vec vbroadcast(const float* p) { return *p; }
@@ -120,133 +123,199 @@ inline void vload_bf16_pair(const uint16_t* p, vec& a, vec& b) {
 }
 #endif
 
-// Columns q*L .. q*L+L-1 of halves A and B of one panel row (module comment: the layouts).
-inline void load_pair(const float* row, int64_t q, vec& a, vec& b) {
-  a = vload(row + q * L);
-  b = vload(row + HALF + q * L);
-}
-inline void load_pair(const uint16_t* row, int64_t q, vec& a, vec& b) { vload_bf16_pair(row + 2 * q * L, a, b); }
+constexpr int64_t NV = MOE_PANEL / L;  // vectors per panel row: 4 (AVX2), 2 (AVX-512)
+constexpr int64_t NQ = NV / 2;          // of them in half A (then NQ in half B)
+// Rows per tile, in registers: R rows x NV vectors of accumulators. AVX2: 2 x 4 read straight
+// from the weights (decode: + 4 weights + 2 broadcasts of 16 registers), 3 x 4 from a block in
+// L1 (prefill). AVX-512: 8 x 2 both ways (16 of 32 registers).
+#if defined(__AVX512F__)
+constexpr int64_t DIRECT_ROWS = 8, BLOCK_ROWS = 8;
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int64_t DIRECT_ROWS = 2, BLOCK_ROWS = 3;
+#else
+constexpr int64_t DIRECT_ROWS = 4, BLOCK_ROWS = 4;
+#endif
+constexpr int64_t KC = 128;  // inputs per block at prefill: 128 x 32 floats = 16 KB, in L1
 
-// --8<-- [start:tile_gate_up]
-// Pass 3 for R rows and the L features q*L .. q*L+L-1 of a panel (w: its row k = 0):
-// h[r, 0 .. L) = silu(x[r] . gate) * (x[r] . up).
+// One panel row as NV float32 vectors: w[i] = columns i*L .. i*L+L-1 (A = columns 0..15, B =
+// 16..31, so i < NQ is in A). bfloat16 rows interleave A and B (header): one load of 2L values
+// gives A's vector q and B's vector q, widened by a shift and a mask.
+inline void load_row(const float* row, vec w[NV]) {
+  for (int64_t i = 0; i < NV; ++i) w[i] = vload(row + i * L);
+}
+inline void load_row(const uint16_t* row, vec w[NV]) {
+  for (int64_t q = 0; q < NQ; ++q) vload_bf16_pair(row + 2 * q * L, w[q], w[NQ + q]);
+}
+
+// --8<-- [start:tile]
+// out[r, 0..32) (+)= sum over k of x[r, k] * panel row k, for R rows (x row r at x + r * ldx):
+// the one inner loop of both passes, R x NV accumulators in registers (`first`: start from zero,
+// else from out's partial sums). Each column's sum is one FMA chain in k order, whatever R or
+// the path (decode or prefill) that calls it, so a row's result never depends on the batch.
 template <int64_t R, typename W>
-inline void tile_gate_up(const W* w, int64_t q, int64_t K, const float* x, int64_t ldx, float* h,
-                         int64_t ldh) {
-  vec g[R], u[R];
-  for (int64_t r = 0; r < R; ++r) g[r] = u[r] = vzero();
+inline void tile(const W* w, int64_t K, const float* x, int64_t ldx, float* out, bool first) {
+  vec acc[R][NV];  // never passed by address: kept in registers
+#pragma GCC unroll 16
+  for (int64_t r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int64_t i = 0; i < NV; ++i) acc[r][i] = first ? vzero() : vload(out + r * MOE_PANEL + i * L);
   for (int64_t k = 0; k < K; ++k) {
-    vec wg, wu;
-    load_pair(w + k * MOE_PANEL, q, wg, wu);
+    vec wv[NV];
+    load_row(w + k * MOE_PANEL, wv);
+#pragma GCC unroll 16
     for (int64_t r = 0; r < R; ++r) {
       const vec xv = vbroadcast(x + r * ldx + k);
-      g[r] = vfma(xv, wg, g[r]);
-      u[r] = vfma(xv, wu, u[r]);
+#pragma GCC unroll 4
+      for (int64_t i = 0; i < NV; ++i) acc[r][i] = vfma(xv, wv[i], acc[r][i]);
     }
   }
-  for (int64_t r = 0; r < R; ++r) {
-    alignas(64) float gs[L], us[L];
-    vstore(gs, g[r]);
-    vstore(us, u[r]);
-    float* o = h + r * ldh;
-    for (int64_t j = 0; j < L; ++j) o[j] = gs[j] / (1.f + std::exp(-gs[j])) * us[j];  // silu(g) * u
-  }
+#pragma GCC unroll 16
+  for (int64_t r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int64_t i = 0; i < NV; ++i) vstore(out + r * MOE_PANEL + i * L, acc[r][i]);
 }
-// --8<-- [end:tile_gate_up]
+// --8<-- [end:tile]
 
-// Pass 4 for R rows and the outputs q*L .. q*L+L-1 of halves A and B of a panel (w: its row
-// k = 0; y: the panel's first output): y[r, o] = scale[r] * (h[r] . down_o), the first cols_a
-// of A's and cols_b of B's (the last panel may end before H).
-template <int64_t R, typename W>
-inline void tile_down(const W* w, int64_t q, int64_t K, const float* h, int64_t ldh, float* y,
-                      int64_t ldy, const float* scale, int64_t cols_a, int64_t cols_b) {
-  vec acc[R][2];
-  for (int64_t r = 0; r < R; ++r) acc[r][0] = acc[r][1] = vzero();
-  for (int64_t k = 0; k < K; ++k) {
-    vec w0, w1;
-    load_pair(w + k * MOE_PANEL, q, w0, w1);
-    for (int64_t r = 0; r < R; ++r) {
-      const vec hv = vbroadcast(h + r * ldh + k);
-      acc[r][0] = vfma(hv, w0, acc[r][0]);
-      acc[r][1] = vfma(hv, w1, acc[r][1]);
+// Decode (a few rows): each tile streams the panel's K rows straight from memory, widened in
+// registers. Prefill (many rows): the same sums, k-blocked. Block kb (KC rows of the panel,
+// float32: 16 KB) is read from memory once and reused from L1 by every tile of rows; bfloat16
+// blocks are widened once into `scratch`, not once per tile. Partial sums wait in out [n, 32]
+// between blocks (stored and reloaded exactly: the chains are the decode path's).
+inline const float* widen_block(const float* w, int64_t, float*) { return w; }  // read in place
+inline const float* widen_block(const uint16_t* w, int64_t kc, float* scratch) {
+  for (int64_t k = 0; k < kc; ++k) {
+    vec wv[NV];
+    load_row(w + k * MOE_PANEL, wv);
+    for (int64_t i = 0; i < NV; ++i) vstore(scratch + k * MOE_PANEL + i * L, wv[i]);
+  }
+  return scratch;
+}
+
+// All n rows of one expert against one panel (K rows): out [n, 32] = x [n, K] . panel.
+template <typename W>
+void panel_rows(const W* w, int64_t K, const float* x, int64_t n, float* out, float* scratch) {
+  if (n <= DIRECT_ROWS) {  // decode: one pass over the weights
+    switch (n) {
+#define FOLO_CASE(R) case R: tile<R>(w, K, x, K, out, true); break;
+#if defined(__AVX512F__)
+      FOLO_CASE(8) FOLO_CASE(7) FOLO_CASE(6) FOLO_CASE(5)
+#endif
+#if defined(__AVX512F__) || !(defined(__AVX2__) && defined(__FMA__))
+      FOLO_CASE(4) FOLO_CASE(3)
+#endif
+      FOLO_CASE(2) FOLO_CASE(1)
+#undef FOLO_CASE
+      default: break;
+    }
+    return;
+  }
+  for (int64_t kb = 0; kb < K; kb += KC) {
+    const int64_t kc = std::min(KC, K - kb);
+    const float* blk = widen_block(w + kb * MOE_PANEL, kc, scratch);
+    int64_t r = 0;
+    for (; r + BLOCK_ROWS <= n; r += BLOCK_ROWS) tile<BLOCK_ROWS>(blk, kc, x + r * K + kb, K, out + r * MOE_PANEL, kb == 0);
+    switch (n - r) {
+#define FOLO_CASE(R) case R: tile<R>(blk, kc, x + r * K + kb, K, out + r * MOE_PANEL, kb == 0); break;
+#if defined(__AVX512F__)
+      FOLO_CASE(7) FOLO_CASE(6) FOLO_CASE(5) FOLO_CASE(4) FOLO_CASE(3)
+#elif !(defined(__AVX2__) && defined(__FMA__))
+      FOLO_CASE(3)
+#endif
+      FOLO_CASE(2) FOLO_CASE(1)
+#undef FOLO_CASE
+      default: break;
     }
   }
-  for (int64_t r = 0; r < R; ++r) {
-    alignas(64) float a[L], b[L];
-    vstore(a, acc[r][0]);
-    vstore(b, acc[r][1]);
-    float* o = y + r * ldy + q * L;
-    for (int64_t j = 0; j < cols_a; ++j) o[j] = a[j] * scale[r];
-    for (int64_t j = 0; j < cols_b; ++j) o[HALF + j] = b[j] * scale[r];
-  }
 }
 
-// All n rows of one expert's segment: tiles of ROWS rows, then one tile of the remainder.
-#define FOLO_MOE_ROWS(CALL)                                      \
-  int64_t r = 0;                                                 \
-  for (; r + ROWS <= n; r += ROWS) CALL(ROWS);                   \
-  switch (n - r) {                                               \
-    case 11: CALL(11); break;                                    \
-    case 10: CALL(10); break;                                    \
-    case 9: CALL(9); break;                                      \
-    case 8: CALL(8); break;                                      \
-    case 7: CALL(7); break;                                      \
-    case 6: CALL(6); break;                                      \
-    case 5: CALL(5); break;                                      \
-    case 4: CALL(4); break;                                      \
-    case 3: CALL(3); break;                                      \
-    case 2: CALL(2); break;                                      \
-    case 1: CALL(1); break;                                      \
-    default: break;                                              \
-  }
-
-template <typename W>
-void rows_gate_up(const W* w, int64_t q, int64_t K, const float* x, int64_t n, float* h, int64_t ldh) {
-#define FOLO_CALL(R) tile_gate_up<R>(w, q, K, x + r * K, K, h + r * ldh, ldh)
-  FOLO_MOE_ROWS(FOLO_CALL)
-#undef FOLO_CALL
-}
-
-template <typename W>
-void rows_down(const W* w, int64_t q, int64_t K, const float* h, int64_t n, float* y, int64_t ldy,
-               const float* scale, int64_t cols_a, int64_t cols_b) {
-#define FOLO_CALL(R) tile_down<R>(w, q, K, h + r * K, K, y + r * ldy, ldy, scale + r, cols_a, cols_b)
-  FOLO_MOE_ROWS(FOLO_CALL)
-#undef FOLO_CALL
+// h[j] = silu(gate_j) * up_j for one row's 16 features (g = its 32 sums: gate | up). One row per
+// call, never inlined: a loop over rows could be vectorised across them, with another exp than
+// a single row's, and a row's result would then depend on how many rows its expert got.
+__attribute__((noinline)) void silu_and_mul_row(const float* g, float* h) {
+  for (int64_t j = 0; j < HALF; ++j) h[j] = g[j] / (1.f + std::exp(-g[j])) * g[HALF + j];
 }
 
 // --8<-- [start:run_experts]
+// Passes 3 and 4. Each (expert, panel) item computes its rows' 32 sums (panel_rows) into a
+// per-thread buffer, then applies its epilogue: SiLU·mul of gate and up (pass 3), the routing
+// weight (pass 4).
 template <typename W>
 void run_experts(const W* w13, const W* w2, const float* xs, float* h, float* ys,
                  const float* sorted_w, const std::vector<int64_t>& touched,
                  const std::vector<int64_t>& start, const std::vector<int64_t>& count, int64_t H,
                  int64_t Ipad, int64_t P13, int64_t P2) {
   const int64_t n_touched = static_cast<int64_t>(touched.size());
+  int64_t n_max = 0;
+  for (int64_t e : touched) n_max = std::max(n_max, count[e]);
+  auto buffers = [&](std::vector<float>& out, std::vector<float>& scratch) {
+    out.resize(n_max * MOE_PANEL);
+    scratch.resize(KC * MOE_PANEL);
+  };
   // Pass 3: (expert, panel of 16 features) items; each streams H x 32 weights once.
   at::parallel_for(0, n_touched * P13, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> out, scratch;
+    buffers(out, scratch);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t e = touched[item / P13], p = item % P13, s0 = start[e];
-      const W* panel = w13 + (e * P13 + p) * H * MOE_PANEL;
-      for (int64_t q = 0; q < HALF / L; ++q)
-        rows_gate_up(panel, q, H, xs + s0 * H, count[e], h + s0 * Ipad + p * HALF + q * L, Ipad);
+      const int64_t e = touched[item / P13], p = item % P13, s0 = start[e], n = count[e];
+      panel_rows(w13 + (e * P13 + p) * H * MOE_PANEL, H, xs + s0 * H, n, out.data(), scratch.data());
+      for (int64_t r = 0; r < n; ++r) silu_and_mul_row(out.data() + r * MOE_PANEL, h + (s0 + r) * Ipad + p * HALF);
     }
   });
   // Pass 4: (expert, panel of 32 outputs) items; each streams Ipad x 32 weights once.
   at::parallel_for(0, n_touched * P2, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> out, scratch;
+    buffers(out, scratch);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t e = touched[item / P2], p = item % P2, s0 = start[e];
-      const W* panel = w2 + (e * P2 + p) * Ipad * MOE_PANEL;
-      for (int64_t q = 0; q < HALF / L; ++q) {
-        const int64_t a0 = p * MOE_PANEL + q * L, b0 = a0 + HALF;  // first output of A's, B's part
-        const int64_t cols_a = std::clamp<int64_t>(H - a0, 0, L), cols_b = std::clamp<int64_t>(H - b0, 0, L);
-        if (cols_a == 0) break;
-        rows_down(panel, q, Ipad, h + s0 * Ipad, count[e], ys + s0 * H + p * MOE_PANEL, H, sorted_w + s0,
-                  cols_a, cols_b);
+      const int64_t e = touched[item / P2], p = item % P2, s0 = start[e], n = count[e];
+      panel_rows(w2 + (e * P2 + p) * Ipad * MOE_PANEL, Ipad, h + s0 * Ipad, n, out.data(), scratch.data());
+      const int64_t cols = std::min<int64_t>(MOE_PANEL, H - p * MOE_PANEL);  // the last panel may end early
+      for (int64_t r = 0; r < n; ++r) {  // ys[s, 32p + c] = w_s * down_c
+        const float* d = out.data() + r * MOE_PANEL;
+        float* o = ys + (s0 + r) * H + p * MOE_PANEL;
+        for (int64_t c = 0; c < cols; ++c) o[c] = d[c] * sorted_w[s0 + r];
       }
     }
   });
 }
 // --8<-- [end:run_experts]
+
+}  // namespace
+
+namespace {
+
+// One expert's matrix into its panels, in place (prepack_moe_weight): out[p, k, c] = the value
+// of panel column c at input k; `col(p, c)` gives the source row for column c (or -1: a padded
+// zero), `slot(c)` where c sits in the panel row (bfloat16 interleaves the halves).
+template <typename T, typename Col>
+void pack_panels(const T* src, int64_t K_src, int64_t P, int64_t K, Col col, bool interleave, T* out) {
+  for (int64_t p = 0; p < P; ++p) {
+    T* panel = out + p * K * MOE_PANEL;
+    for (int64_t c = 0; c < MOE_PANEL; ++c) {
+      const int64_t row = col(p, c);
+      const int64_t slot = interleave ? (c < HALF ? 2 * c : 2 * (c - HALF) + 1) : c;
+      for (int64_t k = 0; k < K; ++k) panel[k * MOE_PANEL + slot] = (row >= 0 && k < K_src) ? src[row * K_src + k] : T(0);
+    }
+  }
+}
+
+template <typename T>
+void pack_layer(const T* w13, const T* w2, int64_t E, int64_t I, int64_t H, int64_t P13, int64_t Ipad,
+                int64_t P2, bool interleave, T* w13p, T* w2p) {
+  at::parallel_for(0, E, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) {
+      // w13[e] [2I, H]: column c of panel p is gate feature 16p + c (c < 16) or up feature 16p + c - 16
+      pack_panels(w13 + e * 2 * I * H, H, P13, H, [&](int64_t p, int64_t c) -> int64_t {
+        const int64_t f = p * HALF + (c % HALF);
+        return f < I ? (c < HALF ? f : I + f) : -1;
+      }, interleave, w13p + e * P13 * H * MOE_PANEL);
+      // w2[e] [H, I]: column c of panel p is output 32p + c; inputs past I are zero
+      pack_panels(w2 + e * H * I, I, P2, Ipad, [&](int64_t p, int64_t c) -> int64_t {
+        const int64_t o = p * MOE_PANEL + c;
+        return o < H ? o : -1;
+      }, interleave, w2p + e * P2 * Ipad * MOE_PANEL);
+    }
+  });
+}
 
 }  // namespace
 
@@ -261,22 +330,19 @@ std::vector<at::Tensor> prepack_moe_weight(const at::Tensor& w13, const at::Tens
               w13.scalar_type(), " and ", w2.scalar_type());
   const int64_t E = w13.size(0), I = w2.size(2), H = w2.size(1);
   const int64_t P13 = (I + HALF - 1) / HALF, Ipad = P13 * HALF, P2 = (H + MOE_PANEL - 1) / MOE_PANEL;
-  // gate and up, each zero-padded to [E, Ipad, H] -> [E, P13, 16, H]; side by side
-  // [E, P13, 32, H] -> k-major [E, P13, H, 32]
-  at::Tensor gate = at::zeros({E, Ipad, H}, w13.options()), up = at::zeros({E, Ipad, H}, w13.options());
-  gate.narrow(1, 0, I).copy_(w13.narrow(1, 0, I));
-  up.narrow(1, 0, I).copy_(w13.narrow(1, I, I));
-  at::Tensor w13p = at::cat({gate.view({E, P13, HALF, H}), up.view({E, P13, HALF, H})}, 2)
-                        .transpose(2, 3)
-                        .contiguous();
-  const bool bf16 = w13.scalar_type() == at::kBFloat16;
-  // bfloat16: each row A0..A15 B0..B15 -> A0 B0 A1 B1 .. (view [.., 2, 16], swap, flatten)
-  if (bf16) w13p = w13p.view({E, P13, H, 2, HALF}).transpose(3, 4).contiguous().view({E, P13, H, MOE_PANEL});
-  // down zero-padded to [E, P2 * 32, Ipad] -> [E, P2, 32, Ipad] -> k-major [E, P2, Ipad, 32]
-  at::Tensor down = at::zeros({E, P2 * MOE_PANEL, Ipad}, w2.options());
-  down.narrow(1, 0, H).narrow(2, 0, I).copy_(w2);
-  at::Tensor w2p = down.view({E, P2, MOE_PANEL, Ipad}).transpose(2, 3).contiguous();
-  if (bf16) w2p = w2p.view({E, P2, Ipad, 2, HALF}).transpose(3, 4).contiguous().view({E, P2, Ipad, MOE_PANEL});
+  // Written one expert at a time into the final tensors: no layer-sized temporaries (a
+  // Qwen3-30B-A3B layer is 2.4 GB in float32).
+  const at::Tensor a = w13.contiguous(), b = w2.contiguous();
+  at::Tensor w13p = at::empty({E, P13, H, MOE_PANEL}, a.options());
+  at::Tensor w2p = at::empty({E, P2, Ipad, MOE_PANEL}, b.options());
+  if (a.scalar_type() == at::kBFloat16)  // rows interleave their halves: A0 B0 A1 B1 .. (header)
+    pack_layer(reinterpret_cast<const uint16_t*>(a.data_ptr<c10::BFloat16>()),
+               reinterpret_cast<const uint16_t*>(b.data_ptr<c10::BFloat16>()), E, I, H, P13, Ipad, P2, true,
+               reinterpret_cast<uint16_t*>(w13p.data_ptr<c10::BFloat16>()),
+               reinterpret_cast<uint16_t*>(w2p.data_ptr<c10::BFloat16>()));
+  else
+    pack_layer(a.data_ptr<float>(), b.data_ptr<float>(), E, I, H, P13, Ipad, P2, false, w13p.data_ptr<float>(),
+               w2p.data_ptr<float>());
   return {w13p, w2p};
 }
 

@@ -42,7 +42,8 @@ ONE C++ call per layer (csrc/cpu/moe.cpp), on each layer's weights re-laid at lo
 panels it streams (gate and up side by side, so SiLU·mul happens in registers). The two torch
 versions stay: the lesson, and the portable fallback that tests compare the kernel against.
 
-Left out (docs/moe.md): all-to-all dispatch/combine (EP here rides the TP all-reduce), GPTQ/int4 experts,
+Left out (docs/moe.md): all-to-all dispatch/combine (EP here rides the TP all-reduce), GPTQ experts in
+the C++ kernel (they take the torch grouped path, one int4 kernel call per expert segment),
 shared experts (Qwen2-MoE, DeepSeek), grouped top-k (DeepSeek-V3), and vLLM's padding of each
 segment to a block size (a GPU kernel's tile; our GEMMs take any segment length).
 """
