@@ -9,6 +9,7 @@ compares the stages, or `quantize` a float checkpoint with GPTQ (stage 07).
     folovllm trace --docs                            # the stage pages' pictures, docs/assets/
     folovllm trace --serve --stage 5                 # a live page of the running engine
     folovllm quantize Qwen/Qwen3-0.6B qwen3-gptq --bits 4 --group-size 128 --desc-act
+    folovllm quantize my-model my-model-rtn --method rtn    # round-to-nearest, no calibration
     folovllm build-kernels                           # compile the CPU kernels ahead of time
     folovllm train-pair                              # train the stage-09 target/draft pair (cached)
 """
