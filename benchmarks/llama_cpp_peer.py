@@ -3,6 +3,8 @@
     bash benchmarks/install_llama_cpp.sh                     # once: /work/peers/llama.cpp (minutes)
     python -m benchmarks.llama_cpp_peer                      # Qwen3-0.6B shapes, 1 and 2 threads
     python -m benchmarks.llama_cpp_peer --quick              # the 25M bench model, 1 thread, printed
+    python -m benchmarks.llama_cpp_peer --types q4_0 --name llama_cpp_peer_q4_0_cpu   # int4 (stage 07)
+    python -m benchmarks.llama_cpp_peer --types q4_0 --quick --skip-llama            # our int4 rows alone
 
 llama.cpp is the engine people run on a CPU; vLLM-CPU is the other peer (benchmarks/vllm_peer.py).
 Neither is a dependency: this script only runs llama.cpp's binaries in subprocesses.
@@ -29,6 +31,13 @@ What it does, all in one run:
      torch.set_num_threads): one 128 / 1,024-token prompt, max_tokens=1 (prefill); batch-1
      decode as benchmarks.decode_e2e times it (16-token prompt, 63 timed decode steps); 8 x
      (128 in + 64 out) with the prefill step(s) and the decode steps timed apart.
+   - beside Q4_0: the same workloads on folovllm's GPTQ int4 checkpoint of the same float model
+     (`gptq_checkpoint`: `folovllm quantize --method rtn`, groups of 128, written once beside
+     the float model), float32 activations, on our exact int4 kernel (`cpu_int4_panel`, column
+     "folovllm") and on its int8-activation variant (`cpu_int4_panel_q8`, "folovllm q8": what
+     llama.cpp's Q4_0 x Q8_0 dot product does). The LM head stays float32 there (a GPTQ
+     checkpoint does not quantize it), while llama-quantize rounds the tied embedding / head to
+     Q6_K: the bytes per step are printed under the table.
 
 Times: llama.cpp's tools time themselves (wall); their process CPU time comes from the kernel's
 accounting of the child (getrusage). llama.cpp's threads spin while they wait for each other, so
@@ -41,9 +50,11 @@ bandwidth / the weight bytes one step reads: our linears and LM head; llama.cpp'
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -63,6 +74,8 @@ PREFILL_LENS = (128, 1024)
 DECODE_TOKENS = 64
 BATCH_PROMPT, BATCH_NEW = 128, 64
 OUR_DTYPE = {"f32": "float32", "bf16": "bfloat16"}  # GGUF type -> folovllm's dtype beside it
+GPTQ_GROUP = 128  # beside Q4_0: folovllm's GPTQ checkpoint of the same model (`gptq_checkpoint`)
+GPTQ_LABELS = {"cpu_int4_panel": "folovllm", "cpu_int4_panel_q8": "folovllm q8"}  # kernel -> column
 PROMPT_VOCAB = (3, 500)  # random prompt ids: the local BPE's (specials below 3)
 # The converter's BPE pre-tokenizer lookup, answered for our locally trained tokenizers.
 CONVERT_WRAPPER = (
@@ -390,79 +403,153 @@ def _median_rows(reps: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+# --8<-- [start:gptq_engines]
+def gptq_checkpoint(float_path: str, group: int = GPTQ_GROUP) -> str:
+    """A GPTQ int4 checkpoint of the float model llama.cpp's Q4_0 GGUF is made from, made once
+    beside it: `folovllm quantize --method rtn` (round-to-nearest, symmetric, groups of 128,
+    GPTQModel's v1 format). Round-to-nearest is what llama-quantize's Q4_0 does too, so both
+    engines run the same model rounded the same way; its weights are random, so GPTQ's
+    calibration would buy nothing here. The bytes match too: 4 bits + a float32 scale and zero
+    per 128 inputs in our panels (4.5 bits), Q4_0's 4 bits + an fp16 scale per 32 (4.5 bits)."""
+    from folovllm.tools.gptq_quantizer import quantize_checkpoint
+
+    out = Path(f"{float_path.rstrip('/')}-gptq-rtn-g{group}")
+    if not out.is_dir():
+        print(f"  writing {out.name} (round-to-nearest GPTQ of {Path(float_path).name})", flush=True)
+        tmp = out.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        quantize_checkpoint(float_path, str(tmp), group_size=group, method="rtn", progress=False)
+        tmp.rename(out)  # whole or not at all: an interrupted run leaves only the .partial
+    return str(out)
+
+
+def our_engines(typ: str, path: str, kernels: Sequence[str]) -> dict[str, Any]:
+    """folovllm's engines beside a GGUF type: the float model at its precision (f32 / bf16), or
+    for q4_0 the GPTQ checkpoint of the same model on each of `kernels` (cpu_int4_panel, the
+    exact default; cpu_int4_panel_q8, int8 activations as llama.cpp's Q4_0 x Q8_0 does) in
+    float32. The GPTQ layers pick their kernel while the weights load (FOLOVLLM_GPTQ_KERNEL)."""
+    from folovllm import LLM
+
+    if typ in OUR_DTYPE:
+        return {"folovllm": LLM(path, dtype=OUR_DTYPE[typ], max_model_len=2048)}
+    if typ != "q4_0":
+        return {}  # q8_0: llama.cpp alone
+    gptq = gptq_checkpoint(path)
+    engines = {}
+    for kernel in kernels:
+        before = os.environ.get("FOLOVLLM_GPTQ_KERNEL")
+        os.environ["FOLOVLLM_GPTQ_KERNEL"] = kernel
+        try:
+            engines[GPTQ_LABELS[kernel]] = LLM(gptq, dtype="float32", max_model_len=2048)
+        finally:
+            os.environ.pop("FOLOVLLM_GPTQ_KERNEL") if before is None else os.environ.__setitem__(
+                "FOLOVLLM_GPTQ_KERNEL", before)
+    return engines
+
+
+def our_step_bytes(llm: Any) -> int:
+    """Weight bytes one decode step reads: decode_e2e's count for float linears; a GPTQ layer's
+    int4 panels (codes, scales and zeros) or checkpoint tensors; the LM head."""
+    from folovllm.model_executor.layers.linear import LinearBase
+
+    model = llm.llm_engine.model_runner.model
+    if not any(hasattr(m, "int4_panels") or hasattr(m, "qweight") for m in model.modules()):
+        return step_bytes(llm)
+    total = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    for m in model.modules():
+        if isinstance(m, LinearBase):
+            names = ("int4_panels",) if hasattr(m, "int4_panels") else ("qweight", "qzeros", "scales")
+            total += sum(getattr(m, n).numel() * getattr(m, n).element_size() for n in names)
+    return total
+# --8<-- [end:gptq_engines]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.profile_step import model_path
-    from folovllm import LLM
     from folovllm.platforms import cpu as cpu_platform
 
     llama = LlamaCpp(args.llama_dir, args.build)
     missing = llama.missing()
-    if missing:
-        raise SystemExit(f"llama.cpp is not built ({missing} missing): bash benchmarks/install_llama_cpp.sh {args.llama_dir}")
+    if missing and not args.skip_llama:
+        raise SystemExit(f"llama.cpp is not built ({missing} missing): bash benchmarks/install_llama_cpp.sh "
+                         f"{args.llama_dir} (or --skip-llama: folovllm's rows alone)")
     model = "bench" if args.quick else args.model
     path = model_path(model)
     threads_list = [1] if args.quick else [int(t) for t in args.thread_counts.split(",")]
     prefill_lens = (128,) if args.quick else PREFILL_LENS
     n_parallel = tuple(int(x) for x in args.n_parallel.split(","))
-    ggufs = {t: convert(llama, path, llama.root / "gguf", t) for t in args.types.split(",")}
-
-    # the default engine (our kernels, the measured table) at the GGUF's precision, where we have one
-    llms = {typ: LLM(path, dtype=OUR_DTYPE[typ], max_model_len=2048) for typ in ggufs if typ in OUR_DTYPE}
-    llm = llms.get("f32") or LLM(path, dtype="float32", max_model_len=2048)
-    nbytes = step_bytes(llm)
+    types = args.types.split(",")
+    ggufs = {} if args.skip_llama else {t: convert(llama, path, llama.root / "gguf", t) for t in types}
     limits = load_limits()
     out: dict[str, Any] = dict(model=model, model_path=path, llama_cpp_dir=str(llama.root), llama_cpp_build=args.build,
-                               ggufs={t: str(p) for t, p in ggufs.items()}, bytes_per_step_folovllm=nbytes,
-                               folovllm_dtypes={t: OUR_DTYPE[t] for t in llms},
+                               ggufs={t: str(p) for t, p in ggufs.items()}, skip_llama=args.skip_llama,
                                folovllm_isa=cpu_platform.kernel_isa(), bandwidth=limits["bandwidth"] if limits else None,
-                               types={}, loads=[])
-    if llama.bin.joinpath("llama-debug").exists():
-        out["logits_check"] = logits_check(llama, ggufs["f32"], llm) if "f32" in ggufs else None
-        print(f"logits check: {out['logits_check']}", flush=True)
-        out["llama_cpp_isa"] = out["logits_check"]["llama_cpp_isa"] if out["logits_check"] else "unknown"
-    for typ, gguf in ggufs.items():
-        per_threads: dict[str, Any] = {}
+                               types={}, loads=[], bytes_per_step={}, folovllm_engines={})
+    for typ in types:
+        gguf = ggufs.get(typ)
+        # one type's engines at a time: the float32 model alone holds ~2.4 GB at Qwen3-0.6B's shape
+        engines = our_engines(typ, path, args.gptq_kernels.split(","))
+        out["folovllm_engines"][typ] = {label: describe_engine(typ, label) for label in engines}
+        out["bytes_per_step"][typ] = {label: our_step_bytes(llm) for label, llm in engines.items()}
+        if typ == "f32" and not args.skip_llama and llama.bin.joinpath("llama-debug").exists():
+            out["logits_check"] = logits_check(llama, gguf, engines["folovllm"])
+            print(f"logits check: {out['logits_check']}", flush=True)
+            out["llama_cpp_isa"] = out["logits_check"]["llama_cpp_isa"]
         # warm-up, untimed: the GGUF into the page cache; our kernels' first calls
-        run_tool(llama_bench_command(llama, gguf, threads_list[0], n_prompt=128), threads_list[0])
-        if typ in llms:
-            torch.set_num_threads(threads_list[0])
-            folovllm_prefill(llms[typ], 128, seed=99)
-        reps: dict[int, dict[str, list]] = {t: {"llama.cpp": [], "folovllm": []} for t in threads_list}
+        if gguf:
+            run_tool(llama_bench_command(llama, gguf, threads_list[0], n_prompt=128), threads_list[0])
+        torch.set_num_threads(threads_list[0])
+        for llm in engines.values():
+            folovllm_prefill(llm, 128, seed=99)
+        names = (["llama.cpp"] if gguf else []) + list(engines)
+        reps: dict[int, dict[str, list]] = {t: {name: [] for name in names} for t in threads_list}
         for rep in range(args.repeats):
             for t in threads_list:
-                lr = measure_llama(llama, gguf, t, prefill_lens, n_parallel)
-                print(f"[{typ} t={t} rep {rep}] llama.cpp {_brief(lr)}", flush=True)
-                reps[t]["llama.cpp"].append(lr)
-                if typ in llms:  # q8_0 / q4_0: llama.cpp alone (our int4 is stage 07's GPTQ)
-                    fr = measure_folovllm(llms[typ], t, prefill_lens, n_parallel, seed=rep)
-                    print(f"[{typ} t={t} rep {rep}] folovllm  {_brief(fr)}", flush=True)
-                    reps[t]["folovllm"].append(fr)
+                if gguf:
+                    lr = measure_llama(llama, gguf, t, prefill_lens, n_parallel)
+                    print(f"[{typ} t={t} rep {rep}] llama.cpp {_brief(lr)}", flush=True)
+                    reps[t]["llama.cpp"].append(lr)
+                for label, llm in engines.items():  # q8_0: llama.cpp alone
+                    fr = measure_folovllm(llm, t, prefill_lens, n_parallel, seed=rep)
+                    print(f"[{typ} t={t} rep {rep}] {label}  {_brief(fr)}", flush=True)
+                    reps[t][label].append(fr)
                 out["loads"].append(loadavg())
+        per_threads: dict[str, Any] = {}
         for t in threads_list:
-            row: dict[str, Any] = {"llama.cpp": _median_rows(reps[t]["llama.cpp"])}
-            if reps[t]["folovllm"]:
-                fr = reps[t]["folovllm"]
-                row["folovllm"] = _median_rows(fr)
-                row["folovllm"]["identical_tokens_across_repeats"] = all(
+            row: dict[str, Any] = {name: _median_rows(reps[t][name]) for name in names}
+            for label in engines:
+                fr = reps[t][label]
+                row[label]["identical_tokens_across_repeats"] = all(
                     r["decode_1"]["tokens"] == fr[0]["decode_1"]["tokens"] for r in fr)
             bw = (limits or {}).get("bandwidth", {}).get(str(t))
             if bw:
-                ours_bytes = nbytes * (2 if OUR_DTYPE.get(typ) == "bfloat16" else 4) // 4
-                for eng, nb in (("llama.cpp", row["llama.cpp"]["decode_1"]["model_size"]), ("folovllm", ours_bytes)):
-                    if eng in row:
-                        r = row[eng]
-                        r["decode_1"]["of_ceiling"] = decode_fraction(r["decode_1"]["tok_s_cpu"], nb, bw, 1)
-                        for b in n_parallel:
-                            r[f"batch_{b}"]["decode"]["of_ceiling"] = decode_fraction(
-                                r[f"batch_{b}"]["decode"]["tok_s_cpu"], nb, bw, b)
+                sizes = dict(out["bytes_per_step"][typ])
+                if gguf:
+                    sizes["llama.cpp"] = row["llama.cpp"]["decode_1"]["model_size"]
+                for eng, nb in sizes.items():
+                    r = row[eng]
+                    r["decode_1"]["of_ceiling"] = decode_fraction(r["decode_1"]["tok_s_cpu"], nb, bw, 1)
+                    for b in n_parallel:
+                        r[f"batch_{b}"]["decode"]["of_ceiling"] = decode_fraction(
+                            r[f"batch_{b}"]["decode"]["tok_s_cpu"], nb, bw, b)
             per_threads[str(t)] = row
         out["types"][typ] = per_threads
+        del engines
+        gc.collect()
     out["peak_loadavg_1m"] = peak_loadavg(out.pop("loads"))
     out["threads"] = threads_list
     out["n_parallel"] = list(n_parallel)
     out["prefill_lens"] = list(prefill_lens)
     out["repeats"] = args.repeats
     return out
+
+
+def describe_engine(typ: str, label: str) -> str:
+    """What a folovllm column ran, for the table's heading."""
+    if typ in OUR_DTYPE:
+        return f"folovllm {OUR_DTYPE[typ]}"
+    kernel = next(k for k, v in GPTQ_LABELS.items() if v == label)
+    return f"folovllm GPTQ int4 g{GPTQ_GROUP} float32, {kernel}"
 
 
 def _brief(rows: dict[str, Any]) -> str:
@@ -491,47 +578,75 @@ def _get(engine_rows: dict[str, Any], key: str, phase: str) -> dict[str, Any]:
 
 def render_markdown(result: dict[str, Any]) -> str:
     threads = [str(t) for t in result["threads"]]
-    first = next(iter(result["types"].values()))
     caption = (f"folovllm (`LLM`, our kernels: {result['folovllm_isa'].upper()} path) against llama.cpp "
                f"(llama-cpp-python 0.3.36's sources, build `{result['llama_cpp_build']}`: "
-               f"{result.get('llama_cpp_isa', '?')} path, its default f16 KV cache; GGUF by its own converter; "
-               f"`llama-bench`, `llama-batched-bench`), {result['model']} model, random weights, "
-               f"median of {result['repeats']} interleaved repeats: `{result['command']}` on "
+               f"{result.get('llama_cpp_isa', '?')} path, its default f16 KV cache; GGUF by its own converter, "
+               f"Q4_0 by `llama-quantize`; `llama-bench`, `llama-batched-bench`), {result['model']} model, "
+               f"random weights, median of {result['repeats']} interleaved repeats: `{result['command']}` on "
                f"{machine_short(result['machine'])}, {result['date'][:10]}. tok/s from wall time "
                f"[from CPU time per thread]; ratio = folovllm / llama.cpp.")
+    if result.get("skip_llama"):
+        caption += " llama.cpp was not run (`--skip-llama`): folovllm's rows alone."
     lines = [caption + shared_machine_note(result)]
     for typ, per in result["types"].items():
-        if "folovllm" not in per[threads[0]]:
+        ours = [e for e in per[threads[0]] if e != "llama.cpp"]
+        has_llama = "llama.cpp" in per[threads[0]]
+        if not ours:
             lines += ["", f"llama.cpp {typ.upper()} alone: " + "; ".join(
                 f"{t} thread{'s' if t != '1' else ''}: " + ", ".join(
                     f"{label} {_get(per[t]['llama.cpp'], key, phase)['tok_s_wall']:.1f}"
                     for label, key, phase in table_rows(result) if phase in ("", "decode")) for t in threads) + " tok/s."]
             continue
-        ours = result.get("folovllm_dtypes", {}).get(typ, "float32")
-        lines += ["", f"**{typ.upper()} GGUF against folovllm {ours}:**", ""]
-        lines += ["| workload |" + "".join(f" llama.cpp {t}t | folovllm {t}t | ratio {t}t |" for t in threads),
-                  "|---|" + "--:|--:|--:|" * len(threads)]
+        names = result.get("folovllm_engines", {}).get(typ, {})
+        legacy = result.get("folovllm_dtypes", {}).get(typ)  # results written before GPTQ rows
+        desc = {e: names.get(e, f"folovllm {legacy or typ}") for e in ours}
+        what = desc[ours[0]] if ours == ["folovllm"] else "; ".join(f"{e} = {d}" for e, d in desc.items())
+        lines += ["", f"**{typ.upper()}{' GGUF' if has_llama else ''} against {what}:**", ""]
+        head, rule = "| workload |", "|---|"
+        for t in threads:
+            if has_llama:
+                head += f" llama.cpp {t}t |"
+                rule += "--:|"
+            for e in ours:
+                head += f" {e} {t}t |" + (f" ratio {t}t |" if has_llama else "")
+                rule += "--:|" * (2 if has_llama else 1)
+        lines += [head, rule]
         for label, key, phase in table_rows(result):
-            cells = []
+            cells = ""
             for t in threads:
-                a, b = _get(per[t]["llama.cpp"], key, phase), _get(per[t]["folovllm"], key, phase)
-                cells.append(f" {a['tok_s_wall']:.1f} [{a['tok_s_cpu']:.1f}] | {b['tok_s_wall']:.1f} [{b['tok_s_cpu']:.1f}] | "
-                             f"**{b['tok_s_wall'] / a['tok_s_wall']:.2f}x** [{b['tok_s_cpu'] / a['tok_s_cpu']:.2f}x] |")
-            lines.append(f"| {label} |" + "".join(cells))
+                a = _get(per[t]["llama.cpp"], key, phase) if has_llama else None
+                if a:
+                    cells += f" {a['tok_s_wall']:.1f} [{a['tok_s_cpu']:.1f}] |"
+                for e in ours:
+                    b = _get(per[t][e], key, phase)
+                    cells += f" {b['tok_s_wall']:.1f} [{b['tok_s_cpu']:.1f}] |"
+                    if a:
+                        cells += (f" **{b['tok_s_wall'] / a['tok_s_wall']:.2f}x** "
+                                  f"[{b['tok_s_cpu'] / a['tok_s_cpu']:.2f}x] |")
+            lines.append(f"| {label} |" + cells)
         fractions = []
         for t in threads:
             for label, key, phase in table_rows(result):
-                a, b = _get(per[t]["llama.cpp"], key, phase), _get(per[t]["folovllm"], key, phase)
-                if "decode" in label and "of_ceiling" in a:
-                    fractions.append(f"{label.replace(': decode', '')}, {t}t: llama.cpp "
-                                     f"{100 * a['of_ceiling']:.0f}%, folovllm {100 * b['of_ceiling']:.0f}%")
+                if "decode" not in label:
+                    continue
+                parts = [f"{e} {100 * _get(per[t][e], key, phase)['of_ceiling']:.0f}%"
+                         for e in (["llama.cpp"] if has_llama else []) + ours if "of_ceiling" in _get(per[t][e], key, phase)]
+                if parts:
+                    fractions.append(f"{label.replace(': decode', '')}, {t}t: " + ", ".join(parts))
         if fractions:
             lines += ["", "Decode as a fraction of the bandwidth ceiling (CPU-time rates; measured read bandwidth "
                       + ", ".join(f"{result['bandwidth'][t] / 1e9:.1f} GB/s at {t}t" for t in threads)
                       + " / weight bytes per step): " + "; ".join(fractions) + "."]
-        step = [f"{t}t batch {b}: llama.cpp {per[t]['llama.cpp'][f'batch_{b}']['step_ms']:.0f} ms, folovllm "
-                f"{per[t]['folovllm'][f'batch_{b}']['step_ms']:.0f} ms" for t in threads for b in result["n_parallel"]]
+        step = [f"{t}t batch {b}: " + ", ".join(f"{e} {per[t][e][f'batch_{b}']['step_ms']:.0f} ms"
+                                              for e in (["llama.cpp"] if has_llama else []) + ours)
+                for t in threads for b in result["n_parallel"]]
         lines += ["", "Decode step (wall): " + "; ".join(step) + "."]
+        sizes = result.get("bytes_per_step", {}).get(typ)
+        if sizes:
+            lines += ["", "Weight bytes one decode step reads: " + ", ".join(
+                f"{e} {nb / 1e6:.0f} MB" for e, nb in sizes.items())
+                + (f", llama.cpp {per[threads[0]]['llama.cpp']['decode_1']['model_size'] / 1e6:.0f} MB (the GGUF)"
+                   if has_llama and "model_size" in per[threads[0]]["llama.cpp"]["decode_1"] else "") + "."]
     chk = result.get("logits_check")
     if chk:
         lines += ["", f"Same model: on a {len(chk['prompt_token_ids'])}-token prompt llama.cpp's F32 GGUF "
@@ -549,7 +664,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.add_argument("--build", default="native", help="native (default) | avx2 (BUILD_AVX2=1 install)")
         p.add_argument("--thread-counts", default="1,2", help="comma-separated (default 1,2)")
         p.add_argument("--n-parallel", default="8", help="llama-batched-bench -npl, sequences (default 8)")
-        p.add_argument("--types", default="f32", help="GGUF types, comma-separated: f32,bf16,q8_0,q4_0 (default f32)")
+        p.add_argument("--types", default="f32", help="GGUF types, comma-separated: f32,bf16,q8_0,q4_0 (default f32); "
+                       "q4_0 runs beside folovllm's GPTQ int4 checkpoint of the same model")
+        p.add_argument("--gptq-kernels", default="cpu_int4_panel,cpu_int4_panel_q8",
+                       help="beside Q4_0: folovllm's GPTQ kernels, comma-separated (default both: exact, int8 activations)")
+        p.add_argument("--skip-llama", action="store_true",
+                       help="folovllm's rows alone (llama.cpp not built yet); the same workloads and table")
 
     def name(args: argparse.Namespace, result: dict[str, Any]) -> str:
         return "llama_cpp_peer_cpu" if args.build == "native" else f"llama_cpp_peer_{args.build}_cpu"

@@ -4,13 +4,15 @@ kernel (`cpu_int4`) and the float32 panels (`decode_linear`), per linear and end
     python -m benchmarks.stage07_int4                  # ~15 minutes on a busy 2-core box
     python -m benchmarks.stage07_int4 --quick          # smoke run (small, not written)
     FOLOVLLM_CPU_ISA=avx2 python -m benchmarks.stage07_int4 --name stage07_int4_cpu_avx2
+    python -m benchmarks.stage07_int4 --no-linears --no-e2e --perplexity --name stage07_int4_q8_perplexity_cpu
 
 Two measurements, one thread unless `--threads`:
 
     per linear   Qwen3-0.6B's four linears (qkv 1024 -> 4096, o 2048 -> 1024, gate_up
                  1024 -> 6144, down 3072 -> 1024; groups of 128) at 1, 8 and 16 rows: our kernel
-                 with float32 and with bfloat16 activations, torch's int4 kernel (bfloat16, the
-                 only dtype in which it is fast), and the float32 weight on our float32 panels.
+                 with float32 and with bfloat16 activations, and with int8 ones (the opt-in
+                 cpu_int4_panel_q8), torch's int4 kernel (bfloat16, the only dtype in which it
+                 is fast), and the float32 weight on our float32 panels.
                  Median process CPU time of `--repeats` interleaved rounds of 20 calls; GB/s =
                  the bytes the int4 kernel streams (codes, scales and zeros) / time
     end to end   a Qwen3-0.6B-shaped GPTQ checkpoint (`stage07_vllm_gptq.write_checkpoint`:
@@ -26,7 +28,9 @@ Two measurements, one thread unless `--threads`:
 `gptq_decode` is the end-to-end run as one function (for peers that compare with other engines,
 e.g. llama.cpp's Q4_0): it builds or reuses the checkpoint and returns tok/s and the tokens.
 
-Writes `benchmarks/results/stage07_int4_cpu.json` and `.md` with the machine and load.
+`--perplexity` adds the trained stage-09 target's held-out perplexity on the exact kernel and
+on cpu_int4_panel_q8 (`perplexity_section`). Writes `benchmarks/results/stage07_int4_cpu.json`
+and `.md` with the machine and load.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ def linears_section(repeats: int, rows: tuple[int, ...] = ROWS) -> dict[str, Any
     for name, K, N in LINEARS:
         qw, qz, s, gi = random_gptq(K, N)
         panel = Int4PanelWeight.from_gptq(qw, qz, s, gi)
+        panel_q8 = Int4PanelWeight.from_gptq(qw, qz, s, gi, int8_activations=True)
         torch_int4 = CpuInt4Weight.from_gptq(qw, qz, s, gi)
         dense = ops.pack_decode_weight(dequantize_gptq(qw, qz, s, gi, 4).t().contiguous())  # fp32 panels
         nbytes = panel.packed.numel() * 4
@@ -87,6 +92,7 @@ def linears_section(repeats: int, rows: tuple[int, ...] = ROWS) -> dict[str, Any
             xb = x.bfloat16()
             cases[f"{M} int4_panel fp32"] = lambda x=x: [panel.matmul(x) for _ in range(CALLS)]
             cases[f"{M} int4_panel bf16"] = lambda x=xb: [panel.matmul(x) for _ in range(CALLS)]
+            cases[f"{M} int4_panel q8"] = lambda x=x: [panel_q8.matmul(x) for _ in range(CALLS)]
             cases[f"{M} torch int4 bf16"] = lambda x=xb: [torch_int4.matmul(x) for _ in range(CALLS)]
             cases[f"{M} fp32 panels"] = lambda x=x: [ops.decode_linear(x, dense, N) for _ in range(CALLS)]
         load = loadavg()
@@ -97,9 +103,13 @@ def linears_section(repeats: int, rows: tuple[int, ...] = ROWS) -> dict[str, Any
             t = {k.split(" ", 1)[1]: v for k, v in times.items() if k.split(" ", 1)[0] == str(M)}
             t["GB/s int4 fp32"] = nbytes / (t["int4_panel fp32"] * 1e-3) / 1e9
             t["GB/s int4 bf16"] = nbytes / (t["int4_panel bf16"] * 1e-3) / 1e9
+            t["GB/s int4 q8"] = nbytes / (t["int4_panel q8"] * 1e-3) / 1e9
+            t["GFLOP/s fp32"] = 2 * M * K * N / (t["int4_panel fp32"] * 1e-3) / 1e9
+            t["GFLOP/s q8"] = 2 * M * K * N / (t["int4_panel q8"] * 1e-3) / 1e9
             row["ms"][str(M)] = t
             print(f"  {name} M={M}: panel fp32 {t['int4_panel fp32']:.3f} ms ({t['GB/s int4 fp32']:.1f} GB/s), "
-                  f"bf16 {t['int4_panel bf16']:.3f}, torch int4 {t['torch int4 bf16']:.3f}, "
+                  f"bf16 {t['int4_panel bf16']:.3f}, q8 {t['int4_panel q8']:.3f} ({t['GB/s int4 q8']:.1f} GB/s), "
+                  f"torch int4 {t['torch int4 bf16']:.3f}, "
                   f"fp32 panels {t['fp32 panels']:.3f}", flush=True)
         out[name] = row
     return out
@@ -162,7 +172,8 @@ def gptq_decode(batch: int = 1, dtype: str = "bfloat16", kernel: str = "cpu_int4
 
 def e2e_section(args: argparse.Namespace) -> dict[str, Any]:
     path = gptq_checkpoint(args.model)
-    systems = (("bfloat16", "cpu_int4"), ("bfloat16", "cpu_int4_panel"), ("float32", "cpu_int4_panel"))
+    systems = (("bfloat16", "cpu_int4"), ("bfloat16", "cpu_int4_panel"), ("float32", "cpu_int4_panel"),
+               ("float32", "cpu_int4_panel_q8"))
     batches = (1,) if args.quick else (1, 8)
     new = 4 if args.quick else args.new_tokens
     out: dict[str, Any] = {"model": path, "new_tokens": new, "rows": {}}
@@ -184,6 +195,46 @@ def e2e_section(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+# -- what int8 activations cost in quality --------------------------------------------------
+
+
+# --8<-- [start:q8_perplexity]
+def perplexity_section(group: int = GROUP) -> dict[str, Any]:
+    """Held-out perplexity of the trained stage-09 target (`folovllm train-pair`: 4 layers, hidden
+    256, trained on stdlib sources; its held-out files) as float32, and as its round-to-nearest
+    GPTQ checkpoint (groups of `group`) on the exact kernel and on cpu_int4_panel_q8: the second
+    difference is what rounding the activations to int8 costs on top of the 4-bit weights."""
+    import tempfile
+
+    from folovllm.model_executor.model_loader import load_model
+    from folovllm.tools import train_pair
+    from folovllm.tools.gptq_quantizer import perplexity, quantize_checkpoint
+
+    target = train_pair.default_pair_dir() / "target"
+    if not (target / "config.json").is_file():
+        raise SystemExit(f"{target} not found: run `folovllm train-pair` first")
+    recipe = train_pair.TrainRecipe()
+    from transformers import AutoTokenizer
+
+    _, held_texts = train_pair.split_corpus(train_pair.stdlib_files(recipe.max_files), recipe.held_out_every)
+    held = train_pair.held_out_windows(train_pair.encode_corpus(AutoTokenizer.from_pretrained(target), held_texts),
+                                       recipe).tolist()
+    gptq = quantize_checkpoint(str(target), tempfile.mkdtemp(prefix="stage07_q8_"), group_size=group, method="rtn")
+    out: dict[str, Any] = {"held_out_tokens": sum(len(w) for w in held), "group": group}
+    before = os.environ.get("FOLOVLLM_GPTQ_KERNEL")
+    try:
+        out["float32"] = perplexity(load_model(str(target), torch.float32)[0], held)
+        for kernel in ("cpu_int4_panel", "cpu_int4_panel_q8"):
+            os.environ["FOLOVLLM_GPTQ_KERNEL"] = kernel  # read while the weights load
+            out[f"RTN g{group} {kernel}"] = perplexity(load_model(str(gptq), torch.float32)[0], held)
+    finally:
+        os.environ.pop("FOLOVLLM_GPTQ_KERNEL") if before is None else os.environ.__setitem__("FOLOVLLM_GPTQ_KERNEL", before)
+    for k, v in out.items():
+        print(f"  perplexity {k}: {v}", flush=True)
+    return out
+# --8<-- [end:q8_perplexity]
+
+
 def render(res: dict[str, Any]) -> str:
     lines = [f"Stage 07 int4 decode kernel: `{res['command']}` on {machine_short(res['machine'])}, commit "
              f"{res['git_commit']}, {res['date'][:10]}, {res.get('threads', 1)} thread(s)"
@@ -193,14 +244,21 @@ def render(res: dict[str, Any]) -> str:
                   f"of {res['repeats']} interleaved rounds of {CALLS} calls); GB/s = int4 bytes streamed "
                   "(codes + float32 scales and zeros) / time of our kernel (each layer's 1-7 MB stay in the L3 cache "
                   "between calls here: per-linear GB/s can pass the DRAM read bandwidth; end to end they cannot):", "",
-                  "| linear | rows | ours fp32 act | ours bf16 act | torch int4 (bf16) | fp32 panels | ours bf16 vs torch int4 | ours fp32 vs fp32 panels | GB/s fp32 / bf16 |",
-                  "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+                  "| linear | rows | ours fp32 act | ours bf16 act | ours int8 act (q8) | torch int4 (bf16) | fp32 panels | ours bf16 vs torch int4 | ours fp32 vs fp32 panels | q8 vs fp32 act | GB/s fp32 / bf16 / q8 | GFLOP/s fp32 / q8 |",
+                  "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
         for name, row in res["linears"].items():
             for M, t in row["ms"].items():
+                q8 = "int4_panel q8" in t  # results written before the int8 way lack it
                 lines.append(f"| {name} {row['in']}->{row['out']} | {M} | {t['int4_panel fp32']:.3f} | "
-                             f"{t['int4_panel bf16']:.3f} | {t['torch int4 bf16']:.3f} | {t['fp32 panels']:.3f} | "
-                             f"{t['torch int4 bf16'] / t['int4_panel bf16']:.2f}x | "
-                             f"{t['fp32 panels'] / t['int4_panel fp32']:.2f}x | {t['GB/s int4 fp32']:.1f} / {t['GB/s int4 bf16']:.1f} |")
+                             f"{t['int4_panel bf16']:.3f} | {t['int4_panel q8']:.3f} | " if q8 else
+                             f"| {name} {row['in']}->{row['out']} | {M} | {t['int4_panel fp32']:.3f} | "
+                             f"{t['int4_panel bf16']:.3f} | - | ")
+                lines[-1] += (f"{t['torch int4 bf16']:.3f} | {t['fp32 panels']:.3f} | "
+                              f"{t['torch int4 bf16'] / t['int4_panel bf16']:.2f}x | "
+                              f"{t['fp32 panels'] / t['int4_panel fp32']:.2f}x | "
+                              + (f"{t['int4_panel fp32'] / t['int4_panel q8']:.2f}x | " if q8 else "- | ")
+                              + f"{t['GB/s int4 fp32']:.1f} / {t['GB/s int4 bf16']:.1f}"
+                              + (f" / {t['GB/s int4 q8']:.1f} | {t['GFLOP/s fp32']:.0f} / {t['GFLOP/s q8']:.0f} |" if q8 else " | - |"))
         lines.append("")
     if "e2e" in res:
         e = res["e2e"]
@@ -217,6 +275,14 @@ def render(res: dict[str, Any]) -> str:
             same = "identical" if r["bf16_same_tokens"] else f"{100 * r['bf16_same_requests']:.0f}% of requests identical"
             agree.append(f"batch {b}: {same}")
         lines += ["", "bfloat16 greedy tokens, torch's kernel vs ours: " + ", ".join(agree)]
+    if "perplexity" in res:
+        q = res["perplexity"]
+        lines += ["", f"**Perplexity** of the trained stage-09 target on {q['held_out_tokens']} held-out tokens "
+                  f"(round-to-nearest GPTQ, groups of {q['group']}, float32):", "",
+                  "| weights, kernel | perplexity | change vs float32 |", "|---|--:|--:|"]
+        for k, v in q.items():
+            if k not in ("held_out_tokens", "group"):
+                lines.append(f"| {k} | {v:.3f} | {v - q['float32']:+.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -225,16 +291,23 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="where the GPTQ checkpoint is written / read")
     p.add_argument("--no-e2e", action="store_true")
     p.add_argument("--rows", type=int, nargs="+", default=list(ROWS), help="rows per linear call (128: prefill)")
+    p.add_argument("--no-linears", action="store_true")
+    p.add_argument("--perplexity", action="store_true",
+                   help="also the trained target's perplexity on the exact and the int8-activation kernel")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {"threads": torch.get_num_threads()}
-    print("per linear", flush=True)
-    res["linears"] = linears_section(1 if args.quick else args.repeats, (1,) if args.quick else tuple(args.rows))
+    if not args.no_linears:
+        print("per linear", flush=True)
+        res["linears"] = linears_section(1 if args.quick else args.repeats, (1,) if args.quick else tuple(args.rows))
+        res["peak_loadavg_1m"] = peak_loadavg([r["loadavg"] for r in res["linears"].values()])
     if not args.no_e2e:
         print("end to end", flush=True)
         res["e2e"] = e2e_section(args)
-    res["peak_loadavg_1m"] = peak_loadavg([r["loadavg"] for r in res["linears"].values()])
+    if args.perplexity:
+        print("perplexity", flush=True)
+        res["perplexity"] = perplexity_section()
     return res
 
 

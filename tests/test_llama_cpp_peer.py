@@ -131,3 +131,21 @@ def test_medians_and_the_ratio_table():
     assert "| decode, batch 1 | 3.0 [3.3] | 6.0 [6.6] | **2.00x** [2.00x] |" in md
     assert "8 × (128 in + 64 out): total" in md
     json.dumps(result)  # the record stays JSON
+
+
+def test_q4_0_table_puts_each_gptq_kernel_beside_llama_cpp_or_alone():
+    """Beside Q4_0, one column (and ratio) per folovllm GPTQ kernel; with --skip-llama the same
+    rows without llama.cpp's columns or ratios; the bytes per step under the table."""
+    base = dict(command="python -m benchmarks.llama_cpp_peer --types q4_0", date="2026-12-08T00:00:00",
+                machine=dict(cpu="AMD EPYC", cpu_cores=2, torch_threads=1, torch="2.13.0+cpu"),
+                folovllm_isa="avx2", llama_cpp_build="native", model="qwen3-0.6b", repeats=3,
+                threads=[1], prefill_lens=[128], n_parallel=[8], bandwidth=None,
+                folovllm_engines={"q4_0": {"folovllm": peer.describe_engine("q4_0", "folovllm"),
+                                           "folovllm q8": peer.describe_engine("q4_0", "folovllm q8")}},
+                bytes_per_step={"q4_0": {"folovllm": 870e6, "folovllm q8": 870e6}})
+    ours = {"folovllm": _engine_rows(2.0), "folovllm q8": _engine_rows(3.0)}
+    md = peer.render_markdown(dict(base, types={"q4_0": {"1": {"llama.cpp": _engine_rows(1.0), **ours}}}))
+    assert "cpu_int4_panel_q8" in md and "folovllm 870 MB" in md
+    assert "| decode, batch 1 | 3.0 [3.3] | 6.0 [6.6] | **2.00x** [2.00x] | 9.0 [9.9] | **3.00x** [3.00x] |" in md
+    alone = peer.render_markdown(dict(base, skip_llama=True, types={"q4_0": {"1": ours}}))
+    assert "| decode, batch 1 | 6.0 [6.6] | 9.0 [9.9] |" in alone and "llama.cpp was not run" in alone

@@ -9,6 +9,7 @@ compares the stages, or `quantize` a float checkpoint with GPTQ (stage 07).
     folovllm trace --docs                            # the stage pages' pictures, docs/assets/
     folovllm trace --serve --stage 5                 # a live page of the running engine
     folovllm quantize Qwen/Qwen3-0.6B qwen3-gptq --bits 4 --group-size 128 --desc-act
+    folovllm quantize my-model my-model-rtn --method rtn    # round-to-nearest, no calibration
     folovllm build-kernels                           # compile the CPU kernels ahead of time
     folovllm train-pair                              # train the stage-09 target/draft pair (cached)
 """
@@ -236,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--asym", action="store_true", help="asymmetric grids (a zero per group)")
     quant.add_argument("--format", choices=("gptq", "gptq_v2"), default=None,
                        help="zero convention (default: gptq for sym, gptq_v2 for asym)")
+    quant.add_argument("--method", choices=("gptq", "rtn"), default="gptq",
+                       help="rtn: round-to-nearest, no error compensation and no calibration (seconds; "
+                            "the same checkpoint format, for speed runs and as GPTQ's baseline)")
     quant.add_argument("--calibration", type=Path, help="a text file (default: random tokens)")
     quant.add_argument("--num-samples", type=int, default=32)
     quant.add_argument("--seq-len", type=int, default=128)
@@ -286,7 +290,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     out = quantize_checkpoint(
         args.model, args.out, bits=args.bits, group_size=args.group_size, desc_act=args.desc_act,
         sym=not args.asym, checkpoint_format=args.format, calibration=calibration,
-        num_samples=args.num_samples, seq_len=args.seq_len, damp=args.damp,
+        num_samples=args.num_samples, seq_len=args.seq_len, damp=args.damp, method=args.method,
     )
     print(f"wrote {out}")
     return 0

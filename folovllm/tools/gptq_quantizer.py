@@ -59,6 +59,8 @@ from folovllm.model_executor.layers.quantization.gptq import (
 )
 from folovllm.model_executor.model_loader import iterate_checkpoint, load_model, resolve_model_path
 
+QUANTIZE_METHODS = ("gptq", "rtn")  # `folovllm quantize --method`
+
 
 @dataclass
 class QuantizedWeight:
@@ -171,18 +173,35 @@ class GPTQ:
         )
 
 
+# --8<-- [start:rtn]
+def rtn_quantize_weight(weight: torch.Tensor, bits: int, group_size: int, sym: bool) -> QuantizedWeight:
+    """Round-to-nearest: each weight rounded on its own to its group's min-max grid, no error
+    compensation and no calibration data. GPTQ's baseline, and the fast way to make a checkpoint
+    whose values do not matter (speed runs on random weights): W [N, K] -> the same four
+    tensors GPTQ writes, groups in order (no act-order: RTN has no Hessian to order by).
+    With `sym` the stored weight is clamp(round(w / s), -2^(bits-1), 2^(bits-1) - 1) * s."""
+    W = weight.detach().float()  # [N, K]
+    N, K = W.shape
+    group = K if group_size == -1 else group_size
+    Wg = W.view(N, K // group, group).transpose(0, 1)  # [groups, N, G]
+    scales, zeros = zip(*(minmax_params(Wg[g], bits, sym) for g in range(K // group)))
+    scale, zero = torch.stack(scales), torch.stack(zeros)  # [groups, N] each
+    codes = (torch.round(Wg / scale[..., None]) + zero[..., None]).clamp(0, 2**bits - 1)  # [groups, N, G]
+    dequantized = (codes - zero[..., None]) * scale[..., None]
+    return QuantizedWeight(
+        codes=codes.transpose(1, 2).reshape(K, N).long(),  # [K, N]
+        scales=scale.half(),
+        zeros=zero,
+        g_idx=(torch.arange(K) // group).to(torch.int32),
+        dequantized=dequantized.transpose(0, 1).reshape(N, K),
+    )
+# --8<-- [end:rtn]
+
+
 def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
     """Round-to-nearest on the same grids (min-max per group): the baseline GPTQ must beat.
     Returns the dequantized [N, K] weight."""
-    W = weight.detach().float()
-    N, K = W.shape
-    group = K if group_size == -1 else group_size
-    out = torch.empty_like(W)
-    for g0 in range(0, K, group):
-        scale, zero = minmax_params(W[:, g0 : g0 + group], bits, sym)
-        codes = (torch.round(W[:, g0 : g0 + group] / scale[:, None]) + zero[:, None]).clamp(0, 2**bits - 1)
-        out[:, g0 : g0 + group] = (codes - zero[:, None]) * scale[:, None]
-    return out
+    return rtn_quantize_weight(weight, bits, group_size, sym).dequantized
 
 
 def to_checkpoint_tensors(q: QuantizedWeight, config: GPTQConfig) -> dict[str, torch.Tensor]:
@@ -246,6 +265,25 @@ def _fused_parts(layer: LinearBase) -> list[tuple[str, int, int]]:
     return [(p, o, n) for p, o, n in zip(parts, offsets, layer.output_sizes)]
 
 
+def _name_and_check_layers(model: nn.Module, config: GPTQConfig) -> None:
+    """Give every linear and MoE layer its name (`prefix`, the checkpoint's), refusing a group
+    size that does not divide a layer's inputs."""
+    for name, module in model.named_modules():
+        if isinstance(module, FusedMoE):
+            module.prefix = name
+            for size in (module.hidden_size, module.intermediate_size):
+                if config.group_size != -1 and size % config.group_size:
+                    raise ValueError(f"group_size={config.group_size} does not divide the experts' "
+                                     f"{size} inputs in {name}; use a divisor of it or -1")
+        if isinstance(module, LinearBase):
+            module.prefix = name
+            if config.group_size != -1 and module.input_size % config.group_size:
+                raise ValueError(
+                    f"group_size={config.group_size} does not divide the {module.input_size} "
+                    f"inputs of {name}; use a divisor of it or -1"
+                )
+
+
 # --8<-- [start:quantize_model]
 @torch.no_grad()
 def quantize_model(
@@ -261,20 +299,7 @@ def quantize_model(
     from tqdm import tqdm
 
     out: dict[str, torch.Tensor] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, FusedMoE):
-            module.prefix = name
-            for size in (module.hidden_size, module.intermediate_size):
-                if config.group_size != -1 and size % config.group_size:
-                    raise ValueError(f"group_size={config.group_size} does not divide the experts' "
-                                     f"{size} inputs in {name}; use a divisor of it or -1")
-        if isinstance(module, LinearBase):
-            module.prefix = name
-            if config.group_size != -1 and module.input_size % config.group_size:
-                raise ValueError(
-                    f"group_size={config.group_size} does not divide the {module.input_size} "
-                    f"inputs of {name}; use a divisor of it or -1"
-                )
+    _name_and_check_layers(model, config)
     blocks = model.model.layers
     for block in tqdm(blocks, desc="GPTQ layers", disable=not progress):
         # A MoE router (`mlp.gate`) stays float, as GPTQModel leaves it; its experts are
@@ -319,6 +344,39 @@ def quantize_model(
             out.update(calibration_state.quantize(config, damp))
     return out
 # --8<-- [end:quantize_model]
+
+
+@torch.no_grad()
+def rtn_quantize_model(model: nn.Module, config: GPTQConfig) -> dict[str, torch.Tensor]:
+    """`quantize_model` with round-to-nearest in place of GPTQ: the same layers (every linear of
+    the decoder blocks and every expert; routers, embeddings and the head stay float), the same
+    checkpoint tensors, no calibration forward and no error compensation. Seconds instead of
+    minutes on Qwen3-0.6B; for checkpoints whose accuracy does not matter (speed runs)."""
+    if config.desc_act:
+        raise ValueError("round-to-nearest has no Hessian to order the columns by: desc_act must be off")
+    _name_and_check_layers(model, config)
+    out: dict[str, torch.Tensor] = {}
+
+    def put(prefix: str, weight: torch.Tensor) -> None:
+        q = rtn_quantize_weight(weight, config.bits, config.group_size, config.sym)
+        for key, tensor in to_checkpoint_tensors(q, config).items():
+            out[f"{prefix}.{key}"] = tensor
+
+    for block in model.model.layers:
+        for m in block.modules():
+            if isinstance(m, LinearBase) and not m.prefix.endswith(".mlp.gate"):
+                for part, row0, rows in _fused_parts(m):
+                    prefix = m.prefix.rsplit(".", 1)[0] + "." + part
+                    put(prefix, m.weight[row0 : row0 + rows])
+                    if m.bias is not None:
+                        out[f"{prefix}.bias"] = m.bias[row0 : row0 + rows].clone()
+            elif isinstance(m, FusedMoE):
+                inter = m.intermediate_size
+                for e in range(m.num_experts):
+                    put(f"{m.prefix}.{e}.gate_proj", m.w13_weight[e][:inter])
+                    put(f"{m.prefix}.{e}.up_proj", m.w13_weight[e][inter:])
+                    put(f"{m.prefix}.{e}.down_proj", m.w2_weight[e])
+    return out
 
 
 # --8<-- [start:expert_calibration]
@@ -462,6 +520,7 @@ def quantize_checkpoint(
     model: str, out: str, bits: int = 4, group_size: int = 128, desc_act: bool = False,
     sym: bool = True, checkpoint_format: Optional[str] = None, calibration: Optional[Iterable[Sequence[int]]] = None,
     num_samples: int = 32, seq_len: int = 128, damp: float = 0.01, progress: bool = True,
+    method: str = "gptq",
 ) -> Path:
     """`folovllm quantize`: load the float checkpoint `model` in float32, quantize it on
     `calibration` token sequences (default: random tokens), write the GPTQ checkpoint to `out`.
@@ -469,15 +528,25 @@ def quantize_checkpoint(
     and "gptq_v2" for asymmetric ones. An asymmetric v1 file is written exactly as GPTQModel
     writes one (a zero of 0 borrows from its neighbour word-level) and folovllm and GPTQModel read
     it back exactly, but a reader that adds the 1 back field by field gets such a group wrong;
-    v2 stores the real zeros, which every v2 reader takes as they are."""
+    v2 stores the real zeros, which every v2 reader takes as they are.
+
+    `method="rtn"`: round-to-nearest (`rtn_quantize_model`), no calibration and no error
+    compensation: the same format, made in seconds, for speed runs."""
+    if method not in QUANTIZE_METHODS:
+        raise ValueError(f"method={method!r}; allowed: {QUANTIZE_METHODS}")
     fmt = checkpoint_format or ("gptq" if sym else "gptq_v2")
     config = GPTQConfig(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, checkpoint_format=fmt)
     net, _, path = load_model(model, torch.float32)
     if getattr(net, "quant_config", None) is not None:
         raise ValueError(f"{path} is already quantized")
-    seqs = list(calibration) if calibration is not None else calibration_from_tokenizer(path, num_samples, seq_len)
-    if not seqs:
-        raise ValueError("no calibration sequences")
-    tensors = quantize_model(net, seqs, config, damp=damp, progress=progress)
+    if method == "rtn":
+        if calibration is not None:
+            raise ValueError("round-to-nearest uses no calibration text")
+        tensors = rtn_quantize_model(net, config)
+    else:
+        seqs = list(calibration) if calibration is not None else calibration_from_tokenizer(path, num_samples, seq_len)
+        if not seqs:
+            raise ValueError("no calibration sequences")
+        tensors = quantize_model(net, seqs, config, damp=damp, progress=progress)
     save_quantized(path, Path(out), tensors, net, config)
     return Path(out)

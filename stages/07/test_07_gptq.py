@@ -45,6 +45,7 @@ from folovllm.tools.gptq_quantizer import (
     perplexity,
     quantize_checkpoint,
     rtn_quantize,
+    rtn_quantize_weight,
     to_checkpoint_tensors,
 )
 from tests.helpers import ARCHS, mixed_prompts
@@ -208,12 +209,76 @@ def test_cpu_int4_panel_matches_float64_reference(K, N, group, act_order, dtype)
             torch.testing.assert_close(got.double(), want, rtol=8e-3, atol=1e-3)
 
 
+def _q8_rounded(x: torch.Tensor, perm) -> torch.Tensor:
+    """llama.cpp's Q8_0 rounding of x [M, K] as cpu_int4_panel_q8 does it: in the kernel's
+    (group-sorted) input order, per block of 32 inputs d = max |x| * (1 / 127), q = round(x / d)
+    taken as round(x * (127 / max |x|)) in float32 (half to even), x^ = q d. Returns x^ in that
+    order and each input's d. (The float32 steps matter: 1 / d rounds differently from
+    127 / max |x|, and bfloat16 inputs land on ties of x / d often enough to show it.)"""
+    xs = x.float()[:, perm] if perm is not None else x.float()
+    blocks = xs.view(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    d = amax * (torch.tensor(1.0) / 127)
+    # (a tensor 127, not the number: torch takes `127 / t` as 127 * (1 / t), another rounding)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inv) * d).view(x.shape), d.expand_as(blocks).reshape(x.shape)
+
+
 @pytest.mark.skipif(not _panel_ok, reason="folovllm's CPU kernels cannot be built here")
+@pytest.mark.parametrize("K,N,group,act_order", [
+    (128, 40, 32, False), (256, 72, 64, True), (384, 96, 128, True), (96, 8, -1, False),
+])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_int4_panel_row_is_bitwise_the_same_in_any_batch(dtype):
-    """Each output's sum is taken in one order whatever the rows around it (batch invariance)."""
-    codes, zeros, scales, g_idx = _random_gptq(256, 96, 64, True, seed=3)
+def test_cpu_int4_panel_q8_is_the_exact_product_of_q8_rounded_activations(K, N, group, act_order, dtype):
+    """The opt-in int8-activation kernel (cpu_int4_panel_q8) computes W x^ for x^ = the Q8_0
+    rounding of x (`_q8_rounded`) within float32 rounding, so its distance from the exact W x is
+    the rounding's alone: at most sum_k |W[n, k]| d(k) / 2, half a step of each input's block
+    (the bound is asserted; it is also not the exact kernel's result)."""
+    codes, zeros, scales, g_idx = _random_gptq(K, N, K if group == -1 else group, act_order, seed=K + N)
+    qweight, qzeros = pack_int32(codes, 4, 0), pack_int32(zeros, 4, 1)
+    w = Int4PanelWeight.from_gptq(qweight, qzeros, scales, g_idx, int8_activations=True)
+    W = dequantize_gptq(qweight, qzeros, scales.double(), g_idx, 4)  # [K, N] float64
+    Ws = W[w.perm] if w.perm is not None else W  # the kernel's input order
+    g = torch.Generator().manual_seed(1)
+    for rows in (*range(1, 17), 23):
+        x = torch.randn(rows, K, generator=g).to(dtype)
+        got = w.matmul(x)
+        assert got.dtype == dtype and got.shape == (rows, N)
+        xhat, d = _q8_rounded(x, w.perm)
+        want = xhat.double() @ Ws
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-5 * K**0.5)
+        else:
+            torch.testing.assert_close(got.double(), want, rtol=8e-3, atol=1e-3)
+        exact = x.double() @ W
+        bound = (d.double() / 2) @ Ws.abs()  # [rows, N]
+        slack = 1e-5 * exact.abs() + 1e-5 if dtype == torch.float32 else 8e-3 * exact.abs() + 1e-3
+        assert torch.all((got.double() - exact).abs() <= bound + slack)
+        assert not torch.allclose(got.double(), exact, rtol=1e-6, atol=1e-6)  # it did round x
+
+
+@pytest.mark.skipif(not _panel_ok, reason="folovllm's CPU kernels cannot be built here")
+def test_cpu_int4_panel_q8_refuses_groups_that_are_not_whole_activation_blocks():
+    from folovllm._custom_ops import load_ops
+    from folovllm.model_executor.layers.quantization.gptq import int4_panel_q8_supported
+
+    assert int4_panel_q8_supported(GPTQConfig(group_size=128), 1024, torch.float32) is None
+    assert "multiples of 32" in int4_panel_q8_supported(GPTQConfig(group_size=16), 64, torch.float32)
+    codes, zeros, scales, g_idx = _random_gptq(64, 32, 16, False)
     w = Int4PanelWeight.from_gptq(pack_int32(codes, 4, 0), pack_int32(zeros, 4, 1), scales, g_idx)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        load_ops().int4_decode_linear_q8(torch.randn(2, 64), w.packed, None, 16, 32)
+
+
+@pytest.mark.skipif(not _panel_ok, reason="folovllm's CPU kernels cannot be built here")
+@pytest.mark.parametrize("int8", [False, True], ids=["exact", "q8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_int4_panel_row_is_bitwise_the_same_in_any_batch(dtype, int8):
+    """Each output's sum is taken in one order whatever the rows around it (batch invariance);
+    the int8 way rounds each row on its own, so it keeps that too."""
+    codes, zeros, scales, g_idx = _random_gptq(256, 96, 64, True, seed=3)
+    w = Int4PanelWeight.from_gptq(pack_int32(codes, 4, 0), pack_int32(zeros, 4, 1), scales, g_idx,
+                                  int8_activations=int8)
     x = torch.randn(20, 256, generator=torch.Generator().manual_seed(2)).to(dtype)
     alone = torch.cat([w.matmul(x[i:i + 1]) for i in range(len(x))])
     for m in (2, 3, 8, 9, 16, 20):
@@ -277,6 +342,55 @@ def test_gptq_beats_round_to_nearest_on_layer_output_error(sym, desc_act):
     again = dequantize_gptq(pack_int32(q.codes, 4, 0), zeros, q.scales.float(), q.g_idx, 4)
     assert torch.equal(again.t(), q.dequantized)
     assert torch.equal(torch.sort(torch.bincount(q.g_idx.long())).values, torch.full((K // 32,), 32))
+
+
+@pytest.mark.parametrize("group", [32, -1])
+def test_round_to_nearest_stores_round_w_over_s_times_s(group):
+    """`--method rtn`: each weight is its own nearest grid point, round(w / s) * s with the
+    group's stored (float16) scale, clamped to the 4-bit range [-8, 7]; no error compensation.
+    The checkpoint tensors read back (v1 zeros, as the loader reads them) to the same weights."""
+    g = torch.Generator().manual_seed(2)
+    K, N = 128, 48
+    W = torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g)
+    q = rtn_quantize_weight(W, 4, group, sym=True)
+    G = K if group == -1 else group
+    s = q.scales.float().repeat_interleave(G, 0).t()  # [N, K]: each weight's group scale
+    expected = torch.clamp(torch.round(W / s), -8, 7) * s
+    assert torch.equal(q.dequantized, expected)
+    assert torch.equal(q.dequantized, rtn_quantize(W, 4, group, sym=True))
+    assert torch.all(q.zeros == 8) and torch.equal(q.g_idx, (torch.arange(K) // G).to(torch.int32))
+    stored = to_checkpoint_tensors(q, GPTQConfig(bits=4, group_size=group, checkpoint_format="gptq"))
+    again = dequantize_gptq(stored["qweight"], qzeros_v1_to_v2(stored["qzeros"], 4), stored["scales"].float(),
+                            stored["g_idx"], 4)
+    assert torch.equal(again.t(), expected)
+    # nearest: no weight is more than half a step from its grid point (unless clamped at +7)
+    inside = (W / s) < 7.5
+    assert torch.all((W - expected).abs()[inside] <= s[inside] / 2 * (1 + 1e-6))
+
+
+def test_quantize_checkpoint_rtn_writes_the_rounded_float_model(tiny_qwen3, tmp_path, monkeypatch):
+    """`folovllm quantize --method rtn`: no calibration, every decoder linear rounded to
+    nearest, the GPTQ format the engine loads; its layers hold exactly `rtn_quantize` of the
+    float weights."""
+    from folovllm.entrypoints.cli import main
+
+    monkeypatch.setenv(KERNEL_ENV, "reference")
+    out = tmp_path / "rtn"
+    assert main(["quantize", str(tiny_qwen3), str(out), "--group-size", str(GROUP), "--method", "rtn"]) == 0
+    deq = dequantize_checkpoint(str(out), str(tmp_path / "rtn-deq"))
+    floats = load_model(str(tiny_qwen3), torch.float32)[0]
+    rounded = load_model(str(deq), torch.float32)[0]
+    layers = [n for n, m in floats.named_modules() if isinstance(m, LinearBase) and ".layers." in n]
+    assert layers
+    for name in layers:
+        layer = floats.get_submodule(name)
+        parts = [rtn_quantize(p, 4, GROUP, sym=True) for p in layer.weight.split(layer.output_sizes)]  # q, k, v apart
+        assert torch.equal(rounded.get_submodule(name).weight, torch.cat(parts)), name
+    llm = LLM(str(out), dtype="float32", max_num_seqs=2, max_model_len=128)
+    [res] = llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(res.outputs[0].token_ids) == 4
+    with pytest.raises(ValueError, match="no Hessian"):
+        quantize_checkpoint(str(tiny_qwen3), str(tmp_path / "x"), group_size=GROUP, desc_act=True, method="rtn")
 
 
 def test_quantizer_writes_asymmetric_v1_with_zero_points_of_0_as_gptqmodel_does():
@@ -436,6 +550,25 @@ def test_engine_picks_cpu_int4_panel_in_both_dtypes_only_with_our_kernels_on(gpt
         assert layer.quant_method.kernel == want, (dtype, custom_ops)
         out = llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
         assert len(out[0].outputs[0].token_ids) == 4
+
+
+@pytest.mark.skipif(not _panel_ok, reason="folovllm's CPU kernels cannot be built here")
+def test_cpu_int4_panel_q8_is_opt_in_and_close_to_the_dequantized_model(gptq_checkpoints, monkeypatch):
+    """FOLOVLLM_GPTQ_KERNEL=cpu_int4_panel_q8 puts every GPTQ layer on the int8-activation way
+    (never chosen by default: the default is the exact cpu_int4_panel); the model's logits then
+    sit within the activations' 8-bit rounding of the dequantized float model (a relative error
+    of about 1/254 per layer input), not on it."""
+    monkeypatch.setenv(KERNEL_ENV, "cpu_int4_panel_q8")
+    path, deq = gptq_checkpoints["qwen3", "sym"]
+    fast = load_model(str(path), torch.float32)[0]
+    layer = fast.model.layers[0].mlp.down_proj
+    assert layer.quant_method.kernel == "cpu_int4_panel_q8" and layer.quant_method.cpu_weight.int8_activations
+    plain = load_model(str(deq), torch.float32)[0]
+    seqs = [list(range(3, 40))]
+    a = fast.compute_logits(forward_sequences(fast, seqs))
+    b = plain.compute_logits(forward_sequences(plain, seqs))
+    rel = ((a - b).norm() / b.norm()).item()
+    assert 1e-6 < rel < 0.05, rel
 
 
 @pytest.mark.skipif(not cpu_int4_available(), reason="torch has no int4 CPU matmul")

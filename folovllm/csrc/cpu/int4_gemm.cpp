@@ -47,7 +47,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
@@ -232,36 +234,187 @@ void panel_rows(const Problem& P, int64_t p, int64_t cols) {
 }
 #endif
 
+// -- int8 activations (opt-in: `int4_decode_linear_q8`) -------------------------------------
+//
+// At 8-16 rows the float32 way is bound by FMAs: each code feeds one FMA per row. llama.cpp's
+// Q4_0 x Q8_0 does integer dot products instead; so does this way, on the same panels:
+//
+//   x is rounded per row and per block of Q8_BLOCK = 32 inputs to int8:  q = round(x / d),
+//   d = max |x| / 127 over the block (llama.cpp's Q8_0 rule)        xq [M, K], d [M, K / 32]
+//
+//   `w & 0x0F0F0F0F` of a block's word i is four bytes: the codes of output 32p + i for its four
+//   inputs, in nibble order (k, k+2, k+1, k+3); `(w >> 4) & 0x0F0F0F0F` the same for output
+//   32p + 16 + i. xq is stored in that order, so one 32-bit broadcast of a row's four bytes
+//   meets them lane for lane, and
+//       vpmaddubsw(codes, xq4)   u8 x s8, adjacent pairs summed -> int16 (|.| <= 2 * 15 * 127)
+//   adds 4 inputs x 8 outputs of one row in two instructions (with the int16 add). Eight blocks
+//   (32 inputs: |sum| <= 8 * 3810 = 30480 < 2^15) stay in int16; then vpmaddwd by 1 -> int32,
+//   convert, and one FMA by d adds the block to float32.
+//
+//   per group:  total += s * (acc - z * xsum),  xsum = sum over the group's blocks of d * sum q
+//
+// It computes W x^ exactly in float32 arithmetic for x^ = q d, not W x: each output moves by at
+// most sum_k |W[n, k]| d(k) / 2 (the tests hold it to that), and the result depends on the
+// values of the row only (still the same alone or in a batch). AVX2 integer instructions, 256
+// bits; on an AVX-512 build the same code (compiled, not tuned there).
+#if defined(__AVX2__) && defined(__FMA__)
+constexpr int64_t Q8_BLOCK = 32;          // inputs per activation scale (8 blocks of codes)
+constexpr int64_t Q8_CODE_BLOCKS = Q8_BLOCK / BLOCK_K;
+// rows per tile: 3 x 4 int16 accumulators. The time grows with the rows at any tile height
+// (2, 3 and 4 measured alike): the per-row work (broadcast, vpmaddubsw, vpaddw), not re-reading
+// the panel, is the limit.
+constexpr int64_t Q8_ROWS = 3;
+constexpr float INV_127 = 1.f / 127.f;    // d = max |x| * INV_127, q = round(x * 127 / max |x|)
+
+struct ProblemQ8 {
+  const int32_t* w;
+  int64_t panel_words, groups, G;
+  const int8_t* xq;     // [M, K] int8, inputs of each block of 4 in nibble order (k, k+2, k+1, k+3)
+  const float* d;       // [M, K / 32] the blocks' scales
+  const float* xsum;    // [M, groups] sum of q d over each group
+  int64_t M, K, N;
+  float* out;
+};
+
+// --8<-- [start:tile_q8]
+template <int64_t R>
+void tile_q8(const ProblemQ8& P, int64_t p, int64_t r0, int64_t cols) {
+  const int32_t* panel = P.w + p * P.panel_words;
+  const int64_t blocks = P.G / BLOCK_K, group_words = blocks * BLOCK_WORDS + META_WORDS;
+  const int64_t dblocks = P.K / Q8_BLOCK;
+  const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  alignas(32) float total[R][PANEL];
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t n = 0; n < PANEL; ++n) total[r][n] = 0.f;
+  for (int64_t g = 0; g < P.groups; ++g) {
+    const int32_t* codes = panel + g * group_words;
+    const float* meta = reinterpret_cast<const float*>(codes + blocks * BLOCK_WORDS);
+    __m256 acc[R][4];  // float32: outputs 8v .. 8v + 7 of the panel
+    for (int64_t r = 0; r < R; ++r)
+      for (int v = 0; v < 4; ++v) acc[r][v] = _mm256_setzero_ps();
+    for (int64_t qb = 0; qb < P.G / Q8_BLOCK; ++qb) {
+      __m256i a16[R][4];  // int16 pair sums, 8 blocks of 4 inputs
+      for (int64_t r = 0; r < R; ++r)
+        for (int v = 0; v < 4; ++v) a16[r][v] = _mm256_setzero_si256();
+      const int64_t k0 = g * P.G + qb * Q8_BLOCK;
+#pragma GCC unroll 8
+      for (int64_t b = 0; b < Q8_CODE_BLOCKS; ++b) {
+        const int32_t* wb = codes + (qb * Q8_CODE_BLOCKS + b) * BLOCK_WORDS;
+        const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb));
+        const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 8));
+        // v = 2 half + h: outputs 16 half + 8 h + [0, 8)
+        const __m256i c[4] = {_mm256_and_si256(w0, mask), _mm256_and_si256(w1, mask),
+                              _mm256_and_si256(_mm256_srli_epi32(w0, 4), mask),
+                              _mm256_and_si256(_mm256_srli_epi32(w1, 4), mask)};
+        for (int64_t r = 0; r < R; ++r) {
+          int32_t four;  // xq of inputs k0 + 4b + (0, 2, 1, 3), one 32-bit lane
+          std::memcpy(&four, P.xq + (r0 + r) * P.K + k0 + b * BLOCK_K, sizeof(four));
+          const __m256i xb = _mm256_set1_epi32(four);
+          for (int v = 0; v < 4; ++v) a16[r][v] = _mm256_add_epi16(a16[r][v], _mm256_maddubs_epi16(c[v], xb));
+        }
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        const __m256 d = _mm256_broadcast_ss(P.d + (r0 + r) * dblocks + k0 / Q8_BLOCK);
+        for (int v = 0; v < 4; ++v)
+          acc[r][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a16[r][v], ones)), d, acc[r][v]);
+      }
+    }
+    for (int v = 0; v < 4; ++v) {  // total += s * (acc - z * xsum)
+      const __m256 z = _mm256_loadu_ps(meta + PANEL + 8 * v), s = _mm256_loadu_ps(meta + 8 * v);
+      for (int64_t r = 0; r < R; ++r) {
+        const __m256 xs = _mm256_broadcast_ss(P.xsum + (r0 + r) * P.groups + g);
+        _mm256_storeu_ps(total[r] + 8 * v,
+                         _mm256_fmadd_ps(s, _mm256_fnmadd_ps(z, xs, acc[r][v]), _mm256_loadu_ps(total[r] + 8 * v)));
+      }
+    }
+  }
+  for (int64_t r = 0; r < R; ++r)
+    std::memcpy(P.out + (r0 + r) * P.N + p * PANEL, total[r], cols * sizeof(float));
+}
+// --8<-- [end:tile_q8]
+
+void panel_rows_q8(const ProblemQ8& P, int64_t p, int64_t cols) {
+  int64_t r = 0;
+  for (; r + Q8_ROWS <= P.M; r += Q8_ROWS) tile_q8<Q8_ROWS>(P, p, r, cols);
+  switch (P.M - r) {
+    case 2: tile_q8<2>(P, p, r, cols); break;
+    case 1: tile_q8<1>(P, p, r, cols); break;
+    default: break;
+  }
+}
+#define FOLO_INT4_Q8 1
+#endif
+
 }  // namespace
 
-at::Tensor int4_decode_linear(const at::Tensor& x, const at::Tensor& packed,
-                              const c10::optional<at::Tensor>& perm, int64_t group_size,
-                              int64_t out_features) {
-  TORCH_CHECK(x.dim() == 2, "int4_decode_linear: x must be [M, K], got ", x.sizes());
+namespace {
+
+// The checks both entry points share; -> (groups, panels, panel_words).
+struct Shape {
+  int64_t M, K, N, G, groups, panels, panel_words;
+};
+
+Shape check_shapes(const char* name, const at::Tensor& x, const at::Tensor& packed, int64_t group_size,
+                   int64_t out_features) {
+  TORCH_CHECK(x.dim() == 2, name, ": x must be [M, K], got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-              "int4_decode_linear: x must be float32 or bfloat16, got ", x.scalar_type());
+              name, ": x must be float32 or bfloat16, got ", x.scalar_type());
   const int64_t M = x.size(0), K = x.size(1), N = out_features, G = group_size;
-  TORCH_CHECK(G > 0 && G % BLOCK_K == 0 && K % G == 0, "int4_decode_linear: group size ", G,
+  TORCH_CHECK(G > 0 && G % BLOCK_K == 0 && K % G == 0, name, ": group size ", G,
               " must be a positive multiple of ", BLOCK_K, " dividing the ", K, " inputs");
   const int64_t groups = K / G, panels = (N + PANEL - 1) / PANEL;
   const int64_t panel_words = groups * (G / BLOCK_K * BLOCK_WORDS + META_WORDS);
   TORCH_CHECK(packed.scalar_type() == at::kInt && packed.is_contiguous() && packed.dim() == 2 &&
                   packed.size(0) == panels && packed.size(1) == panel_words,
-              "int4_decode_linear: the packed weight must be contiguous int32 [", panels, ", ",
+              name, ": the packed weight must be contiguous int32 [", panels, ", ",
               panel_words, "] for ", K, " inputs, ", N, " outputs and groups of ", G, ", got ",
               packed.scalar_type(), " ", packed.sizes());
+  return {M, K, N, G, groups, panels, panel_words};
+}
+
+const int64_t* checked_perm(const char* name, const c10::optional<at::Tensor>& perm, int64_t K) {
+  if (!perm.has_value() || !perm->defined()) return nullptr;
+  TORCH_CHECK(perm->dim() == 1 && perm->size(0) == K && perm->scalar_type() == at::kLong &&
+                  perm->is_contiguous(),
+              name, ": perm must be contiguous int64 [", K, "]");
+  const int64_t* pp = perm->data_ptr<int64_t>();
+  for (int64_t k = 0; k < K; ++k)
+    TORCH_CHECK(pp[k] >= 0 && pp[k] < K, name, ": perm holds ", pp[k], ", not an input");
+  return pp;
+}
+
+// Row r of x as float32 in the packed (group-sorted) input order.
+void gather_row(const at::Tensor& xc, int64_t r, const int64_t* pp, float* dst) {
+  const int64_t K = xc.size(1);
+  if (xc.scalar_type() == at::kFloat) {
+    const float* src = xc.data_ptr<float>() + r * K;
+    if (pp)
+      for (int64_t k = 0; k < K; ++k) dst[k] = src[pp[k]];
+    else
+      std::memcpy(dst, src, K * sizeof(float));
+  } else {
+    const at::BFloat16* src = xc.data_ptr<at::BFloat16>() + r * K;
+    for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<float>(src[pp ? pp[k] : k]);
+  }
+}
+
+// At least ~64 KB of codes per chunk of work: smaller ones cost more to hand out than they save.
+int64_t panel_grain(int64_t panel_words) {
+  return std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(panel_words * 4, 1));
+}
+
+}  // namespace
+
+at::Tensor int4_decode_linear(const at::Tensor& x, const at::Tensor& packed,
+                              const c10::optional<at::Tensor>& perm, int64_t group_size,
+                              int64_t out_features) {
+  const Shape S = check_shapes("int4_decode_linear", x, packed, group_size, out_features);
+  const int64_t M = S.M, K = S.K, N = S.N, G = S.G, groups = S.groups, panels = S.panels,
+                panel_words = S.panel_words;
   // x as contiguous float32 in the packed (group-sorted) input order, and each row's sum over
   // each group: one pass, once per call (plain loops: a few torch ops here cost more than this
   // at one row).
-  const int64_t* pp = nullptr;
-  if (perm.has_value() && perm->defined()) {
-    TORCH_CHECK(perm->dim() == 1 && perm->size(0) == K && perm->scalar_type() == at::kLong &&
-                    perm->is_contiguous(),
-                "int4_decode_linear: perm must be contiguous int64 [", K, "]");
-    pp = perm->data_ptr<int64_t>();
-    for (int64_t k = 0; k < K; ++k)
-      TORCH_CHECK(pp[k] >= 0 && pp[k] < K, "int4_decode_linear: perm holds ", pp[k], ", not an input");
-  }
+  const int64_t* pp = checked_perm("int4_decode_linear", perm, K);
   const at::Tensor xc = x.contiguous();
   at::Tensor xf = at::empty({M, K}, xc.options().dtype(at::kFloat));
   at::Tensor xsum = at::empty({M, groups}, xf.options());
@@ -272,19 +425,11 @@ at::Tensor int4_decode_linear(const at::Tensor& x, const at::Tensor& packed,
   float* xsp = xsum.data_ptr<float>();
   for (int64_t r = 0; r < M; ++r) {
     float* dst = xfp + r * K;
-    if (xc.scalar_type() == at::kFloat) {
-      const float* src = xc.data_ptr<float>() + r * K;
-      if (pp)
-        for (int64_t k = 0; k < K; ++k) dst[k] = src[pp[k]];
-      else
-        std::memcpy(dst, src, K * sizeof(float));
-    } else {
+    gather_row(xc, r, pp, dst);
+    if (bf16_dot) {
       const at::BFloat16* src = xc.data_ptr<at::BFloat16>() + r * K;
-      for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<float>(src[pp ? pp[k] : k]);
-      if (bf16_dot) {
-        at::BFloat16* bdst = xb.data_ptr<at::BFloat16>() + r * K;
-        for (int64_t k = 0; k < K; ++k) bdst[k] = src[pp ? pp[k] : k];
-      }
+      at::BFloat16* bdst = xb.data_ptr<at::BFloat16>() + r * K;
+      for (int64_t k = 0; k < K; ++k) bdst[k] = src[pp ? pp[k] : k];
     }
     for (int64_t g = 0; g < groups; ++g) {
       float s = 0.f;
@@ -298,10 +443,68 @@ at::Tensor int4_decode_linear(const at::Tensor& x, const at::Tensor& packed,
                   xsum.data_ptr<float>(),
                   bf16_dot ? reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()) : nullptr,
                   M, K, N, out.data_ptr<float>()};
-  // At least ~64 KB of codes per chunk of work: smaller ones cost more to hand out than they save.
-  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(panel_words * 4, 1));
-  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, panels, panel_grain(panel_words), [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) panel_rows(P, p, std::min<int64_t>(PANEL, N - p * PANEL));
   });
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
+
+// --8<-- [start:quantize_q8]
+at::Tensor int4_decode_linear_q8(const at::Tensor& x, const at::Tensor& packed,
+                                 const c10::optional<at::Tensor>& perm, int64_t group_size,
+                                 int64_t out_features) {
+#ifdef FOLO_INT4_Q8
+  const Shape S = check_shapes("int4_decode_linear_q8", x, packed, group_size, out_features);
+  const int64_t M = S.M, K = S.K, N = S.N, G = S.G, groups = S.groups;
+  TORCH_CHECK(G % Q8_BLOCK == 0, "int4_decode_linear_q8: group size ", G, " must be a multiple of ",
+              Q8_BLOCK, " (the activation blocks)");
+  const int64_t* pp = checked_perm("int4_decode_linear_q8", perm, K);
+  const at::Tensor xc = x.contiguous();
+  const int64_t dblocks = K / Q8_BLOCK;
+  at::Tensor xq = at::empty({M, K}, xc.options().dtype(at::kChar));
+  at::Tensor d = at::empty({M, dblocks}, xc.options().dtype(at::kFloat));
+  at::Tensor xsum = at::empty({M, groups}, d.options());
+  std::vector<float> row(K);
+  int8_t* xqp = xq.data_ptr<int8_t>();
+  float* dp = d.data_ptr<float>();
+  float* xsp = xsum.data_ptr<float>();
+  for (int64_t r = 0; r < M; ++r) {
+    gather_row(xc, r, pp, row.data());
+    for (int64_t g = 0; g < groups; ++g) xsp[r * groups + g] = 0.f;
+    for (int64_t blk = 0; blk < dblocks; ++blk) {
+      const float* xb = row.data() + blk * Q8_BLOCK;
+      float amax = 0.f;
+      for (int64_t k = 0; k < Q8_BLOCK; ++k) amax = std::max(amax, std::abs(xb[k]));
+      // d = amax * (1 / 127); x / d taken as x * inv, inv = 127 / amax (llama.cpp's AVX2 rule).
+      // The empty asm hides where inv came from: -ffast-math could otherwise compute x * inv
+      // as (x * 127) / amax or 1 / d as (1 / c) / amax, which round differently and move the
+      // ties of x / d (bfloat16 activations land on them often), so the rounding would depend
+      // on the compiler's mood
+      const float scale = amax * INV_127;
+      float inv = amax > 0.f ? 127.f / amax : 0.f;
+      asm("" : "+x"(inv));
+      int32_t qsum = 0;
+      for (int64_t k = 0; k < Q8_BLOCK; ++k) {
+        // nibble order within each block of 4: inputs (0, 2, 1, 3), what `w & 0x0F0F0F0F` holds
+        const int64_t at = (k & ~int64_t(3)) + kk_of(2 * (k & 3));
+        const int32_t q = static_cast<int32_t>(std::nearbyint(xb[at] * inv));
+        xqp[r * K + blk * Q8_BLOCK + k] = static_cast<int8_t>(q);
+        qsum += q;
+      }
+      dp[r * dblocks + blk] = scale;
+      xsp[r * groups + blk * Q8_BLOCK / G] += scale * static_cast<float>(qsum);
+    }
+  }
+  at::Tensor out = at::empty({M, N}, d.options());
+  if (M == 0 || N == 0) return out.to(x.scalar_type());
+  const ProblemQ8 P{packed.data_ptr<int32_t>(), S.panel_words, groups, G, xqp, dp, xsp, M, K, N,
+                    out.data_ptr<float>()};
+  at::parallel_for(0, S.panels, panel_grain(S.panel_words), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) panel_rows_q8(P, p, std::min<int64_t>(PANEL, N - p * PANEL));
+  });
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+#else
+  TORCH_CHECK(false, "int4_decode_linear_q8 needs AVX2 (vpmaddubsw)");
+#endif
+}
+// --8<-- [end:quantize_q8]

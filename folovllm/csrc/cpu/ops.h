@@ -58,3 +58,9 @@ at::Tensor fused_experts_cpu(const at::Tensor& hidden_states, const at::Tensor& 
 at::Tensor int4_decode_linear(const at::Tensor& x, const at::Tensor& packed,
                               const c10::optional<at::Tensor>& perm, int64_t group_size,
                               int64_t out_features);
+
+// int4_gemm.cpp (stage 07), opt-in: the same panels with x rounded to int8 per block of 32
+// inputs (llama.cpp's Q8_0), integer dot products; changes the result by the rounding of x
+at::Tensor int4_decode_linear_q8(const at::Tensor& x, const at::Tensor& packed,
+                                 const c10::optional<at::Tensor>& perm, int64_t group_size,
+                                 int64_t out_features);

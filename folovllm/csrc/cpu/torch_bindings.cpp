@@ -31,4 +31,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "w13 [E, 2I, H], w2 [E, H, I] -> [w13p [E, Ipad/16, H, 32], w2p [E, ceil(H/32), Ipad, 32]]");
   m.def("fused_experts_cpu", &fused_experts_cpu,
         "One MoE layer: pairs grouped by expert, gate|up + SiLU*mul, down, weighted combine");
+  m.def("int4_decode_linear_q8", &int4_decode_linear_q8, py::arg("x"), py::arg("packed"), py::arg("perm"),
+        py::arg("group_size"), py::arg("out_features"),
+        "int4_decode_linear with x rounded to int8 per block of 32 inputs (Q8_0) and integer dot products");
 }

@@ -48,6 +48,10 @@ Kernels (`GPTQLinearMethod.apply`, picked once after loading, see `select_kernel
                  codes re-laid in panels of 32 outputs and streamed once per call, float32
                  accumulation, float32 or bfloat16 activations; the CPU default where our
                  kernels run (custom_ops="all")
+    cpu_int4_panel_q8  the same panels with the activations rounded to int8 per block of 32
+                 inputs (llama.cpp's Q8_0) and integer dot products: 2-2.7x faster on AVX2,
+                 but it changes the result by that rounding, so it is opt-in only
+                 (FOLOVLLM_GPTQ_KERNEL=cpu_int4_panel_q8), never chosen by `select_kernel`
     triton       our fused dequant-matmul kernel (`gptq_triton.py`) on CUDA
 
 With tensor parallelism (stage 08) a column-parallel layer splits `qweight`, `qzeros` and
@@ -55,7 +59,8 @@ With tensor parallelism (stage 08) a column-parallel layer splits `qweight`, `qz
 splits the inputs, and with them the groups (`RankGroups`).
 
 Left out: 2/3-bit weights, `dynamic` per-module overrides, quantized `lm_head`, AWQ and Marlin
-(a repacked layout for fast GPU kernels), activation quantization.
+(a repacked layout for fast GPU kernels), activation quantization by default (cpu_int4_panel_q8
+is the opt-in).
 """
 
 from __future__ import annotations
@@ -83,7 +88,7 @@ from folovllm.model_executor.layers.linear import (
 SUPPORTED_BITS = (4, 8)
 # checkpoint_format -> what was subtracted from each zero before packing (v1's off-by-one)
 ZERO_OFFSETS = {"gptq": 1, "gptq_v2": 0}
-KERNELS = ("reference", "cpu_int4", "cpu_int4_panel", "triton")
+KERNELS = ("reference", "cpu_int4", "cpu_int4_panel", "cpu_int4_panel_q8", "triton")
 KERNEL_ENV = "FOLOVLLM_GPTQ_KERNEL"  # force one kernel (tests, ablations); unset = select_kernel
 
 
@@ -382,10 +387,14 @@ class Int4PanelWeight:
     group_size: int
     out_features: int
     perm: Optional[torch.Tensor]  # [K] long, None when g_idx is already in order
+    # cpu_int4_panel_q8: x rounded to int8 per block of 32 inputs, integer dot products
+    # (`int4_decode_linear_q8`); not exact, opt-in
+    int8_activations: bool = False
 
     @classmethod
     def from_gptq(
         cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+        int8_activations: bool = False,
     ) -> "Int4PanelWeight":
         codes = unpack_int32(qweight, 4, dim=0)  # [K, N]
         K, N = codes.shape
@@ -412,13 +421,16 @@ class Int4PanelWeight:
             group_size=group,
             out_features=N,
             perm=perm,
+            int8_activations=int8_activations,
         )
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """[M, K] (float32 or bfloat16) -> [M, N] in x's dtype, accumulated in float32."""
         from folovllm._custom_ops import load_ops
 
-        return load_ops().int4_decode_linear(x, self.packed, self.perm, self.group_size, self.out_features)
+        ops = load_ops()
+        linear = ops.int4_decode_linear_q8 if self.int8_activations else ops.int4_decode_linear
+        return linear(x, self.packed, self.perm, self.group_size, self.out_features)
 # --8<-- [end:int4_panel]
 
 
@@ -452,6 +464,21 @@ def int4_panel_supported(config: GPTQConfig, input_size: int, dtype: torch.dtype
     return None
 
 
+Q8_BLOCK = 32  # inputs per int8 activation scale of cpu_int4_panel_q8 (llama.cpp's Q8_0 block)
+
+
+def int4_panel_q8_supported(config: GPTQConfig, input_size: int, dtype: torch.dtype,
+                            uneven_groups: bool = False) -> Optional[str]:
+    """None if cpu_int4_panel_q8 can run this layer, else why not: cpu_int4_panel's conditions
+    and groups made of whole blocks of 32 inputs."""
+    if why := int4_panel_supported(config, input_size, dtype, uneven_groups):
+        return why
+    group = input_size if config.group_size == -1 else min(config.group_size, input_size)
+    if group % Q8_BLOCK:
+        return f"group size {group} (it takes multiples of {Q8_BLOCK}, its activation blocks)"
+    return None
+
+
 def select_kernel(config: GPTQConfig, device: torch.device, dtype: torch.dtype, input_size: int,
                   output_size: int, uneven_groups: bool = False) -> str:
     """The kernel a layer uses: `FOLOVLLM_GPTQ_KERNEL` if set, else the fastest that applies.
@@ -472,6 +499,9 @@ def select_kernel(config: GPTQConfig, device: torch.device, dtype: torch.dtype, 
             raise ValueError(f"{KERNEL_ENV}=cpu_int4 cannot run this layer: {why}")
         if forced == "cpu_int4_panel" and (why := int4_panel_supported(config, input_size, dtype, uneven_groups)):
             raise ValueError(f"{KERNEL_ENV}=cpu_int4_panel cannot run this layer: {why}")
+        if forced == "cpu_int4_panel_q8" and (why := int4_panel_q8_supported(config, input_size, dtype,
+                                                                             uneven_groups)):
+            raise ValueError(f"{KERNEL_ENV}=cpu_int4_panel_q8 cannot run this layer: {why}")
         return forced
     if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
         return "triton"
@@ -543,8 +573,9 @@ class GPTQLinearMethod(LinearMethodBase):
             layer.register_buffer("int4_scales_and_zeros", w.scales_and_zeros, persistent=False)
             if w.perm is not None:
                 layer.register_buffer("int4_perm", w.perm, persistent=False)
-        elif self.kernel == "cpu_int4_panel":
-            self.cpu_weight = Int4PanelWeight.from_gptq(layer.qweight, layer.qzeros, layer.scales, layer.g_idx)
+        elif self.kernel in ("cpu_int4_panel", "cpu_int4_panel_q8"):
+            self.cpu_weight = Int4PanelWeight.from_gptq(layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
+                                                        int8_activations=self.kernel == "cpu_int4_panel_q8")
             for name in ("qweight", "qzeros", "scales", "g_idx"):  # replaced, as for cpu_int4
                 delattr(layer, name)
             layer.register_buffer("int4_panels", self.cpu_weight.packed, persistent=False)
@@ -555,7 +586,7 @@ class GPTQLinearMethod(LinearMethodBase):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         cfg = self.quant_config
         x2 = x.reshape(-1, x.shape[-1])  # [T, K]
-        if self.kernel in ("cpu_int4", "cpu_int4_panel"):
+        if self.kernel in ("cpu_int4", "cpu_int4_panel", "cpu_int4_panel_q8"):
             y = self.cpu_weight.matmul(x2)
             y = y + bias if bias is not None else y
         elif self.kernel == "triton":
