@@ -13,7 +13,6 @@ import itertools
 import random
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -339,7 +338,6 @@ def test_request_tokens_lookup_matches_the_loop(tokens, lo, extra, k, grow):
         request.all_token_ids = tokens[:end]
         expected = plain_ngram(tokens[:end], lo, lo + extra, k)
         assert mirror.lookup(lo, lo + extra, k) == expected
-        assert ngram_lookup(np.array(tokens[:end]), lo, lo + extra, k) == expected
 
 
 def test_ngram_lookup_examples():
