@@ -126,15 +126,14 @@ class RequestTokens:
 
 
 # --8<-- [start:ngram_lookup]
-def ngram_lookup(token_ids: Sequence[int] | np.ndarray, min_n: int, max_n: int, k: int) -> list[int]:
+def ngram_lookup(token_ids: Sequence[int], min_n: int, max_n: int, k: int) -> list[int]:
     """At most k tokens that followed the most recent earlier occurrence of the longest suffix
-    n-gram (min_n <= n <= max_n) of `token_ids` (a list, or an int64 array); [] when none
-    occurred."""
+    n-gram (min_n <= n <= max_n) of `token_ids`; [] when none occurred."""
     num_tokens = len(token_ids)
     n_max = min(max_n, num_tokens - 1)
     if n_max < min_n or k <= 0:
         return []
-    tokens = np.asarray(token_ids, dtype=np.int64)  # [L] (the proposer's array: no copy)
+    tokens = np.asarray(token_ids, dtype=np.int64)  # [L]
     last = num_tokens - 1
     # Earlier n-grams end at j = 0 .. L-2 (so at least one token follows them) with the last token.
     ends = np.flatnonzero(tokens[:last] == tokens[last])  # [C] ascending: matches of length >= 1
