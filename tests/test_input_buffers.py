@@ -56,7 +56,8 @@ def reference(batch: InputBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return input_ids, positions, logits_indices, md
 
 
-def assert_same(buffers: InputBuffers, batch: InputBatch) -> None:
+def assert_same(buffers: InputBuffers, batch: InputBatch) -> bool:
+    """-> whether the step's logits were every token (the runner's gather skipped)."""
     got = buffers.prepare_inputs(batch)
     input_ids, positions, logits_indices, md = reference(batch)
     assert torch.equal(got.input_ids, input_ids)
@@ -72,22 +73,27 @@ def assert_same(buffers: InputBuffers, batch: InputBatch) -> None:
     assert ours.query_start_loc_cpu == md.query_start_loc_cpu
     assert ours.seq_lens_cpu == md.seq_lens_cpu
     assert ours.block_tables_cpu == md.block_tables_cpu
+    return got.logits_of_every_token
 
 
 @pytest.mark.parametrize("kinds", [
     ("decode",),  # the fast path: one token a row
     ("decode", "chunk"),  # chunked prefill beside decodes (stage 05)
     ("decode", "chunk", "prompt", "drafts"),  # + whole prompts, drafts (stage 09), prompt logits
+    ("decode", "drafts"),  # stage 09: every token scored, as a plain decode step (no gather)
     ("prompt", "padded"),  # stage 01's padded prompts
 ])
 def test_bulk_inputs_equal_the_reference_over_random_steps(kinds):
     rng = random.Random(len(kinds))
     # small buffers: the first steps already outgrow them (tokens, rows and block-table width)
     buffers = InputBuffers(BLOCK_SIZE, "cpu", max_num_tokens=4, max_num_reqs=2, max_blocks_per_req=2)
+    every_token = 0
     for step in range(40):
         # rows come and go and change order between steps: nothing of the last step is kept
-        assert_same(buffers, random_batch(rng, rng.randrange(1, 12), 8 + 6 * step, kinds))
+        every_token += assert_same(buffers, random_batch(rng, rng.randrange(1, 12), 8 + 6 * step, kinds))
     assert buffers.block_tables.grow_count > 0 and buffers.input_ids.grow_count > 0
+    if "prompt" not in kinds and "chunk" not in kinds:  # decodes (with drafts): no gather, ever
+        assert every_token == 40
 
 
 def test_a_steady_decode_reuses_its_buffers():

@@ -73,6 +73,8 @@ class Drafter:
         self.known: set[str] = set()  # requests the proposer has seen and not been told to free
 
     def propose(self, running: Sequence[Request]) -> None:
+        if not self.k:  # speculation off: nothing ever drafts (and nothing to free)
+            return
         decoding = []
         for request in running:
             request.spec_token_ids = []

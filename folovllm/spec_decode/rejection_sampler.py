@@ -73,7 +73,10 @@ class RejectionSampler:
             return greedy_accept(logits.argmax(dim=-1).tolist(), draft_token_ids)
         views = [SpeculatedRequest(r, drafts[:j])
                  for r, drafts in zip(requests, draft_token_ids) for j in range(len(drafts) + 1)]
-        probs = self.target_probs(self.sampler.process(logits, views), views)  # [T, V]
+        processed = self.sampler.process(logits, views)  # [T, V] bans, bias, penalties
+        if all(r.sampling_params.greedy for r in requests):  # p is one-hot on the argmax: nothing to draw
+            return greedy_accept(processed.argmax(dim=-1).tolist(), draft_token_ids)
+        probs = self.target_probs(processed, views)  # [T, V]
         num_drafts = [len(d) for d in draft_token_ids]
         k, vocab = max(num_drafts), logits.shape[-1]
         padded = torch.zeros(len(requests), k + 1, vocab, device=logits.device)  # [R, k+1, V]

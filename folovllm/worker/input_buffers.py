@@ -268,6 +268,13 @@ class InputBuffers:
         if decode_only and num_sampling == batch.num_rows and not batch.num_draft_tokens and not batch.prompt_logits:
             self.logits_indices.ensure(num_sampling)[:] = self._arange[:num_sampling]  # token b is row b
             return num_sampling, True
+        num_tokens = int(qsl[batch.num_rows])
+        if (batch.num_draft_tokens and num_sampling == batch.num_rows and not batch.prompt_logits
+                and real_lens is None and num_sampling + sum(batch.num_draft_tokens.values()) == num_tokens):
+            # stage 09: every row decodes and verifies its drafts (1 + k_i tokens, all scored):
+            # every token of the step in order, as for plain decodes
+            self.logits_indices.ensure(num_tokens)[:] = self._arange[:num_tokens]
+            return num_tokens, True
         rows = np.array(batch.sampling_rows, dtype=np.int64)  # [S]
         # one past each sampling row's last real token
         ends = qsl[rows + 1] if real_lens is None else qsl[rows] + real_lens[rows]

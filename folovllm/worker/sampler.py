@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from folovllm.core.request import Request
@@ -132,7 +133,44 @@ class Sampler:
     def apply_penalties(logits: torch.Tensor, requests: Sequence[Request]) -> None:
         """In place. repetition_penalty (HF/vLLM): a token seen in prompt or output has its logit
         divided by the penalty when positive, multiplied when negative. presence/frequency
-        (OpenAI): logit -= presence * [count > 0] + frequency * count, counts over the output."""
+        (OpenAI): logit -= presence * [count > 0] + frequency * count, counts over the output.
+
+        The rows' (row, token) pairs are gathered in Python, then each penalty is a few
+        indexed ops for the whole batch: a verify row of k drafts (stage 09) is k + 1 rows of
+        one request, and torch's fixed cost per op, not the arithmetic, is what a row costs.
+        `apply_penalties_per_row` is the same, row by row (the reference; tests compare them)."""
+        vocab_size, device = logits.shape[-1], logits.device
+        rows: list[int] = []  # repetition: every (row, token seen), tokens distinct per row
+        tokens: list[int] = []
+        penalty = [1.0] * len(requests)  # [N] each row's
+        for row, request in enumerate(requests):
+            p = request.sampling_params
+            if p.repetition_penalty != 1.0:
+                seen = [t for t in set(request.all_token_ids) if t < vocab_size]
+                rows += [row] * len(seen)
+                tokens += seen
+                penalty[row] = p.repetition_penalty
+        if rows:
+            index = (long_tensor(rows, device), long_tensor(tokens, device))
+            values = logits[index]
+            pair_penalty = torch.tensor(penalty, dtype=logits.dtype, device=device)[index[0]]
+            logits[index] = torch.where(values > 0, values / pair_penalty, values * pair_penalty)
+        counted = [row for row, r in enumerate(requests) if r.output_token_ids
+                   and (r.sampling_params.presence_penalty != 0.0 or r.sampling_params.frequency_penalty != 0.0)]
+        if counted:
+            outputs = [[t for t in requests[row].output_token_ids if t < vocab_size] for row in counted]
+            counts = torch.zeros(len(counted), vocab_size, dtype=logits.dtype, device=device)  # [C, V]
+            count_rows = long_tensor([i for i, out in enumerate(outputs) for _ in out], device)
+            counts.index_put_((count_rows, long_tensor([t for out in outputs for t in out], device)),
+                              torch.ones(count_rows.shape[0], dtype=logits.dtype, device=device), accumulate=True)
+            params = [requests[row].sampling_params for row in counted]
+            frequency = torch.tensor([[p.frequency_penalty] for p in params], dtype=logits.dtype, device=device)
+            presence = torch.tensor([[p.presence_penalty] for p in params], dtype=logits.dtype, device=device)
+            logits[counted] -= frequency * counts + presence * (counts > 0)
+
+    @staticmethod
+    def apply_penalties_per_row(logits: torch.Tensor, requests: Sequence[Request]) -> None:
+        """`apply_penalties` row by row: the reference."""
         vocab_size = logits.shape[-1]
         for row, request in enumerate(requests):
             p = request.sampling_params
@@ -211,6 +249,12 @@ class Sampler:
                 drawn = drawn.masked_fill(below_min_p(drawn.softmax(dim=-1), min_p), float("-inf"))
             logits[rows] = drawn
         return logits
+
+
+def long_tensor(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """An int64 tensor of a Python list, through numpy: `torch.tensor(list)` converts element
+    by element (~0.17 us each: 130 us for 800 ids), numpy's copy is 7x faster."""
+    return torch.from_numpy(np.array(values, dtype=np.int64)).to(device)
 
 
 def below_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from folovllm import LLM, EngineConfig, SamplingParams
 from folovllm.core.request import Request
 from folovllm.engine.llm_engine import LLMEngine
 from folovllm.spec_decode import rejection_sampler
-from folovllm.spec_decode.ngram_proposer import ngram_lookup
+from folovllm.spec_decode.ngram_proposer import RequestTokens, ngram_lookup
 from folovllm.spec_decode.proposer import Proposer
 from folovllm.spec_decode.rejection_sampler import RejectionSampler, rejection_sample
 from folovllm.worker.sampler import Sampler
@@ -319,6 +320,24 @@ def plain_ngram(tokens: list[int], lo: int, hi: int, k: int) -> list[int]:
        st.integers(1, 5))
 def test_ngram_lookup_matches_the_loop(tokens, lo, extra, k):
     assert ngram_lookup(tokens, lo, lo + extra, k) == plain_ngram(tokens, lo, lo + extra, k)
+
+
+# token ids whose int32 bytes overlap when shifted (256 = 00 01 00 00, 65536 = 00 00 01 00, ...):
+# a byte search that accepted a hit straddling two tokens would find n-grams that never occurred
+STRADDLING = [0, 1, 256, 65536, 16777216, 16843009, 257]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(STRADDLING), min_size=1, max_size=40), st.integers(1, 3), st.integers(0, 3),
+       st.integers(1, 5), st.integers(1, 6))
+def test_request_tokens_lookup_matches_the_loop(tokens, lo, extra, k, grow):
+    """The proposer's byte search (appended to as the request grows) against the rule."""
+    request = SimpleNamespace(all_token_ids=[])
+    mirror = RequestTokens(request)  # type: ignore[arg-type]
+    for end in list(range(1, len(tokens), grow)) + [len(tokens)]:
+        request.all_token_ids = tokens[:end]
+        expected = plain_ngram(tokens[:end], lo, lo + extra, k)
+        assert mirror.lookup(lo, lo + extra, k) == expected
 
 
 def test_ngram_lookup_examples():
