@@ -13,23 +13,28 @@
 //                      k-major, so one k is 32 consecutive floats (128 bytes, two cache lines);
 //                      outputs past N are zero
 //
-// The kernel, per panel of 32 outputs (threads split the panels, at::parallel_for):
+// The kernel (threads split the panels, at::parallel_for), float32, by the number of rows M:
 //
-//   for each tile of R rows of x (AVX-512: R = 8, 2 vectors of 16 outputs -> 16 accumulators)
-//     for k in 0 .. K-1:  2 weight loads (the panel's row k), R broadcasts of x[r, k], 2R FMAs
-//   the first tile streams the panel from memory (one sequential stream, which the hardware
-//   prefetcher follows); the next tiles find it in L2 (K x 128 bytes: 128-384 KB at Qwen3-0.6B's
-//   shapes)
-//
-// Prefetch: a tile of 2 or more rows asks for the weight 8 KB ahead into L2 (prefetcht1). At 8
-// rows a tile does 16 FMAs per 128 bytes of weight and is bound by the FMA units, not memory; the
-// hardware prefetcher alone then falls behind and the stream stalls (Qwen3-0.6B's linears at 8
-// rows: 124 -> 99 ms a step, one row 95 ms). At one row it only costs: the hardware prefetcher
-// keeps up by itself (a prefetch at 1 row measured up to 10% slower; 1 KB ahead into L1, 2x).
+//   M = 1      one_row_f32: 3 panels (AVX-512: 6) side by side, k in lockstep, 12 accumulators:
+//              three sequential streams in flight. One stream is what the hardware prefetcher
+//              follows alone, and it tops out where a plain one-stream read does (AVX2 Zen 3:
+//              ~21 GB/s); three reach 27-29 GB/s. No software prefetch (at one row it only costs:
+//              up to 10-20% slower, measured at 1-16 KB ahead, t0/t1/t2/nta).
+//   M = 2..16  decode_rows_f32: groups of 3 panels, k in blocks of 32 (4 KB of a panel), each
+//              block run by every tile of R rows in turn (AVX-512: R = 8, 2 vectors of 16
+//              outputs -> 16 accumulators; AVX2: R = 3 below), accumulators parked between
+//              blocks; every tile prefetches a share of the block 2 ahead, so memory keeps
+//              streaming while the FMA units work (at 8 rows a tile does 16-32 FMAs per 128
+//              bytes of weight: bound by the FMA units, and the hardware prefetcher, which only
+//              follows demand misses, stops after the first tile).
+//   M > 16     prefill: per panel, tile_f32 over the whole K for each tile of R rows; the first
+//              tile streams the panel, the next find it in L2 (K x 128 bytes: 128-384 KB at
+//              Qwen3-0.6B's shapes); a tile prefetches 8 KB ahead into L2 (prefetcht1).
 //
 // AVX2 (16 registers of 8 floats; FOLOVLLM_CPU_ISA=avx2): the whole panel (4 vectors), 3 rows a
 // tile, the panel's two halves of 16 outputs in turn within each k (12 accumulators + 2 weights
-// + 1 broadcast): one pass over the panel's cache lines in order per tile. The loops over rows
+// + 1 broadcast): one pass over the panel's cache lines in order per tile (prefill's full tile
+// holds the 3 broadcasts instead: 12 + 3 + 1 registers, fewer loads). The loops over rows
 // and vectors are unrolled by pragma: without it GCC kept the accumulator array in memory and
 // stored it every k (the old 6 x 16 tile ran at 40 GFLOP/s from L2, this one at ~100).
 //
@@ -136,6 +141,7 @@ inline void store_rows(vec (&acc)[R][V], T* out, int64_t ldo, const T* bias, int
   }
 }
 
+// --8<-- [start:tile_f32]
 // float32: out[r, 0 .. cols) = x[r, :] . w (+ bias) for R rows and one panel, w at its k = 0.
 template <int64_t R>
 inline void tile_f32(const float* w, int64_t K, const float* x, int64_t ldx, float* out, int64_t ldo,
@@ -169,6 +175,7 @@ inline void tile_f32(const float* w, int64_t K, const float* x, int64_t ldx, flo
   }
   store_rows<R>(acc, out, ldo, bias, cols);
 }
+// --8<-- [end:tile_f32]
 
 // --8<-- [start:one_row]
 // One row against P panels side by side (P = 12 / V: 12 accumulators, AVX2 3 panels, AVX-512
@@ -277,6 +284,7 @@ inline void decode_rows_f32(const float* w, int64_t g_n, int64_t K, const float*
 // --8<-- [end:decode_rows]
 
 #if defined(__AVX512BF16__)
+// --8<-- [start:tile_bf16]
 // bf16 with vdpbf16ps: w a panel of k pairs [Kp][32][2], x rows of bf16 (2 Kp of them, zero past K).
 template <int64_t R>
 inline void tile_bf16(const BFloat16* w, int64_t Kp, const BFloat16* x, int64_t ldx, const float*,
@@ -298,6 +306,7 @@ inline void tile_bf16(const BFloat16* w, int64_t Kp, const BFloat16* x, int64_t 
   }
   store_rows<R>(acc, out, ldo, bias, cols);
 }
+// --8<-- [end:tile_bf16]
 #else
 // bf16, portable: each load of L pairs widened to float32 (even k, then odd k), FMAs in k order;
 // xf is x in float32 ([rows, 2 Kp], zero past K).
