@@ -197,7 +197,7 @@ def test_table_choice_rule():
     assert cpu_gemm.table_choice(fast) == "decode"
     slower_decode = dict(ms={"1": [1.0, 2.0], "16": [3.1, 3.0], "512": [9.0, 10.0]})
     assert cpu_gemm.table_choice(slower_decode) == "onednn"
-    slower_prefill = dict(ms={"1": [1.0, 2.0], "512": [11.5, 10.0]})
+    slower_prefill = dict(ms={"1": [1.0, 2.0], "512": [10.0 * cpu_gemm.PREFILL_SLACK + 0.1, 10.0]})
     assert cpu_gemm.table_choice(slower_prefill) == "onednn"
 
 
