@@ -10,10 +10,12 @@ measurement comes to them (the roofline model).
 
 - read bandwidth: the best of our C++ streaming read (`stream_read`, csrc/cpu/decode_gemm.cpp:
   a 1 GiB float32 buffer summed with vector adds, as 1, 2, 3 or 4 streams read side by side)
-  at 1 and 2 threads: bytes / second. `x.sum()` over the same buffer is kept beside it: torch's
-  reduction reads slower than memory can deliver (on the AVX2 Zen 3 of issue 36, 11 GB/s against
-  21 for one stream and 27 for three), so it understates the limit. A decode step reads every
-  weight once, so its ceiling is bandwidth / (weight bytes per step) steps per second.
+  at 1 and 2 threads: bytes / second. `x.sum()` over the same buffer is kept beside it: it is one
+  stream (and on some machines slower than memory can deliver: the issue's first AVX2 machine
+  measured 11.5 GB/s), while 2-4 streams side by side read ~30% more on the AVX2 Zen 3 (21 ->
+  28 GB/s), so the sum understates the limit. A decode step reads every weight once, so its
+  ceiling is bandwidth / (weight bytes per step) steps per second.
+- peak GEMM bfloat16 only where oneDNN has bf16 kernels (elsewhere torch's fallback takes minutes).
 - peak GEMM: `a @ b` of 2,048 x 2,048 float32 and bfloat16 matrices (oneDNN/MKL through torch),
   at 1 and 2 threads: flop / second. Prefill's ceiling (2 x parameters flop per token).
 
@@ -38,7 +40,7 @@ from benchmarks.cli import bench_main
 from benchmarks.harness import peak_loadavg, timed
 from benchmarks.results import ASSETS_DIR, RESULTS_DIR, machine_short, shared_machine_note
 from folovllm._custom_ops import load_ops, ops_available
-from folovllm.platforms.cpu import cpu_flags
+from folovllm.platforms.cpu import cpu_flags, onednn_bf16_supported
 
 GIB = 1 << 30
 GEMM_N = 2048
@@ -77,8 +79,9 @@ def measure(repeats: int, threads: tuple[int, ...] = (1, 2), gib: float = 1.0) -
     loads: list = []
     out: dict[str, Any] = dict(bandwidth={}, reads={}, gemm={"float32": {}, "bfloat16": {}}, details={})
     x = torch.ones(int(gib * GIB) // 4)  # float32, every page touched
+    # bfloat16 only where oneDNN has bf16 kernels: elsewhere (AVX2) torch's fallback takes minutes
     mats = {dt: (torch.randn(GEMM_N, GEMM_N).to(dt), torch.randn(GEMM_N, GEMM_N).to(dt))
-            for dt in (torch.float32, torch.bfloat16)}
+            for dt in (torch.float32, torch.bfloat16) if dt == torch.float32 or onednn_bf16_supported()}
     try:
         with torch.inference_mode():
             for t in threads:
@@ -151,7 +154,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     for t in result["bandwidth"]:
         per_read = "".join(f"{result['reads'][t][n] / 1e9:.1f} | " for n in names)
         lines.append(f"| {t} | **{result['bandwidth'][t] / 1e9:.1f} GB/s** | {per_read}"
-                     f"{result['gemm']['float32'][t] / 1e9:.0f} GFLOP/s | {result['gemm']['bfloat16'][t] / 1e9:.0f} GFLOP/s |")
+                     f"{result['gemm']['float32'][t] / 1e9:.0f} GFLOP/s | {_gflops(result['gemm']['bfloat16'].get(t))} |")
     if "decode" in result:
         d = result["decode"]
         lines += ["", f"Decode: {d['tok_s']:.2f} tok/s at {d['rows']} rows, {d['bytes_per_step'] / 1e6:.1f} MB "
@@ -161,6 +164,10 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines += ["", f"Prefill: {p['tok_s']:.0f} tok/s x {p['flops_per_token'] / 1e6:.0f} MFLOP: "
                   f"**{100 * p['fraction']:.0f}%** of the float32 GEMM peak."]
     return "\n".join(lines) + "\n"
+
+
+def _gflops(rate: Optional[float]) -> str:
+    return "-" if rate is None else f"{rate / 1e9:.0f} GFLOP/s"
 
 
 def plot(result: dict[str, Any], path: Any = None) -> Any:
