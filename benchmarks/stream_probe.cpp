@@ -54,9 +54,10 @@ float read_panels(const float* w, int64_t panels, int64_t K) {
         acc[s] = _mm256_add_ps(acc[s], _mm256_add_ps(_mm256_add_ps(_mm256_load_ps(q), _mm256_load_ps(q + 8)),
                                                      _mm256_add_ps(_mm256_load_ps(q + 16), _mm256_load_ps(q + 24))));
       }
+  for (int s = 1; s < S; ++s) acc[0] = _mm256_add_ps(acc[0], acc[s]);  // every stream's sum used: none optimised away
   float o[8];
   _mm256_storeu_ps(o, acc[0]);
-  return o[0];
+  return o[0] + o[7];
 }
 
 template <int P, int HINT = -1, int DIST = 0>  // one row, P panels in lockstep (+ a prefetch)
