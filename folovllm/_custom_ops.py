@@ -14,6 +14,7 @@ minute on two cores) or ahead of time with `folovllm build-kernels`, and keep th
     prepack_moe_weight,             layers/fused_moe.py:FusedMoE (one call per MoE layer)
     fused_experts_cpu
     int4_decode_linear              layers/quantization/gptq.py:Int4PanelWeight (GPTQ 4-bit)
+    stream_read                     benchmarks/roofline.py (the best-case read: the bandwidth limit)
 
 Every layer keeps its readable torch version (`forward_native`); `EngineConfig.custom_ops`
 chooses between the two (see `model_executor/custom_op.py`), and tests/test_custom_ops.py
