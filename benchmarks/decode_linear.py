@@ -37,7 +37,6 @@ from benchmarks.cli import bench_main
 from benchmarks.harness import peak_loadavg, summarize, time_calls
 from benchmarks.results import machine_short, shared_machine_note
 from benchmarks.roofline import load_limits
-from folovllm import envs
 from folovllm._custom_ops import load_ops
 from folovllm.model_executor.layers import cpu_gemm
 from folovllm.platforms.cpu import kernel_isa
@@ -167,7 +166,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                        help="weight and activation dtype (default float32)")
 
     def name(args: argparse.Namespace, result: dict[str, Any]) -> str:
-        return ("decode_linear_cpu" + ("_avx2" if envs.cpu_isa() == "avx2" else "")
+        return ("decode_linear_cpu" + ("_avx2" if kernel_isa() == "avx2" else "")  # forced or an AVX2-only CPU
                 + ("_bf16" if args.dtype == "bfloat16" else ""))
 
     def written(args: argparse.Namespace, result: dict[str, Any], out_name: str) -> None:

@@ -15,6 +15,7 @@ minute on two cores) or ahead of time with `folovllm build-kernels`, and keep th
     fused_experts_cpu
     int4_decode_linear              layers/quantization/gptq.py:Int4PanelWeight (GPTQ 4-bit)
     int4_decode_linear_q8           the same, activations rounded to int8 (opt-in, FOLOVLLM_GPTQ_KERNEL)
+    stream_read                     benchmarks/roofline.py (the best-case read: the bandwidth limit)
 
 Every layer keeps its readable torch version (`forward_native`); `EngineConfig.custom_ops`
 chooses between the two (see `model_executor/custom_op.py`), and tests/test_custom_ops.py

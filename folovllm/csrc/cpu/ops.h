@@ -47,6 +47,7 @@ void sgmv_add_lora(at::Tensor& y, const at::Tensor& x, const at::Tensor& lora_at
 at::Tensor pack_decode_weight(const at::Tensor& weight);
 at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
                          const c10::optional<at::Tensor>& bias);
+double stream_read(const at::Tensor& buffer, int64_t streams);
 
 // moe.cpp: one call per MoE layer (grouped by expert, gate|up with SiLU·mul, down, combine)
 std::vector<at::Tensor> prepack_moe_weight(const at::Tensor& w13, const at::Tensor& w2);

@@ -18,6 +18,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_linear", &decode_linear, py::arg("x"), py::arg("packed"), py::arg("out_features"),
         py::arg("bias") = py::none(),
         "x [M, K] @ W^T (+ bias) on the packed weight: each weight read once per call");
+  m.def("stream_read", &stream_read, py::arg("buffer"), py::arg("streams") = 1,
+        "sum of a float32 buffer read as 1-4 side-by-side streams: the machine's best-case read (roofline)");
   m.def("int4_decode_linear", &int4_decode_linear, py::arg("x"), py::arg("packed"), py::arg("perm"),
         py::arg("group_size"), py::arg("out_features"),
         "x [M, K] (float32 / bfloat16) @ W^T for a GPTQ 4-bit weight in int4 panels, in x's dtype");
