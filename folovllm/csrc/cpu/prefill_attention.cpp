@@ -52,7 +52,7 @@ namespace {
 // micro-kernel call; a panel is at most NV_MAX vectors of query rows. MR x NV_MAX accumulators
 // + NV_MAX b vectors + 1 broadcast must fit the vector registers (AVX-512: 32, AVX2: 16) with
 // room to spare: on AVX2, 4 x 3 (12 + 3 + 1 = all 16) left GCC none, and the accumulator it
-// spilled to the stack made the kernel 1.6x slower than 4 x 2.
+// spilled to the stack made the kernel 1.5-1.8x slower than 4 x 2.
 #if defined(__AVX512F__)
 constexpr int64_t L = 16, MR = 8, NV_MAX = 2;  // 16 accumulators, panels of 32 rows
 using vec = __m512;
