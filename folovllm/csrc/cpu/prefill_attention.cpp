@@ -107,7 +107,7 @@ inline vec vset1(float x) { return x; }
 inline vec vbroadcast(const float* p) { return *p; }
 inline vec vload(const float* p) { return *p; }
 inline void vstore(float* p, vec v) { *p = v; }
-inline vec vfma(vec a, vec b, vec c) { return std::fma(a, b, c); }
+inline vec vfma(vec a, vec b, vec c) { return a * b + c; }  // std::fma is a library call without FMA
 inline vec vmul(vec a, vec b) { return a * b; }
 inline vec vadd(vec a, vec b) { return a + b; }
 inline vec vsub(vec a, vec b) { return a - b; }
