@@ -1,9 +1,10 @@
 """The prefill attention kernel against its previous version and torch's SDPA, one layer, side by side.
 
     python -m benchmarks.prefill_attention                       # before = main's last kernel change
-    python -m benchmarks.prefill_attention --before e83d07b --threads 2
+    python -m benchmarks.prefill_attention --before e83d07b --threads 2    # an older kernel
     FOLOVLLM_CPU_ISA=avx2 python -m benchmarks.prefill_attention --name prefill_attention_avx2
     python -m benchmarks.prefill_attention --lengths 1024 --dtypes float32
+    python -m benchmarks.prefill_attention --lengths 512 1024 4096 --heads qwen3-0.6b --repeats 5
     python -m benchmarks.prefill_attention --quick               # smoke run, not written
 
 Workloads: one prompt of N tokens (N = 1,024 and 4,096), no cached context, blocks of 16 in random
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     loads: list = []
     for dtype in (dtypes[d] for d in args.dtypes):
-        for model, (hq, hkv, d) in HEADS.items():
+        for model, (hq, hkv, d) in ((m, HEADS[m]) for m in args.heads):
             for n in lengths:
                 q, kc, vc, md = random_paged_batch(Batch((n,), (n,), hq, hkv, d, 16), dtype, seed=0)
                 scale, table = d**-0.5, md.block_tables[0].long()
@@ -123,9 +124,11 @@ def render_markdown(result: dict[str, Any]) -> str:
 
 
 def options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--before", default="e83d07b", help="git revision of the kernel to compare with")
+    p.add_argument("--before", default="9a2fa23", help="git revision of the kernel to compare with")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096], help="prompt tokens")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    p.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS),
+                   help="head shapes: bench (8/4 of 64), qwen3-0.6b (16/8 of 128)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -122,10 +122,12 @@ def test_paged_decode_attention_equals_naive(shape, dtype, threads):
 
 
 # (query_len, seq_len): a whole prompt, a chunk over cached context (stages 05/06), one query,
-# lengths off the 32-key tiles and the 128-row work items. Head sizes 64/128/96 take the register
-# micro-kernel for O += P.V (32 columns at a time), 80 its plain loop over any head size.
+# lengths off the 32-key tiles, the 16-row panels (8 on AVX2 for a last panel of one vector) and
+# the 192-row work items. O += P.V takes 4 or 8 head dims per micro-kernel call: 64/128/96/80
+# are whole calls, 70 ends with dims one at a time.
 @pytest.mark.parametrize("lens", [(200, 200), (37, 300), (1, 40), (130, 131)], ids=str)
-@pytest.mark.parametrize("shape", [(8, 2, 64, 16), (4, 4, 128, 32), (6, 3, 96, 16), (4, 2, 80, 16)],
+@pytest.mark.parametrize("shape", [(8, 2, 64, 16), (4, 4, 128, 32), (6, 3, 96, 16), (4, 2, 80, 16),
+                                   (4, 2, 70, 16)],
                          ids=lambda s: "H{}-{}_D{}_bs{}".format(*s))
 @DTYPES
 def test_paged_prefill_attention_equals_naive(lens, shape, dtype, threads):
@@ -138,6 +140,21 @@ def test_paged_prefill_attention_equals_naive(lens, shape, dtype, threads):
     )
     ref = naive_attention(q.float(), key_cache.float(), value_cache.float(), md, head_dim**-0.5)
     torch.testing.assert_close(out.float(), ref, **({"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else TOL[dtype]))
+
+
+def test_paged_prefill_attention_with_peaked_scores_equals_naive():
+    """Queries 30x larger: each row's softmax is nearly one-hot, its running max jumps by tens
+    from tile to tile (O and l rescaled by factors near 0) and most exp arguments fall below
+    -87, where the kernel's exp stops at e^-87 instead of 0."""
+    batch = Batch((300,), (300,), 16, 8, 128, 16)
+    q, key_cache, value_cache, md = random_paged_batch(batch, torch.float32, seed=3)
+    q = q * 30
+    out = torch.zeros_like(q)
+    _custom_ops.load_ops().paged_attention_prefill(
+        out, q, key_cache, value_cache, md.block_tables[0].long(), 300, 128**-0.5
+    )
+    ref = naive_attention(q, key_cache, value_cache, md, 128**-0.5)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_paged_decode_attention_refuses_a_length_past_its_table():
