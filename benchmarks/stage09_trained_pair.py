@@ -128,13 +128,14 @@ def make_workload(name: str, num: int, tokenizer: Any, recipe: Any, max_tokens: 
 
 
 def spec_dict(system: str, k: int, drafts: dict[str, Path],
-              confidence: Optional[float] = None) -> Optional[dict[str, Any]]:
-    """The speculative_config of a system; `drafts` maps "draft" / "distilled" to their folders."""
+              confidence: Optional[float] = None, lookup_min: int = 1) -> Optional[dict[str, Any]]:
+    """The speculative_config of a system; `drafts` maps "draft" / "distilled" to their folders;
+    `lookup_min` is n-gram's shortest suffix looked up (1: a single repeated token proposes)."""
     if system == "none":
         return None
     if system == "ngram":
-        return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1,
-                "prompt_lookup_max": 4}
+        return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": lookup_min,
+                "prompt_lookup_max": max(4, lookup_min)}
     if system in DRAFTS:
         spec = {"method": "draft_model", "model": str(drafts[system]), "num_speculative_tokens": k}
         if confidence is not None:
@@ -195,11 +196,13 @@ def run_once(llm: Any, work: dict[str, Any], batch: int) -> dict[str, Any]:
 
 
 def measure(target: Path, drafts: dict[str, Path], systems: list[str], k: int, work: dict[str, Any], batch: int,
-            repeats: int, draft_k: Optional[int] = None, confidence: Optional[float] = None) -> dict[str, Any]:
+            repeats: int, draft_k: Optional[int] = None, confidence: Optional[float] = None,
+            lookup_min: int = 1) -> dict[str, Any]:
     """Every system on one workload at one batch size, interleaved; medians and ratios (of wall
     time, and of this process's CPU time: other jobs on a shared machine do not stretch it).
     The draft-model systems draft `draft_k` tokens a step (default k)."""
-    llms = {name: build(target, spec_dict(name, (draft_k or k) if name in DRAFTS else k, drafts, confidence), batch)
+    llms = {name: build(target, spec_dict(name, (draft_k or k) if name in DRAFTS else k, drafts, confidence,
+                                          lookup_min), batch)
             for name in systems}
     runs = interleave({n: (lambda n=n: run_once(llms[n], work, batch)) for n in systems}, repeats)
     rows, reference = {}, runs[systems[0]][0]["tokens"]
@@ -325,7 +328,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for wname in args.workloads:
         for batch in args.batch_sizes:
             work = make_workload(wname, max(num, batch), tokenizer, recipe, max_tokens, seed=0)
-            rows = measure(target, drafts, systems, args.k, work, batch, args.repeats, dk, conf)
+            rows = measure(target, drafts, systems, args.k, work, batch, args.repeats, dk, conf,
+                           args.prompt_lookup_min)
             results[f"{wname}/batch{batch}"] = dict(
                 workload=wname, batch=batch, description=work["description"],
                 num_requests=len(work["prompts"]), prompt_tokens=work["prompt_tokens"],
@@ -372,7 +376,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         wname = args.batch_sweep_workload
         for batch in args.batch_sweep:
             work = make_workload(wname, max(num, batch), tokenizer, recipe, max_tokens, seed=0)
-            rows = measure(target, drafts, systems, args.k, work, batch, args.repeats, dk, conf)
+            rows = measure(target, drafts, systems, args.k, work, batch, args.repeats, dk, conf,
+                           args.prompt_lookup_min)
             batch_sweep[str(batch)] = {n: {key: r.get(key) for key in (
                 "median_output_tok_s", "speedup", "cpu_speedup", "acceptance_rate", "mean_accepted_length",
                 "tokens_per_row_step")} for n, r in rows.items()}
@@ -500,6 +505,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=WORKLOADS)
     p.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 8])
     p.add_argument("--k", type=int, default=4, help="drafted tokens per step (the sweep runs 1..5)")
+    p.add_argument("--prompt-lookup-min", type=int, default=1,
+                   help="n-gram's shortest suffix looked up (default 1; 2-3 skip single-token coincidences)")
     p.add_argument("--draft-k", type=int, default=None, help="k of the draft-model systems (default --k)")
     p.add_argument("--draft-confidence", type=float, default=None,
                    help="draft_confidence_threshold of the draft-model systems (default: none, k drafts)")
