@@ -183,6 +183,8 @@ def rtn_quantize_weight(weight: torch.Tensor, bits: int, group_size: int, sym: b
     W = weight.detach().float()  # [N, K]
     N, K = W.shape
     group = K if group_size == -1 else group_size
+    if group <= 0 or K % group:
+        raise ValueError(f"group_size={group_size} must divide the weight's {K} inputs (or be -1)")
     Wg = W.view(N, K // group, group).transpose(0, 1)  # [groups, N, G]
     scales, zeros = zip(*(minmax_params(Wg[g], bits, sym) for g in range(K // group)))
     scale, zero = torch.stack(scales), torch.stack(zeros)  # [groups, N] each

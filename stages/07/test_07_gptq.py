@@ -368,6 +368,12 @@ def test_round_to_nearest_stores_round_w_over_s_times_s(group):
     assert torch.all((W - expected).abs()[inside] <= s[inside] / 2 * (1 + 1e-6))
 
 
+def test_round_to_nearest_refuses_a_group_that_does_not_divide_the_inputs():
+    """A group size that leaves a ragged last group is refused by name, not reshaped into garbage."""
+    with pytest.raises(ValueError, match="group_size=48 must divide the weight's 128 inputs"):
+        rtn_quantize_weight(torch.randn(8, 128), 4, 48, sym=True)
+
+
 def test_quantize_checkpoint_rtn_writes_the_rounded_float_model(tiny_qwen3, tmp_path, monkeypatch):
     """`folovllm quantize --method rtn`: no calibration, every decoder linear rounded to
     nearest, the GPTQ format the engine loads; its layers hold exactly `rtn_quantize` of the
